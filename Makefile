@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install what is needed.
+# torch is installed first and pinned, so no later step pulls a CUDA build; the project is installed
+# with --no-build-isolation for the same reason (an isolated build env would fetch torch again).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip "setuptools>=64" wheel
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m kvtier.demo --config configs/cpu_disk.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/tier_throughput.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kvtier tests benchmarks
+
+clean:
+	rm -rf $(VENV) .kvtier-demo build *.egg-info

@@ -1,0 +1,158 @@
+"""CacheEngine: the library API that connectors, the cache server and the controller call.
+
+    eng = CacheEngine(load_config("configs/cpu_disk.yaml"), layout, model_id="demo")
+    eng.store(tokens, kv)          # kv: [2, L, T, H*D], T == len(tokens); copies, then returns
+    n = eng.lookup(tokens)         # chunk-aligned prefix hit length in tokens; no payload I/O
+    kv2, n = eng.retrieve(tokens)  # kv2[:, :, :n] is what was stored, bit for bit
+    eng.pin(tokens); eng.unpin(tokens); eng.move(tokens, "disk"); eng.clear("cpu")
+    eng.stats(); eng.prometheus_text(); eng.flush(); eng.close()
+
+Thread-safe. `store` copies the KV into host memory before it returns (the caller may reuse `kv`)
+and queues lower-tier writes in the background; it never waits on the disk. `retrieve` blocks until
+the returned prefix is in the output tensor. All token arguments take a list of ints or a 1-D
+integer tensor / array.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from kvtier.config import KvtierConfig
+from kvtier.keys import ChunkSpan, Namespace, TokenDatabase
+from kvtier.layout import KVLayout
+from kvtier.memory import MemoryPool
+from kvtier.metrics import Metrics
+from kvtier.storage import StorageManager
+from kvtier.tiers.base import Tier
+from kvtier.tiers.disk import DiskTier
+
+logger = logging.getLogger(__name__)
+
+Tokens = Sequence[int] | torch.Tensor | np.ndarray
+_PIN_MEMORY = {"auto": None, "on": True, "off": False}
+
+
+def build_lower_tiers(config: KvtierConfig, is_pinned, metrics: Metrics) -> list[Tier]:
+    """The configured tiers below host memory, in lookup order (an explicit list, no plugin scan)."""
+    tiers: list[Tier] = []
+    if config.disk is not None:
+        tiers.append(DiskTier(config.disk.path, config.disk.capacity, is_pinned, metrics,
+                              o_direct=config.disk.o_direct, fsync=config.disk.fsync))
+    return tiers
+
+
+def tier_names(config: KvtierConfig) -> list[str]:
+    return ["cpu"] + (["disk"] if config.disk is not None else [])
+
+
+class CacheEngine:
+    def __init__(self, config: KvtierConfig, layout: KVLayout, model_id: str, tp_rank: int = 0,
+                 tp_size: int = 1):
+        self.config = config
+        self.layout = layout
+        self.db = TokenDatabase(Namespace.for_layout(model_id, layout, tp_rank, tp_size, config.salt),
+                                config.chunk_size, config.save_partial_chunks)
+        self.metrics = Metrics(tier_names(config))
+        pool = MemoryPool(config.cpu.capacity, layout.chunk_bytes(config.chunk_size),
+                          pin=_PIN_MEMORY[config.cpu.pin_memory])
+        pinned: set = set()
+        lower = build_lower_tiers(config, pinned.__contains__, self.metrics)
+        threads = config.disk.io_threads if config.disk is not None else min(4, os.cpu_count() or 1)
+        self.storage = StorageManager(layout, pool, lower, self.metrics, pinned=pinned,
+                                      write_through=config.write_through,
+                                      promote_on_hit=config.promote_on_hit, io_threads=threads)
+        logger.info("kvtier engine for %s (%s): tiers %s, cpu %d MiB, chunk %d tokens", model_id,
+                    layout.describe(), self.metrics.tiers, pool.capacity_bytes >> 20, config.chunk_size)
+
+    # -- data path -----------------------------------------------------------------------------
+
+    def store(self, tokens: Tokens, kv: torch.Tensor) -> int:
+        """Cache the KV of `tokens` (whole chunks; the partial tail only if configured).
+        Returns the number of chunks newly stored."""
+        with self.metrics.timed("store"):
+            spans = self.db.spans(tokens)
+            self.layout.check_kv(kv, _length(tokens))
+            return self.storage.put(spans, kv)
+
+    def lookup(self, tokens: Tokens) -> int:
+        """The number of leading tokens whose KV is cached (a chunk boundary). No payload I/O."""
+        with self.metrics.timed("lookup"):
+            spans = self.db.spans(tokens)
+            hit = self.storage.contains_prefix([s.key for s in spans])
+            n = spans[hit - 1].end if hit else 0
+        self.metrics.inc("lookup_tokens", _length(tokens))
+        self.metrics.inc("hit_tokens", n)
+        return n
+
+    def retrieve(self, tokens: Tokens, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The cached KV prefix of `tokens`: `(kv, n)` with `kv[:, :, :n]` as stored. `kv` is `out`
+        narrowed to `n` tokens when given (it must hold `[2, L, >= len(tokens), H*D]`), else new."""
+        with self.metrics.timed("retrieve"):
+            spans = self.db.spans(tokens)
+            hit = self.storage.contains_prefix([s.key for s in spans])
+            spans = spans[:hit]
+            want = spans[-1].end if spans else 0
+            if out is None:
+                out = torch.empty(self.layout.chunk_shape(want), dtype=self.layout.dtype)
+            else:
+                self.layout.check_kv(out, want, exact=False)
+            got = self.storage.get(spans, out)
+            n = spans[got - 1].end if got else 0
+        self.metrics.inc("lookup_tokens", _length(tokens))
+        self.metrics.inc("hit_tokens", n)
+        return out[:, :, :n], n
+
+    # -- administration ------------------------------------------------------------------------
+
+    def _present(self, tokens: Tokens) -> list[ChunkSpan]:
+        spans = self.db.spans(tokens)
+        return spans[: self.storage.contains_prefix([s.key for s in spans])]
+
+    def pin(self, tokens: Tokens) -> int:
+        """Pin the cached prefix of `tokens`: no tier evicts it. Returns chunks newly pinned."""
+        return self.storage.pin([s.key for s in self._present(tokens)])
+
+    def unpin(self, tokens: Tokens) -> int:
+        return self.storage.unpin([s.key for s in self.db.spans(tokens)])
+
+    def move(self, tokens: Tokens, tier: str) -> int:
+        """Relocate the cached prefix of `tokens` into `tier` ("cpu", "disk", ...). Returns chunks moved."""
+        spans = self._present(tokens)
+        if tier == self.storage.cpu.name:
+            return self.storage.move_up(spans)
+        return self.storage.move_down([s.key for s in spans], tier)
+
+    def clear(self, tier: str | None = None) -> None:
+        self.storage.clear(tier)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued background writes have landed. True if all did within `timeout`."""
+        return self.storage.flush(timeout)
+
+    def stats(self) -> dict:
+        """Per-tier chunks, bytes, hits, misses, evictions (and more), engine counters, latencies."""
+        self.storage.refresh_usage()
+        return {**self.metrics.snapshot(), "pool": self.storage.pool_stats()}
+
+    def prometheus_text(self) -> str:
+        self.storage.refresh_usage()
+        return self.metrics.prometheus_text()
+
+    def close(self) -> None:
+        """Drain background writes and release the tiers. The engine is unusable afterwards."""
+        self.storage.close()
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _length(tokens: Tokens) -> int:
+    return len(tokens) if not isinstance(tokens, torch.Tensor) else int(tokens.shape[0])

@@ -1,0 +1,140 @@
+"""Token database: chunking tokens and naming each chunk with a stable 128-bit key.
+
+    prefix_hash[-1] = namespace digest
+    prefix_hash[i]  = xxh3_128(prefix_hash[i-1] || little-endian u32 bytes of chunk i)
+
+Chaining makes a key name the whole prefix up to and including its chunk, so two prompts share a key
+only if they share every token before it. Seeding the chain with the namespace digest (model id, KV
+geometry, dtype, TP rank and size, salt) keeps models, dtypes and TP layouts apart. Nothing here uses
+Python's `hash()`, so keys are identical across processes, `PYTHONHASHSEED`s and machines.
+
+Pure functions and a small stateless class; side-effect free; safe from any thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from kvtier.layout import KVLayout
+
+NAMESPACE_BYTES = 8
+DIGEST_BYTES = 16
+KEY_BYTES = NAMESPACE_BYTES + DIGEST_BYTES
+_U32_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """Everything that makes two caches' KV incompatible for the same tokens."""
+
+    model_id: str
+    layout: str  # KVLayout.describe(): geometry and dtype
+    tp_rank: int = 0
+    tp_size: int = 1
+    salt: str = ""  # e.g. a LoRA adapter id, or a tenant
+
+    @classmethod
+    def for_layout(cls, model_id: str, layout: KVLayout, tp_rank: int = 0, tp_size: int = 1,
+                   salt: str = "") -> Namespace:
+        return cls(model_id, layout.describe(), tp_rank, tp_size, salt)
+
+    def digest(self) -> bytes:
+        # Unit separators keep "ab"+"c" apart from "a"+"bc".
+        text = "\x1f".join(
+            [self.model_id, self.layout, str(self.tp_rank), str(self.tp_size), self.salt])
+        return xxhash.xxh3_64_digest(text.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkKey:
+    """Names one chunk: namespace digest (8 bytes) + prefix-chained chunk hash (16 bytes)."""
+
+    namespace: bytes
+    digest: bytes
+
+    def to_bytes(self) -> bytes:
+        return self.namespace + self.digest
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ChunkKey:
+        if len(raw) != KEY_BYTES:
+            raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {len(raw)}")
+        return cls(bytes(raw[:NAMESPACE_BYTES]), bytes(raw[NAMESPACE_BYTES:]))
+
+    def hex(self) -> str:
+        return self.namespace.hex() + self.digest.hex()
+
+    @classmethod
+    def from_hex(cls, text: str) -> ChunkKey:
+        return cls.from_bytes(bytes.fromhex(text))
+
+    def __str__(self) -> str:
+        return self.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """Chunk `index` covers tokens `[start, end)` of the prompt."""
+
+    key: ChunkKey
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+def tokens_to_u32(tokens: Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarray:
+    """Token ids as a little-endian u32 array (the bytes that are hashed). Raises on bad ids."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+        arr = tokens.detach().cpu().numpy()
+    else:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ValueError("tokens must be a 1-D sequence of integer token ids")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > _U32_MAX):
+        raise ValueError("token ids must lie in [0, 2**32)")
+    return arr.astype("<u4", copy=False)
+
+
+class TokenDatabase:
+    """Splits token sequences into fixed-size chunks and keys them. Stateless after construction."""
+
+    def __init__(self, namespace: Namespace, chunk_size: int = 256, save_partial: bool = False):
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.namespace = namespace
+        self.chunk_size = chunk_size
+        self.save_partial = save_partial
+        self._ns_digest = namespace.digest()
+
+    def spans(self, tokens: Sequence[int] | torch.Tensor | np.ndarray,
+              limit: int | None = None) -> list[ChunkSpan]:
+        """The chunk spans of `tokens[:limit]`: full chunks, plus the partial tail if configured."""
+        arr = tokens_to_u32(tokens)
+        n = len(arr) if limit is None else min(limit, len(arr))
+        ends = list(range(self.chunk_size, n + 1, self.chunk_size))
+        if self.save_partial and n % self.chunk_size:
+            ends.append(n)
+        raw = memoryview(arr[:n]).cast("B")
+        spans = []
+        prev, start = self._ns_digest, 0
+        for end in ends:
+            h = xxhash.xxh3_128()
+            h.update(prev)
+            h.update(raw[start * 4:end * 4])
+            prev = h.digest()
+            spans.append(ChunkSpan(ChunkKey(self._ns_digest, prev), start, end))
+            start = end
+        return spans
+
+    def keys(self, tokens: Sequence[int] | torch.Tensor | np.ndarray) -> list[ChunkKey]:
+        return [s.key for s in self.spans(tokens)]

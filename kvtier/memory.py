@@ -1,0 +1,97 @@
+"""Host memory pool: one arena cut into equal slabs, one slab per KV chunk.
+
+Where it runs: in the process that owns the CPU tier. Not thread-safe by itself: the
+StorageManager serialises every call under its lock (alloc and free are a list pop and append, so
+holding the lock costs nothing worth a second lock).
+
+Lifecycle: `alloc(owner)` hands out a `Slab` lease or returns None when the pool is exhausted (the
+caller decides: evict and retry, or reject the store; the pool never waits and never drops
+silently); `tensor(slab)` views its bytes; `free(slab)` returns it; freeing twice raises. The arena
+is pinned only when CUDA is available (pinning needs a CUDA driver, and pinned pages speed up
+host<->device copies only). Slabs are aligned to 4 KiB so the disk tier can O_DIRECT into them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT = 4096
+
+
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+@dataclass(slots=True, eq=False)
+class Slab:
+    """A lease on one slab. Identity matters: the pool checks it is the live lease on free."""
+
+    index: int
+    owner: str
+
+
+class MemoryPool:
+    def __init__(self, capacity_bytes: int, slab_bytes: int, pin: bool | None = None):
+        if slab_bytes <= 0:
+            raise ValueError(f"slab_bytes must be positive, got {slab_bytes}")
+        self.slab_bytes = slab_bytes
+        self.slab_stride = align_up(slab_bytes)
+        self.num_slabs = capacity_bytes // self.slab_stride
+        if self.num_slabs < 1:
+            raise ValueError(
+                f"memory pool of {capacity_bytes} bytes cannot hold one chunk of {self.slab_stride} bytes")
+        self.pinned = torch.cuda.is_available() if pin is None else pin
+        raw = torch.empty(self.num_slabs * self.slab_stride + ALIGNMENT, dtype=torch.uint8,
+                          pin_memory=self.pinned)
+        skew = (-raw.data_ptr()) % ALIGNMENT
+        self._arena = raw[skew: skew + self.num_slabs * self.slab_stride]
+        self._free = list(range(self.num_slabs - 1, -1, -1))  # pop() takes slab 0 first
+        self._leases: list[Slab | None] = [None] * self.num_slabs
+        logger.debug("memory pool: %d slabs of %d bytes (pinned=%s)", self.num_slabs, self.slab_stride,
+                     self.pinned)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slabs * self.slab_stride
+
+    @property
+    def used_slabs(self) -> int:
+        return self.num_slabs - len(self._free)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used_slabs * self.slab_stride
+
+    @property
+    def free_slabs(self) -> int:
+        return len(self._free)
+
+    def alloc(self, owner: str) -> Slab | None:
+        """A free slab leased to `owner`, or None when exhausted. O(1)."""
+        if not self._free:
+            return None
+        slab = Slab(self._free.pop(), owner)
+        self._leases[slab.index] = slab
+        return slab
+
+    def free(self, slab: Slab) -> None:
+        """Return a slab. O(1). Raises if `slab` is not the live lease (double free, stale handle)."""
+        if self._leases[slab.index] is not slab:
+            raise RuntimeError(f"slab {slab.index} freed by {slab.owner!r} is not a live lease")
+        self._leases[slab.index] = None
+        self._free.append(slab.index)
+
+    def tensor(self, slab: Slab, nbytes: int | None = None) -> torch.Tensor:
+        """The slab's bytes as a uint8 tensor view (the first `nbytes`, default the whole slab)."""
+        start = slab.index * self.slab_stride
+        return self._arena[start: start + (self.slab_bytes if nbytes is None else nbytes)]
+
+    def owners(self) -> dict[str, int]:
+        """Live leases per owner, for accounting and leak hunting."""
+        return dict(Counter(s.owner for s in self._leases if s is not None))

@@ -1,0 +1,109 @@
+"""The chunk record: the one serialisation every tier reads and writes (no pickle anywhere).
+
+    offset  size  field
+    0       4     magic b"KVTR"
+    4       2     version (1)
+    6       2     codec id (0 = raw)
+    8       2     dtype code (kvtier.layout.DTYPE_CODES)
+    10      2     reserved (0)
+    12      16    shape: four u32 (2, layers, tokens, kv_heads * head_dim)
+    28      24    chunk key (namespace digest + prefix hash)
+    52      8     payload length in bytes (u64)
+    60      8     checksum: xxh3-64 over bytes 0..59 and then the payload
+    68            payload
+
+All integers are little-endian. The checksum covers the header fields as well as the payload, so
+a flipped bit anywhere is caught. Writers send header and payload as two buffers (never
+concatenated: a payload can be 32 MiB); tiers may put padding between them (the disk tier aligns
+the payload to 4 KiB for O_DIRECT) as long as they know where the payload starts.
+
+Pure functions over bytes and buffers; no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from kvtier.errors import CorruptRecord
+from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.layout import DTYPE_CODES, DTYPES_BY_CODE
+
+MAGIC = b"KVTR"
+VERSION = 1
+CODEC_RAW = 0
+_FIELDS = struct.Struct("<4sHHHH4I24sQ")  # everything the checksum covers before the payload
+_CHECKSUM = struct.Struct("<Q")
+HEADER_SIZE = _FIELDS.size + _CHECKSUM.size  # 68
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    key: ChunkKey
+    codec: int
+    dtype: torch.dtype
+    shape: tuple[int, int, int, int]
+    payload_len: int
+    checksum: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[2]
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (works for bf16/fp8, which numpy lacks)."""
+    if not t.is_contiguous():
+        raise ValueError("tensor_bytes needs a contiguous tensor")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _checksum(fields: bytes, payload) -> int:
+    h = xxhash.xxh3_64()
+    h.update(fields)
+    h.update(payload)
+    return h.intdigest()
+
+
+def encode_header(key: ChunkKey, shape: tuple[int, ...], dtype: torch.dtype, payload,
+                  codec: int = CODEC_RAW) -> bytes:
+    """The header for `payload` (any buffer). Costs one pass of xxh3 over the payload."""
+    if len(shape) != 4:
+        raise ValueError(f"a record shape has 4 dims, got {shape}")
+    payload_len = memoryview(payload).nbytes
+    fields = _FIELDS.pack(MAGIC, VERSION, codec, DTYPE_CODES[dtype], 0, *shape, key.to_bytes(), payload_len)
+    return fields + _CHECKSUM.pack(_checksum(fields, payload))
+
+
+def decode_header(buf) -> RecordHeader:
+    """Parse and sanity-check a header (not the payload). Raises CorruptRecord."""
+    view = memoryview(buf)
+    if view.nbytes < HEADER_SIZE:
+        raise CorruptRecord(f"record header truncated: {view.nbytes} < {HEADER_SIZE} bytes")
+    magic, version, codec, dtype_code, _reserved, s0, s1, s2, s3, key, payload_len = _FIELDS.unpack_from(view)
+    if magic != MAGIC:
+        raise CorruptRecord(f"bad record magic {bytes(magic)!r}")
+    if version != VERSION:
+        raise CorruptRecord(f"unsupported record version {version}")
+    dtype = DTYPES_BY_CODE.get(dtype_code)
+    if dtype is None:
+        raise CorruptRecord(f"unknown dtype code {dtype_code}")
+    (checksum,) = _CHECKSUM.unpack_from(view, _FIELDS.size)
+    return RecordHeader(ChunkKey.from_bytes(key[:KEY_BYTES]), codec, dtype, (s0, s1, s2, s3),
+                        payload_len, checksum)
+
+
+def verify(header_buf, payload, expected_key: ChunkKey) -> RecordHeader:
+    """Decode the header and check key, payload length and checksum. Raises CorruptRecord."""
+    header = decode_header(header_buf)
+    if header.key != expected_key:
+        raise CorruptRecord(f"record holds key {header.key} where {expected_key} was expected")
+    got = memoryview(payload).nbytes
+    if got != header.payload_len:
+        raise CorruptRecord(f"payload is {got} bytes, header says {header.payload_len}")
+    if _checksum(bytes(memoryview(header_buf)[:_FIELDS.size]), payload) != header.checksum:
+        raise CorruptRecord(f"checksum mismatch for {expected_key}")
+    return header

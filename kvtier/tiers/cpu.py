@@ -1,0 +1,82 @@
+"""The CPU tier: chunks held in memory-pool slabs, indexed by key, LRU over evictable entries.
+
+Where it runs: under the StorageManager's lock (this class has no lock of its own). It owns no I/O
+and never frees a slab itself: `pop_victim` hands the chosen entry back to the StorageManager,
+which either frees its slab (a copy exists below, or there is no tier below) or demotes it.
+
+An entry is evictable when it is not pinned and nobody is reading its slab (`readers == 0`): a
+reader is a retrieve copying out of it or a background write sending it to a lower tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtier.keys import ChunkKey
+from kvtier.memory import MemoryPool, Slab
+from kvtier.policy import EvictionPolicy, LRUPolicy
+from kvtier.tiers.base import PinPredicate, TierUsage
+
+
+@dataclass(slots=True, eq=False)
+class CpuEntry:
+    slab: Slab
+    num_tokens: int
+    nbytes: int
+    persisted: bool = False  # a lower tier holds a copy: eviction may drop this without writing
+    readers: int = 0  # in-flight copies out of the slab; the slab stays while > 0
+    detached: bool = False  # no longer indexed: the last reader frees the slab
+
+
+class CpuTier:
+    name = "cpu"
+
+    def __init__(self, pool: MemoryPool, is_pinned: PinPredicate, policy: EvictionPolicy | None = None):
+        self.pool = pool
+        self._is_pinned = is_pinned
+        self._policy = policy or LRUPolicy()
+        self._entries: dict[ChunkKey, CpuEntry] = {}
+        self._bytes = 0
+
+    def __contains__(self, key: ChunkKey) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: ChunkKey) -> CpuEntry | None:
+        """The entry for `key`, marked as recently used."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._policy.touch(key)
+        return entry
+
+    def insert(self, key: ChunkKey, entry: CpuEntry) -> None:
+        if key in self._entries:
+            raise KeyError(f"{key} is already in the CPU tier")
+        self._entries[key] = entry
+        self._bytes += entry.nbytes
+        self._policy.insert(key)
+
+    def pop(self, key: ChunkKey) -> CpuEntry | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry.nbytes
+            self._policy.remove(key)
+        return entry
+
+    def pop_victim(self) -> tuple[ChunkKey, CpuEntry] | None:
+        """Remove and return the least recently used evictable entry, or None if there is none."""
+        for key in self._policy.victims(self._evictable):
+            return key, self.pop(key)
+        return None
+
+    def _evictable(self, key: ChunkKey) -> bool:
+        entry = self._entries[key]
+        return entry.readers == 0 and not self._is_pinned(key)
+
+    def items(self) -> list[tuple[ChunkKey, CpuEntry]]:
+        return list(self._entries.items())
+
+    def usage(self) -> TierUsage:
+        return TierUsage(len(self._entries), self._bytes, self.pool.capacity_bytes)
