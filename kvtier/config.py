@@ -204,8 +204,9 @@ def _set_path(obj: Any, parts: list[str], value: object, text: str, prefix: str,
             current = section()
         new = _set_path(current, parts[1:], value, text, dotted + ".", origin)
     else:
-        # The environment has no quoting habit, so a string key takes the raw text ("123" salt).
-        if _strip_optional(hint) is str and value is not None and not isinstance(value, str):
+        # The environment has no quoting habit, so a string key takes the raw text ("123" salt, and
+        # "" an empty salt); only an optional string reads "null" as None.
+        if _strip_optional(hint) is str and not isinstance(value, str) and (value is not None or hint is str):
             value = text
         new = _coerce(hint, f, value, dotted, origin)
     return dataclasses.replace(obj, **{f.name: new})

@@ -102,7 +102,9 @@ def tokens_to_u32(tokens: Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarr
             raise ValueError("tokens must be a 1-D sequence of integer token ids")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > _U32_MAX):
         raise ValueError("token ids must lie in [0, 2**32)")
-    return arr.astype("<u4", copy=False)
+    # Contiguous as well: a strided u32 view (tokens[::2]) would not be copied by astype, and the
+    # hasher reads the raw bytes.
+    return np.ascontiguousarray(arr, dtype="<u4")
 
 
 class TokenDatabase:
@@ -119,6 +121,8 @@ class TokenDatabase:
     def spans(self, tokens: Sequence[int] | torch.Tensor | np.ndarray,
               limit: int | None = None) -> list[ChunkSpan]:
         """The chunk spans of `tokens[:limit]`: full chunks, plus the partial tail if configured."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
         arr = tokens_to_u32(tokens)
         n = len(arr) if limit is None else min(limit, len(arr))
         ends = list(range(self.chunk_size, n + 1, self.chunk_size))

@@ -43,7 +43,7 @@ class KVLayout:
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"KVLayout.dtype {self.dtype} is not supported; use one of {list(DTYPE_CODES)}")

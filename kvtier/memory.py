@@ -88,9 +88,13 @@ class MemoryPool:
         self._free.append(slab.index)
 
     def tensor(self, slab: Slab, nbytes: int | None = None) -> torch.Tensor:
-        """The slab's bytes as a uint8 tensor view (the first `nbytes`, default the whole slab)."""
+        """The slab's bytes as a uint8 tensor view (the first `nbytes`, default the chunk size; at
+        most the 4 KiB-aligned stride, which O_DIRECT reads fill)."""
+        nbytes = self.slab_bytes if nbytes is None else nbytes
+        if not 0 <= nbytes <= self.slab_stride:
+            raise ValueError(f"{nbytes} bytes do not fit a slab of {self.slab_stride}")
         start = slab.index * self.slab_stride
-        return self._arena[start: start + (self.slab_bytes if nbytes is None else nbytes)]
+        return self._arena[start: start + nbytes]
 
     def owners(self) -> dict[str, int]:
         """Live leases per owner, for accounting and leak hunting."""

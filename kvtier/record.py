@@ -71,8 +71,10 @@ def _checksum(fields: bytes, payload) -> int:
 def encode_header(key: ChunkKey, shape: tuple[int, ...], dtype: torch.dtype, payload,
                   codec: int = CODEC_RAW) -> bytes:
     """The header for `payload` (any buffer). Costs one pass of xxh3 over the payload."""
-    if len(shape) != 4:
-        raise ValueError(f"a record shape has 4 dims, got {shape}")
+    if len(shape) != 4 or not all(0 <= d < 2**32 for d in shape):
+        raise ValueError(f"a record shape is 4 dims of u32, got {shape}")
+    if dtype not in DTYPE_CODES:
+        raise ValueError(f"dtype {dtype} has no record code")
     payload_len = memoryview(payload).nbytes
     fields = _FIELDS.pack(MAGIC, VERSION, codec, DTYPE_CODES[dtype], 0, *shape, key.to_bytes(), payload_len)
     return fields + _CHECKSUM.pack(_checksum(fields, payload))

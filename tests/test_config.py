@@ -256,3 +256,9 @@ def test_config_is_frozen():
     config = KvtierConfig()
     with pytest.raises(AttributeError):
         config.chunk_size = 1  # type: ignore[misc]
+
+
+def test_empty_env_value_for_a_string_key_is_the_empty_string():
+    # Regression: KVTIER_SALT="" parsed as YAML null and was rejected as "cannot be null".
+    config = load_config(env={"KVTIER_SALT": ""})
+    assert config.salt == ""

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny KV geometries, seeded tokens and KV, engines built from the real configs.
+
+Sizes are kept small on purpose (a 16-token chunk of the default layout is exactly one 4 KiB slab),
+so eviction, restart and corruption stories run in milliseconds with real files under `tmp_path`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier import CacheEngine, KVLayout, load_config
+
+REPO = Path(__file__).parents[1]
+CHUNK = 16  # tokens per chunk in every engine these fixtures build (KVTIER_CHUNK_SIZE)
+
+
+def small_layout(dtype: torch.dtype = torch.float16) -> KVLayout:
+    """2 layers x 2 kv heads x 16 head dim: 128 bytes of K+V per token per layer in fp16."""
+    return KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=dtype)
+
+
+def seeded_tokens(num_tokens: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50_000, (num_tokens,), generator=g)
+
+
+def seeded_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
+    """`[2, L, T, H*D]` normal noise in the layout's dtype (finite, so `torch.equal` is bitwise)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(layout.chunk_shape(num_tokens), generator=g).to(layout.dtype)
+
+
+@pytest.fixture
+def layout() -> KVLayout:
+    return small_layout()
+
+
+@pytest.fixture
+def make_engine(tmp_path):
+    """Build a CacheEngine from `configs/<config>.yaml` plus `KVTIER_*` overrides given as keywords
+    (`cpu__capacity="64KiB"` is `KVTIER_CPU__CAPACITY=64KiB`). The disk tier, when the config has
+    one, lives in `disk_path` (default `tmp_path/disk`). Every engine is closed at teardown."""
+    engines: list[CacheEngine] = []
+
+    def make(config: str = "cpu_disk", layout: KVLayout | None = None, model_id: str = "test-model",
+             disk_path: Path | None = None, **overrides: object) -> CacheEngine:
+        env = {"KVTIER_CHUNK_SIZE": str(CHUNK), "KVTIER_CPU__CAPACITY": "1MiB",
+               "KVTIER_CPU__PIN_MEMORY": "off"}
+        if config == "cpu_disk":
+            env["KVTIER_DISK__PATH"] = str(disk_path or tmp_path / "disk")
+        env.update({f"KVTIER_{key.upper()}": str(value) for key, value in overrides.items()})
+        cfg = load_config(REPO / "configs" / f"{config}.yaml", env=env)
+        engine = CacheEngine(cfg, layout or small_layout(), model_id)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()

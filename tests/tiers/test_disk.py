@@ -1,0 +1,376 @@
+"""Tests for kvtier/tiers/disk.py: round trips, O_DIRECT modes, bad records, restart, capacity, I/O errors.
+
+Real files in `tmp_path`. Engine-level tests store, `flush()` (background writes land), then
+`clear("cpu")` or `move(..., "disk")`, so the retrieve that follows can only be served from disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import CHUNK, seeded_kv, seeded_tokens, small_layout
+
+from kvtier.keys import ChunkKey
+from kvtier.layout import KVLayout
+from kvtier.metrics import Metrics
+from kvtier.record import encode_header, tensor_bytes
+from kvtier.tiers.base import PutItem
+from kvtier.tiers.disk import BLOCK, DiskTier, _probe_o_direct
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+FILE_BYTES = 2 * BLOCK  # one fp16 chunk of the small layout: 4 KiB header block + 4 KiB payload
+
+
+def disk_stats(engine) -> dict:
+    return engine.stats()["tiers"]["disk"]
+
+
+def stored_on_disk(make_engine, layout: KVLayout, num_tokens: int, seed: int = 7, **overrides):
+    """An engine whose only copy of one seeded prompt is on disk: (engine, disk tier, tokens, kv)."""
+    engine = make_engine("cpu_disk", layout, **overrides)
+    tokens, kv = seeded_tokens(num_tokens, seed), seeded_kv(layout, num_tokens, seed)
+    engine.store(tokens, kv)
+    assert engine.flush(timeout=10)
+    engine.clear("cpu")
+    assert engine.stats()["tiers"]["cpu"]["chunks"] == 0
+    return engine, engine.storage.lower[0], tokens, kv
+
+
+# -- round trips ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_disk_round_trip_is_bit_exact(make_engine, dtype):
+    layout = small_layout(dtype)
+    engine, disk, tokens, kv = stored_on_disk(make_engine, layout, 4 * CHUNK)
+    assert disk.usage().chunks == 4
+
+    got, n = engine.retrieve(tokens)
+
+    assert n == 4 * CHUNK and got.dtype == dtype
+    assert torch.equal(got, kv)
+    stats = disk_stats(engine)
+    assert (stats["hits"], stats["misses"], stats["corrupt"]) == (4, 0, 0)
+    assert stats["bytes_read"] == 4 * layout.chunk_bytes(CHUNK)
+    assert engine.stats()["promotions"] == 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_move_to_disk_then_retrieve_reads_from_disk(make_engine, dtype):
+    layout = small_layout(dtype)
+    engine = make_engine("cpu_disk", layout)
+    tokens, kv = seeded_tokens(3 * CHUNK, 8), seeded_kv(layout, 3 * CHUNK, 8)
+    engine.store(tokens, kv)
+    engine.flush()
+
+    assert engine.move(tokens, "disk") == 3
+    assert engine.stats()["tiers"]["cpu"]["chunks"] == 0
+    got, n = engine.retrieve(tokens)
+
+    assert n == 3 * CHUNK and torch.equal(got, kv)
+    assert disk_stats(engine)["hits"] == 3
+
+
+@pytest.mark.parametrize("save_partial", [True, False], ids=["partial_on", "partial_off"])
+def test_partial_last_chunk_round_trips_through_disk_only_when_configured(make_engine, layout, save_partial):
+    length = 2 * CHUNK + 5
+    engine, disk, tokens, kv = stored_on_disk(make_engine, layout, length,
+                                              save_partial_chunks=str(save_partial).lower())
+    expected_n = length if save_partial else 2 * CHUNK
+    assert disk.usage().chunks == (3 if save_partial else 2)
+
+    got, n = engine.retrieve(tokens)
+
+    assert n == expected_n and torch.equal(got, kv[:, :, :expected_n])
+    assert disk_stats(engine)["hits"] == (3 if save_partial else 2)
+
+
+@pytest.mark.parametrize("o_direct", ["off", "auto"])
+def test_o_direct_modes_round_trip(make_engine, tmp_path, o_direct):
+    # head_dim 24: a 16-token fp16 chunk is 6 KiB, so O_DIRECT writes need the padded-tail path, and
+    # the 5-token partial chunk is smaller than one block.
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=24, dtype=torch.float16)
+    length = 3 * CHUNK + 5
+    engine, disk, tokens, kv = stored_on_disk(make_engine, layout, length, disk__o_direct=o_direct,
+                                              save_partial_chunks="true")
+    assert disk.o_direct is (o_direct == "auto" and _probe_o_direct(tmp_path))
+    for path in tmp_path.glob("disk/**/*.kvr"):
+        assert path.stat().st_size % BLOCK == 0  # the same file format whichever way it was written
+
+    got, n = engine.retrieve(tokens)
+
+    assert n == length and torch.equal(got, kv)
+    stats = disk_stats(engine)
+    assert stats["hits"] == 4 and stats["bytes_written"] == stats["bytes_read"] == layout.chunk_bytes(length)
+
+
+# -- bad records are misses, counted and removed -------------------------------------------------
+
+
+def flip_payload_byte(path, other):
+    with open(path, "r+b") as fh:
+        fh.seek(BLOCK + 100)
+        byte = fh.read(1)
+        fh.seek(BLOCK + 100)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+def flip_header_byte(path, other):
+    with open(path, "r+b") as fh:
+        fh.seek(20)  # inside the shape fields, which the checksum covers
+        byte = fh.read(1)
+        fh.seek(20)
+        fh.write(bytes([byte[0] ^ 0x80]))
+
+
+def truncate_mid_payload(path, other):
+    os.truncate(path, BLOCK + 1000)
+
+
+def truncate_to_header(path, other):
+    os.truncate(path, BLOCK)
+
+
+def zero_length(path, other):
+    os.truncate(path, 0)
+
+
+def garbage(path, other):
+    path.write_bytes(torch.randint(0, 256, (FILE_BYTES,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+
+
+def wrong_key(path, other):
+    shutil.copyfile(other, path)  # a valid record, but of another chunk
+
+
+DAMAGE = [flip_payload_byte, flip_header_byte, truncate_mid_payload, truncate_to_header, zero_length,
+          garbage, wrong_key]
+
+
+@pytest.mark.parametrize("o_direct", ["off", "auto"])
+@pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
+def test_bad_record_is_a_counted_miss_and_is_deleted(make_engine, layout, damage, o_direct):
+    engine, disk, tokens, kv = stored_on_disk(make_engine, layout, 4 * CHUNK, disk__o_direct=o_direct)
+    keys = engine.db.keys(tokens)
+    bad = disk.path_for(keys[2])
+    damage(bad, disk.path_for(keys[0]))
+
+    got, n = engine.retrieve(tokens)
+
+    assert n == 2 * CHUNK  # the good prefix only, never the damaged chunk or anything after it
+    assert torch.equal(got, kv[:, :, : 2 * CHUNK])
+    assert disk_stats(engine)["corrupt"] == 1
+    assert not bad.exists()
+    assert disk.has(keys) == [True, True, False, True]
+    assert disk.usage().chunks == 3 and disk.usage().bytes == 3 * FILE_BYTES
+    assert engine.lookup(tokens) == 2 * CHUNK
+    assert disk.path_for(keys[0]).exists()  # the source of the wrong-key copy is untouched
+
+
+def test_bad_record_in_the_first_chunk_is_a_full_miss(make_engine, layout):
+    engine, disk, tokens, kv = stored_on_disk(make_engine, layout, 2 * CHUNK)
+    keys = engine.db.keys(tokens)
+    flip_payload_byte(disk.path_for(keys[0]), None)
+
+    got, n = engine.retrieve(tokens)
+
+    assert n == 0 and got.shape[2] == 0
+    assert disk_stats(engine)["corrupt"] == 1
+    assert engine.stats()["pool"]["used_slabs"] == 0  # the read slabs went back to the pool
+
+
+# -- restart: the index is rebuilt from the directory ----------------------------------------------
+
+
+def make_tier(path, capacity: int = 1 << 20, pinned=frozenset(), metrics: Metrics | None = None) -> DiskTier:
+    return DiskTier(path, capacity, pinned.__contains__, metrics or Metrics(["cpu", "disk"]))
+
+
+def test_index_is_rebuilt_from_the_directory_at_start(make_engine, layout, tmp_path):
+    engine, disk, tokens, kv = stored_on_disk(make_engine, layout, 3 * CHUNK)
+    keys = engine.db.keys(tokens)
+    engine.close()
+
+    fresh = make_tier(tmp_path / "disk")
+
+    assert fresh.has(keys) == [True, True, True]
+    assert fresh.usage().chunks == 3 and fresh.usage().bytes == 3 * FILE_BYTES
+    dest = torch.empty(FILE_BYTES, dtype=torch.uint8)
+    header = fresh.get([keys[1]], [dest])[0]
+    assert header is not None and header.key == keys[1]
+    chunk = dest[: header.payload_len].view(layout.dtype).view(header.shape)
+    assert torch.equal(chunk, kv[:, :, CHUNK: 2 * CHUNK])
+
+
+def test_stale_tmp_files_are_deleted_at_start(make_engine, layout, tmp_path):
+    engine, disk, tokens, _ = stored_on_disk(make_engine, layout, 2 * CHUNK)
+    good = disk.path_for(engine.db.keys(tokens)[0])
+    stale = good.with_name(good.name + ".tmp.12345.678")  # what a writer that died leaves behind
+    stale.write_bytes(b"half a record")
+    junk = good.parent / "README"
+    junk.write_text("not ours")
+
+    fresh = make_tier(tmp_path / "disk")
+
+    assert not stale.exists()
+    assert good.exists() and junk.exists()  # foreign names are neither indexed nor deleted
+    assert fresh.usage().chunks == 2
+
+
+def test_rebuild_evicts_oldest_files_beyond_a_smaller_capacity(make_engine, layout, tmp_path):
+    engine, disk, tokens, _ = stored_on_disk(make_engine, layout, 6 * CHUNK)
+    keys = engine.db.keys(tokens)
+    for age, key in enumerate(keys):  # chunk 0 is the oldest
+        os.utime(disk.path_for(key), ns=(10**18 + age * 10**9, 10**18 + age * 10**9))
+    engine.close()
+
+    fresh = make_tier(tmp_path / "disk", capacity=3 * FILE_BYTES)
+
+    assert fresh.has(keys) == [False, False, False, True, True, True]
+    assert [disk.path_for(k).exists() for k in keys] == [False, False, False, True, True, True]
+    assert fresh.usage().bytes == 3 * FILE_BYTES
+
+
+# -- capacity ------------------------------------------------------------------------------------
+
+
+def record(i: int, layout: KVLayout, num_tokens: int = CHUNK) -> PutItem:
+    key = ChunkKey(b"\x11" * 8, i.to_bytes(16, "little"))
+    payload = seeded_kv(layout, num_tokens, i).reshape(-1).view(torch.uint8)
+    header = encode_header(key, layout.chunk_shape(num_tokens), layout.dtype, tensor_bytes(payload))
+    return PutItem(key, header, payload)
+
+
+def test_capacity_evicts_oldest_files_but_never_pinned_ones(tmp_path, layout):
+    items = [record(i, layout) for i in range(7)]
+    metrics = Metrics(["cpu", "disk"])
+    tier = make_tier(tmp_path, capacity=4 * FILE_BYTES, pinned={items[0].key}, metrics=metrics)
+
+    for item in items:
+        assert tier.put([item]) == [True]
+        assert tier.usage().bytes <= tier.capacity_bytes
+
+    # LRU among the unpinned: 1, 2, 3 went to make room for 4, 5, 6; the pinned 0 stayed.
+    assert tier.has([item.key for item in items]) == [True, False, False, False, True, True, True]
+    assert sorted(p.name for p in tmp_path.glob("**/*.kvr")) == sorted(
+        tier.path_for(items[i].key).name for i in (0, 4, 5, 6))
+    assert metrics.value("kvtier_tier_evictions_total", {"tier": "disk"}) == 3
+
+
+def test_a_read_refreshes_recency_so_the_read_file_survives(tmp_path, layout):
+    items = [record(i, layout) for i in range(3)]
+    tier = make_tier(tmp_path, capacity=2 * FILE_BYTES)
+    tier.put(items[:2])
+    assert tier.get([items[0].key], [torch.empty(FILE_BYTES, dtype=torch.uint8)])[0] is not None
+
+    tier.put([items[2]])
+
+    assert tier.has([item.key for item in items]) == [True, False, True]
+
+
+def test_a_tier_full_of_pinned_files_rejects_and_counts(tmp_path, layout):
+    items = [record(i, layout) for i in range(3)]
+    metrics = Metrics(["cpu", "disk"])
+    tier = make_tier(tmp_path, capacity=2 * FILE_BYTES, pinned={items[0].key, items[1].key}, metrics=metrics)
+    assert tier.put(items[:2]) == [True, True]
+
+    assert tier.put([items[2]]) == [False]
+
+    assert tier.has([item.key for item in items]) == [True, True, False]
+    assert metrics.value("kvtier_tier_rejected_total", {"tier": "disk"}) == 1
+    assert tier.usage().bytes == 2 * FILE_BYTES
+
+
+def test_engine_disk_capacity_is_bounded_and_keeps_pinned_prompts(make_engine, layout):
+    engine = make_engine("cpu_disk", disk__capacity=f"{8 * FILE_BYTES}B")  # 8 files
+    disk = engine.storage.lower[0]
+    keep_tokens, keep_kv = seeded_tokens(2 * CHUNK, 500), seeded_kv(layout, 2 * CHUNK, 500)
+    engine.store(keep_tokens, keep_kv)
+    engine.flush()
+    assert engine.pin(keep_tokens) == 2
+
+    for seed in range(10):  # 20 more chunks through an 8-file disk tier
+        engine.store(seeded_tokens(2 * CHUNK, seed), seeded_kv(layout, 2 * CHUNK, seed))
+        engine.flush()
+        assert disk.usage().bytes <= disk.capacity_bytes
+
+    stats = disk_stats(engine)
+    assert stats["chunks"] == 8 and stats["evictions"] == 22 - 8
+    assert disk.has(engine.db.keys(keep_tokens)) == [True, True]
+    assert len(list(disk.root.glob("**/*.kvr"))) == 8
+    engine.clear("cpu")
+    got, n = engine.retrieve(keep_tokens)
+    assert n == 2 * CHUNK and torch.equal(got, keep_kv)
+    assert disk_stats(engine)["hits"] == 2
+
+
+# -- a failing medium degrades to a miss ---------------------------------------------------------
+
+
+def test_file_deleted_behind_the_tiers_back_is_a_miss(make_engine, layout):
+    engine, disk, tokens, kv = stored_on_disk(make_engine, layout, 3 * CHUNK)
+    keys = engine.db.keys(tokens)
+    disk.path_for(keys[1]).unlink()
+
+    got, n = engine.retrieve(tokens)
+
+    assert n == CHUNK and torch.equal(got, kv[:, :, :CHUNK])
+    assert disk.has(keys) == [True, False, True]  # the index forgot the missing file
+    assert engine.lookup(tokens) == CHUNK
+    assert disk_stats(engine)["corrupt"] == 0
+
+
+def replace_file_with_directory(disk: DiskTier, key: ChunkKey) -> None:
+    path = disk.path_for(key)
+    path.unlink()
+    path.mkdir()  # open() succeeds, reading fails with EISDIR (even as root, unlike chmod)
+
+
+def replace_parent_with_file(disk: DiskTier, key: ChunkKey) -> None:
+    parent = disk.path_for(key).parent
+    shutil.rmtree(parent)
+    parent.write_bytes(b"")  # open() of anything below fails with ENOTDIR
+
+
+@pytest.mark.parametrize("breakage", [replace_file_with_directory, replace_parent_with_file],
+                         ids=lambda f: f.__name__)
+def test_io_error_is_a_counted_miss_not_an_exception(make_engine, layout, breakage):
+    engine, disk, tokens, kv = stored_on_disk(make_engine, layout, 3 * CHUNK)
+    keys = engine.db.keys(tokens)
+    breakage(disk, keys[1])
+    broken = [not disk.path_for(k).is_file() for k in keys]
+    first_bad = broken.index(True)  # chunk 0 can share chunk 1's 2-hex directory
+
+    got, n = engine.retrieve(tokens)
+
+    assert n == first_bad * CHUNK and torch.equal(got, kv[:, :, :n])
+    assert disk_stats(engine)["errors"] >= 1
+    assert disk_stats(engine)["corrupt"] == 0
+
+
+# -- regressions ---------------------------------------------------------------------------------
+
+
+def test_concurrent_writes_of_one_key_reserve_its_bytes_once(tmp_path, layout):
+    """Bug: two writers of one key (a write-through job racing `move(tokens, "disk")`) each reserved
+    the file's bytes, and only one reservation was ever released, so `usage().bytes` drifted up and
+    the tier evicted early and never returned to zero after a clear."""
+    tier = make_tier(tmp_path)
+    item = record(0, layout)
+    write_file = tier._write_file
+
+    def second_writer_lands_first(it: PutItem) -> None:
+        tier._write_file = write_file  # interleave exactly once: the same put, mid-flight
+        assert tier.put([it]) == [True]
+        write_file(it)
+
+    tier._write_file = second_writer_lands_first
+
+    assert tier.put([item]) == [True]
+    assert tier.usage().chunks == 1 and tier.usage().bytes == FILE_BYTES
+    tier.clear()
+    assert tier.usage().bytes == 0 and not list(tmp_path.glob("**/*.kvr"))
