@@ -48,7 +48,8 @@ def _timed_retrieve(eng: CacheEngine, tokens: torch.Tensor, kv: torch.Tensor, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: KVTIER_CONFIG or built-in)")
     parser.add_argument("--tokens", type=int, default=8192, help="prompt length in tokens")
     parser.add_argument("--seed", type=int, default=0)

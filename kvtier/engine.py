@@ -37,11 +37,11 @@ Tokens = Sequence[int] | torch.Tensor | np.ndarray
 _PIN_MEMORY = {"auto": None, "on": True, "off": False}
 
 
-def build_lower_tiers(config: KvtierConfig, is_pinned, metrics: Metrics) -> list[Tier]:
+def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned, metrics: Metrics) -> list[Tier]:
     """The configured tiers below host memory, in lookup order (an explicit list, no plugin scan)."""
     tiers: list[Tier] = []
     if config.disk is not None:
-        tiers.append(DiskTier(config.disk.path, config.disk.capacity, is_pinned, metrics,
+        tiers.append(DiskTier(config.disk.path, namespace, config.disk.capacity, is_pinned, metrics,
                               o_direct=config.disk.o_direct, fsync=config.disk.fsync))
     return tiers
 
@@ -61,7 +61,7 @@ class CacheEngine:
         pool = MemoryPool(config.cpu.capacity, layout.chunk_bytes(config.chunk_size),
                           pin=_PIN_MEMORY[config.cpu.pin_memory])
         pinned: set = set()
-        lower = build_lower_tiers(config, pinned.__contains__, self.metrics)
+        lower = build_lower_tiers(config, self.db.namespace_digest, pinned.__contains__, self.metrics)
         threads = config.disk.io_threads if config.disk is not None else min(4, os.cpu_count() or 1)
         self.storage = StorageManager(layout, pool, lower, self.metrics, pinned=pinned,
                                       write_through=config.write_through,

@@ -50,12 +50,21 @@ class Namespace:
         return xxhash.xxh3_64_digest(text.encode())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ChunkKey:
     """Names one chunk: namespace digest (8 bytes) + prefix-chained chunk hash (16 bytes)."""
 
     namespace: bytes
     digest: bytes
+
+    # Hand-written because keys are hashed on every index probe: the digest already depends on the
+    # namespace (the chain is seeded with it), and a bytes object caches its own hash.
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is ChunkKey and self.digest == other.digest
+                and self.namespace == other.namespace)
 
     def to_bytes(self) -> bytes:
         return self.namespace + self.digest
@@ -118,6 +127,10 @@ class TokenDatabase:
         self.save_partial = save_partial
         self._ns_digest = namespace.digest()
 
+    @property
+    def namespace_digest(self) -> bytes:
+        return self._ns_digest
+
     def spans(self, tokens: Sequence[int] | torch.Tensor | np.ndarray,
               limit: int | None = None) -> list[ChunkSpan]:
         """The chunk spans of `tokens[:limit]`: full chunks, plus the partial tail if configured."""
@@ -128,14 +141,13 @@ class TokenDatabase:
         ends = list(range(self.chunk_size, n + 1, self.chunk_size))
         if self.save_partial and n % self.chunk_size:
             ends.append(n)
-        raw = memoryview(arr[:n]).cast("B")
+        raw = arr[:n].tobytes()
         spans = []
         prev, start = self._ns_digest, 0
         for end in ends:
-            h = xxhash.xxh3_128()
-            h.update(prev)
-            h.update(raw[start * 4:end * 4])
-            prev = h.digest()
+            # One-shot digest of parent || chunk: 2.5x cheaper than a streaming hasher per chunk,
+            # and lookup of a 128K-token prompt hashes 512 chunks.
+            prev = xxhash.xxh3_128_digest(prev + raw[start * 4:end * 4])
             spans.append(ChunkSpan(ChunkKey(self._ns_digest, prev), start, end))
             start = end
         return spans

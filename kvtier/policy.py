@@ -16,7 +16,9 @@ class EvictionPolicy(Protocol):
     def insert(self, key: Hashable) -> None: ...
     def touch(self, key: Hashable) -> None: ...
     def remove(self, key: Hashable) -> None: ...
-    def victims(self, evictable: Callable[[Hashable], bool]) -> Iterator[Hashable]: ...
+    def victims(self, evictable: Callable[[Hashable], bool]) -> Iterator[Hashable]:
+        """Evictable keys, first victim first. Do not insert/touch/remove while iterating."""
+        ...
 
 
 class LRUPolicy:
@@ -37,8 +39,10 @@ class LRUPolicy:
         self._order.pop(key, None)
 
     def victims(self, evictable: Callable[[Hashable], bool]) -> Iterator[Hashable]:
-        # Snapshot: the caller removes victims while iterating.
-        for key in list(self._order):
+        # Lazy, no snapshot: eviction usually wants the first victim or few, and copying the whole
+        # order made each eviction O(entries). So the caller must not change the policy until it
+        # is done iterating (collect the victims, then remove them).
+        for key in self._order:
             if evictable(key):
                 yield key
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -40,20 +41,23 @@ from kvtier.transfers import TransferQueue
 
 logger = logging.getLogger(__name__)
 
+# How long a retrieve waits for background writes to free a slab before serving a shorter prefix.
+READ_WAIT_S = 5.0
+
 
 @dataclass(slots=True)
 class _Read:
     """One chunk of a retrieve: where it comes from and the slab it is (or will be) in."""
 
     span: ChunkSpan
-    entry: CpuEntry
+    entry: CpuEntry | None  # None until a slab is allocated for a lower-tier read
     from_cpu: bool
 
 
 class StorageManager:
     def __init__(self, layout: KVLayout, pool: MemoryPool, lower: Sequence[Tier], metrics: Metrics, *,
                  pinned: set[ChunkKey] | None = None, write_through: bool = True,
-                 promote_on_hit: bool = True, io_threads: int = 4):
+                 promote_on_hit: bool = True, io_threads: int = 4, clean_ahead: int | None = None):
         self.layout = layout
         self.pool = pool
         self.lower = list(lower)
@@ -65,13 +69,13 @@ class StorageManager:
         self.cpu = CpuTier(pool, self.pinned.__contains__)
         # Cached: KVLayout.element_size builds a tensor per call, a few us per chunk on the hot path.
         self._token_bytes = layout.bytes_per_token
-        # A typed alias of the arena's storage (a zero-byte view at slab 0; only its storage is
-        # used): one `as_strided` over it names a run of chunks in consecutive slabs, where slicing
-        # a slab and viewing it twice costs ~7 us per chunk, a tenth of copying 512 KiB.
-        self._typed = pool.tensor(Slab(0, "alias"), 0).view(layout.dtype)
-        self._typed_base = self._typed.storage_offset()
-        self._slab_elems = pool.slab_stride // layout.element_size
         self._lock = threading.Lock()
+        # Signalled whenever a background write lands: a slab may have been freed or made clean.
+        self._write_landed = threading.Condition(self._lock)
+        self._writes_in_flight = 0
+        # Write-back keeps this many of the next eviction victims written below already, so that
+        # evicting them frees a slab at once instead of waiting for a demotion.
+        self._clean_ahead = max(1, pool.num_slabs // 16) if clean_ahead is None else clean_ahead
         self._demoting: dict[ChunkKey, CpuEntry] = {}
         self._writes = TransferQueue(io_threads, "kvtier-write")
         self._reads = TransferQueue(io_threads, "kvtier-read")
@@ -80,26 +84,20 @@ class StorageManager:
 
     def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
         """How many leading `keys` some tier holds. No payload I/O, no side effects."""
+        keys = list(keys)
         with self._lock:
-            n = 0
-            while n < len(keys) and (keys[n] in self.cpu or keys[n] in self._demoting):
-                n += 1
-            rest = keys[n:]
-            # A later chunk can be in CPU while an earlier one is only below (eviction demotes a
-            # prompt's oldest, i.e. first, chunks first), so CPU residency counts past the gap too.
-            present = [k in self.cpu or k in self._demoting for k in rest]
-        if not rest:
-            return n
+            present = self.cpu.present(keys)
+            if self._demoting:
+                present = [p or k in self._demoting for p, k in zip(present, keys)]
+        n = present.index(False) if False in present else len(keys)
+        # Ask the tiers below from the first CPU gap on: a later chunk can be in CPU while an earlier
+        # one is only below (eviction takes a prompt's oldest, i.e. first, chunks first).
+        rest, present = keys[n:], present[n:]
         for tier in self.lower:
-            for i, found in enumerate(tier.has(rest)):
-                present[i] = present[i] or found
             if all(present):
                 break
-        for found in present:
-            if not found:
-                break
-            n += 1
-        return n
+            present = [p or found for p, found in zip(present, tier.has(rest))]
+        return n + (present.index(False) if False in present else len(present))
 
     # -- store ---------------------------------------------------------------------------------
 
@@ -116,7 +114,7 @@ class StorageManager:
                     break
                 slabs.append(slab)
             slabs.sort(key=lambda slab: slab.index)  # consecutive chunks in consecutive slabs: see _copy
-            rejected = len(new) - len(slabs)
+        rejected = len(new) - len(slabs)
         self.metrics.inc("deduplicated_chunks", len(spans) - len(new))
         if rejected:
             self.metrics.tier_inc(self.cpu.name, "rejected", rejected)
@@ -133,8 +131,9 @@ class StorageManager:
                 self.cpu.insert(s.key, entry)
                 stored += 1
                 if self.write_through and self.lower:
-                    entry.readers += 1
-                    self._writes.submit(self._write_down, s.key, entry)
+                    self._submit_write_locked(s.key, entry)
+            if not self.write_through and self.lower:
+                self._clean_ahead_locked()
         self.metrics.inc("stored_chunks", stored)
         self.metrics.tier_inc(self.cpu.name, "bytes_written",
                               sum(s.num_tokens for s in new[:len(slabs)]) * self._token_bytes)
@@ -152,27 +151,17 @@ class StorageManager:
                    and chunks[i + k][0].start == span.start + k * t and chunks[i + k][0].num_tokens == t):
                 k += 1
             tokens = kv.narrow(2, span.start, k * t).unflatten(2, (k, t)).movedim(2, 0)
-            slabs = self._slab_view(slab, k, t)
+            slabs = self.pool.chunk_run(slab, k, self.layout.dtype, self.layout.chunk_shape(t))
             (slabs if into_slabs else tokens).copy_(tokens if into_slabs else slabs)
             i += k
 
-    def _slab_view(self, slab: Slab, count: int, num_tokens: int) -> torch.Tensor:
-        """`count` consecutive slabs from `slab` on, each a `num_tokens` chunk: [count, 2, L, T, H*D]."""
-        layers, h = self.layout.num_layers, self.layout.hidden
-        shape = (count, 2, layers, num_tokens, h)
-        strides = (self._slab_elems, layers * num_tokens * h, num_tokens * h, h, 1)
-        return self._typed.as_strided(shape, strides, self._typed_base + slab.index * self._slab_elems)
+    # -- eviction and background writes -------------------------------------------------------
 
-    def _alloc_locked(self, owner: str):
-        """A free slab, evicting LRU chunks as needed; None if nothing can be evicted right now."""
-        while True:
-            slab = self.pool.alloc(owner)
-            if slab is not None:
-                return slab
-            if self._demoting and not self.pool.free_slabs:
-                # Demotions in flight will free slabs soon; evicting more now would push the whole
-                # tier to disk for one allocation.
-                return None
+    def _alloc_locked(self, owner: str) -> Slab | None:
+        """A free slab, evicting LRU chunks to make one. Evicting a chunk that has no copy below
+        starts its demotion and returns None (its slab is freed when the write lands): one
+        allocation never pushes more than one chunk to disk. The caller rejects or waits."""
+        while (slab := self.pool.alloc(owner)) is None:
             victim = self.cpu.pop_victim()
             if victim is None:
                 return None
@@ -180,11 +169,34 @@ class StorageManager:
             self.metrics.tier_inc(self.cpu.name, "evictions")
             if entry.persisted or not self.lower:
                 self._detach_locked(entry)
-            else:
-                self._demoting[key] = entry
-                entry.readers += 1
-                self.metrics.inc("demotions")
-                self._writes.submit(self._write_down, key, entry)
+                continue
+            self._demoting[key] = entry
+            self.metrics.inc("demotions")
+            self._submit_write_locked(key, entry)
+            return None
+        return slab
+
+    def _alloc_waiting_locked(self, owner: str, deadline: float) -> Slab | None:
+        """`_alloc_locked`, but wait (until `deadline`) while background writes may free a slab."""
+        while (slab := self._alloc_locked(owner)) is None and self._writes_in_flight:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._write_landed.wait(remaining)
+        return slab
+
+    def _clean_ahead_locked(self) -> None:
+        """Write-back, when the pool is nearly full: start background writes of the next few
+        eviction victims that have no copy below, so the evictions that follow free at once."""
+        if self.pool.free_slabs >= self._clean_ahead:
+            return
+        budget = self._clean_ahead - self._writes_in_flight
+        for key, entry in self.cpu.eviction_order():
+            if budget <= 0:
+                break
+            if not entry.persisted:
+                self._submit_write_locked(key, entry)
+                budget -= 1
 
     def _detach_locked(self, entry: CpuEntry) -> None:
         """The entry left the CPU index: free its slab now, or when its last reader is done."""
@@ -199,14 +211,20 @@ class StorageManager:
         if entry.readers == 0 and entry.detached:
             self.pool.free(entry.slab)
 
-    def _write_down(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier] | None = None) -> bool:
-        """Background job: write one CPU chunk to the lower tiers. The caller leased the entry."""
+    def _submit_write_locked(self, key: ChunkKey, entry: CpuEntry,
+                             tiers: Sequence[Tier] | None = None) -> Future:
+        entry.readers += 1  # the slab must outlive the write
+        self._writes_in_flight += 1
+        return self._writes.submit(self._write_down, key, entry, tiers or self.lower)
+
+    def _write_down(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier]) -> bool:
+        """Background job: write one CPU chunk to `tiers`; True if any of them holds it now."""
         ok = False
         try:
             payload = self.pool.tensor(entry.slab, entry.nbytes)
             header = encode_header(key, self.layout.chunk_shape(entry.num_tokens), self.layout.dtype,
                                    tensor_bytes(payload))
-            for tier in tiers or self.lower:
+            for tier in tiers:
                 ok = tier.put([PutItem(key, header, payload)])[0] or ok
         finally:
             with self._lock:
@@ -215,46 +233,76 @@ class StorageManager:
                     del self._demoting[key]
                     entry.detached = True
                 self._release_locked(entry)
+                self._writes_in_flight -= 1
+                self._write_landed.notify_all()
         return ok
 
     # -- retrieve ------------------------------------------------------------------------------
 
-    def get(self, spans: Sequence[ChunkSpan], out: torch.Tensor) -> int:
-        """Copy the stored chunks for `spans` into `out[:, :, start:end]`, in order, stopping at the
-        first chunk that no tier can serve. Returns how many chunks were copied."""
-        plan = self._plan_reads(spans)
-        lower = [r for r in plan if not r.from_cpu]
-        # Start the first lower tier's reads, then copy the CPU hits while they run.
-        started = self._submit_gets(self.lower[0], lower, range(len(lower))) if lower else []
-        self._copy([(r.span, r.entry.slab) for r in plan if r.from_cpu], out, into_slabs=False)
-        found = iter(self._collect_lower(lower, started))
-        ok = [r.from_cpu or next(found) for r in plan]
-        n = ok.index(False) if False in ok else len(plan)
-        self._copy([(r.span, r.entry.slab) for r in plan[:n] if not r.from_cpu], out, into_slabs=False)
-        self._finish_reads(plan, n)
-        cpu_hits = len(plan) - len(lower)
+    def get(self, spans: Sequence[ChunkSpan], out: torch.Tensor | None, promote: bool | None = None) -> int:
+        """Copy the stored chunks for `spans` into `out[:, :, start:end]` (no copy when `out` is
+        None), in order, stopping at the first chunk no tier can serve. Returns chunks served.
+        A prefix larger than the free CPU memory is staged in waves."""
+        done = cpu_hits = 0
+        while done < len(spans):
+            plan = self._plan_reads(spans[done:])
+            if not plan:
+                break
+            n, hits = self._serve(plan, out, self.promote_on_hit if promote is None else promote)
+            done, cpu_hits = done + n, cpu_hits + hits
+            if n < len(plan):
+                break
         self.metrics.tier_inc(self.cpu.name, "hits", cpu_hits)
         self.metrics.tier_inc(self.cpu.name, "misses", len(spans) - cpu_hits)
-        self.metrics.tier_inc(self.cpu.name, "bytes_read", sum(r.entry.nbytes for r in plan if r.from_cpu))
-        return n
+        return done
 
     def _plan_reads(self, spans: Sequence[ChunkSpan]) -> list[_Read]:
-        """Lease CPU hits and allocate slabs for the rest, in prefix order."""
-        plan = []
+        """Lease the CPU-resident chunks, then allocate slabs for the others, in prefix order.
+        Leasing first means making room for a read never evicts a later part of this prefix."""
+        deadline = time.monotonic() + READ_WAIT_S
         with self._lock:
+            plan = []
             for s in spans:
                 entry = self.cpu.get(s.key) or self._demoting.get(s.key)
                 if entry is not None:
                     entry.readers += 1
-                    plan.append(_Read(s, entry, True))
+                plan.append(_Read(s, entry, entry is not None))
+            for i, r in enumerate(plan):
+                if r.from_cpu:
                     continue
-                slab = self._alloc_locked("read") if self.lower else None
+                slab = self._alloc_waiting_locked("read", deadline) if self.lower else None
+                if slab is None and len(plan) > i + 1:
+                    # The pool may be full of this very prefix: serve the part before this chunk
+                    # first (a wave), letting go of the leases after it.
+                    for later in plan[i + 1:]:
+                        if later.from_cpu:
+                            self._release_locked(later.entry)
+                    plan = plan[:i + 1]
+                    slab = self._alloc_waiting_locked("read", deadline)
                 if slab is None:
-                    break
-                entry = CpuEntry(slab, s.num_tokens, s.num_tokens * self._token_bytes, persisted=True,
-                                 readers=1, detached=True)
-                plan.append(_Read(s, entry, False))
+                    for later in plan[i + 1:]:
+                        self._release_locked(later.entry)
+                    return plan[:i]
+                r.entry = CpuEntry(slab, r.span.num_tokens, r.span.num_tokens * self._token_bytes,
+                                   persisted=True, readers=1, detached=True)
         return plan
+
+    def _serve(self, plan: list[_Read], out: torch.Tensor | None, promote: bool) -> tuple[int, int]:
+        """Read the planned chunks below, copy the good prefix out, promote. Returns (served, cpu hits)."""
+        lower = [r for r in plan if not r.from_cpu]
+        # Start the first lower tier's reads, then copy the CPU hits while they run.
+        started = self._submit_gets(self.lower[0], lower, range(len(lower))) if lower else []
+        if out is not None:
+            self._copy([(r.span, r.entry.slab) for r in plan if r.from_cpu], out, into_slabs=False)
+        found = iter(self._collect_lower(lower, started))
+        ok = [r.from_cpu or next(found) for r in plan]
+        n = ok.index(False) if False in ok else len(plan)
+        if out is not None:
+            self._copy([(r.span, r.entry.slab) for r in plan[:n] if not r.from_cpu], out, into_slabs=False)
+        self._finish_reads(plan, n, promote)
+        cpu = [r for r in plan if r.from_cpu]
+        self.metrics.tier_inc(self.cpu.name, "bytes_read", sum(r.entry.nbytes for r in cpu))
+        return n, len(cpu)
 
     def _submit_gets(self, tier: Tier, reads: list[_Read], todo) -> list[tuple[list[int], Future]]:
         """Split one tier's batch across the read threads (disk reads overlap, sockets pipeline)."""
@@ -307,9 +355,8 @@ class StorageManager:
         return (header.codec == CODEC_RAW and header.dtype == self.layout.dtype
                 and header.shape == self.layout.chunk_shape(span.num_tokens))
 
-    def _finish_reads(self, plan: list[_Read], n: int, promote: bool | None = None) -> int:
+    def _finish_reads(self, plan: list[_Read], n: int, promote: bool) -> int:
         """Release leases; keep the first `n` lower-tier reads in the CPU tier (promotion)."""
-        promote = self.promote_on_hit if promote is None else promote
         promoted = 0
         with self._lock:
             for i, r in enumerate(plan):
@@ -344,11 +391,10 @@ class StorageManager:
         tier = self.tier(tier_name)
         with self._lock:
             entries = [(k, e) for k in keys if (e := self.cpu.get(k)) is not None]
-            for _, entry in entries:
-                entry.readers += 1
+            writes = [self._submit_write_locked(k, e, [tier]) for k, e in entries]
         moved = 0
-        for key, entry in entries:
-            if self._write_down(key, entry, [tier]):
+        for (key, entry), write in zip(entries, writes):
+            if write.result():
                 with self._lock:
                     if self.cpu.get(key) is entry:
                         self._detach_locked(self.cpu.pop(key))
@@ -358,23 +404,18 @@ class StorageManager:
     def move_up(self, spans: Sequence[ChunkSpan]) -> int:
         """Load lower-tier chunks of `spans` into the CPU tier and remove them below (a relocation:
         they are written back down if evicted later). Returns how many chunks moved."""
-        plan = self._plan_reads(spans)
-        lower = [r for r in plan if not r.from_cpu]
-        found = self._collect_lower(lower, self._submit_gets(self.lower[0], lower, range(len(lower)))
-                                    if lower else [])
-        ok = iter(found)
-        keep = [r.from_cpu or next(ok) for r in plan]
-        n = keep.index(False) if False in keep else len(plan)
-        moved = plan[:n]
-        for r in moved:
-            r.entry.persisted = False
-        self._finish_reads(plan, n, promote=True)
+        n = self.get(spans, None, promote=True)
+        keys = [s.key for s in spans[:n]]
+        with self._lock:
+            entries = [self.cpu.get(k) for k in keys]
+            for entry in entries:
+                if entry is not None:
+                    entry.persisted = False
         below = set()
         for tier in self.lower:
-            present = tier.has([r.span.key for r in moved])
-            below.update(r.span.key for r, p in zip(moved, present) if p)
-            tier.remove([r.span.key for r in moved])
-        return sum(1 for r in moved if not r.from_cpu or r.span.key in below)
+            below.update(k for k, found in zip(keys, tier.has(keys)) if found)
+            tier.remove(keys)
+        return len(below)
 
     def tier(self, name: str) -> Tier:
         for tier in self.lower:

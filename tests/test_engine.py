@@ -304,17 +304,21 @@ def test_engines_sharing_a_disk_directory_do_not_see_each_others_chunks(
     first.store(tokens, seeded_kv(first.layout, 3 * CHUNK, 18))
     first.flush()
 
-    salt = {"salt": other_salt} if other_salt else {}  # KVTIER_SALT="" reads as null, not ""
-    other = make_engine("cpu_disk", other_layout, model_id=other_model, **salt)
+    other = make_engine("cpu_disk", other_layout, model_id=other_model, salt=other_salt)
 
-    assert other.storage.lower[0].usage().chunks == 3  # it indexed the shared directory ...
-    assert other.lookup(tokens) == 0  # ... and matched none of it
+    assert other.storage.lower[0].usage().chunks == 0  # its own namespace directory is empty ...
+    assert other.lookup(tokens) == 0  # ... and nothing of the first engine's matches
     got, n = other.retrieve(tokens)
     assert n == 0 and counters(other, "hits") == {"cpu": 0, "disk": 0}
     assert first.lookup(tokens) == 3 * CHUNK
     other.store(tokens, seeded_kv(other_layout, 3 * CHUNK, 19))
     other.flush()
     assert len({p.parent.parent.name for p in tmp_path.glob("disk/**/*.kvr")}) == 2  # two namespaces
+
+    other.clear()  # a clear, like the byte bound, covers the engine's own namespace only
+    assert len(list(tmp_path.glob("disk/**/*.kvr"))) == 3
+    first.clear("cpu")
+    assert first.retrieve(tokens)[1] == 3 * CHUNK
 
 
 # -- concurrency ---------------------------------------------------------------------------------

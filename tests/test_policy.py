@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvtier.policy import EvictionPolicy, LRUPolicy
 
 
@@ -74,17 +76,25 @@ def test_remove():
     assert list(policy.victims(always)) == ["a", "c", "d", "b"]
 
 
-def test_caller_may_remove_victims_while_iterating():
-    # The tier evicts as it walks the victims; the policy must not raise on a changed dict.
+def test_victims_are_collected_first_then_removed():
+    # The walk is lazy (no O(n) snapshot per eviction), so tiers collect victims, then remove them.
     policy = lru("a", "b", "c", "d")
     evicted = []
     for key in policy.victims(lambda k: k != "c"):
-        policy.remove(key)
         evicted.append(key)
         if len(evicted) == 2:
             break
+    for key in evicted:
+        policy.remove(key)
     assert evicted == ["a", "b"]
     assert list(policy.victims(always)) == ["c", "d"]
+
+
+def test_changing_the_policy_mid_walk_is_an_error_not_a_silent_skip():
+    policy = lru("a", "b", "c")
+    with pytest.raises(RuntimeError):
+        for key in policy.victims(always):
+            policy.remove(key)
 
 
 def test_evictable_is_asked_lazily():

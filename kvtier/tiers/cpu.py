@@ -10,6 +10,7 @@ reader is a retrieve copying out of it or a background write sending it to a low
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvtier.keys import ChunkKey
@@ -41,6 +42,11 @@ class CpuTier:
     def __contains__(self, key: ChunkKey) -> bool:
         return key in self._entries
 
+    def present(self, keys: list[ChunkKey]) -> list[bool]:
+        """Membership of many keys at once (no recency update): the lookup hot path."""
+        entries = self._entries
+        return [key in entries for key in keys]
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -67,9 +73,13 @@ class CpuTier:
 
     def pop_victim(self) -> tuple[ChunkKey, CpuEntry] | None:
         """Remove and return the least recently used evictable entry, or None if there is none."""
+        victim = next(self._policy.victims(self._evictable), None)
+        return None if victim is None else (victim, self.pop(victim))
+
+    def eviction_order(self) -> Iterator[tuple[ChunkKey, CpuEntry]]:
+        """Evictable entries, next victim first (lazy: do not change the tier while iterating)."""
         for key in self._policy.victims(self._evictable):
-            return key, self.pop(key)
-        return None
+            yield key, self._entries[key]
 
     def _evictable(self, key: ChunkKey) -> bool:
         entry = self._entries[key]

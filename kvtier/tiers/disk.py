@@ -1,6 +1,6 @@
 """The disk tier: one record file per chunk in a local directory, bounded in bytes, LRU eviction.
 
-File layout (`<root>/<namespace hex>/<2 hex>/<digest hex>.kvr`, names derived from hashes only):
+File layout (`<path>/<namespace hex>/<2 hex>/<digest hex>.kvr`, names derived from hashes only):
 
     [ record header, zero-padded to 4 KiB ][ payload, zero-padded to a multiple of 4 KiB ]
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from kvtier.errors import ConfigError, CorruptRecord
-from kvtier.keys import DIGEST_BYTES, NAMESPACE_BYTES, ChunkKey
+from kvtier.keys import DIGEST_BYTES, ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.policy import LRUPolicy
 from kvtier.record import HEADER_SIZE, decode_header, verify
@@ -81,9 +81,12 @@ def _probe_o_direct(root: Path) -> bool:
 class DiskTier:
     name = "disk"
 
-    def __init__(self, path: str | os.PathLike, capacity_bytes: int, is_pinned: PinPredicate,
-                 metrics: Metrics, o_direct: str = "auto", fsync: bool = False):
-        self.root = Path(path)
+    def __init__(self, path: str | os.PathLike, namespace: bytes, capacity_bytes: int,
+                 is_pinned: PinPredicate, metrics: Metrics, o_direct: str = "auto", fsync: bool = False):
+        # One directory per namespace: the index, the byte bound and clear() cover this engine's
+        # model/geometry/TP rank only, so models sharing a disk path never evict or clear each other.
+        self.namespace = namespace
+        self.root = Path(path) / namespace.hex()
         self.root.mkdir(parents=True, exist_ok=True)
         self._root = str(self.root)
         self.capacity_bytes = capacity_bytes
@@ -109,55 +112,58 @@ class DiskTier:
     def _path(self, key: ChunkKey) -> str:
         # A str, not a Path: pathlib costs ~15 us per file on the I/O hot path.
         digest = key.digest.hex()
-        return f"{self._root}/{key.namespace.hex()}/{digest[:2]}/{digest}{SUFFIX}"
+        return f"{self._root}/{digest[:2]}/{digest}{SUFFIX}"
 
     def _rebuild(self) -> None:
         found = []
-        for ns_dir in self.root.iterdir():
-            if not ns_dir.is_dir() or len(ns_dir.name) != 2 * NAMESPACE_BYTES:
+        for file in self.root.glob("*/*"):
+            if ".tmp" in file.name:
+                file.unlink(missing_ok=True)  # a writer died mid-write
                 continue
-            for file in ns_dir.glob("*/*"):
-                if ".tmp" in file.name:
-                    file.unlink(missing_ok=True)  # a writer died mid-write
-                    continue
-                key = self._key_from_path(ns_dir.name, file)
-                if key is not None:
-                    st = file.stat()
-                    found.append((st.st_mtime_ns, key, st.st_size))
+            key = self._key_from_path(file)
+            if key is not None:
+                st = file.stat()
+                found.append((st.st_mtime_ns, key, st.st_size))
         for _, key, size in sorted(found, key=lambda f: f[0]):
             self._sizes[key] = size
             self._policy.insert(key)
             self._used += size
-        self._evict_until(0)
+        with self._lock:
+            victims = self._make_room_locked(0) or []
+        self._unlink_all(victims)
         if found:
             logger.info("disk tier %s: found %d chunks, %d bytes", self.root, len(self._sizes), self._used)
 
-    @staticmethod
-    def _key_from_path(ns_hex: str, file: Path) -> ChunkKey | None:
+    def _key_from_path(self, file: Path) -> ChunkKey | None:
         stem = file.name.removesuffix(SUFFIX)
         if not file.name.endswith(SUFFIX) or len(stem) != 2 * DIGEST_BYTES or file.parent.name != stem[:2]:
             return None
         try:
-            return ChunkKey.from_hex(ns_hex + stem)
+            return ChunkKey(self.namespace, bytes.fromhex(stem))
         except ValueError:
             return None
 
-    def _evict_until(self, incoming: int) -> bool:
-        """Evict LRU unpinned files until `incoming` more bytes fit. Call with the lock held."""
+    def _make_room_locked(self, incoming: int) -> list[ChunkKey] | None:
+        """Forget LRU unpinned files until `incoming` more bytes fit, and return them for the caller
+        to unlink outside the lock; None (evicting nothing) when even that would not make room."""
         if self._used + incoming <= self.capacity_bytes:
-            # The common case, and cheap: asking the policy for victims snapshots the whole LRU
-            # order, which made every write O(files held).
-            return True
-        victims = []
+            return []
+        victims, freed = [], 0
         for key in self._policy.victims(lambda k: not self._is_pinned(k)):
-            if self._used + incoming <= self.capacity_bytes:
-                break
             victims.append(key)
-            self._forget(key)
+            freed += self._sizes[key]
+            if self._used - freed + incoming <= self.capacity_bytes:
+                break
+        else:
+            return None
         for key in victims:
-            _unlink(self._path(key))
+            self._forget(key)
         self._metrics.tier_inc(self.name, "evictions", len(victims))
-        return self._used + incoming <= self.capacity_bytes
+        return victims
+
+    def _unlink_all(self, keys: Sequence[ChunkKey]) -> None:
+        for key in keys:
+            _unlink(self._path(key))
 
     def _forget(self, key: ChunkKey) -> bool:
         size = self._sizes.pop(key, None)
@@ -227,16 +233,21 @@ class DiskTier:
         return [self._write(item) for item in items]
 
     def _write(self, item: PutItem) -> bool:
+        if item.key.namespace != self.namespace:
+            raise ValueError(f"key {item.key} is not of this disk tier's namespace {self.namespace.hex()}")
         size = BLOCK + _padded(item.payload.numel())
         with self._lock:
             if item.key in self._sizes:
                 self._policy.touch(item.key)
                 return True
             # Reserve the bytes before writing so concurrent writers cannot overshoot capacity.
-            if not self._evict_until(size):
-                self._metrics.tier_inc(self.name, "rejected")
-                return False
-            self._used += size
+            victims = self._make_room_locked(size)
+            if victims is not None:
+                self._used += size
+        if victims is None:
+            self._metrics.tier_inc(self.name, "rejected")
+            return False
+        self._unlink_all(victims)
         try:
             self._write_file(item)
         except OSError as exc:
@@ -295,8 +306,7 @@ class DiskTier:
     def remove(self, keys: Sequence[ChunkKey]) -> int:
         with self._lock:
             gone = [key for key in keys if self._forget(key)]
-        for key in gone:
-            _unlink(self._path(key))
+        self._unlink_all(gone)
         return len(gone)
 
     def clear(self) -> None:

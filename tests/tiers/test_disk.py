@@ -186,8 +186,12 @@ def test_bad_record_in_the_first_chunk_is_a_full_miss(make_engine, layout):
 # -- restart: the index is rebuilt from the directory ----------------------------------------------
 
 
-def make_tier(path, capacity: int = 1 << 20, pinned=frozenset(), metrics: Metrics | None = None) -> DiskTier:
-    return DiskTier(path, capacity, pinned.__contains__, metrics or Metrics(["cpu", "disk"]))
+RECORD_NS = b"\x11" * 8  # the namespace of the hand-made records below
+
+
+def make_tier(path, capacity: int = 1 << 20, pinned=frozenset(), metrics: Metrics | None = None,
+              namespace: bytes = RECORD_NS) -> DiskTier:
+    return DiskTier(path, namespace, capacity, pinned.__contains__, metrics or Metrics(["cpu", "disk"]))
 
 
 def test_index_is_rebuilt_from_the_directory_at_start(make_engine, layout, tmp_path):
@@ -195,7 +199,7 @@ def test_index_is_rebuilt_from_the_directory_at_start(make_engine, layout, tmp_p
     keys = engine.db.keys(tokens)
     engine.close()
 
-    fresh = make_tier(tmp_path / "disk")
+    fresh = make_tier(tmp_path / "disk", namespace=engine.db.namespace_digest)
 
     assert fresh.has(keys) == [True, True, True]
     assert fresh.usage().chunks == 3 and fresh.usage().bytes == 3 * FILE_BYTES
@@ -214,7 +218,7 @@ def test_stale_tmp_files_are_deleted_at_start(make_engine, layout, tmp_path):
     junk = good.parent / "README"
     junk.write_text("not ours")
 
-    fresh = make_tier(tmp_path / "disk")
+    fresh = make_tier(tmp_path / "disk", namespace=engine.db.namespace_digest)
 
     assert not stale.exists()
     assert good.exists() and junk.exists()  # foreign names are neither indexed nor deleted
@@ -228,7 +232,7 @@ def test_rebuild_evicts_oldest_files_beyond_a_smaller_capacity(make_engine, layo
         os.utime(disk.path_for(key), ns=(10**18 + age * 10**9, 10**18 + age * 10**9))
     engine.close()
 
-    fresh = make_tier(tmp_path / "disk", capacity=3 * FILE_BYTES)
+    fresh = make_tier(tmp_path / "disk", capacity=3 * FILE_BYTES, namespace=engine.db.namespace_digest)
 
     assert fresh.has(keys) == [False, False, False, True, True, True]
     assert [disk.path_for(k).exists() for k in keys] == [False, False, False, True, True, True]
@@ -239,7 +243,7 @@ def test_rebuild_evicts_oldest_files_beyond_a_smaller_capacity(make_engine, layo
 
 
 def record(i: int, layout: KVLayout, num_tokens: int = CHUNK) -> PutItem:
-    key = ChunkKey(b"\x11" * 8, i.to_bytes(16, "little"))
+    key = ChunkKey(RECORD_NS, i.to_bytes(16, "little"))
     payload = seeded_kv(layout, num_tokens, i).reshape(-1).view(torch.uint8)
     header = encode_header(key, layout.chunk_shape(num_tokens), layout.dtype, tensor_bytes(payload))
     return PutItem(key, header, payload)

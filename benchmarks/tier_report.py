@@ -1,0 +1,139 @@
+"""Reporting for benchmarks/tier_throughput.py: each result beside its limit, targets, tables, chart.
+
+Pure presentation over finished measurements: no timing and no I/O apart from reading /proc and /sys
+for the machine description.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+TARGET_RATIO = 0.8
+LOOKUP_TARGET_MS = 2.0
+
+
+@dataclass(slots=True)
+class Row:
+    """One measurement: what (`level` is "limit", "tier" or "end-to-end"), then its result."""
+
+    subject: str
+    op: str
+    level: str
+    mode: str  # "memory", "O_DIRECT" or "buffered"
+    threads: int
+    geometry: str = ""
+    nbytes: int = 0
+    seconds: list[float] = field(default_factory=list)
+    gbps: float = 0.0
+    limit_gbps: float | None = None
+    ratio: float | None = None
+    target: float | None = None
+    passed: bool | None = None
+
+
+def judge(rows: list[Row], tier_mode: str) -> None:
+    """Give each tier row its limit (the fastest limit row of the same geometry, I/O mode and
+    direction) and ratio; targets: cpu retrieve, and tier-level disk store/retrieve in `tier_mode`."""
+    directions = {"copy": ("store", "retrieve"), "write": ("store",), "read": ("retrieve",)}
+    limits: dict[tuple[str, str, str], float] = {}
+    for r in rows:
+        for op in directions[r.op] if r.level == "limit" else ():
+            limits[(r.geometry, r.mode, op)] = max(limits.get((r.geometry, r.mode, op), 0.0), r.gbps)
+    for r in rows:
+        if r.level == "limit" or (r.geometry, r.mode, r.op) not in limits:
+            continue
+        r.limit_gbps = limits[(r.geometry, r.mode, r.op)]
+        r.ratio = r.gbps / r.limit_gbps
+        if (r.subject == "cpu tier" and r.op == "retrieve") or (
+                r.subject == "disk tier" and r.level == "tier" and r.mode == tier_mode):
+            r.target, r.passed = TARGET_RATIO, r.ratio >= TARGET_RATIO
+
+
+def verdict(passed: bool | None) -> str:
+    return "" if passed is None else "[green]PASS[/]" if passed else "[red]FAIL[/]"
+
+
+def table(title: str, header: str, rows: list[list[str]]) -> Table:
+    """A rich table; columns are `header` split on "|", numeric ones (marked "#") right-aligned."""
+    out = Table(title=title)
+    for col in header.split("|"):
+        out.add_column(col.strip("#"), justify="right" if col.startswith("#") else "left")
+    for row in rows:
+        out.add_row(*row)
+    return out
+
+
+def spread(r: Row) -> str:
+    return f"{r.nbytes / max(r.seconds) / 1e9:.1f}-{r.nbytes / min(r.seconds) / 1e9:.1f}"
+
+
+def print_tables(console: Console, rows: list[Row], lookups: list[dict]) -> None:
+    console.print(table("Throughput (GB/s = 1e9 B/s of payload, median of the runs; min-max beside it)",
+                        "geometry|measurement|op|level|I/O|#thr|#runs|#GB/s|#min-max|#limit|#ratio|target",
+                        [[r.geometry, r.subject, r.op, r.level, r.mode, str(r.threads), str(len(r.seconds)),
+                          f"{r.gbps:.2f}", spread(r), f"{r.limit_gbps:.2f}" if r.limit_gbps else "",
+                          f"{r.ratio:.2f}x" if r.ratio else "",
+                          f">= {r.target}x {verdict(r.passed)}" if r.target else ""] for r in rows]))
+    n = lookups[0]["index_chunks"]
+    console.print(table(f"lookup(): 128K-token prompt (512 chunks), index of {n} chunks",
+                        "case|#p50 ms|#p99 ms|#mean ms|target",
+                        [[r["case"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}",
+                          f"p50 < {r['target_ms']} ms {verdict(r['passed'])}" if r["target_ms"] else ""]
+                         for r in lookups]))
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    geos = list(dict.fromkeys(r.geometry for r in rows))
+    fig, axes = plt.subplots(len(geos), 1, figsize=(11, 4.2 * len(geos)), squeeze=False)
+    for ax, geo in zip(axes[:, 0], geos):
+        shown = [r for r in rows if r.geometry == geo and r.limit_gbps]
+        x = np.arange(len(shown))
+        ax.bar(x - 0.2, [r.gbps for r in shown], 0.4, label="kvtier")
+        ax.bar(x + 0.2, [r.limit_gbps for r in shown], 0.4, label="limit, same run", hatch="//",
+               color="lightgray", edgecolor="gray")
+        for xi, r in zip(x, shown):
+            ax.annotate(f"{r.ratio:.2f}x", (xi - 0.2, r.gbps), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, [f"{r.subject} {r.op}\n{r.level}\n{r.mode}" for r in shown], fontsize=7)
+        ax.set_ylabel("GB/s (1e9 B/s)")
+        ax.set_title(f"{geo}: kvtier vs the physical limit measured in the same run")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_info(folder: Path) -> dict:
+    def first(path: str, prefix: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines()
+                     if line.startswith(prefix)), "")
+
+    dev, fstype = "", ""
+    for d, mount, fs in sorted((line.split()[:3] for line in Path("/proc/mounts").read_text().splitlines()),
+                               key=lambda m: len(m[1])):
+        if Path(mount) == folder or Path(mount) in folder.parents:
+            dev, fstype = d, fs
+    driver = Path(f"/sys/block/{Path(dev).name}/device/driver")
+    ram_kib = int(first("/proc/meminfo", "MemTotal").split()[0])
+    return {"cpu_model": first("/proc/cpuinfo", "model name") or platform.processor(),
+            "cores": os.cpu_count(), "ram_gib": round(ram_kib / 2**20),
+            "torch": torch.__version__, "python": platform.python_version(), "kernel": platform.release(),
+            "disk_device": dev, "disk_fs": fstype,
+            "disk_driver": driver.resolve().name if driver.exists() else "",
+            "bench_dir": str(folder), "load_avg_1m": os.getloadavg()[0],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
