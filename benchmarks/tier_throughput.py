@@ -291,14 +291,15 @@ def tier_phases(b: Bench, geo: Geometry, stack: ExitStack, direct: bool, threads
     """DiskTier.put / get from / into pool slabs on `threads` threads, as the StorageManager runs them:
     one put job per chunk (record checksum included), gets split across the threads."""
     n = geo.chunks
-    tier = DiskTier(b.root / f"tier-{geo.name}", 4 * geo.total_bytes, lambda key: False, Metrics(["disk"]),
-                    o_direct="on" if direct else "off")
+    rng = np.random.default_rng(1)
+    namespace = rng.bytes(8)
+    tier = DiskTier(b.root / f"tier-{geo.name}", namespace, 4 * geo.total_bytes, lambda key: False,
+                    Metrics(["disk"]), o_direct="on" if direct else "off")
     pool = MemoryPool(2 * n * padded(geo.chunk_bytes), geo.chunk_bytes, pin=False)
     slabs = [pool.alloc("bench") for _ in range(2 * n)]
     src, dst = [pool.tensor(s) for s in slabs[:n]], [pool.tensor(s, pool.slab_stride) for s in slabs[n:]]
     random_fill(src)
-    rng = np.random.default_rng(1)
-    keys = [ChunkKey(rng.bytes(8), rng.bytes(16)) for _ in range(n)]
+    keys = [ChunkKey(namespace, rng.bytes(16)) for _ in range(n)]
     ex = stack.enter_context(ThreadPoolExecutor(threads))
 
     def put_one(i: int) -> None:
@@ -408,7 +409,7 @@ def parse_args() -> argparse.Namespace:
 
 def measure(b: Bench, info: dict) -> tuple[str, list[dict]]:
     """Every group, then lookup. Returns the disk tier's I/O mode and the lookup results."""
-    direct_ok = DiskTier(b.root / "probe", 1 << 20, lambda key: False, Metrics(["disk"])).o_direct
+    direct_ok = DiskTier(b.root / "probe", bytes(8), 1 << 20, lambda key: False, Metrics(["disk"])).o_direct
     logger.info("torch threads 1; disk tier: %s, %d I/O threads, at %s (%s on %s, %s); load %.2f",
                 io_mode(direct_ok), b.args.io_threads, b.root, info["disk_fs"], info["disk_device"],
                 info["disk_driver"], info["load_avg_1m"])

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kvtier.config import KvtierConfig
-from kvtier.keys import ChunkSpan, Namespace, TokenDatabase
+from kvtier.keys import ChunkSpan, Namespace, TokenDatabase, token_count
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool
 from kvtier.metrics import Metrics
@@ -76,16 +76,15 @@ class CacheEngine:
         Returns the number of chunks newly stored."""
         with self.metrics.timed("store"):
             spans = self.db.spans(tokens)
-            self.layout.check_kv(kv, _length(tokens))
+            self.layout.check_kv(kv, token_count(tokens))
             return self.storage.put(spans, kv)
 
     def lookup(self, tokens: Tokens) -> int:
         """The number of leading tokens whose KV is cached (a chunk boundary). No payload I/O."""
         with self.metrics.timed("lookup"):
-            spans = self.db.spans(tokens)
-            hit = self.storage.contains_prefix([s.key for s in spans])
-            n = spans[hit - 1].end if hit else 0
-        self.metrics.inc("lookup_tokens", _length(tokens))
+            hit = self.storage.contains_prefix(self.db.keys(tokens))
+            n = self.db.chunk_end(hit - 1, token_count(tokens)) if hit else 0
+        self.metrics.inc("lookup_tokens", token_count(tokens))
         self.metrics.inc("hit_tokens", n)
         return n
 
@@ -103,7 +102,7 @@ class CacheEngine:
                 self.layout.check_kv(out, want, exact=False)
             got = self.storage.get(spans, out)
             n = spans[got - 1].end if got else 0
-        self.metrics.inc("lookup_tokens", _length(tokens))
+        self.metrics.inc("lookup_tokens", token_count(tokens))
         self.metrics.inc("hit_tokens", n)
         return out[:, :, :n], n
 
@@ -153,6 +152,3 @@ class CacheEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _length(tokens: Tokens) -> int:
-    return len(tokens) if not isinstance(tokens, torch.Tensor) else int(tokens.shape[0])

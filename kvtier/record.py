@@ -98,9 +98,10 @@ def decode_header(buf) -> RecordHeader:
                         payload_len, checksum)
 
 
-def verify(header_buf, payload, expected_key: ChunkKey) -> RecordHeader:
-    """Decode the header and check key, payload length and checksum. Raises CorruptRecord."""
-    header = decode_header(header_buf)
+def verify(header_buf, payload, expected_key: ChunkKey, header: RecordHeader | None = None) -> RecordHeader:
+    """Decode the header (unless the caller already did: `header`) and check key, payload length
+    and checksum. Raises CorruptRecord."""
+    header = decode_header(header_buf) if header is None else header
     if header.key != expected_key:
         raise CorruptRecord(f"record holds key {header.key} where {expected_key} was expected")
     got = memoryview(payload).nbytes

@@ -200,19 +200,19 @@ class DiskTier:
         except OSError as exc:
             return self._failed("open", path, exc)
         try:
-            body = os.fstat(fd).st_size - BLOCK
-            # Files we write are whole blocks; anything else is damaged. A whole-block body read
-            # straight into the (aligned) slab satisfies O_DIRECT with no bounce copy.
-            if body < 0 or body % BLOCK or body > dest.numel():
-                raise CorruptRecord(f"{path} is {body + BLOCK} bytes, not a record that fits this buffer")
+            # One read of header block + payload straight into the (aligned) slab, as much as the
+            # slab holds: the byte count tells the file's size, so no fstat. O_DIRECT needs whole
+            # blocks, which our files and slabs are; anything that is not is damaged.
             head = self._scratch.head
             payload = memoryview(dest.numpy())  # one view for the read and the checksum
-            bufs = [head, payload[:body]] if body else [head]
-            got = os.preadv(fd, bufs, 0)
+            room = len(payload) // BLOCK * BLOCK
+            got = os.preadv(fd, [head, payload[:room]] if room else [head], 0)
+            if got < BLOCK or got % BLOCK:
+                raise CorruptRecord(f"{path} is {got} bytes, not a whole number of blocks")
             header = decode_header(head)
-            if got < BLOCK + header.payload_len or header.payload_len > body:
+            if got < BLOCK + header.payload_len:
                 raise CorruptRecord(f"{path} is truncated: {got} bytes read")
-            verify(head[:HEADER_SIZE], payload[: header.payload_len], key)
+            verify(head[:HEADER_SIZE], payload[: header.payload_len], key, header)
             return header
         except CorruptRecord as exc:
             logger.warning("disk tier: dropping corrupt record: %s", exc)
