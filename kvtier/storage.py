@@ -34,10 +34,10 @@ from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool, Slab
 from kvtier.metrics import Metrics
-from kvtier.record import CODEC_RAW, RecordHeader, encode_header, tensor_bytes
+from kvtier.record import encode_header, tensor_bytes
 from kvtier.tiers.base import PutItem, Tier
 from kvtier.tiers.cpu import CpuEntry, CpuTier
-from kvtier.transfers import TransferQueue
+from kvtier.transfers import ReadRequest, TierReader, TransferQueue
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class StorageManager:
         self._demoting: dict[ChunkKey, CpuEntry] = {}
         self._writes = TransferQueue(io_threads, "kvtier-write")
         self._reads = TransferQueue(io_threads, "kvtier-read")
+        self._reader = TierReader(self.lower, layout.dtype, metrics, self._reads)
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -290,11 +291,13 @@ class StorageManager:
     def _serve(self, plan: list[_Read], out: torch.Tensor | None, promote: bool) -> tuple[int, int]:
         """Read the planned chunks below, copy the good prefix out, promote. Returns (served, cpu hits)."""
         lower = [r for r in plan if not r.from_cpu]
-        # Start the first lower tier's reads, then copy the CPU hits while they run.
-        started = self._submit_gets(self.lower[0], lower, range(len(lower))) if lower else []
+        # Start the lower-tier reads, then copy the CPU hits while they run.
+        pending = self._reader.start([
+            ReadRequest(r.span.key, self.pool.tensor(r.entry.slab, self.pool.slab_stride),
+                        self.layout.chunk_shape(r.span.num_tokens)) for r in lower])
         if out is not None:
             self._copy([(r.span, r.entry.slab) for r in plan if r.from_cpu], out, into_slabs=False)
-        found = iter(self._collect_lower(lower, started))
+        found = iter(self._reader.finish(pending))
         ok = [r.from_cpu or next(found) for r in plan]
         n = ok.index(False) if False in ok else len(plan)
         if out is not None:
@@ -303,57 +306,6 @@ class StorageManager:
         cpu = [r for r in plan if r.from_cpu]
         self.metrics.tier_inc(self.cpu.name, "bytes_read", sum(r.entry.nbytes for r in cpu))
         return n, len(cpu)
-
-    def _submit_gets(self, tier: Tier, reads: list[_Read], todo) -> list[tuple[list[int], Future]]:
-        """Split one tier's batch across the read threads (disk reads overlap, sockets pipeline)."""
-        todo = list(todo)
-        workers = min(self._reads.threads, len(todo))
-        jobs = []
-        for w in range(workers):
-            part = todo[w::workers]
-            keys = [reads[i].span.key for i in part]
-            dests = [self.pool.tensor(reads[i].entry.slab, self.pool.slab_stride) for i in part]
-            jobs.append((part, self._reads.submit(tier.get, keys, dests)))
-        return jobs
-
-    def _collect_lower(self, reads: list[_Read], started) -> list[bool]:
-        """Wait for the reads; ask the next tier for what the previous one missed; check geometry."""
-        results: list[RecordHeader | None] = [None] * len(reads)
-        jobs = started
-        for t, tier in enumerate(self.lower):
-            if t:
-                todo = [i for i, h in enumerate(results) if h is None]
-                if not todo:
-                    break
-                jobs = self._submit_gets(tier, reads, todo)
-            asked = 0
-            for part, future in jobs:
-                asked += len(part)
-                try:
-                    headers = future.result()
-                except Exception:  # a tier must not raise; if one does, its chunks are misses
-                    logger.exception("%s: get failed", tier.name)
-                    self.metrics.tier_inc(tier.name, "errors")
-                    continue
-                for i, header in zip(part, headers):
-                    results[i] = self._checked(tier, header, reads[i].span)
-            hits = sum(results[i] is not None for part, _ in jobs for i in part)
-            self.metrics.tier_inc(tier.name, "hits", hits)
-            self.metrics.tier_inc(tier.name, "misses", asked - hits)
-        return [h is not None for h in results]
-
-    def _checked(self, tier: Tier, header: RecordHeader | None, span: ChunkSpan) -> RecordHeader | None:
-        if header is None or self._fits(header, span):
-            return header
-        logger.warning("%s: record %s has shape %s dtype %s, expected %s; dropping", tier.name, header.key,
-                       header.shape, header.dtype, self.layout)
-        self.metrics.tier_inc(tier.name, "corrupt")
-        tier.remove([header.key])
-        return None
-
-    def _fits(self, header: RecordHeader, span: ChunkSpan) -> bool:
-        return (header.codec == CODEC_RAW and header.dtype == self.layout.dtype
-                and header.shape == self.layout.chunk_shape(span.num_tokens))
 
     def _finish_reads(self, plan: list[_Read], n: int, promote: bool) -> int:
         """Release leases; keep the first `n` lower-tier reads in the CPU tier (promotion)."""

@@ -1,4 +1,5 @@
-"""Background I/O jobs: the only place kvtier runs work on other threads.
+"""Background I/O jobs: the only place kvtier runs work on other threads, and the reader that
+fans record reads out over them.
 
 Where it runs: in the CacheEngine's process; jobs run on a small thread pool (disk and socket
 calls release the GIL, so threads overlap real I/O). Lifecycle: `submit(fn, *args)` returns a
@@ -12,8 +13,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.keys import ChunkKey
+from kvtier.metrics import Metrics
+from kvtier.record import CODEC_RAW, RecordHeader
+from kvtier.tiers.base import Tier
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +66,85 @@ class TransferQueue:
     def close(self) -> None:
         self.drain()
         self._pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """One record to read below: its key, the buffer for its payload, the shape it must have."""
+
+    key: ChunkKey
+    dest: torch.Tensor  # uint8, 4 KiB aligned, at least the padded payload
+    shape: tuple[int, int, int, int]
+
+
+@dataclass(slots=True)
+class PendingReads:
+    requests: list[ReadRequest]
+    jobs: list[tuple[list[int], Future]]
+
+
+class TierReader:
+    """Reads records from the tiers below host memory into caller buffers, on the read threads.
+
+    `start(requests)` splits the batch across the threads against the first tier and returns at
+    once (so the caller can copy its CPU hits meanwhile); `finish(pending)` waits, asks each next
+    tier for what the previous one missed, and returns one bool per request. A record whose codec,
+    dtype or shape is not what the caller expects is dropped below and counted as corrupt; a tier
+    that raises (it must not) costs its chunks, never the caller.
+    """
+
+    def __init__(self, tiers: Sequence[Tier], dtype: torch.dtype, metrics: Metrics, queue: TransferQueue):
+        self.tiers = list(tiers)
+        self.dtype = dtype
+        self.metrics = metrics
+        self.queue = queue
+
+    def start(self, requests: list[ReadRequest]) -> PendingReads:
+        jobs = self._submit(self.tiers[0], requests, range(len(requests))) if requests else []
+        return PendingReads(requests, jobs)
+
+    def _submit(self, tier: Tier, requests: list[ReadRequest], todo) -> list[tuple[list[int], Future]]:
+        todo = list(todo)
+        workers = min(self.queue.threads, len(todo))
+        jobs = []
+        for w in range(workers):
+            part = todo[w::workers]  # strided, so every thread gets early and late chunks alike
+            jobs.append((part, self.queue.submit(tier.get, [requests[i].key for i in part],
+                                                 [requests[i].dest for i in part])))
+        return jobs
+
+    def finish(self, pending: PendingReads) -> list[bool]:
+        requests = pending.requests
+        found = [False] * len(requests)
+        jobs = pending.jobs
+        for t, tier in enumerate(self.tiers):
+            if t:
+                todo = [i for i, ok in enumerate(found) if not ok]
+                if not todo:
+                    break
+                jobs = self._submit(tier, requests, todo)
+            asked = hits = 0
+            for part, future in jobs:
+                asked += len(part)
+                try:
+                    headers = future.result()
+                except Exception:
+                    logger.exception("%s: get failed", tier.name)
+                    self.metrics.tier_inc(tier.name, "errors")
+                    continue
+                for i, header in zip(part, headers):
+                    found[i] = header is not None and self._fits(tier, header, requests[i])
+                    hits += found[i]
+            self.metrics.tier_inc(tier.name, "hits", hits)
+            self.metrics.tier_inc(tier.name, "misses", asked - hits)
+        return found
+
+    def _fits(self, tier: Tier, header: RecordHeader, request: ReadRequest) -> bool:
+        if header.codec == CODEC_RAW and header.dtype == self.dtype and header.shape == request.shape:
+            return True
+        logger.warning("%s: record %s has codec %d, shape %s, dtype %s; expected raw %s %s; dropping",
+                       tier.name, header.key, header.codec, header.shape, header.dtype, request.shape,
+                       self.dtype)
+        self.metrics.tier_inc(tier.name, "corrupt")
+        tier.remove([header.key])
+        return False
