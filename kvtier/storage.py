@@ -280,9 +280,7 @@ class StorageManager:
                             self._release_locked(later.entry)
                     plan = plan[:i + 1]
                     slab = self._alloc_waiting_locked("read", deadline)
-                if slab is None:
-                    for later in plan[i + 1:]:
-                        self._release_locked(later.entry)
+                if slab is None:  # (nothing after chunk i is leased any more)
                     return plan[:i]
                 r.entry = CpuEntry(slab, r.span.num_tokens, r.span.num_tokens * self._token_bytes,
                                    persisted=True, readers=1, detached=True)
