@@ -75,9 +75,8 @@ class CacheEngine:
         """Cache the KV of `tokens` (whole chunks; the partial tail only if configured).
         Returns the number of chunks newly stored."""
         with self.metrics.timed("store"):
-            spans = self.db.spans(tokens)
             self.layout.check_kv(kv, token_count(tokens))
-            return self.storage.put(spans, kv)
+            return self.storage.put(self.db.spans(tokens), kv)
 
     def lookup(self, tokens: Tokens) -> int:
         """The number of leading tokens whose KV is cached (a chunk boundary). No payload I/O."""
@@ -90,7 +89,8 @@ class CacheEngine:
 
     def retrieve(self, tokens: Tokens, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """The cached KV prefix of `tokens`: `(kv, n)` with `kv[:, :, :n]` as stored. `kv` is `out`
-        narrowed to `n` tokens when given (it must hold `[2, L, >= len(tokens), H*D]`), else new."""
+        narrowed to `n` tokens when given (`[2, L, T, H*D]` with T at least the cached prefix;
+        `len(tokens)` always suffices), else a new tensor."""
         with self.metrics.timed("retrieve"):
             spans = self.db.spans(tokens)
             hit = self.storage.contains_prefix([s.key for s in spans])
