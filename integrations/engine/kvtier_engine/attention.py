@@ -1,0 +1,68 @@
+"""Attention backends: where a layer's K/V go and how a query attends over them.
+
+The model hands each layer's new q, k, v (already rotated) to a backend and gets the attention
+output back; the backend owns the KV memory. Contract, per forward call of T new tokens:
+
+    for layer in 0..L-1:  out = backend.attend(layer, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D])
+    backend.advance(T)    # the new tokens now count as cached for the next call
+
+`ContiguousKVCache` is the reference: one sequence, K/V in contiguous tensors, plain torch math.
+It is the ground truth that paged backends are tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from kvtier_engine.model_config import ModelConfig
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def advance(self, num_tokens: int) -> None: ...
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                     window: int | None) -> torch.Tensor:
+    """q: [T, Hq, D] for positions start..start+T-1; k, v: [start+T, Hkv, D] for positions 0..
+    Grouped-query attention with a causal (and optional sliding-window) mask. Returns [T, Hq, D]."""
+    t, hq, d = q.shape
+    n, hkv = k.shape[0], k.shape[1]
+    group = hq // hkv
+    qg = q.reshape(t, hkv, group, d).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
+    kt = k.permute(1, 2, 0)[:, None]  # [Hkv, 1, D, N]
+    scores = torch.matmul(qg.float(), kt.float()) * (d ** -0.5)  # [Hkv, G, T, N]
+    q_pos = torch.arange(start, start + t, device=q.device)[:, None]
+    k_pos = torch.arange(n, device=q.device)[None, :]
+    masked = k_pos > q_pos
+    if window is not None:
+        masked |= k_pos <= q_pos - window
+    scores = scores.masked_fill(masked, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.permute(1, 0, 2)[:, None].float())  # [Hkv, G, T, D]
+    return out.permute(2, 0, 1, 3).reshape(t, hq, d).to(q.dtype)
+
+
+class ContiguousKVCache:
+    """One sequence's KV in `[layers, max_tokens, kv_heads, head_dim]` tensors (reference backend)."""
+
+    def __init__(self, config: ModelConfig, max_tokens: int, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        shape = (config.num_layers, max_tokens, config.num_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.window = config.sliding_window
+        self.num_tokens = 0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        start, end = self.num_tokens, self.num_tokens + q.shape[0]
+        if end > self.k.shape[1]:
+            raise ValueError(f"cache holds {self.k.shape[1]} tokens; {end} requested")
+        self.k[layer, start:end] = k
+        self.v[layer, start:end] = v
+        return causal_attention(q, self.k[layer, :end], self.v[layer, :end], start, self.window)
+
+    def advance(self, num_tokens: int) -> None:
+        self.num_tokens += num_tokens
