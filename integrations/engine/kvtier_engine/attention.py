@@ -53,7 +53,7 @@ class ContiguousKVCache:
         shape = (config.num_layers, max_tokens, config.num_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.window = config.sliding_window
+        self.config = config
         self.num_tokens = 0
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ class ContiguousKVCache:
             raise ValueError(f"cache holds {self.k.shape[1]} tokens; {end} requested")
         self.k[layer, start:end] = k
         self.v[layer, start:end] = v
-        return causal_attention(q, self.k[layer, :end], self.v[layer, :end], start, self.window)
+        return causal_attention(q, self.k[layer, :end], self.v[layer, :end], start, self.config.window(layer))
 
     def advance(self, num_tokens: int) -> None:
         self.num_tokens += num_tokens

@@ -31,7 +31,8 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
-    sliding_window: int | None = None  # attend to at most this many most recent tokens (Mistral)
+    sliding_window: int | None = None  # attend to at most this many most recent tokens ...
+    window_layers: tuple[int, ...] | None = None  # ... in these layers (None: in every layer)
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self) -> None:
@@ -45,6 +46,11 @@ class ModelConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope scaling type {rope_type!r} is not supported; "
                              f"use one of {SUPPORTED_ROPE_TYPES}")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None for full attention."""
+        everywhere = self.window_layers is None
+        return self.sliding_window if everywhere or layer in self.window_layers else None
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -62,9 +68,7 @@ class ModelConfig:
             rope["rope_type"] = rope.pop("type")
         scaling = rope if rope.get("rope_type", "default") != "default" else None
         heads = hf["num_attention_heads"]
-        window = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-            window = None  # Qwen2 carries a window size it only uses when use_sliding_window is on
+        window, window_layers = _sliding_window(model_type, hf)
         return cls(
             model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -74,7 +78,7 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-            sliding_window=window, eos_token_id=hf.get("eos_token_id"))
+            sliding_window=window, window_layers=window_layers, eos_token_id=hf.get("eos_token_id"))
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> ModelConfig:
@@ -91,3 +95,17 @@ class ModelConfig:
             raise ValueError(f"{path}: missing key {exc}") from None
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+
+
+def _sliding_window(model_type: str, hf: dict[str, Any]) -> tuple[int | None, tuple[int, ...] | None]:
+    """Window size and the layers it applies to. v5 configs list `layer_types`; v4 Qwen2 windows
+    the layers from `max_window_layers` on, and only when `use_sliding_window` is on (it carries a
+    window size regardless); Mistral windows every layer."""
+    window = hf.get("sliding_window")
+    if window is None or (model_type == "qwen2" and not hf.get("use_sliding_window", False)):
+        return None, None
+    if hf.get("layer_types"):
+        return window, tuple(i for i, kind in enumerate(hf["layer_types"]) if kind == "sliding_attention")
+    if model_type == "qwen2":
+        return window, tuple(range(hf.get("max_window_layers", 0), hf["num_hidden_layers"]))
+    return window, None
