@@ -147,16 +147,8 @@ class TokenDatabase:
         ends = list(range(size, n + 1, size))
         if self.save_partial and n % size:
             ends.append(n)
-        raw, ns = arr.tobytes(), self._ns_digest
-        keys = []
-        prev, start = ns, 0
-        for end in ends:
-            # One-shot digest of parent || chunk: 2.5x cheaper than a streaming hasher per chunk,
-            # and lookup of a 128K-token prompt hashes 512 chunks.
-            prev = xxhash.xxh3_128_digest(prev + raw[start * 4:end * 4])
-            keys.append(ChunkKey(ns, prev))
-            start = end
-        return keys
+        ns = self._ns_digest
+        return [ChunkKey(ns, digest) for digest in chained_digests(arr.tobytes(), ns, ends)]
 
     def chunk_end(self, index: int, num_tokens: int) -> int:
         """Where chunk `index` of a `num_tokens` prompt ends (only the last one can be partial)."""
@@ -172,6 +164,20 @@ class TokenDatabase:
         n = token_count(tokens)
         return [ChunkSpan(key, i * self.chunk_size, self.chunk_end(i, n))
                 for i, key in enumerate(self.keys(tokens))]
+
+
+def chained_digests(raw: bytes, seed: bytes, ends: Sequence[int], start: int = 0) -> list[bytes]:
+    """Prefix-chained 128-bit digests: for each end (in tokens), xxh3_128(previous digest || the u32
+    token bytes since the previous end), the first chained to `seed`. `raw` holds the little-endian
+    u32 token ids from token `start` on. Shared by kvtier's chunk keys and the engine's block hashes."""
+    digests, prev, base = [], seed, start
+    for end in ends:
+        # One-shot digest of parent || tokens: 2.5x cheaper than a streaming hasher per chunk, and a
+        # lookup of a 128K-token prompt hashes 512 chunks.
+        prev = xxhash.xxh3_128_digest(prev + raw[(start - base) * 4:(end - base) * 4])
+        digests.append(prev)
+        start = end
+    return digests
 
 
 def token_count(tokens: Sequence[int] | torch.Tensor | np.ndarray) -> int:

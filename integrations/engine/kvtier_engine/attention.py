@@ -7,15 +7,20 @@ output back; the backend owns the KV memory. Contract, per forward call of T new
     backend.advance(T)    # the new tokens now count as cached for the next call
 
 `ContiguousKVCache` is the reference: one sequence, K/V in contiguous tensors, plain torch math.
-It is the ground truth that paged backends are tested against.
+It is the ground truth that paged backends are tested against. `PagedAttention` serves a batch of
+sequences whose KV lives in a `PagedKVCache`, described by a `BatchMetadata` the scheduler builds;
+its torch path gathers each sequence's blocks and runs the reference math (Triton kernels on GPU
+come with the scheduler).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.model_config import ModelConfig
 
 
@@ -66,3 +71,60 @@ class ContiguousKVCache:
 
     def advance(self, num_tokens: int) -> None:
         self.num_tokens += num_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMetadata:
+    """Where one forward step's tokens go: sequence i contributes `num_new[i]` tokens at positions
+    `num_computed[i] ..`, flattened in sequence order."""
+
+    block_tables: list[list[int]]
+    query_starts: list[int]  # len n+1: sequence i's new tokens are rows query_starts[i]:query_starts[i+1]
+    context_lens: list[int]  # tokens in the cache after this step: computed + new
+    positions: torch.Tensor  # [sum(num_new)]
+    slot_mapping: torch.Tensor  # [sum(num_new)] cache slot of every new token
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], num_computed: list[int], num_new: list[int],
+              block_size: int, device: str | torch.device = "cpu") -> BatchMetadata:
+        if not len(block_tables) == len(num_computed) == len(num_new):
+            raise ValueError("block_tables, num_computed and num_new must have one entry per sequence")
+        positions, slots, starts = [], [], [0]
+        for table, done, new in zip(block_tables, num_computed, num_new):
+            if done + new > len(table) * block_size:
+                raise ValueError(f"{done + new} tokens do not fit a table of {len(table)} blocks")
+            for pos in range(done, done + new):
+                positions.append(pos)
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            starts.append(starts[-1] + new)
+        return cls([list(t) for t in block_tables], starts, [d + n for d, n in zip(num_computed, num_new)],
+                   torch.tensor(positions, dtype=torch.long, device=device),
+                   torch.tensor(slots, dtype=torch.long, device=device))
+
+
+class PagedAttention:
+    """Attention over a batch whose KV lives in a `PagedKVCache` (torch reference path)."""
+
+    def __init__(self, cache: PagedKVCache, meta: BatchMetadata, config: ModelConfig):
+        self.cache = cache
+        self.meta = meta
+        self.config = config
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.cache.write(layer, self.meta.slot_mapping, k, v)
+        k_blocks, v_blocks = self.cache.layer_blocks(layer)
+        out = torch.empty_like(q)
+        bs, window = self.cache.block_size, self.config.window(layer)
+        for i, table in enumerate(self.meta.block_tables):
+            lo, hi = self.meta.query_starts[i], self.meta.query_starts[i + 1]
+            if lo == hi:
+                continue
+            ctx = self.meta.context_lens[i]
+            used = torch.tensor(table[:(ctx + bs - 1) // bs], dtype=torch.long, device=q.device)
+            keys = k_blocks.index_select(0, used).flatten(0, 1)[:ctx]
+            values = v_blocks.index_select(0, used).flatten(0, 1)[:ctx]
+            out[lo:hi] = causal_attention(q[lo:hi], keys, values, ctx - (hi - lo), window)
+        return out
+
+    def advance(self, num_tokens: int) -> None:
+        """Nothing to do: the scheduler tracks how many tokens each sequence has computed."""
