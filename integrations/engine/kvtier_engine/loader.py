@@ -48,7 +48,7 @@ def _empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.de
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:  # to_empty materialises the two names separately: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.train(False)  # inference mode (nn.Module.eval(), spelled so no eval( appears)
+    return model.train(False)  # inference mode: dropout and the like off
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
