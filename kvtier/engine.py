@@ -117,7 +117,7 @@ class CacheEngine:
         return self.storage.pin([s.key for s in self._present(tokens)])
 
     def unpin(self, tokens: Tokens) -> int:
-        return self.storage.unpin([s.key for s in self.db.spans(tokens)])
+        return self.storage.unpin(self.db.keys(tokens))
 
     def move(self, tokens: Tokens, tier: str) -> int:
         """Relocate the cached prefix of `tokens` into `tier` ("cpu", "disk", ...). Returns chunks moved."""

@@ -67,8 +67,6 @@ class StorageManager:
         # One pin set shared with every tier (they read it through `is_pinned` when evicting).
         self.pinned: set[ChunkKey] = set() if pinned is None else pinned
         self.cpu = CpuTier(pool, self.pinned.__contains__)
-        # Cached: KVLayout.element_size builds a tensor per call, a few us per chunk on the hot path.
-        self._token_bytes = layout.bytes_per_token
         self._lock = threading.Lock()
         # Signalled whenever a background write lands: a slab may have been freed or made clean.
         self._write_landed = threading.Condition(self._lock)
@@ -105,9 +103,8 @@ class StorageManager:
     def put(self, spans: Sequence[ChunkSpan], kv: torch.Tensor) -> int:
         """Store the chunks of `kv` ([2, L, T, H*D]) named by `spans`. Returns chunks newly stored."""
         with self._lock:
-            new = [s for s in spans if s.key not in self.cpu and s.key not in self._demoting]
-            for s in spans:
-                self.cpu.get(s.key)  # a re-store refreshes recency
+            # (_held_locked marks held chunks recently used: a re-store refreshes recency.)
+            new = [s for s in spans if self._held_locked(s.key) is None]
             slabs = []
             for _ in new:
                 slab = self._alloc_locked("store")
@@ -124,10 +121,10 @@ class StorageManager:
         stored = 0
         with self._lock:
             for s, slab in zip(new, slabs):
-                if s.key in self.cpu or s.key in self._demoting:  # a concurrent store won
+                if self._held_locked(s.key) is not None:  # a concurrent store won
                     self.pool.free(slab)
                     continue
-                entry = CpuEntry(slab, s.num_tokens, s.num_tokens * self._token_bytes)
+                entry = CpuEntry(slab, s.num_tokens, self.layout.chunk_bytes(s.num_tokens))
                 slab.owner = "cpu"
                 self.cpu.insert(s.key, entry)
                 stored += 1
@@ -137,8 +134,13 @@ class StorageManager:
                 self._clean_ahead_locked()
         self.metrics.inc("stored_chunks", stored)
         self.metrics.tier_inc(self.cpu.name, "bytes_written",
-                              sum(s.num_tokens for s in new[:len(slabs)]) * self._token_bytes)
+                              self.layout.chunk_bytes(sum(s.num_tokens for s in new[:len(slabs)])))
         return stored
+
+    def _held_locked(self, key: ChunkKey) -> CpuEntry | None:
+        """The host-memory entry for `key`: indexed in the CPU tier (marked recently used), or still
+        readable from its slab while being demoted."""
+        return self.cpu.get(key) or self._demoting.get(key)
 
     def _copy(self, chunks: list[tuple[ChunkSpan, Slab]], kv: torch.Tensor, into_slabs: bool) -> None:
         """Copy chunks between `kv` ([2, L, T, H*D]) and their slabs, one copy per run of equal-size
@@ -264,7 +266,7 @@ class StorageManager:
         with self._lock:
             plan = []
             for s in spans:
-                entry = self.cpu.get(s.key) or self._demoting.get(s.key)
+                entry = self._held_locked(s.key)
                 if entry is not None:
                     entry.readers += 1
                 plan.append(_Read(s, entry, entry is not None))
@@ -282,7 +284,7 @@ class StorageManager:
                     slab = self._alloc_waiting_locked("read", deadline)
                 if slab is None:  # (nothing after chunk i is leased any more)
                     return plan[:i]
-                r.entry = CpuEntry(slab, r.span.num_tokens, r.span.num_tokens * self._token_bytes,
+                r.entry = CpuEntry(slab, r.span.num_tokens, self.layout.chunk_bytes(r.span.num_tokens),
                                    persisted=True, readers=1, detached=True)
         return plan
 
@@ -408,6 +410,7 @@ class StorageManager:
                     "used_slabs": self.pool.used_slabs, "used_bytes": self.pool.used_bytes,
                     "owners": self.pool.owners(), "pinned_chunks": len(self.pinned),
                     "demoting_chunks": len(self._demoting), "pending_writes": self._writes.pending,
+                    "failed_writes": self._writes.failed,
                     "pinned_memory": self.pool.pinned}
 
     def close(self) -> None:

@@ -109,18 +109,21 @@ class PagedAttention:
         self.cache = cache
         self.meta = meta
         self.config = config
+        bs = cache.block_size
+        # The blocks each sequence attends over are the same in every layer: index them once.
+        self._used = [torch.tensor(table[:(ctx + bs - 1) // bs], dtype=torch.long, device=cache.kv.device)
+                      for table, ctx in zip(meta.block_tables, meta.context_lens)]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, self.meta.slot_mapping, k, v)
         k_blocks, v_blocks = self.cache.layer_blocks(layer)
         out = torch.empty_like(q)
-        bs, window = self.cache.block_size, self.config.window(layer)
-        for i, table in enumerate(self.meta.block_tables):
+        window = self.config.window(layer)
+        for i, used in enumerate(self._used):
             lo, hi = self.meta.query_starts[i], self.meta.query_starts[i + 1]
             if lo == hi:
                 continue
             ctx = self.meta.context_lens[i]
-            used = torch.tensor(table[:(ctx + bs - 1) // bs], dtype=torch.long, device=q.device)
             keys = k_blocks.index_select(0, used).flatten(0, 1)[:ctx]
             values = v_blocks.index_select(0, used).flatten(0, 1)[:ctx]
             out[lo:hi] = causal_attention(q[lo:hi], keys, values, ctx - (hi - lo), window)
