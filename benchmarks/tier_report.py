@@ -1,19 +1,14 @@
 """Reporting for benchmarks/tier_throughput.py: each result beside its limit, targets, tables, chart.
 
-Pure presentation over finished measurements: no timing and no I/O apart from reading /proc and /sys
-for the machine description.
+Pure presentation over finished measurements: no timing and no I/O.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -114,26 +109,3 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def machine_info(folder: Path) -> dict:
-    def first(path: str, prefix: str) -> str:
-        return next((line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines()
-                     if line.startswith(prefix)), "")
-
-    dev, fstype = "", ""
-    for d, mount, fs in sorted((line.split()[:3] for line in Path("/proc/mounts").read_text().splitlines()),
-                               key=lambda m: len(m[1])):
-        if Path(mount) == folder or Path(mount) in folder.parents:
-            dev, fstype = d, fs
-    driver = Path(f"/sys/block/{Path(dev).name}/device/driver")
-    ram_kib = int(first("/proc/meminfo", "MemTotal").split()[0])
-    return {"cpu_model": first("/proc/cpuinfo", "model name") or platform.processor(),
-            "cores": os.cpu_count(), "ram_gib": round(ram_kib / 2**20),
-            "torch": torch.__version__, "python": platform.python_version(), "kernel": platform.release(),
-            "disk_device": dev, "disk_fs": fstype,
-            "disk_driver": driver.resolve().name if driver.exists() else "",
-            "bench_dir": str(folder), "load_avg_1m": os.getloadavg()[0],
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-

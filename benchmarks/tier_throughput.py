@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import mmap
 import os
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from tier_report import LOOKUP_TARGET_MS, TARGET_RATIO, Row, judge, machine_info, plot, print_tables
+from harness import console_and_logging, machine_info, progress_bar, scratch_run, write_results
+from rich.progress import Progress
+from tier_report import LOOKUP_TARGET_MS, TARGET_RATIO, Row, judge, plot, print_tables
 
 from kvtier.config import CpuConfig, DiskConfig, KvtierConfig
 from kvtier.engine import CacheEngine
@@ -426,25 +423,13 @@ def measure(b: Bench, info: dict) -> tuple[str, list[dict]]:
 
 def main() -> None:
     args = parse_args()
-    console = Console() if sys.stdout.isatty() else Console(width=130)
-    logging.basicConfig(level=logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
-    logging.getLogger("kvtier").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    console = console_and_logging(130, logging.DEBUG if args.verbose else logging.WARNING)
     torch.set_num_threads(1)  # the RAM limit is a single-thread copy; the tiers run under the same setting
-    root = args.dir / f"run-{os.getpid()}"
-    root.mkdir(parents=True, exist_ok=True)
     info = machine_info(args.dir.resolve())
     started = time.perf_counter()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    try:
-        # No auto-refresh: its thread would take the GIL inside timed regions.
-        with Progress(*columns, console=console, transient=True, auto_refresh=False) as progress:
-            b = Bench(args, progress, root)
-            tier_mode, lookups = measure(b, info)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        if args.dir.is_dir() and not any(args.dir.iterdir()):
-            args.dir.rmdir()
+    with scratch_run(args.dir) as root, progress_bar(console) as progress:
+        b = Bench(args, progress, root)
+        tier_mode, lookups = measure(b, info)
     judge(b.rows, tier_mode)
     print_tables(console, b.rows, lookups)
     verdicts = [v for v in [r.passed for r in b.rows] + [r["passed"] for r in lookups] if v is not None]
@@ -458,10 +443,7 @@ def main() -> None:
                            "io_threads": args.io_threads, "disk_tier_mode": tier_mode, "chunk_tokens": CHUNK,
                            "target_ratio": TARGET_RATIO, "lookup_target_ms": LOOKUP_TARGET_MS},
               "throughput": [asdict(r) for r in b.rows], "lookup": lookups, "elapsed_s": round(elapsed, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tier_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(b.rows, args.out / "tier_throughput.png")
-    logger.info("wrote %s and %s", args.out / "tier_throughput.json", args.out / "tier_throughput.png")
+    write_results(args.out, "tier_throughput", report, lambda path: plot(b.rows, path))
 
 
 if __name__ == "__main__":

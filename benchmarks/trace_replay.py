@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import console_and_logging, machine_info, progress_bar, scratch_run, write_results
 from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
-from tier_report import machine_info
 
 from kvtier.config import CpuConfig, DiskConfig, KvtierConfig
 from kvtier.engine import CacheEngine
@@ -262,12 +260,9 @@ def measure(args: argparse.Namespace, requests: list[Request], unique_chunks: in
 
 def main() -> None:
     args = parse_args()
-    console = Console() if sys.stdout.isatty() else Console(width=150)
-    logging.basicConfig(level=logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
-    # Errors only: a prompt longer than a small CPU tier logs a warning per store; the "rejected"
-    # column counts those chunks instead.
-    logging.getLogger("kvtier").setLevel(logging.ERROR)
+    # kvtier errors only: a prompt longer than a small CPU tier logs a warning per store; the
+    # "rejected" column counts those chunks instead.
+    console = console_and_logging(150, logging.ERROR)
     torch.set_num_threads(1)
     requests = load_trace(args.trace, args.limit or None)
     theory_hits, unique_chunks = infinite_hits(requests)
@@ -275,18 +270,10 @@ def main() -> None:
     infinite_rate = theory_hits / input_tokens
     logger.info("%d requests, %d input tokens, %d unique chunks; infinite-cache hit rate from the trace %.4f",
                 len(requests), input_tokens, unique_chunks, infinite_rate)
-    root = args.dir / f"run-{os.getpid()}"
-    root.mkdir(parents=True, exist_ok=True)
     info = machine_info(args.dir.resolve())
     started = time.perf_counter()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    try:
-        with Progress(*columns, console=console, transient=True, auto_refresh=False) as progress:
-            results = measure(args, requests, unique_chunks, root, progress)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        if args.dir.is_dir() and not any(args.dir.iterdir()):
-            args.dir.rmdir()
+    with scratch_run(args.dir) as root, progress_bar(console) as progress:
+        results = measure(args, requests, unique_chunks, root, progress)
     measured = next(r for r in results if r.infinite)
     if measured.hit_tokens != theory_hits or measured.cpu_evictions:
         raise RuntimeError(f"infinite-capacity run hit {measured.hit_tokens} tokens with "
@@ -308,10 +295,7 @@ def main() -> None:
                         "infinite_hit_tokens": theory_hits, "infinite_hit_rate": infinite_rate},
               "rows": [{**asdict(r), "real_gib": {k: r.real_gib(k) for k in r.bytes}} for r in results],
               "elapsed_s": round(elapsed, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "trace_replay.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, infinite_rate, args.out / "trace_replay.png")
-    logger.info("wrote %s and %s", args.out / "trace_replay.json", args.out / "trace_replay.png")
+    write_results(args.out, "trace_replay", report, lambda path: plot(results, infinite_rate, path))
 
 
 if __name__ == "__main__":
