@@ -163,8 +163,8 @@ def test_unhashed_free_blocks_are_recycled_before_cached_ones():
     assert pool.allocate(2, tokens) == 8
 
 
-def test_cached_free_blocks_are_recycled_least_recently_freed_first():
-    """6 blocks, all cached: X freed before Y, so a new prompt takes X's blocks and Y stays findable."""
+def x_then_y_cached_and_freed() -> tuple[BlockPool, list[int], list[int], list[int], list[int]]:
+    """A 6-block pool in which prompts X then Y (12 tokens each) were computed, published and freed."""
     pool = BlockPool(6, block_size=BLOCK)
     x, y = prompt(12, seed=0), prompt(12, seed=1)
     for seq_id, tokens in [(0, x), (1, y)]:
@@ -173,6 +173,12 @@ def test_cached_free_blocks_are_recycled_least_recently_freed_first():
     x_table, y_table = list(pool.block_table(0)), list(pool.block_table(1))
     pool.free(0)
     pool.free(1)
+    return pool, x, y, x_table, y_table
+
+
+def test_cached_free_blocks_are_recycled_least_recently_freed_first():
+    """6 blocks, all cached: X freed before Y, so a new prompt takes X's blocks and Y stays findable."""
+    pool, x, y, x_table, y_table = x_then_y_cached_and_freed()
 
     pool.allocate(2, prompt(12, seed=2))
     assert set(pool.block_table(2)) == set(x_table)
@@ -184,14 +190,7 @@ def test_cached_free_blocks_are_recycled_least_recently_freed_first():
 
 def test_a_reused_cached_block_becomes_most_recently_used():
     """X freed before Y, then X used again and freed: now Y's blocks are the older ones."""
-    pool = BlockPool(6, block_size=BLOCK)
-    x, y = prompt(12, seed=0), prompt(12, seed=1)
-    for seq_id, tokens in [(0, x), (1, y)]:
-        pool.allocate(seq_id, tokens)
-        computed(pool, seq_id, tokens)
-    x_table, y_table = list(pool.block_table(0)), list(pool.block_table(1))
-    pool.free(0)
-    pool.free(1)
+    pool, x, y, x_table, y_table = x_then_y_cached_and_freed()
     assert pool.allocate(2, x) == 8
     assert pool.block_table(2)[:2] == x_table[:2]
     computed(pool, 2, x)
