@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from kvtier.config import KvtierConfig
-from kvtier.keys import ChunkSpan, Namespace, TokenDatabase, token_count
+from kvtier.keys import ChunkKey, ChunkSpan, Namespace, TokenDatabase, token_count
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool
 from kvtier.metrics import Metrics
+from kvtier.pins import PinTable
 from kvtier.storage import StorageManager
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
@@ -50,6 +51,13 @@ def tier_names(config: KvtierConfig) -> list[str]:
     return ["cpu"] + (["disk"] if config.disk is not None else [])
 
 
+def _shifted(spans: list[ChunkSpan], start: int) -> list[ChunkSpan]:
+    """The spans at or after token `start`, renumbered so that `start` is token 0 of a buffer."""
+    if not start:
+        return spans
+    return [ChunkSpan(s.key, s.start - start, s.end - start) for s in spans if s.start >= start]
+
+
 class CacheEngine:
     def __init__(self, config: KvtierConfig, layout: KVLayout, model_id: str, tp_rank: int = 0,
                  tp_size: int = 1):
@@ -60,10 +68,10 @@ class CacheEngine:
         self.metrics = Metrics(tier_names(config))
         pool = MemoryPool(config.cpu.capacity, layout.chunk_bytes(config.chunk_size),
                           pin=_PIN_MEMORY[config.cpu.pin_memory])
-        pinned: set = set()
-        lower = build_lower_tiers(config, self.db.namespace_digest, pinned.__contains__, self.metrics)
+        pins = PinTable()
+        lower = build_lower_tiers(config, self.db.namespace_digest, pins.__contains__, self.metrics)
         threads = config.disk.io_threads if config.disk is not None else min(4, os.cpu_count() or 1)
-        self.storage = StorageManager(layout, pool, lower, self.metrics, pinned=pinned,
+        self.storage = StorageManager(layout, pool, lower, self.metrics, pins=pins,
                                       write_through=config.write_through,
                                       promote_on_hit=config.promote_on_hit, io_threads=threads)
         logger.info("kvtier engine for %s (%s): tiers %s, cpu %d MiB, chunk %d tokens", model_id,
@@ -71,12 +79,18 @@ class CacheEngine:
 
     # -- data path -----------------------------------------------------------------------------
 
-    def store(self, tokens: Tokens, kv: torch.Tensor) -> int:
+    def store(self, tokens: Tokens, kv: torch.Tensor, start: int = 0) -> int:
         """Cache the KV of `tokens` (whole chunks; the partial tail only if configured).
-        Returns the number of chunks newly stored."""
+        `kv` holds tokens `start:` (a chunk boundary; the chunks before it are left alone, e.g.
+        stored by an earlier call). Returns the number of chunks newly stored."""
         with self.metrics.timed("store"):
-            self.layout.check_kv(kv, token_count(tokens))
-            return self.storage.put(self.db.spans(tokens), kv)
+            self._check_start(start)
+            self.layout.check_kv(kv, token_count(tokens) - start)
+            return self.storage.put(_shifted(self.db.spans(tokens), start), kv)
+
+    def _check_start(self, start: int) -> None:
+        if start < 0 or start % self.db.chunk_size:
+            raise ValueError(f"start must be a non-negative multiple of {self.db.chunk_size}, got {start}")
 
     def lookup(self, tokens: Tokens) -> int:
         """The number of leading tokens whose KV is cached (a chunk boundary). No payload I/O."""
@@ -87,24 +101,37 @@ class CacheEngine:
         self.metrics.inc("hit_tokens", n)
         return n
 
-    def retrieve(self, tokens: Tokens, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """The cached KV prefix of `tokens`: `(kv, n)` with `kv[:, :, :n]` as stored. `kv` is `out`
-        narrowed to `n` tokens when given (`[2, L, T, H*D]` with T at least the cached prefix;
-        `len(tokens)` always suffices), else a new tensor."""
+    def retrieve(self, tokens: Tokens, out: torch.Tensor | None = None,
+                 start: int = 0) -> tuple[torch.Tensor, int]:
+        """The cached KV prefix of `tokens`: `(kv, n)` with `kv[:, :, :n - start]` as stored for
+        tokens `start:n` (`start` a chunk boundary: the caller already holds the tokens before it;
+        n >= start whenever n > 0). `kv` is `out` narrowed when given (`[2, L, T, H*D]` with T at least
+        the cached part; `len(tokens) - start` always suffices), else a new tensor."""
         with self.metrics.timed("retrieve"):
+            self._check_start(start)
             spans = self.db.spans(tokens)
             hit = self.storage.contains_prefix([s.key for s in spans])
-            spans = spans[:hit]
+            spans = _shifted(spans[:hit], start)
             want = spans[-1].end if spans else 0
             if out is None:
                 out = torch.empty(self.layout.chunk_shape(want), dtype=self.layout.dtype)
             else:
                 self.layout.check_kv(out, want, exact=False)
             got = self.storage.get(spans, out)
-            n = spans[got - 1].end if got else 0
+            n = spans[got - 1].end + start if got else 0
         self.metrics.inc("lookup_tokens", token_count(tokens))
         self.metrics.inc("hit_tokens", n)
-        return out[:, :, :n], n
+        return out[:, :, :max(n - start, 0)], n
+
+    def lease(self, tokens: Tokens, num_tokens: int) -> list[ChunkKey]:
+        """Hold the cached chunks covering the first `num_tokens` of `tokens` against eviction (for a
+        load that will follow). Returns the keys to pass to `release`; counted per caller."""
+        keys = self.db.keys(tokens)[:-(-num_tokens // self.db.chunk_size)] if num_tokens > 0 else []
+        self.storage.lease(keys)
+        return keys
+
+    def release(self, keys: Sequence[ChunkKey]) -> None:
+        self.storage.release(keys)
 
     # -- administration ------------------------------------------------------------------------
 

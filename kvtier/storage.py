@@ -34,6 +34,7 @@ from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool, Slab
 from kvtier.metrics import Metrics
+from kvtier.pins import PinTable
 from kvtier.record import encode_header, tensor_bytes
 from kvtier.tiers.base import PutItem, Tier
 from kvtier.tiers.cpu import CpuEntry, CpuTier
@@ -56,7 +57,7 @@ class _Read:
 
 class StorageManager:
     def __init__(self, layout: KVLayout, pool: MemoryPool, lower: Sequence[Tier], metrics: Metrics, *,
-                 pinned: set[ChunkKey] | None = None, write_through: bool = True,
+                 pins: PinTable | None = None, write_through: bool = True,
                  promote_on_hit: bool = True, io_threads: int = 4, clean_ahead: int | None = None):
         self.layout = layout
         self.pool = pool
@@ -64,9 +65,9 @@ class StorageManager:
         self.metrics = metrics
         self.write_through = write_through
         self.promote_on_hit = promote_on_hit
-        # One pin set shared with every tier (they read it through `is_pinned` when evicting).
-        self.pinned: set[ChunkKey] = set() if pinned is None else pinned
-        self.cpu = CpuTier(pool, self.pinned.__contains__)
+        # One pin table shared with every tier (they read it through `is_pinned` when evicting).
+        self.pins = PinTable() if pins is None else pins
+        self.cpu = CpuTier(pool, self.pins.__contains__)
         self._lock = threading.Lock()
         # Signalled whenever a background write lands: a slab may have been freed or made clean.
         self._write_landed = threading.Condition(self._lock)
@@ -327,15 +328,20 @@ class StorageManager:
     def pin(self, keys: Sequence[ChunkKey]) -> int:
         """Pin keys (no tier evicts them until unpinned). Returns how many were newly pinned."""
         with self._lock:
-            new = [k for k in keys if k not in self.pinned]
-            self.pinned.update(new)
-        return len(new)
+            return self.pins.pin(keys)
 
     def unpin(self, keys: Sequence[ChunkKey]) -> int:
         with self._lock:
-            gone = [k for k in keys if k in self.pinned]
-            self.pinned.difference_update(gone)
-        return len(gone)
+            return self.pins.unpin(keys)
+
+    def lease(self, keys: Sequence[ChunkKey]) -> None:
+        """Hold keys against eviction for a request until `release` (counted per request)."""
+        with self._lock:
+            self.pins.lease(keys)
+
+    def release(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            self.pins.release(keys)
 
     def move_down(self, keys: Sequence[ChunkKey], tier_name: str) -> int:
         """Write CPU-resident `keys` to the named lower tier and drop them from the CPU tier.
@@ -390,7 +396,7 @@ class StorageManager:
                 tier.clear()
         if tier_name is None:
             with self._lock:
-                self.pinned.clear()
+                self.pins.clear_pins()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for queued background writes. True when all landed within `timeout`."""
@@ -408,7 +414,8 @@ class StorageManager:
         with self._lock:
             return {"slab_bytes": self.pool.slab_stride, "slabs": self.pool.num_slabs,
                     "used_slabs": self.pool.used_slabs, "used_bytes": self.pool.used_bytes,
-                    "owners": self.pool.owners(), "pinned_chunks": len(self.pinned),
+                    "owners": self.pool.owners(), "pinned_chunks": self.pins.num_pinned,
+                    "leased_chunks": self.pins.num_leased,
                     "demoting_chunks": len(self._demoting), "pending_writes": self._writes.pending,
                     "failed_writes": self._writes.failed,
                     "pinned_memory": self.pool.pinned}

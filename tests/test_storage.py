@@ -14,6 +14,7 @@ from conftest import CHUNK, seeded_kv, seeded_tokens
 from kvtier.keys import Namespace, TokenDatabase
 from kvtier.memory import MemoryPool
 from kvtier.metrics import Metrics
+from kvtier.pins import PinTable
 from kvtier.storage import StorageManager
 from kvtier.tiers.disk import DiskTier
 
@@ -26,11 +27,11 @@ def make_manager(tmp_path, layout):
     def make(slabs: int = 16, disk: bool = True, tier_class=DiskTier, **options) -> StorageManager:
         metrics = Metrics(["cpu", "disk"] if disk else ["cpu"])
         pool = MemoryPool(slabs * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
-        pinned: set = set()
+        pins = PinTable()
         namespace = Namespace.for_layout("storage-test", layout).digest()  # the `db` fixture's
-        lower = [tier_class(tmp_path / "disk", namespace, 1 << 24, pinned.__contains__, metrics)
+        lower = [tier_class(tmp_path / "disk", namespace, 1 << 24, pins.__contains__, metrics)
                  ] if disk else []
-        manager = StorageManager(layout, pool, lower, metrics, pinned=pinned, io_threads=2, **options)
+        manager = StorageManager(layout, pool, lower, metrics, pins=pins, io_threads=2, **options)
         managers.append(manager)
         return manager
 

@@ -19,7 +19,7 @@ is never a hit: its logits are needed, so it is recomputed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,22 +42,26 @@ class Block:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int = 16):
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = True):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
         self.block_size = block_size
+        self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # next victim first
         self._by_hash: dict[bytes, int] = {}
-        self._tables: dict[int, list[int]] = {}
-        self._hashes: dict[int, list[bytes]] = {}  # per sequence: hashes of its computed full blocks
+        self._tables: dict[Hashable, list[int]] = {}
+        self._hashes: dict[Hashable, list[bytes]] = {}  # per sequence: hashes of its computed full blocks
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
-    def block_table(self, seq_id: int) -> list[int]:
+    def block_table(self, seq_id: Hashable) -> list[int]:
         return self._tables[seq_id]
+
+    def holds(self, seq_id: Hashable) -> bool:
+        return seq_id in self._tables
 
     # -- prefix matching -----------------------------------------------------------------------
 
@@ -69,7 +73,9 @@ class BlockPool:
 
     def _match(self, token_ids: Sequence[int]) -> list[int]:
         bs = self.block_size
-        hits = []
+        hits: list[int] = []
+        if not self.enable_caching:
+            return hits
         for i, digest in enumerate(self._digests(token_ids, 0, (len(token_ids) - 1) // bs, _SEED)):
             block_id = self._by_hash.get(digest)
             if block_id is None or self.blocks[block_id].token_ids != tuple(token_ids[i * bs:(i + 1) * bs]):
@@ -86,7 +92,7 @@ class BlockPool:
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
         return self._free_needed(token_ids, self._match(token_ids)) <= self.num_free
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
         """Blocks for the whole prompt. Returns the leading tokens already cached (block aligned)."""
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already holds blocks")
@@ -115,7 +121,7 @@ class BlockPool:
         block.hash, block.token_ids, block.ref_count = None, (), 1
         return block_id
 
-    def append_slot(self, seq_id: int, num_tokens: int) -> bool:
+    def append_slot(self, seq_id: Hashable, num_tokens: int) -> bool:
         """Room for the sequence grown to `num_tokens`. False (nothing changed) if no block is free."""
         table = self._tables[seq_id]
         need = -(-num_tokens // self.block_size) - len(table)
@@ -124,7 +130,7 @@ class BlockPool:
         table += [self._take_free() for _ in range(need)]
         return True
 
-    def publish(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
+    def publish(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
         """Make the computed full blocks of a sequence findable by later prompts."""
         table, hashes = self._tables[seq_id], self._hashes[seq_id]
         done = min(num_computed, len(token_ids)) // self.block_size
@@ -132,13 +138,13 @@ class BlockPool:
             return
         hashes += self._digests(token_ids, len(hashes), done, hashes[-1] if hashes else _SEED)
         bs = self.block_size
-        for i in range(done):
+        for i in range(done if self.enable_caching else 0):
             block = self.blocks[table[i]]
             if block.hash is None and hashes[i] not in self._by_hash:
                 block.hash, block.token_ids = hashes[i], tuple(token_ids[i * bs:(i + 1) * bs])
                 self._by_hash[hashes[i]] = block.id
 
-    def free(self, seq_id: int) -> None:
+    def free(self, seq_id: Hashable) -> None:
         """Release a sequence's blocks; cached ones stay findable until recycled."""
         self._hashes.pop(seq_id, None)
         # Last block first, so a prompt's tail is recycled before its head (heads are shared more).

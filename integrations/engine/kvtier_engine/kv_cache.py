@@ -22,6 +22,7 @@ class PagedKVCache:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
         self.config = config
         self.num_blocks = num_blocks
+        self.num_layers = config.num_layers
         self.block_size = block_size
         self.kv = torch.zeros((2, config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                config.head_dim), dtype=dtype, device=device)
@@ -43,19 +44,21 @@ class PagedKVCache:
         picked = self.kv.index_select(2, index)  # [2, L, n, bs, H, D], one copy for all layers
         return picked.flatten(2, 3).flatten(3)[:, :, :num_tokens]
 
-    def scatter(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        """Write `kv` ([2, L, T, H*D]) into `block_ids` in token order (inverse of `gather`)."""
+    def scatter(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None:
+        """Write `kv` ([2, L', T, H*D]) into `block_ids` in token order (inverse of `gather`), for the
+        `layers` it holds (all by default; one layer at a time for a layer-wise load)."""
         num_tokens = kv.shape[2]
         self._check(block_ids, num_tokens)
         full, tail = divmod(num_tokens, self.block_size)
         c = self.config
-        shape = (2, c.num_layers, -1, self.block_size, c.num_kv_heads, c.head_dim)
+        target = self.kv[:, layers]
+        shape = (2, kv.shape[1], -1, self.block_size, c.num_kv_heads, c.head_dim)
         if full:
             index = torch.tensor(block_ids[:full], dtype=torch.long, device=self.kv.device)
-            self.kv.index_copy_(2, index, kv[:, :, :full * self.block_size].reshape(shape).to(self.kv.dtype))
+            target.index_copy_(2, index, kv[:, :, :full * self.block_size].reshape(shape).to(self.kv.dtype))
         if tail:
             last = kv[:, :, full * self.block_size:].reshape(*shape[:2], tail, *shape[4:])
-            self.kv[:, :, block_ids[full], :tail] = last.to(self.kv.dtype)
+            target[:, :, block_ids[full], :tail] = last.to(self.kv.dtype)
 
     def _check(self, block_ids: list[int], num_tokens: int) -> None:
         if num_tokens > len(block_ids) * self.block_size or num_tokens < 0:

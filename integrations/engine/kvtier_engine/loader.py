@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors.torch import load_file
 
 from kvtier_engine.model_config import ModelConfig
@@ -26,6 +27,7 @@ RANDOM_PREFIX = "random:"
 INIT_STD = 0.02
 # Tensors some checkpoints carry that this model computes instead.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_DIGEST_BLOCK = 8 << 20
 
 
 def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -107,3 +109,19 @@ def _shards(folder: Path) -> list[Path]:
     if not files:
         raise ValueError(f"{folder}: no *.safetensors weights")
     return files
+
+
+def model_identity(spec: str | Path, seed: int = 0) -> str:
+    """A name for the weights, stable across processes and machines: kvtier puts it in every chunk
+    key, so KV is only ever shared between identical weights. A preset is its name and seed; a folder
+    is its name and a digest of its config and weight files (fine-tunes of one base never collide)."""
+    spec = str(spec)
+    if spec.startswith(RANDOM_PREFIX):
+        return f"{spec}@seed{seed}"
+    folder = Path(spec)
+    digest = xxhash.xxh3_64()
+    for path in [folder / "config.json", *_shards(folder)]:
+        with open(path, "rb") as f:
+            while block := f.read(_DIGEST_BLOCK):
+                digest.update(block)
+    return f"{folder.resolve().name}@{digest.hexdigest()}"

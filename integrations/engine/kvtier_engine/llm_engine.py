@@ -1,0 +1,188 @@
+"""LLMEngine: requests in, tokens out, one step at a time; kvtier plugged in through its connector.
+
+    engine = LLMEngine(EngineOptions(model="random:llama-small", kvtier_config="configs/cpu_disk.yaml"))
+    engine.add_request("Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished():
+        for out in engine.step(): ...            # RequestOutput per request that moved
+
+A step reads in one sitting: schedule -> run the model (loads, forward, saves) -> append tokens,
+detect stops, retire finished requests. Not thread-safe: one thread drives an engine (the server
+runs it on a thread of its own and talks to it through queues).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvtier import CacheEngine, KVLayout, load_config
+from kvtier.config import KvtierConfig
+from kvtier.connector import KvtierSchedulerConnector, KvtierWorkerConnector
+from kvtier_engine.block_pool import BlockPool
+from kvtier_engine.detokenize import append_token, stream_delta
+from kvtier_engine.engine_metrics import EngineMetrics
+from kvtier_engine.kv_cache import PagedKVCache
+from kvtier_engine.loader import load_model, model_identity
+from kvtier_engine.model_runner import ModelRunner
+from kvtier_engine.request import Request, RequestMetrics, RequestStatus
+from kvtier_engine.sampling import SamplingParams, generator_for
+from kvtier_engine.scheduler import Scheduler
+from kvtier_engine.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    model: str
+    kvtier_config: str | KvtierConfig | None = None  # None: no kvtier (the baseline)
+    device: str = "auto"  # cuda when present, else cpu
+    dtype: str = "auto"  # bfloat16 on cuda, float32 on cpu
+    seed: int = 0  # random presets' weights
+    kv_cache_bytes: int = 1 << 30  # the paged cache
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True  # the device prefix cache (independent of kvtier)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    metrics: RequestMetrics
+    new_text: str = ""  # text since this request's previous output (streaming)
+    new_token_ids: tuple[int, ...] = ()
+
+
+class LLMEngine:
+    def __init__(self, options: EngineOptions):
+        self.options = options
+        device = torch.device(options.device if options.device != "auto" else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if options.dtype == "auto" \
+            else _dtype(options.dtype)
+        self.model = load_model(options.model, dtype, device, options.seed)
+        config = self.model.config
+        self.model_name = options.model
+        self.tokenizer = load_tokenizer(options.model)
+        self.max_model_len = options.max_model_len or config.max_position_embeddings
+        block_bytes = 2 * config.num_layers * options.block_size * config.num_kv_heads * config.head_dim \
+            * dtype.itemsize
+        num_blocks = options.kv_cache_bytes // block_bytes
+        self.cache = PagedKVCache(config, num_blocks, options.block_size, dtype, device)
+        self.kvtier: CacheEngine | None = None
+        scheduler_side = worker_side = None
+        if options.kvtier_config is not None:
+            kv_config = options.kvtier_config if isinstance(options.kvtier_config, KvtierConfig) \
+                else load_config(options.kvtier_config)
+            layout = KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, dtype,
+                              options.block_size)
+            self.kvtier = CacheEngine(kv_config, layout, model_identity(options.model, options.seed))
+            scheduler_side = KvtierSchedulerConnector(self.kvtier, options.block_size)
+            worker_side = KvtierWorkerConnector(self.kvtier)
+        self.connector = worker_side
+        pool = BlockPool(num_blocks, options.block_size, options.enable_prefix_caching)
+        self.scheduler = Scheduler(pool, options.max_num_seqs, options.max_num_batched_tokens, scheduler_side)
+        self.runner = ModelRunner(self.model, self.cache, worker_side)
+        self.metrics = EngineMetrics()
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        logger.info("engine: %s on %s (%s), %d KV blocks of %d tokens, kvtier %s", options.model, device,
+                    dtype, num_blocks, options.block_size, "on" if self.kvtier else "off")
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the "
+                             f"{self.max_model_len}-token context")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, ids, params, generator_for(params), text)
+        self.scheduler.add(request)
+        self._requests[request_id] = request
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is not None and not request.status.finished:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            self.metrics.finished(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        self.scheduler.update(plan, result.recomputed, result.finished_sending)
+        outputs = []
+        for s in plan.scheduled:
+            request = s.request
+            token = result.sampled.get(request.request_id)
+            if token is None:
+                continue
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = time.perf_counter()
+            status = append_token(request, token, self.tokenizer, self.max_model_len)
+            if status is not None:
+                self.scheduler.finish(request, status)
+                self.metrics.finished(request)
+                self._requests.pop(request.request_id, None)
+            outputs.append(_output(request, (token,)))
+        pool = self.scheduler.pool
+        self.metrics.step(len(self.scheduler.running), len(self.scheduler.waiting), pool.num_free)
+        return outputs
+
+    # -- kvtier and metrics --------------------------------------------------------------------
+
+    def wait_for_saves(self, timeout: float | None = None) -> bool:
+        """Block until the KV saved so far is in kvtier (a later request will find it)."""
+        return self.connector.drain(timeout) if self.connector is not None else True
+
+    def prometheus_text(self) -> str:
+        text = self.metrics.prometheus_text()
+        return text + (self.kvtier.prometheus_text() if self.kvtier is not None else "")
+
+    def close(self) -> None:
+        if self.connector is not None:
+            self.connector.close()
+        if self.kvtier is not None:
+            self.kvtier.close()
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {name!r}")
+    return _DTYPES[name]
+
+
+def _output(request: Request, new_tokens: tuple[int, ...]) -> RequestOutput:
+    status = request.status
+    return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, request.output_text,
+                         request.output_token_ids, status.finished,
+                         status.value if status.finished else None, request.metrics, stream_delta(request),
+                         new_tokens)

@@ -1,0 +1,192 @@
+"""Continuous-batching scheduler: which requests run in the next step, and how many tokens each.
+
+Each step (`schedule`), with a budget of `max_num_batched_tokens`:
+  1. running requests first, in admission order: a decode takes one token, an unfinished prefill
+     the rest of its prompt up to the budget (chunked prefill). A request that cannot grow because
+     no block is free preempts the most recently admitted running request (its blocks are freed and
+     it goes back to the head of the queue, to be recomputed), or itself when it is the last;
+  2. then, if nothing was preempted, waiting requests in arrival order while budget and
+     `max_num_seqs` allow: blocks for the whole prompt, the device prefix-cache hit, and, through
+     the kvtier connector, the tokens kvtier can load beyond it. Only the rest is computed.
+
+Every `SchedulerOutput` carries `step`, a counter that starts at 1 and never resets; the connector
+metadata of that step (its loads and saves) carries the same number. `update` then advances each
+scheduled request by what ran; requests finish through `finish`, which lets the connector hold a
+request's blocks until its last save is gathered (reported back through `finished_sending`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvtier.connector.metadata import ConnectorMetadata
+from kvtier.connector.scheduler import KvtierSchedulerConnector, ScheduledWork
+from kvtier_engine.block_pool import BlockPool, NoFreeBlocks
+from kvtier_engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    request: Request
+    num_computed: int  # tokens already in the cache (device hit + kvtier load planned) before this step
+    num_new: int  # tokens this step computes
+    block_ids: list[int]
+    loaded: int = 0  # of num_computed, tokens planned to come from kvtier in this step
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when this step reaches the request's last token: its logits give the next token."""
+        return self.num_computed + self.num_new == len(self.request.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    step: int
+    scheduled: list[ScheduledRequest]
+    preempted: list[str] = field(default_factory=list)
+    connector_meta: ConnectorMetadata | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_pool: BlockPool, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 connector: KvtierSchedulerConnector | None = None):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.pool = block_pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.connector = connector
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.held: dict[str, Request] = {}  # finished, blocks kept for the connector's final save
+        self.step = 0
+
+    def add(self, request: Request) -> None:
+        need = -(-(request.num_prompt_tokens + request.params.max_tokens) // self.pool.block_size)
+        if need > len(self.pool.blocks):
+            raise ValueError(f"request {request.request_id}: prompt plus max_tokens needs {need} KV blocks; "
+                             f"the cache has {len(self.pool.blocks)}")
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.held)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        self.step += 1
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        queue = list(self.running)
+        self.running = []
+        while queue:
+            request = queue.pop(0)
+            n = min(len(request.token_ids) - request.num_computed_tokens, budget)
+            if n <= 0:
+                self.running.append(request)
+                continue
+            while not self.pool.append_slot(request.request_id, request.num_computed_tokens + n):
+                victim = queue.pop() if queue else request
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n,
+                                                  self.pool.block_table(request.request_id)))
+                budget -= n
+                self.running.append(request)
+        if not preempted:
+            budget = self._admit(budget, scheduled)
+        return SchedulerOutput(self.step, scheduled, preempted, self._connector_meta(scheduled))
+
+    def _admit(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            try:
+                device_hit = self.pool.allocate(request.request_id, request.token_ids)
+            except NoFreeBlocks as exc:
+                if not self.running:
+                    raise RuntimeError(f"request {request.request_id} does not fit the empty KV cache"
+                                       ) from exc
+                break
+            self.waiting.popleft()
+            blocks = self.pool.block_table(request.request_id)
+            loaded = 0
+            if self.connector is not None:
+                loaded, _ = self.connector.get_num_new_matched_tokens(request, device_hit)
+                self.connector.update_state_after_alloc(request, blocks, loaded)
+            request.num_computed_tokens = device_hit + loaded
+            request.status = RequestStatus.RUNNING
+            m = request.metrics
+            m.tokens_loaded += loaded
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = time.perf_counter()
+                m.tokens_cached_on_device = device_hit
+            n = min(len(request.token_ids) - request.num_computed_tokens, budget)
+            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n, blocks, loaded))
+            self.running.append(request)
+            budget -= n
+        return budget
+
+    def _preempt(self, request: Request) -> None:
+        self.pool.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.metrics.num_preemptions += 1
+        self.waiting.appendleft(request)
+        logger.debug("step %d: preempted %s", self.step, request.request_id)
+
+    def _connector_meta(self, scheduled: list[ScheduledRequest]) -> ConnectorMetadata | None:
+        if self.connector is None:
+            return None
+        return self.connector.build_connector_meta(self.step, [
+            ScheduledWork(s.request, s.block_ids, s.num_computed + s.num_new) for s in scheduled])
+
+    # -- after the step ------------------------------------------------------------------------
+
+    def update(self, output: SchedulerOutput, recomputed: dict[str, int],
+               finished_sending: set[str]) -> None:
+        """Advance each scheduled request past the tokens that ran. `recomputed`: tokens a request
+        computed beyond plan because its kvtier load fell short."""
+        for s in output.scheduled:
+            request = s.request
+            extra = recomputed.get(request.request_id, 0)
+            request.num_computed_tokens = s.num_computed + s.num_new
+            prompt_left = max(0, request.num_prompt_tokens - (s.num_computed - extra))
+            request.metrics.prefill_tokens_computed += min(s.num_new + extra, prompt_left)
+            request.metrics.tokens_loaded -= extra
+            self.pool.publish(request.request_id, request.token_ids, request.num_computed_tokens)
+        for request_id in finished_sending:
+            request = self.held.pop(request_id, None)
+            if request is not None:
+                self.pool.free(request_id)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Retire a request (stopped, out of length, or aborted), wherever it is."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        request.metrics.finished_time = time.perf_counter()
+        if not self.pool.holds(request.request_id):
+            if self.connector is not None:
+                self.connector.request_finished(request, [], request.num_computed_tokens)
+            return
+        blocks = self.pool.block_table(request.request_id)
+        if self.connector is not None and self.connector.request_finished(request, blocks,
+                                                                            request.num_computed_tokens):
+            self.held[request.request_id] = request
+        else:
+            self.pool.free(request.request_id)

@@ -1,0 +1,56 @@
+"""What the scheduler side tells the worker side each step (built by `build_connector_meta`).
+
+Token positions are absolute token indexes of the request. Block ids are the request's paged-cache
+block table, position p living in block `block_ids[p // block_size]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvtier.keys import ChunkKey
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """Load tokens `start:end` of a request from kvtier into its blocks. `start` is what the device
+    already holds (block aligned); `lease` holds the chunks against eviction until the load is done."""
+
+    request_id: str
+    token_ids: Sequence[int]
+    block_ids: Sequence[int]
+    start: int
+    end: int
+    lease: Sequence[ChunkKey] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SaveSpec:
+    """Save tokens `start:end` of a request (KV computed once this step's forward is done). `start`
+    is a chunk boundary: every chunk before it is in kvtier already."""
+
+    request_id: str
+    token_ids: Sequence[int]
+    block_ids: Sequence[int]
+    start: int
+    end: int
+    final: bool = False  # the request has finished; its blocks are held until this save is gathered
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorMetadata:
+    step: int  # the scheduler output's step counter; every load and save event carries it
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    """One load or save, as it happened: for tests, logs and metrics."""
+
+    step: int
+    kind: str  # "load" or "save"
+    request_id: str
+    start: int
+    end: int  # for a load: the end actually reached (< the planned end when a load fell short)

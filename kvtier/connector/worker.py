@@ -1,0 +1,184 @@
+"""Worker side of the connector: moves KV between kvtier and the engine's paged cache.
+
+Where it runs: in the process that holds the paged KV, on the forward pass's thread (plus one loader
+and one saver thread of its own). Per step, in order:
+
+    bind_connector_metadata(meta)
+    start_load_kv()          reads the chunks (tier I/O, blocking), then starts copying them into the
+                             paged blocks; `get_loaded_tokens()` says how far each load really got
+    wait_for_layer_load(l)   before layer l's attention: layer l's KV is in place
+    save_kv_layer(l)         after layer l's attention
+    wait_for_save()          after the forward: gathers what to save, hands it to the saver thread
+    get_finished()           requests whose final save is gathered (their blocks may be freed)
+    clear_connector_metadata()
+
+Layouts: the paged cache holds every layer in one tensor, so a request's save is one gather for all
+layers and its load one scatter (a chunk record holds all layers too). On a GPU the load runs layer
+by layer on its own thread (`layerwise`): layer l+1 is copied while layer l computes. On a CPU both
+copies are memcpy on the same cores, so by default the whole scatter is done at once.
+
+A save gathers into a new host tensor before the step ends, so the engine may reuse the blocks at
+once; kvtier copies it into its own memory on the saver thread and never blocks the forward pass.
+A load that falls short (a chunk missing, corrupt or unreadable) reports where it stopped; the
+engine recomputes exactly the tokens after that. Leases taken by the scheduler side are released
+here, once the chunks have been read or found missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Protocol
+
+import torch
+
+from kvtier.connector.metadata import ConnectorMetadata, KVEvent, LoadSpec, SaveSpec
+from kvtier.engine import CacheEngine
+
+logger = logging.getLogger(__name__)
+
+MAX_EVENTS = 10_000
+
+
+class PagedKV(Protocol):
+    """The engine's paged KV cache as the connector sees it (`[2, L, T, H*D]` chunks in and out)."""
+
+    block_size: int
+    num_layers: int
+
+    def gather(self, block_ids: list[int], num_tokens: int) -> torch.Tensor: ...
+    def scatter(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None: ...
+
+
+class KvtierWorkerConnector:
+    def __init__(self, engine: CacheEngine, layerwise: bool | None = None):
+        self.engine = engine
+        self.layerwise = layerwise
+        self.cache: PagedKV | None = None
+        self.events: deque[KVEvent] = deque(maxlen=MAX_EVENTS)
+        self.stats = {"loads": 0, "load_shortfalls": 0, "loaded_tokens": 0, "saves": 0, "save_failures": 0,
+                      "saved_tokens": 0}
+        self._meta: ConnectorMetadata | None = None
+        self._loaded: dict[str, int] = {}
+        self._layer_ready: list[threading.Event] = []
+        self._load_error: BaseException | None = None
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
+        self._saves: set[Future] = set()
+        self._finished_sending: set[str] = set()
+
+    def register_kv_caches(self, cache: PagedKV) -> None:
+        self.cache = cache
+        if self.layerwise is None:
+            kv = getattr(cache, "kv", None)
+            self.layerwise = bool(kv is not None and kv.is_cuda)
+
+    def bind_connector_metadata(self, meta: ConnectorMetadata) -> None:
+        self._meta = meta
+
+    def clear_connector_metadata(self) -> None:
+        self._meta = None
+
+    # -- loads ---------------------------------------------------------------------------------
+
+    def start_load_kv(self) -> None:
+        self._loaded, self._layer_ready, self._load_error = {}, [], None
+        if self._meta is None or not self._meta.loads:
+            return
+        jobs = [job for spec in self._meta.loads if (job := self._read(spec)) is not None]
+        if not self.layerwise:
+            for block_ids, kv in jobs:
+                self.cache.scatter(block_ids, kv)
+            return
+        self._layer_ready = [threading.Event() for _ in range(self.cache.num_layers)]
+        threading.Thread(target=self._scatter_layers, args=(jobs,), name="kvtier-load", daemon=True).start()
+
+    def _read(self, spec: LoadSpec) -> tuple[list[int], torch.Tensor] | None:
+        """Read a request's chunks from kvtier; the blocks and KV still to scatter, if any."""
+        chunk = self.engine.db.chunk_size
+        first = spec.start - spec.start % chunk  # kvtier reads whole chunks
+        try:
+            kv, n = self.engine.retrieve(spec.token_ids, start=first)
+        except Exception:  # a tier failing in an unexpected way is a miss, never a failed step
+            logger.exception("kvtier load for request %s failed; recomputing", spec.request_id)
+            kv, n = None, 0
+        finally:
+            self.engine.release(spec.lease)
+        reached = min(max(n, spec.start), spec.end)
+        self._loaded[spec.request_id] = reached
+        self.events.append(KVEvent(self._meta.step, "load", spec.request_id, spec.start, reached))
+        self.stats["loads"] += 1
+        self.stats["loaded_tokens"] += reached - spec.start
+        if reached < spec.end:
+            self.stats["load_shortfalls"] += 1
+            logger.warning("request %s: kvtier load reached token %d of %d; the rest is recomputed",
+                           spec.request_id, reached, spec.end)
+        if reached == spec.start:
+            return None
+        bs = self.cache.block_size
+        return list(spec.block_ids[spec.start // bs:]), kv[:, :, spec.start - first:reached - first]
+
+    def _scatter_layers(self, jobs: list[tuple[list[int], torch.Tensor]]) -> None:
+        try:
+            for layer, ready in enumerate(self._layer_ready):
+                for block_ids, kv in jobs:
+                    self.cache.scatter(block_ids, kv[:, layer:layer + 1], layers=slice(layer, layer + 1))
+                ready.set()
+        except BaseException as exc:  # surfaced to the forward pass by wait_for_layer_load
+            self._load_error = exc
+        finally:
+            for ready in self._layer_ready:
+                ready.set()
+
+    def get_loaded_tokens(self) -> dict[str, int]:
+        """For each request loaded this step: the token its KV now reaches (the planned end unless the
+        load fell short). Available as soon as `start_load_kv` returns."""
+        return dict(self._loaded)
+
+    def wait_for_layer_load(self, layer: int) -> None:
+        if self._layer_ready:
+            self._layer_ready[layer].wait()
+            if self._load_error is not None:
+                raise RuntimeError("copying loaded KV into the paged cache failed") from self._load_error
+
+    # -- saves ---------------------------------------------------------------------------------
+
+    def save_kv_layer(self, layer: int) -> None:
+        """Nothing per layer: the save is one gather of all layers in `wait_for_save` (see above)."""
+
+    def wait_for_save(self) -> None:
+        if self._meta is None:
+            return
+        for spec in self._meta.saves:
+            bs = self.cache.block_size
+            kv = self.cache.gather(list(spec.block_ids[spec.start // bs:]), spec.end - spec.start)
+            future = self._saver.submit(self._store, spec, kv)
+            self._saves.add(future)
+            future.add_done_callback(self._saves.discard)
+            self.events.append(KVEvent(self._meta.step, "save", spec.request_id, spec.start, spec.end))
+            if spec.final:
+                self._finished_sending.add(spec.request_id)
+
+    def _store(self, spec: SaveSpec, kv: torch.Tensor) -> None:
+        try:
+            self.engine.store(spec.token_ids, kv, start=spec.start)
+            self.stats["saves"] += 1
+            self.stats["saved_tokens"] += spec.end - spec.start
+        except Exception:  # the KV is simply not cached; the engine's output is unaffected
+            self.stats["save_failures"] += 1
+            logger.exception("kvtier save for request %s failed", spec.request_id)
+
+    def get_finished(self) -> tuple[set[str], set[str]]:
+        """(requests whose final save no longer needs their blocks, requests whose async load
+        finished). Loads always finish within their step here, so the second set is empty."""
+        done, self._finished_sending = self._finished_sending, set()
+        return done, set()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every save handed to kvtier has been stored. True if all did in time."""
+        _, pending = wait(list(self._saves), timeout)
+        return not pending
+
+    def close(self) -> None:
+        self._saver.shutdown(wait=True)

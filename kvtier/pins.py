@@ -1,0 +1,62 @@
+"""Chunks that no tier may evict: pinned by a user, or leased by a request that is about to load them.
+
+A pin is a user's, held until `unpin` (or `clear`); pinning twice is one pin. A lease is a request's,
+counted: two requests leasing one chunk hold it until both release. The connector leases the chunks
+it promised the scheduler at lookup time and releases them once the load is done or the request is
+finished or aborted, so a chunk cannot be evicted between "it is there" and "it was read".
+
+Tiers ask `key in pins` from their own threads while evicting; membership tests on a set and a dict
+are atomic under the GIL, and every change is made under the storage manager's lock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from kvtier.keys import ChunkKey
+
+
+class PinTable:
+    def __init__(self) -> None:
+        self._pinned: set[ChunkKey] = set()
+        self._leases: Counter[ChunkKey] = Counter()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pinned or key in self._leases
+
+    def pin(self, keys: Iterable[ChunkKey]) -> int:
+        """Pin keys; returns how many were not pinned before."""
+        new = {k for k in keys if k not in self._pinned}
+        self._pinned |= new
+        return len(new)
+
+    def unpin(self, keys: Iterable[ChunkKey]) -> int:
+        gone = {k for k in keys if k in self._pinned}
+        self._pinned -= gone
+        return len(gone)
+
+    def lease(self, keys: Iterable[ChunkKey]) -> None:
+        self._leases.update(keys)
+
+    def release(self, keys: Iterable[ChunkKey]) -> None:
+        for key in keys:
+            count = self._leases.get(key, 0)
+            if count <= 0:
+                raise RuntimeError("chunk lease released more often than taken")
+            if count == 1:
+                del self._leases[key]
+            else:
+                self._leases[key] = count - 1
+
+    def clear_pins(self) -> None:
+        """Drop every user pin. Leases stay: their requests still hold them."""
+        self._pinned.clear()
+
+    @property
+    def num_pinned(self) -> int:
+        return len(self._pinned)
+
+    @property
+    def num_leased(self) -> int:
+        return len(self._leases)
