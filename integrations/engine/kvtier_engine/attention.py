@@ -23,6 +23,9 @@ import torch
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.model_config import ModelConfig
 
+# Query rows per block of `causal_attention`: a 512 x 4096 fp32 score block per head group is 8 MiB.
+QUERY_BLOCK = 512
+
 
 class AttentionBackend(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
@@ -32,7 +35,25 @@ class AttentionBackend(Protocol):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                      window: int | None) -> torch.Tensor:
     """q: [T, Hq, D] for positions start..start+T-1; k, v: [start+T, Hkv, D] for positions 0..
-    Grouped-query attention with a causal (and optional sliding-window) mask. Returns [T, Hq, D]."""
+    Grouped-query attention with a causal (and optional sliding-window) mask. Returns [T, Hq, D].
+
+    Long queries run in row blocks, each against only the keys it can see: a causal prefill then
+    does half the work of one masked [T, N] product, and its score tensor stays cache-sized."""
+    t = q.shape[0]
+    if t <= QUERY_BLOCK:
+        return _attend_block(q, k, v, start, window)
+    out = torch.empty_like(q)
+    for lo in range(0, t, QUERY_BLOCK):
+        hi = min(lo + QUERY_BLOCK, t)
+        first = 0 if window is None else max(0, start + lo - window + 1)
+        out[lo:hi] = _attend_block(q[lo:hi], k[first:start + hi], v[first:start + hi], start + lo - first,
+                                   window)
+    return out
+
+
+def _attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                  window: int | None) -> torch.Tensor:
+    """`causal_attention` for one block of rows, as one masked product (positions relative to k[0])."""
     t, hq, d = q.shape
     n, hkv = k.shape[0], k.shape[1]
     group = hq // hkv
