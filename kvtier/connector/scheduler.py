@@ -76,8 +76,10 @@ class KvtierSchedulerConnector:
         end = min(state.hit_tokens, len(tokens) - 1)
         start = end - num_external_tokens
         state.lease = self.engine.lease(tokens, end)
-        state.load = LoadSpec(request.request_id, list(tokens[:end]), list(block_ids), start, end,
-                              state.lease)
+        # The tokens up to the whole hit, not just `end`: a prompt that is all hits stops one token
+        # short, and cutting there would turn its last chunk into a partial one kvtier never stored.
+        state.load = LoadSpec(request.request_id, list(tokens[:state.hit_tokens]), list(block_ids), start,
+                              end, state.lease)
 
     def build_connector_meta(self, step: int, scheduled: Sequence[ScheduledWork]) -> ConnectorMetadata:
         loads, saves = [], self._finals

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.connector.worker import KvtierWorkerConnector
-from kvtier_engine.attention import AttentionBackend, BatchMetadata, PagedAttention
+from kvtier_engine.attention import AttentionBackend, BatchMetadata
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.models.llama import CausalLM
 from kvtier_engine.sampling import sample
 from kvtier_engine.scheduler import SchedulerOutput
+from kvtier_engine.triton_attention import paged_attention_backend
 
 
 @dataclass(slots=True)
@@ -84,7 +85,7 @@ class ModelRunner:
         ids = [t for s, a, b in zip(out.scheduled, starts, ends) for t in s.request.token_ids[a:b]]
         meta = BatchMetadata.build([s.block_ids for s in out.scheduled], starts,
                                    [b - a for a, b in zip(starts, ends)], self.cache.block_size, self.device)
-        backend: AttentionBackend = PagedAttention(self.cache, meta, self.model.config)
+        backend: AttentionBackend = paged_attention_backend(self.cache, meta, self.model.config)
         if self.connector is not None:
             backend = _ConnectorHooks(backend, self.connector)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
