@@ -26,6 +26,7 @@ here, once the chunks have been read or found missing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -61,8 +62,10 @@ class KvtierWorkerConnector:
         self.stats = {"loads": 0, "load_shortfalls": 0, "loaded_tokens": 0, "saves": 0, "save_failures": 0,
                       "saved_tokens": 0}
         self._meta: ConnectorMetadata | None = None
+        self._on_cuda = False
         self._loaded: dict[str, int] = {}
         self._layer_ready: list[threading.Event] = []
+        self._layer_copied: dict[int, torch.cuda.Event] = {}  # GPU only: layer -> its copy is done
         self._load_error: BaseException | None = None
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
         self._saves: set[Future] = set()
@@ -70,9 +73,10 @@ class KvtierWorkerConnector:
 
     def register_kv_caches(self, cache: PagedKV) -> None:
         self.cache = cache
+        kv = getattr(cache, "kv", None)
+        self._on_cuda = bool(kv is not None and kv.is_cuda)
         if self.layerwise is None:
-            kv = getattr(cache, "kv", None)
-            self.layerwise = bool(kv is not None and kv.is_cuda)
+            self.layerwise = self._on_cuda
 
     def bind_connector_metadata(self, meta: ConnectorMetadata) -> None:
         self._meta = meta
@@ -92,7 +96,9 @@ class KvtierWorkerConnector:
                 self.cache.scatter(block_ids, kv)
             return
         self._layer_ready = [threading.Event() for _ in range(self.cache.num_layers)]
-        threading.Thread(target=self._scatter_layers, args=(jobs,), name="kvtier-load", daemon=True).start()
+        self._layer_copied = {}
+        threading.Thread(target=self._scatter_layers, args=(jobs, self._layer_ready, self._layer_copied),
+                         name="kvtier-load", daemon=True).start()
 
     def _read(self, spec: LoadSpec) -> tuple[list[int], torch.Tensor] | None:
         """Read a request's chunks from kvtier; the blocks and KV still to scatter, if any."""
@@ -119,16 +125,26 @@ class KvtierWorkerConnector:
         bs = self.cache.block_size
         return list(spec.block_ids[spec.start // bs:]), kv[:, :, spec.start - first:reached - first]
 
-    def _scatter_layers(self, jobs: list[tuple[list[int], torch.Tensor]]) -> None:
+    def _scatter_layers(self, jobs: list[tuple[list[int], torch.Tensor]], layer_ready: list[threading.Event],
+                        layer_copied: dict[int, torch.cuda.Event]) -> None:
+        # Its own step's events, not `self._layer_ready`: the forward pass may finish and the next
+        # step start before this thread reaches `finally`, which must not signal that step's layers.
+        # On a GPU the copies go on a stream of their own, and each layer's completion is a CUDA
+        # event the forward's stream waits on: the copy of layer l+1 overlaps layer l's compute.
+        stream = torch.cuda.Stream() if self._on_cuda else None
         try:
-            for layer, ready in enumerate(self._layer_ready):
-                for block_ids, kv in jobs:
-                    self.cache.scatter(block_ids, kv[:, layer:layer + 1], layers=slice(layer, layer + 1))
-                ready.set()
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for layer, ready in enumerate(layer_ready):
+                    for block_ids, kv in jobs:
+                        self.cache.scatter(block_ids, kv[:, layer:layer + 1], layers=slice(layer, layer + 1))
+                    if stream is not None:
+                        layer_copied[layer] = torch.cuda.Event()
+                        layer_copied[layer].record(stream)
+                    ready.set()
         except BaseException as exc:  # surfaced to the forward pass by wait_for_layer_load
             self._load_error = exc
         finally:
-            for ready in self._layer_ready:
+            for ready in layer_ready:
                 ready.set()
 
     def get_loaded_tokens(self) -> dict[str, int]:
@@ -141,6 +157,9 @@ class KvtierWorkerConnector:
             self._layer_ready[layer].wait()
             if self._load_error is not None:
                 raise RuntimeError("copying loaded KV into the paged cache failed") from self._load_error
+            copied = self._layer_copied.get(layer)
+            if copied is not None:
+                torch.cuda.current_stream().wait_event(copied)
 
     # -- saves ---------------------------------------------------------------------------------
 

@@ -49,16 +49,17 @@ class PagedKVCache:
         `layers` it holds (all by default; one layer at a time for a layer-wise load)."""
         num_tokens = kv.shape[2]
         self._check(block_ids, num_tokens)
+        kv = kv.to(self.kv.device, self.kv.dtype, non_blocking=True)  # host chunks onto the device
         full, tail = divmod(num_tokens, self.block_size)
         c = self.config
         target = self.kv[:, layers]
         shape = (2, kv.shape[1], -1, self.block_size, c.num_kv_heads, c.head_dim)
         if full:
             index = torch.tensor(block_ids[:full], dtype=torch.long, device=self.kv.device)
-            target.index_copy_(2, index, kv[:, :, :full * self.block_size].reshape(shape).to(self.kv.dtype))
+            target.index_copy_(2, index, kv[:, :, :full * self.block_size].reshape(shape))
         if tail:
             last = kv[:, :, full * self.block_size:].reshape(*shape[:2], tail, *shape[4:])
-            target[:, :, block_ids[full], :tail] = last.to(self.kv.dtype)
+            target[:, :, block_ids[full], :tail] = last
 
     def _check(self, block_ids: list[int], num_tokens: int) -> None:
         if num_tokens > len(block_ids) * self.block_size or num_tokens < 0:
