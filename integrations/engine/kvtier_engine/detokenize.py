@@ -38,6 +38,8 @@ def stream_delta(request: Request) -> str:
     text = request.output_text
     end = len(text)
     if not request.status.finished:
+        # A character cut between tokens decodes as U+FFFD until its last byte arrives.
+        end = len(text.rstrip("\ufffd"))
         for stop in request.params.stop:
             for k in range(min(len(stop) - 1, len(text)), 0, -1):
                 if text.endswith(stop[:k]):

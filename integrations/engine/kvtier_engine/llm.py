@@ -40,7 +40,8 @@ class LLM:
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         done: dict[str, RequestOutput] = {}
         with request_progress(len(ids), enabled=use_tqdm) as progress:
-            while len(done) < len(ids):
+            # Also until no finished request holds blocks: its final save is gathered a step later.
+            while len(done) < len(ids) or self.engine.scheduler.held:
                 for out in self.engine.step():
                     if out.finished:
                         done[out.request_id] = out

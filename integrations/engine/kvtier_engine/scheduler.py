@@ -116,7 +116,8 @@ class Scheduler:
             try:
                 device_hit = self.pool.allocate(request.request_id, request.token_ids)
             except NoFreeBlocks as exc:
-                if not self.running:
+                # Blocks held for a final save come back next step: only an idle cache is final.
+                if not self.running and not self.held:
                     raise RuntimeError(f"request {request.request_id} does not fit the empty KV cache"
                                        ) from exc
                 break

@@ -1,0 +1,71 @@
+"""The `kvtier_engine` command: `kvtier_engine serve MODEL [options]` (also `python -m kvtier_engine`).
+
+    kvtier_engine serve random:llama-small --kvtier-config configs/cpu_disk.yaml --port 8000
+
+MODEL is a Hugging Face model folder or a `random:<preset>`. Process-wide setup (logging, and uvicorn's
+signal handlers through `serve`) happens here, never in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from kvtier.config import parse_size
+from kvtier.errors import ConfigError
+from kvtier_engine.llm_engine import EngineOptions
+from kvtier_engine.server import serve
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Defaults from an instance: EngineOptions has slots, so its class attributes are descriptors.
+    defaults = EngineOptions(model="")
+    parser = argparse.ArgumentParser(prog="kvtier_engine", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("serve", help="an OpenAI-compatible HTTP server",
+                                description="Serve MODEL over an OpenAI-compatible HTTP API.")
+    command.add_argument("model", metavar="MODEL", help="a Hugging Face model folder or random:<preset>")
+    command.add_argument("--kvtier-config", metavar="FILE", default=None,
+                       help="kvtier YAML configuration; without it kvtier is off")
+    command.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    command.add_argument("--port", type=int, default=8000)
+    command.add_argument("--served-model-name", metavar="NAME", default=None,
+                       help="the name clients pass as `model` (default: MODEL)")
+    command.add_argument("--kv-cache-bytes", type=_size, default=defaults.kv_cache_bytes, metavar="N",
+                       help="paged KV cache size, in bytes or like 512MiB (default: %(default)s bytes)")
+    command.add_argument("--max-num-seqs", type=_positive, default=defaults.max_num_seqs, metavar="N")
+    command.add_argument("--max-num-batched-tokens", type=_positive,
+                       default=defaults.max_num_batched_tokens, metavar="N")
+    command.add_argument("--seed", type=int, default=defaults.seed, help="random presets' weights")
+    command.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda when present)")
+    command.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    command.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = EngineOptions(model=args.model, kvtier_config=args.kvtier_config, device=args.device,
+                            dtype=args.dtype, seed=args.seed, kv_cache_bytes=args.kv_cache_bytes,
+                            max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens)
+    serve(options, args.host, args.port, args.served_model_name, args.log_level)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(int(text) if text.isdigit() else text, "--kv-cache-bytes")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

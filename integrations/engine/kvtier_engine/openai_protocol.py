@@ -1,0 +1,208 @@
+"""The OpenAI completions wire format, sans IO: request bodies in, response and chunk bodies out.
+
+Pure functions over already-decoded JSON (dicts); the HTTP server (`server.py`) does the I/O. Every
+rejected body raises `InvalidRequest` naming the offending field, which the server turns into a 400.
+
+What is accepted (https://platform.openai.com/docs/api-reference/completions):
+- `prompt`: a string, a list of token ids, or a list holding exactly one of those. A batch of several
+  prompts is rejected: one request per prompt, and the server batches concurrent requests anyway.
+- `max_tokens` (default 16), `temperature` (default 1), `top_p`, `seed`, `stop` (a string or a list),
+  `stream`, `stream_options.include_usage`, `user` (ignored), and two extensions: `top_k`, `ignore_eos`.
+- OpenAI fields this engine does not implement (`n`, `logprobs`, `echo`, penalties, ...) are accepted
+  only at their neutral value, so a client never silently gets something other than what it asked for.
+  Any other key is rejected, as OpenAI does.
+A `null` field means its default, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvtier_engine.llm_engine import RequestOutput
+from kvtier_engine.request import RequestMetrics
+from kvtier_engine.sampling import SamplingParams
+
+_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                     "stream", "stream_options", "ignore_eos", "user"})
+# Fields we do not implement, with the values that ask for nothing beyond what we do.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (), "suffix": ("",),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+}
+# torch.Generator.manual_seed's range.
+_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+class InvalidRequest(ValueError):
+    """A request body the server cannot serve; `param` names the field at fault, if one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str | None  # None: the client left it out; the served model answers
+    prompt: str | tuple[int, ...]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False  # streaming: a last chunk with `usage` and no choices
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionHead:
+    """What every body and chunk of one completion repeats."""
+
+    id: str
+    created: int  # unix seconds
+    model: str
+
+
+def parse_completion_request(body: object) -> CompletionRequest:
+    """Validate a decoded `POST /v1/completions` body. Raises `InvalidRequest` (-> 400)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    for key in body:
+        if key in _NEUTRAL:
+            if body[key] is not None and body[key] not in _NEUTRAL[key]:
+                raise InvalidRequest(f"{key!r} is not supported by this server", key)
+        elif key not in _FIELDS:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {key}", key)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string", "model")
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise InvalidRequest("'stream_options' must be an object with only 'include_usage'", "stream_options")
+    include_usage = _bool(options or {}, "include_usage", False, "stream_options.include_usage")
+    return CompletionRequest(model, _prompt(body.get("prompt")), sampling_params(body), stream, include_usage)
+
+
+def sampling_params(body: dict[str, Any]) -> SamplingParams:
+    """The `SamplingParams` a completions body asks for (OpenAI's defaults where a field is absent)."""
+    temperature = _number(body, "temperature", 1.0)
+    if temperature < 0:
+        raise InvalidRequest(f"'temperature' must be >= 0, got {temperature}", "temperature")
+    top_p = _number(body, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise InvalidRequest(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+    top_k = _int(body, "top_k", None)
+    if top_k is not None and top_k < 1:
+        raise InvalidRequest(f"'top_k' must be >= 1 (or null for no limit), got {top_k}", "top_k")
+    max_tokens = _int(body, "max_tokens", 16)
+    if max_tokens < 1:
+        raise InvalidRequest(f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
+    seed = _int(body, "seed", None)
+    if seed is not None and not _SEED_MIN <= seed <= _SEED_MAX:
+        raise InvalidRequest("'seed' must fit in 64 bits", "seed")
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens,
+                          seed=seed, stop=_stop(body.get("stop")),
+                          ignore_eos=_bool(body, "ignore_eos", False))
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+def completion_body(head: CompletionHead, output: RequestOutput) -> dict[str, Any]:
+    """The non-streamed response: the whole text, usage, and the `kvtier` extension."""
+    return {"id": head.id, "object": "text_completion", "created": head.created, "model": head.model,
+            "choices": [_choice(output.text, output.finish_reason)],
+            "usage": usage(output), "kvtier": kvtier_info(output.metrics)}
+
+
+def completion_chunk(head: CompletionHead, output: RequestOutput) -> dict[str, Any]:
+    """One streamed chunk: the text new since the previous chunk; the last one carries `kvtier` too."""
+    chunk = {"id": head.id, "object": "text_completion", "created": head.created, "model": head.model,
+             "choices": [_choice(output.new_text, output.finish_reason)]}
+    if output.finished:
+        chunk["kvtier"] = kvtier_info(output.metrics)
+    return chunk
+
+
+def usage_chunk(head: CompletionHead, output: RequestOutput) -> dict[str, Any]:
+    """`stream_options.include_usage`: the chunk after the last, with no choices (OpenAI's shape)."""
+    return {"id": head.id, "object": "text_completion", "created": head.created, "model": head.model,
+            "choices": [], "usage": usage(output)}
+
+
+def usage(output: RequestOutput) -> dict[str, int]:
+    prompt, completion = len(output.prompt_token_ids), len(output.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def kvtier_info(metrics: RequestMetrics) -> dict[str, Any]:
+    """Where the prompt's KV came from: computed here, the device prefix cache, or loaded from kvtier."""
+    return {"ttft_s": metrics.ttft_s, "prefill_tokens_computed": metrics.prefill_tokens_computed,
+            "tokens_loaded": metrics.tokens_loaded,
+            "tokens_cached_on_device": metrics.tokens_cached_on_device}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# -- fields --------------------------------------------------------------------------------------
+
+
+def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+
+def _prompt(value: object) -> str | tuple[int, ...]:
+    if isinstance(value, list) and value and isinstance(value[0], str | list):
+        if len(value) > 1:
+            raise InvalidRequest(f"a batch of {len(value)} prompts is not supported: send one request per "
+                                 "prompt (the server batches concurrent requests)", "prompt")
+        value = value[0]
+    if isinstance(value, str):
+        if not value:
+            raise InvalidRequest("'prompt' must not be empty", "prompt")
+        return value
+    if isinstance(value, list) and value and all(_is_int(t) and t >= 0 for t in value):
+        return tuple(value)
+    if value is None:
+        raise InvalidRequest("'prompt' is required", "prompt")
+    raise InvalidRequest("'prompt' must be a non-empty string or a non-empty list of token ids (ints >= 0)",
+                         "prompt")
+
+
+def _stop(value: object) -> tuple[str, ...]:
+    stops = () if value is None else (value,) if isinstance(value, str) else value
+    if not isinstance(stops, list | tuple) or not all(isinstance(s, str) and s for s in stops):
+        raise InvalidRequest("'stop' must be a non-empty string or a list of them", "stop")
+    return tuple(stops)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
+
+
+def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise InvalidRequest(f"'{name}' must be an integer, got {value!r}", name)
+    return value
+
+
+def _number(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not (_is_int(value) or isinstance(value, float)):
+        raise InvalidRequest(f"'{name}' must be a number, got {value!r}", name)
+    return float(value)
+
+
+def _bool(body: dict[str, Any], name: str, default: bool, param: str | None = None) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{param or name}' must be true or false, got {value!r}", param or name)
+    return value

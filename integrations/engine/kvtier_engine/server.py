@@ -1,0 +1,239 @@
+"""`kvtier_engine serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over one EngineLoop.
+
+    POST /v1/completions  OpenAI completions; `stream: true` answers with server-sent events, each
+                          `data: {chunk}\\n\\n`, then `data: [DONE]\\n\\n`. One prompt per request.
+    GET  /v1/models       the served model, in OpenAI's list shape
+    GET  /health          200 {"status": "ok"} while the engine loop runs, else 503
+    GET  /metrics         Prometheus text: the engine's metrics, and kvtier's when it is on
+
+Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for a body that is not
+JSON or not a valid request (wire format in `openai_protocol.py`) or a prompt the model cannot take;
+404 for another model's name or an unknown path; 500 when the engine fails while running the request;
+503 when the engine loop has stopped. A streamed request that fails after its first chunk ends with
+an `data: {"error": ...}` event and `[DONE]` (the 200 has gone out by then). A stream waits for its
+first output before answering, so failures up to then get their real status.
+
+Where it runs: handlers run on uvicorn's event loop and never touch the engine; the EngineLoop's
+thread does. A client that disconnects, streaming or not, has its request aborted in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from kvtier_engine.engine_loop import EngineLoop, RequestFailed, RequestStream
+from kvtier_engine.llm_engine import EngineOptions, LLMEngine, RequestOutput
+from kvtier_engine.openai_protocol import (
+    CompletionHead,
+    CompletionRequest,
+    InvalidRequest,
+    completion_body,
+    completion_chunk,
+    error_body,
+    parse_completion_request,
+    usage_chunk,
+)
+
+logger = logging.getLogger(__name__)
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# On SIGINT/SIGTERM, how long running requests get to finish before they are cancelled (and aborted).
+GRACEFUL_SHUTDOWN_S = 5.0
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    name: str  # what clients put in `model`
+    max_model_len: int
+    created: int  # unix seconds the server started
+
+
+class _ModelNotFound(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def build_app(engine_loop: EngineLoop, model: ServedModel) -> FastAPI:
+    """The ASGI app. The caller owns `engine_loop`: it starts it before serving and closes it after."""
+    app = FastAPI(title="kvtier_engine", docs_url=None, redoc_url=None, openapi_url=None)
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine_loop.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine_loop.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {"id": model.name, "object": "model", "created": model.created, "owned_by": "kvtier",
+                "max_model_len": model.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = parse_completion_request(_decode_json(await request.body()))
+        if body.model is not None and body.model != model.name:
+            raise _ModelNotFound(body.model)
+        head = CompletionHead(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name)
+        prompt = body.prompt if isinstance(body.prompt, str) else list(body.prompt)
+        stream = engine_loop.submit(prompt, body.params, head.id)
+        streaming = False
+        try:
+            if body.stream:
+                first = await _unless_disconnected(request, stream.next())
+                # From here the response's iterator, and its background task should the iterator
+                # never start, abort the request if the client leaves.
+                streaming = True
+                return StreamingResponse(_sse(stream, first, head, body), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"},
+                                         background=BackgroundTask(stream.abort))
+            final = await _unless_disconnected(request, _until_finished(stream))
+            return JSONResponse(completion_body(head, final))
+        except _ClientGone:
+            logger.info("%s: client disconnected; request aborted", head.id)
+            return Response(status_code=499)  # nobody reads it; the status is nginx's "client closed"
+        finally:
+            # A no-op once the request is done; otherwise the client left or we were cancelled.
+            if not streaming:
+                stream.abort()
+
+    return app
+
+
+def serve(options: EngineOptions, host: str = "127.0.0.1", port: int = 8000,
+          served_model_name: str | None = None, log_level: str = "info") -> None:
+    """Load the model, then serve until SIGINT/SIGTERM; the engine is closed (kvtier drained) on the way out.
+
+    Blocking; uvicorn installs its signal handlers, so call it from the main thread.
+    """
+    engine = LLMEngine(options)
+    engine_loop = EngineLoop(engine)
+    engine_loop.start()
+    try:
+        model = ServedModel(served_model_name or options.model, engine.max_model_len, int(time.time()))
+        config = uvicorn.Config(build_app(engine_loop, model), host=host, port=port, log_level=log_level,
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        uvicorn.Server(config).run()
+    finally:
+        engine_loop.close()
+
+
+# -- completions ---------------------------------------------------------------------------------
+
+
+async def _until_finished(stream: RequestStream) -> RequestOutput:
+    while not (output := await stream.next()).finished:
+        pass
+    return output
+
+
+async def _sse(stream: RequestStream, first: RequestOutput, head: CompletionHead,
+               body: CompletionRequest) -> AsyncIterator[bytes]:
+    output = first
+    try:
+        while True:
+            if output.new_text or output.finished:
+                yield _event(completion_chunk(head, output))
+            if output.finished:
+                break
+            output = await stream.next()
+        if body.include_usage:
+            yield _event(usage_chunk(head, output))
+    except RequestFailed as exc:
+        yield _event(error_body(exc.message, _error_type(exc.status)))
+    finally:
+        # Reached with the stream cancelled when the client disconnects: abort the request then.
+        stream.abort()
+    yield b"data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`await work`, unless the client disconnects first: then cancel it and raise _ClientGone."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done():
+        raise _ClientGone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect (as Starlette's own
+    # StreamingResponse listens for it).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _decode_json(raw: bytes) -> object:
+    def reject_constant(name: str) -> None:  # NaN and Infinity are not JSON
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=reject_constant)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def _error_type(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, _error_type(status), param, code), status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InvalidRequest)
+    async def invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return _error(400, exc.message, exc.param)
+
+    @app.exception_handler(_ModelNotFound)
+    async def unknown_model(_: Request, exc: _ModelNotFound) -> JSONResponse:
+        return _error(404, f"The model `{exc}` does not exist.", "model", "model_not_found")
+
+    @app.exception_handler(RequestFailed)
+    async def failed(_: Request, exc: RequestFailed) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return _error(500, "internal server error")

@@ -1,0 +1,459 @@
+"""kvtier_engine serve: the real server in a subprocess, spoken to over HTTP; and its parts in-process.
+
+Server processes are few and module-scoped (each costs a torch import and a model load): one plain,
+one with kvtier on a disk tier under tmp_path, and that one restarted on the same disk. Readiness is
+/health polled against a deadline. The in-process parts are the body -> SamplingParams mapping and
+EngineLoop's failure handling, driven by a fake engine that fails on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kvtier_engine import LLM, SamplingParams
+from kvtier_engine.cli import build_parser
+from kvtier_engine.engine_loop import MAX_FAILED_STEPS, EngineLoop, EngineUnavailable, RequestFailed
+from kvtier_engine.llm_engine import RequestOutput
+from kvtier_engine.openai_protocol import InvalidRequest, parse_completion_request, sampling_params
+from kvtier_engine.request import RequestMetrics
+
+MODEL = "random:llama-tiny"
+SERVED_NAME = "tiny"  # the plain server's --served-model-name
+START_DEADLINE_S = 60.0
+KVTIER_YAML = """\
+chunk_size: 32
+write_through: true
+cpu:
+  capacity: 64MiB
+disk:
+  path: {path}
+  capacity: 256MiB
+  io_threads: 1
+"""
+
+
+# -- the server process --------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes, str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.read(), resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), err.headers.get("Content-Type", "")
+
+    def post(self, body: dict | bytes, path: str = "/v1/completions") -> tuple[int, dict]:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        status, data, _ = self.request("POST", path, raw)
+        return status, json.loads(data)
+
+    def complete(self, **body) -> dict:
+        status, data = self.post(body)
+        assert status == 200, data
+        return data
+
+    def get(self, path: str) -> tuple[int, bytes, str]:
+        return self.request("GET", path)
+
+    def stream(self, **body) -> list[str]:
+        """The `data:` payloads of a streamed completion, in order ("[DONE]" included)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
+        events = [e for e in resp.read().decode().split("\n\n") if e]
+        conn.close()
+        assert all(e.startswith("data: ") for e in events), events
+        return [e.removeprefix("data: ") for e in events]
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_DEADLINE_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"server not ready in {START_DEADLINE_S} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # graceful: uvicorn shuts down, then the engine closes
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"server ignored SIGTERM:\n{self.log.read_text()}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(log: Path, *args: str) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "kvtier_engine", "serve", MODEL, "--port", str(port),
+           "--kv-cache-bytes", "64MiB", "--log-level", "warning", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two servers share 2 cores with the tests
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return Server(proc, port, log)
+
+
+@pytest.fixture(scope="module")
+def kvtier_config(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("kvtier")
+    path = folder / "kvtier.yaml"
+    path.write_text(KVTIER_YAML.format(path=folder / "disk"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, kvtier_config):
+    """(plain server, kvtier server), started side by side."""
+    logs = tmp_path_factory.mktemp("logs")
+    started = [launch(logs / "plain.log", "--served-model-name", SERVED_NAME),
+               launch(logs / "kvtier.log", "--kvtier-config", str(kvtier_config))]
+    try:
+        for server in started:
+            server.wait_ready()
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers) -> Server:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def offline() -> LLM:
+    """The same model in-process: what the server's greedy output must equal."""
+    llm = LLM(MODEL, kv_cache_bytes=64 << 20)
+    yield llm
+    llm.close()
+
+
+def greedy(max_tokens: int, **extra) -> dict:
+    return {"model": SERVED_NAME, "max_tokens": max_tokens, "temperature": 0, **extra}
+
+
+# -- completions ---------------------------------------------------------------------------------
+
+
+def test_completion_from_text_equals_offline_generate(server, offline):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    body = server.complete(prompt=prompt, **greedy(24))
+    want = offline.generate(prompt, SamplingParams(max_tokens=24, temperature=0))[0]
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["model"] == SERVED_NAME and isinstance(body["created"], int)
+    assert body["choices"] == [{"index": 0, "text": want.text, "finish_reason": want.finish_reason,
+                                "logprobs": None}]
+    n_prompt, n_out = len(want.prompt_token_ids), len(want.token_ids)
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                             "total_tokens": n_prompt + n_out}
+    kv = body["kvtier"]
+    assert set(kv) == {"ttft_s", "prefill_tokens_computed", "tokens_loaded", "tokens_cached_on_device"}
+    assert kv["ttft_s"] > 0 and kv["tokens_loaded"] == 0
+
+
+def test_completion_from_token_ids_equals_offline_generate(server, offline):
+    ids = [5, 17, 99, 200, 301, 42, 7, 250]
+    want = offline.generate(ids, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    for prompt in (ids, [ids]):  # a list of ids, or a batch of one such list
+        body = server.complete(prompt=prompt, **greedy(16, ignore_eos=True))
+        assert body["choices"][0]["text"] == want.text
+        assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == 16
+
+
+def test_streamed_chunks_concatenate_to_the_completion(server):
+    request = dict(prompt="Once upon a time", **greedy(40, ignore_eos=True))
+    whole = server.complete(**request)
+    events = server.stream(**request, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    *content, usage = chunks
+    assert len(content) > 1
+    assert all(c["object"] == "text_completion" and c["id"] == content[0]["id"] for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in content] == [None] * (len(content) - 1) + ["length"]
+    assert "".join(c["choices"][0]["text"] for c in content) == whole["choices"][0]["text"]
+    assert content[-1]["kvtier"]["prefill_tokens_computed"] >= 0
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    # A first output that is also the last: one chunk, then [DONE].
+    single = server.stream(prompt="Once upon a time", **greedy(1, ignore_eos=True))
+    assert len(single) == 2 and single[1] == "[DONE]"
+    assert json.loads(single[0])["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_ends_the_text_before_it(server):
+    request = dict(prompt="kvtier serves KV", **greedy(40, ignore_eos=True))
+    text = server.complete(**request)["choices"][0]["text"]
+    # An ASCII character: never part of a multi-byte character the random model may emit.
+    stop = next(ch for ch in text[1:] if ch.isascii() and ch.isprintable())
+    want = text[:text.index(stop)]
+    for form in (stop, [stop, "never emitted"]):
+        choice = server.complete(**request, stop=form)["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (want, "stop")
+    streamed = [json.loads(e) for e in server.stream(**request, stop=stop)[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in streamed) == want
+
+
+def metric(server: Server, name: str) -> float:
+    text = server.get("/metrics")[1].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
+
+
+def test_concurrent_requests_all_complete_in_shared_steps(server):
+    n, tokens = 8, 64
+
+    def one(i: int) -> dict:
+        return server.complete(prompt=f"request number {i} says hello", **greedy(tokens, ignore_eos=True))
+
+    steps_before = metric(server, "kvtier_engine_steps_total")
+    with ThreadPoolExecutor(n) as pool:
+        bodies = list(pool.map(one, range(n)))
+    assert [b["usage"]["completion_tokens"] for b in bodies] == [tokens] * n
+    assert len({b["id"] for b in bodies}) == n
+    # One token per request per step: served one after another they would take n * tokens steps.
+    assert metric(server, "kvtier_engine_steps_total") - steps_before < n * tokens / 2
+
+
+def test_client_disconnecting_mid_stream_aborts_its_request(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions",
+                 json.dumps({"prompt": "a long one", "max_tokens": 5000, "ignore_eos": True, "stream": True}))
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 20
+    while 'kvtier_engine_requests_total{finish_reason="abort"}' not in server.get("/metrics")[1].decode():
+        assert time.monotonic() < deadline, "the disconnected stream was never aborted"
+        time.sleep(0.1)
+    assert server.complete(prompt="still serving", **greedy(4))["usage"]["completion_tokens"] >= 1
+
+
+# -- the other endpoints and errors --------------------------------------------------------------
+
+
+def test_models_lists_the_served_name(server):
+    status, data, _ = server.get("/v1/models")
+    body = json.loads(data)
+    assert status == 200 and body["object"] == "list"
+    assert [(m["id"], m["object"]) for m in body["data"]] == [(SERVED_NAME, "model")]
+
+
+def test_health_is_ok_while_the_engine_runs(server):
+    status, data, _ = server.get("/health")
+    assert (status, json.loads(data)) == (200, {"status": "ok"})
+
+
+def test_metrics_are_prometheus_text(servers):
+    plain, with_kvtier = servers
+    plain.complete(prompt="count me", **greedy(2))
+    status, data, content_type = plain.get("/metrics")
+    text = data.decode()
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+    assert "kvtier_engine_requests_total" in text and "kvtier_engine_steps_total" in text
+    assert "kvtier_tier_chunks" not in text  # kvtier is off
+    assert "kvtier_tier_chunks" in with_kvtier.get("/metrics")[1].decode()
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({}, 400, "prompt"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"prompt": ["one", "two"]}, 400, "prompt"),  # batches of several prompts are refused
+    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "max_token": 5}, 400, "max_token"),
+    ({"prompt": [1, 2, 100000]}, 400, None),  # past the vocabulary: the engine refuses it
+    ({"prompt": [1, 2, 100000], "stream": True}, 400, None),  # still a status, not a broken stream
+    ({"prompt": "hi", "model": MODEL}, 404, "model"),  # the plain server serves it as SERVED_NAME
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"prompt": "hi", "temperature": NaN}', 400, None),
+])
+def test_bad_request_gets_an_openai_error_and_the_server_carries_on(server, body, status, param):
+    got, data = server.post(body)
+    assert got == status
+    error = data["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert server.complete(prompt="ok", **greedy(1))["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_unknown_path_is_a_404_in_the_error_shape(server):
+    status, data, _ = server.get("/v1/nothing")
+    assert status == 404 and "message" in json.loads(data)["error"]
+
+
+# -- kvtier across a restart (last: it stops the kvtier server) ------------------------------------
+
+
+def test_restarted_server_loads_a_repeated_prompt_from_the_kvtier_disk_tier(servers, kvtier_config,
+                                                                              tmp_path):
+    prompt = "A long shared document that a later request repeats word for word. " * 5  # ~340 tokens
+    first = servers[1].complete(prompt=prompt, max_tokens=8, temperature=0)
+    assert first["kvtier"]["tokens_loaded"] == 0
+    servers[1].stop()  # drains kvtier's background writes to disk
+    restarted = launch(tmp_path / "restarted.log", "--kvtier-config", str(kvtier_config))
+    try:
+        restarted.wait_ready()
+        again = restarted.complete(prompt=prompt, max_tokens=8, temperature=0)
+    finally:
+        restarted.stop()
+    assert again["kvtier"]["tokens_loaded"] >= 32 * 8
+    assert again["kvtier"]["prefill_tokens_computed"] < first["kvtier"]["prefill_tokens_computed"]
+    assert again["choices"] == first["choices"]
+
+
+# -- in-process: the body mapping, the CLI and EngineLoop ----------------------------------------
+
+
+def test_sampling_params_from_a_completions_body():
+    assert sampling_params({}) == SamplingParams(temperature=1.0, max_tokens=16)
+    body = {"temperature": 0, "top_p": 0.5, "top_k": 4, "max_tokens": 9, "seed": 3, "stop": "\n",
+            "ignore_eos": True}
+    assert sampling_params(body) == SamplingParams(temperature=0.0, top_k=4, top_p=0.5, max_tokens=9,
+                                                   seed=3, stop=("\n",), ignore_eos=True)
+    assert sampling_params({"stop": ["a", "b"], "top_k": None, "seed": None}).stop == ("a", "b")
+    for bad, param in [({"top_k": 0}, "top_k"), ({"max_tokens": 1.5}, "max_tokens"),
+                       ({"temperature": "hot"}, "temperature"), ({"stop": [""]}, "stop"),
+                       ({"seed": 1 << 64}, "seed"), ({"ignore_eos": 1}, "ignore_eos")]:
+        with pytest.raises(InvalidRequest) as err:
+            sampling_params(bad)
+        assert err.value.param == param
+
+
+def test_parse_completion_request_prompt_forms_and_neutral_openai_fields():
+    assert parse_completion_request({"prompt": "hi"}).prompt == "hi"
+    assert parse_completion_request({"prompt": [[1, 2]]}).prompt == (1, 2)
+    parsed = parse_completion_request({"prompt": ["hi"], "n": 1, "echo": False, "logprobs": None,
+                                       "stream": True, "stream_options": {"include_usage": True}})
+    assert (parsed.prompt, parsed.stream, parsed.include_usage, parsed.model) == ("hi", True, True, None)
+    for bad in ({"prompt": []}, {"prompt": [True]}, {"prompt": [-1]}, {"prompt": 5}):
+        with pytest.raises(InvalidRequest):
+            parse_completion_request(bad)
+
+
+def test_cli_parses_serve_options():
+    args = build_parser().parse_args(["serve", MODEL, "--kv-cache-bytes", "64MiB", "--max-num-seqs", "4"])
+    assert (args.model, args.host, args.port) == (MODEL, "127.0.0.1", 8000)
+    assert (args.kv_cache_bytes, args.max_num_seqs) == (64 << 20, 4)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", MODEL, "--kv-cache-bytes", "lots"])
+
+
+class FakeEngine:
+    """Finishes each request in the step after it is added; the first `fail_steps` steps raise."""
+
+    def __init__(self, fail_steps: int = 0):
+        self.fail_steps = fail_steps
+        self.pending: dict[str, list[int]] = {}
+        self.closed = False
+
+    def add_request(self, prompt, params, request_id):
+        if not prompt:
+            raise ValueError("empty prompt")
+        self.pending[request_id] = list(prompt)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.pending)
+
+    def abort(self, request_id):
+        self.pending.pop(request_id, None)
+
+    def step(self):
+        if self.fail_steps:
+            self.fail_steps -= 1
+            raise RuntimeError("device fell over")
+        outputs = [RequestOutput(rid, None, ids, "x", [1], True, "length", RequestMetrics(0.0), "x", (1,))
+                   for rid, ids in self.pending.items()]
+        self.pending.clear()
+        return outputs
+
+    def close(self):
+        self.closed = True
+
+
+async def _collect(loop: EngineLoop, prompt, request_id: str) -> RequestOutput | RequestFailed:
+    stream = loop.submit(prompt, SamplingParams(), request_id)
+    try:
+        while not (out := await stream.next()).finished:
+            pass
+        return out
+    except RequestFailed as exc:
+        return exc
+
+
+def test_engine_loop_fails_requests_of_a_failed_step_with_500_and_carries_on():
+    async def story():
+        loop = EngineLoop(FakeEngine(fail_steps=1))
+        loop.start()
+        try:
+            failed = await _collect(loop, [1, 2], "a")
+            rejected = await _collect(loop, [], "b")
+            served = await _collect(loop, [3], "c")
+            return failed, rejected, served, loop.alive
+        finally:
+            loop.close()
+
+    failed, rejected, served, alive = asyncio.run(story())
+    assert isinstance(failed, RequestFailed) and failed.status == 500
+    assert isinstance(rejected, RequestFailed) and rejected.status == 400
+    assert isinstance(served, RequestOutput) and served.finished and alive
+
+
+def test_engine_loop_stops_when_steps_keep_failing_and_answers_503_after():
+    async def story():
+        engine = FakeEngine(fail_steps=100)
+        loop = EngineLoop(engine)
+        loop.start()
+        results = [await _collect(loop, [1], f"r{i}") for i in range(MAX_FAILED_STEPS)]
+        try:  # refused at once, or failed by the stopping thread's final drain: 503 either way
+            late = await _collect(loop, [1], "late")
+        except EngineUnavailable as exc:
+            late = exc
+        alive = loop.alive
+        loop.close()
+        return results, late, alive, engine.closed
+
+    results, late, alive, closed = asyncio.run(story())
+    assert [r.status for r in results] == [500] * MAX_FAILED_STEPS
+    assert isinstance(late, EngineUnavailable) and late.status == 503
+    assert not alive and closed
