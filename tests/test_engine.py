@@ -83,6 +83,105 @@ def test_retrieve_of_an_unknown_prompt_is_empty(make_engine, layout):
     assert engine.stats()["hit_tokens"] == 0
 
 
+# -- stores and retrieves from a chunk boundary (the connector's saves and loads) -----------------
+
+
+def test_store_and_retrieve_from_a_chunk_boundary_are_bit_exact(make_engine, layout):
+    engine = make_engine("cpu")
+    tokens, kv = seeded_tokens(4 * CHUNK + 5, 30), seeded_kv(layout, 4 * CHUNK + 5, 30)
+    assert engine.store(tokens[: 2 * CHUNK], kv[:, :, : 2 * CHUNK]) == 2
+
+    assert engine.store(tokens, kv[:, :, 2 * CHUNK:], start=2 * CHUNK) == 2  # the 5-token tail is not kept
+    assert engine.lookup(tokens) == 4 * CHUNK
+
+    for start in (0, CHUNK, 2 * CHUNK, 3 * CHUNK):
+        got, n = engine.retrieve(tokens, start=start)
+        assert n == 4 * CHUNK and torch.equal(got, kv[:, :, start: 4 * CHUNK])
+    out = torch.full(layout.chunk_shape(4 * CHUNK + 5 - CHUNK), -1.0, dtype=layout.dtype)
+    got, n = engine.retrieve(tokens, out=out, start=CHUNK)  # len(tokens) - start always suffices
+    assert n == 4 * CHUNK and got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, kv[:, :, CHUNK: 4 * CHUNK])
+    assert engine.stats()["deduplicated_chunks"] == 0
+
+
+def test_chunks_stored_after_a_missing_prefix_are_not_a_hit(make_engine, layout):
+    engine = make_engine("cpu")
+    tokens, kv = seeded_tokens(3 * CHUNK, 31), seeded_kv(layout, 3 * CHUNK, 31)
+    assert engine.store(tokens, kv[:, :, CHUNK:], start=CHUNK) == 2
+
+    assert engine.lookup(tokens) == 0  # lookups are prefix-only
+    got, n = engine.retrieve(tokens, start=CHUNK)
+    assert n == 0 and got.shape[2] == 0
+    engine.store(tokens[:CHUNK], kv[:, :, :CHUNK])
+    assert engine.retrieve(tokens, start=CHUNK)[1] == 3 * CHUNK
+
+
+@pytest.mark.parametrize("start", [-CHUNK, 1, CHUNK + 3], ids=["negative", "one", "mid-chunk"])
+def test_a_start_off_a_chunk_boundary_is_a_value_error(make_engine, layout, start):
+    engine = make_engine("cpu")
+    tokens, kv = seeded_tokens(3 * CHUNK, 32), seeded_kv(layout, 3 * CHUNK, 32)
+    with pytest.raises(ValueError, match=f"start must be a non-negative multiple of {CHUNK}, got {start}"):
+        engine.store(tokens, kv[:, :, max(start, 0):], start=start)
+    with pytest.raises(ValueError, match="start must be a non-negative multiple"):
+        engine.retrieve(tokens, start=start)
+    assert engine.stats()["stored_chunks"] == 0
+
+
+def test_store_from_a_start_wants_the_kv_of_the_tokens_after_it(make_engine, layout):
+    engine = make_engine("cpu")
+    tokens, kv = seeded_tokens(3 * CHUNK, 33), seeded_kv(layout, 3 * CHUNK, 33)
+    with pytest.raises(ValueError):
+        engine.store(tokens, kv, start=CHUNK)  # all 48 tokens' KV for the 32 after the start
+    assert engine.stats()["stored_chunks"] == 0
+
+
+# -- leases --------------------------------------------------------------------------------------
+
+
+def test_a_leased_chunk_is_not_evicted_until_released(make_engine, layout):
+    engine = make_engine("cpu", cpu__capacity="16KiB")  # four 4 KiB slabs
+    leased_tokens, leased_kv = seeded_tokens(2 * CHUNK, 34), seeded_kv(layout, 2 * CHUNK, 34)
+    engine.store(leased_tokens, leased_kv)
+    keys = engine.lease(leased_tokens, CHUNK + 1)  # the chunks covering 17 tokens: both
+    assert keys == engine.db.keys(leased_tokens) and engine.stats()["pool"]["leased_chunks"] == 2
+
+    engine.store(seeded_tokens(4 * CHUNK, 35), seeded_kv(layout, 4 * CHUNK, 35))  # wants every slab
+
+    got, n = engine.retrieve(leased_tokens)
+    assert n == 2 * CHUNK and torch.equal(got, leased_kv)
+    assert engine.stats()["tiers"]["cpu"]["rejected"] == 2  # what did not fit beside the lease
+
+    engine.release(keys)
+    assert engine.stats()["pool"]["leased_chunks"] == 0
+    engine.store(seeded_tokens(4 * CHUNK, 36), seeded_kv(layout, 4 * CHUNK, 36))
+    assert engine.lookup(leased_tokens) == 0  # evictable again, and evicted
+
+
+def test_leases_are_counted_per_caller(make_engine, layout):
+    engine = make_engine("cpu", cpu__capacity="16KiB")
+    tokens, kv = seeded_tokens(2 * CHUNK, 37), seeded_kv(layout, 2 * CHUNK, 37)
+    engine.store(tokens, kv)
+    first, second = engine.lease(tokens, 2 * CHUNK), engine.lease(tokens, 2 * CHUNK)
+
+    engine.release(first)
+    engine.store(seeded_tokens(4 * CHUNK, 38), seeded_kv(layout, 4 * CHUNK, 38))
+
+    assert engine.lookup(tokens) == 2 * CHUNK  # the second lease still holds both chunks
+    engine.release(second)
+    assert engine.stats()["pool"]["leased_chunks"] == 0
+    assert engine.lease(tokens, 0) == []
+
+
+def test_releasing_more_than_was_leased_is_a_runtime_error(make_engine, layout):
+    engine = make_engine("cpu")
+    tokens = seeded_tokens(CHUNK, 39)
+    engine.store(tokens, seeded_kv(layout, CHUNK, 39))
+    keys = engine.lease(tokens, CHUNK)
+    engine.release(keys)
+    with pytest.raises(RuntimeError, match="released more often than taken"):
+        engine.release(keys)
+
+
 # -- argument validation -------------------------------------------------------------------------
 
 

@@ -1,0 +1,259 @@
+"""Tests for kvtier_engine/llm.py and llm_engine.py: the whole engine (scheduler, paged cache, model
+runner, detokenizer) against Hugging Face transformers, and the engine's own behaviour.
+
+Correctness: on the tiny checkpoints of conftest.py (Llama, Qwen2, Mistral without and with an
+8-token sliding window), `LLM.generate` picks exactly HF's greedy tokens, and the logits it sampled
+from (recorded per request and step) are HF's to 1e-4 in fp32, with prompts of mixed lengths batched
+together, prefill cut into 8-token chunks, requests preempted and recomputed, and prefixes found in
+the device cache. The prompts are token ids; the checkpoints have no tokenizer, so the engine's is
+the byte-level one, whose EOS (257) a random model may well pick: every request sets `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier_engine import LLM, LLMEngine, SamplingParams
+from kvtier_engine.llm_engine import EngineOptions
+
+ATOL = 1e-4
+NEW_TOKENS = 10
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+# kv_cache_bytes per 16-token block of the tiny checkpoints: K and V, 3 layers, 2 heads of 16, fp32.
+BLOCK_BYTES = 2 * 3 * 16 * 2 * 16 * 4
+
+
+def prompts(lengths: list[int], seed: int = 0, vocab: int = 512) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+class LogitsRecorder:
+    """Records, per request, the logits each of its tokens was sampled from (one row per step), by
+    wrapping the engine's scheduler and model: it changes nothing they compute."""
+
+    def __init__(self, engine: LLMEngine):
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.steps: list[int] = []
+        self._sampling: list[str] = []
+        schedule, logits = engine.scheduler.schedule, engine.model.logits
+
+        def recording_schedule():
+            out = schedule()
+            self.steps.append(out.step)
+            self._sampling = [s.request.request_id for s in out.scheduled if s.completes_sequence]
+            return out
+
+        def recording_logits(hidden: torch.Tensor) -> torch.Tensor:
+            out = logits(hidden)
+            for request_id, row in zip(self._sampling, out, strict=True):
+                self.rows.setdefault(request_id, []).append(row.detach().clone())
+            return out
+
+        engine.scheduler.schedule = recording_schedule
+        engine.model.logits = recording_logits
+
+    def of(self, request_id: str) -> torch.Tensor:
+        return torch.stack(self.rows[request_id])
+
+
+def hf_generate(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    with torch.no_grad():
+        ids = torch.tensor([prompt])  # an explicit mask: HF would take token 0 (its pad id) for padding
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logits(hf_model, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """HF's logits for every output token: rows len(prompt)-1 .. of a forward over prompt + output."""
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + output[:-1]])).logits[0]
+    return logits[len(prompt) - 1:]
+
+
+def make_llm(ref, **options) -> LLM:
+    """An engine on the checkpoint, in fp32 on the CPU, with 1 MiB of paged cache unless told."""
+    options = {"device": "cpu", "dtype": "float32", "kv_cache_bytes": 1 << 20, **options}
+    return LLM(str(ref.path), **options)
+
+
+def assert_matches_hf(ref, recorder: LogitsRecorder, batch: list[list[int]], outputs) -> None:
+    for prompt, out in zip(batch, outputs, strict=True):
+        assert out.finish_reason == "length" and len(out.token_ids) == NEW_TOKENS
+        assert out.token_ids == hf_generate(ref.hf_model, prompt), f"prompt of {len(prompt)} tokens"
+        error = (recorder.of(out.request_id) - hf_logits(ref.hf_model, prompt, out.token_ids)).abs().max()
+        assert error < ATOL, f"prompt of {len(prompt)} tokens: logits off by {error}"
+
+
+# -- against Hugging Face ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "mistral-window-8"])
+def test_a_batch_of_mixed_length_prompts_matches_hf(reference, name):
+    ref = reference(name)
+    batch = prompts([40, 7, 23, 1])
+    with make_llm(ref) as llm:
+        recorder = LogitsRecorder(llm.engine)
+        outputs = llm.generate(batch, GREEDY)
+    assert recorder.steps[:1] == [1] and len(recorder.steps) == NEW_TOKENS  # all four in every step
+    assert_matches_hf(ref, recorder, batch, outputs)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral-window-8"])
+def test_chunked_prefill_matches_hf(reference, name):
+    ref = reference(name)
+    batch = prompts([40, 13, 3], seed=1)
+    with make_llm(ref, max_num_batched_tokens=8) as llm:
+        recorder = LogitsRecorder(llm.engine)
+        outputs = llm.generate(batch, GREEDY)
+    assert len(recorder.steps) > (40 + 13 + 3) // 8  # the prompts really went in 8-token pieces
+    assert_matches_hf(ref, recorder, batch, outputs)
+
+
+def test_preempted_requests_are_recomputed_and_still_match_hf(reference):
+    ref = reference("llama")
+    # Three 24-token prompts take 2 blocks each, all of a 6-block cache; each needs a third block
+    # for its 33rd token, so decoding must preempt.
+    batch = prompts([24, 24, 24], seed=2)
+    with make_llm(ref, kv_cache_bytes=6 * BLOCK_BYTES) as llm:
+        recorder = LogitsRecorder(llm.engine)
+        outputs = llm.generate(batch, GREEDY)
+    assert llm.engine.scheduler.pool.num_free == 6
+    assert sum(out.metrics.num_preemptions for out in outputs) > 0
+    assert_matches_hf(ref, recorder, batch, outputs)
+
+
+def test_a_prefix_found_in_the_device_cache_gives_the_same_output(reference):
+    ref = reference("qwen2")
+    first, other = prompts([40, 20], seed=3)
+    second = first[:35] + other  # two 16-token blocks in common
+    with make_llm(ref) as llm:
+        recorder = LogitsRecorder(llm.engine)
+        cold = llm.generate(first, GREEDY)[0]
+        warm = llm.generate(second, GREEDY)[0]
+    assert cold.metrics.tokens_cached_on_device == 0 and cold.metrics.prefill_tokens_computed == 40
+    assert warm.metrics.tokens_cached_on_device == 32
+    assert warm.metrics.prefill_tokens_computed == len(second) - 32
+    assert_matches_hf(ref, recorder, [first, second], [cold, warm])
+
+
+def test_the_whole_prompt_cached_still_computes_its_last_token(reference):
+    ref = reference("llama")
+    prompt = prompts([32], seed=4)[0]
+    with make_llm(ref) as llm:
+        cold, warm = llm.generate([prompt], GREEDY)[0], llm.generate([prompt], GREEDY)[0]
+    assert warm.metrics.tokens_cached_on_device == 16  # the block holding the last token is recomputed
+    assert warm.metrics.prefill_tokens_computed == 16
+    assert warm.token_ids == cold.token_ids == hf_generate(ref.hf_model, prompt)
+
+
+# -- sampling, stopping, metrics ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    with LLM("random:llama-tiny", device="cpu", kv_cache_bytes=1 << 20) as llm:
+        yield llm
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny):
+    batch = prompts([12, 30, 5], seed=5, vocab=256)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=7, ignore_eos=True)
+    alone = tiny.generate(batch[0], seeded)[0]
+    again = tiny.generate(batch[0], seeded)[0]
+    # Beside an unseeded request and a seeded one, both finishing before it: the batch changes under it.
+    in_batch = tiny.generate([batch[1], batch[0], batch[2]], [
+        SamplingParams(max_tokens=3, ignore_eos=True), seeded,
+        SamplingParams(temperature=0.5, max_tokens=9, seed=1, ignore_eos=True)])
+
+    assert len(set(alone.token_ids)) > 3  # really sampled, not one token repeated
+    assert again.token_ids == alone.token_ids
+    assert in_batch[1].token_ids == alone.token_ids
+    other_seed = tiny.generate(batch[0], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=8,
+                                                        ignore_eos=True))[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_max_tokens_ends_a_request_with_reason_length(tiny):
+    out = tiny.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert out.finished and out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+def test_a_stop_string_ends_the_request_and_is_cut_from_the_text(tiny):
+    prompt = prompts([10], seed=6, vocab=256)[0]
+    params = SamplingParams(temperature=1.0, max_tokens=40, seed=3, ignore_eos=True)
+    free = tiny.generate(prompt, params)[0]
+    stop = next(free.text[i:i + 2] for i in range(4, len(free.text) - 1) if free.text[i:i + 2].isascii())
+    expected = free.text[:free.text.find(stop)]
+
+    out = tiny.generate(prompt, SamplingParams(temperature=1.0, max_tokens=40, seed=3, stop=(stop,),
+                                               ignore_eos=True))[0]
+
+    assert out.finish_reason == "stop" and out.text == expected
+    assert len(out.token_ids) < 40 and out.token_ids == free.token_ids[:len(out.token_ids)]
+
+
+def test_request_metrics_of_a_cold_request(tiny):
+    prompt = prompts([27], seed=7, vocab=256)[0]
+    out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    m = out.metrics
+    assert m.ttft_s > 0 and m.e2e_s >= m.ttft_s
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+    assert m.prefill_tokens_computed == 27
+    assert (m.tokens_cached_on_device, m.tokens_loaded, m.num_preemptions) == (0, 0, 0)
+
+
+def test_step_counter_starts_at_one_rises_by_one_and_never_resets(reference):
+    ref = reference("llama")
+    with make_llm(ref, max_num_batched_tokens=16) as llm:
+        recorder = LogitsRecorder(llm.engine)
+        llm.generate(prompts([20, 9]), GREEDY)
+        first_call = len(recorder.steps)
+        llm.generate(prompts([5], seed=8), GREEDY)
+    assert recorder.steps == list(range(1, len(recorder.steps) + 1))
+    assert len(recorder.steps) > first_call > 1
+
+
+def test_step_by_step_outputs_stream_tokens_and_text(tiny):
+    engine = tiny.engine
+    request_id = engine.add_request([72, 105], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += [o for o in engine.step() if o.request_id == request_id]
+    assert [len(o.new_token_ids) for o in outputs] == [1] * 6
+    assert [t for o in outputs for t in o.new_token_ids] == outputs[-1].token_ids
+    assert "".join(o.new_text for o in outputs) == outputs[-1].text
+    assert [o.finished for o in outputs] == [False] * 5 + [True]
+
+
+def test_abort_retires_a_running_request_and_frees_its_blocks():
+    engine = LLMEngine(EngineOptions("random:llama-tiny", device="cpu", kv_cache_bytes=1 << 20))
+    free = engine.scheduler.pool.num_free
+    request_id = engine.add_request(list(range(40)), SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.scheduler.pool.num_free < free
+
+    engine.abort(request_id)
+    engine.abort(request_id)  # a second abort is a no-op
+
+    assert not engine.has_unfinished() and engine.scheduler.pool.num_free == free
+    assert 'kvtier_engine_requests_total{finish_reason="abort"} 1.0' in engine.prometheus_text()
+    engine.close()
+
+
+def test_bad_requests_are_rejected(tiny):
+    engine = tiny.engine
+    with pytest.raises(ValueError, match="must be in"):
+        engine.add_request([1, 512])
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request([])
+    engine.add_request([1], SamplingParams(max_tokens=1), request_id="dup")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request([1], request_id="dup")
+    engine.abort("dup")
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request([1], SamplingParams(max_tokens=1 << 20))
+    assert not engine.has_unfinished()
+
