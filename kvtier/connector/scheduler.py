@@ -6,6 +6,7 @@ index lookups and leases. Per request, in order:
     get_num_new_matched_tokens(req, n_device)  side-effect free: index lookup only, no payload I/O
     update_state_after_alloc(req, blocks, n)   the scheduler committed to loading n tokens: lease them
     build_connector_meta(step, scheduled)      once per step: the loads and saves for the worker
+    update_connector_output(loaded)            after the step: how far each load really got
     request_finished(req, blocks) -> bool      True: hold the blocks until the worker reports the
                                                final save gathered (`get_finished`)
 
@@ -33,6 +34,7 @@ class _RequestState:
     hit_tokens: int = 0  # kvtier's prefix hit at the last lookup (chunk aligned, uncapped)
     saved_upto: int = 0  # chunks before this token are in kvtier
     load: LoadSpec | None = None  # committed, not yet handed to the worker
+    loading_to: int = 0  # the end of the load last handed to the worker
     lease: list[ChunkKey] = field(default_factory=list)
 
 
@@ -88,6 +90,7 @@ class KvtierSchedulerConnector:
             state = self._states.setdefault(work.request.request_id, _RequestState())
             if state.load is not None:
                 loads.append(state.load)
+                state.loading_to = state.load.end
                 state.load, state.lease = None, []  # the worker releases the lease after loading
             full = work.num_computed_after - work.num_computed_after % self.chunk_size
             if full > state.saved_upto:
@@ -107,7 +110,19 @@ class KvtierSchedulerConnector:
             return False
         if state.lease:  # committed to a load that never reached a worker (aborted)
             self.engine.release(state.lease)
-        if self.save_partial and num_computed_tokens > state.saved_upto and block_ids:
-            self._finals.append(self._save(request, block_ids, state.saved_upto, num_computed_tokens, True))
+        end = num_computed_tokens
+        if not self.save_partial:
+            end -= end % self.chunk_size
+        if end > state.saved_upto and block_ids:
+            self._finals.append(self._save(request, block_ids, state.saved_upto, end, True))
             return True
         return False
+
+    def update_connector_output(self, loaded: dict[str, int]) -> None:
+        """The worker's report of how far this step's loads got (request id -> token reached). A
+        load that fell short was recomputed; the chunks from there on are saved again, so a chunk
+        kvtier lost (a corrupt record is dropped when found) is back for the next request."""
+        for request_id, reached in loaded.items():
+            state = self._states.get(request_id)
+            if state is not None and reached < state.loading_to:
+                state.saved_upto = min(state.saved_upto, reached - reached % self.chunk_size)

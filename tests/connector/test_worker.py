@@ -310,6 +310,21 @@ def test_a_corrupt_chunk_file_is_recomputed_exactly_and_the_output_is_unchanged(
     assert out.token_ids == baseline(shared)
 
 
+def test_a_chunk_lost_to_corruption_is_saved_again_by_the_request_that_recomputed_it(make_llm, baseline):
+    shared = prompt(64, seed=32)
+    with make_llm("disk") as first:
+        first.generate(shared, GREEDY)
+    with make_llm("disk") as second:
+        kvtier = second.engine.kvtier
+        flip_payload_byte(kvtier.storage.lower[0].path_for(kvtier.db.keys(shared)[1]))
+        assert second.generate(shared, GREEDY)[0].metrics.tokens_loaded == CHUNK  # fell short at chunk 1
+
+    out = make_llm("disk").generate(shared, GREEDY)[0]
+
+    assert (out.metrics.tokens_loaded, out.metrics.prefill_tokens_computed) == (len(shared) - 1, 1)
+    assert out.token_ids == baseline(shared)
+
+
 def test_a_disk_tier_that_raises_on_get_means_recompute_not_a_crash(make_llm, baseline, monkeypatch):
     shared = prompt(40, seed=31)
     with make_llm("disk") as first:

@@ -138,7 +138,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
-        self.scheduler.update(plan, result.recomputed, result.finished_sending)
+        self.scheduler.update(plan, result.recomputed, result.finished_sending, result.loaded)
         outputs = []
         for s in plan.scheduled:
             request = s.request

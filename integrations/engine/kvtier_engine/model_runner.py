@@ -29,6 +29,7 @@ from kvtier_engine.triton_attention import paged_attention_backend
 class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)  # request id -> next token
     recomputed: dict[str, int] = field(default_factory=dict)  # tokens computed because a load fell short
+    loaded: dict[str, int] = field(default_factory=dict)  # request id -> token its kvtier load reached
     finished_sending: set[str] = field(default_factory=set)
 
 
@@ -64,7 +65,7 @@ class ModelRunner:
         if worker is not None and out.connector_meta is not None:
             worker.bind_connector_metadata(out.connector_meta)
             worker.start_load_kv()
-            loaded = worker.get_loaded_tokens()
+            loaded = result.loaded = worker.get_loaded_tokens()
         if out.scheduled:
             starts = []
             for s in out.scheduled:
