@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean venv
+.PHONY: demo demo-tiers test bench lint clean venv
 
 venv: $(STAMP)
 
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
+# The engine on random:llama-small without and with kvtier: a multi-round chat and a long-document Q&A.
+# Run it twice: the second process loads round 1 from the disk tier (.kvtier-cache/disk) the first filled.
 demo: $(STAMP)
+	$(PY) -m kvtier_engine.demo --config configs/cpu_disk.yaml
+
+# kvtier alone: store a long prompt's KV and retrieve it from each tier, checked bit for bit.
+demo-tiers: $(STAMP)
 	$(PY) -m kvtier.demo --config configs/cpu_disk.yaml
 
 test: $(STAMP)
@@ -28,7 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/tier_throughput.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kvtier tests benchmarks
+	$(VENV)/bin/ruff check kvtier integrations tests benchmarks
 
 clean:
 	rm -rf $(VENV) .kvtier-demo build *.egg-info
