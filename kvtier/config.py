@@ -47,6 +47,8 @@ _log = logging.getLogger(__name__)
 GiB = 1 << 30
 ENV_PREFIX = "KVTIER_"
 ENV_CONFIG = "KVTIER_CONFIG"
+SERVER_ENV_PREFIX = "KVTIER_SERVER_"
+SERVER_ENV_CONFIG = "KVTIER_SERVER_CONFIG"
 DEFAULT_SOURCE = "<defaults>"
 
 _SWITCH = ("auto", "on", "off")
@@ -91,6 +93,33 @@ class DiskConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """A Redis (or Redis Cluster) tier: one key per chunk holding its whole record."""
+
+    url: str = "redis://127.0.0.1:6379/0"  # redis:// or rediss://; for a cluster, any node
+    cluster: bool = False
+    ttl_s: int | None = field(default=None, metadata={"min": 1})  # expiry per chunk; None = never
+    timeout_s: float = _at_least(1.0, 0.001)  # connect and read timeout per round trip
+    max_connections: int = _at_least(16, 1)
+    batch_size: int = _at_least(32, 1)  # chunks per pipelined round trip
+    retry_after_s: float = _at_least(1.0, 0.0)  # first back-off after a failure; doubles up to retry_max_s
+    retry_max_s: float = _at_least(30.0, 0.0)
+    key_prefix: str = "kvtier:"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    """A `kvtier_server` tier."""
+
+    url: str = "kvtier://127.0.0.1:7000"
+    token: str | None = None  # the server's shared secret, when it has one
+    timeout_s: float = _at_least(5.0, 0.001)
+    connections: int = _at_least(4, 1)
+    retry_after_s: float = _at_least(1.0, 0.0)
+    retry_max_s: float = _at_least(30.0, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
 class KvtierConfig:
     chunk_size: int = _at_least(256, 1)
     save_partial_chunks: bool = False
@@ -99,7 +128,33 @@ class KvtierConfig:
     promote_on_hit: bool = True  # a lower-tier hit is copied into the CPU tier
     cpu: CpuConfig = field(default_factory=CpuConfig)
     disk: DiskConfig | None = field(default_factory=DiskConfig)  # None: no disk tier
+    redis: RedisConfig | None = None  # None: no Redis tier
+    remote: RemoteConfig | None = None  # None: no kvtier_server tier
     # Where the config came from, for messages; not a config key.
+    source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
+
+
+@dataclass(frozen=True, slots=True)
+class SpillConfig:
+    """Where `kvtier_server` spills what it evicts from memory (a disk tier directory)."""
+
+    path: str = field(default_factory=_default_disk_path, metadata={"path": True})
+    capacity: int = _size(16 * GiB)
+    o_direct: str = _choice("auto", _SWITCH)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """`kvtier_server`: `load_server_config`, env overrides `KVTIER_SERVER_<KEY>`."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=7000, metadata={"min": 0})  # 0: any free port (logged at start)
+    capacity: int = _size(4 * GiB)  # bytes of records held in memory; LRU beyond
+    token: str | None = None  # shared secret every client must present; None = no auth
+    max_frame_bytes: int = _size(1 * GiB)  # largest frame accepted (header + payloads)
+    max_connections: int = _at_least(256, 1)
+    spill: SpillConfig | None = None  # None: evicted records are dropped
+    stats_interval_s: float = _at_least(60.0, 0.0)  # one traffic log line per interval; 0 = never
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
 
 
@@ -136,17 +191,30 @@ def load_config(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> KvtierConfig:
     """Defaults, then the YAML file (`path`, else `$KVTIER_CONFIG`), then `KVTIER_*` overrides."""
+    return _load(KvtierConfig, path, env, ENV_PREFIX, ENV_CONFIG)
+
+
+def load_server_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """`kvtier_server`'s config: defaults, the YAML file (`path`, else `$KVTIER_SERVER_CONFIG`), then
+    `KVTIER_SERVER_*` overrides (`KVTIER_SERVER_PORT=7001`, `KVTIER_SERVER_SPILL__PATH=/nvme`)."""
+    return _load(ServerConfig, path, env, SERVER_ENV_PREFIX, SERVER_ENV_CONFIG)
+
+
+def _load(root: type, path: str | os.PathLike[str] | None, env: Mapping[str, str] | None, prefix: str,
+          config_var: str) -> Any:
     env = os.environ if env is None else env
     if path is None:
-        path = env.get(ENV_CONFIG) or None
+        path = env.get(config_var) or None
     if path is None:
-        config = KvtierConfig()
+        config = root()
     else:
         source = os.fspath(path)
         data = _read_yaml(source)
-        config = _build(KvtierConfig, data, "", source)
+        config = _build(root, data, "", source)
         config = dataclasses.replace(config, source=source)
-    return _apply_env(config, env)
+    return _apply_env(config, env, prefix, config_var)
 
 
 def _read_yaml(source: str) -> Mapping[str, Any]:
@@ -169,11 +237,13 @@ def _read_yaml(source: str) -> Mapping[str, Any]:
     return data
 
 
-def _apply_env(config: KvtierConfig, env: Mapping[str, str]) -> KvtierConfig:
+def _apply_env(config: Any, env: Mapping[str, str], prefix: str, config_var: str) -> Any:
+    # The server's variables share kvtier's prefix: each loader skips the other's.
+    foreign = SERVER_ENV_PREFIX if prefix == ENV_PREFIX else None
     overrides = []
     for name, text in env.items():
-        if name.startswith(ENV_PREFIX) and name != ENV_CONFIG:
-            parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if name.startswith(prefix) and name != config_var and not (foreign and name.startswith(foreign)):
+            parts = name[len(prefix) :].lower().split("__")
             overrides.append((parts, name, text))
     # Shallow keys first, so `KVTIER_DISK=null` plus `KVTIER_DISK__PATH=x` means "disk at x" whatever
     # the environment's iteration order, rather than depending on which variable came last.

@@ -44,11 +44,21 @@ def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned, metrics
     if config.disk is not None:
         tiers.append(DiskTier(config.disk.path, namespace, config.disk.capacity, is_pinned, metrics,
                               o_direct=config.disk.o_direct, fsync=config.disk.fsync))
+    # Shared stores evict by their own policy, so they cannot honour this process's pins.
+    if config.redis is not None:
+        from kvtier.tiers.redis import RedisTier  # imported only when configured
+
+        tiers.append(RedisTier(config.redis, namespace, metrics))
+    if config.remote is not None:
+        from kvtier.tiers.remote import RemoteTier
+
+        tiers.append(RemoteTier(config.remote, namespace, metrics))
     return tiers
 
 
 def tier_names(config: KvtierConfig) -> list[str]:
-    return ["cpu"] + (["disk"] if config.disk is not None else [])
+    optional = {"disk": config.disk, "redis": config.redis, "remote": config.remote}
+    return ["cpu"] + [name for name, section in optional.items() if section is not None]
 
 
 def _shifted(spans: list[ChunkSpan], start: int) -> list[ChunkSpan]:
