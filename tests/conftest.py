@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from redis_servers import _redis_cluster_session, _redis_session, redis_cluster, redis_server  # noqa: F401
 
 from kvtier import CacheEngine, KVLayout, load_config
 

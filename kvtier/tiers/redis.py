@@ -1,0 +1,310 @@
+"""The Redis tier: chunk records in Redis or Redis Cluster, one key per chunk, pipelined batches.
+
+    key   = key_prefix + ChunkKey.hex()   e.g. "kvtier:" + 16 hex namespace + 32 hex prefix hash
+    value = the whole record (kvtier.record header + payload), so a chunk is one GET or SET
+
+Multi-chunk calls go out as pipelines of `batch_size` commands: one round trip per batch (on a
+cluster, redis-py sends each node its share of the batch and then reads all the replies). Keys
+carry no `{hash tag}`, so a cluster spreads one prompt's chunks over all its slots and nodes.
+
+Where it runs: `has` on the lookup path, `get`/`put` on the StorageManager's I/O threads; the
+redis-py clients are thread-safe (a pool of connections; one pipeline object per call).
+
+Failure handling: a connection error, timeout or cluster error is a miss (has False, get None,
+put False) plus `errors` (one per chunk of the failed round trip), and starts a `Backoff`: until
+it expires every call answers misses at once without touching the network, so a dead Redis costs
+the lookup path nothing; then one call probes, and the first success ends the outage. redis-py's
+own retries are off, so this is the only retry policy. One warning when Redis goes down, one info
+line when it is back. Every record read is verified (magic, version, key, length, checksum); a bad
+one is deleted, counted `corrupt`, and is a miss.
+
+Pins cannot be honoured: Redis evicts by its own policy (`maxmemory-policy`) and expires by TTL,
+and other processes share the keys. Copies: a put sends header and payload straight from their
+buffers (see `_RecordPacker`); a get receives each value as one bytes object (redis-py's parser
+allocates it) and copies the payload once into the caller's slab after verifying it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.connection import Encoder, PythonRespSerializer
+from redis.exceptions import RedisClusterException, RedisError
+from redis.retry import Retry
+
+from kvtier.config import RedisConfig
+from kvtier.errors import ConfigError, CorruptRecord
+from kvtier.keys import ChunkKey
+from kvtier.metrics import Metrics
+from kvtier.record import HEADER_SIZE, RecordHeader, decode_header, tensor_bytes, verify
+from kvtier.tiers.backoff import Backoff
+from kvtier.tiers.base import PutItem, TierUsage
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# What a failing medium raises: redis-py's error tree (connection, timeout, cluster down, ...) and
+# RedisClusterException, which sits outside it (no reachable node, slots not covered).
+_UNAVAILABLE = (RedisError, RedisClusterException)
+_SCAN_COUNT = 1000  # keys per SCAN step and per UNLINK in clear()
+_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """A SET value given as its two buffers; only `_RecordPacker` knows how to send it."""
+
+    header: bytes
+    payload: memoryview
+
+
+class _RecordPacker(PythonRespSerializer):
+    """redis-py's RESP packer, plus `_Record` arguments written as one bulk string whose payload is
+    a separate output buffer. redis-py takes one buffer per argument, so without this every put
+    would join header and payload into a new bytes object (a 32 MiB copy for a large chunk)."""
+
+    def __init__(self) -> None:
+        # 6000: redis-py's own cut-off between joining small pieces and sending them alone.
+        super().__init__(6000, Encoder("utf-8", "strict", False).encode)
+
+    def pack(self, *args: Any) -> list:
+        if not any(isinstance(arg, _Record) for arg in args):
+            return super().pack(*args)
+        out, head = [], b"*%d\r\n" % len(args)
+        for arg in args:
+            if isinstance(arg, _Record):
+                # The payload is a memoryview: pack_commands and sendall pass it through uncopied.
+                size = len(arg.header) + arg.payload.nbytes
+                out += [b"%b$%d\r\n%b" % (head, size, arg.header), arg.payload]
+                head = b"\r\n"
+            else:
+                value = self.encode(arg)
+                head = b"%b$%d\r\n%b\r\n" % (head, len(value), value)
+        out.append(head)
+        return out
+
+
+def _with_record_packer(base: type) -> type:
+    class RecordConnection(base):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(command_packer=_RecordPacker(), **kwargs)
+
+    RecordConnection.__name__ = f"Record{base.__name__}"
+    return RecordConnection
+
+
+# One connection class per URL scheme, as redis-py picks them.
+CONNECTION_CLASSES = {"redis": _with_record_packer(redis.Connection),
+                      "rediss": _with_record_packer(redis.SSLConnection),
+                      "unix": _with_record_packer(redis.UnixDomainSocketConnection)}
+
+
+class RedisTier:
+    name = "redis"
+
+    def __init__(self, config: RedisConfig, namespace: bytes, metrics: Metrics):
+        self.config = config
+        self.namespace = namespace
+        self._prefix = config.key_prefix
+        self._metrics = metrics
+        self._ex = config.ttl_s  # None: no expiry
+        parts = urlsplit(config.url)
+        self._connection_class = CONNECTION_CLASSES.get(parts.scheme)
+        if self._connection_class is None:
+            raise ConfigError(f"redis.url: scheme must be redis, rediss or unix, got {config.url!r}")
+        self.where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+        self.backoff = Backoff(config.retry_after_s, config.retry_max_s)
+        self._client: redis.Redis | RedisCluster | None = None
+        self._client_lock = threading.Lock()
+
+    def _rkey(self, key: ChunkKey) -> str:
+        return self._prefix + key.hex()
+
+    # -- the guarded round trip ----------------------------------------------------------------
+
+    def _connect(self) -> redis.Redis | RedisCluster:
+        """The client, built on first use: a cluster client reads the slot map when built, which
+        needs a live node, and a tier must be constructible while Redis is down."""
+        if self._client is not None:
+            return self._client
+        with self._client_lock:
+            if self._client is None:
+                c = self.config
+                # retries=0: redis-py's default retries with back-off would stall the caller for
+                # seconds on a dead server; the tier's Backoff decides when to try again.
+                # Blocking pools: a thread waits (up to timeout_s) for a free connection rather
+                # than failing with "too many connections", which would look like an outage.
+                common = dict(socket_timeout=c.timeout_s, socket_connect_timeout=c.timeout_s,
+                              retry=Retry(NoBackoff(), 0), connection_class=self._connection_class,
+                              max_connections=c.max_connections, timeout=c.timeout_s)
+                if c.cluster:
+                    self._client = RedisCluster.from_url(
+                        c.url, connection_pool_class=redis.BlockingConnectionPool, **common)
+                else:
+                    pool = redis.BlockingConnectionPool.from_url(c.url, **common)
+                    self._client = redis.Redis(connection_pool=pool)
+            return self._client
+
+    def _run(self, chunks: int, fn: Callable[[Any], T]) -> T | None:
+        """`fn(client)` unless backing off; None when skipped or failed (counted as `chunks` errors)."""
+        if not self.backoff.ready():
+            return None
+        try:
+            result = fn(self._connect())
+        except _UNAVAILABLE as exc:
+            self._metrics.tier_inc(self.name, "errors", chunks)
+            if self.backoff.failed():
+                logger.warning("redis tier: %s unavailable (%s: %s); serving misses, retrying after %g s",
+                               self.where, type(exc).__name__, exc, self.backoff.initial_s)
+            return None
+        if self.backoff.succeeded():
+            logger.info("redis tier: %s is back", self.where)
+        return result
+
+    def _pipeline(self, client):
+        return client.pipeline() if self.config.cluster else client.pipeline(transaction=False)
+
+    def _pipelined(self, commands: Sequence[tuple]) -> list | None:
+        """Send `commands` as one pipeline; replies in order (an error reply is an exception object)."""
+        def send(client):
+            pipe = self._pipeline(client)
+            for command in commands:
+                pipe.execute_command(*command)
+            return pipe.execute(raise_on_error=False)
+
+        return self._run(len(commands), send)
+
+    def _batches(self, n: int) -> range:
+        return range(0, n, self.config.batch_size)
+
+    # -- Tier protocol -------------------------------------------------------------------------
+
+    def has(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        found = [False] * len(keys)
+        for start in self._batches(len(keys)):
+            part = keys[start:start + self.config.batch_size]
+            replies = self._pipelined([("EXISTS", self._rkey(k)) for k in part])
+            if replies is not None:
+                found[start:start + len(part)] = [reply == 1 for reply in replies]
+        return found
+
+    def get(self, keys: Sequence[ChunkKey], dests: Sequence[torch.Tensor]) -> list[RecordHeader | None]:
+        if len(keys) != len(dests):
+            raise ValueError(f"{len(keys)} keys but {len(dests)} destination buffers")
+        headers: list[RecordHeader | None] = [None] * len(keys)
+        corrupt: list[ChunkKey] = []
+        errors = 0
+        for start in self._batches(len(keys)):
+            part = keys[start:start + self.config.batch_size]
+            values = self._pipelined([("GET", self._rkey(k)) for k in part])
+            for i, value in enumerate(values or ()):
+                if isinstance(value, Exception):
+                    errors += 1
+                elif value is not None:
+                    headers[start + i] = self._accept(part[i], value, dests[start + i], corrupt)
+        self._metrics.tier_inc(self.name, "errors", errors)
+        self._metrics.tier_inc(self.name, "bytes_read", sum(h.payload_len for h in headers if h is not None))
+        if corrupt:
+            # Best effort: a concurrent good SET of the same key between our GET and this UNLINK is
+            # lost too, which costs a recompute, never wrong KV.
+            self._metrics.tier_inc(self.name, "corrupt", len(corrupt))
+            self.remove(corrupt)
+        return headers
+
+    def _accept(self, key: ChunkKey, value: bytes, dest: torch.Tensor,
+                corrupt: list[ChunkKey]) -> RecordHeader | None:
+        """Verify one fetched record and copy its payload into `dest`; None (and noted) if bad."""
+        view = memoryview(value)
+        try:
+            header = decode_header(view)
+            if header.payload_len > dest.numel():  # not a chunk of this namespace's geometry
+                raise CorruptRecord(f"record {key} has {header.payload_len} payload bytes, "
+                                    f"more than the {dest.numel()}-byte buffer")
+            payload = view[HEADER_SIZE:]
+            verify(view[:HEADER_SIZE], payload, key, header)
+        except CorruptRecord as exc:
+            logger.warning("redis tier: dropping corrupt record: %s", exc)
+            corrupt.append(key)
+            return None
+        memoryview(dest.numpy())[:header.payload_len] = payload  # the one copy, after verifying
+        return header
+
+    def put(self, items: Sequence[PutItem]) -> list[bool]:
+        stored = [False] * len(items)
+        errors = written = 0
+        expiry = ("EX", self._ex) if self._ex is not None else ()
+        for start in self._batches(len(items)):
+            part = items[start:start + self.config.batch_size]
+            replies = self._pipelined([("SET", self._rkey(item.key),
+                                        _Record(item.header, tensor_bytes(item.payload)), *expiry)
+                                       for item in part])
+            for i, reply in enumerate(replies or ()):
+                ok = reply is True or reply == b"OK"
+                stored[start + i] = ok
+                errors += not ok
+                written += part[i].payload.numel() if ok else 0
+        self._metrics.tier_inc(self.name, "errors", errors)
+        self._metrics.tier_inc(self.name, "bytes_written", written)
+        return stored
+
+    def remove(self, keys: Sequence[ChunkKey]) -> int:
+        removed = 0
+        for start in self._batches(len(keys)):
+            part = keys[start:start + self.config.batch_size]
+            replies = self._pipelined([("UNLINK", self._rkey(k)) for k in part])
+            removed += sum(reply for reply in replies or () if isinstance(reply, int))
+        return removed
+
+    def clear(self) -> None:
+        """Delete this namespace's keys (SCAN + UNLINK; on a cluster, over every primary). Other
+        namespaces sharing the server are untouched. Best effort while Redis is down."""
+        pattern = _GLOB_SPECIALS.sub(r"\\\1", self._prefix + self.namespace.hex()) + "*"
+
+        def scan_and_unlink(client) -> None:
+            # One pipeline of UNLINKs per SCAN step: a cluster client's multi-key UNLINK would
+            # cost a round trip per hash slot.
+            pipe = self._pipeline(client)
+            for n, name in enumerate(client.scan_iter(match=pattern, count=_SCAN_COUNT), 1):
+                pipe.execute_command("UNLINK", name)
+                if n % _SCAN_COUNT == 0:
+                    pipe.execute()
+            pipe.execute()
+
+        self._run(1, scan_and_unlink)
+
+    def usage(self) -> TierUsage:
+        """What Redis can tell in one cheap round trip per node (counting this namespace's chunks
+        would need a full SCAN): `chunks` = keys in the database (every namespace and any other
+        user's keys), `bytes` = Redis's used_memory, `capacity_bytes` = its maxmemory (0: none
+        set), summed over a cluster's primaries. All zero while Redis is unreachable."""
+        def ask(client) -> TierUsage:
+            if self.config.cluster:
+                # One INFO per primary: {node: info}, or the info itself for a one-node cluster.
+                replies = client.info("memory", "keyspace", target_nodes=RedisCluster.PRIMARIES)
+                infos, db = (list(replies.values()) if "used_memory" not in replies else [replies]), "db0"
+            else:
+                infos = [client.info("memory", "keyspace")]
+                db = f"db{client.connection_pool.connection_kwargs.get('db', 0)}"
+            return TierUsage(sum(info.get(db, {}).get("keys", 0) for info in infos),
+                             sum(info["used_memory"] for info in infos),
+                             sum(info["maxmemory"] for info in infos))
+
+        return self._run(1, ask) or TierUsage(0, 0, 0)
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if isinstance(client, RedisCluster):
+            client.close()
+        elif client is not None:
+            client.connection_pool.disconnect()
