@@ -24,3 +24,15 @@ class TierUnavailable(KvtierError):
 
 class PoolExhausted(KvtierError):
     """The host memory pool has no free slab and nothing could be evicted to make one."""
+
+
+class ProtocolError(KvtierError):
+    """A kvtier_server frame is malformed (bad length, not msgpack, wrong types, unknown op, lengths
+    that do not add up, over the size limit). `fatal` when the byte stream cannot be resynchronised
+    (the frame's length is unknown or untrusted) and the connection must close; otherwise the decoder
+    has skipped the frame and the next one decodes normally. `request_id` when it could be read."""
+
+    def __init__(self, message: str, *, fatal: bool = False, request_id: int | None = None):
+        super().__init__(message)
+        self.fatal = fatal
+        self.request_id = request_id

@@ -61,3 +61,6 @@ def make_engine(tmp_path):
     yield make
     for engine in engines:
         engine.close()
+
+
+from kvtier_servers import kvtier_server, start_kvtier_server  # noqa: E402, F401

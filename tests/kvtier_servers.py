@@ -1,0 +1,139 @@
+"""Real `kvtier_server` processes for the tests, started with `python -m kvtier.server`.
+
+A server binds port 0 (any free port) unless told a port, and the test reads the bound port from
+the one line it prints on stdout (`kvtier_server listening on HOST:PORT`), so readiness is that line,
+never a fixed wait. Its log (stderr) goes to a file the tests can read. `kvtier_server` is one
+session-wide server that tests share by keeping to their own namespaces; `start_kvtier_server`
+starts servers with their own config (and port), stopped with SIGTERM at the test's end.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kvtier.keys import ChunkKey
+from kvtier.record import encode_header
+
+START_DEADLINE_S = 60.0  # a start imports torch (kvtier's package import): ~2 s, more on a busy box
+STOP_DEADLINE_S = 20.0
+PREFIX = "kvtier_server listening on "
+# Small limits so that tests reach them quickly, large enough for a few 1 MiB records per frame.
+DEFAULTS = {"capacity": "64MiB", "max_frame_bytes": "16MiB", "stats_interval_s": 0.2}
+
+
+def record(namespace: bytes, i: int, size: int = 4096) -> tuple[ChunkKey, bytes, bytes]:
+    """A valid record: (key, header, seeded payload of `size` bytes, shaped as fp16 [2, 1, 1, size/4])."""
+    key = ChunkKey(namespace, i.to_bytes(16, "little"))
+    payload = torch.randint(0, 256, (size,), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(i)).numpy().tobytes()
+    return key, encode_header(key, (2, 1, 1, size // 4), torch.float16, payload), payload
+
+
+class ServerProcess:
+    """One kvtier_server process; `restart()` starts it again on the same port."""
+
+    def __init__(self, folder: Path, config: dict, port: int = 0):
+        self.folder = folder
+        self.config_path = folder / "server.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log = folder / "server.log"
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"kvtier://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "kvtier.server", "--config", str(self.config_path), "--port",
+               str(self.port), "--host", "127.0.0.1"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        line = self._first_line()
+        if not line.startswith(PREFIX):
+            self.kill()
+            pytest.fail(f"kvtier_server did not start ({line!r}):\n{self.log.read_text()}")
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def _first_line(self) -> str:
+        deadline = time.monotonic() + START_DEADLINE_S
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if ready:
+                return self.proc.stdout.readline()  # "" if it exited first
+        return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS line")
+
+    def stop(self) -> int:
+        """SIGTERM and wait; the exit status (0 for a graceful shutdown)."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                pytest.fail(f"kvtier_server ignored SIGTERM:\n{self.log.read_text()}")
+        self.proc.stdout.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+    def restart(self) -> None:
+        if self.alive():
+            self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def kvtier_server(tmp_path_factory) -> Iterator[ServerProcess]:
+    """One shared server (DEFAULTS); tests keep to their own namespaces and count in deltas."""
+    server = ServerProcess(tmp_path_factory.mktemp("kvtier_server"), dict(DEFAULTS))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_kvtier_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:
+    """`start(port=0, **config)`: a server with DEFAULTS overridden by `config`, for this test only."""
+    servers: list[ServerProcess] = []
+
+    def start(port: int = 0, **config) -> ServerProcess:
+        folder = tmp_path / f"server{len(servers)}"
+        folder.mkdir()
+        server = ServerProcess(folder, {**DEFAULTS, **config}, port)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.alive():
+            server.stop()
