@@ -35,7 +35,6 @@ from kvtier.errors import ConfigError, CorruptRecord, KvtierError, ProtocolError
 from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.record import RecordHeader, tensor_bytes, verify
-from kvtier.server.app import IOV_MAX, tune_socket
 from kvtier.server.protocol import (
     Frame,
     FrameDecoder,
@@ -46,6 +45,7 @@ from kvtier.server.protocol import (
     default_alloc,
     encode,
 )
+from kvtier.server.sockets import IOV_MAX, tune_socket
 from kvtier.tiers.backoff import Backoff
 from kvtier.tiers.base import PutItem, TierUsage
 

@@ -1,0 +1,16 @@
+"""Socket settings shared by `kvtier_server` and its client tier (`kvtier.tiers.remote`)."""
+
+from __future__ import annotations
+
+import socket
+
+IOV_MAX = 1024  # buffers per sendmsg (Linux's limit)
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """No Nagle delay: a reply is a small header then its payloads, and requests are pipelined.
+
+    Socket buffer sizes are left to the kernel on purpose: setting SO_SNDBUF / SO_RCVBUF turns off
+    TCP autotuning and caps them at net.core.[rw]mem_max (often 4 MiB or less), while autotuning
+    grows them to tcp_[rw]mem's maximum (tens of MiB); 32 MiB records moved 25% slower with 4 MiB."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
