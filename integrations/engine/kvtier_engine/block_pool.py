@@ -132,13 +132,15 @@ class BlockPool:
 
     def publish(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
         """Make the computed full blocks of a sequence findable by later prompts."""
+        if not self.enable_caching:  # nothing will ever look them up: skip the hashing too
+            return
         table, hashes = self._tables[seq_id], self._hashes[seq_id]
         done = min(num_computed, len(token_ids)) // self.block_size
         if done <= len(hashes):
             return
         hashes += self._digests(token_ids, len(hashes), done, hashes[-1] if hashes else _SEED)
         bs = self.block_size
-        for i in range(done if self.enable_caching else 0):
+        for i in range(done):
             block = self.blocks[table[i]]
             if block.hash is None and hashes[i] not in self._by_hash:
                 block.hash, block.token_ids = hashes[i], tuple(token_ids[i * bs:(i + 1) * bs])
