@@ -9,12 +9,26 @@ CPU tier) whenever the payload buffer is 4 KiB aligned, which memory-pool slabs 
 system refuses O_DIRECT (tmpfs) "auto" falls back to buffered I/O.
 
 Writes are atomic: a temporary file in the same directory, then rename, so a reader or a crashed
-writer never leaves a half record under a real name (`*.tmp` leftovers are deleted at start). The
-index (key -> file bytes, LRU order) lives in memory and is rebuilt from the directory at start,
-oldest modification time first, so a new process finds what an old one stored.
+writer never leaves a half record under a real name. The index (key -> file bytes, LRU order)
+lives in memory and is rebuilt from the directory at start, oldest modification time first, so a
+new process finds what an old one stored.
+
+The directory is shared (several processes, each with its own index and byte bound, may write and
+evict in it) and anything may appear in it, so (see `kvtier.tiers.disk_files`):
+- Nothing is followed: the namespace directory is held open and every shard directory and file
+  below it is opened relative to it with O_NOFOLLOW; a symlink is a miss (ELOOP), so the tier never
+  reads, writes or deletes outside its directory. Rename replaces a symlink, never writes through.
+- A temporary file is created O_CREAT|O_EXCL|O_NOFOLLOW at an unpredictable name carrying its
+  writer's host, pid and a random token; start-up deletes only provably stale ones.
+- The start-up walk skips whatever vanishes under it, is not a regular file, or has a name or size
+  no record has; it counts them (`start_counts`) and logs one line.
 
 Thread-safe: the index is guarded by a lock; file I/O runs outside it. Reads verify every record
-(magic, version, key, length, checksum); a bad file is a miss, counted and deleted.
+(magic, version, key, length, checksum); a bad file is a miss, counted and deleted. Every failure
+(open, read, write, rename, unlink) is a counted miss, never an exception out of get/put/remove/
+clear; a record that failed to read is forgotten (and deleted) so lookup stops promising it, unless
+the process itself ran out of file descriptors or memory. The byte count is always the index's
+sum plus the reservations of writes in flight, which are returned in `finally`.
 """
 
 from __future__ import annotations
@@ -25,22 +39,39 @@ import logging
 import mmap
 import os
 import threading
+import weakref
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvtier.errors import ConfigError, CorruptRecord
-from kvtier.keys import DIGEST_BYTES, ChunkKey
+from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.policy import LRUPolicy
-from kvtier.record import HEADER_SIZE, decode_header, verify
+from kvtier.record import HEADER_SIZE, RecordHeader, decode_header, verify
 from kvtier.tiers.base import PinPredicate, PutItem, TierUsage
+from kvtier.tiers.disk_files import (
+    BLOCK,
+    CREATE_FLAGS,
+    DIR_FLAGS,
+    READ_FLAGS,
+    SUFFIX,
+    Scan,
+    open_root,
+    probe_o_direct,
+    temp_name,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BLOCK", "SUFFIX", "DiskTier"]
 
 logger = logging.getLogger(__name__)
 
-BLOCK = 4096
-SUFFIX = ".kvr"
+# Failures of the process, not of the record: the file is fine, so its index entry stays.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 def _padded(n: int) -> int:
@@ -49,11 +80,6 @@ def _padded(n: int) -> int:
 
 def _aligned(buf: torch.Tensor) -> bool:
     return buf.data_ptr() % BLOCK == 0
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 class _Scratch(threading.local):
@@ -67,33 +93,25 @@ class _Scratch(threading.local):
         self.tail = memoryview(self.mem)[BLOCK:]
 
 
-def _probe_o_direct(root: Path) -> bool:
-    probe = root / f".o_direct_probe.{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    probe.unlink(missing_ok=True)
-    return True
-
-
 class DiskTier:
     name = "disk"
 
     def __init__(self, path: str | os.PathLike, namespace: bytes, capacity_bytes: int,
                  is_pinned: PinPredicate, metrics: Metrics, o_direct: str = "auto", fsync: bool = False):
+        """Raises ConfigError (naming the path) when `path` is not a directory, cannot be created,
+        or its namespace directory cannot be written or is a symlink."""
         # One directory per namespace: the index, the byte bound and clear() cover this engine's
         # model/geometry/TP rank only, so models sharing a disk path never evict or clear each other.
         self.namespace = namespace
         self.root = Path(path) / namespace.hex()
-        self.root.mkdir(parents=True, exist_ok=True)
         self._root = str(self.root)
+        self._root_fd = open_root(Path(path), self.root)
+        self._close_root = weakref.finalize(self, os.close, self._root_fd)
         self.capacity_bytes = capacity_bytes
         self.fsync = fsync
         self._is_pinned = is_pinned
         self._metrics = metrics
-        supported = hasattr(os, "O_DIRECT") and _probe_o_direct(self.root)
+        supported = probe_o_direct(self._root_fd, self.root)  # also proves the directory writable
         if o_direct == "on" and not supported:
             raise ConfigError(f"disk.o_direct: 'on' but {self.root} does not support O_DIRECT")
         self.o_direct = supported and o_direct != "off"
@@ -102,7 +120,7 @@ class DiskTier:
         self._sizes: dict[ChunkKey, int] = {}
         self._policy = LRUPolicy()
         self._used = 0
-        self._rebuild()
+        self.start_counts: Counter[str] = self._rebuild()  # what the walk skipped or deleted
 
     # -- index ---------------------------------------------------------------------------------
 
@@ -114,16 +132,9 @@ class DiskTier:
         digest = key.digest.hex()
         return f"{self._root}/{digest[:2]}/{digest}{SUFFIX}"
 
-    def _rebuild(self) -> None:
-        found = []
-        for file in self.root.glob("*/*"):
-            if ".tmp" in file.name:
-                file.unlink(missing_ok=True)  # a writer died mid-write
-                continue
-            key = self._key_from_path(file)
-            if key is not None:
-                st = file.stat()
-                found.append((st.st_mtime_ns, key, st.st_size))
+    def _rebuild(self) -> Counter[str]:
+        scan = Scan(self._root_fd, self.namespace)
+        found = scan.run()
         for _, key, size in sorted(found, key=lambda f: f[0]):
             self._sizes[key] = size
             self._policy.insert(key)
@@ -131,17 +142,11 @@ class DiskTier:
         with self._lock:
             victims = self._make_room_locked(0) or []
         self._unlink_all(victims)
-        if found:
-            logger.info("disk tier %s: found %d chunks, %d bytes", self.root, len(self._sizes), self._used)
-
-    def _key_from_path(self, file: Path) -> ChunkKey | None:
-        stem = file.name.removesuffix(SUFFIX)
-        if not file.name.endswith(SUFFIX) or len(stem) != 2 * DIGEST_BYTES or file.parent.name != stem[:2]:
-            return None
-        try:
-            return ChunkKey(self.namespace, bytes.fromhex(stem))
-        except ValueError:
-            return None
+        if found or scan.counts:
+            level = logging.WARNING if scan.unusual() else logging.INFO
+            logger.log(level, "disk tier %s: found %d chunks, %d bytes%s", self.root, len(self._sizes),
+                       self._used, "".join(f"; {n} {what}" for what, n in sorted(scan.counts.items())))
+        return scan.counts
 
     def _make_room_locked(self, incoming: int) -> list[ChunkKey] | None:
         """Forget LRU unpinned files until `incoming` more bytes fit, and return them for the caller
@@ -161,10 +166,6 @@ class DiskTier:
         self._metrics.tier_inc(self.name, "evictions", len(victims))
         return victims
 
-    def _unlink_all(self, keys: Sequence[ChunkKey]) -> None:
-        for key in keys:
-            _unlink(self._path(key))
-
     def _forget(self, key: ChunkKey) -> bool:
         size = self._sizes.pop(key, None)
         if size is None:
@@ -172,6 +173,40 @@ class DiskTier:
         self._used -= size
         self._policy.remove(key)
         return True
+
+    # -- files: every path opened relative to the held namespace directory, never followed -------
+
+    def _shard_fd(self, digest: str, create: bool = False) -> int:
+        """The record's 2-hex shard directory, opened without following a symlink (ELOOP)."""
+        try:
+            return os.open(digest[:2], DIR_FLAGS, dir_fd=self._root_fd)
+        except FileNotFoundError:
+            if not create:
+                raise
+        # The first file of its shard: mkdir on demand rather than a syscall per write.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(digest[:2], dir_fd=self._root_fd)
+        return os.open(digest[:2], DIR_FLAGS, dir_fd=self._root_fd)
+
+    def _unlink_all(self, keys: Sequence[ChunkKey]) -> None:
+        """Best effort, never raises: a file that cannot go (a directory in its place, EPERM) is
+        logged and counted; its key is already out of the index and the byte count."""
+        for key in keys:
+            digest = key.digest.hex()
+            try:
+                fd = self._shard_fd(digest)
+                try:
+                    os.unlink(digest + SUFFIX, dir_fd=fd)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._failed("unlink", self._path(key), exc)
+
+    def _failed(self, op: str, path: str, exc: OSError) -> None:
+        logger.warning("disk tier: %s %s failed: %s", op, path, exc)
+        self._metrics.tier_inc(self.name, "errors")
 
     # -- Tier protocol -------------------------------------------------------------------------
 
@@ -188,17 +223,21 @@ class DiskTier:
         self._metrics.tier_inc(self.name, "bytes_read", sum(h.payload_len for h in results if h is not None))
         return results
 
-    def _read(self, key: ChunkKey, dest: torch.Tensor):
-        path = self._path(key)
+    def _read(self, key: ChunkKey, dest: torch.Tensor) -> RecordHeader | None:
+        digest = key.digest.hex()
         direct = self.o_direct and _aligned(dest)
         try:
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            sfd = self._shard_fd(digest)
+            try:
+                fd = os.open(digest + SUFFIX, READ_FLAGS | (os.O_DIRECT if direct else 0), dir_fd=sfd)
+            finally:
+                os.close(sfd)
         except FileNotFoundError:
             with self._lock:
                 self._forget(key)  # deleted behind our back
             return None
         except OSError as exc:
-            return self._failed("open", path, exc)
+            return self._unreadable(key, "open", exc)
         try:
             # One read of header block + payload straight into the (aligned) slab, as much as the
             # slab holds: the byte count tells the file's size, so no fstat. O_DIRECT needs whole
@@ -208,10 +247,10 @@ class DiskTier:
             room = len(payload) // BLOCK * BLOCK
             got = os.preadv(fd, [head, payload[:room]] if room else [head], 0)
             if got < BLOCK or got % BLOCK:
-                raise CorruptRecord(f"{path} is {got} bytes, not a whole number of blocks")
+                raise CorruptRecord(f"{self._path(key)} is {got} bytes, not a whole number of blocks")
             header = decode_header(head)
             if got < BLOCK + header.payload_len:
-                raise CorruptRecord(f"{path} is truncated: {got} bytes read")
+                raise CorruptRecord(f"{self._path(key)} is truncated: {got} bytes read")
             verify(head[:HEADER_SIZE], payload[: header.payload_len], key, header)
             return header
         except CorruptRecord as exc:
@@ -220,14 +259,16 @@ class DiskTier:
             self.remove([key])
             return None
         except OSError as exc:
-            return self._failed("read", path, exc)
+            return self._unreadable(key, "read", exc)
         finally:
             os.close(fd)
 
-    def _failed(self, op: str, path: str, exc: OSError) -> None:
-        logger.warning("disk tier: %s %s failed: %s", op, path, exc)
-        self._metrics.tier_inc(self.name, "errors")
-        return None
+    def _unreadable(self, key: ChunkKey, op: str, exc: OSError) -> None:
+        """A counted miss. The record is forgotten and deleted (so lookup stops promising what get
+        cannot deliver) unless the process, not the record, failed: out of fds or memory."""
+        self._failed(op, self._path(key), exc)
+        if exc.errno not in _RESOURCE_ERRNOS:
+            self.remove([key])
 
     def put(self, items: Sequence[PutItem]) -> list[bool]:
         return [self._write(item) for item in items]
@@ -247,31 +288,54 @@ class DiskTier:
         if victims is None:
             self._metrics.tier_inc(self.name, "rejected")
             return False
-        self._unlink_all(victims)
+        stored = False
         try:
+            self._unlink_all(victims)
             self._write_file(item)
+            stored = True
         except OSError as exc:
-            with self._lock:
-                self._used -= size
             self._failed("write", self._path(item.key), exc)
-            return False
-        with self._lock:
-            if item.key in self._sizes:
-                # A concurrent writer of the same key (write-through racing move_down) landed first;
-                # both renamed the same record into place, so only one reservation is real.
-                self._used -= size
-            else:
-                self._sizes[item.key] = size
-                self._policy.insert(item.key)
-        self._metrics.tier_inc(self.name, "bytes_written", item.payload.numel())
-        return True
+        finally:
+            with self._lock:
+                self._used -= size  # the reservation goes back whatever happened
+                # A concurrent writer of the same key (write-through racing move_down) may have
+                # landed first; both renamed the same record into place, so index it once.
+                if stored and item.key not in self._sizes:
+                    self._sizes[item.key] = size
+                    self._policy.insert(item.key)
+                    self._used += size
+        if stored:
+            self._metrics.tier_inc(self.name, "bytes_written", item.payload.numel())
+        return stored
 
     def _write_file(self, item: PutItem) -> None:
-        path = self._path(item.key)
-        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        digest = item.key.digest.hex()
+        name = digest + SUFFIX
+        tmp = temp_name(name)
+        direct = self.o_direct and _aligned(item.payload)
+        sfd = self._shard_fd(digest, create=True)
+        try:
+            # O_EXCL|O_NOFOLLOW at a fresh random name: whatever sits there makes the write fail,
+            # never redirects it.
+            fd = os.open(tmp, CREATE_FLAGS | (os.O_DIRECT if direct else 0), 0o600, dir_fd=sfd)
+            try:
+                try:
+                    self._fill(fd, item, direct)
+                finally:
+                    os.close(fd)
+                # rename replaces whatever is at `name` (a symlink too) without following it; a
+                # directory there fails it, a miss for this key only.
+                os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=sfd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=sfd)
+                raise
+        finally:
+            os.close(sfd)
+
+    def _fill(self, fd: int, item: PutItem, direct: bool) -> None:
         payload = item.payload
         n = payload.numel()
-        direct = self.o_direct and _aligned(payload)
         head, tail = self._scratch.head, self._scratch.tail
         head[:] = bytes(BLOCK)
         head[: len(item.header)] = item.header
@@ -281,27 +345,14 @@ class DiskTier:
             tail[:] = bytes(BLOCK)
             tail[: n - whole] = memoryview(payload[whole:].numpy())
             bufs.append(tail)
-        flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC | (os.O_DIRECT if direct else 0)
-        try:
-            fd = os.open(tmp, flags, 0o600)
-        except FileNotFoundError:  # the first file of its directory (a mkdir per write costs a syscall)
-            os.makedirs(os.path.dirname(tmp), exist_ok=True)
-            fd = os.open(tmp, flags, 0o600)
-        try:
-            written = os.pwritev(fd, bufs, 0)
-            expected = sum(memoryview(b).nbytes for b in bufs)
-            if written != expected:
-                raise OSError(errno.EIO, f"short write: {written} of {expected} bytes")
-            if not direct:
-                os.ftruncate(fd, BLOCK + _padded(n))  # same size as an O_DIRECT file
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink(tmp)
-            raise
-        os.close(fd)
-        os.rename(tmp, path)
+        written = os.pwritev(fd, bufs, 0)
+        expected = sum(memoryview(b).nbytes for b in bufs)
+        if written != expected:
+            raise OSError(errno.EIO, f"short write: {written} of {expected} bytes")
+        if not direct:
+            os.ftruncate(fd, BLOCK + _padded(n))  # same size as an O_DIRECT file
+        if self.fsync:
+            os.fsync(fd)
 
     def remove(self, keys: Sequence[ChunkKey]) -> int:
         with self._lock:
@@ -318,4 +369,7 @@ class DiskTier:
         return TierUsage(len(self._sizes), self._used, self.capacity_bytes)
 
     def close(self) -> None:
-        """Nothing to release: files are closed after every operation."""
+        """Release the namespace directory (files are closed after every operation). Call after
+        the last operation has returned; later calls fail as counted misses."""
+        self._root_fd = -1
+        self._close_root()

@@ -16,7 +16,10 @@ it expires every call answers misses at once without touching the network, so a 
 the lookup path nothing; then one call probes, and the first success ends the outage. redis-py's
 own retries are off, so this is the only retry policy. One warning when Redis goes down, one info
 line when it is back. Every record read is verified (magic, version, key, length, checksum); a bad
-one is deleted, counted `corrupt`, and is a miss.
+one is deleted, counted `corrupt`, and is a miss. So is a value of another type (a LIST or HASH
+someone put at a chunk key: WRONGTYPE): it is not an outage, so it never starts the Backoff. `has`
+asks STRLEN, not EXISTS, so it never promises a value of another type or one too short to be a
+record, and lookup and get agree.
 
 Pins cannot be honoured: Redis evicts by its own policy (`maxmemory-policy`) and expires by TTL,
 and other processes share the keys. Copies: a put sends header and payload straight from their
@@ -39,7 +42,7 @@ import torch
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from kvtier.config import RedisConfig
@@ -107,6 +110,11 @@ def _with_record_packer(base: type) -> type:
 CONNECTION_CLASSES = {"redis": _with_record_packer(redis.Connection),
                       "rediss": _with_record_packer(redis.SSLConnection),
                       "unix": _with_record_packer(redis.UnixDomainSocketConnection)}
+
+
+def _wrong_type(reply: object) -> bool:
+    """A per-key error reply saying the key holds a LIST, HASH, ...: bad data, not an outage."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
 class RedisTier:
@@ -193,9 +201,12 @@ class RedisTier:
         found = [False] * len(keys)
         for start in self._batches(len(keys)):
             part = keys[start:start + self.config.batch_size]
-            replies = self._pipelined([("EXISTS", self._rkey(k)) for k in part])
+            # STRLEN: 0 for a missing key, a WRONGTYPE error reply for a LIST/HASH/..., and the
+            # length that tells a record (header + at least one payload byte) from a stub.
+            replies = self._pipelined([("STRLEN", self._rkey(k)) for k in part])
             if replies is not None:
-                found[start:start + len(part)] = [reply == 1 for reply in replies]
+                found[start:start + len(part)] = [isinstance(reply, int) and reply > HEADER_SIZE
+                                                    for reply in replies]
         return found
 
     def get(self, keys: Sequence[ChunkKey], dests: Sequence[torch.Tensor]) -> list[RecordHeader | None]:
@@ -208,7 +219,10 @@ class RedisTier:
             part = keys[start:start + self.config.batch_size]
             values = self._pipelined([("GET", self._rkey(k)) for k in part])
             for i, value in enumerate(values or ()):
-                if isinstance(value, Exception):
+                if _wrong_type(value):
+                    logger.warning("redis tier: dropping %s: not a string value", self._rkey(part[i]))
+                    corrupt.append(part[i])
+                elif isinstance(value, Exception):
                     errors += 1
                 elif value is not None:
                     headers[start + i] = self._accept(part[i], value, dests[start + i], corrupt)

@@ -7,18 +7,24 @@ Real files in `tmp_path`. Engine-level tests store, `flush()` (background writes
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import CHUNK, seeded_kv, seeded_tokens, small_layout
 
+from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.metrics import Metrics
 from kvtier.record import encode_header, tensor_bytes
 from kvtier.tiers.base import PutItem
-from kvtier.tiers.disk import BLOCK, DiskTier, _probe_o_direct
+from kvtier.tiers.disk import BLOCK, DiskTier
+from kvtier.tiers.disk_files import HOST_ID, probe_o_direct
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 FILE_BYTES = 2 * BLOCK  # one fp16 chunk of the small layout: 4 KiB header block + 4 KiB payload
@@ -88,6 +94,14 @@ def test_partial_last_chunk_round_trips_through_disk_only_when_configured(make_e
     assert disk_stats(engine)["hits"] == (3 if save_partial else 2)
 
 
+def o_direct_supported(path) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return probe_o_direct(fd, path)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("o_direct", ["off", "auto"])
 def test_o_direct_modes_round_trip(make_engine, tmp_path, o_direct):
     # head_dim 24: a 16-token fp16 chunk is 6 KiB, so O_DIRECT writes need the padded-tail path, and
@@ -96,7 +110,7 @@ def test_o_direct_modes_round_trip(make_engine, tmp_path, o_direct):
     length = 3 * CHUNK + 5
     engine, disk, tokens, kv = stored_on_disk(make_engine, layout, length, disk__o_direct=o_direct,
                                               save_partial_chunks="true")
-    assert disk.o_direct is (o_direct == "auto" and _probe_o_direct(tmp_path))
+    assert disk.o_direct is (o_direct == "auto" and o_direct_supported(tmp_path))
     for path in tmp_path.glob("disk/**/*.kvr"):
         assert path.stat().st_size % BLOCK == 0  # the same file format whichever way it was written
 
@@ -210,10 +224,17 @@ def test_index_is_rebuilt_from_the_directory_at_start(make_engine, layout, tmp_p
     assert torch.equal(chunk, kv[:, :, CHUNK: 2 * CHUNK])
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait(timeout=30)
+    return child.pid
+
+
 def test_stale_tmp_files_are_deleted_at_start(make_engine, layout, tmp_path):
     engine, disk, tokens, _ = stored_on_disk(make_engine, layout, 2 * CHUNK)
     good = disk.path_for(engine.db.keys(tokens)[0])
-    stale = good.with_name(good.name + ".tmp.12345.678")  # what a writer that died leaves behind
+    stale = good.with_name(f"{good.name}.tmp.{HOST_ID}.{dead_pid()}.{'0' * 16}")  # a dead writer's
     stale.write_bytes(b"half a record")
     junk = good.parent / "README"
     junk.write_text("not ours")
@@ -378,3 +399,147 @@ def test_concurrent_writes_of_one_key_reserve_its_bytes_once(tmp_path, layout):
     assert tier.usage().chunks == 1 and tier.usage().bytes == FILE_BYTES
     tier.clear()
     assert tier.usage().bytes == 0 and not list(tmp_path.glob("**/*.kvr"))
+
+
+@pytest.fixture
+def immutable():
+    """`chattr +i` on directories: even root then gets EPERM creating or unlinking in them (chmod
+    does not stop root). Undone at teardown; the test is skipped where chattr cannot do it."""
+    made = []
+
+    def make(path) -> None:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)],
+                                                            capture_output=True).returncode:
+            pytest.skip("chattr +i is not available on this file system")
+        made.append(path)
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def directory_where_the_record_was(tier: DiskTier, key: ChunkKey, immutable) -> None:
+    replace_file_with_directory(tier, key)  # unlink fails with EISDIR
+
+
+def immutable_shard(tier: DiskTier, key: ChunkKey, immutable) -> None:
+    immutable(tier.path_for(key).parent)  # unlink fails with EPERM
+
+
+UNLINK_FAILURES = [directory_where_the_record_was, immutable_shard]
+
+
+@pytest.mark.parametrize("breakage", UNLINK_FAILURES, ids=lambda f: f.__name__)
+def test_clear_does_not_raise_when_a_record_cannot_be_unlinked(tmp_path, layout, breakage, immutable):
+    """Bug: EISDIR/EACCES/EPERM from unlink escaped, so `clear("disk")` raised."""
+    tier = make_tier(tmp_path)
+    items = [record(i, layout) for i in range(3)]
+    tier.put(items)
+    breakage(tier, items[1].key, immutable)
+
+    tier.clear()
+
+    assert tier.usage().chunks == 0 and tier.usage().bytes == 0
+    assert tier.has([item.key for item in items]) == [False] * 3
+    assert tier._metrics.value("kvtier_tier_errors_total", {"tier": "disk"}) == 1
+
+
+@pytest.mark.parametrize("breakage", UNLINK_FAILURES, ids=lambda f: f.__name__)
+def test_eviction_whose_unlink_fails_inside_a_write_returns_the_reservation(tmp_path, layout, breakage,
+                                                                             immutable):
+    """Bug: an unlink error while a write evicted escaped past the byte reservation, which leaked:
+    the tier ended at "0 chunks, 65,536 bytes used" and refused every write."""
+    tier = make_tier(tmp_path, capacity=2 * FILE_BYTES)
+    items = [record(i, layout) for i in range(5)]  # keys 0..4: one shard each
+    assert tier.put(items[:2]) == [True, True]
+    breakage(tier, items[0].key, immutable)  # the LRU file, evicted by the next write
+
+    assert tier.put([items[2]]) == [True]  # the victim is forgotten even though its file stayed
+
+    assert tier.has([item.key for item in items[:3]]) == [False, True, True]
+    assert tier.usage().chunks == 2 and tier.usage().bytes == 2 * FILE_BYTES  # what the index holds
+    assert tier.put(items[3:]) == [True, True]  # and the tier keeps taking writes
+    assert tier.usage().bytes == 2 * FILE_BYTES
+    tier.clear()
+    assert tier.usage().bytes == 0
+
+
+def test_a_read_error_drops_the_index_entry_so_lookup_stops_promising_it(make_engine, layout):
+    """Bug: a read that failed with an I/O error (not ENOENT) kept the index entry, so lookup kept
+    promising a chunk that every retrieve failed to read."""
+    engine, disk, tokens, kv = stored_on_disk(make_engine, layout, 3 * CHUNK)
+    keys = engine.db.keys(tokens)
+    replace_file_with_directory(disk, keys[1])  # EISDIR on read, and on unlink
+    assert engine.lookup(tokens) == 3 * CHUNK  # the index cannot know before reading
+
+    got, n = engine.retrieve(tokens)
+
+    assert n == CHUNK and torch.equal(got, kv[:, :, :CHUNK])
+    assert engine.lookup(tokens) == CHUNK
+    assert disk.has(keys) == [True, False, True]
+    assert disk.usage().chunks == 2 and disk.usage().bytes == 2 * FILE_BYTES
+
+
+def test_a_write_whose_rename_fails_leaves_no_temp_file_and_fails_that_key_only(tmp_path, layout):
+    """A directory where one record should go: that key is a counted miss (its temporary file
+    removed), the others in the batch are stored and read back."""
+    tier = make_tier(tmp_path)
+    items = [record(i, layout) for i in range(3)]
+    blocked = tier.path_for(items[1].key)
+    blocked.mkdir(parents=True)
+
+    assert tier.put(items) == [True, False, True]
+
+    assert [p.name for p in blocked.parent.iterdir()] == [blocked.name]  # no temporary file left
+    assert tier.usage().chunks == 2 and tier.usage().bytes == 2 * FILE_BYTES
+    dests = [torch.empty(FILE_BYTES, dtype=torch.uint8) for _ in items]
+    assert [h is not None for h in tier.get([item.key for item in items], dests)] == [True, False, True]
+    assert tier._metrics.value("kvtier_tier_errors_total", {"tier": "disk"}) == 2  # the write, the read
+
+
+def path_is_a_file(tmp_path, immutable):
+    (tmp_path / "cache").write_bytes(b"")
+    return tmp_path / "cache"
+
+
+def parent_is_a_file(tmp_path, immutable):
+    (tmp_path / "file").write_bytes(b"")
+    return tmp_path / "file" / "cache"
+
+
+def namespace_directory_is_a_file(tmp_path, immutable):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / RECORD_NS.hex()).write_bytes(b"")
+    return tmp_path / "cache"
+
+
+def namespace_directory_is_a_symlink(tmp_path, immutable):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / RECORD_NS.hex()).symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    return tmp_path / "cache"
+
+
+def cannot_be_created(tmp_path, immutable):
+    return Path("/proc/kvtier-cannot-create-here")
+
+
+def not_writable(tmp_path, immutable):
+    (tmp_path / "cache" / RECORD_NS.hex()).mkdir(parents=True)
+    immutable(tmp_path / "cache" / RECORD_NS.hex())
+    return tmp_path / "cache"
+
+
+BAD_PATHS = [path_is_a_file, parent_is_a_file, namespace_directory_is_a_file,
+             namespace_directory_is_a_symlink, cannot_be_created, not_writable]
+
+
+@pytest.mark.parametrize("bad_path", BAD_PATHS, ids=lambda f: f.__name__)
+def test_a_disk_path_that_is_not_a_writable_directory_is_a_config_error_naming_it(tmp_path, bad_path,
+                                                                                  immutable):
+    """Bug: a path that is a regular file (or cannot be written) raised a bare OSError, or started
+    fine and failed every write later."""
+    path = bad_path(tmp_path, immutable)
+
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        make_tier(path)

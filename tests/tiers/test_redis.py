@@ -345,6 +345,78 @@ def test_record_larger_than_the_buffer_is_dropped_not_overflowed(make_tier, name
     assert torch.all(small[PAYLOAD // 2:] == 0)
 
 
+def a_list(raw, name: str) -> None:
+    raw.delete(name)
+    raw.rpush(name, b"a", b"b")
+
+
+def a_hash(raw, name: str) -> None:
+    raw.delete(name)
+    raw.hset(name, "field", b"value")
+
+
+def a_set(raw, name: str) -> None:
+    raw.delete(name)
+    raw.sadd(name, b"member")
+
+
+@pytest.mark.parametrize("plant", [a_list, a_hash, a_set], ids=lambda f: f.__name__)
+def test_a_list_or_hash_at_a_chunk_key_is_a_corrupt_miss_that_lookup_stops_promising(make_tier, target,
+                                                                                      namespace, plant):
+    """Bug: a LIST or HASH value at a chunk key (WRONGTYPE) was counted as an error and kept
+    forever, and lookup kept promising it."""
+    tier = make_tier()
+    items = records(namespace, 3)
+    tier.put(items)
+    bad = "kvtier:" + items[1].key.hex()
+    with target.raw() as raw:
+        plant(raw, bad)
+
+        assert tier.has(keys_of(items)) == [True, False, True]  # never promised
+        headers = tier.get(keys_of(items), dests := slabs(3))
+
+        assert [h is not None for h in headers] == [True, False, True]
+        assert (counters(tier)["corrupt"], counters(tier)["errors"]) == (1, 0)
+        assert raw.exists(bad) == 0
+    assert torch.all(dests[1] == 0xEE)
+    # Not an outage: the Backoff did not start, the next calls reach Redis.
+    assert tier.has(keys_of(items)) == [True, False, True]
+    assert tier.put([items[1]]) == [True] and tier.has(keys_of(items)) == [True] * 3
+
+
+def test_engine_lookup_stops_at_a_chunk_key_holding_a_list(redis_engine, target, layout):
+    engine = redis_engine()
+    tokens, kv = seeded_tokens(3 * CHUNK, 11), seeded_kv(layout, 3 * CHUNK, 11)
+    engine.store(tokens, kv)
+    assert engine.flush(timeout=DEADLINE_S)
+    engine.clear("cpu")
+    with target.raw() as raw:
+        a_list(raw, "kvtier:" + engine.db.keys(tokens)[1].hex())
+
+    assert engine.lookup(tokens) == CHUNK
+    got, n = engine.retrieve(tokens)
+
+    assert n == CHUNK and torch.equal(got, kv[:, :, :CHUNK])
+    assert engine.lookup(tokens) == CHUNK
+    assert redis_stats(engine)["errors"] == 0
+
+
+@pytest.mark.parametrize("value", [b"", b"x", b"KVTR", bytes(HEADER_SIZE)], ids=["empty", "one_byte", "magic",
+                                                                                 "header_size"])
+def test_a_string_too_short_to_be_a_record_is_a_miss_never_promised(make_tier, target, namespace, value):
+    tier = make_tier()
+    items = records(namespace, 2)
+    tier.put(items)
+    bad = "kvtier:" + items[1].key.hex()
+    with target.raw() as raw:
+        raw.set(bad, value)
+
+        assert tier.has(keys_of(items)) == [True, False]
+        assert [h is not None for h in tier.get(keys_of(items), slabs(2))] == [True, False]
+        assert counters(tier)["corrupt"] == 1 and counters(tier)["errors"] == 0
+        assert raw.exists(bad) == 0
+
+
 # -- Redis down: misses, counted, back-off without network, recovery --------------------------------
 
 
