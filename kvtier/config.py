@@ -11,57 +11,68 @@ Where the config comes from, in order (later wins):
        KVTIER_DISK__IO_THREADS=2        -> disk: {io_threads: 2}
        KVTIER_DISK=null                 -> disk: null   (no disk tier)
 
-   The key part after `KVTIER_` is case-insensitive. Each value is read with `yaml.safe_load` ("128"
-   is an int, "true" a bool, "null" None) and validated exactly like a file value, except that a
-   string-typed key takes the raw text (so `KVTIER_SALT=123` is the salt "123"). Whole-section
-   overrides apply before field overrides, and a field override on a disabled (null) section
-   re-enables it from that section's defaults. `KVTIER_CONFIG` itself is not an override.
+   The key part after `KVTIER_` is case-insensitive. A string-typed key takes the raw text, never
+   parsed (`KVTIER_SALT=123` is the salt "123", `KVTIER_REMOTE__TOKEN='s3cret #1'` the whole token);
+   only an optional string reads the exact text `null` as None. Every other value (numbers,
+   booleans, sizes, whole sections) is read as YAML ("128" is an int, "true" a bool, "null" None).
+   All are then validated exactly like a file value. Whole-section overrides apply before field
+   overrides, and a field override on a disabled (null) section re-enables it from that section's
+   defaults. `KVTIER_CONFIG` itself is not an override.
 
-Validation is strict and generic: it walks the dataclass fields, their type hints and their metadata
-(`size`, `min`, `choices`, `path`), so a new section (redis, remote, ...) is just a new dataclass. An
-unknown key, a wrong type or a value out of range raises one `ConfigError` naming the dotted key and
-where it came from (the file, or the environment variable). Loading is side-effect free apart from
-reading the file; nothing is created on disk here.
+Validation is strict, fails closed and is generic: it walks the dataclass fields, their type hints
+and their metadata (`size`, `memory`, `min`, `max`, `choices`, `path`, `url`, `secret`, `empty`), so a
+new section (redis, remote, ...) is just a new dataclass. A string is never empty unless its field
+says so (an empty host would bind every interface, an empty token would be a secret anyone knows);
+floats are finite; ints fit in 64 bits. YAML is read by `kvtier.config_yaml` (bounded size and
+nesting, no aliases). After the overrides, what depends on the machine is checked once: a `path` must
+be a directory or not exist yet, a `memory` size must fit in physical memory. Any problem raises one
+`ConfigError` naming the dotted key and where it came from (the file, or the environment variable),
+and never showing the value of a `secret` key or the credentials of a URL. Loading is side-effect
+free apart from reading the file and stat-ing the paths; nothing is created on disk here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
-import re
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Any
 
-import yaml
-
+from kvtier.config_values import (
+    MAX_SIZE,
+    GiB,
+    check_directory,
+    check_memory,
+    check_text,
+    check_url,
+    parse_size,
+    show,
+    show_key,
+)
+from kvtier.config_yaml import parse_yaml, read_config_file
 from kvtier.errors import ConfigError
 
 _log = logging.getLogger(__name__)
 
-GiB = 1 << 30
 ENV_PREFIX = "KVTIER_"
 ENV_CONFIG = "KVTIER_CONFIG"
 SERVER_ENV_PREFIX = "KVTIER_SERVER_"
 SERVER_ENV_CONFIG = "KVTIER_SERVER_CONFIG"
 DEFAULT_SOURCE = "<defaults>"
+MAX_SECONDS = 365 * 86400  # a timeout, TTL or interval; a year is already "never"
 
 _SWITCH = ("auto", "on", "off")
-_UNITS = {
-    "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-_SIZE_RE = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([A-Za-z]*)\s*")
 
 
-def _size(default: int) -> Any:
-    return field(default=default, metadata={"size": True})
+def _size(default: int, *, memory: bool = False) -> Any:
+    """A byte count; `memory`: held in host RAM, so it must fit in physical memory."""
+    return field(default=default, metadata={"size": True, "memory": memory})
 
 
 def _choice(default: str, choices: tuple[str, ...]) -> Any:
@@ -72,6 +83,19 @@ def _at_least(default: int, minimum: int) -> Any:
     return field(default=default, metadata={"min": minimum})
 
 
+def _seconds(default: float, minimum: float) -> Any:
+    return field(default=default, metadata={"min": minimum, "max": MAX_SECONDS})
+
+
+def _url(default: str, schemes: tuple[str, ...]) -> Any:
+    return field(default=default, metadata={"url": schemes})
+
+
+def _secret() -> Any:
+    """An optional shared secret: absent or null = none, else non-empty; never shown or repr'd."""
+    return field(default=None, repr=False, metadata={"secret": True})
+
+
 def _default_disk_path() -> str:
     base = os.environ.get("XDG_CACHE_HOME", "~/.cache")
     return os.path.abspath(os.path.expanduser(os.path.join(base, "kvtier")))
@@ -79,7 +103,7 @@ def _default_disk_path() -> str:
 
 @dataclass(frozen=True, slots=True)
 class CpuConfig:
-    capacity: int = _size(2 * GiB)
+    capacity: int = _size(2 * GiB, memory=True)
     pin_memory: str = _choice("auto", _SWITCH)
 
 
@@ -96,34 +120,34 @@ class DiskConfig:
 class RedisConfig:
     """A Redis (or Redis Cluster) tier: one key per chunk holding its whole record."""
 
-    url: str = "redis://127.0.0.1:6379/0"  # redis:// or rediss://; for a cluster, any node
+    url: str = _url("redis://127.0.0.1:6379/0", ("redis", "rediss", "unix"))  # cluster: any node
     cluster: bool = False
-    ttl_s: int | None = field(default=None, metadata={"min": 1})  # expiry per chunk; None = never
-    timeout_s: float = _at_least(1.0, 0.001)  # connect and read timeout per round trip
+    ttl_s: int | None = field(default=None, metadata={"min": 1, "max": MAX_SECONDS})  # None = never
+    timeout_s: float = _seconds(1.0, 0.001)  # connect and read timeout per round trip
     max_connections: int = _at_least(16, 1)
     batch_size: int = _at_least(32, 1)  # chunks per pipelined round trip
-    retry_after_s: float = _at_least(1.0, 0.0)  # first back-off after a failure; doubles up to retry_max_s
-    retry_max_s: float = _at_least(30.0, 0.0)
-    key_prefix: str = "kvtier:"
+    retry_after_s: float = _seconds(1.0, 0.0)  # first back-off after a failure; doubles up to retry_max_s
+    retry_max_s: float = _seconds(30.0, 0.0)
+    key_prefix: str = field(default="kvtier:", metadata={"empty": True})
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteConfig:
     """A `kvtier_server` tier."""
 
-    url: str = "kvtier://127.0.0.1:7000"
-    token: str | None = None  # the server's shared secret, when it has one
-    timeout_s: float = _at_least(5.0, 0.001)
+    url: str = _url("kvtier://127.0.0.1:7000", ("kvtier",))
+    token: str | None = _secret()  # the server's shared secret, when it has one
+    timeout_s: float = _seconds(5.0, 0.001)
     connections: int = _at_least(4, 1)
-    retry_after_s: float = _at_least(1.0, 0.0)
-    retry_max_s: float = _at_least(30.0, 0.0)
+    retry_after_s: float = _seconds(1.0, 0.0)
+    retry_max_s: float = _seconds(30.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
 class KvtierConfig:
     chunk_size: int = _at_least(256, 1)
     save_partial_chunks: bool = False
-    salt: str = ""
+    salt: str = field(default="", metadata={"empty": True})  # "" = no salt
     write_through: bool = True  # store to lower tiers in the background as soon as stored in CPU
     promote_on_hit: bool = True  # a lower-tier hit is copied into the CPU tier
     cpu: CpuConfig = field(default_factory=CpuConfig)
@@ -148,43 +172,18 @@ class ServerConfig:
     """`kvtier_server`: `load_server_config`, env overrides `KVTIER_SERVER_<KEY>`."""
 
     host: str = "127.0.0.1"
-    port: int = field(default=7000, metadata={"min": 0})  # 0: any free port (logged at start)
-    capacity: int = _size(4 * GiB)  # bytes of records held in memory; LRU beyond
-    token: str | None = None  # shared secret every client must present; None = no auth
+    port: int = field(default=7000, metadata={"min": 0, "max": 65535})  # 0: any free port (logged)
+    capacity: int = _size(4 * GiB, memory=True)  # bytes of records held in memory; LRU beyond
+    token: str | None = _secret()  # shared secret every client must present; None = no auth
     max_frame_bytes: int = _size(1 * GiB)  # largest frame accepted (header + payloads)
-    max_connections: int = _at_least(256, 1)
+    max_connections: int = _at_least(256, 1)  # authenticated connections; more get BUSY at HELLO
+    max_handshakes: int = _at_least(64, 1)  # connections before their HELLO; the oldest make room
+    handshake_timeout_s: float = _seconds(5.0, 0.001)  # from accept to a HELLO answered OK
+    idle_timeout_s: float = _seconds(300.0, 0.001)  # an authenticated connection silent this long closes
+    receive_bytes: int = _size(2 * GiB)  # payload bytes being received, all connections together
     spill: SpillConfig | None = None  # None: evicted records are dropped
-    stats_interval_s: float = _at_least(60.0, 0.0)  # one traffic log line per interval; 0 = never
+    stats_interval_s: float = _seconds(60.0, 0.0)  # one traffic log line per interval; 0 = never
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
-
-
-def parse_size(value: object, where: str) -> int:
-    """A byte count from an int or a string such as "512MiB", "1.5GB", "800kB", "1024"; must be > 0."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str):
-        size = _parse_size_text(value, where)
-    else:
-        raise ConfigError(f"{where}: expected a size (bytes or a string like '4GiB'), got {_show(value)}")
-    if size <= 0:
-        raise ConfigError(f"{where}: size must be positive, got {value}")
-    return size
-
-
-def _parse_size_text(text: str, where: str) -> int:
-    match = _SIZE_RE.fullmatch(text)
-    unit = _UNITS.get(match.group(2).lower() or "b") if match else None
-    if match is None or unit is None:
-        units = ", ".join(["B", "kB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"])
-        raise ConfigError(f"{where}: invalid size {text!r} (a number with an optional unit: {units})")
-    try:
-        # Decimal, not float: "1.1GB" must be exactly 1_100_000_000 bytes.
-        exact = Decimal(match.group(1)) * unit
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid numbers
-        raise ConfigError(f"{where}: invalid size {text!r}") from exc
-    if exact != exact.to_integral_value():
-        raise ConfigError(f"{where}: size {text!r} is not a whole number of bytes")
-    return int(exact)
 
 
 def load_config(
@@ -202,42 +201,44 @@ def load_server_config(
     return _load(ServerConfig, path, env, SERVER_ENV_PREFIX, SERVER_ENV_CONFIG)
 
 
+def override(config: Any, origin: str, values: Mapping[str, object]) -> Any:
+    """`config` with top-level `values` set (None values skipped), validated like a file's: for
+    command-line flags, e.g. `override(config, "command line", {"host": args.host})`."""
+    origins: dict[str, str] = {}
+    updates = {}
+    for key, value in values.items():
+        if value is not None:
+            f = _field(type(config), key, "", origin)
+            updates[f.name] = _coerce(_hints(type(config))[f.name], f, value, f.name, origin, origins)
+    config = dataclasses.replace(config, **updates)
+    _check_machine(config, "", origins)
+    return config
+
+
 def _load(root: type, path: str | os.PathLike[str] | None, env: Mapping[str, str] | None, prefix: str,
           config_var: str) -> Any:
     env = os.environ if env is None else env
     if path is None:
         path = env.get(config_var) or None
+    origins: dict[str, str] = {}  # dotted key -> where its value came from, for the machine checks
     if path is None:
         config = root()
     else:
         source = os.fspath(path)
-        data = _read_yaml(source)
-        config = _build(root, data, "", source)
+        data = read_config_file(source)
+        if data is None:  # an empty file means "all defaults"
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: top level must be a mapping of keys, got {type(data).__name__}")
+        config = _build(root, data, "", source, origins)
         config = dataclasses.replace(config, source=source)
-    return _apply_env(config, env, prefix, config_var)
+    config = _apply_env(config, env, prefix, config_var, origins)
+    _check_machine(config, "", origins)
+    return config
 
 
-def _read_yaml(source: str) -> Mapping[str, Any]:
-    try:
-        with open(source, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}:{line}: invalid YAML: {problem}") from exc
-    if data is None:  # an empty file means "all defaults"
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: top level must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def _apply_env(config: Any, env: Mapping[str, str], prefix: str, config_var: str) -> Any:
+def _apply_env(config: Any, env: Mapping[str, str], prefix: str, config_var: str,
+               origins: dict[str, str]) -> Any:
     # The server's variables share kvtier's prefix: each loader skips the other's.
     foreign = SERVER_ENV_PREFIX if prefix == ENV_PREFIX else None
     overrides = []
@@ -249,18 +250,14 @@ def _apply_env(config: Any, env: Mapping[str, str], prefix: str, config_var: str
     # the environment's iteration order, rather than depending on which variable came last.
     overrides.sort(key=lambda item: (len(item[0]), item[1]))
     for parts, name, text in overrides:
-        origin = f"environment {name}"
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{origin}: {'.'.join(parts)}: value {text!r} is not valid YAML") from exc
-        config = _set_path(config, parts, value, text, "", origin)
+        config = _set_path(config, parts, text, "", f"environment {name}", origins)
         _log.debug("config: %s overrides %s", name, ".".join(parts))
     return config
 
 
-def _set_path(obj: Any, parts: list[str], value: object, text: str, prefix: str, origin: str) -> Any:
-    """`obj` with the field at `parts` set to the validated `value`; sections are rebuilt, not mutated."""
+def _set_path(obj: Any, parts: list[str], text: str, prefix: str, origin: str,
+              origins: dict[str, str]) -> Any:
+    """`obj` with the field at `parts` set from env `text`; sections are rebuilt, not mutated."""
     cls = type(obj)
     f = _field(cls, parts[0], prefix, origin)
     dotted = prefix + f.name
@@ -272,27 +269,31 @@ def _set_path(obj: Any, parts: list[str], value: object, text: str, prefix: str,
         current = getattr(obj, f.name)
         if current is None:  # overriding a field of a disabled section re-enables it from defaults
             current = section()
-        new = _set_path(current, parts[1:], value, text, dotted + ".", origin)
+            _record(origins, dotted, origin)
+        new = _set_path(current, parts[1:], text, dotted + ".", origin, origins)
+    elif _strip_optional(hint) is str:
+        # The environment has no quoting habit, so a string key takes the raw text, never YAML:
+        # through YAML, 's3cret #x' was the token 's3cret' and '123' not a string at all.
+        optional = _strip_optional(hint) is not hint
+        new = _coerce(hint, f, None if optional and text == "null" else text, dotted, origin, origins)
     else:
-        # The environment has no quoting habit, so a string key takes the raw text ("123" salt, and
-        # "" an empty salt); only an optional string reads "null" as None.
-        if _strip_optional(hint) is str and not isinstance(value, str) and (value is not None or hint is str):
-            value = text
-        new = _coerce(hint, f, value, dotted, origin)
+        new = _coerce(hint, f, parse_yaml(text, f"{origin}: {dotted}"), dotted, origin, origins)
     return dataclasses.replace(obj, **{f.name: new})
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str, origin: str) -> Any:
+def _build(cls: type, data: Mapping[Any, Any], prefix: str, origin: str, origins: dict[str, str]) -> Any:
     """An instance of section `cls` from a mapping; keys left out keep the section's defaults."""
     values = {}
     for key, value in data.items():
         f = _field(cls, key, prefix, origin)
-        values[f.name] = _coerce(_hints(cls)[f.name], f, value, prefix + f.name, origin)
+        values[f.name] = _coerce(_hints(cls)[f.name], f, value, prefix + f.name, origin, origins)
     return cls(**values)
 
 
-def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, origin: str) -> Any:
+def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, origin: str,
+            origins: dict[str, str]) -> Any:
     where = f"{origin}: {dotted}"
+    _record(origins, dotted, origin)
     optional = _strip_optional(hint) is not hint
     section = _section_type(hint)
     if value is None:
@@ -302,8 +303,8 @@ def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, or
         raise ConfigError(f"{where}: this {what} cannot be null")
     if section is not None:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping of keys, got {_show(value)}")
-        return _build(section, value, dotted + ".", origin)
+            raise ConfigError(f"{where}: expected a mapping of keys, got {show(value)}")
+        return _build(section, value, dotted + ".", origin, origins)
     meta = f.metadata
     if meta.get("size"):
         return parse_size(value, where)
@@ -311,31 +312,71 @@ def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, or
     if choices and "on" in choices and isinstance(value, bool):
         # YAML 1.1 reads bare on/off as booleans; `pin_memory: off` should still mean "off".
         value = "on" if value else "off"
-    value = _check_type(_strip_optional(hint), value, where)
+    value = _check_type(_strip_optional(hint), value, where, meta.get("secret", False))
+    if isinstance(value, str):
+        check_text(value, meta, where)
     if choices and value not in choices:
-        raise ConfigError(f"{where}: expected one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{where}: expected one of {', '.join(choices)}; got {show(value)}")
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{where}: must be >= {meta['min']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where}: must be <= {meta['max']}, got {value}")
+    if "url" in meta:
+        check_url(value, meta["url"], where)
     if meta.get("path"):
         value = os.path.abspath(os.path.expanduser(value))
     return value
 
 
-def _check_type(expected: type, value: object, where: str) -> Any:
+def _check_type(expected: type, value: object, where: str, secret: bool) -> Any:
     # bool is a subclass of int in Python, but `chunk_size: true` is a mistake, not 1.
     ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value, ok = float(value), True
     if not ok:
-        raise ConfigError(f"{where}: expected {expected.__name__}, got {_show(value)}")
+        got = type(value).__name__ if secret else show(value)
+        raise ConfigError(f"{where}: expected {expected.__name__}, got {got}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value}")
+    if expected is int and not -MAX_SIZE - 1 <= value <= MAX_SIZE:  # type: ignore[operator]
+        raise ConfigError(f"{where}: must fit in 64 bits (at most {MAX_SIZE})")
     return value
+
+
+def _check_machine(config: Any, prefix: str, origins: dict[str, str]) -> None:
+    """What depends on this machine, checked once on the final config: paths and memory sizes."""
+    for f in _public_fields(type(config)).values():
+        value = getattr(config, f.name)
+        dotted = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_machine(value, dotted + ".", origins)
+        elif f.metadata.get("path"):
+            check_directory(value, f"{_origin(origins, dotted)}: {dotted}")
+        elif f.metadata.get("memory"):
+            check_memory(value, f"{_origin(origins, dotted)}: {dotted}")
+
+
+def _record(origins: dict[str, str], dotted: str, origin: str) -> None:
+    """`dotted` now comes from `origin`; what its sub-keys came from before no longer counts."""
+    for key in [k for k in origins if k.startswith(dotted + ".")]:
+        del origins[key]
+    origins[dotted] = origin
+
+
+def _origin(origins: dict[str, str], dotted: str) -> str:
+    """Where `dotted` (or the nearest section above it) was set; the defaults if nowhere."""
+    while dotted:
+        if dotted in origins:
+            return origins[dotted]
+        dotted = dotted.rpartition(".")[0]
+    return DEFAULT_SOURCE
 
 
 def _field(cls: type, key: object, prefix: str, origin: str) -> dataclasses.Field[Any]:
     fields = _public_fields(cls)
-    if key not in fields:
+    if not isinstance(key, str) or key not in fields:
         known = ", ".join(fields)
-        raise ConfigError(f"{origin}: {prefix}{key}: unknown key (known: {known})")
+        raise ConfigError(f"{origin}: {prefix}{show_key(key)}: unknown key (known: {known})")
     return fields[key]
 
 
@@ -361,7 +402,3 @@ def _strip_optional(hint: Any) -> Any:
 def _section_type(hint: Any) -> type | None:
     inner = _strip_optional(hint)
     return inner if isinstance(inner, type) and dataclasses.is_dataclass(inner) else None
-
-
-def _show(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"
