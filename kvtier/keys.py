@@ -15,12 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import xxhash
 
-from kvtier.layout import KVLayout
+from kvtier.dtypes import is_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvtier.layout import KVLayout
 
 NAMESPACE_BYTES = 8
 DIGEST_BYTES = 16
@@ -109,8 +114,8 @@ class ChunkSpan:
 
 def tokens_to_u32(tokens: Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarray:
     """Token ids as a little-endian u32 array (the bytes that are hashed). Raises on bad ids."""
-    if isinstance(tokens, torch.Tensor):
-        if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+    if is_tensor(tokens):
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point or str(tokens.dtype) == "torch.bool":
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
         arr = tokens.detach().cpu().numpy()
     else:
@@ -181,4 +186,4 @@ def chained_digests(raw: bytes, seed: bytes, ends: Sequence[int], start: int = 0
 
 
 def token_count(tokens: Sequence[int] | torch.Tensor | np.ndarray) -> int:
-    return int(tokens.shape[0]) if isinstance(tokens, (torch.Tensor, np.ndarray)) else len(tokens)
+    return int(tokens.shape[0]) if isinstance(tokens, np.ndarray) or is_tensor(tokens) else len(tokens)

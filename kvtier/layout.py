@@ -12,22 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-# Stable names for dtypes: they go into cache keys and record headers, so they must never depend on
-# torch's repr. The numeric codes are part of the record format; append only.
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float32: 3,
-    torch.float8_e4m3fn: 4,
-    torch.float8_e5m2: 5,
-    torch.uint8: 6,
-    torch.int8: 7,
-}
+from kvtier.dtypes import CODES_BY_NAME, dtype_name
+
+# The record format's dtype codes as torch dtypes (the table itself lives in kvtier.dtypes, by
+# name, so that record code can run without torch).
+DTYPE_CODES: dict[torch.dtype, int] = {getattr(torch, name): code for name, code in CODES_BY_NAME.items()}
 DTYPES_BY_CODE: dict[int, torch.dtype] = {code: dt for dt, code in DTYPE_CODES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+__all__ = ["DTYPE_CODES", "DTYPES_BY_CODE", "KVLayout", "dtype_name"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,8 @@ a flipped bit anywhere is caught. Writers send header and payload as two buffers
 concatenated: a payload can be 32 MiB); tiers may put padding between them (the disk tier aligns
 the payload to 4 KiB for O_DIRECT) as long as they know where the payload starts.
 
-Pure functions over bytes and buffers; no I/O.
+Pure functions over bytes and buffers; no I/O. Nothing here imports torch unless a caller asks for
+a torch dtype or hands in a tensor: `kvtier_server` moves records without loading torch.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING, Any
+
 import xxhash
 
+from kvtier.dtypes import NAMES_BY_CODE, dtype_code, torch_dtype
 from kvtier.errors import CorruptRecord
 from kvtier.keys import KEY_BYTES, ChunkKey
-from kvtier.layout import DTYPE_CODES, DTYPES_BY_CODE
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"KVTR"
 VERSION = 1
@@ -44,7 +49,7 @@ HEADER_SIZE = _FIELDS.size + _CHECKSUM.size  # 68
 class RecordHeader:
     key: ChunkKey
     codec: int
-    dtype: torch.dtype
+    dtype_code: int
     shape: tuple[int, int, int, int]
     payload_len: int
     checksum: int
@@ -53,9 +58,15 @@ class RecordHeader:
     def num_tokens(self) -> int:
         return self.shape[2]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_code)
+
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (works for bf16/fp8, which numpy lacks)."""
+    import torch
+
     if not t.is_contiguous():
         raise ValueError("tensor_bytes needs a contiguous tensor")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
@@ -68,15 +79,15 @@ def _checksum(fields: bytes, payload) -> int:
     return h.intdigest()
 
 
-def encode_header(key: ChunkKey, shape: tuple[int, ...], dtype: torch.dtype, payload,
+def encode_header(key: ChunkKey, shape: tuple[int, ...], dtype: torch.dtype | int, payload: Any,
                   codec: int = CODEC_RAW) -> bytes:
-    """The header for `payload` (any buffer). Costs one pass of xxh3 over the payload."""
+    """The header for `payload` (any buffer). `dtype` is a torch dtype or a record dtype code.
+    Costs one pass of xxh3 over the payload."""
     if len(shape) != 4 or not all(0 <= d < 2**32 for d in shape):
         raise ValueError(f"a record shape is 4 dims of u32, got {shape}")
-    if dtype not in DTYPE_CODES:
-        raise ValueError(f"dtype {dtype} has no record code")
+    code = dtype_code(dtype)
     payload_len = memoryview(payload).nbytes
-    fields = _FIELDS.pack(MAGIC, VERSION, codec, DTYPE_CODES[dtype], 0, *shape, key.to_bytes(), payload_len)
+    fields = _FIELDS.pack(MAGIC, VERSION, codec, code, 0, *shape, key.to_bytes(), payload_len)
     return fields + _CHECKSUM.pack(_checksum(fields, payload))
 
 
@@ -90,11 +101,10 @@ def decode_header(buf) -> RecordHeader:
         raise CorruptRecord(f"bad record magic {bytes(magic)!r}")
     if version != VERSION:
         raise CorruptRecord(f"unsupported record version {version}")
-    dtype = DTYPES_BY_CODE.get(dtype_code)
-    if dtype is None:
+    if dtype_code not in NAMES_BY_CODE:
         raise CorruptRecord(f"unknown dtype code {dtype_code}")
     (checksum,) = _CHECKSUM.unpack_from(view, _FIELDS.size)
-    return RecordHeader(ChunkKey.from_bytes(key[:KEY_BYTES]), codec, dtype, (s0, s1, s2, s3),
+    return RecordHeader(ChunkKey.from_bytes(key[:KEY_BYTES]), codec, dtype_code, (s0, s1, s2, s3),
                         payload_len, checksum)
 
 

@@ -6,8 +6,10 @@ that cannot batch loops inside.
 
 Contract:
 - `has(keys)` answers from the tier's index or one round trip: no payload I/O, no side effects.
-- `get(keys, dests)` reads each record into the caller's buffer (`dests[i]`, a uint8 tensor at least
-  as large as the payload; 4 KiB aligned when it comes from the memory pool) and returns its
+- `get(keys, dests)` reads each record into the caller's buffer (`dests[i]`, a 1-D contiguous uint8
+  CPU tensor or numpy array at least as large as the payload; 4 KiB aligned and padded to whole
+  4 KiB blocks when it comes from the memory pool, which lets the disk tier read it with O_DIRECT;
+  a record that processes only move, like kvtier_server's, never needs torch) and returns its
   verified header, or None for a miss. A record that fails validation is removed, counted as
   corrupt and returned as None; an I/O failure is counted and returned as None. Never raises for a
   bad record or a failing medium: the caller recomputes.
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from kvtier.keys import ChunkKey
 from kvtier.record import RecordHeader
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 PinPredicate = Callable[[ChunkKey], bool]
 
@@ -39,7 +43,7 @@ PinPredicate = Callable[[ChunkKey], bool]
 class PutItem:
     key: ChunkKey
     header: bytes  # kvtier.record.encode_header(...) for exactly this payload
-    payload: torch.Tensor  # uint8, contiguous, exactly the payload bytes
+    payload: torch.Tensor | np.ndarray  # 1-D contiguous uint8, exactly the payload bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +57,8 @@ class Tier(Protocol):
     name: str
 
     def has(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
-    def get(self, keys: Sequence[ChunkKey], dests: Sequence[torch.Tensor]) -> list[RecordHeader | None]: ...
+    def get(self, keys: Sequence[ChunkKey],
+            dests: Sequence[torch.Tensor | np.ndarray]) -> list[RecordHeader | None]: ...
     def put(self, items: Sequence[PutItem]) -> list[bool]: ...
     def remove(self, keys: Sequence[ChunkKey]) -> int: ...
     def clear(self) -> None: ...

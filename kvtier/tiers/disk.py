@@ -23,6 +23,11 @@ evict in it) and anything may appear in it, so (see `kvtier.tiers.disk_files`):
 - The start-up walk skips whatever vanishes under it, is not a regular file, or has a name or size
   no record has; it counts them (`start_counts`) and logs one line.
 
+Buffers: a `get` destination or a `put` payload is a contiguous CPU uint8 torch tensor (a memory
+pool slab) or a 1-D C-contiguous numpy uint8 array (`kvtier_server`'s spill store), taken as a
+numpy array once per item, zero-copy; below that numpy only, so this module never imports torch
+and a process that only moves records need not load it (~250 MiB of RSS).
+
 Thread-safe: the index is guarded by a lock; file I/O runs outside it. Reads verify every record
 (magic, version, key, length, checksum); a bad file is a miss, counted and deleted. Every failure
 (open, read, write, rename, unlink) is a counted miss, never an exception out of get/put/remove/
@@ -45,6 +50,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from kvtier.dtypes import is_tensor
 from kvtier.errors import ConfigError, CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
@@ -64,7 +72,11 @@ from kvtier.tiers.disk_files import (
 )
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     import torch
+
+    ByteBuffer: TypeAlias = torch.Tensor | np.ndarray  # get()'s dests, put()'s payloads: see "Buffers"
 
 __all__ = ["BLOCK", "SUFFIX", "DiskTier"]
 
@@ -78,8 +90,19 @@ def _padded(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK * BLOCK
 
 
-def _aligned(buf: torch.Tensor) -> bool:
-    return buf.data_ptr() % BLOCK == 0
+def _aligned(arr: np.ndarray) -> bool:
+    return arr.ctypes.data % BLOCK == 0
+
+
+def _as_array(buf: ByteBuffer) -> np.ndarray:
+    """`buf`'s bytes as a 1-D uint8 numpy array over the same memory (a tensor's `numpy()` shares
+    it). ValueError for anything else: a wrong buffer is the caller's bug, not a miss."""
+    arr = buf.numpy() if is_tensor(buf) else buf
+    if not (isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.ndim == 1
+            and arr.flags.c_contiguous):
+        raise ValueError(f"disk tier buffers are 1-D contiguous uint8 tensors or numpy arrays, "
+                         f"not {type(buf).__name__} {getattr(buf, 'dtype', '')} {getattr(buf, 'shape', '')}")
+    return arr
 
 
 class _Scratch(threading.local):
@@ -214,8 +237,9 @@ class DiskTier:
         sizes = self._sizes
         return [key in sizes for key in keys]
 
-    def get(self, keys: Sequence[ChunkKey], dests: Sequence[torch.Tensor]) -> list:
-        results = [self._read(key, dest) for key, dest in zip(keys, dests, strict=True)]
+    def get(self, keys: Sequence[ChunkKey], dests: Sequence[ByteBuffer]) -> list:
+        arrays = [_as_array(dest) for dest in dests]  # every buffer checked before any I/O
+        results = [self._read(key, dest) for key, dest in zip(keys, arrays, strict=True)]
         with self._lock:
             for key, header in zip(keys, results, strict=True):
                 if header is not None:
@@ -223,7 +247,7 @@ class DiskTier:
         self._metrics.tier_inc(self.name, "bytes_read", sum(h.payload_len for h in results if h is not None))
         return results
 
-    def _read(self, key: ChunkKey, dest: torch.Tensor) -> RecordHeader | None:
+    def _read(self, key: ChunkKey, dest: np.ndarray) -> RecordHeader | None:
         digest = key.digest.hex()
         direct = self.o_direct and _aligned(dest)
         try:
@@ -243,13 +267,20 @@ class DiskTier:
             # slab holds: the byte count tells the file's size, so no fstat. O_DIRECT needs whole
             # blocks, which our files and slabs are; anything that is not is damaged.
             head = self._scratch.head
-            payload = memoryview(dest.numpy())  # one view for the read and the checksum
+            payload = memoryview(dest)  # one view for the read and the checksum
             room = len(payload) // BLOCK * BLOCK
             got = os.preadv(fd, [head, payload[:room]] if room else [head], 0)
             if got < BLOCK or got % BLOCK:
                 raise CorruptRecord(f"{self._path(key)} is {got} bytes, not a whole number of blocks")
             header = decode_header(head)
-            if got < BLOCK + header.payload_len:
+            end = header.payload_len
+            if room < end <= len(payload):
+                # A buffer not padded to whole blocks: the last partial block goes through the
+                # scratch tail (one aligned block, fine for O_DIRECT) and is copied in.
+                tail = self._scratch.tail
+                got += os.preadv(fd, [tail], BLOCK + room)
+                payload[room:end] = tail[: end - room]
+            if got < BLOCK + end:
                 raise CorruptRecord(f"{self._path(key)} is truncated: {got} bytes read")
             verify(head[:HEADER_SIZE], payload[: header.payload_len], key, header)
             return header
@@ -276,7 +307,8 @@ class DiskTier:
     def _write(self, item: PutItem) -> bool:
         if item.key.namespace != self.namespace:
             raise ValueError(f"key {item.key} is not of this disk tier's namespace {self.namespace.hex()}")
-        size = BLOCK + _padded(item.payload.numel())
+        payload = _as_array(item.payload)
+        size = BLOCK + _padded(payload.size)
         with self._lock:
             if item.key in self._sizes:
                 self._policy.touch(item.key)
@@ -291,7 +323,7 @@ class DiskTier:
         stored = False
         try:
             self._unlink_all(victims)
-            self._write_file(item)
+            self._write_file(item.key, item.header, payload)
             stored = True
         except OSError as exc:
             self._failed("write", self._path(item.key), exc)
@@ -305,14 +337,14 @@ class DiskTier:
                     self._policy.insert(item.key)
                     self._used += size
         if stored:
-            self._metrics.tier_inc(self.name, "bytes_written", item.payload.numel())
+            self._metrics.tier_inc(self.name, "bytes_written", payload.size)
         return stored
 
-    def _write_file(self, item: PutItem) -> None:
-        digest = item.key.digest.hex()
+    def _write_file(self, key: ChunkKey, header: bytes, payload: np.ndarray) -> None:
+        digest = key.digest.hex()
         name = digest + SUFFIX
         tmp = temp_name(name)
-        direct = self.o_direct and _aligned(item.payload)
+        direct = self.o_direct and _aligned(payload)
         sfd = self._shard_fd(digest, create=True)
         try:
             # O_EXCL|O_NOFOLLOW at a fresh random name: whatever sits there makes the write fail,
@@ -320,7 +352,7 @@ class DiskTier:
             fd = os.open(tmp, CREATE_FLAGS | (os.O_DIRECT if direct else 0), 0o600, dir_fd=sfd)
             try:
                 try:
-                    self._fill(fd, item, direct)
+                    self._fill(fd, header, payload, direct)
                 finally:
                     os.close(fd)
                 # rename replaces whatever is at `name` (a symlink too) without following it; a
@@ -333,17 +365,16 @@ class DiskTier:
         finally:
             os.close(sfd)
 
-    def _fill(self, fd: int, item: PutItem, direct: bool) -> None:
-        payload = item.payload
-        n = payload.numel()
+    def _fill(self, fd: int, header: bytes, payload: np.ndarray, direct: bool) -> None:
+        n = payload.size
         head, tail = self._scratch.head, self._scratch.tail
         head[:] = bytes(BLOCK)
-        head[: len(item.header)] = item.header
+        head[: len(header)] = header
         whole = n // BLOCK * BLOCK if direct else n
-        bufs = [head, memoryview(payload[:whole].numpy())] if whole else [head]
+        bufs = [head, memoryview(payload[:whole])] if whole else [head]
         if direct and n > whole:
             tail[:] = bytes(BLOCK)
-            tail[: n - whole] = memoryview(payload[whole:].numpy())
+            tail[: n - whole] = memoryview(payload[whole:])
             bufs.append(tail)
         written = os.pwritev(fd, bufs, 0)
         expected = sum(memoryview(b).nbytes for b in bufs)

@@ -165,9 +165,11 @@ class Scan:
         st = self._lstat(entry)
         if st is None:
             return
-        if st.st_size < 2 * BLOCK or st.st_size % BLOCK:
+        if st.st_size < BLOCK or st.st_size % BLOCK:
             # Records appear only whole, by rename: this one lost its data in a crash before it
-            # reached the disk, or was cut by hand. It would only ever be a corrupt miss.
+            # reached the disk, or was cut by hand. It would only ever be a corrupt miss. (One
+            # block is a whole record: the header block of an empty payload, which kvtier_server
+            # stores; a file cut to one block is caught by the read's length check.)
             self._unlink(fd, entry.name, "damaged records deleted")
             return
         found.append((st.st_mtime_ns, ChunkKey(self.namespace, bytes.fromhex(digest)), st.st_size))

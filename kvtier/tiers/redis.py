@@ -46,6 +46,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from kvtier.config import RedisConfig
+from kvtier.config_values import redact_url
 from kvtier.errors import ConfigError, CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
@@ -129,7 +130,7 @@ class RedisTier:
         parts = urlsplit(config.url)
         self._connection_class = CONNECTION_CLASSES.get(parts.scheme)
         if self._connection_class is None:
-            raise ConfigError(f"redis.url: scheme must be redis, rediss or unix, got {config.url!r}")
+            raise ConfigError(f"redis.url: scheme must be redis, rediss or unix, got {redact_url(config.url)}")
         self.where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
         self.backoff = Backoff(config.retry_after_s, config.retry_max_s)
         self._client: redis.Redis | RedisCluster | None = None

@@ -1,4 +1,5 @@
-"""Tests for kvtier/tiers/disk.py: round trips, O_DIRECT modes, bad records, restart, capacity, I/O errors.
+"""Tests for kvtier/tiers/disk.py: round trips (tensor and numpy buffers), O_DIRECT modes, bad records,
+restart, capacity, I/O errors.
 
 Real files in `tmp_path`. Engine-level tests store, `flush()` (background writes land), then
 `clear("cpu")` or `move(..., "disk")`, so the retrieve that follows can only be served from disk.
@@ -11,12 +12,15 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CHUNK, seeded_kv, seeded_tokens, small_layout
 
+from kvtier.dtypes import CODES_BY_NAME
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
@@ -119,6 +123,118 @@ def test_o_direct_modes_round_trip(make_engine, tmp_path, o_direct):
     assert n == length and torch.equal(got, kv)
     stats = disk_stats(engine)
     assert stats["hits"] == 4 and stats["bytes_written"] == stats["bytes_read"] == layout.chunk_bytes(length)
+
+
+# -- buffers: torch tensors or numpy arrays ------------------------------------------------------
+
+
+def array_at(n: int, offset: int) -> np.ndarray:
+    """`n` bytes starting `offset` bytes past a 4 KiB boundary: over-allocated, then sliced."""
+    raw = np.zeros(n + offset + BLOCK, dtype=np.uint8)
+    start = -raw.ctypes.data % BLOCK + offset
+    return raw[start: start + n]
+
+
+def numpy_record(i: int, n: int, offset: int = 0) -> PutItem:
+    """A record of `n` seeded bytes whose payload is a numpy array `offset` bytes past alignment."""
+    key = ChunkKey(RECORD_NS, i.to_bytes(16, "little"))
+    payload = array_at(n, offset)
+    payload[:] = np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8)
+    return PutItem(key, encode_header(key, (1, 1, 1, n), CODES_BY_NAME["uint8"], payload), payload)
+
+
+def padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK  # a read destination holds the payload's whole blocks
+
+
+@pytest.fixture
+def direct_opens(monkeypatch) -> list[tuple[str, bool]]:
+    """(record file name, opened with O_DIRECT) for every record file opened during the test (the
+    disk tier's opens go through `os.open`). A pass-through wrapper: the real open runs."""
+    opened, real_open = [], os.open
+
+    def spy(path, flags, *args, **kwargs):
+        if ".kvr" in str(path):
+            opened.append((str(path), bool(flags & os.O_DIRECT)))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    return opened
+
+
+@pytest.mark.parametrize("o_direct", ["off", "auto"])
+@pytest.mark.parametrize("src_offset, dest_offset", [(0, 0), (8, 0), (0, 8), (8, 8)],
+                         ids=["aligned", "src_unaligned", "dest_unaligned", "unaligned"])
+@pytest.mark.parametrize("n", [2 * BLOCK, BLOCK + 2048, 100], ids=["whole_blocks", "tail", "small"])
+def test_numpy_buffers_round_trip_with_o_direct_exactly_where_aligned(tmp_path, o_direct, src_offset,
+                                                                      dest_offset, n, direct_opens):
+    tier = DiskTier(tmp_path, RECORD_NS, 1 << 20, lambda _: False, Metrics(["disk"]), o_direct=o_direct)
+    item = numpy_record(1, n, src_offset)
+    dest = array_at(padded(n), dest_offset)
+
+    assert tier.put([item]) == [True]
+    header = tier.get([item.key], [dest])[0]
+
+    assert header is not None and header.payload_len == n and header.key == item.key
+    assert np.array_equal(dest[:n], item.payload)
+    assert tier.path_for(item.key).stat().st_size == BLOCK + padded(n)  # the one file format
+    assert tier.usage().bytes == BLOCK + padded(n)
+    assert tier.o_direct is (o_direct == "auto" and o_direct_supported(tmp_path))
+    assert [flag for _, flag in direct_opens] == [tier.o_direct and src_offset == 0,
+                                                  tier.o_direct and dest_offset == 0]
+
+
+@pytest.mark.parametrize("o_direct", ["off", "auto"])
+@pytest.mark.parametrize("n", [100, BLOCK + 2048], ids=["small", "tail"])
+def test_a_destination_exactly_the_payload_size_reads_the_record_not_drops_it(tmp_path, o_direct, n):
+    # Regression: a buffer just as large as the payload (what the contract allows) was read only in
+    # whole blocks, so the record looked truncated and was deleted as corrupt.
+    tier = DiskTier(tmp_path, RECORD_NS, 1 << 20, lambda _: False, Metrics(["disk"]), o_direct=o_direct)
+    item = numpy_record(1, n)
+    tier.put([item])
+    dest = array_at(n, 0)
+
+    header = tier.get([item.key], [dest])[0]
+
+    assert header is not None and np.array_equal(dest, item.payload)
+    assert tier.has([item.key]) == [True]
+
+
+def test_tensors_and_numpy_arrays_read_each_others_records(tmp_path, layout):
+    tier = make_tier(tmp_path)
+    from_tensor, from_array = record(1, layout), numpy_record(2, FILE_BYTES - BLOCK)
+    tier.put([from_tensor, from_array])
+
+    into_array, into_tensor = array_at(BLOCK, 0), torch.empty(BLOCK, dtype=torch.uint8)
+    headers = tier.get([from_tensor.key, from_array.key], [into_array, into_tensor])
+
+    assert all(h is not None for h in headers)
+    assert np.array_equal(into_array, from_tensor.payload.numpy())
+    assert np.array_equal(into_tensor.numpy(), from_array.payload)
+
+
+WRONG_BUFFERS = {
+    "fp16_tensor": torch.zeros(BLOCK // 2, dtype=torch.float16),
+    "strided_tensor": torch.zeros(2 * BLOCK, dtype=torch.uint8)[::2],
+    "2d_array": np.zeros((2, BLOCK // 2), dtype=np.uint8),
+    "int32_array": np.zeros(BLOCK // 4, dtype=np.int32),
+    "bytearray": bytearray(BLOCK),
+}
+
+
+@pytest.mark.parametrize("wrong", WRONG_BUFFERS.values(), ids=WRONG_BUFFERS.keys())
+def test_a_buffer_that_is_not_contiguous_uint8_bytes_is_refused_before_any_io(tmp_path, layout, wrong):
+    tier = make_tier(tmp_path)
+    good = record(1, layout)
+    tier.put([good])
+
+    with pytest.raises(ValueError, match="1-D contiguous uint8"):
+        tier.put([PutItem(good.key, good.header, wrong)])
+    with pytest.raises(ValueError, match="1-D contiguous uint8"):
+        tier.get([good.key, good.key], [torch.empty(BLOCK, dtype=torch.uint8), wrong])
+
+    assert tier.usage().chunks == 1 and tier.usage().bytes == FILE_BYTES  # nothing reserved or lost
+    assert tier.get([good.key], [array_at(BLOCK, 0)])[0] is not None
 
 
 # -- bad records are misses, counted and removed -------------------------------------------------
@@ -388,10 +504,10 @@ def test_concurrent_writes_of_one_key_reserve_its_bytes_once(tmp_path, layout):
     item = record(0, layout)
     write_file = tier._write_file
 
-    def second_writer_lands_first(it: PutItem) -> None:
+    def second_writer_lands_first(key: ChunkKey, header: bytes, payload) -> None:
         tier._write_file = write_file  # interleave exactly once: the same put, mid-flight
-        assert tier.put([it]) == [True]
-        write_file(it)
+        assert tier.put([PutItem(key, header, payload)]) == [True]
+        write_file(key, header, payload)
 
     tier._write_file = second_writer_lands_first
 
@@ -399,6 +515,43 @@ def test_concurrent_writes_of_one_key_reserve_its_bytes_once(tmp_path, layout):
     assert tier.usage().chunks == 1 and tier.usage().bytes == FILE_BYTES
     tier.clear()
     assert tier.usage().bytes == 0 and not list(tmp_path.glob("**/*.kvr"))
+
+
+def test_disk_tier_moves_records_without_importing_torch(tmp_path):
+    """Bug (issue 8, item 16): `kvtier_server` imported torch (~270 MiB RSS at rest) only because
+    DiskTier, its spill store, took torch tensors. A fresh process now puts and gets records with
+    numpy buffers (aligned, as from an mmap, and unaligned, as from a bytearray) and never loads it."""
+    script = textwrap.dedent("""
+        import mmap, sys
+        import numpy as np
+        from kvtier.keys import ChunkKey
+        from kvtier.metrics import Metrics
+        from kvtier.record import encode_header
+        from kvtier.tiers.base import PutItem
+        from kvtier.tiers.disk import BLOCK, DiskTier
+
+        tier = DiskTier(sys.argv[1], bytes(8), 1 << 20, lambda key: False, Metrics(["disk"]))
+        items = []
+        for i, n in enumerate([0, 100, 3 * BLOCK, BLOCK + 7]):
+            key = ChunkKey(bytes(8), i.to_bytes(16, "little"))
+            payload = np.frombuffer(bytes(range(256)) * (n // 256) + bytes(n % 256), dtype=np.uint8)
+            items.append(PutItem(key, encode_header(key, (1, 1, 1, n), 6, payload), payload))
+        assert tier.put(items) == [True] * len(items)
+        for item in items:
+            room = -(-item.payload.size // BLOCK) * BLOCK
+            for dest in (np.frombuffer(mmap.mmap(-1, room or BLOCK), dtype=np.uint8),
+                         np.frombuffer(bytearray(room + 1), dtype=np.uint8)[1:]):
+                header = tier.get([item.key], [dest])[0]
+                assert header is not None and header.dtype_code == 6, item.key
+                assert bytes(dest[:header.payload_len]) == item.payload.tobytes()
+        tier.clear()
+        assert tier.usage().bytes == 0
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not loaded, f"torch was imported: {loaded[:5]}"
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CHUNK, seeded_kv, small_layout
@@ -149,10 +150,12 @@ def test_start_up_skips_dangling_symlinks_tmp_directories_and_other_odd_entries(
 
 
 WRITER = textwrap.dedent("""
-    import os, sys, torch
+    import os, sys
+    import numpy as np
+    from kvtier.dtypes import CODES_BY_NAME
     from kvtier.keys import ChunkKey
     from kvtier.metrics import Metrics
-    from kvtier.record import encode_header, tensor_bytes
+    from kvtier.record import encode_header
     from kvtier.tiers.base import PutItem
     from kvtier.tiers.disk import DiskTier
 
@@ -160,12 +163,12 @@ WRITER = textwrap.dedent("""
     metrics = Metrics(["disk"])
     # 32 files of 8 KiB: from the 33rd put on, every put evicts (unlinks) one of this writer's files.
     tier = DiskTier(path, ns, 32 * 8192, lambda _: False, metrics)
-    payload = torch.arange(4096, dtype=torch.int32).to(torch.uint8) ^ seed
+    payload = np.arange(4096, dtype=np.int32).astype(np.uint8) ^ seed  # numpy: no torch import
     puts = 0
     print("ready", flush=True)
     while puts % 64 or not os.path.exists(stop):
         key = ChunkKey(ns, (seed << 64 | puts).to_bytes(16, "little"))
-        header = encode_header(key, (2, 1, 16, 64), torch.float16, tensor_bytes(payload))
+        header = encode_header(key, (2, 1, 16, 64), CODES_BY_NAME["float16"], payload)
         tier.put([PutItem(key, header, payload)])
         puts += 1
     print(puts, int(metrics.value("kvtier_tier_errors_total", {"tier": "disk"})), flush=True)
@@ -231,6 +234,25 @@ def test_start_up_tolerates_records_vanishing_while_two_processes_write_and_evic
     assert len(opened) >= 20
     assert all(puts > 32 for puts, _ in results)  # both writers were evicting all along
     assert all(unusual(tier) <= {"vanished skipped"} for tier in opened)
+
+
+def test_a_record_with_an_empty_payload_survives_a_restart(tmp_path):
+    """Bug: start-up deleted every record file under two blocks as damaged, but a record with an
+    empty payload (kvtier_server stores 0-byte values, and spills them here) is one header block:
+    each restart of the server lost it."""
+    tier = make_tier(tmp_path / "disk")
+    key = ChunkKey(NS, bytes(16))
+    empty = np.empty(0, dtype=np.uint8)
+    assert tier.put([PutItem(key, encode_header(key, (2, 1, 0, 64), LAYOUT.dtype, empty), empty)]) == [True]
+    assert tier.path_for(key).stat().st_size == BLOCK
+    tier.close()
+
+    fresh = make_tier(tmp_path / "disk")
+
+    assert fresh.has([key]) == [True] and fresh.usage().bytes == BLOCK
+    assert not unusual(fresh)
+    header = fresh.get([key], [np.empty(0, dtype=np.uint8)])[0]
+    assert header is not None and header.payload_len == 0 and header.key == key
 
 
 # -- 20: the temp-file cleanup removes only provably stale files, never through a symlink ----------
