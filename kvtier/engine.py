@@ -134,8 +134,9 @@ class CacheEngine:
         return out[:, :, :max(n - start, 0)], n
 
     def lease(self, tokens: Tokens, num_tokens: int) -> list[ChunkKey]:
-        """Hold the cached chunks covering the first `num_tokens` of `tokens` against eviction (for a
-        load that will follow). Returns the keys to pass to `release`; counted per caller."""
+        """Keep the cached chunks covering the first `num_tokens` of `tokens` in some tier until
+        `release` (for a load that will follow): the CPU tier may still push them down to a tier
+        below, which keeps them. Returns the keys to pass to `release`; counted per caller."""
         keys = self.db.keys(tokens)[:-(-num_tokens // self.db.chunk_size)] if num_tokens > 0 else []
         self.storage.lease(keys)
         return keys

@@ -114,6 +114,10 @@ class MemoryPool:
         return typed.as_strided((count, *shape), (per_slab, *strides),
                                 typed.storage_offset() + first.index * per_slab)
 
+    def is_live(self, slab: Slab) -> bool:
+        """`slab` is the pool's current lease on its index (not freed, not a stale handle)."""
+        return 0 <= slab.index < self.num_slabs and self._leases[slab.index] is slab
+
     def owners(self) -> dict[str, int]:
         """Live leases per owner, for accounting and leak hunting."""
         return dict(Counter(s.owner for s in self._leases if s is not None))

@@ -36,6 +36,14 @@ ENGINE_COUNTERS = {
     "promotions": "chunks copied up into the CPU tier on a hit",
     "demotions": "chunks written down to a lower tier when evicted from the CPU tier",
 }
+# Host memory and what holds it, refreshed with the tier occupancy (gauges, not counters).
+POOL_GAUGES = {
+    "leased_chunks": "chunks leased by requests about to load them",
+    "pinned_chunks": "chunks pinned by users",
+    "pool_slabs_used": "memory-pool slabs in use (CPU tier, in-flight reads and demotions)",
+    "pool_slabs_total": "memory-pool slabs",
+    "pool_bytes_used": "memory-pool bytes in use",
+}
 OPERATIONS = ("lookup", "store", "retrieve")
 
 
@@ -51,6 +59,7 @@ class Metrics:
         self._chunks = Gauge("kvtier_tier_chunks", "chunks held by the tier", ["tier"], registry=reg)
         self._bytes = Gauge("kvtier_tier_bytes", "bytes held by the tier", ["tier"], registry=reg)
         self._capacity = Gauge("kvtier_tier_capacity_bytes", "byte bound of the tier", ["tier"], registry=reg)
+        self._pool = {name: Gauge(f"kvtier_{name}", doc, registry=reg) for name, doc in POOL_GAUGES.items()}
         self._latency = Histogram("kvtier_operation_seconds", "latency of CacheEngine operations",
                                   ["op"], buckets=LATENCY_BUCKETS, registry=self.registry)
         for tier in self.tiers:  # make every series exist at zero, so exports are stable
@@ -80,11 +89,19 @@ class Metrics:
         self._bytes.labels(tier=tier).set(nbytes)
         self._capacity.labels(tier=tier).set(capacity)
 
+    def set_pool(self, **values: int) -> None:
+        """Set the POOL_GAUGES (every one of them, by name)."""
+        if values.keys() != POOL_GAUGES.keys():
+            raise ValueError(f"pool gauges are {sorted(POOL_GAUGES)}, got {sorted(values)}")
+        for name, value in values.items():
+            self._pool[name].set(value)
+
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
     def snapshot(self) -> dict:
-        """Plain-dict view: per-tier counters and occupancy, engine counters, latency summaries."""
+        """Plain-dict view: per-tier counters and occupancy, engine counters and pool gauges, latency
+        summaries."""
         tiers = {}
         for tier in self.tiers:
             row = {"chunks": int(self.value("kvtier_tier_chunks", {"tier": tier})),
@@ -94,6 +111,7 @@ class Metrics:
                 row[name] = int(self.value(f"kvtier_tier_{name}_total", {"tier": tier}))
             tiers[tier] = row
         engine = {name: int(self.value(f"kvtier_{name}_total")) for name in ENGINE_COUNTERS}
+        engine.update({name: int(self.value(f"kvtier_{name}")) for name in POOL_GAUGES})
         latency = {}
         for op in OPERATIONS:
             count = self.value("kvtier_operation_seconds_count", {"op": op})

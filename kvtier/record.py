@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING, Any
 
 import xxhash

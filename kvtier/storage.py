@@ -11,12 +11,21 @@ never branches on a tier's name or class: a lower tier is anything that follows 
     evict:  a chunk with a copy below is dropped; one without is demoted: it stays readable from
             its slab until the background write lands, then the slab is freed.
     get:    CPU hits copy straight out of their slabs; lower-tier hits are read into new slabs on
-            the read threads, verified, copied out and kept in the CPU tier (promotion).
+            the read threads, verified, copied out and kept in the CPU tier (promotion). A prefix
+            larger than host memory streams in waves: each wave's slabs are freed once copied out.
     lookup: the number of leading keys present in some tier; index only, no payload I/O.
+
+Host memory holds at most one entry per key (indexed in the CPU tier, or being demoted), and every
+slab belongs to exactly one entry or one in-flight read; `check_invariants` asserts it.
+
+Leases (see kvtier.pins) keep a chunk in some tier: a leased chunk is the CPU tier's last victim and
+leaves host memory only through a write that a tier below confirms, never by being dropped.
 
 Memory exhaustion is explicit: when no slab is free and nothing is evictable right now (all pinned
 or in flight), the rest of a store is rejected and counted, and a retrieve stops its prefix there.
-Nothing waits on the disk while holding a caller, and nothing is dropped without a counter.
+A store never waits; a retrieve that holds no memory yet waits (at most READ_WAIT_S) for memory
+others will give back, one that holds some only for background writes, which never wait on a
+retrieve: two retrieves never wait on each other. Nothing is dropped without a counter.
 """
 
 from __future__ import annotations
@@ -26,33 +35,24 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
 
+from kvtier.invariants import check_invariants
 from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool, Slab
 from kvtier.metrics import Metrics
 from kvtier.pins import PinTable
-from kvtier.record import encode_header, tensor_bytes
-from kvtier.tiers.base import PutItem, Tier
+from kvtier.slab_io import ChunkRead, SlabIO
+from kvtier.tiers.base import Tier
 from kvtier.tiers.cpu import CpuEntry, CpuTier
-from kvtier.transfers import ReadRequest, TierReader, TransferQueue
+from kvtier.transfers import TransferQueue
 
 logger = logging.getLogger(__name__)
 
-# How long a retrieve waits for background writes to free a slab before serving a shorter prefix.
+# How long one wave of a retrieve waits for memory to be given back before serving a shorter prefix.
 READ_WAIT_S = 5.0
-
-
-@dataclass(slots=True)
-class _Read:
-    """One chunk of a retrieve: where it comes from and the slab it is (or will be) in."""
-
-    span: ChunkSpan
-    entry: CpuEntry | None  # None until a slab is allocated for a lower-tier read
-    from_cpu: bool
 
 
 class StorageManager:
@@ -67,18 +67,24 @@ class StorageManager:
         self.promote_on_hit = promote_on_hit
         # One pin table shared with every tier (they read it through `is_pinned` when evicting).
         self.pins = PinTable() if pins is None else pins
-        self.cpu = CpuTier(pool, self.pins.__contains__)
+        self.cpu = CpuTier(pool, self.pins.is_pinned, is_leased=self.pins.is_leased)
         self._lock = threading.Lock()
-        # Signalled whenever a background write lands: a slab may have been freed or made clean.
-        self._write_landed = threading.Condition(self._lock)
+        # Signalled whenever memory may have been given back: a write landed, a read wave or a
+        # store finished, a move released its hold.
+        self._progress = threading.Condition(self._lock)
         self._writes_in_flight = 0
+        self._holders = 0  # read waves, stores and moves holding slabs or readers they will give back
+        # A write's success counts only if no removal below (clear, move up) overlapped it: such a
+        # removal may have deleted what it wrote. Bumped when one starts and when one ends.
+        self._removal_gen = 0
+        self._removing = 0
         # Write-back keeps this many of the next eviction victims written below already, so that
         # evicting them frees a slab at once instead of waiting for a demotion.
         self._clean_ahead = max(1, pool.num_slabs // 16) if clean_ahead is None else clean_ahead
         self._demoting: dict[ChunkKey, CpuEntry] = {}
         self._writes = TransferQueue(io_threads, "kvtier-write")
         self._reads = TransferQueue(io_threads, "kvtier-read")
-        self._reader = TierReader(self.lower, layout.dtype, metrics, self._reads)
+        self._io = SlabIO(pool, layout, self.lower, metrics, self._reads)
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -91,7 +97,7 @@ class StorageManager:
                 present = [p or k in self._demoting for p, k in zip(present, keys)]
         n = present.index(False) if False in present else len(keys)
         # Ask the tiers below from the first CPU gap on: a later chunk can be in CPU while an earlier
-        # one is only below (eviction takes a prompt's oldest, i.e. first, chunks first).
+        # one is only below (a store inserts a prompt first chunk first, so LRU evicts that first).
         rest, present = keys[n:], present[n:]
         for tier in self.lower:
             if all(present):
@@ -112,13 +118,14 @@ class StorageManager:
                 if slab is None:
                     break
                 slabs.append(slab)
-            slabs.sort(key=lambda slab: slab.index)  # consecutive chunks in consecutive slabs: see _copy
+            slabs.sort(key=lambda slab: slab.index)  # consecutive chunks in consecutive slabs: one copy
+            self._holders += 1
         rejected = len(new) - len(slabs)
         self.metrics.inc("deduplicated_chunks", len(spans) - len(new))
         if rejected:
             self.metrics.tier_inc(self.cpu.name, "rejected", rejected)
             logger.warning("CPU tier full of pinned or in-flight chunks: %d chunks not stored", rejected)
-        self._copy(list(zip(new, slabs)), kv, into_slabs=True)
+        self._io.copy(list(zip(new, slabs)), kv, into_slabs=True)
         stored = 0
         with self._lock:
             for s, slab in zip(new, slabs):
@@ -133,6 +140,8 @@ class StorageManager:
                     self._submit_write_locked(s.key, entry)
             if not self.write_through and self.lower:
                 self._clean_ahead_locked()
+            self._holders -= 1
+            self._progress.notify_all()
         self.metrics.inc("stored_chunks", stored)
         self.metrics.tier_inc(self.cpu.name, "bytes_written",
                               self.layout.chunk_bytes(sum(s.num_tokens for s in new[:len(slabs)])))
@@ -143,22 +152,6 @@ class StorageManager:
         readable from its slab while being demoted."""
         return self.cpu.get(key) or self._demoting.get(key)
 
-    def _copy(self, chunks: list[tuple[ChunkSpan, Slab]], kv: torch.Tensor, into_slabs: bool) -> None:
-        """Copy chunks between `kv` ([2, L, T, H*D]) and their slabs, one copy per run of equal-size
-        chunks that follow each other in `kv` and in the arena (a prompt stored in one call does):
-        a copy costs ~10 us beyond its bytes, a fifth of copying a 512 KiB chunk."""
-        i = 0
-        while i < len(chunks):
-            span, slab = chunks[i]
-            t, k = span.num_tokens, 1
-            while (i + k < len(chunks) and chunks[i + k][1].index == slab.index + k
-                   and chunks[i + k][0].start == span.start + k * t and chunks[i + k][0].num_tokens == t):
-                k += 1
-            tokens = kv.narrow(2, span.start, k * t).unflatten(2, (k, t)).movedim(2, 0)
-            slabs = self.pool.chunk_run(slab, k, self.layout.dtype, self.layout.chunk_shape(t))
-            (slabs if into_slabs else tokens).copy_(tokens if into_slabs else slabs)
-            i += k
-
     # -- eviction and background writes -------------------------------------------------------
 
     def _alloc_locked(self, owner: str) -> Slab | None:
@@ -166,27 +159,36 @@ class StorageManager:
         starts its demotion and returns None (its slab is freed when the write lands): one
         allocation never pushes more than one chunk to disk. The caller rejects or waits."""
         while (slab := self.pool.alloc(owner)) is None:
-            victim = self.cpu.pop_victim()
+            victim = self.cpu.pop_victim(leased=bool(self.lower))
             if victim is None:
                 return None
             key, entry = victim
             self.metrics.tier_inc(self.cpu.name, "evictions")
-            if entry.persisted or not self.lower:
+            # A leased chunk is always written down (a tier that holds it answers from its index):
+            # `persisted` may be stale, the tier having evicted its copy before the lease.
+            if not self.lower or (entry.persisted and not self.pins.is_leased(key)):
                 self._detach_locked(entry)
                 continue
+            if key in self._demoting:
+                raise RuntimeError(f"{key} has two host copies: one indexed, one being demoted")
+            entry.demoting = True
             self._demoting[key] = entry
             self.metrics.inc("demotions")
             self._submit_write_locked(key, entry)
             return None
         return slab
 
-    def _alloc_waiting_locked(self, owner: str, deadline: float) -> Slab | None:
-        """`_alloc_locked`, but wait (until `deadline`) while background writes may free a slab."""
-        while (slab := self._alloc_locked(owner)) is None and self._writes_in_flight:
+    def _alloc_for_read_locked(self, holding: bool, deadline: float) -> Slab | None:
+        """A slab for a lower-tier read. A wave that holds nothing yet waits (until `deadline`) for
+        anything in flight to give memory back; one that holds memory waits only for background
+        writes, which never wait on a retrieve, so two retrieves never wait on each other."""
+        while (slab := self._alloc_locked("read")) is None:
+            if not (self._writes_in_flight or (not holding and self._holders)):
+                return None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break
-            self._write_landed.wait(remaining)
+                return None
+            self._progress.wait(remaining)
         return slab
 
     def _clean_ahead_locked(self) -> None:
@@ -219,109 +221,109 @@ class StorageManager:
                              tiers: Sequence[Tier] | None = None) -> Future:
         entry.readers += 1  # the slab must outlive the write
         self._writes_in_flight += 1
-        return self._writes.submit(self._write_down, key, entry, tiers or self.lower)
+        gen = None if self._removing else self._removal_gen
+        return self._writes.submit(self._write_down, key, entry, tiers, gen, entry.persisted)
 
-    def _write_down(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier]) -> bool:
-        """Background job: write one CPU chunk to `tiers`; True if any of them holds it now."""
+    def _write_down(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier] | None,
+                    gen: int | None, confirm: bool) -> bool:
+        """Background job: write one CPU chunk to `tiers` (None: all below); True if any of them
+        holds it now. `confirm`: the chunk was written below before, so ask first."""
         ok = False
         try:
-            payload = self.pool.tensor(entry.slab, entry.nbytes)
-            header = encode_header(key, self.layout.chunk_shape(entry.num_tokens), self.layout.dtype,
-                                   tensor_bytes(payload))
-            for tier in tiers:
-                ok = tier.put([PutItem(key, header, payload)])[0] or ok
+            ok = self._io.write(key, entry, self.lower if tiers is None else tiers, confirm)
         finally:
             with self._lock:
-                entry.persisted = entry.persisted or ok
-                if self._demoting.get(key) is entry:
-                    del self._demoting[key]
-                    entry.detached = True
-                self._release_locked(entry)
+                ok = ok and gen == self._removal_gen
+                # A write to every tier below that fails means none holds it (put answers True
+                # for a record already there): forget a stale claim.
+                entry.persisted = ok or (entry.persisted and tiers is not None)
                 self._writes_in_flight -= 1
-                self._write_landed.notify_all()
+                self._progress.notify_all()
+                if entry.demoting:
+                    self._demoted_locked(key, entry, ok)
+                self._release_locked(entry)
         return ok
+
+    def _demoted_locked(self, key: ChunkKey, entry: CpuEntry, ok: bool) -> None:
+        """A demotion's write landed (`ok`) or failed: the entry leaves host memory, except a leased
+        one with no copy below, which goes back into the CPU tier (a lease keeps it in some tier)."""
+        if self._demoting.pop(key, None) is not entry:
+            raise RuntimeError(f"{key}: a demoting entry was not the one indexed as demoting")
+        entry.demoting = False
+        if ok or not self.pins.is_leased(key):
+            entry.detached = True
+        else:
+            self.cpu.insert(key, entry)
 
     # -- retrieve ------------------------------------------------------------------------------
 
     def get(self, spans: Sequence[ChunkSpan], out: torch.Tensor | None, promote: bool | None = None) -> int:
         """Copy the stored chunks for `spans` into `out[:, :, start:end]` (no copy when `out` is
         None), in order, stopping at the first chunk no tier can serve. Returns chunks served.
-        A prefix larger than the free CPU memory is staged in waves."""
-        done = cpu_hits = 0
+        A prefix larger than the free CPU memory streams in waves; only the last wave is promoted
+        (the earlier ones' slabs are what the next wave reads into)."""
+        promote = self.promote_on_hit if promote is None else promote
+        done = cpu_hits = cpu_bytes = 0
         while done < len(spans):
-            plan = self._plan_reads(spans[done:])
+            plan = self._plan_wave(spans[done:])
             if not plan:
                 break
-            n, hits = self._serve(plan, out, self.promote_on_hit if promote is None else promote)
-            done, cpu_hits = done + n, cpu_hits + hits
+            n = 0
+            try:
+                n = self._io.read(plan, out)
+            finally:
+                self._finish_wave(plan, n, promote and len(plan) == len(spans) - done)
+            done, cpu_hits = done + n, cpu_hits + sum(r.from_cpu for r in plan)
+            cpu_bytes += sum(r.entry.nbytes for r in plan if r.from_cpu)
             if n < len(plan):
                 break
         self.metrics.tier_inc(self.cpu.name, "hits", cpu_hits)
+        self.metrics.tier_inc(self.cpu.name, "bytes_read", cpu_bytes)
         self.metrics.tier_inc(self.cpu.name, "misses", len(spans) - cpu_hits)
         return done
 
-    def _plan_reads(self, spans: Sequence[ChunkSpan]) -> list[_Read]:
-        """Lease the CPU-resident chunks, then allocate slabs for the others, in prefix order.
-        Leasing first means making room for a read never evicts a later part of this prefix."""
+    def _plan_wave(self, spans: Sequence[ChunkSpan]) -> list[ChunkRead]:
+        """Hold the host copies of the leading chunks of `spans` and allocate slabs for the lower-tier
+        ones, in order, until memory runs out: one wave. Everything in it is held (readers)."""
         deadline = time.monotonic() + READ_WAIT_S
+        plan: list[ChunkRead] = []
         with self._lock:
-            plan = []
+            # This prefix's resident chunks become the most recently used, the last one oldest: when
+            # making room for an earlier chunk must evict one of them, it takes the one needed last.
+            for s in reversed(spans):
+                self.cpu.get(s.key)
             for s in spans:
-                entry = self._held_locked(s.key)
-                if entry is not None:
-                    entry.readers += 1
-                plan.append(_Read(s, entry, entry is not None))
-            for i, r in enumerate(plan):
-                if r.from_cpu:
-                    continue
-                slab = self._alloc_waiting_locked("read", deadline) if self.lower else None
-                if slab is None and len(plan) > i + 1:
-                    # The pool may be full of this very prefix: serve the part before this chunk
-                    # first (a wave), letting go of the leases after it.
-                    for later in plan[i + 1:]:
-                        if later.from_cpu:
-                            self._release_locked(later.entry)
-                    plan = plan[:i + 1]
-                    slab = self._alloc_waiting_locked("read", deadline)
-                if slab is None:  # (nothing after chunk i is leased any more)
-                    return plan[:i]
-                r.entry = CpuEntry(slab, r.span.num_tokens, self.layout.chunk_bytes(r.span.num_tokens),
-                                   persisted=True, readers=1, detached=True)
+                entry = self.cpu.peek(s.key) or self._demoting.get(s.key)
+                if entry is None:
+                    slab = self._alloc_for_read_locked(bool(plan), deadline) if self.lower else None
+                    if slab is None:
+                        break
+                    entry = CpuEntry(slab, s.num_tokens, self.layout.chunk_bytes(s.num_tokens),
+                                     persisted=True, detached=True)
+                    plan.append(ChunkRead(s, entry, from_cpu=False))
+                else:
+                    plan.append(ChunkRead(s, entry, from_cpu=True))
+                entry.readers += 1
+            self._holders += bool(plan)
         return plan
 
-    def _serve(self, plan: list[_Read], out: torch.Tensor | None, promote: bool) -> tuple[int, int]:
-        """Read the planned chunks below, copy the good prefix out, promote. Returns (served, cpu hits)."""
-        lower = [r for r in plan if not r.from_cpu]
-        # Start the lower-tier reads, then copy the CPU hits while they run.
-        pending = self._reader.start([
-            ReadRequest(r.span.key, self.pool.tensor(r.entry.slab, self.pool.slab_stride),
-                        self.layout.chunk_shape(r.span.num_tokens)) for r in lower])
-        if out is not None:
-            self._copy([(r.span, r.entry.slab) for r in plan if r.from_cpu], out, into_slabs=False)
-        found = iter(self._reader.finish(pending))
-        ok = [r.from_cpu or next(found) for r in plan]
-        n = ok.index(False) if False in ok else len(plan)
-        if out is not None:
-            self._copy([(r.span, r.entry.slab) for r in plan[:n] if not r.from_cpu], out, into_slabs=False)
-        self._finish_reads(plan, n, promote)
-        cpu = [r for r in plan if r.from_cpu]
-        self.metrics.tier_inc(self.cpu.name, "bytes_read", sum(r.entry.nbytes for r in cpu))
-        return n, len(cpu)
-
-    def _finish_reads(self, plan: list[_Read], n: int, promote: bool) -> int:
-        """Release leases; keep the first `n` lower-tier reads in the CPU tier (promotion)."""
+    def _finish_wave(self, plan: list[ChunkRead], n: int, promote: bool) -> None:
+        """Let go of the wave; keep the first `n` lower-tier reads in the CPU tier when `promote`,
+        unless the key got a host copy meanwhile (a store, or a demotion in flight): one per key."""
         promoted = 0
         with self._lock:
             for i, r in enumerate(plan):
-                if r.from_cpu or i >= n or not promote or r.span.key in self.cpu:
+                key = r.span.key
+                if r.from_cpu or i >= n or not promote or key in self.cpu or key in self._demoting:
                     self._release_locked(r.entry)
                     continue
                 r.entry.readers, r.entry.detached = 0, False
                 r.entry.slab.owner = "cpu"
-                self.cpu.insert(r.span.key, r.entry)
+                self.cpu.insert(key, r.entry)
                 promoted += 1
+            self._holders -= 1
+            self._progress.notify_all()
         self.metrics.inc("promotions", promoted)
-        return promoted
 
     # -- administration ------------------------------------------------------------------------
 
@@ -335,7 +337,7 @@ class StorageManager:
             return self.pins.unpin(keys)
 
     def lease(self, keys: Sequence[ChunkKey]) -> None:
-        """Hold keys against eviction for a request until `release` (counted per request)."""
+        """Keep keys in some tier for a request until `release` (counted per request)."""
         with self._lock:
             self.pins.lease(keys)
 
@@ -363,17 +365,41 @@ class StorageManager:
         """Load lower-tier chunks of `spans` into the CPU tier and remove them below (a relocation:
         they are written back down if evicted later). Returns how many chunks moved."""
         n = self.get(spans, None, promote=True)
-        keys = [s.key for s in spans[:n]]
         with self._lock:
-            entries = [self.cpu.get(k) for k in keys]
-            for entry in entries:
-                if entry is not None:
+            # Held while their copies below go, so no eviction can drop (or write down and then
+            # lose to the removal) a chunk whose only other copy is being deleted.
+            held = [(s.key, e) for s in spans[:n] if (e := self.cpu.peek(s.key)) is not None]
+            for _, entry in held:
+                entry.readers += 1
+            self._holders += 1
+            self._begin_removal_locked()
+        keys = [key for key, _ in held]
+        below: set[ChunkKey] = set()
+        try:
+            for tier in self.lower:
+                below.update(k for k, found in zip(keys, tier.has(keys)) if found)
+                tier.remove(keys)
+        finally:
+            with self._lock:
+                for _, entry in held:
                     entry.persisted = False
-        below = set()
-        for tier in self.lower:
-            below.update(k for k, found in zip(keys, tier.has(keys)) if found)
-            tier.remove(keys)
+                    self._release_locked(entry)
+                self._end_removal_locked()
+                self._holders -= 1
+                self._progress.notify_all()
         return len(below)
+
+    def _begin_removal_locked(self) -> None:
+        """Copies below are about to be deleted: a background write overlapping the deletion may
+        have written what it deletes, so its success must not mark a CPU entry as written below."""
+        self._removing += 1
+        self._removal_gen += 1
+
+    def _end_removal_locked(self) -> None:
+        """The deletion is done (call after resetting `persisted` of what it removed, in the same
+        locked section)."""
+        self._removing -= 1
+        self._removal_gen += 1
 
     def tier(self, name: str) -> Tier:
         for tier in self.lower:
@@ -383,7 +409,8 @@ class StorageManager:
         raise ValueError(f"no tier named {name!r}; this engine has {known}")
 
     def clear(self, tier_name: str | None = None) -> None:
-        """Drop every chunk from one tier (or all tiers, and all pins, when `tier_name` is None)."""
+        """Drop every chunk from one tier (or all tiers, and all pins, when `tier_name` is None).
+        Leases stay: their requests release them."""
         if tier_name not in (None, self.cpu.name):
             self.tier(tier_name)  # validate the name before doing anything
         self._writes.drain()  # no background write may hold a slab or land after the clear
@@ -391,9 +418,20 @@ class StorageManager:
             with self._lock:
                 for key, _ in self.cpu.items():
                     self._detach_locked(self.cpu.pop(key))
-        for tier in self.lower:
-            if tier_name in (None, tier.name):
-                tier.clear()
+        lower = [tier for tier in self.lower if tier_name in (None, tier.name)]
+        if lower:
+            with self._lock:
+                self._begin_removal_locked()
+            try:
+                for tier in lower:
+                    tier.clear()
+            finally:
+                with self._lock:
+                    # `persisted` does not say which tier holds the copy: forget them all, and the
+                    # next eviction writes each chunk down again (a tier still holding it says so).
+                    for _, entry in self.cpu.items():
+                        entry.persisted = False
+                    self._end_removal_locked()
         if tier_name is None:
             with self._lock:
                 self.pins.clear_pins()
@@ -405,6 +443,9 @@ class StorageManager:
     def refresh_usage(self) -> None:
         with self._lock:
             usage = self.cpu.usage()
+            self.metrics.set_pool(leased_chunks=self.pins.num_leased, pinned_chunks=self.pins.num_pinned,
+                                  pool_slabs_used=self.pool.used_slabs, pool_slabs_total=self.pool.num_slabs,
+                                  pool_bytes_used=self.pool.used_bytes)
         self.metrics.set_usage(self.cpu.name, usage.chunks, usage.bytes, usage.capacity_bytes)
         for tier in self.lower:
             u = tier.usage()
@@ -419,6 +460,10 @@ class StorageManager:
                     "demoting_chunks": len(self._demoting), "pending_writes": self._writes.pending,
                     "failed_writes": self._writes.failed,
                     "pinned_memory": self.pool.pinned}
+
+    def check_invariants(self, empty: bool = False) -> None:
+        """Raise RuntimeError naming every broken accounting invariant (see kvtier.invariants)."""
+        check_invariants(self, empty)
 
     def close(self) -> None:
         self._writes.close()

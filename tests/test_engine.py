@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,6 +183,54 @@ def test_releasing_more_than_was_leased_is_a_runtime_error(make_engine, layout):
         engine.release(keys)
 
 
+def store_in_pieces(engine: CacheEngine, tokens: torch.Tensor, kv: torch.Tensor, piece: int) -> None:
+    """Store `tokens` `piece` tokens at a time, letting write-through land in between."""
+    for start in range(0, len(tokens), piece):
+        engine.store(tokens[:start + piece], kv[:, :, start:start + piece], start=start)
+        assert engine.flush(timeout=10)
+
+
+def test_a_leased_prompt_larger_than_the_cpu_tier_is_loaded_whole(make_engine, layout):
+    """Bug: a lease pinned every promised chunk in host memory, so the first wave of a retrieve
+    filled the CPU tier and the next got no slab: a leased 24-chunk prompt through 16 slabs loaded
+    0 chunks."""
+    engine = make_engine("cpu_disk", cpu__capacity="64KiB")  # 16 one-chunk slabs
+    tokens, kv = seeded_tokens(24 * CHUNK, 60), seeded_kv(layout, 24 * CHUNK, 60)
+    store_in_pieces(engine, tokens, kv, 4 * CHUNK)
+    assert engine.lookup(tokens) == 24 * CHUNK
+    keys = engine.lease(tokens, 24 * CHUNK)
+
+    got, n = engine.retrieve(tokens)
+
+    engine.release(keys)
+    assert n == 24 * CHUNK and torch.equal(got, kv)
+    assert engine.stats()["pool"]["used_slabs"] <= 16
+
+
+def test_concurrent_leased_prompts_larger_than_the_cpu_tier_do_not_starve_each_other(make_engine, layout):
+    """Bug: two leased long prompts loading at once each held what the other needed; both got 0."""
+    engine = make_engine("cpu_disk", cpu__capacity="64KiB")
+    prompts = [(seeded_tokens(24 * CHUNK, seed), seeded_kv(layout, 24 * CHUNK, seed)) for seed in (61, 62)]
+    for tokens, kv in prompts:
+        store_in_pieces(engine, tokens, kv, 4 * CHUNK)
+    leases = [engine.lease(tokens, 24 * CHUNK) for tokens, _ in prompts]
+    start = threading.Barrier(2)
+
+    def load(tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        start.wait(timeout=10)
+        return engine.retrieve(tokens)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = [f.result(timeout=30) for f in [pool.submit(load, tokens) for tokens, _ in prompts]]
+
+    for keys in leases:
+        engine.release(keys)
+    for (got, n), (_, kv) in zip(results, prompts):
+        assert n == 24 * CHUNK and torch.equal(got, kv)
+    pool_stats = engine.stats()["pool"]
+    assert pool_stats["leased_chunks"] == 0 and set(pool_stats["owners"]) <= {"cpu"}
+
+
 # -- argument validation -------------------------------------------------------------------------
 
 
@@ -340,6 +389,26 @@ def test_prometheus_text_exports_tier_metrics(make_engine, layout):
     assert 'kvtier_tier_chunks{tier="disk"} 2.0' in text
     assert 'kvtier_tier_corrupt_total{tier="disk"} 0.0' in text
     assert "kvtier_operation_seconds_count{op=\"retrieve\"} 1.0" in text
+
+
+def test_prometheus_text_and_stats_export_lease_pin_and_pool_gauges(make_engine, layout):
+    engine = make_engine("cpu_disk", cpu__capacity="64KiB")
+    tokens = seeded_tokens(3 * CHUNK, 17)
+    engine.store(tokens, seeded_kv(layout, 3 * CHUNK, 17))
+    engine.pin(tokens[:CHUNK])
+    keys = engine.lease(tokens, 2 * CHUNK)
+
+    text, stats = engine.prometheus_text(), engine.stats()
+
+    for line in ["kvtier_leased_chunks 2.0", "kvtier_pinned_chunks 1.0", "kvtier_pool_slabs_used 3.0",
+                 "kvtier_pool_slabs_total 16.0", f"kvtier_pool_bytes_used {3 * 4096}.0"]:
+        assert line in text.splitlines()
+    assert {k: stats[k] for k in ("leased_chunks", "pinned_chunks", "pool_slabs_used", "pool_slabs_total",
+                                  "pool_bytes_used")} == {"leased_chunks": 2, "pinned_chunks": 1,
+                                                          "pool_slabs_used": 3, "pool_slabs_total": 16,
+                                                          "pool_bytes_used": 3 * 4096}
+    engine.release(keys)
+    assert "kvtier_leased_chunks 0.0" in engine.prometheus_text().splitlines()
 
 
 def test_context_manager_closes_and_drains_background_writes(make_engine, layout, tmp_path):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from kvtier.metrics import ENGINE_COUNTERS, LATENCY_BUCKETS, OPERATIONS, TIER_COUNTERS, Metrics
+from kvtier.metrics import ENGINE_COUNTERS, LATENCY_BUCKETS, OPERATIONS, POOL_GAUGES, TIER_COUNTERS, Metrics
 
 TIERS = ["cpu", "disk"]
 
@@ -21,13 +21,13 @@ def sample(text: str, name: str, labels: str = "") -> float:
 
 def test_snapshot_structure_starts_at_zero():
     snap = Metrics(TIERS).snapshot()
-    assert set(snap) == {"tiers", "latency", *ENGINE_COUNTERS}
+    assert set(snap) == {"tiers", "latency", *ENGINE_COUNTERS, *POOL_GAUGES}
     assert set(snap["tiers"]) == set(TIERS)
     for row in snap["tiers"].values():
         assert set(row) == {"chunks", "bytes", "capacity_bytes", *TIER_COUNTERS}
         assert {"hits", "misses", "evictions"} <= set(row)
         assert all(v == 0 for v in row.values())
-    assert all(snap[name] == 0 for name in ENGINE_COUNTERS)
+    assert all(snap[name] == 0 for name in [*ENGINE_COUNTERS, *POOL_GAUGES])
     assert snap["latency"] == {op: {"count": 0, "mean_s": 0.0} for op in OPERATIONS}
 
 

@@ -67,3 +67,13 @@ def test_clear_pins_drops_user_pins_and_keeps_leases():
 
 def test_membership_of_something_that_is_not_a_key_is_false():
     assert "not a key" not in PinTable()
+
+
+def test_is_pinned_and_is_leased_tell_a_pin_from_a_lease():
+    pins = PinTable()
+    a, b = A, B
+    pins.pin([a])
+    pins.lease([b])
+    assert (pins.is_pinned(a), pins.is_leased(a)) == (True, False)
+    assert (pins.is_pinned(b), pins.is_leased(b)) == (False, True)
+    assert a in pins and b in pins  # what the tiers below ask: either keeps a chunk

@@ -1,11 +1,15 @@
 """Tests for kvtier/storage.py: prefix lookup across tiers, admission, eviction and demotion,
-promotion, rejection under pressure, clear accounting, and a lower tier that fails.
+promotion, rejection under pressure, clear accounting, a lower tier that fails, retrieves in waves,
+leases that let a chunk leave host memory but not every tier, and the races behind past leaks.
 
 StorageManagers here are built from real parts (memory pool, CPU tier, a DiskTier in `tmp_path`);
 the eviction stories at 10x the CPU capacity go through a CacheEngine from configs/cpu_disk.yaml.
 """
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -24,12 +28,13 @@ def make_manager(tmp_path, layout):
     """StorageManager over `slabs` one-chunk slabs, with a disk tier in tmp_path unless `disk=False`."""
     managers: list[StorageManager] = []
 
-    def make(slabs: int = 16, disk: bool = True, tier_class=DiskTier, **options) -> StorageManager:
+    def make(slabs: int = 16, disk: bool = True, tier_class=DiskTier, disk_bytes: int = 1 << 24,
+             **options) -> StorageManager:
         metrics = Metrics(["cpu", "disk"] if disk else ["cpu"])
         pool = MemoryPool(slabs * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
         pins = PinTable()
         namespace = Namespace.for_layout("storage-test", layout).digest()  # the `db` fixture's
-        lower = [tier_class(tmp_path / "disk", namespace, 1 << 24, pins.__contains__, metrics)
+        lower = [tier_class(tmp_path / "disk", namespace, disk_bytes, pins.__contains__, metrics)
                  ] if disk else []
         manager = StorageManager(layout, pool, lower, metrics, pins=pins, io_threads=2, **options)
         managers.append(manager)
@@ -286,8 +291,7 @@ def test_lookup_counts_cpu_chunks_behind_a_disk_only_chunk(make_engine, layout):
     engine.store(tokens, kv)
     engine.flush()
     assert engine.move(tokens, "cpu") == 4  # a relocation: the disk copies are gone
-    engine.store(seeded_tokens(CHUNK, 11), seeded_kv(layout, CHUNK, 11))  # demotes chunk 0
-    engine.flush()
+    assert engine.move(tokens[:CHUNK], "disk") == 1  # chunk 0 only on disk, as if evicted first
     keys = engine.db.keys(tokens)
     assert engine.storage.lower[0].has(keys) == [True, False, False, False]
     assert [k in engine.storage.cpu for k in keys] == [False, True, True, True]
@@ -295,3 +299,192 @@ def test_lookup_counts_cpu_chunks_behind_a_disk_only_chunk(make_engine, layout):
     assert engine.lookup(tokens) == 4 * CHUNK
     got, n = engine.retrieve(tokens)
     assert n == 4 * CHUNK and torch.equal(got, kv)
+
+
+class GatedDiskTier(DiskTier):
+    """A real disk tier that can hold the next call of one operation at its start until the test
+    opens the gate, so a race between a background job and the caller runs in a fixed order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._gates: dict[str, tuple[threading.Event, threading.Event]] = {}
+
+    def hold(self, op: str) -> tuple[threading.Event, threading.Event]:
+        """(entered, gate): `entered` is set when the next `op` call arrives; it runs once `gate` is."""
+        self._gates[op] = (threading.Event(), threading.Event())
+        return self._gates[op]
+
+    def _pass(self, op: str) -> None:
+        held = self._gates.pop(op, None)  # one call only
+        if held is not None:
+            held[0].set()
+            if not held[1].wait(10):
+                raise TimeoutError(f"the test never opened the {op} gate")
+
+    def get(self, keys, dests):
+        self._pass("get")
+        return super().get(keys, dests)
+
+    def put(self, items):
+        self._pass("put")
+        return super().put(items)
+
+    def remove(self, keys):
+        self._pass("remove")
+        return super().remove(keys)
+
+
+def assert_pool_empty_after_clear(manager: StorageManager) -> None:
+    assert manager.flush(timeout=10)
+    manager.clear()
+    assert (manager.pool.used_slabs, manager.pool.owners()) == (0, {})
+    manager.check_invariants(empty=True)
+
+
+def test_a_wave_retrieve_does_not_leak_slabs_past_the_cut(make_manager, db, layout):
+    """Bug: _plan_reads cut `plan = plan[:i + 1]` while its loop still ran over the old list, so
+    slabs allocated for lower-tier chunks past the cut were never freed (one per wave here)."""
+    manager = make_manager(slabs=4)
+    a = db.spans(seeded_tokens(6 * CHUNK, 46))
+    kv = seeded_kv(layout, 6 * CHUNK, 46)
+    for start in range(0, 6, 2):
+        manager.put(a[start:start + 2], kv)
+        assert manager.flush(timeout=10)
+    manager.clear("cpu")
+    manager.put(a[3:5], kv)  # a[3], a[4] in host memory; a[0:3] and a[5] only on disk
+    assert manager.flush(timeout=10)
+
+    out, n = fetch(manager, a, layout)  # needs 2 waves: 4 slabs for 6 chunks
+
+    assert n == 6 * CHUNK and torch.equal(out, kv)
+    assert manager.pool.used_slabs == len(manager.cpu)  # no slab outside the index
+    assert_pool_empty_after_clear(manager)
+
+
+def test_a_promotion_meeting_a_demotion_of_the_same_key_does_not_leak_its_slab(make_manager, db, layout):
+    """Bug: a read of K promoted a second host copy of K while an older one was being demoted;
+    once that copy was demoted too it overwrote `_demoting[K]`, and the first one's slab was never
+    freed when its write landed."""
+    manager = make_manager(slabs=3, tier_class=GatedDiskTier, write_through=False, clean_ahead=0)
+    disk = manager.lower[0]
+    k, x1, x2, x3 = (db.spans(seeded_tokens(CHUNK, seed)) for seed in (40, 41, 42, 43))
+    kv = seeded_kv(layout, CHUNK, 40)
+    manager.put(k, kv)
+    assert manager.move_down([k[0].key], "disk") == 1  # K only on disk
+    read_entered, open_read = disk.hold("get")
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(fetch, manager, k, layout)
+        assert read_entered.wait(10)  # the read of K holds a slab and waits on the disk
+        write_entered, open_write = disk.hold("put")
+        manager.put(k, kv)  # K stored again: host copy 1
+        manager.put(x1, kv)  # takes the last free slab
+        manager.put(x2, kv)  # evicts copy 1: its demotion waits on the disk
+        assert write_entered.wait(10)
+        open_read.set()
+        out, n = reading.result(timeout=10)
+    assert n == CHUNK and torch.equal(out, kv)
+
+    manager.pin([x1[0].key])
+    manager.move_up(k)  # a relocation: any host copy of K is no longer "written below"
+    manager.put(x3, kv)  # evicts (demotes) what is evictable
+    open_write.set()
+    assert manager.flush(timeout=10)
+    manager.unpin([x1[0].key])
+
+    out, n = fetch(manager, k, layout)
+    assert n == CHUNK and torch.equal(out, kv)  # K is still somewhere
+    assert_pool_empty_after_clear(manager)
+
+
+def test_move_to_cpu_never_loses_a_chunk_evicted_before_its_copy_below_is_removed(make_manager, db, layout):
+    """Bug: move(tokens, "cpu") promoted, then removed the disk copies; a CPU eviction in between
+    dropped (or wrote back, then lost to the removal) a chunk, which was then in no tier at all."""
+    manager = make_manager(slabs=2, tier_class=GatedDiskTier)
+    disk = manager.lower[0]
+    a = db.spans(seeded_tokens(2 * CHUNK, 44))
+    kv = seeded_kv(layout, 2 * CHUNK, 44)
+    manager.put(a, kv)
+    assert manager.flush(timeout=10)
+    assert manager.move_down([s.key for s in a], "disk") == 2  # only on disk
+    entered, open_remove = disk.hold("remove")
+    with ThreadPoolExecutor(1) as pool:
+        moving = pool.submit(manager.move_up, a)
+        assert entered.wait(10)  # promoted; about to remove the copies below
+        manager.put(db.spans(seeded_tokens(2 * CHUNK, 45)), seeded_kv(layout, 2 * CHUNK, 45))
+        assert manager.flush(timeout=10)  # let any demotion this started land
+        open_remove.set()
+        moving.result(timeout=10)
+
+    assert manager.contains_prefix([s.key for s in a]) == 2
+    out, n = fetch(manager, a, layout)
+    assert n == 2 * CHUNK and torch.equal(out, kv)
+    assert_pool_empty_after_clear(manager)
+
+
+def test_clear_disk_forgets_that_cpu_chunks_were_written_below(make_manager, db, layout):
+    """Bug: clear("disk") left host copies marked as written below, so evicting them later dropped
+    them instead of demoting them: the chunks were in no tier."""
+    manager = make_manager(slabs=4)
+    a = db.spans(seeded_tokens(4 * CHUNK, 47))
+    kv = seeded_kv(layout, 4 * CHUNK, 47)
+    manager.put(a, kv)
+    assert manager.flush(timeout=10)  # write-through: all four on disk too
+    manager.clear("disk")
+
+    for seed in range(48, 56):  # push `a` out of host memory, one chunk at a time
+        manager.put(db.spans(seeded_tokens(CHUNK, seed)), seeded_kv(layout, CHUNK, seed))
+        assert manager.flush(timeout=10)
+    assert not any(s.key in manager.cpu for s in a)
+
+    assert manager.lower[0].has([s.key for s in a]) == [True] * 4  # demoted, not dropped
+    out, n = fetch(manager, a, layout)
+    assert n == 4 * CHUNK and torch.equal(out, kv)
+
+
+def test_a_leased_chunk_may_leave_host_memory_but_not_every_tier(make_manager, db, layout):
+    # A lease protects a chunk in some tier, not in host memory: with everything else pinned, the
+    # leased chunk is the one evicted, demoted to disk, and the disk then keeps it over older files.
+    record = 2 * 4096  # header block + one 4 KiB payload
+    manager = make_manager(slabs=2, write_through=False, clean_ahead=0, disk_bytes=3 * record)
+    k, x = (db.spans(seeded_tokens(CHUNK, seed)) for seed in (57, 58))
+    kv = seeded_kv(layout, CHUNK, 57)
+    manager.put(k, kv)
+    manager.lease([k[0].key])
+    manager.put(x, kv)
+    manager.pin([x[0].key])
+
+    manager.put(db.spans(seeded_tokens(CHUNK, 59)), kv)  # the only victim is the leased chunk
+    assert manager.flush(timeout=10)
+    assert k[0].key not in manager.cpu and manager.lower[0].has([k[0].key]) == [True]
+    for seed in range(70, 76):  # more records than the disk holds, all newer than k's
+        other = db.spans(seeded_tokens(CHUNK, seed))
+        manager.put(other, kv)
+        assert manager.move_down([other[0].key], "disk") == 1
+
+    assert manager.lower[0].has([k[0].key]) == [True]
+    out, n = fetch(manager, k, layout)
+    assert n == CHUNK and torch.equal(out, kv)
+    manager.release([k[0].key])
+
+
+def test_a_leased_chunk_whose_demotion_fails_stays_in_host_memory(make_manager, db, layout):
+    manager = make_manager(slabs=2, write_through=False, clean_ahead=0, disk_bytes=4096)  # holds no record
+    k, x, y = (db.spans(seeded_tokens(CHUNK, seed)) for seed in (77, 78, 79))
+    kv = seeded_kv(layout, CHUNK, 77)
+    manager.put(k, kv)
+    manager.lease([k[0].key])
+    manager.put(x, kv)
+    manager.pin([x[0].key])
+
+    assert manager.put(y, kv) == 0  # evicts the leased chunk: its demotion is refused below
+    assert manager.flush(timeout=10)
+
+    assert tier_counter(manager, "disk", "rejected") == 1
+    assert k[0].key in manager.cpu  # back where it was: the lease keeps it in some tier
+    out, n = fetch(manager, k, layout)
+    assert n == CHUNK and torch.equal(out, kv)
+    manager.release([k[0].key])
+    manager.put(y, kv)  # unleased now: a failed demotion drops it (the disk counted the refusal)
+    assert manager.flush(timeout=10)
+    assert manager.contains_prefix([k[0].key]) == 0
+    manager.check_invariants()

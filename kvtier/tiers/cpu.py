@@ -5,7 +5,8 @@ and never frees a slab itself: `pop_victim` hands the chosen entry back to the S
 which either frees its slab (a copy exists below, or there is no tier below) or demotes it.
 
 An entry is evictable when it is not pinned and nobody is reading its slab (`readers == 0`): a
-reader is a retrieve copying out of it or a background write sending it to a lower tier.
+reader is a retrieve copying out of it or a background write sending it to a lower tier. Leased
+entries are evicted last, and only when the caller says it can keep them in a tier below.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ class CpuEntry:
     persisted: bool = False  # a lower tier holds a copy: eviction may drop this without writing
     readers: int = 0  # in-flight copies out of the slab; the slab stays while > 0
     detached: bool = False  # no longer indexed: the last reader frees the slab
+    demoting: bool = False  # evicted, readable until its write below lands (then detached)
 
 
 class CpuTier:
     name = "cpu"
 
-    def __init__(self, pool: MemoryPool, is_pinned: PinPredicate, policy: EvictionPolicy | None = None):
+    def __init__(self, pool: MemoryPool, is_pinned: PinPredicate, policy: EvictionPolicy | None = None,
+                 is_leased: PinPredicate | None = None):
         self.pool = pool
         self._is_pinned = is_pinned
+        self._is_leased = is_leased or (lambda key: False)
         self._policy = policy or LRUPolicy()
         self._entries: dict[ChunkKey, CpuEntry] = {}
         self._bytes = 0
@@ -57,6 +61,10 @@ class CpuTier:
             self._policy.touch(key)
         return entry
 
+    def peek(self, key: ChunkKey) -> CpuEntry | None:
+        """The entry for `key`, recency unchanged."""
+        return self._entries.get(key)
+
     def insert(self, key: ChunkKey, entry: CpuEntry) -> None:
         if key in self._entries:
             raise KeyError(f"{key} is already in the CPU tier")
@@ -71,17 +79,24 @@ class CpuTier:
             self._policy.remove(key)
         return entry
 
-    def pop_victim(self) -> tuple[ChunkKey, CpuEntry] | None:
-        """Remove and return the least recently used evictable entry, or None if there is none."""
+    def pop_victim(self, leased: bool = False) -> tuple[ChunkKey, CpuEntry] | None:
+        """Remove and return the least recently used evictable entry, or None if there is none.
+        Unleased entries go first; leased ones only when `leased` (a copy can be kept below)."""
         victim = next(self._policy.victims(self._evictable), None)
+        if victim is None and leased:
+            victim = next(self._policy.victims(self._evictable_leased), None)
         return None if victim is None else (victim, self.pop(victim))
 
     def eviction_order(self) -> Iterator[tuple[ChunkKey, CpuEntry]]:
-        """Evictable entries, next victim first (lazy: do not change the tier while iterating)."""
+        """Unleased evictable entries, next victim first (lazy: do not change the tier while iterating)."""
         for key in self._policy.victims(self._evictable):
             yield key, self._entries[key]
 
     def _evictable(self, key: ChunkKey) -> bool:
+        entry = self._entries[key]
+        return entry.readers == 0 and not self._is_pinned(key) and not self._is_leased(key)
+
+    def _evictable_leased(self, key: ChunkKey) -> bool:
         entry = self._entries[key]
         return entry.readers == 0 and not self._is_pinned(key)
 

@@ -40,6 +40,21 @@ def test_pop_victim_is_lru_and_skips_pinned_and_read_entries():
     assert tier.usage().chunks == 2 and tier.usage().bytes == 2 * 4096
 
 
+def test_pop_victim_takes_leased_entries_last_and_only_when_asked():
+    pool = MemoryPool(3 * 4096, 4096, pin=False)
+    leased = {key(0)}
+    tier = CpuTier(pool, lambda k: False, is_leased=leased.__contains__)
+    entries = {i: CpuEntry(pool.alloc("cpu"), CHUNK, 4096) for i in range(3)}
+    for i, entry in entries.items():
+        tier.insert(key(i), entry)  # LRU order 0, 1, 2: the leased chunk is the oldest
+
+    assert [k for k, _ in tier.eviction_order()] == [key(1), key(2)]
+    assert tier.pop_victim()[0] == key(1)
+    assert tier.pop_victim()[0] == key(2)
+    assert tier.pop_victim() is None  # only the leased entry is left: kept unless asked
+    assert tier.pop_victim(leased=True) == (key(0), entries[0])
+
+
 def test_insert_of_a_present_key_raises():
     pool = MemoryPool(2 * 4096, 4096, pin=False)
     tier = CpuTier(pool, lambda k: False)

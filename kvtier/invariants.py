@@ -1,0 +1,41 @@
+"""Accounting invariants of a StorageManager, checked from outside its hot paths: for tests (after
+any sequence of operations, `flush()` + `clear()` must leave nothing behind) and for leak hunts.
+
+It reads the manager's private state under the manager's lock and changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvtier.storage import StorageManager
+
+
+def check_invariants(manager: StorageManager, empty: bool = False) -> None:
+    """Raise RuntimeError naming every broken accounting invariant. For tests and leak hunts, at
+    a quiet moment (no call in flight): every slab in use belongs to exactly one CPU entry, no
+    entry is read or demoted, no write is in flight. `empty` (after `flush()` + `clear()`, all
+    leases released): nothing in host memory, no pins or leases, no chunk or byte in any tier."""
+    with manager._lock:
+        entries = [e for _, e in manager.cpu.items()]
+        owners, nbytes = manager.pool.owners(), sum(e.nbytes for e in entries)
+        broken = [f"{name} is {value}" for name, value in [
+            ("writes in flight", manager._writes_in_flight), ("queued writes", manager._writes.pending),
+            ("holders", manager._holders), ("demoting chunks", len(manager._demoting)),
+            ("removals in progress", manager._removing),
+            ("CPU entries being read", sum(e.readers > 0 for e in entries)),
+            ("CPU entries marked detached or demoting", sum(e.detached or e.demoting for e in entries)),
+            ("CPU entries without a live slab", sum(not manager.pool.is_live(e.slab) for e in entries)),
+            ("slabs in use beyond the CPU tier's", manager.pool.used_slabs - len(entries)),
+            ("slab owners other than cpu", {o: n for o, n in owners.items() if o != "cpu"}),
+            ("CPU tier bytes minus its entries'", manager.cpu.usage().bytes - nbytes),
+        ] if value]
+        if empty:
+            usage = [(f"{t.name} chunks and bytes", (u.chunks, u.bytes)) for t in manager.lower
+                     for u in [t.usage()] if u.chunks or u.bytes]
+            broken += [f"{name} is {value}" for name, value in [
+                ("slabs in use", manager.pool.used_slabs), ("pinned chunks", manager.pins.num_pinned),
+                ("leased chunks", manager.pins.num_leased), *usage] if value]
+    if broken:
+        raise RuntimeError("storage invariants broken: " + "; ".join(broken))
