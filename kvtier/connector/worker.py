@@ -8,9 +8,15 @@ and one saver thread of its own). Per step, in order:
                              paged blocks; `get_loaded_tokens()` says how far each load really got
     wait_for_layer_load(l)   before layer l's attention: layer l's KV is in place
     save_kv_layer(l)         after layer l's attention
-    wait_for_save()          after the forward: gathers what to save, hands it to the saver thread
+    wait_for_save(discard)   after the forward: gathers what to save, hands it to the saver thread
     get_finished()           requests whose final save is gathered (their blocks may be freed)
     clear_connector_metadata()
+
+A step whose forward fails still ends with `wait_for_save(discard=<its requests>)` and
+`clear_connector_metadata()` (the model runner does this in `finally`), and skips `get_finished`:
+the KV the step computed is not trusted, so only final saves (KV of earlier steps) go out, and their
+requests come back from the next step's `get_finished`. Neither call raises, so a failed step never
+leaves a request's blocks held or a lease taken.
 
 Layouts: the paged cache holds every layer in one tensor, so a request's save is one gather for all
 layers and its load one scatter (a chunk record holds all layers too). On a GPU the load runs layer
@@ -30,6 +36,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Protocol
 
@@ -94,14 +101,22 @@ class KvtierWorkerConnector:
         self._layer_copied = {}
         if self._meta is None or not self._meta.loads:
             return
+        loads = self._meta.loads
         chunk = self.engine.db.chunk_size
         # kvtier reads whole chunks: each load stages tokens from the chunk holding its start on.
-        firsts = [spec.start - spec.start % chunk for spec in self._meta.loads]
-        sizes = [len(spec.token_ids) - first for spec, first in zip(self._meta.loads, firsts)]
-        staging = self._staging_for(sum(sizes))
+        firsts = [spec.start - spec.start % chunk for spec in loads]
+        sizes = [len(spec.token_ids) - first for spec, first in zip(loads, firsts)]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        jobs = [job for spec, first, offset, size in zip(self._meta.loads, firsts, offsets, sizes)
-                if (job := self._read(spec, first, staging.narrow(2, offset, size))) is not None]
+        jobs, read = [], 0
+        try:
+            staging = self._staging_for(sum(sizes))
+            for spec, first, offset, size in zip(loads, firsts, offsets, sizes):
+                read += 1  # `_read` releases the lease whatever happens
+                if (job := self._read(spec, first, staging.narrow(2, offset, size))) is not None:
+                    jobs.append(job)
+        finally:
+            for spec in loads[read:]:  # never reached (the staging buffer could not be had)
+                self.engine.release(spec.lease)
         if not self.layerwise:
             for block_ids, kv in jobs:
                 self.cache.scatter(block_ids, kv)
@@ -185,18 +200,37 @@ class KvtierWorkerConnector:
     def save_kv_layer(self, layer: int) -> None:
         """Nothing per layer: the save is one gather of all layers in `wait_for_save` (see above)."""
 
-    def wait_for_save(self) -> None:
+    def wait_for_save(self, discard: Collection[str] = ()) -> None:
+        """Hand this step's saves to the saver thread. The non-final saves of requests in `discard`
+        are dropped: the KV this step computed for them is not trusted (their forward or sampling
+        failed). Final saves hold KV of earlier steps and always go. Never raises: a save that
+        cannot be gathered is a save failure, and its request's blocks are still released."""
+        self._wait_for_copies()
         if self._meta is None:
             return
+        bs = self.cache.block_size
         for spec in self._meta.saves:
-            bs = self.cache.block_size
-            kv = self.cache.gather(list(spec.block_ids[spec.start // bs:]), spec.end - spec.start)
-            future = self._saver.submit(self._store, spec, kv)
-            self._saves.add(future)
-            future.add_done_callback(self._saves.discard)
-            self.events.append(KVEvent(self._meta.step, "save", spec.request_id, spec.start, spec.end))
-            if spec.final:
-                self._finished_sending.add(spec.request_id)
+            if spec.request_id in discard and not spec.final:
+                continue
+            try:
+                kv = self.cache.gather(list(spec.block_ids[spec.start // bs:]), spec.end - spec.start)
+                future = self._saver.submit(self._store, spec, kv)
+                self._saves.add(future)
+                future.add_done_callback(self._saves.discard)
+                self.events.append(KVEvent(self._meta.step, "save", spec.request_id, spec.start, spec.end))
+            except Exception:
+                self.stats["save_failures"] += 1
+                logger.exception("gathering the kvtier save of request %s failed", spec.request_id)
+            finally:
+                if spec.final:
+                    self._finished_sending.add(spec.request_id)
+
+    def _wait_for_copies(self) -> None:
+        # A forward that failed part-way leaves the layer-wise copy running; its blocks are about
+        # to be freed and reused, so it must finish first. After a whole forward this waits for
+        # nothing: every layer was waited for.
+        for ready in self._layer_ready:
+            ready.wait()
 
     def _store(self, spec: SaveSpec, kv: torch.Tensor) -> None:
         try:

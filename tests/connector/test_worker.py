@@ -118,6 +118,24 @@ def test_a_retrieve_that_raises_is_a_miss_not_a_failed_step(setup, monkeypatch):
     assert leased(engine) == 0
 
 
+def test_loads_a_failed_step_never_reached_give_their_leases_back(setup, monkeypatch):
+    # Only `_read` released leases: a step failing before it (no staging memory) leaked them all.
+    engine, cache, tokens, _ = setup
+    worker = worker_for(engine, cache)
+
+    def no_memory(num_tokens):
+        raise MemoryError("injected: no host memory for the staging buffer")
+
+    monkeypatch.setattr(worker, "_staging_for", no_memory)  # only the fault is injected
+    worker.bind_connector_metadata(ConnectorMetadata(1, loads=[
+        LoadSpec("r", tokens[:32], TABLE, 0, 32, engine.lease(tokens, 32)),
+        LoadSpec("s", tokens[:16], [1], 0, 16, engine.lease(tokens, 16))]))
+    with pytest.raises(MemoryError):
+        worker.start_load_kv()
+    worker.clear_connector_metadata()
+    assert leased(engine) == 0
+
+
 def test_a_failed_layerwise_copy_surfaces_in_the_forward_pass(setup):
     engine, cache, tokens, _ = setup
 
@@ -192,6 +210,38 @@ def test_a_failed_store_is_counted_and_the_step_goes_on(setup, monkeypatch):
     run_step(worker, ConnectorMetadata(1, saves=[SaveSpec("r", tokens[:32], TABLE, 0, 32)]))
     assert worker.drain(timeout=30)
     assert (worker.stats["saves"], worker.stats["save_failures"]) == (0, 1)
+
+
+def test_a_failed_step_saves_only_its_final_saves(setup):
+    # The KV a failed step computed is not trusted; a final save holds KV of earlier steps, and its
+    # request's blocks are held until it is gathered.
+    engine, cache, tokens, kv = setup
+    engine.clear()
+    worker = worker_for(engine, cache)
+    cache.scatter(TABLE, kv)
+    meta = ConnectorMetadata(3, saves=[SaveSpec("r", tokens[:32], TABLE, 0, 32),
+                                       SaveSpec("f", tokens[:40], TABLE, 0, 40, final=True)])
+    worker.bind_connector_metadata(meta)
+    worker.wait_for_save(discard={"r", "f"})
+    worker.clear_connector_metadata()
+    assert worker.drain(timeout=30)
+    assert [e.request_id for e in worker.events] == ["f"]
+    assert worker.get_finished() == ({"f"}, set())
+
+
+def test_a_save_that_cannot_be_gathered_still_releases_its_request(setup, monkeypatch):
+    # wait_for_save raised, so the failed step never reported its final saves: their requests'
+    # blocks stayed held and the engine never became idle again.
+    engine, cache, tokens, _ = setup
+    worker = worker_for(engine, cache)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: the device is lost")
+
+    monkeypatch.setattr(cache, "gather", broken)  # only the fault is injected
+    finished = run_step(worker, ConnectorMetadata(1, saves=[SaveSpec("f", tokens[:40], TABLE, 32, 40,
+                                                                     final=True)]))
+    assert finished == ({"f"}, set()) and worker.stats["save_failures"] == 1
 
 
 # -- end to end through LLM ----------------------------------------------------------------------

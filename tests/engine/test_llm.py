@@ -257,3 +257,119 @@ def test_bad_requests_are_rejected(tiny):
         engine.add_request([1], SamplingParams(max_tokens=1 << 20))
     assert not engine.has_unfinished()
 
+
+
+# -- failures: one request's, or one step's -------------------------------------------------------
+
+# `disk: null`: the default config has a disk tier in ~/.cache, which would carry chunks across runs.
+KVTIER_PARTIAL = "chunk_size: 32\nsave_partial_chunks: true\ncpu:\n  capacity: 16MiB\ndisk: null\n"
+
+
+def kvtier_engine(tmp_path, **options) -> LLMEngine:
+    """llama-tiny on the CPU with kvtier (CPU tier) saving partial chunks too."""
+    config = tmp_path / "kvtier.yaml"
+    config.write_text(KVTIER_PARTIAL)
+    return LLMEngine(EngineOptions("random:llama-tiny", kvtier_config=str(config), device="cpu",
+                                   kv_cache_bytes=1 << 20, **options))
+
+
+class FailNextForward:
+    """Fault injection: the model's next forward pass raises, as on a device that failed once."""
+
+    def __init__(self, engine: LLMEngine):
+        self.armed = False
+        self._forward = engine.model.hidden_states
+        engine.model.hidden_states = self
+
+    def __call__(self, *args):
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("injected: the forward pass failed")
+        return self._forward(*args)
+
+
+def saves_of(engine: LLMEngine, request_id: str) -> list[tuple[int, int]]:
+    return [(e.start, e.end) for e in engine.connector.events
+            if e.kind == "save" and e.request_id == request_id]
+
+
+def test_a_request_whose_logits_are_not_finite_fails_alone_and_the_batch_goes_on(tmp_path):
+    engine = kvtier_engine(tmp_path)
+    free = engine.scheduler.pool.num_free
+    params = SamplingParams(temperature=1.0, max_tokens=4, seed=1, ignore_eos=True)
+    bad = engine.add_request(prompts([40], seed=1)[0], params)
+    good = engine.add_request(prompts([40], seed=2)[0], params)
+    logits = engine.model.logits
+
+    def poisoned(hidden: torch.Tensor) -> torch.Tensor:  # `bad` is the batch's first row
+        out = logits(hidden)
+        out[0] = float("nan")
+        return out
+
+    engine.model.logits = poisoned
+    first = {o.request_id: o for o in engine.step()}
+    engine.model.logits = logits
+    outputs = [o for _ in range(10) if engine.has_unfinished() for o in engine.step()]
+    engine.wait_for_saves()
+
+    assert (first[bad].finished, first[bad].finish_reason) == (True, "error")
+    assert not first[good].finished
+    done = [o for o in outputs if o.request_id == good and o.finished]
+    assert len(done) == 1 and done[0].finish_reason == "length" and len(done[0].token_ids) == 4
+    assert saves_of(engine, bad) == []  # the KV behind non-finite logits is not trusted
+    assert saves_of(engine, good)[0] == (0, 32)
+    assert not engine.has_unfinished() and engine.scheduler.pool.num_free == free
+    assert 'kvtier_engine_requests_total{finish_reason="error"} 1.0' in engine.prometheus_text()
+    engine.close()
+
+
+def test_a_failed_forward_with_save_partial_chunks_fails_its_batch_and_holds_nothing(tmp_path):
+    # The failed step skipped the connector's wait_for_save/get_finished: the aborted request's
+    # final save (a partial chunk) kept its blocks held, and the server's loop gave up for good.
+    engine = kvtier_engine(tmp_path, enable_prefix_caching=False)
+    free = engine.scheduler.pool.num_free
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    prompt, other, later = prompts([60, 50, 20], seed=3)
+    engine.add_request(prompt, greedy)
+    while engine.has_unfinished():
+        engine.step()
+    engine.wait_for_saves()
+    fault = FailNextForward(engine)
+    again = engine.add_request(prompt, greedy)  # loads 32 tokens from kvtier, under a lease
+    beside = engine.add_request(other, greedy)
+    fault.armed = True
+
+    with pytest.raises(RuntimeError) as failed:
+        engine.step()
+    failed_step = engine.scheduler.step
+    assert sorted(failed.value.request_ids) == sorted([again, beside])
+    assert not engine.has_requests()
+    for _ in range(3):  # what is left (final saves, none here) is handed over in a step
+        if engine.has_unfinished():
+            engine.step()
+    assert not engine.has_unfinished() and engine.scheduler.pool.num_free == free
+    assert [e for e in engine.connector.events if e.kind == "save" and e.step >= failed_step] == []
+    assert engine.connector.stats["loads"] == 1  # the lease was taken, and given back by the load:
+    assert "kvtier_leased_chunks 0.0" in engine.prometheus_text().splitlines()
+    served = engine.add_request(later, greedy)
+    outputs = [o for _ in range(10) if engine.has_unfinished() for o in engine.step()]
+    assert [o.finish_reason for o in outputs if o.request_id == served and o.finished] == ["length"]
+    engine.close()
+
+
+def test_free_kv_blocks_is_right_before_the_first_step_and_after_an_abort():
+    engine = LLMEngine(EngineOptions("random:llama-tiny", device="cpu", kv_cache_bytes=1 << 20))
+    total = len(engine.scheduler.pool.blocks)
+
+    def free_blocks() -> float:
+        line = next(line for line in engine.prometheus_text().splitlines()
+                    if line.startswith("kvtier_engine_free_kv_blocks "))
+        return float(line.split()[-1])
+
+    assert free_blocks() == total
+    request_id = engine.add_request(list(range(1, 41)), SamplingParams(max_tokens=50))
+    engine.step()
+    assert free_blocks() < total
+    engine.abort(request_id)  # the engine is idle now: no step will run to update the gauge
+    assert free_blocks() == total
+    engine.close()

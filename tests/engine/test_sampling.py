@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier_engine.sampling import SamplingParams, filtered_probs, generator_for, sample
+from kvtier_engine.sampling import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MIN_TEMPERATURE,
+    InvalidSamplingParams,
+    SamplingParams,
+    filtered_probs,
+    generator_for,
+    sample,
+)
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 
@@ -17,6 +26,40 @@ def test_invalid_params_raise(bad):
         SamplingParams(**bad)
 
 
+@pytest.mark.parametrize("bad, param", [
+    (dict(temperature=1e-39), "temperature"),  # overflowed the sampler: every request of its step failed
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(top_p=float("nan")), "top_p"), (dict(top_k=True), "top_k"), (dict(max_tokens=2.5), "max_tokens"),
+    (dict(seed=1 << 64), "seed"), (dict(stop=("x",) * (MAX_STOP_STRINGS + 1)), "stop"),
+    (dict(stop="x" * (MAX_STOP_CHARS + 1)), "stop"), (dict(stop=("",)), "stop"),
+    (dict(ignore_eos=1), "ignore_eos"),
+])
+def test_params_that_are_not_finite_or_out_of_range_are_refused_naming_the_parameter(bad, param):
+    with pytest.raises(InvalidSamplingParams) as err:
+        SamplingParams(**bad)
+    assert err.value.param == param
+
+
+def test_sampler_does_not_overflow_at_the_smallest_temperature():
+    # Logits/temperature overflowed float32 to inf, and softmax of inf - inf is NaN: the sampler
+    # raised for the whole batch. Large but finite logits at the smallest temperature are the case
+    # validation still lets through.
+    huge = LOGITS * 1e36
+    probs = filtered_probs(huge, SamplingParams(temperature=MIN_TEMPERATURE))
+    assert torch.isfinite(probs).all() and probs.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    params = [SamplingParams(temperature=MIN_TEMPERATURE, top_k=3),
+              SamplingParams(temperature=MIN_TEMPERATURE, top_p=0.5)]
+    assert sample(torch.stack([huge, -huge]), params, [None, None]) == [0, 4]
+
+
+def test_a_row_of_logits_that_is_not_finite_fails_alone():
+    rows = torch.stack([LOGITS, torch.full_like(LOGITS, float("nan")), LOGITS.clone()])
+    rows[2, 1] = float("inf")
+    params = [SamplingParams(temperature=0.5, seed=1)] * 2 + [SamplingParams(temperature=0)]
+    got = sample(rows, params, [generator_for(p) for p in params])
+    assert got[1:] == [None, None] and got[0] in range(5)
+
+
 def test_a_single_stop_string_becomes_a_tuple():
     assert SamplingParams(stop="\n").stop == ("\n",)
 
@@ -25,7 +68,7 @@ def test_greedy_is_argmax_whatever_the_seed():
     rows = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(temperature=0.0, seed=s) for s in range(4)]
     got = sample(rows, params, [generator_for(p) for p in params])
-    assert torch.equal(got, rows.argmax(dim=-1))
+    assert got == rows.argmax(dim=-1).tolist()
 
 
 def test_top_k_keeps_exactly_the_k_most_likely():

@@ -1,9 +1,11 @@
 """kvtier_engine serve: the real server in a subprocess, spoken to over HTTP; and its parts in-process.
 
 Server processes are few and module-scoped (each costs a torch import and a model load): one plain,
-one with kvtier on a disk tier under tmp_path, and that one restarted on the same disk. Readiness is
-/health polled against a deadline. The in-process parts are the body -> SamplingParams mapping and
-EngineLoop's failure handling, driven by a fake engine that fails on demand.
+one with kvtier on a disk tier under tmp_path (saving partial chunks), and that one restarted on the
+same disk. Tests about the process's own life (signals, exit status, start-up errors) start one of
+their own. Readiness is /health polled against a deadline. The in-process parts are the body ->
+SamplingParams mapping and EngineLoop's failure handling, driven by a fake engine that fails on
+demand, or by the real engine with a fault injected into its forward pass.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,10 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from kvtier.tiers.disk import SUFFIX
 from kvtier_engine import LLM, SamplingParams
 from kvtier_engine.cli import build_parser
 from kvtier_engine.engine_loop import MAX_FAILED_STEPS, EngineLoop, EngineUnavailable, RequestFailed
-from kvtier_engine.llm_engine import RequestOutput
+from kvtier_engine.llm_engine import EngineOptions, LLMEngine, RequestOutput
 from kvtier_engine.openai_protocol import InvalidRequest, parse_completion_request, sampling_params
 from kvtier_engine.request import RequestMetrics
 
@@ -37,6 +41,7 @@ SERVED_NAME = "tiny"  # the plain server's --served-model-name
 START_DEADLINE_S = 60.0
 KVTIER_YAML = """\
 chunk_size: 32
+save_partial_chunks: true
 write_through: true
 cpu:
   capacity: 64MiB
@@ -120,10 +125,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(log: Path, *args: str) -> Server:
+def launch(log: Path, *args: str, command: list[str] | None = None) -> Server:
+    """`kvtier_engine serve MODEL *args` on a free port, or `command + [port]`."""
     port = free_port()
-    cmd = [sys.executable, "-m", "kvtier_engine", "serve", MODEL, "--port", str(port),
-           "--kv-cache-bytes", "64MiB", "--log-level", "warning", *args]
+    cmd = [*command, str(port)] if command is not None else [
+        sys.executable, "-m", "kvtier_engine", "serve", MODEL, "--port", str(port),
+        "--kv-cache-bytes", "64MiB", "--log-level", "warning", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two servers share 2 cores with the tests
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -296,6 +303,10 @@ def test_metrics_are_prometheus_text(servers):
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "temperature": 1e-39}, 400, "temperature"),
+    (b'{"prompt": "hi", "temperature": 1e999}', 400, "temperature"),  # JSON's way to say inf
+    ({"prompt": "hi", "stop": ["s"] * 17}, 400, "stop"),
+    ({"prompt": "hi", "stop": "s" * 257}, 400, "stop"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
     ({"prompt": ["one", "two"]}, 400, "prompt"),  # batches of several prompts are refused
@@ -307,6 +318,7 @@ def test_metrics_are_prometheus_text(servers):
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
     (b'{"prompt": "hi", "temperature": NaN}', 400, None),
+    (b"[" * 100_000, 400, None),  # RecursionError in the decoder: it was a 500
 ])
 def test_bad_request_gets_an_openai_error_and_the_server_carries_on(server, body, status, param):
     got, data = server.post(body)
@@ -320,6 +332,76 @@ def test_bad_request_gets_an_openai_error_and_the_server_carries_on(server, body
 def test_unknown_path_is_a_404_in_the_error_shape(server):
     status, data, _ = server.get("/v1/nothing")
     assert status == 404 and "message" in json.loads(data)["error"]
+
+
+# -- hardening: parameters, body size, metrics ---------------------------------------------------
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["plain", "kvtier-saving-partial-chunks"])
+def test_a_tiny_temperature_gets_a_400_and_never_stops_the_server(servers, which):
+    # temperature 1e-39 overflowed the sampler: 500 for the whole step, and after 3 such steps the
+    # loop stopped for good; with save_partial_chunks a repeated prompt stopped it at once.
+    server = servers[which]
+    body = {"prompt": "the same prompt, again and again", "max_tokens": 4}
+    for _ in range(MAX_FAILED_STEPS + 1):
+        status, data = server.post({**body, "temperature": 1e-39})
+        assert (status, data["error"]["param"]) == (400, "temperature"), data
+    assert server.get("/health")[0] == 200
+    assert server.complete(**body, temperature=0)["usage"]["completion_tokens"] >= 1
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    reader = sock.makefile("rb")
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline().strip()):
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return status, reader.read(int(headers.get(b"content-length", 0)))
+
+
+def peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) << 10
+
+
+HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_sent(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(HEAD + b"Content-Length: %d\r\n\r\n" % (256 << 20))  # and none of the body
+        status, body = read_response(sock)
+    assert status == 413 and "limit" in json.loads(body)["error"]["message"]
+
+
+def test_a_chunked_body_over_the_limit_gets_413_and_memory_stays_bounded(server):
+    # A 256 MiB body grew the server by 512 MiB before its 400.
+    Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")  # restart the peak-RSS count
+    before = peak_rss(server.proc.pid)
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock, \
+            ThreadPoolExecutor(1) as reader:
+        sock.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        reply = reader.submit(read_response, sock)  # read while sending: the answer comes mid-body
+        try:
+            for _ in range(64):
+                if reply.done():
+                    break
+                sock.sendall(chunk)
+        except OSError:  # the server closed the connection after answering
+            pass
+        status, body = reply.result(timeout=30)
+    assert status == 413, body
+    assert peak_rss(server.proc.pid) - before < 24 << 20
+    assert server.complete(prompt="still serving", **greedy(2))["usage"]["completion_tokens"] >= 1
+
+
+def test_metrics_carry_kvtier_lease_pin_and_pool_gauges(servers):
+    text = servers[1].get("/metrics")[1].decode()
+    for name in ("kvtier_leased_chunks", "kvtier_pinned_chunks", "kvtier_pool_slabs_used",
+                 "kvtier_pool_slabs_total", "kvtier_pool_bytes_used", "kvtier_engine_free_kv_blocks"):
+        assert any(line.startswith(name) for line in text.splitlines()), name
 
 
 # -- kvtier across a restart (last: it stops the kvtier server) ------------------------------------
@@ -340,6 +422,65 @@ def test_restarted_server_loads_a_repeated_prompt_from_the_kvtier_disk_tier(serv
     assert again["kvtier"]["tokens_loaded"] >= 32 * 8
     assert again["kvtier"]["prefill_tokens_computed"] < first["kvtier"]["prefill_tokens_computed"]
     assert again["choices"] == first["choices"]
+
+
+# -- the process's own life: signals, exit status, start-up errors --------------------------------
+
+
+def test_sigterm_drains_kvtier_to_disk_and_exits_0(tmp_path):
+    # uvicorn re-raised SIGTERM before the engine was closed: exit -15, and queued disk writes were
+    # lost (a .tmp was left behind).
+    disk = tmp_path / "disk"
+    config = tmp_path / "kvtier.yaml"
+    config.write_text(KVTIER_YAML.format(path=disk))
+    server = launch(tmp_path / "server.log", "--kvtier-config", str(config))
+    try:
+        server.wait_ready()
+        with ThreadPoolExecutor(4) as pool:
+            bodies = list(pool.map(lambda i: server.complete(
+                prompt=f"{i}: a document that must survive a restart. " * 20, max_tokens=4, temperature=0),
+                range(4)))
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=40)
+    finally:
+        server.stop()
+    assert code == 0, server.log.read_text()
+    files = [f for f in disk.rglob("*") if f.is_file()]
+    assert [f.name for f in files if ".tmp" in f.name] == []
+    # Every whole chunk of every prompt (prompts differ from their first token, so chunks are distinct).
+    assert len([f for f in files if f.name.endswith(SUFFIX)]) >= sum(
+        b["usage"]["prompt_tokens"] // 32 for b in bodies)
+
+
+def test_an_engine_that_cannot_run_fails_health_and_exits_non_zero(tmp_path):
+    # The loop stopped for good, /health said 503, and the process stayed up: no supervisor restarted it.
+    server = launch(tmp_path / "broken.log",
+                    command=[sys.executable, str(Path(__file__).with_name("broken_engine_server.py"))])
+    try:
+        server.wait_ready()
+        statuses = [server.post({"prompt": f"try {i}", "max_tokens": 2})[0] for i in range(MAX_FAILED_STEPS)]
+        try:
+            health = server.get("/health")[0]
+        except OSError:  # already shut down
+            health = None
+        code = server.proc.wait(timeout=30)
+    finally:
+        server.stop()
+    assert statuses == [500] * MAX_FAILED_STEPS
+    assert health in (503, None)
+    assert code == 1, server.log.read_text()
+
+
+def test_a_config_typo_is_one_line_naming_key_and_file_and_a_non_zero_exit(tmp_path):
+    # It was a 25-line traceback, after the model had loaded.
+    config = tmp_path / "kvtier.yaml"
+    config.write_text("chunk_sise: 32\n")
+    done = subprocess.run([sys.executable, "-m", "kvtier_engine", "serve", MODEL, "--kvtier-config",
+                           str(config), "--port", str(free_port()), "--log-level", "warning"],
+                          capture_output=True, text=True, timeout=60)
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, lines
+    assert "chunk_sise" in lines[0] and str(config) in lines[0]
 
 
 # -- in-process: the body mapping, the CLI and EngineLoop ----------------------------------------
@@ -375,6 +516,8 @@ def test_cli_parses_serve_options():
     args = build_parser().parse_args(["serve", MODEL, "--kv-cache-bytes", "64MiB", "--max-num-seqs", "4"])
     assert (args.model, args.host, args.port) == (MODEL, "127.0.0.1", 8000)
     assert (args.kv_cache_bytes, args.max_num_seqs) == (64 << 20, 4)
+    assert args.max_body_bytes == 8 << 20
+    assert build_parser().parse_args(["serve", MODEL, "--max-body-bytes", "1MiB"]).max_body_bytes == 1 << 20
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", MODEL, "--kv-cache-bytes", "lots"])
 
@@ -393,6 +536,9 @@ class FakeEngine:
         self.pending[request_id] = list(prompt)
 
     def has_unfinished(self) -> bool:
+        return bool(self.pending)
+
+    def has_requests(self) -> bool:
         return bool(self.pending)
 
     def abort(self, request_id):
@@ -457,3 +603,38 @@ def test_engine_loop_stops_when_steps_keep_failing_and_answers_503_after():
     assert [r.status for r in results] == [500] * MAX_FAILED_STEPS
     assert isinstance(late, EngineUnavailable) and late.status == 503
     assert not alive and closed
+
+
+def test_a_failed_step_with_save_partial_chunks_does_not_stop_the_engine_loop(tmp_path):
+    # The aborted request's final (partial-chunk) save held its blocks, so the engine was not idle
+    # after the failure and the loop gave up for good on the first failed step.
+    config = tmp_path / "kvtier.yaml"
+    config.write_text("chunk_size: 32\nsave_partial_chunks: true\ncpu:\n  capacity: 16MiB\ndisk: null\n")
+    engine = LLMEngine(EngineOptions(MODEL, kvtier_config=str(config), device="cpu", kv_cache_bytes=1 << 20))
+    forward, fail_next = engine.model.hidden_states, threading.Event()
+
+    def flaky(*args):
+        if fail_next.is_set():
+            fail_next.clear()
+            raise RuntimeError("injected: the forward pass failed")
+        return forward(*args)
+
+    engine.model.hidden_states = flaky
+    prompt = list(range(1, 61))  # 48 tokens in the device prefix cache the second time
+
+    async def story():
+        loop = EngineLoop(engine)
+        loop.start()
+        try:
+            first = await _collect(loop, prompt, "a")
+            fail_next.set()
+            failed = await _collect(loop, prompt, "b")
+            served = await _collect(loop, prompt, "c")
+            return first, failed, served, loop.alive
+        finally:
+            loop.close()
+
+    first, failed, served, alive = asyncio.run(story())
+    assert isinstance(first, RequestOutput) and first.finished
+    assert isinstance(failed, RequestFailed) and failed.status == 500
+    assert isinstance(served, RequestOutput) and served.finished and alive

@@ -2,22 +2,28 @@
 
     kvtier_engine serve random:llama-small --kvtier-config configs/cpu_disk.yaml --port 8000
 
-MODEL is a Hugging Face model folder or a `random:<preset>`. Process-wide setup (logging, and uvicorn's
+MODEL is a Hugging Face model folder or a `random:<preset>`. Process-wide setup (logging, and the
 signal handlers through `serve`) happens here, never in the library.
+
+Exit status: 0 after SIGINT/SIGTERM (kvtier drained); EXIT_CONFIG (2) for a configuration error,
+printed as one line naming the file and key (before the model loads when the file itself is wrong);
+`server.EXIT_ENGINE_FAILED` (1) when the engine became unusable. A supervisor restarts on non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
-from kvtier.config import parse_size
+from kvtier.config import load_config, parse_size
 from kvtier.errors import ConfigError
 from kvtier_engine.llm_engine import EngineOptions
-from kvtier_engine.server import serve
+from kvtier_engine.server import DEFAULT_MAX_BODY_BYTES, serve
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+EXIT_CONFIG = 2  # as argparse's usage errors: the command line or its files are wrong
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--port", type=int, default=8000)
     command.add_argument("--served-model-name", metavar="NAME", default=None,
                        help="the name clients pass as `model` (default: MODEL)")
-    command.add_argument("--kv-cache-bytes", type=_size, default=defaults.kv_cache_bytes, metavar="N",
+    command.add_argument("--kv-cache-bytes", type=_size("--kv-cache-bytes"), default=defaults.kv_cache_bytes,
+                       metavar="N",
                        help="paged KV cache size, in bytes or like 512MiB (default: %(default)s bytes)")
+    command.add_argument("--max-body-bytes", type=_size("--max-body-bytes"), default=DEFAULT_MAX_BODY_BYTES,
+                       metavar="N", help="largest request body accepted, larger ones get 413 "
+                       "(default: %(default)s bytes)")
     command.add_argument("--max-num-seqs", type=_positive, default=defaults.max_num_seqs, metavar="N")
     command.add_argument("--max-num-batched-tokens", type=_positive,
                        default=defaults.max_num_batched_tokens, metavar="N")
@@ -50,18 +60,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = EngineOptions(model=args.model, kvtier_config=args.kvtier_config, device=args.device,
-                            dtype=args.dtype, seed=args.seed, kv_cache_bytes=args.kv_cache_bytes,
-                            max_num_seqs=args.max_num_seqs,
-                            max_num_batched_tokens=args.max_num_batched_tokens)
-    serve(options, args.host, args.port, args.served_model_name, args.log_level)
-
-
-def _size(text: str) -> int:
     try:
-        return parse_size(int(text) if text.isdigit() else text, "--kv-cache-bytes")
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        # Loaded here, before the model: a wrong file fails in a moment, not after the load.
+        kvtier_config = load_config(args.kvtier_config) if args.kvtier_config is not None else None
+        options = EngineOptions(model=args.model, kvtier_config=kvtier_config, device=args.device,
+                                dtype=args.dtype, seed=args.seed, kv_cache_bytes=args.kv_cache_bytes,
+                                max_num_seqs=args.max_num_seqs,
+                                max_num_batched_tokens=args.max_num_batched_tokens)
+        status = serve(options, args.host, args.port, args.served_model_name, args.log_level,
+                       args.max_body_bytes)
+    except ConfigError as exc:  # also what the tiers find wrong when they open (paths, sizes)
+        print(f"kvtier_engine: configuration error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(status)
+
+
+def _size(flag: str):
+    def parse(text: str) -> int:
+        try:
+            return parse_size(int(text) if text.isdigit() else text, flag)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _positive(text: str) -> int:

@@ -13,13 +13,20 @@ The thread steps while the engine has unfinished requests and blocks on the inbo
 no polling. Lifecycle: EngineLoop(engine) -> start() -> submit()/abort() ... -> close(), which stops
 the thread (failing what is still running with 503) and then closes the engine.
 
-Failures never leave a client waiting:
-- add_request rejecting a prompt (ValueError: token id out of range, too long) fails that request: 400.
-- step() raising fails every request in the engine with 500 and aborts them, since a step that broke
-  part-way leaves the batch's blocks and progress unknown; the loop carries on with new requests.
-- If aborting does not bring the engine back to idle, or steps keep failing with no success between
-  them, the engine is unusable: the loop stops, `alive` turns false (/health says 503) and every
-  request still waiting, or submitted later, fails with 503.
+Failures never leave a client waiting, and fail no more requests than they must:
+- add_request rejecting a request (ValueError: token id out of range, too long, bad parameters)
+  fails that request: 400.
+- An output that finished with "error" (its logits were not finite, its token undecodable) fails
+  that request: 500. The rest of the batch goes on.
+- StepFailed (the forward failed) fails the requests of that step's batch: 500. Others go on.
+- Anything else step() raises leaves the engine's state unknown: every request in it fails with 500
+  and is aborted; the loop carries on with new requests.
+- If aborting does not leave the engine without requests, or MAX_FAILED_STEPS steps fail with no
+  success between them, the engine is unusable: the loop stops, `alive` turns false (/health says
+  503), every request still waiting, or submitted later, fails with 503, and `on_broken` is called
+  (the server exits non-zero then, for a supervisor to restart it).
+On close() (or the loop's stop), requests still running are aborted, and one more step hands their
+final KV saves to kvtier before the engine closes, which drains kvtier's writes.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvtier_engine.llm_engine import LLMEngine, RequestOutput
+from kvtier_engine.llm_engine import LLMEngine, RequestOutput, StepFailed
 from kvtier_engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,9 @@ logger = logging.getLogger(__name__)
 # Failed steps in a row, with no successful one between, after which the engine is deemed unusable
 # (a broken device fails every step; one bad batch does not).
 MAX_FAILED_STEPS = 3
+# Steps run at shutdown to hand aborted requests' final saves to kvtier (one is enough: those steps
+# only gather saves; the bound keeps a misbehaving engine from holding the shutdown).
+MAX_DRAIN_STEPS = 3
 
 
 class RequestFailed(Exception):
@@ -106,8 +116,11 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_broken: Callable[[], None] | None = None):
+        """`on_broken` is called on the engine thread once the loop has stopped because the engine
+        is unusable (never on close())."""
         self.engine = engine
+        self._on_broken = on_broken
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         # Orders submit() against the thread's final drain: once `_accepting` is false under the lock,
         # no _Add can land in the inbox after the drain and wait forever.
@@ -169,6 +182,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         leftover: list[_Add | _Abort | _Stop] = []
+        broken = True  # unless the loop ends on _Stop
         try:
             while True:
                 commands = self._take_commands()
@@ -179,13 +193,16 @@ class EngineLoop:
                 for command in commands:
                     self._handle(command)
                 if stop is not None:
+                    broken = False
                     return
                 if self.engine.has_unfinished():
                     self._step()
         except Exception:
             logger.exception("engine loop stopped: the engine is unusable")
         finally:
-            self._shut_down(leftover)
+            self._shut_down(leftover, broken)
+            if broken and self._on_broken is not None:
+                self._on_broken()
 
     def _take_commands(self) -> list[_Add | _Abort | _Stop]:
         # Block only when the engine is idle; with work pending a step is due, so just drain.
@@ -215,22 +232,40 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except StepFailed as exc:
+            self._failed_steps += 1
+            logger.error("engine step failed (%d in a row); failing its %d requests", self._failed_steps,
+                         len(exc.request_ids), exc_info=exc.__cause__)
+            for request_id in exc.request_ids:
+                self._fail(request_id, RequestFailed("the engine failed while running the request", 500))
+            if self._failed_steps >= MAX_FAILED_STEPS:
+                raise _EngineBroken("the engine cannot recover from failed steps") from None
+            return
         except Exception:
             self._failed_steps += 1
             logger.exception("engine step failed (%d in a row); failing %d requests", self._failed_steps,
                              len(self._streams))
             self._fail_all(RequestFailed("the engine failed while running the request", 500))
-            if self.engine.has_unfinished() or self._failed_steps >= MAX_FAILED_STEPS:
+            if self.engine.has_requests() or self._failed_steps >= MAX_FAILED_STEPS:
                 raise _EngineBroken("the engine cannot recover from failed steps") from None
             return
         self._failed_steps = 0
         for output in outputs:
+            if output.finish_reason == "error":
+                self._fail(output.request_id, RequestFailed("the engine failed while running the request",
+                                                            500))
+                continue
             deliver = self._streams.get(output.request_id)
             if deliver is None:
                 continue
             deliver(output)
             if output.finished:
                 del self._streams[output.request_id]
+
+    def _fail(self, request_id: str, error: RequestFailed) -> None:
+        deliver = self._streams.pop(request_id, None)
+        if deliver is not None:
+            deliver(error)
 
     def _fail_all(self, error: RequestFailed) -> None:
         streams, self._streams = self._streams, {}
@@ -241,11 +276,13 @@ class EngineLoop:
                 logger.exception("abort failed for %s", request_id)
             deliver(error)
 
-    def _shut_down(self, leftover: list[_Add | _Abort | _Stop]) -> None:
+    def _shut_down(self, leftover: list[_Add | _Abort | _Stop], broken: bool) -> None:
         with self._lock:
             self._accepting = False
         gone = EngineUnavailable("the engine stopped")
         self._fail_all(gone)
+        if not broken:
+            self._hand_over_final_saves()
         while True:
             try:
                 leftover.append(self._inbox.get_nowait())
@@ -254,3 +291,14 @@ class EngineLoop:
         for command in leftover:
             if isinstance(command, _Add):
                 command.deliver(gone)
+
+    def _hand_over_final_saves(self) -> None:
+        for _ in range(MAX_DRAIN_STEPS):
+            if not self.engine.has_unfinished():
+                return
+            try:
+                self.engine.step()
+            except Exception:
+                logger.exception("a shutdown step failed; the aborted requests' last KV is not saved")
+                return
+        logger.warning("requests still hold KV blocks after %d shutdown steps", MAX_DRAIN_STEPS)

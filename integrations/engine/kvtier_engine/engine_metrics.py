@@ -1,7 +1,8 @@
 """The engine's own Prometheus metrics (requests, tokens, latency, the KV cache's use of kvtier).
 
 One `CollectorRegistry` per engine, like kvtier's: two engines in one process never mix numbers.
-Updated once per finished request and once per step, never per token.
+Counters move once per finished request and once per step, never per token; the gauges are set
+when scraped (`observe`).
 """
 
 from __future__ import annotations
@@ -51,8 +52,7 @@ class EngineMetrics:
         if m.e2e_s is not None:
             self.e2e.observe(m.e2e_s)
 
-    def step(self, running: int, waiting: int, free_blocks: int) -> None:
-        self.steps.inc()
+    def observe(self, running: int, waiting: int, free_blocks: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
         self.free_blocks.set(free_blocks)

@@ -7,7 +7,14 @@
 
 A step reads in one sitting: schedule -> run the model (loads, forward, saves) -> append tokens,
 detect stops, retire finished requests. Not thread-safe: one thread drives an engine (the server
-runs it on a thread of its own and talks to it through queues).
+runs it on a thread of its own and talks to it through queues); `prometheus_text` alone may be
+called from any thread.
+
+Failures, narrowest first. A request whose logits are not finite, or whose token cannot be decoded,
+finishes with `finish_reason` "error"; the rest of the batch goes on. A forward that raises fails
+every request of that step's batch: they finish with "error" and `step` raises `StepFailed` naming
+them; requests outside the batch go on. Anything else `step` raises leaves the engine's state
+unknown: the caller should abort everything (`has_requests` then says whether that worked).
 """
 
 from __future__ import annotations
@@ -65,6 +72,14 @@ class RequestOutput:
     metrics: RequestMetrics
     new_text: str = ""  # text since this request's previous output (streaming)
     new_token_ids: tuple[int, ...] = ()
+
+
+class StepFailed(RuntimeError):
+    """A step's forward pass failed; `request_ids` (its batch) have finished with "error"."""
+
+    def __init__(self, request_ids: list[str]):
+        super().__init__(f"the forward pass failed for a batch of {len(request_ids)} requests")
+        self.request_ids = request_ids
 
 
 class LLMEngine:
@@ -125,37 +140,61 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: str) -> None:
-        request = self._requests.pop(request_id, None)
-        if request is not None and not request.status.finished:
-            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-            self.metrics.finished(request)
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._retire(request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
+        """Whether `step` has work: requests to run, or finished ones whose final save is due."""
         return self.scheduler.has_work()
+
+    def has_requests(self) -> bool:
+        """Whether any request has not finished (a finished one waiting for its save does not count)."""
+        return bool(self._requests)
 
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)
+        try:
+            result = self.runner.execute(plan)
+        except Exception as exc:
+            failed = [s.request for s in plan.scheduled]
+            for request in failed:
+                self._retire(request, RequestStatus.FINISHED_ERROR)
+            raise StepFailed([r.request_id for r in failed]) from exc
         self.scheduler.update(plan, result.recomputed, result.finished_sending, result.loaded)
+        self.metrics.steps.inc()
         outputs = []
         for s in plan.scheduled:
             request = s.request
-            token = result.sampled.get(request.request_id)
-            if token is None:
+            if request.request_id in result.failed:
+                logger.error("request %s: its logits are not finite; failing it", request.request_id)
+                self._retire(request, RequestStatus.FINISHED_ERROR)
+                outputs.append(_output(request, ()))
                 continue
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = time.perf_counter()
-            status = append_token(request, token, self.tokenizer, self.max_model_len)
-            if status is not None:
-                self.scheduler.finish(request, status)
-                self.metrics.finished(request)
-                self._requests.pop(request.request_id, None)
-            outputs.append(_output(request, (token,)))
-        pool = self.scheduler.pool
-        self.metrics.step(len(self.scheduler.running), len(self.scheduler.waiting), pool.num_free)
+            token = result.sampled.get(request.request_id)
+            if token is not None:
+                outputs.append(self._append(request, token))
         return outputs
+
+    def _append(self, request: Request, token: int) -> RequestOutput:
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = time.perf_counter()
+        try:
+            status = append_token(request, token, self.tokenizer, self.max_model_len)
+        except Exception:  # e.g. a token the tokenizer cannot decode: this request's failure only
+            logger.exception("request %s: token %d could not be added; failing it", request.request_id, token)
+            status = RequestStatus.FINISHED_ERROR
+        if status is not None:
+            self._retire(request, status)
+        return _output(request, (token,))
+
+    def _retire(self, request: Request, status: RequestStatus) -> None:
+        if not request.status.finished:
+            self.scheduler.finish(request, status)
+            self.metrics.finished(request)
+        self._requests.pop(request.request_id, None)
 
     # -- kvtier and metrics --------------------------------------------------------------------
 
@@ -164,6 +203,10 @@ class LLMEngine:
         return self.connector.drain(timeout) if self.connector is not None else True
 
     def prometheus_text(self) -> str:
+        # Gauges are read at scrape time, not set by steps: right before the first step, and after
+        # an abort that left the engine idle (no step follows). Plain len() reads, safe from any thread.
+        scheduler = self.scheduler
+        self.metrics.observe(len(scheduler.running), len(scheduler.waiting), scheduler.pool.num_free)
         text = self.metrics.prometheus_text()
         return text + (self.kvtier.prometheus_text() if self.kvtier is not None else "")
 

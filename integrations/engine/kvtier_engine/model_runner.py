@@ -8,6 +8,11 @@ Where it runs: the worker (here the same process and thread as the scheduler). P
     forward, with wait_for_layer_load / save_kv_layer around every layer's attention
     sample the requests whose last token ran
     connector: wait_for_save, get_finished, clear metadata
+
+A request whose logits are not finite is reported in `failed` (its KV of this step is not saved);
+the others in the batch go on. If the step raises (the forward broke: nothing it computed is
+trusted), the connector still ends the step, in `finally`: none of the step's KV is saved, final
+saves go out, leases are released and no copy into the paged cache is left running.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class RunnerOutput:
     recomputed: dict[str, int] = field(default_factory=dict)  # tokens computed because a load fell short
     loaded: dict[str, int] = field(default_factory=dict)  # request id -> token its kvtier load reached
     finished_sending: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)  # requests whose logits could not be sampled
 
 
 class _ConnectorHooks:
@@ -60,28 +66,34 @@ class ModelRunner:
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         result = RunnerOutput()
-        worker = self.connector
-        loaded: dict[str, int] = {}
-        if worker is not None and out.connector_meta is not None:
-            worker.bind_connector_metadata(out.connector_meta)
+        worker = self.connector if out.connector_meta is not None else None
+        if worker is None:
+            if out.scheduled:
+                self._run(out, [s.num_computed for s in out.scheduled], result)
+            return result
+        worker.bind_connector_metadata(out.connector_meta)
+        ran = False
+        try:
             worker.start_load_kv()
             loaded = result.loaded = worker.get_loaded_tokens()
-        if out.scheduled:
-            starts = []
-            for s in out.scheduled:
-                reached = loaded.get(s.request.request_id, s.num_computed)
-                if reached < s.num_computed:
-                    result.recomputed[s.request.request_id] = s.num_computed - reached
-                starts.append(min(reached, s.num_computed))
-            result.sampled = self._run(out, starts)
-        if worker is not None:
-            worker.wait_for_save()
-            result.finished_sending, _ = worker.get_finished()
+            if out.scheduled:
+                starts = []
+                for s in out.scheduled:
+                    reached = loaded.get(s.request.request_id, s.num_computed)
+                    if reached < s.num_computed:
+                        result.recomputed[s.request.request_id] = s.num_computed - reached
+                    starts.append(min(reached, s.num_computed))
+                self._run(out, starts, result)
+            ran = True
+        finally:
+            worker.wait_for_save(result.failed if ran else {s.request.request_id for s in out.scheduled})
+            if ran:  # else the finished saves stay with the worker until the next step asks
+                result.finished_sending, _ = worker.get_finished()
             worker.clear_connector_metadata()
         return result
 
     @torch.inference_mode()
-    def _run(self, out: SchedulerOutput, starts: list[int]) -> dict[str, int]:
+    def _run(self, out: SchedulerOutput, starts: list[int], result: RunnerOutput) -> None:
         ends = [s.num_computed + s.num_new for s in out.scheduled]
         ids = [t for s, a, b in zip(out.scheduled, starts, ends) for t in s.request.token_ids[a:b]]
         meta = BatchMetadata.build([s.block_ids for s in out.scheduled], starts,
@@ -93,9 +105,13 @@ class ModelRunner:
         hidden = self.model.hidden_states(input_ids, meta.positions, backend)
         done = [i for i, s in enumerate(out.scheduled) if s.completes_sequence]
         if not done:
-            return {}
+            return
         rows = torch.tensor([meta.query_starts[i + 1] - 1 for i in done], device=self.device)
         logits = self.model.logits(hidden.index_select(0, rows)).cpu()
         requests = [out.scheduled[i].request for i in done]
         tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
-        return {r.request_id: int(t) for r, t in zip(requests, tokens)}
+        for request, token in zip(requests, tokens):
+            if token is None:
+                result.failed.add(request.request_id)
+            else:
+                result.sampled[request.request_id] = token

@@ -8,6 +8,8 @@ What is accepted (https://platform.openai.com/docs/api-reference/completions):
   prompts is rejected: one request per prompt, and the server batches concurrent requests anyway.
 - `max_tokens` (default 16), `temperature` (default 1), `top_p`, `seed`, `stop` (a string or a list),
   `stream`, `stream_options.include_usage`, `user` (ignored), and two extensions: `top_k`, `ignore_eos`.
+  Their ranges are `SamplingParams`' (`sampling.py`): finite numbers only, temperature 0 or within
+  [MIN_TEMPERATURE, MAX_TEMPERATURE], at most MAX_STOP_STRINGS stop strings of MAX_STOP_CHARS each.
 - OpenAI fields this engine does not implement (`n`, `logprobs`, `echo`, penalties, ...) are accepted
   only at their neutral value, so a client never silently gets something other than what it asked for.
   Any other key is rejected, as OpenAI does.
@@ -21,7 +23,7 @@ from typing import Any
 
 from kvtier_engine.llm_engine import RequestOutput
 from kvtier_engine.request import RequestMetrics
-from kvtier_engine.sampling import SamplingParams
+from kvtier_engine.sampling import InvalidSamplingParams, SamplingParams
 
 _FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                      "stream", "stream_options", "ignore_eos", "user"})
@@ -30,8 +32,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (), "suffix": ("",),
     "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
 }
-# torch.Generator.manual_seed's range.
-_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
 
 
 class InvalidRequest(ValueError):
@@ -83,25 +83,15 @@ def parse_completion_request(body: object) -> CompletionRequest:
 
 
 def sampling_params(body: dict[str, Any]) -> SamplingParams:
-    """The `SamplingParams` a completions body asks for (OpenAI's defaults where a field is absent)."""
-    temperature = _number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise InvalidRequest(f"'temperature' must be >= 0, got {temperature}", "temperature")
-    top_p = _number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise InvalidRequest(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    top_k = _int(body, "top_k", None)
-    if top_k is not None and top_k < 1:
-        raise InvalidRequest(f"'top_k' must be >= 1 (or null for no limit), got {top_k}", "top_k")
-    max_tokens = _int(body, "max_tokens", 16)
-    if max_tokens < 1:
-        raise InvalidRequest(f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
-    seed = _int(body, "seed", None)
-    if seed is not None and not _SEED_MIN <= seed <= _SEED_MAX:
-        raise InvalidRequest("'seed' must fit in 64 bits", "seed")
-    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens,
-                          seed=seed, stop=_stop(body.get("stop")),
-                          ignore_eos=_bool(body, "ignore_eos", False))
+    """The `SamplingParams` a completions body asks for (OpenAI's defaults where a field is absent).
+    Types are checked here; ranges (finite numbers, bounded stop strings) by `SamplingParams`."""
+    try:
+        return SamplingParams(temperature=_number(body, "temperature", 1.0), top_k=_int(body, "top_k", None),
+                              top_p=_number(body, "top_p", 1.0), max_tokens=_int(body, "max_tokens", 16),
+                              seed=_int(body, "seed", None), stop=_stop(body.get("stop")),
+                              ignore_eos=_bool(body, "ignore_eos", False))
+    except InvalidSamplingParams as exc:
+        raise InvalidRequest(str(exc), exc.param) from None
 
 
 # -- responses -----------------------------------------------------------------------------------

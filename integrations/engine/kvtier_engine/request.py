@@ -1,8 +1,11 @@
 """A request's life in the engine: its tokens, how far its KV is computed, and what it cost.
 
-    WAITING --admitted--> RUNNING --stop/length/abort--> FINISHED_*
+    WAITING --admitted--> RUNNING --stop/length/abort/error--> FINISHED_*
        ^                     |
        +----preempted--------+      (blocks freed; everything after the cached prefix recomputed)
+
+FINISHED_ERROR: the engine could not go on with the request (its step's forward failed, its logits
+were not finite, its token could not be decoded); its last step's KV is not trusted and not saved.
 
 `token_ids` is the prompt followed by the generated tokens. `num_computed_tokens` counts the leading
 tokens whose KV is in the paged cache, whether computed here, found in the device prefix cache or
@@ -26,6 +29,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or the model's context
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:

@@ -2,13 +2,39 @@
 
 `sample` takes one row of logits per sequence and returns one token per row. A request with a seed
 draws from its own generator, so its output does not depend on what else is in the batch.
+
+`SamplingParams` is the one place that decides which parameters are valid (the HTTP server maps its
+`InvalidSamplingParams` to a 400 naming the parameter). The sampler does not rely on it: any finite
+row of logits gives a token under any positive temperature, and a row that is not finite (a broken
+forward pass for that sequence) gives None, so the caller fails that request and not the batch.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+# Temperatures below this ask for greedy in all but name; 0 is greedy. OpenAI's own range ends at 2.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+# Stop strings are searched after every token of the request (and held back from streams), so
+# their number and length bound work done on the engine's thread for everyone in the batch.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # torch.Generator.manual_seed's range
+
+
+class InvalidSamplingParams(ValueError):
+    """A parameter out of its range; `param` names it (as the OpenAI field of the same name)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,16 +48,24 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        t = self.temperature
+        _check(_is_number(t) and (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE), "temperature",
+               f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t!r}")
+        _check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1), "top_k",
+               f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p",
+               f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _check(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX), "seed",
+               "seed must be an integer that fits in 64 bits, or None")
+        _check(isinstance(self.stop, tuple) and len(self.stop) <= MAX_STOP_STRINGS
+               and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+               f"stop must be at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+               "characters each")
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", "ignore_eos must be true or false")
 
     @property
     def greedy(self) -> bool:
@@ -39,8 +73,12 @@ class SamplingParams:
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities of one row after temperature, top-k and top-p (the rest set to zero)."""
-    logits = logits.float() / params.temperature
+    """Probabilities of one finite row after temperature, top-k and top-p (the rest set to zero)."""
+    logits = logits.float()
+    # Shift the best logit to 0 before dividing: every scaled value is then <= 0 (or -inf), so no
+    # temperature, however small, overflows exp, and the best token keeps a probability of 1 before
+    # normalising (the sum is >= 1, never 0 or inf).
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -54,16 +92,37 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of `logits` ([B, vocab]) under each row's params; returns [B] token ids."""
-    out = torch.empty(logits.shape[0], dtype=torch.long)
-    for i, (row, p, gen) in enumerate(zip(logits, params, generators, strict=True)):
-        if p.greedy:
-            out[i] = int(torch.argmax(row))
+           generators: list[torch.Generator | None]) -> list[int | None]:
+    """One token per row of `logits` ([B, vocab]) under each row's params. A row holding NaN or inf
+    gives None: that sequence's forward pass went wrong, and only its request should fail."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    out: list[int | None] = []
+    for row, p, gen, ok in zip(logits, params, generators, finite, strict=True):
+        if not ok:
+            out.append(None)
+        elif p.greedy:
+            out.append(int(torch.argmax(row)))
         else:
-            out[i] = int(torch.multinomial(filtered_probs(row, p), 1, generator=gen))
+            try:
+                out.append(int(torch.multinomial(filtered_probs(row, p), 1, generator=gen)))
+            except RuntimeError:  # not expected for a finite row; still only this request's failure
+                logger.exception("sampling failed for a row under %s", p)
+                out.append(None)
     return out
 
 
 def generator_for(params: SamplingParams, device: str | torch.device = "cpu") -> torch.Generator | None:
     return None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidSamplingParams(param, message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))

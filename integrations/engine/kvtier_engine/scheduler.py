@@ -183,13 +183,14 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         request.metrics.finished_time = time.perf_counter()
+        # A request that failed has no final save: the KV of its last step is not trusted.
+        computed = 0 if status is RequestStatus.FINISHED_ERROR else request.num_computed_tokens
         if not self.pool.holds(request.request_id):
             if self.connector is not None:
-                self.connector.request_finished(request, [], request.num_computed_tokens)
+                self.connector.request_finished(request, [], computed)
             return
         blocks = self.pool.block_table(request.request_id)
-        if self.connector is not None and self.connector.request_finished(request, blocks,
-                                                                            request.num_computed_tokens):
+        if self.connector is not None and self.connector.request_finished(request, blocks, computed):
             self.held[request.request_id] = request
         else:
             self.pool.free(request.request_id)

@@ -7,11 +7,18 @@
     GET  /metrics         Prometheus text: the engine's metrics, and kvtier's when it is on
 
 Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for a body that is not
-JSON or not a valid request (wire format in `openai_protocol.py`) or a prompt the model cannot take;
-404 for another model's name or an unknown path; 500 when the engine fails while running the request;
-503 when the engine loop has stopped. A streamed request that fails after its first chunk ends with
-an `data: {"error": ...}` event and `[DONE]` (the 200 has gone out by then). A stream waits for its
-first output before answering, so failures up to then get their real status.
+JSON or not a valid request (wire format and parameter ranges in `openai_protocol.py`) or a prompt
+the model cannot take; 404 for another model's name or an unknown path; 413 for a body over
+`max_body_bytes` (refused before it is read: `body_limit.py`); 500 when the engine fails while running
+the request (only the requests it failed for: `engine_loop.py`); 503 when the engine loop has
+stopped. A streamed request that fails after its first chunk ends with a `data: {"error": ...}`
+event and `[DONE]` (the 200 has gone out by then). A stream waits for its first output before
+answering, so failures up to then get their real status.
+
+Process life (`serve`): SIGINT or SIGTERM stops accepting connections, gives running requests
+GRACEFUL_SHUTDOWN_S, then closes the engine, which hands the remaining KV to kvtier and drains its
+queued writes; the process then exits 0. If the engine becomes unusable, /health answers 503, the
+server shuts down the same way and `serve` returns EXIT_ENGINE_FAILED, for a supervisor to restart.
 
 Where it runs: handlers run on uvicorn's event loop and never touch the engine; the EngineLoop's
 thread does. A client that disconnects, streaming or not, has its request aborted in the engine.
@@ -20,11 +27,14 @@ thread does. A client that disconnects, streaming or not, has its request aborte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +44,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from kvtier_engine.body_limit import BodyLimit
 from kvtier_engine.engine_loop import EngineLoop, RequestFailed, RequestStream
 from kvtier_engine.llm_engine import EngineOptions, LLMEngine, RequestOutput
 from kvtier_engine.openai_protocol import (
@@ -52,6 +63,10 @@ logger = logging.getLogger(__name__)
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # On SIGINT/SIGTERM, how long running requests get to finish before they are cancelled (and aborted).
 GRACEFUL_SHUTDOWN_S = 5.0
+# The largest request body accepted (413 beyond). A prompt of 128K token ids is under 1 MiB of JSON;
+# the rest is room for text prompts and escaped characters.
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+EXIT_ENGINE_FAILED = 1  # serve's return value when the engine became unusable
 T = TypeVar("T")
 
 
@@ -70,9 +85,11 @@ class _ClientGone(Exception):
     pass
 
 
-def build_app(engine_loop: EngineLoop, model: ServedModel) -> FastAPI:
+def build_app(engine_loop: EngineLoop, model: ServedModel,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The ASGI app. The caller owns `engine_loop`: it starts it before serving and closes it after."""
     app = FastAPI(title="kvtier_engine", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -123,21 +140,61 @@ def build_app(engine_loop: EngineLoop, model: ServedModel) -> FastAPI:
 
 
 def serve(options: EngineOptions, host: str = "127.0.0.1", port: int = 8000,
-          served_model_name: str | None = None, log_level: str = "info") -> None:
-    """Load the model, then serve until SIGINT/SIGTERM; the engine is closed (kvtier drained) on the way out.
+          served_model_name: str | None = None, log_level: str = "info",
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> int:
+    """Load the model, then serve until SIGINT/SIGTERM (returns 0) or until the engine becomes
+    unusable (returns EXIT_ENGINE_FAILED); either way the engine is closed and kvtier drained first.
 
-    Blocking; uvicorn installs its signal handlers, so call it from the main thread.
-    """
+    Blocking; it handles SIGINT and SIGTERM while serving, so call it from the main thread."""
     engine = LLMEngine(options)
-    engine_loop = EngineLoop(engine)
-    engine_loop.start()
+    model = ServedModel(served_model_name or options.model, engine.max_model_len, int(time.time()))
+    return run_server(engine, model, host, port, log_level, max_body_bytes)
+
+
+def run_server(engine: LLMEngine, model: ServedModel, host: str, port: int, log_level: str = "info",
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> int:
+    """`serve` for an engine already built (it is closed on the way out)."""
+    broken = threading.Event()
+
+    def on_broken() -> None:  # the engine thread, once the loop has stopped for good
+        broken.set()
+        server.should_exit = True  # uvicorn's main loop polls it; a graceful shutdown follows
+
+    engine_loop = EngineLoop(engine, on_broken)
+    config = uvicorn.Config(build_app(engine_loop, model, max_body_bytes), host=host, port=port,
+                            log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server = uvicorn.Server(config)
+    with _exit_on_signals(server):
+        engine_loop.start()
+        try:
+            server.run()
+        finally:
+            engine_loop.close()
+    if broken.is_set():
+        logger.error("the engine became unusable; exiting with status %d for a supervisor to restart it",
+                     EXIT_ENGINE_FAILED)
+        return EXIT_ENGINE_FAILED
+    return 0
+
+
+@contextlib.contextmanager
+def _exit_on_signals(server: uvicorn.Server) -> Iterator[None]:
+    """While uvicorn serves, SIGINT/SIGTERM start its graceful shutdown; once it is done it restores
+    the handlers it found and raises the signal again, which under Python's defaults kills the
+    process (-15, or KeyboardInterrupt) before the engine is closed and kvtier's queued writes land.
+    Under these handlers that signal, or one during the drain, only asks the server to exit (a
+    no-op by then), and so does one that comes before uvicorn has put its own handlers in."""
+
+    def stop(signum: int, _frame: object) -> None:
+        logger.info("%s: closing the engine and draining kvtier before exit", signal.Signals(signum).name)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        model = ServedModel(served_model_name or options.model, engine.max_model_len, int(time.time()))
-        config = uvicorn.Config(build_app(engine_loop, model), host=host, port=port, log_level=log_level,
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-        uvicorn.Server(config).run()
+        yield
     finally:
-        engine_loop.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # -- completions ---------------------------------------------------------------------------------
@@ -203,6 +260,8 @@ def _decode_json(raw: bytes) -> object:
         return json.loads(raw, parse_constant=reject_constant)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # arrays nested thousands deep: no request has them
+        raise InvalidRequest("the request body is nested too deeply") from None
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -231,7 +290,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
