@@ -34,6 +34,17 @@ def seeded_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(layout.chunk_shape(num_tokens), generator=g).to(layout.dtype)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory):
+    """A disk tier left at its default path (`$XDG_CACHE_HOME/kvtier`) lands in a folder of this test
+    session, never in the user's ~/.cache, and never shared with another run (processes the tests
+    start inherit it)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def layout() -> KVLayout:
     return small_layout()

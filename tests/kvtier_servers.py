@@ -5,31 +5,40 @@ the one line it prints on stdout (`kvtier_server listening on HOST:PORT`), so re
 never a fixed wait. Its log (stderr) goes to a file the tests can read. `kvtier_server` is one
 session-wide server that tests share by keeping to their own namespaces; `start_kvtier_server`
 starts servers with their own config (and port), stopped with SIGTERM at the test's end.
+`Client` is a raw protocol client (it says HELLO, then sends whatever frames a test wants);
+`start_failure` runs a server that is expected to refuse to start.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
 import yaml
 
 from kvtier.keys import ChunkKey
 from kvtier.record import encode_header
+from kvtier.server.decoder import FrameDecoder
+from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, Status, check_reply, encode
 
 START_DEADLINE_S = 60.0  # a start imports torch (kvtier's package import): ~2 s, more on a busy box
 STOP_DEADLINE_S = 20.0
 PREFIX = "kvtier_server listening on "
 # Small limits so that tests reach them quickly, large enough for a few 1 MiB records per frame.
 DEFAULTS = {"capacity": "64MiB", "max_frame_bytes": "16MiB", "stats_interval_s": 0.2}
+TIMEOUT_S = 10.0  # socket timeout of test clients: a reply that never comes fails the test
 
 
 def record(namespace: bytes, i: int, size: int = 4096) -> tuple[ChunkKey, bytes, bytes]:
@@ -137,3 +146,94 @@ def start_kvtier_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:
     for server in servers:
         if server.alive():
             server.stop()
+
+
+def start_failure(folder: Path, config: dict) -> subprocess.CompletedProcess:
+    """Run `kvtier_server` with `config` where it should refuse to start; its exit and output."""
+    path = folder / "bad-server.yaml"
+    path.write_text(yaml.safe_dump({**DEFAULTS, **config}))
+    cmd = [sys.executable, "-m", "kvtier.server", "--config", str(path), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = proc.stdout.readline()  # "" once it exits; the listening line if it started after all
+    if line:
+        proc.kill()
+    out, err = proc.communicate(timeout=START_DEADLINE_S)
+    return subprocess.CompletedProcess(cmd, proc.returncode, line + out, err)
+
+
+def raw_frame(fields: object, payload: bytes = b"") -> bytes:
+    """A frame from a hand-made header (to send what `encode` would never produce)."""
+    header = msgpack.packb(fields, use_bin_type=True)
+    return struct.pack("<I", len(header)) + header + payload
+
+
+def wire(frame: Frame, payloads=()) -> bytes:
+    return b"".join(bytes(b) for b in encode(frame, payloads))
+
+
+HELLO = wire(Frame(Op.HELLO, 0, version=PROTOCOL_VERSION))  # what a client without a token sends first
+
+
+class Client:
+    """A blocking protocol client for tests: `call(op, ...)` is one request and its reply. It says
+    HELLO (with `token`) first and expects OK, unless `hello=False`."""
+
+    def __init__(self, port: int, token: str | None = None, hello: bool = True):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
+        self.decoder = FrameDecoder(1 << 30, check=check_reply)
+        self.ids = itertools.count(1)
+        if hello:
+            welcome = self.hello(token)
+            assert welcome is not None and welcome.status is Status.OK, welcome
+
+    def hello(self, token: str | None = None) -> Frame | None:
+        self.send(Op.HELLO, token=token, version=PROTOCOL_VERSION)
+        return self.receive()
+
+    def send(self, op: Op, payloads=(), **fields) -> int:
+        rid = next(self.ids)
+        for buf in encode(Frame(op, rid, **fields), payloads):
+            self.sock.sendall(buf)
+        return rid
+
+    def receive(self) -> Frame | None:
+        """The next reply; None when the server closed the connection."""
+        while (frame := self.decoder.next_frame()) is None:
+            buf = self.decoder.get_buffer()
+            try:
+                n = self.sock.recv_into(buf)
+            except ConnectionResetError:
+                return None
+            if not n:
+                return None
+            self.decoder.advance(n)
+        return frame
+
+    def call(self, op: Op, payloads=(), **fields) -> Frame:
+        rid = self.send(op, payloads, **fields)
+        frame = self.receive()
+        assert frame is not None and frame.request_id == rid, frame
+        return frame
+
+    def put(self, records) -> list[int]:
+        keys, heads, payloads = zip(*records)
+        return self.call(Op.PUT, payloads, keys=list(keys), heads=list(heads)).flags
+
+    def stats(self) -> dict[str, int]:
+        return self.call(Op.STATS).stats
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Read (and drop) until the peer closes; True when it did before the socket's timeout."""
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True

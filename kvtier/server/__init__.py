@@ -1,7 +1,9 @@
 """kvtier_server: the cache server behind the `remote` tier (`kvtier.tiers.remote.RemoteTier`).
 
-`protocol` is the sans-IO frame codec both sides share, `store` the bounded record store, `app`
-the asyncio server; `python -m kvtier.server` (the `kvtier_server` script) runs one.
+`protocol` (frame format, encoder, validation) and `decoder` are the sans-IO codec both sides
+share, `store` the bounded record store, `app` the asyncio server, `connection` one client socket's
+handshake and I/O, `budget` the bound on bytes being received; `python -m kvtier.server` (the
+`kvtier_server` script) runs one.
 """
 
 from kvtier.server.app import KvtierServer, serve

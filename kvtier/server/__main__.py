@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(serve(config, ready))
+    except ConfigError as exc:  # found at start: a spill.path that is not a usable directory, ...
+        print(f"kvtier_server: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # the port is taken, the address is not ours, ...
         print(f"kvtier_server: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1

@@ -6,47 +6,55 @@ codec (`kvtier.server.protocol`) are called from that thread only. Lifecycle: `K
 (stops accepting, lets queued replies drain for a moment, closes connections and the store).
 `serve(config)` runs one until SIGTERM / SIGINT; `kvtier.server.__main__` is its command line.
 
+Every connection starts with a HELLO frame (`kvtier.server.connection` has the lifecycle): a wrong
+or missing token (when the server has one) gets UNAUTHORIZED and a close, another protocol version
+BAD_REQUEST and a close, and a HELLO beyond `max_connections` authenticated connections BUSY and a
+close. Connections still in handshake have their own small cap (`max_handshakes`; the oldest makes
+room for a new one once it has had HANDSHAKE_GRACE_S) and deadline (`handshake_timeout_s`), so peers
+without the token can neither hold the slots of authenticated clients nor hold memory: before the
+handshake a connection reads at most one HELLO's worth of bytes. Authenticated connections idle for
+`idle_timeout_s` are closed; payload bytes being received over all connections are bounded by
+`receive_bytes` (`kvtier.server.budget`: back-pressure, not failure). One periodic sweep (a few per
+timeout) enforces both deadlines; nothing is timed per request.
+
 Per connection, requests are pipelined: they are decoded and answered in order as bytes arrive,
 each reply carrying its request's id. A malformed frame gets a BAD_REQUEST reply (op PING, and the
 request id when it was readable, else 0) and decoding goes on; when the stream cannot be
-resynchronised the reply is followed by a close. A wrong or missing token (when the server has one)
-gets UNAUTHORIZED and a close; a connection beyond `max_connections` gets BUSY and a close. Nothing
-a client sends can stop the server: a handler that fails answers ERROR and is logged.
+resynchronised the reply is followed by a close. Error messages are short (MAX_ERROR_CHARS).
+Nothing a client sends can stop the server: a handler that fails answers ERROR and is logged, and
+a reply that cannot be encoded (over the header limit) answers BAD_REQUEST.
 
 Why connections drive their sockets from the loop's reader/writer callbacks rather than through an
 asyncio Transport: Python 3.11's selector transport joins `writelines` buffers and copies whatever
 the kernel did not take at once into its own bytearray, so a 32 MiB GET reply would be copied once
 or twice more on its way out. Here a reply is a list of views (frame header, then the stored record
 buffers) handed to `sendmsg` as they are; requests are received with `recv_into` straight into the
-decoder's buffers. Back-pressure: a connection with more than HIGH_WATER reply bytes queued stops
-decoding and reading until the client has taken half of them.
+decoder's buffers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import signal
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
 
 from kvtier.config import ServerConfig
 from kvtier.errors import ProtocolError
-from kvtier.server.protocol import Frame, FrameDecoder, Op, Status, check_request, encode, reply
-from kvtier.server.sockets import IOV_MAX, tune_socket
+from kvtier.server.budget import ReceiveBudget
+from kvtier.server.connection import Connection
+from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, Status, encode, reply, short
+from kvtier.server.sockets import tune_socket
 from kvtier.server.store import RecordStore
 
 logger = logging.getLogger(__name__)
 
-HIGH_WATER = 64 << 20  # queued reply bytes at which a connection stops reading
-READS_PER_WAKEUP = 16  # recv_into calls per readiness event before giving other connections a turn
 CLOSE_GRACE_S = 2.0  # how long close() lets queued replies drain
+HANDSHAKE_GRACE_S = 0.1  # at max_handshakes, how long the oldest handshake is kept before it makes room
 
 
 @dataclass(slots=True)
@@ -54,9 +62,13 @@ class ServerStats:
     requests: dict[str, int] = field(default_factory=lambda: {op.name.lower(): 0 for op in Op})
     bytes_in: int = 0
     bytes_out: int = 0
-    connections: int = 0  # open now
-    connections_total: int = 0
-    refused: int = 0  # connections turned away at max_connections
+    connections: int = 0  # authenticated, open now
+    handshakes: int = 0  # accepted, HELLO not yet answered, open now
+    connections_total: int = 0  # accepted
+    refused: int = 0  # HELLOs answered BUSY at max_connections
+    handshake_timeouts: int = 0  # closed without a HELLO within handshake_timeout_s
+    handshakes_dropped: int = 0  # closed in handshake to make room at max_handshakes
+    idle_timeouts: int = 0  # authenticated connections closed after idle_timeout_s
     bad_frames: int = 0
     unauthorized: int = 0
     errors: int = 0  # requests the server failed to serve
@@ -67,10 +79,17 @@ class KvtierServer:
         self.config = config
         self.store = store if store is not None else RecordStore(config.capacity, config.spill)
         self.stats = ServerStats()
+        self.budget = ReceiveBudget(config.receive_bytes)
         self._token = config.token.encode() if config.token is not None else None
         self._listener: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._connections: set[Connection] = set()
+        self._pending: dict[Connection, None] = {}  # in handshake, oldest first
+        self._active: set[Connection] = set()  # authenticated
+        # Deadlines are checked a few times per timeout: within 25% of it, at no cost per request.
+        self._sweep_s = min(1.0, max(0.01, min(config.handshake_timeout_s, config.idle_timeout_s) / 4))
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._accepting = False
+        self._resume_accept: asyncio.TimerHandle | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._logged = (0, 0, 0)
         self._handlers: dict[Op, Callable[[Frame], tuple[Frame, list]]] = {
@@ -90,23 +109,25 @@ class KvtierServer:
         self._listener = socket.create_server((self.config.host, self.config.port), family=family,
                                               backlog=1024)
         self._listener.setblocking(False)
-        self.loop.add_reader(self._listener.fileno(), self._accept)
+        self._set_accepting(True)
+        self._sweeper = self.loop.call_later(self._sweep_s, self._sweep)
         if self.config.stats_interval_s > 0:
             self._ticker = self.loop.call_later(self.config.stats_interval_s, self._log_traffic)
         return self.address
 
     async def close(self) -> None:
         if self._listener is not None:
-            self.loop.remove_reader(self._listener.fileno())
+            self._set_accepting(False)
             self._listener.close()
-        if self._ticker is not None:
-            self._ticker.cancel()
-        for conn in list(self._connections):
+        for timer in (self._ticker, self._sweeper, self._resume_accept):
+            if timer is not None:
+                timer.cancel()
+        for conn in [*self._pending, *self._active]:
             conn.close_after_flush()
         deadline = time.monotonic() + CLOSE_GRACE_S
-        while self._connections and time.monotonic() < deadline:
+        while self._active and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # polling a drain with a deadline, at shutdown only
-        for conn in list(self._connections):
+        for conn in list(self._active):
             conn.close()
         self.store.close()
 
@@ -114,6 +135,8 @@ class KvtierServer:
 
     def _accept(self) -> None:
         for _ in range(64):
+            if len(self._pending) >= self.config.max_handshakes and not self._drop_oldest_handshake():
+                return
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -121,33 +144,93 @@ class KvtierServer:
             except OSError as exc:  # EMFILE and friends: log, keep serving the others
                 logger.warning("accept failed: %s", exc)
                 return
-            if len(self._connections) >= self.config.max_connections:
-                self.stats.refused += 1
-                with contextlib.suppress(OSError):
-                    sock.setblocking(False)
-                    sock.send(encode(Frame(Op.PING, 0, status=Status.BUSY,
-                                           error=f"over {self.config.max_connections} connections"))[0])
-                sock.close()
-                continue
             sock.setblocking(False)
             tune_socket(sock)
-            self._connections.add(Connection(self, sock))
-            self.stats.connections = len(self._connections)
+            self._pending[Connection(self, sock, self.loop.time())] = None
             self.stats.connections_total += 1
+            self._count()
 
-    def forget(self, conn: Connection) -> None:
-        self._connections.discard(conn)
-        self.stats.connections = len(self._connections)
+    def _drop_oldest_handshake(self) -> bool:
+        """Make room for a new connection at max_handshakes by closing the oldest one in handshake,
+        once it has had HANDSHAKE_GRACE_S to say HELLO (a real client does so at once; a burst of
+        connections must not push out ones not yet read). Until then new connections wait in the
+        listen backlog: accepting pauses. So peers that open sockets and send nothing delay a real
+        client's handshake by about HANDSHAKE_GRACE_S, instead of locking it out."""
+        oldest = next(iter(self._pending))
+        wait = oldest.accepted_at + HANDSHAKE_GRACE_S - self.loop.time()
+        if wait > 0:
+            self._set_accepting(False)
+            self._resume_accept = self.loop.call_later(wait, self._set_accepting, True)
+            return False
+        self.stats.handshakes_dropped += 1
+        oldest.close()
+        return True
+
+    def _set_accepting(self, on: bool) -> None:
+        if on == self._accepting or self._listener is None or self._listener.fileno() < 0:
+            return
+        if on:
+            self.loop.add_reader(self._listener.fileno(), self._accept)
+        else:
+            self.loop.remove_reader(self._listener.fileno())
+        self._accepting = on
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self._pending):  # oldest first
+            if now - conn.accepted_at < self.config.handshake_timeout_s:
+                break
+            self.stats.handshake_timeouts += 1
+            conn.close()
+        for conn in [c for c in self._active if now - c.last_active >= self.config.idle_timeout_s]:
+            # Not idle after all: held by the receive budget (not the client's silence), or a
+            # request arrived that the loop has not read yet (closing now would fail it).
+            if not (conn.waiting or conn.has_input()):
+                self.stats.idle_timeouts += 1
+                conn.close()
+        self._sweeper = self.loop.call_later(self._sweep_s, self._sweep)
+
+    def forget(self, conn: Connection, reserved: int) -> None:
+        """`conn` closed; `reserved`: its receive-budget bytes, now free."""
+        self._pending.pop(conn, None)
+        self._active.discard(conn)
+        self.budget.cancel(conn)
+        if reserved:
+            self.budget.release(reserved)
+        self._count()
+
+    def _count(self) -> None:
+        self.stats.connections, self.stats.handshakes = len(self._active), len(self._pending)
 
     # -- requests ------------------------------------------------------------------------------
 
-    def handle(self, frame: Frame) -> tuple[list, bool]:
-        """The reply to one decoded request, as buffers; and whether to close after sending it."""
+    def hello(self, conn: Connection, frame: Frame) -> tuple[list, bool]:
+        """The answer to a connection's HELLO, as buffers; and whether to close after sending it."""
+        self.stats.requests["hello"] += 1
+        if conn.authenticated:
+            return encode(reply(frame, Status.BAD_REQUEST, error="already authenticated")), False
+        if frame.version != PROTOCOL_VERSION:
+            self.stats.bad_frames += 1
+            error = f"protocol version {frame.version} is not supported (this server: {PROTOCOL_VERSION})"
+            return encode(reply(frame, Status.BAD_REQUEST, error=error)), True
         if self._token is not None and not (
                 frame.token is not None and hmac.compare_digest(frame.token.encode(), self._token)):
             self.stats.unauthorized += 1
             missing = "missing" if frame.token is None else "wrong"
             return encode(reply(frame, Status.UNAUTHORIZED, error=f"{missing} token")), True
+        if len(self._active) >= self.config.max_connections:
+            self.stats.refused += 1
+            error = f"over {self.config.max_connections} connections"
+            return encode(reply(frame, Status.BUSY, error=error)), True
+        del self._pending[conn]
+        self._active.add(conn)
+        self._count()
+        conn.authenticate(self.config.max_frame_bytes)
+        return encode(reply(frame, version=PROTOCOL_VERSION)), False
+
+    def handle(self, frame: Frame) -> tuple[list, bool]:
+        """The reply to one decoded request of an authenticated connection, as buffers; and
+        whether to close after sending it."""
         self.stats.requests[frame.op.name.lower()] += 1
         try:
             answer, payloads = self._handlers[frame.op](frame)
@@ -155,11 +238,15 @@ class KvtierServer:
             logger.exception("%s request %d failed", frame.op.name, frame.request_id)
             self.stats.errors += 1
             answer, payloads = reply(frame, Status.ERROR, error=f"{type(exc).__name__}: {exc}"), []
-        return encode(answer, payloads), False
+        try:
+            return encode(answer, payloads), False
+        except ProtocolError as exc:  # a reply over the header limit: say so, keep the connection
+            self.stats.bad_frames += 1
+            return encode(reply(frame, Status.BAD_REQUEST, error=f"cannot answer: {exc}")), False
 
     def bad_frame(self, exc: ProtocolError) -> list:
         self.stats.bad_frames += 1
-        return encode(Frame(Op.PING, exc.request_id or 0, status=Status.BAD_REQUEST, error=str(exc)))
+        return encode(Frame(Op.PING, exc.request_id or 0, status=Status.BAD_REQUEST, error=short(str(exc))))
 
     def _put(self, f: Frame) -> tuple[Frame, list]:
         put = self.store.put
@@ -191,10 +278,14 @@ class KvtierServer:
         spill = store.spill
         return {**{f"requests_{op}": n for op, n in s.requests.items()},
                 "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "connections": s.connections,
-                "connections_total": s.connections_total, "refused": s.refused, "bad_frames": s.bad_frames,
+                "handshakes": s.handshakes, "connections_total": s.connections_total, "refused": s.refused,
+                "handshake_timeouts": s.handshake_timeouts, "handshakes_dropped": s.handshakes_dropped,
+                "idle_timeouts": s.idle_timeouts, "receiving_bytes": self.budget.used,
+                "receive_waits": self.budget.waits, "bad_frames": s.bad_frames,
                 "unauthorized": s.unauthorized, "errors": s.errors, "hits": c.hits, "misses": c.misses,
                 "evictions": c.evictions, "spills": c.spills, "spill_hits": c.spill_hits,
-                "dropped": c.dropped, "invalid": c.invalid, "records": store.records, "bytes": store.bytes,
+                "dropped": c.dropped, "invalid": c.invalid, "spill_errors": c.spill_errors,
+                "records": store.records, "bytes": store.bytes,
                 "capacity": store.capacity, "spill_records": spill.records if spill else 0,
                 "spill_bytes": spill.bytes if spill else 0, "spill_capacity": spill.capacity if spill else 0}
 
@@ -209,133 +300,6 @@ class KvtierServer:
                         self.store.bytes / 2**20, self.store.capacity / 2**20, s.connections,
                         self.store.counters.evictions, self.store.counters.spills, s.bad_frames, s.errors)
         self._ticker = self.loop.call_later(self.config.stats_interval_s, self._log_traffic)
-
-
-class Connection:
-    """One client socket: receive into the decoder, answer each frame, send replies as views."""
-
-    def __init__(self, server: KvtierServer, sock: socket.socket):
-        self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.decoder = FrameDecoder(server.config.max_frame_bytes, check=check_request)
-        self._loop = server.loop
-        self._out: deque[memoryview] = deque()
-        self._queued = 0  # reply bytes not yet sent
-        self._reading = self._writing = self._closing = self._closed = self._answering = False
-        self._set_reading(True)
-
-    def _on_readable(self) -> None:
-        try:
-            for _ in range(READS_PER_WAKEUP):
-                buf = self.decoder.get_buffer()
-                try:
-                    n = self.sock.recv_into(buf)
-                except (BlockingIOError, InterruptedError):
-                    return
-                if n == 0:  # the client closed its side
-                    self.close()
-                    return
-                self.server.stats.bytes_in += n
-                self.decoder.advance(n)
-                self._answer()
-                if not self._reading or n < len(buf):
-                    return
-        except OSError as exc:
-            logger.debug("connection %d: %s", self.fd, exc)
-            self.close()
-        except Exception:
-            logger.exception("connection %d failed; closing it", self.fd)
-            self.server.stats.errors += 1
-            self.close()
-
-    def _answer(self) -> None:
-        """Answer the decoded frames, in order, until the reply queue is over HIGH_WATER."""
-        self._answering = True  # (sending a reply must not re-enter here through _flush)
-        while not self._closing and self._queued <= HIGH_WATER:
-            try:
-                frame = self.decoder.next_frame()
-            except ProtocolError as exc:
-                self._send(self.server.bad_frame(exc))
-                if exc.fatal:
-                    self.close_after_flush()
-                continue
-            if frame is None:
-                break
-            buffers, close = self.server.handle(frame)
-            self._send(buffers)
-            if close:
-                self.close_after_flush()
-        self._answering = False
-        self._set_reading(not self._closing and self._queued <= HIGH_WATER)
-
-    def _send(self, buffers: list) -> None:
-        for b in buffers:
-            view = memoryview(b).cast("B")
-            self._out.append(view)
-            self._queued += view.nbytes
-        if not self._writing:
-            self._flush()
-
-    def _flush(self) -> None:
-        try:
-            while self._out:
-                n = self.sock.sendmsg(list(islice(self._out, IOV_MAX)))
-                self._queued -= n
-                self.server.stats.bytes_out += n
-                while n:
-                    first = self._out[0]
-                    if n >= first.nbytes:
-                        n -= first.nbytes
-                        self._out.popleft()
-                    else:
-                        self._out[0], n = first[n:], 0
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
-            logger.debug("connection %d: %s", self.fd, exc)
-            self.close()
-            return
-        self._set_writing(bool(self._out))
-        if self._closing:
-            if not self._out:
-                self.close()
-        elif not self._reading and not self._answering and self._queued <= HIGH_WATER // 2:
-            self._answer()  # frames decoded before the pause, then reading again
-
-    def _set_reading(self, on: bool) -> None:
-        if on == self._reading or self._closed:
-            return
-        if on:
-            self._loop.add_reader(self.fd, self._on_readable)
-        else:
-            self._loop.remove_reader(self.fd)
-        self._reading = on
-
-    def _set_writing(self, on: bool) -> None:
-        if on == self._writing or self._closed:
-            return
-        if on:
-            self._loop.add_writer(self.fd, self._flush)
-        else:
-            self._loop.remove_writer(self.fd)
-        self._writing = on
-
-    def close_after_flush(self) -> None:
-        self._closing = True
-        self._set_reading(False)
-        if not self._out:
-            self.close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._set_reading(False)
-        self._set_writing(False)
-        self._closed = self._closing = True  # (_answer stops at once)
-        self._out.clear()
-        self.sock.close()
-        self.server.forget(self)
 
 
 async def serve(config: ServerConfig, ready: Callable[[tuple[str, int]], None] | None = None) -> None:

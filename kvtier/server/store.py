@@ -10,9 +10,16 @@ client and namespace share one store (a key carries its namespace) and one byte 
     get:    memory first (marks the record recently used), then the spill: a spill hit moves the
             record back into memory (promotion), evicting others as a put would.
 
-A record is its 68-byte header plus its payload buffer, kept as received (no copy). The buffers are
-never written after the put, so a reply still sending a record that was evicted meanwhile sends
-valid bytes; the memory goes when the last view of it does.
+A record is its 68-byte header plus its payload buffer, kept as received (no copy). It costs the
+byte bound its head, its payload and RECORD_OVERHEAD for the Python objects that hold it, so a store
+of tiny records stays within its capacity in real memory too. The buffers are never written after
+the put, so a reply still sending a record that was evicted meanwhile sends valid bytes; the memory
+goes when the last view of it does.
+
+Spill failures are per key: a record the spill cannot write is dropped, one it cannot read is a
+miss (and forgotten); neither fails the request around it. `Spill` checks its directory at start
+(ConfigError: not a directory, cannot be created, not writable), so a bad `spill.path` stops the
+server at once instead of failing every eviction later.
 
 Spill I/O is synchronous on the loop thread: a spill or a spill hit delays the server's other
 connections by one disk write or read. Acceptable for an optional overflow on local NVMe; a writer
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +38,7 @@ from pathlib import Path
 import torch
 
 from kvtier.config import SpillConfig
-from kvtier.errors import CorruptRecord
+from kvtier.errors import ConfigError, CorruptRecord, KvtierError
 from kvtier.keys import NAMESPACE_BYTES, ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.policy import LRUPolicy
@@ -42,6 +50,11 @@ from kvtier.tiers.disk import BLOCK, SUFFIX, DiskTier
 logger = logging.getLogger(__name__)
 
 _NAMESPACE_DIR = re.compile(f"[0-9a-f]{{{2 * NAMESPACE_BYTES}}}")
+# What one record costs in Python objects besides its head and payload bytes: the key (bytes), the
+# head (bytes), the payload's bytearray and memoryview, the Record, its dict entry and its LRU entry.
+# tracemalloc measures ~610 bytes (tests/server/test_store.py checks this covers it); 768 leaves
+# room for allocator rounding. Without it, 0-16 byte records grew RSS to ~15x the capacity.
+RECORD_OVERHEAD = 768
 
 
 def _uint8(buf) -> torch.Tensor:
@@ -58,6 +71,11 @@ class Record:
     def nbytes(self) -> int:
         return len(self.head) + self.payload.nbytes
 
+    @property
+    def cost(self) -> int:
+        """What the record counts against the store's capacity."""
+        return self.nbytes + RECORD_OVERHEAD
+
 
 @dataclass(slots=True)
 class StoreCounters:
@@ -68,6 +86,7 @@ class StoreCounters:
     spill_hits: int = 0  # gets served from the spill (and promoted)
     dropped: int = 0  # evicted records the spill could not take (none configured, or it failed)
     invalid: int = 0  # puts rejected by record validation
+    spill_errors: int = 0  # spill reads, writes or removals that failed (each one key's miss or drop)
 
 
 class RecordStore:
@@ -79,7 +98,7 @@ class RecordStore:
         self._records: dict[bytes, Record] = {}
         self._lru = LRUPolicy()
         self._used = 0
-        self.spill = Spill(spill) if spill is not None else None
+        self.spill = Spill(spill, self.counters) if spill is not None else None
 
     @property
     def records(self) -> int:
@@ -98,7 +117,7 @@ class RecordStore:
             logger.debug("rejected record %s: %s", key.hex(), exc)
             return PutResult.INVALID
         record = Record(bytes(head), payload)
-        if record.nbytes > self.capacity:
+        if record.cost > self.capacity:
             return PutResult.TOO_LARGE
         self.delete([key])
         self._insert(key, record)
@@ -116,7 +135,7 @@ class RecordStore:
             return None
         self.counters.hits += 1
         self.counters.spill_hits += 1
-        if record.nbytes <= self.capacity:  # (a spill adopted from a server with more memory)
+        if record.cost <= self.capacity:  # (a spill adopted from a server with more memory)
             self.spill.remove([key])
             self._insert(key, record)
         return record
@@ -132,7 +151,7 @@ class RecordStore:
             record = self._records.pop(key, None)
             if record is not None:
                 self._lru.remove(key)
-                self._used -= record.nbytes
+                self._used -= record.cost
                 removed += 1
         if self.spill is not None:
             removed += self.spill.remove(keys)
@@ -146,17 +165,17 @@ class RecordStore:
 
     def _insert(self, key: bytes, record: Record) -> None:
         # Oldest first; every record fits alone (checked by the callers), so this ends.
-        while self._used + record.nbytes > self.capacity:
+        while self._used + record.cost > self.capacity:
             victim = next(self._lru.victims(lambda _: True))
             self._evict(victim)
         self._records[key] = record
         self._lru.insert(key)
-        self._used += record.nbytes
+        self._used += record.cost
 
     def _evict(self, key: bytes) -> None:
         record = self._records.pop(key)
         self._lru.remove(key)
-        self._used -= record.nbytes
+        self._used -= record.cost
         self.counters.evictions += 1
         if self.spill is not None and self.spill.put(key, record):
             self.counters.spills += 1
@@ -172,10 +191,13 @@ class Spill:
     """Evicted records on disk: one `DiskTier` per namespace under one root directory, with one
     byte bound and one LRU order over all of them (each DiskTier alone would bound only its own
     namespace). Records a previous server left in the directory are adopted at start, oldest
-    first, and served like any other."""
+    first, and served like any other. A key whose file cannot be read, written or removed is that
+    key's miss or drop, counted in `counters.spill_errors`; the rest of a batch goes on."""
 
-    def __init__(self, config: SpillConfig):
+    def __init__(self, config: SpillConfig, counters: StoreCounters | None = None):
         self.root = Path(config.path)
+        self.counters = counters if counters is not None else StoreCounters()
+        _check_directory(self.root)
         self.capacity = config.capacity
         self.o_direct = config.o_direct
         self.metrics = Metrics(["disk"])  # the DiskTiers' own counters (corrupt, errors, bytes)
@@ -208,15 +230,10 @@ class Spill:
             if not (folder.is_dir() and _NAMESPACE_DIR.fullmatch(folder.name)):
                 continue
             namespace = bytes.fromhex(folder.name)
-            tier = self._tier(namespace)  # rebuilds its index from the folder
-            for file in folder.glob(f"*/*{SUFFIX}"):
-                try:
-                    key = ChunkKey(namespace, bytes.fromhex(file.name.removesuffix(SUFFIX)))
-                except ValueError:
-                    continue
-                if tier.has([key])[0]:
-                    st = file.stat()
-                    found.append((st.st_mtime_ns, key, st.st_size))
+            try:
+                found += self._adopt_namespace(namespace, folder)
+            except (OSError, KvtierError) as exc:  # one bad folder costs its records, not the server
+                logger.warning("spill %s: skipping %s: %s", self.root, folder.name, exc)
         for _, key, size in sorted(found):
             self._sizes[key] = size
             self._lru.insert(key)
@@ -224,6 +241,19 @@ class Spill:
         self._make_room(0)
         if found:
             logger.info("spill %s: adopted %d records, %d bytes", self.root, len(found), self._used)
+
+    def _adopt_namespace(self, namespace: bytes, folder: Path) -> list[tuple[int, ChunkKey, int]]:
+        tier = self._tier(namespace)  # rebuilds its index from the folder
+        found = []
+        for file in folder.glob(f"*/*{SUFFIX}"):
+            try:
+                key = ChunkKey(namespace, bytes.fromhex(file.name.removesuffix(SUFFIX)))
+                if tier.has([key])[0]:
+                    st = file.stat()
+                    found.append((st.st_mtime_ns, key, st.st_size))
+            except (ValueError, OSError):  # not a record name; gone or unreadable meanwhile
+                continue
+        return found
 
     def _make_room(self, size: int) -> None:
         while self._sizes and self._used + size > self.capacity:
@@ -237,7 +267,11 @@ class Spill:
         self.remove([key])
         self._make_room(size)
         ck = ChunkKey.from_bytes(key)
-        if not self._tier(ck.namespace).put([PutItem(ck, record.head, _uint8(record.payload))])[0]:
+        try:
+            if not self._tier(ck.namespace).put([PutItem(ck, record.head, _uint8(record.payload))])[0]:
+                return False
+        except (OSError, KvtierError) as exc:
+            self._failed("write", key, exc)
             return False
         self._sizes[key] = size
         self._lru.insert(key)
@@ -251,7 +285,11 @@ class Spill:
             return None
         ck = ChunkKey.from_bytes(key)
         buf = bytearray(size - BLOCK)  # the padded payload, as the disk tier reads it
-        header = self._tier(ck.namespace).get([ck], [_uint8(buf)])[0]  # verified there
+        try:
+            header = self._tier(ck.namespace).get([ck], [_uint8(buf)])[0]  # verified there
+        except (OSError, KvtierError) as exc:
+            self._failed("read", key, exc)
+            header = None
         if header is None:
             self.remove([key])
             return None
@@ -274,9 +312,16 @@ class Spill:
             self._lru.remove(key)
             self._used -= size
             ck = ChunkKey.from_bytes(key)
-            self._tier(ck.namespace).remove([ck])
+            try:
+                self._tier(ck.namespace).remove([ck])
+            except (OSError, KvtierError) as exc:  # forgotten here all the same: never served again
+                self._failed("remove", key, exc)
             removed += 1
         return removed
+
+    def _failed(self, what: str, key: bytes, exc: Exception) -> None:
+        self.counters.spill_errors += 1
+        logger.warning("spill %s: cannot %s %s: %s", self.root, what, key.hex(), exc)
 
     def clear(self, namespaces: set[bytes]) -> int:
         return self.remove([k for k in self._sizes if k[:NAMESPACE_BYTES] in namespaces])
@@ -284,3 +329,16 @@ class Spill:
     def close(self) -> None:
         for tier in self._tiers.values():
             tier.close()
+
+
+def _check_directory(root: Path) -> None:
+    """`root` exists (created if need be) and takes new files; ConfigError naming it otherwise."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"spill.path {str(root)!r} exists and is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"spill.path {str(root)!r} is not a usable directory: "
+                          f"{exc.strerror or exc}") from None

@@ -2,6 +2,8 @@
 
 Where it runs: on the StorageManager's I/O threads, and `has` on the lookup path. Thread-safe: a
 small pool of blocking sockets (`connections`, opened on demand), each used by one call at a time.
+A new connection first sends HELLO (protocol version and token) and waits for its answer; a pooled
+connection the server has closed meanwhile (its idle timeout) is noticed before use and replaced.
 A call splits its batch into frames of at most BATCH_BYTES of payload, sends them all, then reads
 the replies in order (pipelined: one round trip of latency per call, not per frame).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -35,14 +38,15 @@ from kvtier.errors import ConfigError, CorruptRecord, KvtierError, ProtocolError
 from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.record import RecordHeader, tensor_bytes, verify
+from kvtier.server.decoder import FrameDecoder, default_alloc
 from kvtier.server.protocol import (
+    MAX_KEYS,
+    PROTOCOL_VERSION,
     Frame,
-    FrameDecoder,
     Op,
     PutResult,
     Status,
     check_reply,
-    default_alloc,
     encode,
 )
 from kvtier.server.sockets import IOV_MAX, tune_socket
@@ -51,8 +55,7 @@ from kvtier.tiers.base import PutItem, TierUsage
 
 logger = logging.getLogger(__name__)
 
-BATCH_BYTES = 64 << 20  # payload bytes per frame (a larger record goes alone)
-MAX_KEYS = 50_000  # keys per frame, well inside the protocol's header limit
+BATCH_BYTES = 64 << 20  # payload bytes per frame (a larger record goes alone); keys: MAX_KEYS
 MAX_REPLY_BYTES = 1 << 34  # the decoder's bound; GET payloads land in our own slabs anyway
 
 Sink = Callable[[int, int], memoryview]
@@ -86,11 +89,30 @@ def _batches(sizes: Sequence[int]) -> list[list[int]]:
 class _Connection:
     """One blocking socket to the server, with its frame decoder."""
 
-    def __init__(self, host: str, port: int, timeout: float):
+    def __init__(self, host: str, port: int, timeout: float, token: str | None):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         tune_socket(self.sock)
         self.sinks: dict[int, Sink] = {}  # request id -> where its reply's payloads go
         self.decoder = FrameDecoder(MAX_REPLY_BYTES, check=check_reply, alloc=self._alloc)
+        try:
+            self._hello(token)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _hello(self, token: str | None) -> None:
+        self.send(encode(Frame(Op.HELLO, 0, token=token, version=PROTOCOL_VERSION)))
+        answer = self.receive()
+        if answer.op is not Op.HELLO or answer.request_id != 0:
+            raise ProtocolError(f"expected the HELLO reply, got {answer.op.name} #{answer.request_id}")
+        if answer.status != Status.OK:
+            raise TierUnavailable(f"server refused the connection: {answer.status.name}: {answer.error}")
+
+    def dropped(self) -> bool:
+        """True when the server has closed this idle connection (or sent what nobody asked for)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _alloc(self, frame: Frame, index: int, size: int) -> memoryview:
         sink = self.sinks.get(frame.request_id)
@@ -133,6 +155,9 @@ class _Pool:
         with self._slots:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
+            if conn is not None and conn.dropped():
+                conn.close()
+                conn = None
             conn = conn or self._connect()
             try:
                 yield conn
@@ -182,12 +207,13 @@ class RemoteTier:
         self.host, self.port = parse_url(config.url)
         self._metrics = metrics
         self._backoff = Backoff(config.retry_after_s, config.retry_max_s)
-        self._pool = _Pool(lambda: _Connection(self.host, self.port, config.timeout_s), config.connections)
+        self._pool = _Pool(lambda: _Connection(self.host, self.port, config.timeout_s, config.token),
+                           config.connections)
         self._ids = itertools.count(1)
         self._usage = TierUsage(0, 0, 0)
 
     def _frame(self, op: Op, **fields) -> Frame:
-        return Frame(op, next(self._ids), token=self.config.token, **fields)
+        return Frame(op, next(self._ids), **fields)
 
     def _call(self, requests: list[tuple[Frame, list, Sink | None]]) -> list[Frame] | None:
         """Send `(frame, payloads, sink)` requests pipelined on one connection and return their

@@ -9,7 +9,6 @@ deadline; nothing sleeps for synchronisation.
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import select
@@ -18,64 +17,30 @@ import struct
 import threading
 import time
 
-import msgpack
 import pytest
 import torch
-from kvtier_servers import DEFAULTS, ServerProcess, record
+from kvtier_servers import DEFAULTS, HELLO, TIMEOUT_S, Client, ServerProcess, raw_frame, record, start_failure
 
-from kvtier.config import RemoteConfig
+from kvtier.config import RemoteConfig, ServerConfig
+from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
-from kvtier.server.protocol import Frame, FrameDecoder, Op, PutResult, Status, check_reply, encode
+from kvtier.record import encode_header
+from kvtier.server.app import KvtierServer
+from kvtier.server.decoder import FrameDecoder
+from kvtier.server.protocol import (
+    MAX_ERROR_CHARS,
+    MAX_FIELDS,
+    Frame,
+    Op,
+    PutResult,
+    Status,
+    check_reply,
+    encode,
+)
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.remote import RemoteTier
 
-TIMEOUT_S = 10.0
 DEADLINE_S = 20.0
-
-
-class Client:
-    """A blocking protocol client for tests: `call(op, ...)` is one request and its reply."""
-
-    def __init__(self, port: int, token: str | None = None):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
-        self.decoder = FrameDecoder(1 << 30, check=check_reply)
-        self.ids = itertools.count(1)
-        self.token = token
-
-    def send(self, op: Op, payloads=(), **fields) -> int:
-        rid = next(self.ids)
-        for buf in encode(Frame(op, rid, token=self.token, **fields), payloads):
-            self.sock.sendall(buf)
-        return rid
-
-    def receive(self) -> Frame | None:
-        """The next reply; None when the server closed the connection."""
-        while (frame := self.decoder.next_frame()) is None:
-            buf = self.decoder.get_buffer()
-            try:
-                n = self.sock.recv_into(buf)
-            except ConnectionResetError:
-                return None
-            if not n:
-                return None
-            self.decoder.advance(n)
-        return frame
-
-    def call(self, op: Op, payloads=(), **fields) -> Frame:
-        rid = self.send(op, payloads, **fields)
-        frame = self.receive()
-        assert frame is not None and frame.request_id == rid, frame
-        return frame
-
-    def put(self, records) -> list[int]:
-        keys, heads, payloads = zip(*records)
-        return self.call(Op.PUT, payloads, keys=list(keys), heads=list(heads)).flags
-
-    def stats(self) -> dict[str, int]:
-        return self.call(Op.STATS).stats
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -113,6 +78,7 @@ def test_every_op_against_a_real_server(client, ns):
     assert client.call(Op.CLEAR, namespaces=[ns]).count == 2
     assert client.call(Op.GET, keys=[r[0] for r in recs]).heads == [None] * 3
     stats = client.stats()
+    assert len(stats) <= MAX_FIELDS  # (a client refuses a bigger map)
     assert {"requests_get", "bytes_in", "bytes_out", "hits", "misses", "evictions", "spills", "records",
             "bytes", "capacity", "connections", "errors", "bad_frames"} <= set(stats)
 
@@ -184,11 +150,6 @@ def test_traffic_is_logged_once_per_interval(kvtier_server, client):
 # -- bad input -----------------------------------------------------------------------------------
 
 
-def raw_frame(fields: dict, payload: bytes = b"") -> bytes:
-    header = msgpack.packb(fields, use_bin_type=True)
-    return struct.pack("<I", len(header)) + header + payload
-
-
 def test_malformed_frame_gets_an_error_reply_and_the_connection_goes_on(client):
     client.sock.sendall(raw_frame({"op": 42, "id": 77, "lens": [5]}, b"12345"))
     bad = client.receive()
@@ -220,8 +181,8 @@ def guarded_server(tmp_path_factory):
 
 @pytest.mark.parametrize("token", [None, "wrong", "s3cret-but-longer", ""])
 def test_a_missing_or_wrong_token_gets_unauthorized_and_a_close(guarded_server, token):
-    c = Client(guarded_server.port, token=token)
-    reply = c.call(Op.PING)
+    c = Client(guarded_server.port, hello=False)
+    reply = c.hello(token)
 
     assert reply.status is Status.UNAUTHORIZED and "token" in reply.error
     assert c.receive() is None
@@ -240,19 +201,18 @@ def test_connections_beyond_the_limit_get_busy_and_a_close(guarded_server):
     for c in held:
         assert c.call(Op.PING).status is Status.OK  # accepted and counted
 
-    extra = Client(guarded_server.port, token="s3cret")
-    busy = extra.receive()
+    extra = Client(guarded_server.port, hello=False)
+    busy = extra.hello("s3cret")
     assert busy.status is Status.BUSY and extra.receive() is None
     extra.close()
 
     held.pop().close()  # a slot frees once the server sees the close
     deadline = time.monotonic() + DEADLINE_S
     while True:
-        c = Client(guarded_server.port, token="s3cret")
-        rid = c.send(Op.PING)
-        reply = c.receive()
+        c = Client(guarded_server.port, hello=False)
+        reply = c.hello("s3cret")
         c.close()
-        if reply is not None and reply.request_id == rid and reply.status is Status.OK:
+        if reply is not None and reply.status is Status.OK:
             break
         assert time.monotonic() < deadline, "the freed slot was never reused"
     for c in held:
@@ -322,6 +282,7 @@ def fuzz_connection(port: int, seed: int, ns: bytes, sent: list[int]) -> None:
     for data, hang_up in fuzz_frames(random.Random(seed), FUZZ_FRAMES // FUZZ_CONNECTIONS, ns):
         if sock is None:
             sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
+            data = HELLO + data
         try:
             sock.sendall(data)
             while select.select([sock], [], [], 0)[0]:
@@ -408,4 +369,79 @@ def test_server_spills_what_it_evicts_and_serves_it_back(start_kvtier_server, tm
     stats = c.stats()
     assert stats["spills"] >= 8 and stats["spill_hits"] >= 8 and stats["bytes"] <= 256 << 10
     assert stats["spill_records"] > 0 and list((tmp_path / "spill" / ns.hex()).rglob("*.kvr"))
+    c.close()
+
+
+# -- limits: a reply over the header limit, tiny records, a bad spill path ------------------------
+
+
+def test_a_reply_over_the_header_limit_is_answered_bad_request_not_raised(ns):
+    server = KvtierServer(ServerConfig(capacity=1 << 20))
+    key, head, payload = record(ns, 1)
+    server.store.put(bytes(key), head, memoryview(payload))
+    # (The decoder refuses this many keys: built here, it reaches the reply path as a bug would.)
+    get = Frame(Op.GET, 7, keys=[bytes(key)] * 300_000)
+
+    buffers, close = server.handle(get)
+
+    answer = FrameDecoder(1 << 30, check=check_reply)
+    answer.feed(b"".join(bytes(b) for b in buffers))
+    frame = answer.next_frame()
+    assert (frame.status, frame.request_id, close) == (Status.BAD_REQUEST, 7, False)
+    assert "header" in frame.error and len(frame.error) <= MAX_ERROR_CHARS
+
+
+def tiny_records(ns: bytes, start: int, n: int):
+    """n valid records of 0-16 payload bytes (fp16 shapes [2, 1, 1, 0..4])."""
+    for i in range(start, start + n):
+        key = ChunkKey(ns, i.to_bytes(16, "little"))
+        payload = bytes(4 * (i % 5))
+        yield key, encode_header(key, (2, 1, 1, i % 5), torch.float16, payload), payload
+
+
+def test_tiny_records_stay_within_the_capacity_in_real_memory(start_kvtier_server, ns):
+    capacity = 8 << 20
+    server = start_kvtier_server(capacity=capacity)
+    c = Client(server.port)
+    c.put(list(tiny_records(ns, 0, 1000)))  # warm up before measuring memory
+    rss_before = server.rss_bytes()
+
+    for start in range(1000, 201_000, 1000):  # 200,000 records: ~15 MB of heads and payloads
+        assert set(c.put(list(tiny_records(ns, start, 1000)))) == {PutResult.STORED}
+
+    stats = c.stats()
+    grown = server.rss_bytes() - rss_before
+    assert stats["bytes"] <= capacity and stats["evictions"] > 0
+    assert grown < 2 * capacity, f"{stats['records']} records grew RSS by {grown >> 20} MiB"
+    c.close()
+
+
+def test_a_spill_path_that_is_a_file_stops_the_server_at_start_with_one_clear_error(tmp_path):
+    spill = tmp_path / "spill"
+    spill.write_text("not a directory")
+
+    done = start_failure(tmp_path, {"spill": {"path": str(spill), "capacity": "1MiB"}})
+
+    assert done.returncode == 2 and done.stdout == ""
+    assert "spill.path" in done.stderr and "not a directory" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_directory_in_place_of_a_spill_file_is_one_miss_in_a_batched_get(start_kvtier_server, tmp_path,
+                                                                          ns):
+    spill = tmp_path / "spill"
+    server = start_kvtier_server(capacity="256KiB", spill={"path": str(spill), "capacity": "4MiB"})
+    c = Client(server.port)
+    recs = [record(ns, i, size=60_000) for i in range(8)]  # the first ones spill
+    assert c.put(recs) == [PutResult.STORED] * 8
+    victim = next(iter(sorted((spill / ns.hex()).rglob("*.kvr"))))
+    victim.unlink()
+    victim.mkdir()
+
+    got = c.call(Op.GET, keys=[r[0] for r in recs])
+
+    assert got.status is Status.OK
+    served = [i for i, p in enumerate(payloads_of(got)) if p is not None]
+    assert len(served) == 7 and all(payloads_of(got)[i] == recs[i][2] for i in served)
+    assert c.call(Op.PING).status is Status.OK and server.alive()
     c.close()

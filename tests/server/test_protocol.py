@@ -1,4 +1,4 @@
-"""Tests for kvtier/server/protocol.py: the sans-IO frame codec, with no sockets at all.
+"""Tests for kvtier/server/protocol.py and decoder.py: the sans-IO frame codec, with no sockets at all.
 
 Round trips of every op (requests and replies), incremental decoding (byte by byte, every split
 point, many frames in random pieces), payloads received straight into their buffers, and bad input:
@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 
 import msgpack
 import pytest
 
 from kvtier.errors import KvtierError, ProtocolError
+from kvtier.record import HEADER_SIZE
+from kvtier.server.decoder import DIRECT_MIN, FrameDecoder
 from kvtier.server.protocol import (
-    DIRECT_MIN,
+    MAX_ERROR_CHARS,
+    MAX_HEAD_BYTES,
     MAX_HEADER_BYTES,
+    MAX_KEYS,
     Frame,
-    FrameDecoder,
     Op,
     PutResult,
     Status,
+    check_hello,
     check_reply,
     check_request,
     encode,
@@ -59,8 +64,9 @@ def payload_bytes(frame: Frame) -> list[bytes | None]:
 
 
 REQUESTS = {
+    "hello": (Frame(Op.HELLO, 0, token="secret", version=1), []),
     "ping": (Frame(Op.PING, 1), []),
-    "put": (Frame(Op.PUT, 2, keys=[KEY_A, KEY_B], heads=[b"h" * 68, b"i" * 68], token="secret"),
+    "put": (Frame(Op.PUT, 2, keys=[KEY_A, KEY_B], heads=[b"h" * 68, b"i" * 68]),
             [b"payload-a", bytes(300_000)]),
     "get": (Frame(Op.GET, 3, keys=[KEY_A, KEY_B]), []),
     "exists": (Frame(Op.EXISTS, 4, keys=[KEY_A]), []),
@@ -70,6 +76,7 @@ REQUESTS = {
     "stats": (Frame(Op.STATS, 2**64 - 1), []),
 }
 REPLIES = {
+    "hello": (reply(REQUESTS["hello"][0], version=1), []),
     "ping": (reply(REQUESTS["ping"][0]), []),
     "put": (reply(REQUESTS["put"][0], flags=[PutResult.STORED, PutResult.INVALID]), []),
     "get": (reply(REQUESTS["get"][0], heads=[b"h" * 68, None]), [b"payload-a", None]),
@@ -232,7 +239,9 @@ RECOVERABLE = {
     "op not an int": {"op": "GET", "id": 5},
     "key of 23 bytes": {"op": int(Op.GET), "id": 5, "keys": [b"k" * 23]},
     "keys not a list": {"op": int(Op.GET), "id": 5, "keys": b"k" * 24},
-    "token not a string": {"op": int(Op.PING), "id": 5, "token": 7},
+    "token not a string": {"op": int(Op.HELLO), "id": 5, "token": 7, "version": 1},
+    "token outside HELLO": {"op": int(Op.PING), "id": 5, "token": "s3cret"},
+    "HELLO without a version": {"op": int(Op.HELLO), "id": 5, "token": "s3cret"},
     "unknown field": {"op": int(Op.PING), "id": 5, "extra": 1},
     "put lengths not matching keys": {"op": int(Op.PUT), "id": 5, "keys": [KEY_A, KEY_B], "heads": [b"h"],
                                       "lens": [3]},
@@ -320,3 +329,58 @@ def test_check_reply_wants_a_reply_with_one_head_per_payload():
 def test_encode_refuses_a_header_over_the_limit():
     with pytest.raises(ProtocolError, match="header"):
         encode(Frame(Op.HAS, 1, keys=[KEY_A] * (MAX_HEADER_BYTES // 24)))
+
+
+# -- bounds (issue 8, item 12) ---------------------------------------------------------------------
+
+
+def test_a_header_of_many_unknown_fields_is_refused_at_once_with_a_short_error():
+    data = raw_frame({f"f{i}": 0 for i in range(25_000)})  # ~220 KiB, inside MAX_HEADER_BYTES
+    assert len(data) < MAX_HEADER_BYTES
+    dec = FrameDecoder(MAX_FRAME, check=check_request)
+    started = time.perf_counter()
+
+    dec.feed(data)
+    with pytest.raises(ProtocolError) as err:
+        dec.next_frame()
+
+    assert time.perf_counter() - started < 0.5  # refused from the map's length, nothing built
+    assert len(str(err.value)) <= MAX_ERROR_CHARS
+
+
+def test_the_header_limit_fits_the_largest_put_of_max_keys_and_nothing_much_larger():
+    largest = {"op": int(Op.PUT), "id": 2**64 - 1, "keys": [bytes(24)] * MAX_KEYS,
+               "heads": [bytes(MAX_HEAD_BYTES)] * MAX_KEYS, "lens": [2**64 - 1] * MAX_KEYS}
+    assert len(msgpack.packb(largest, use_bin_type=True)) <= MAX_HEADER_BYTES
+    assert HEADER_SIZE <= MAX_HEAD_BYTES  # a kvtier.record header fits as a head
+
+    for name, value in [("keys", [bytes(24)] * (MAX_KEYS + 1)), ("heads", [bytes(MAX_HEAD_BYTES + 1)])]:
+        dec = FrameDecoder(MAX_FRAME, check=check_request)
+        dec.feed(raw_frame({"op": int(Op.GET), "id": 1, name: value}))
+        with pytest.raises(ProtocolError):
+            dec.next_frame()
+
+
+def test_a_one_frame_decoder_stops_after_the_hello_until_upgraded():
+    hello = wire(*REQUESTS["hello"])
+    put = wire(*REQUESTS["put"])  # 300 kB of payload: over the pre-handshake limit
+    dec = FrameDecoder(len(hello), check=check_hello, one_frame=True)
+    dec.feed(hello + put[:1000])
+
+    assert dec.next_frame().op is Op.HELLO and dec.next_frame() is None
+
+    dec.upgrade(MAX_FRAME, check_request)
+    dec.feed(put[1000:])
+    assert payload_bytes(dec.next_frame()) == REQUESTS["put"][1] and dec.idle
+
+
+def test_admit_holds_a_frame_without_allocating_until_resumed():
+    allocated, room = [], [0]
+    dec = FrameDecoder(MAX_FRAME, check=check_request, admit=lambda n: n <= room[0],
+                       alloc=lambda f, i, n: allocated.append(n) or memoryview(bytearray(n)))
+    dec.feed(wire(*REQUESTS["put"]))
+
+    assert dec.next_frame() is None and dec.holding and allocated == []
+    room[0] = 1 << 20
+    dec.resume()
+    assert payload_bytes(dec.next_frame()) == REQUESTS["put"][1] and dec.idle

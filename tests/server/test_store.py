@@ -6,21 +6,25 @@ directory under tmp_path.
 
 from __future__ import annotations
 
+import gc
 import random
+import tracemalloc
 
 import pytest
 import torch
 
 from kvtier.config import SpillConfig
+from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.record import HEADER_SIZE, encode_header
-from kvtier.server.protocol import PutResult
-from kvtier.server.store import RecordStore
+from kvtier.server.decoder import FrameDecoder
+from kvtier.server.protocol import MAX_KEYS, Frame, Op, PutResult, check_request, encode
+from kvtier.server.store import RECORD_OVERHEAD, RecordStore
 from kvtier.tiers.disk import BLOCK
 
 NS, OTHER_NS = b"ns-one..", b"ns-two.."
 SIZE = 1000  # payload bytes per test record
-RECORD = HEADER_SIZE + SIZE  # what one record costs the store
+RECORD = HEADER_SIZE + SIZE + RECORD_OVERHEAD  # what one record costs the store
 SPILLED = BLOCK + BLOCK  # what one record costs the spill (header block + padded payload)
 
 
@@ -184,3 +188,57 @@ def test_corrupt_spill_file_is_a_miss_and_is_removed(tmp_path):
     assert store.get(record(1)[0]) is None
     assert held(store, 1) == [] and store.spill.records == 0 and not path.exists()
     assert store.spill.metrics.value("kvtier_tier_corrupt_total", {"tier": "disk"}) == 1
+
+
+def test_a_directory_in_place_of_a_spill_file_is_that_keys_miss_not_an_exception(tmp_path):
+    store = spill_store(tmp_path, records=1)
+    put(store, 1, 2, 3)  # 1 and 2 spilled
+    path = store.spill._tier(NS).path_for(ChunkKey.from_bytes(record(1)[0]))
+    path.unlink()
+    path.mkdir()
+
+    got = [store.get(record(i)[0]) for i in (1, 2, 3)]
+
+    assert got[0] is None and got[1] is not None and got[2] is not None
+    assert not store.spill.contains(record(1)[0]) and store.spill.records <= 2
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file"])
+def test_an_unusable_spill_path_is_a_config_error_at_start(tmp_path, kind):
+    (tmp_path / "file").write_text("x")
+    path = tmp_path / "file" if kind == "a file" else tmp_path / "file" / "spill"
+
+    with pytest.raises(ConfigError, match="spill.path"):
+        RecordStore(RECORD, SpillConfig(str(path), 100 * SPILLED, "off"))
+
+
+# -- what a record really costs --------------------------------------------------------------------
+
+
+def test_record_overhead_covers_what_a_tiny_record_really_costs():
+    """Records of 0-16 bytes through the real decoder into the store, measured with tracemalloc:
+    the accounted bytes must cover the Python objects, or tiny records overrun the capacity."""
+    n = 4 * MAX_KEYS
+    keys = [ChunkKey(NS, i.to_bytes(16, "little")) for i in range(n)]
+    payloads = [bytes(4 * (i % 5)) for i in range(n)]
+    heads = [encode_header(k, (2, 1, 1, len(p) // 4), torch.float16, p) for k, p in zip(keys, payloads)]
+    data = b"".join(bytes(b) for i in range(0, n, MAX_KEYS) for b in encode(
+        Frame(Op.PUT, 1, keys=keys[i:i + MAX_KEYS], heads=heads[i:i + MAX_KEYS]), payloads[i:i + MAX_KEYS]))
+    store = RecordStore(1 << 30)
+    decoder = FrameDecoder(1 << 30, check=check_request)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decoder.feed(data)
+        while (frame := decoder.next_frame()) is not None:
+            for key, head, payload in zip(frame.keys, frame.heads, frame.payloads):
+                store.put(key, head, payload)
+        del frame
+        gc.collect()
+        real = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert store.records == n
+    assert store.bytes >= real, f"{real / n:.0f} bytes per record, {store.bytes / n:.0f} accounted"

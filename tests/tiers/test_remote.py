@@ -14,17 +14,19 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
 import torch
 from conftest import CHUNK, REPO, seeded_kv, seeded_tokens
-from kvtier_servers import record
+from kvtier_servers import Client, record
 
 from kvtier.config import RemoteConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import Metrics
-from kvtier.server.protocol import FrameDecoder, Op, PutResult, check_request, encode, reply
+from kvtier.server.decoder import FrameDecoder
+from kvtier.server.protocol import Op, PutResult, check_request, encode, reply
 from kvtier.tiers import remote
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.remote import RemoteTier, parse_url
@@ -150,6 +152,26 @@ def test_token_is_sent_and_a_wrong_one_fails_like_a_dead_server(start_kvtier_ser
     assert counter(metrics, "errors") == 1  # the second call was answered by the back-off
 
 
+def test_a_pooled_connection_the_server_closed_when_idle_is_replaced_not_an_error(start_kvtier_server,
+                                                                                make_tier, metrics, ns):
+    server = start_kvtier_server(idle_timeout_s=0.3)
+    tier = make_tier(server.url, ns)
+    item = put_item(ns, 1)
+    assert tier.put([item]) == [True]  # its connection goes back to the pool, idle
+    deadline = time.monotonic() + 20.0
+    while True:  # until the server has closed it
+        probe = Client(server.port)
+        closed = probe.stats()["idle_timeouts"]
+        probe.close()
+        if closed:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)  # polling the server's counter, not waiting for it
+
+    assert tier.has([item.key]) == [True] and tier.put([item]) == [True]
+    assert counter(metrics, "errors") == 0
+
+
 # -- corrupt records from a misbehaving server ---------------------------------------------------
 
 
@@ -216,7 +238,7 @@ def test_corrupt_record_is_a_miss_counted_and_deleted(make_tier, metrics, ns, na
     assert tier.get([key], [dest]) == [None]
 
     assert counter(metrics, "corrupt") == 1 and counter(metrics, "errors") == 0
-    assert fake.ops == [Op.GET, Op.DELETE]
+    assert fake.ops == [Op.HELLO, Op.GET, Op.DELETE]
     fake.close()
 
 

@@ -1,0 +1,75 @@
+"""The bound on payload bytes being received by `kvtier_server`, over all its connections.
+
+Where it runs: the server's event-loop thread only (no locks). A connection reserves a frame's
+payload bytes when the frame's header has been decoded, before its buffers are allocated
+(`FrameDecoder(admit=...)`), and releases them when the frame has been handed to its handler (a
+PUT's records then count against the store's capacity instead) or when the connection closes.
+
+A reservation that does not fit is not an error: the connection joins a FIFO queue and stops
+reading, so its client feels back-pressure through TCP; each release wakes waiters in order while
+their frames fit. FIFO rather than "whoever fits" so that a large frame is not starved by small
+ones. One frame alone is always admitted (`used == 0`), so a limit below `max_frame_bytes` delays
+but never deadlocks: the real bound is max(limit, max_frame_bytes).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+
+class Waiter(Protocol):
+    def resume(self) -> None:
+        """Ask again (calls `reserve`); leaves the queue's head when admitted."""
+
+
+class ReceiveBudget:
+    def __init__(self, limit: int):
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        self.limit = limit
+        self.used = 0
+        self.waits = 0  # reservations that had to wait (a counter for STATS)
+        self._queue: deque[Waiter] = deque()
+        self._waking = False
+
+    def reserve(self, n: int, waiter: Waiter) -> bool:
+        """Take `n` bytes for `waiter`'s next frame, or queue it (False) until they fit."""
+        first = not self._queue or self._queue[0] is waiter
+        if first and (self.used + n <= self.limit or self.used == 0):
+            if self._queue:
+                self._queue.popleft()
+            self.used += n
+            return True
+        if waiter not in self._queue:
+            self._queue.append(waiter)
+            self.waits += 1
+        return False
+
+    def release(self, n: int) -> None:
+        if n > self.used:
+            raise RuntimeError(f"releasing {n} bytes of {self.used} reserved")
+        self.used -= n
+        if self._waking:  # (a woken connection answered frames: the outer loop goes on)
+            return
+        self._waking = True
+        try:
+            while self._queue:
+                head = self._queue[0]
+                head.resume()
+                if self._queue and self._queue[0] is head:  # still does not fit
+                    break
+        finally:
+            self._waking = False
+
+    def cancel(self, waiter: Waiter) -> None:
+        """Forget a queued waiter (its connection closed)."""
+        if waiter in self._queue:
+            was_head = self._queue[0] is waiter
+            self._queue.remove(waiter)
+            if was_head:
+                self.release(0)  # the next one may fit now
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,240 @@
+"""One `kvtier_server` client socket: handshake, receive, answer, send, time out, close.
+
+Where it runs: the server's event-loop thread, driven by the loop's reader/writer callbacks (see
+`kvtier.server.app` for why not an asyncio Transport). Lifecycle:
+
+    accepted    in handshake: the decoder takes one frame, a HELLO of at most HELLO_HEADER_BYTES
+                with no payload, and reads are capped to that size, so a peer without the token
+                costs a few KiB. The server answers it (`KvtierServer.hello`): OK makes the
+                connection authenticated, anything else is answered and closed. The server closes
+                a connection still in handshake after `handshake_timeout_s`.
+    authenticated  frames up to `max_frame_bytes`, every op; each frame's payload bytes are
+                reserved in the server's `ReceiveBudget` before they are allocated (a frame that
+                does not fit stops this connection's reading until it does). The server closes a
+                connection that moved no bytes either way for `idle_timeout_s`.
+    closing     no more reading; queued replies drain, then the socket closes.
+
+Requests are pipelined: decoded and answered in order as bytes arrive, each reply carrying its
+request's id. Back-pressure: with more than HIGH_WATER reply bytes queued the connection stops
+decoding and reading until the client has taken half of them. A client that half-closes (EOF)
+still gets the replies to everything it sent: reading stops, answering goes on, and the socket
+closes once the last reply is out.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+from itertools import islice
+from typing import TYPE_CHECKING
+
+from kvtier.errors import ProtocolError
+from kvtier.server.decoder import FrameDecoder
+from kvtier.server.protocol import HELLO_HEADER_BYTES, PREFIX, Frame, Op, check_hello, check_request
+from kvtier.server.sockets import IOV_MAX
+
+if TYPE_CHECKING:
+    from kvtier.server.app import KvtierServer
+
+logger = logging.getLogger(__name__)
+
+HIGH_WATER = 64 << 20  # queued reply bytes at which a connection stops reading
+READS_PER_WAKEUP = 16  # recv_into calls per readiness event before giving other connections a turn
+HELLO_READ = PREFIX.size + HELLO_HEADER_BYTES  # the most read at once before the handshake
+
+
+class Connection:
+    def __init__(self, server: KvtierServer, sock: socket.socket, now: float):
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.accepted_at = now
+        self.last_active = now  # bytes last received or sent
+        self.authenticated = False
+        self.decoder = FrameDecoder(HELLO_READ, check=check_hello, admit=self._admit, one_frame=True)
+        self._loop = server.loop
+        self._out: deque[memoryview] = deque()
+        self._queued = 0  # reply bytes not yet sent
+        self._reserved = 0  # receive-budget bytes held by frames not yet answered
+        self._reading = self._writing = self._closing = self._closed = self._answering = False
+        self._eof = False  # the client half-closed: answer what it sent, then close
+        self._set_reading(True)
+
+    @property
+    def waiting(self) -> bool:
+        """Held by the receive budget: not reading through no fault of the client."""
+        return self.decoder.holding
+
+    def has_input(self) -> bool:
+        """Request bytes wait in the socket, unread, while this connection is reading (a client
+        that sends but never reads its replies is paused, and idle all the same)."""
+        if not self._reading:
+            return False
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # (BlockingIOError: nothing there)
+            return False
+
+    def authenticate(self, max_frame_bytes: int) -> None:
+        """The handshake succeeded: full frame limits, and decode whatever followed the HELLO."""
+        self.authenticated = True
+        self.decoder.upgrade(max_frame_bytes, check_request)
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                buf = self.decoder.get_buffer()
+                if not self.authenticated:
+                    buf = buf[:HELLO_READ]
+                try:
+                    n = self.sock.recv_into(buf)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if n == 0:
+                    self._eof = True
+                    self._set_reading(False)
+                    self._answer()
+                    return
+                self.server.stats.bytes_in += n
+                self.last_active = self._loop.time()
+                self.decoder.advance(n)
+                self._answer()
+                if not self._reading or n < len(buf):
+                    return
+        except OSError as exc:
+            logger.debug("connection %d: %s", self.fd, exc)
+            self.close()
+        except Exception:
+            logger.exception("connection %d failed; closing it", self.fd)
+            self.server.stats.errors += 1
+            self.close()
+
+    def _admit(self, total: int) -> bool:
+        if not self.server.budget.reserve(total, self):
+            return False
+        self._reserved += total
+        return True
+
+    def resume(self) -> None:
+        """The receive budget has room again: take the held frame and go on reading."""
+        if self._closed or not self.decoder.holding:
+            self.server.budget.cancel(self)
+            return
+        self.decoder.resume()
+        self.last_active = self._loop.time()
+        if not self._answering:  # (else the _answer loop below us picks the frame up, in order)
+            self._answer()
+
+    def _release(self, frame: Frame) -> None:
+        n = sum(k for k in frame.lengths if k)
+        if n:
+            self._reserved -= n
+            self.server.budget.release(n)
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def _answer(self) -> None:
+        """Answer the decoded frames, in order, until the reply queue is over HIGH_WATER."""
+        self._answering = True  # (sending a reply must not re-enter here through _flush)
+        drained = False
+        while not self._closing and self._queued <= HIGH_WATER:
+            try:
+                frame = self.decoder.next_frame()
+            except ProtocolError as exc:
+                self._send(self.server.bad_frame(exc))
+                if exc.fatal or not self.authenticated:
+                    self.close_after_flush()
+                continue
+            if frame is None:
+                drained = True
+                break
+            if self.authenticated and frame.op is not Op.HELLO:
+                buffers, close = self.server.handle(frame)
+            else:
+                buffers, close = self.server.hello(self, frame)
+            self._release(frame)
+            self._send(buffers)
+            if close:
+                self.close_after_flush()
+        self._answering = False
+        if self._eof and drained and not self.decoder.holding:
+            self.close_after_flush()  # everything the client sent is answered
+        self._set_reading(not (self._closing or self._eof or self.decoder.holding)
+                          and self._queued <= HIGH_WATER)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _send(self, buffers: list) -> None:
+        for b in buffers:
+            view = memoryview(b).cast("B")
+            self._out.append(view)
+            self._queued += view.nbytes
+        if not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self._out:
+                n = self.sock.sendmsg(list(islice(self._out, IOV_MAX)))
+                self._queued -= n
+                self.server.stats.bytes_out += n
+                self.last_active = self._loop.time()
+                while n:
+                    first = self._out[0]
+                    if n >= first.nbytes:
+                        n -= first.nbytes
+                        self._out.popleft()
+                    else:
+                        self._out[0], n = first[n:], 0
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            logger.debug("connection %d: %s", self.fd, exc)
+            self.close()
+            return
+        self._set_writing(bool(self._out))
+        if self._closing:
+            if not self._out:
+                self.close()
+        elif not self._reading and not self._answering and self._queued <= HIGH_WATER // 2:
+            self._answer()  # frames decoded before the pause, then reading again
+
+    # -- loop registration and closing ---------------------------------------------------------
+
+    def _set_reading(self, on: bool) -> None:
+        if on == self._reading or self._closed:
+            return
+        if on:
+            self._loop.add_reader(self.fd, self._on_readable)
+        else:
+            self._loop.remove_reader(self.fd)
+        self._reading = on
+
+    def _set_writing(self, on: bool) -> None:
+        if on == self._writing or self._closed:
+            return
+        if on:
+            self._loop.add_writer(self.fd, self._flush)
+        else:
+            self._loop.remove_writer(self.fd)
+        self._writing = on
+
+    def close_after_flush(self) -> None:
+        self._closing = True
+        self._set_reading(False)
+        if not self._out:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._set_reading(False)
+        self._set_writing(False)
+        self._closed = self._closing = True  # (_answer stops at once)
+        self._out.clear()
+        self.sock.close()
+        reserved, self._reserved = self._reserved, 0
+        self.server.forget(self, reserved)

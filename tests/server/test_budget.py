@@ -1,0 +1,62 @@
+"""Tests for kvtier/server/budget.py: the bound on bytes being received, as a story of waiters.
+
+In-process: waiters are small objects that ask again when woken, as a connection does.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.server.budget import ReceiveBudget
+
+
+class Waiter:
+    def __init__(self, budget: ReceiveBudget, n: int):
+        self.budget, self.n, self.admitted = budget, n, False
+
+    def ask(self) -> bool:
+        self.admitted = self.budget.reserve(self.n, self)
+        return self.admitted
+
+    def resume(self) -> None:
+        self.ask()
+
+
+def test_waiters_are_admitted_in_order_as_bytes_are_released():
+    budget = ReceiveBudget(10)
+    a, b, c, small = (Waiter(budget, n) for n in (6, 6, 3, 2))
+    assert a.ask() and not b.ask() and not c.ask()
+    assert not small.ask()  # it would fit, but b and c came first: a large frame is never starved
+
+    budget.release(6)  # a's frame is answered
+
+    assert b.admitted and c.admitted and not small.admitted  # 6 + 3 fit, then 2 more do not
+    assert (budget.used, budget.waiting, budget.waits) == (9, 1, 3)
+    budget.release(9)
+    assert small.admitted and budget.used == 2
+
+
+def test_a_frame_over_the_limit_is_admitted_alone_rather_than_never():
+    budget = ReceiveBudget(10)
+    big = Waiter(budget, 25)
+    assert big.ask() and budget.used == 25
+    other = Waiter(budget, 1)
+    assert not other.ask()
+    budget.release(25)
+    assert other.admitted
+
+
+def test_a_cancelled_head_lets_the_next_waiter_in():
+    budget = ReceiveBudget(10)
+    first, gone, next_ = Waiter(budget, 8), Waiter(budget, 5), Waiter(budget, 2)
+    first.ask(), gone.ask(), next_.ask()
+
+    budget.cancel(gone)  # its connection closed while waiting
+
+    assert next_.admitted and budget.used == 10 and budget.waiting == 0
+
+
+def test_releasing_more_than_reserved_is_a_bug_not_a_clamp():
+    budget = ReceiveBudget(10)
+    with pytest.raises(RuntimeError):
+        budget.release(1)
