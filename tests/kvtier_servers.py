@@ -148,11 +148,13 @@ def start_kvtier_server(tmp_path) -> Iterator[Callable[..., ServerProcess]]:
             server.stop()
 
 
-def start_failure(folder: Path, config: dict) -> subprocess.CompletedProcess:
-    """Run `kvtier_server` with `config` where it should refuse to start; its exit and output."""
+def start_failure(folder: Path, config: dict, flags: tuple[str, ...] = ("--port", "0")
+                  ) -> subprocess.CompletedProcess:
+    """Run `kvtier_server` with `config` (and command-line `flags`) where it should refuse to
+    start; its exit and output."""
     path = folder / "bad-server.yaml"
     path.write_text(yaml.safe_dump({**DEFAULTS, **config}))
-    cmd = [sys.executable, "-m", "kvtier.server", "--config", str(path), "--port", "0"]
+    cmd = [sys.executable, "-m", "kvtier.server", "--config", str(path), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = proc.stdout.readline()  # "" once it exits; the listening line if it started after all

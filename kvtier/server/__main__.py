@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import sys
 
-from kvtier.config import load_server_config
+from kvtier.config import load_server_config, override
 from kvtier.errors import ConfigError
 from kvtier.server.app import serve
 
@@ -33,16 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_server_config(args.config)
+        # No --token: a secret on the command line is visible to every user (ps); use the config
+        # file or KVTIER_SERVER_TOKEN. Flags are checked like the file's values (--host "" is an
+        # error, never every interface).
+        config = override(load_server_config(args.config), "command line",
+                          {"host": args.host, "port": args.port})
     except ConfigError as exc:
         print(f"kvtier_server: {exc}", file=sys.stderr)
-        return 2
-    # No --token: a secret on the command line is visible to every user (ps); use the config file
-    # or KVTIER_SERVER_TOKEN.
-    flags = {"host": args.host, "port": args.port}
-    config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
-    if not 0 <= config.port < 65536:
-        print(f"kvtier_server: --port must be in 0..65535, got {config.port}", file=sys.stderr)
         return 2
 
     def ready(address: tuple[str, int]) -> None:

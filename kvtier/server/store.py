@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from kvtier.config import SpillConfig
 from kvtier.errors import ConfigError, CorruptRecord, KvtierError
@@ -57,9 +57,10 @@ _NAMESPACE_DIR = re.compile(f"[0-9a-f]{{{2 * NAMESPACE_BYTES}}}")
 RECORD_OVERHEAD = 768
 
 
-def _uint8(buf) -> torch.Tensor:
-    """A uint8 tensor over `buf` without a copy (torch.frombuffer refuses empty buffers)."""
-    return torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+def _uint8(buf) -> np.ndarray:
+    """A uint8 array over `buf` without a copy. numpy, not torch: the server moves records, never
+    tensors, and a torch import alone costs ~250 MiB of RSS."""
+    return np.frombuffer(buf, dtype=np.uint8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +297,7 @@ class Spill:
         payload = memoryview(buf)[:header.payload_len]
         # The disk tier returns the parsed header, not its bytes; re-encoding gives an equivalent
         # valid header (reserved field zeroed, checksum recomputed).
-        head = encode_header(ck, header.shape, header.dtype, payload, header.codec)
+        head = encode_header(ck, header.shape, header.dtype_code, payload, header.codec)
         self._lru.touch(key)
         return Record(head, payload)
 

@@ -130,7 +130,8 @@ class RedisTier:
         parts = urlsplit(config.url)
         self._connection_class = CONNECTION_CLASSES.get(parts.scheme)
         if self._connection_class is None:
-            raise ConfigError(f"redis.url: scheme must be redis, rediss or unix, got {redact_url(config.url)}")
+            raise ConfigError(
+                f"redis.url: scheme must be redis, rediss or unix, got {redact_url(config.url)}")
         self.where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
         self.backoff = Backoff(config.retry_after_s, config.retry_max_s)
         self._client: redis.Redis | RedisCluster | None = None

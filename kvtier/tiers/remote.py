@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import torch
 
 from kvtier.config import RemoteConfig
+from kvtier.config_values import redact_url
 from kvtier.errors import ConfigError, CorruptRecord, KvtierError, ProtocolError, TierUnavailable
 from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
@@ -69,7 +70,7 @@ def parse_url(url: str) -> tuple[str, int]:
     except ValueError:
         port = None
     if parts.scheme != "kvtier" or not parts.hostname or port is None or parts.path not in ("", "/"):
-        raise ConfigError(f"remote.url: expected kvtier://host:port, got {url!r}")
+        raise ConfigError(f"remote.url: expected kvtier://host:port, got {redact_url(url)}")
     return parts.hostname, port
 
 

@@ -372,6 +372,36 @@ def test_server_spills_what_it_evicts_and_serves_it_back(start_kvtier_server, tm
     c.close()
 
 
+def test_server_moves_and_spills_records_without_loading_torch(start_kvtier_server, tmp_path, ns):
+    # Regression: kvtier_server imported torch through kvtier/__init__ and the spill's tensor
+    # wrappers, 270 MiB of RSS for a process that only moves bytes.
+    spill = {"path": str(tmp_path / "spill"), "capacity": "4MiB"}
+    server = start_kvtier_server(capacity="256KiB", spill=spill)
+    c = Client(server.port)
+    recs = [record(ns, i, size=60_000) for i in range(12)]  # most of it spills and is read back
+
+    assert c.put(recs) == [PutResult.STORED] * 12
+    assert payloads_of(c.call(Op.GET, keys=[r[0] for r in recs])) == [r[2] for r in recs]
+    assert c.stats()["spill_hits"] >= 8
+    c.close()
+
+    maps = open(f"/proc/{server.pid}/maps").read()
+    assert "libtorch" not in maps and "/torch/" not in maps
+    assert server.rss_bytes() < 150 << 20
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--host", "", "--port", "0"), "host: must not be empty"),
+    (("--host", "127.0.0.1", "--port", "70000"), "port: must be <= 65535"),
+], ids=["empty_host", "port_out_of_range"])
+def test_command_line_flags_are_checked_like_the_config_file(tmp_path, flags, message):
+    # Regression: --host "" bypassed validation and bound every interface (0.0.0.0).
+    done = start_failure(tmp_path, {}, flags)
+
+    assert done.returncode == 2 and "listening" not in done.stdout
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
 # -- limits: a reply over the header limit, tiny records, a bad spill path ------------------------
 
 

@@ -24,6 +24,7 @@ from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 
 from kvtier.config import RedisConfig
+from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.record import HEADER_SIZE, encode_header, tensor_bytes
@@ -642,3 +643,11 @@ def test_engine_recovers_when_redis_comes_back(make_engine, redis_server, layout
         assert time.monotonic() < deadline, "stores did not reach Redis after it came back"
         time.sleep(0.01)
     engine.clear("redis")
+
+
+def test_a_bad_scheme_error_never_shows_the_redis_password():
+    # Regression: the error quoted config.url, password included, into logs.
+    with pytest.raises(ConfigError) as err:
+        RedisTier(RedisConfig(url="http://:hunter2@cache:6379/0"), b"n" * 8, Metrics(["redis"]))
+
+    assert "hunter2" not in str(err.value)

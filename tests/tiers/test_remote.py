@@ -307,3 +307,11 @@ def test_a_second_engine_process_loads_what_the_first_stored_through_the_server(
     remote_stats = engine.stats()["tiers"]["remote"]
     assert remote_stats["hits"] == 6 and remote_stats["corrupt"] == remote_stats["errors"] == 0
     assert engine.stats()["tiers"]["cpu"]["misses"] == 6
+
+
+def test_a_bad_url_error_never_shows_its_credentials():
+    # Regression: the error quoted the whole URL, password included, into logs.
+    with pytest.raises(ConfigError) as err:
+        parse_url("kvtier://admin:s3cret@cache/0")
+
+    assert "s3cret" not in str(err.value) and "admin" not in str(err.value)
