@@ -402,6 +402,15 @@ def test_command_line_flags_are_checked_like_the_config_file(tmp_path, flags, me
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "cache.example"])
+def test_a_server_reachable_from_other_machines_refuses_to_start_without_a_token(tmp_path, host):
+    # Fail closed: binding beyond loopback with auth off served anyone who could connect.
+    done = start_failure(tmp_path, {"host": host, "token": None})
+
+    assert done.returncode == 2 and "listening" not in done.stdout
+    assert "no token is set" in done.stderr
+
+
 # -- limits: a reply over the header limit, tiny records, a bad spill path ------------------------
 
 
