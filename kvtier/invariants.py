@@ -1,7 +1,8 @@
 """Accounting invariants of a StorageManager, checked from outside its hot paths: for tests (after
-any sequence of operations, `flush()` + `clear()` must leave nothing behind) and for leak hunts.
+any sequence of operations, `flush()` + `clear()` must leave nothing behind) and for leak hunts;
+and the same accounting as stats and gauges (`pool_stats`, `refresh_usage`).
 
-It reads the manager's private state under the manager's lock and changes nothing.
+It reads the manager's private state under the manager's lock and changes nothing but gauges.
 """
 
 from __future__ import annotations
@@ -39,3 +40,27 @@ def check_invariants(manager: StorageManager, empty: bool = False) -> None:
                 ("leased chunks", manager.pins.num_leased), *usage] if value]
     if broken:
         raise RuntimeError("storage invariants broken: " + "; ".join(broken))
+
+
+def pool_stats(manager: StorageManager) -> dict:
+    """The memory pool's accounting, for `CacheEngine.stats()`."""
+    with manager._lock:
+        pool, pins = manager.pool, manager.pins
+        return {"slab_bytes": pool.slab_stride, "slabs": pool.num_slabs, "used_slabs": pool.used_slabs,
+                "used_bytes": pool.used_bytes, "owners": pool.owners(), "pinned_chunks": pins.num_pinned,
+                "leased_chunks": pins.num_leased, "demoting_chunks": len(manager._demoting),
+                "pending_writes": manager._writes.pending, "failed_writes": manager._writes.failed,
+                "pinned_memory": pool.pinned}
+
+
+def refresh_usage(manager: StorageManager) -> None:
+    """Set the usage, pool, lease and pin gauges from the current accounting."""
+    with manager._lock:
+        usage, pool, pins = manager.cpu.usage(), manager.pool, manager.pins
+        manager.metrics.set_pool(leased_chunks=pins.num_leased, pinned_chunks=pins.num_pinned,
+                                 pool_slabs_used=pool.used_slabs, pool_slabs_total=pool.num_slabs,
+                                 pool_bytes_used=pool.used_bytes)
+    manager.metrics.set_usage(manager.cpu.name, usage.chunks, usage.bytes, usage.capacity_bytes)
+    for tier in manager.lower:
+        u = tier.usage()
+        manager.metrics.set_usage(tier.name, u.chunks, u.bytes, u.capacity_bytes)

@@ -52,14 +52,15 @@ class PinTable:
         self._leases.update(keys)
 
     def release(self, keys: Iterable[ChunkKey]) -> None:
-        for key in keys:
-            count = self._leases.get(key, 0)
-            if count <= 0:
-                raise RuntimeError("chunk lease released more often than taken")
-            if count == 1:
+        """Release one lease per key (a key given twice, twice). All or nothing: a release of
+        more than was leased raises before changing any count."""
+        wanted = Counter(keys)
+        if any(self._leases.get(key, 0) < n for key, n in wanted.items()):
+            raise RuntimeError("chunk lease released more often than taken")
+        self._leases.subtract(wanted)
+        for key in wanted:
+            if self._leases[key] == 0:
                 del self._leases[key]
-            else:
-                self._leases[key] = count - 1
 
     def clear_pins(self) -> None:
         """Drop every user pin. Leases stay: their requests still hold them."""

@@ -8,8 +8,8 @@ never branches on a tier's name or class: a lower tier is anything that follows 
 
     put:    copy each new chunk into a slab (evicting LRU chunks to make room), index it in the CPU
             tier, and (write-through) queue a background write to every lower tier.
-    evict:  a chunk with a copy below is dropped; one without is demoted: it stays readable from
-            its slab until the background write lands, then the slab is freed.
+    evict:  a chunk with a copy below (or that the tiers below refused) is dropped; one without is
+            demoted: it stays readable from its slab until the background write lands.
     get:    CPU hits copy straight out of their slabs; lower-tier hits are read into new slabs on
             the read threads, verified, copied out and kept in the CPU tier (promotion). A prefix
             larger than host memory streams in waves: each wave's slabs are freed once copied out.
@@ -26,6 +26,8 @@ or in flight), the rest of a store is rejected and counted, and a retrieve stops
 A store never waits; a retrieve that holds no memory yet waits (at most READ_WAIT_S) for memory
 others will give back, one that holds some only for background writes, which never wait on a
 retrieve: two retrieves never wait on each other. Nothing is dropped without a counter.
+close() refuses new calls and waits (bounded) for those in flight before it stops the I/O threads
+and closes the tiers (see kvtier.call_gate).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from concurrent.futures import Future
 
 import torch
 
-from kvtier.invariants import check_invariants
+from kvtier.call_gate import CallGate, guarded
+from kvtier.invariants import check_invariants, pool_stats, refresh_usage
 from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool, Slab
@@ -53,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 # How long one wave of a retrieve waits for memory to be given back before serving a shorter prefix.
 READ_WAIT_S = 5.0
+# How long close() waits for calls in flight to return before it releases the tiers under them.
+CLOSE_WAIT_S = 30.0
 
 
 class StorageManager:
@@ -78,16 +83,19 @@ class StorageManager:
         # removal may have deleted what it wrote. Bumped when one starts and when one ends.
         self._removal_gen = 0
         self._removing = 0
+        self._gate = CallGate("kvtier storage")  # calls that use the I/O queues or the tiers
         # Write-back keeps this many of the next eviction victims written below already, so that
         # evicting them frees a slab at once instead of waiting for a demotion.
         self._clean_ahead = max(1, pool.num_slabs // 16) if clean_ahead is None else clean_ahead
         self._demoting: dict[ChunkKey, CpuEntry] = {}
+        self._refused: list[CpuEntry] = []  # leased, refused below (see `_demoted_locked`)
         self._writes = TransferQueue(io_threads, "kvtier-write")
         self._reads = TransferQueue(io_threads, "kvtier-read")
         self._io = SlabIO(pool, layout, self.lower, metrics, self._reads)
 
     # -- lookup --------------------------------------------------------------------------------
 
+    @guarded
     def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
         """How many leading `keys` some tier holds. No payload I/O, no side effects."""
         keys = list(keys)
@@ -107,6 +115,7 @@ class StorageManager:
 
     # -- store ---------------------------------------------------------------------------------
 
+    @guarded
     def put(self, spans: Sequence[ChunkSpan], kv: torch.Tensor) -> int:
         """Store the chunks of `kv` ([2, L, T, H*D]) named by `spans`. Returns chunks newly stored."""
         with self._lock:
@@ -125,7 +134,15 @@ class StorageManager:
         if rejected:
             self.metrics.tier_inc(self.cpu.name, "rejected", rejected)
             logger.warning("CPU tier full of pinned or in-flight chunks: %d chunks not stored", rejected)
-        self._io.copy(list(zip(new, slabs)), kv, into_slabs=True)
+        try:
+            self._io.copy(list(zip(new, slabs)), kv, into_slabs=True)
+        except BaseException:  # a tensor that cannot be read (meta, a failed device): nothing stored
+            with self._lock:
+                for slab in slabs:
+                    self.pool.free(slab)
+                self._holders -= 1
+                self._progress.notify_all()
+            raise
         stored = 0
         with self._lock:
             for s, slab in zip(new, slabs):
@@ -165,8 +182,10 @@ class StorageManager:
             key, entry = victim
             self.metrics.tier_inc(self.cpu.name, "evictions")
             # A leased chunk is always written down (a tier that holds it answers from its index):
-            # `persisted` may be stale, the tier having evicted its copy before the lease.
-            if not self.lower or (entry.persisted and not self.pins.is_leased(key)):
+            # `persisted` may be stale, the tier having evicted its copy before the lease. One the
+            # tiers below refused is dropped, as with no tier below, not written again.
+            done_below = entry.persisted or entry.write_failed
+            if not self.lower or (done_below and not self.pins.is_leased(key)):
                 self._detach_locked(entry)
                 continue
             if key in self._demoting:
@@ -183,7 +202,7 @@ class StorageManager:
         anything in flight to give memory back; one that holds memory waits only for background
         writes, which never wait on a retrieve, so two retrieves never wait on each other."""
         while (slab := self._alloc_locked("read")) is None:
-            if not (self._writes_in_flight or (not holding and self._holders)):
+            if self._gate.closed or not (self._writes_in_flight or (not holding and self._holders)):
                 return None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -200,7 +219,7 @@ class StorageManager:
         for key, entry in self.cpu.eviction_order():
             if budget <= 0:
                 break
-            if not entry.persisted:
+            if not (entry.persisted or entry.write_failed):
                 self._submit_write_locked(key, entry)
                 budget -= 1
 
@@ -219,10 +238,12 @@ class StorageManager:
 
     def _submit_write_locked(self, key: ChunkKey, entry: CpuEntry,
                              tiers: Sequence[Tier] | None = None) -> Future:
+        gen = None if self._removing else self._removal_gen
+        # Counted once the queue took it (the job takes this lock, held here, before it ends).
+        future = self._writes.submit(self._write_down, key, entry, tiers, gen, entry.persisted)
         entry.readers += 1  # the slab must outlive the write
         self._writes_in_flight += 1
-        gen = None if self._removing else self._removal_gen
-        return self._writes.submit(self._write_down, key, entry, tiers, gen, entry.persisted)
+        return future
 
     def _write_down(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier] | None,
                     gen: int | None, confirm: bool) -> bool:
@@ -233,6 +254,7 @@ class StorageManager:
             ok = self._io.write(key, entry, self.lower if tiers is None else tiers, confirm)
         finally:
             with self._lock:
+                entry.write_failed |= not ok and tiers is None
                 ok = ok and gen == self._removal_gen
                 # A write to every tier below that fails means none holds it (put answers True
                 # for a record already there): forget a stale claim.
@@ -253,10 +275,21 @@ class StorageManager:
         if ok or not self.pins.is_leased(key):
             entry.detached = True
         else:
+            # Not the next victim again: the tiers below are as full now, and every allocation
+            # would re-write it while a retrieve waits on those writes until READ_WAIT_S.
+            entry.refused = True
+            self._refused.append(entry)
             self.cpu.insert(key, entry)
+
+    def _room_below_locked(self) -> None:
+        """Room may have appeared below (a release, unpin or removal): try refused entries again."""
+        for entry in self._refused:
+            entry.refused = False
+        self._refused.clear()
 
     # -- retrieve ------------------------------------------------------------------------------
 
+    @guarded
     def get(self, spans: Sequence[ChunkSpan], out: torch.Tensor | None, promote: bool | None = None) -> int:
         """Copy the stored chunks for `spans` into `out[:, :, start:end]` (no copy when `out` is
         None), in order, stopping at the first chunk no tier can serve. Returns chunks served.
@@ -288,6 +321,8 @@ class StorageManager:
         deadline = time.monotonic() + READ_WAIT_S
         plan: list[ChunkRead] = []
         with self._lock:
+            if self._gate.closed:  # close() is waiting for this retrieve: serve what it has
+                return plan
             # This prefix's resident chunks become the most recently used, the last one oldest: when
             # making room for an earlier chunk must evict one of them, it takes the one needed last.
             for s in reversed(spans):
@@ -334,6 +369,7 @@ class StorageManager:
 
     def unpin(self, keys: Sequence[ChunkKey]) -> int:
         with self._lock:
+            self._room_below_locked()
             return self.pins.unpin(keys)
 
     def lease(self, keys: Sequence[ChunkKey]) -> None:
@@ -343,8 +379,10 @@ class StorageManager:
 
     def release(self, keys: Sequence[ChunkKey]) -> None:
         with self._lock:
+            self._room_below_locked()
             self.pins.release(keys)
 
+    @guarded
     def move_down(self, keys: Sequence[ChunkKey], tier_name: str) -> int:
         """Write CPU-resident `keys` to the named lower tier and drop them from the CPU tier.
         Blocking (an administrative call). Returns how many chunks left the CPU tier."""
@@ -361,6 +399,7 @@ class StorageManager:
                         moved += 1
         return moved
 
+    @guarded
     def move_up(self, spans: Sequence[ChunkSpan]) -> int:
         """Load lower-tier chunks of `spans` into the CPU tier and remove them below (a relocation:
         they are written back down if evicted later). Returns how many chunks moved."""
@@ -400,6 +439,7 @@ class StorageManager:
         locked section)."""
         self._removing -= 1
         self._removal_gen += 1
+        self._room_below_locked()
 
     def tier(self, name: str) -> Tier:
         for tier in self.lower:
@@ -408,6 +448,7 @@ class StorageManager:
         known = [self.cpu.name] + [t.name for t in self.lower]
         raise ValueError(f"no tier named {name!r}; this engine has {known}")
 
+    @guarded
     def clear(self, tier_name: str | None = None) -> None:
         """Drop every chunk from one tier (or all tiers, and all pins, when `tier_name` is None).
         Leases stay: their requests release them."""
@@ -440,32 +481,18 @@ class StorageManager:
         """Wait for queued background writes. True when all landed within `timeout`."""
         return self._writes.drain(timeout)
 
-    def refresh_usage(self) -> None:
-        with self._lock:
-            usage = self.cpu.usage()
-            self.metrics.set_pool(leased_chunks=self.pins.num_leased, pinned_chunks=self.pins.num_pinned,
-                                  pool_slabs_used=self.pool.used_slabs, pool_slabs_total=self.pool.num_slabs,
-                                  pool_bytes_used=self.pool.used_bytes)
-        self.metrics.set_usage(self.cpu.name, usage.chunks, usage.bytes, usage.capacity_bytes)
-        for tier in self.lower:
-            u = tier.usage()
-            self.metrics.set_usage(tier.name, u.chunks, u.bytes, u.capacity_bytes)
-
-    def pool_stats(self) -> dict:
-        with self._lock:
-            return {"slab_bytes": self.pool.slab_stride, "slabs": self.pool.num_slabs,
-                    "used_slabs": self.pool.used_slabs, "used_bytes": self.pool.used_bytes,
-                    "owners": self.pool.owners(), "pinned_chunks": self.pins.num_pinned,
-                    "leased_chunks": self.pins.num_leased,
-                    "demoting_chunks": len(self._demoting), "pending_writes": self._writes.pending,
-                    "failed_writes": self._writes.failed,
-                    "pinned_memory": self.pool.pinned}
-
-    def check_invariants(self, empty: bool = False) -> None:
-        """Raise RuntimeError naming every broken accounting invariant (see kvtier.invariants)."""
-        check_invariants(self, empty)
+    # The accounting, read under the lock (see kvtier.invariants): stats, gauges, invariants.
+    refresh_usage, pool_stats, check_invariants = refresh_usage, pool_stats, check_invariants
 
     def close(self) -> None:
+        """Refuse new calls (KvtierError), let those in flight finish (at most CLOSE_WAIT_S; a
+        retrieve stops at its current wave), drain background writes, release the tiers. Once."""
+        if not self._gate.shut():
+            return
+        with self._lock:
+            self._progress.notify_all()  # retrieves waiting for memory stop waiting
+        if left := self._gate.wait_idle(CLOSE_WAIT_S):
+            logger.error("closing kvtier storage with %d calls in flight after %.0f s", left, CLOSE_WAIT_S)
         self._writes.close()
         self._reads.close()
         for tier in self.lower:

@@ -12,6 +12,7 @@ and counted, never lost silently.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -140,11 +141,15 @@ class TierReader:
         return found
 
     def _fits(self, tier: Tier, header: RecordHeader, request: ReadRequest) -> bool:
-        if header.codec == CODEC_RAW and header.dtype == self.dtype and header.shape == request.shape:
+        # The payload length is checked against the shape as well: a record whose checksum is valid
+        # but whose payload is short would leave the rest of the slab's old bytes in the KV.
+        nbytes = math.prod(request.shape) * self.dtype.itemsize
+        if (header.codec == CODEC_RAW and header.dtype == self.dtype and header.shape == request.shape
+                and header.payload_len == nbytes):
             return True
-        logger.warning("%s: record %s has codec %d, shape %s, dtype %s; expected raw %s %s; dropping",
-                       tier.name, header.key, header.codec, header.shape, header.dtype, request.shape,
-                       self.dtype)
+        logger.warning("%s: record %s has codec %d, shape %s, dtype %s, %d payload bytes; expected raw %s "
+                       "%s, %d bytes; dropping", tier.name, header.key, header.codec, header.shape,
+                       header.dtype, header.payload_len, request.shape, self.dtype, nbytes)
         self.metrics.tier_inc(tier.name, "corrupt")
         tier.remove([header.key])
         return False

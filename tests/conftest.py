@@ -13,6 +13,12 @@ import torch
 from redis_servers import _redis_cluster_session, _redis_session, redis_cluster, redis_server  # noqa: F401
 
 from kvtier import CacheEngine, KVLayout, load_config
+from kvtier.keys import Namespace, TokenDatabase
+from kvtier.memory import MemoryPool
+from kvtier.metrics import Metrics
+from kvtier.pins import PinTable
+from kvtier.storage import StorageManager
+from kvtier.tiers.disk import DiskTier
 
 REPO = Path(__file__).parents[1]
 CHUNK = 16  # tokens per chunk in every engine these fixtures build (KVTIER_CHUNK_SIZE)
@@ -75,3 +81,38 @@ def make_engine(tmp_path):
 
 
 from kvtier_servers import kvtier_server, start_kvtier_server  # noqa: E402, F401
+
+# -- StorageManager stories (tests/test_storage*.py): real pool, CPU tier, a DiskTier in tmp_path --
+
+NAMESPACE_MODEL = "storage-test"
+
+
+@pytest.fixture
+def make_manager(tmp_path, layout):
+    """StorageManager over `slabs` one-chunk slabs, with a disk tier in tmp_path unless `disk=False`."""
+    managers: list[StorageManager] = []
+
+    def make(slabs: int = 16, disk: bool = True, tier_class=DiskTier, disk_bytes: int = 1 << 24,
+             **options) -> StorageManager:
+        metrics = Metrics(["cpu", "disk"] if disk else ["cpu"])
+        pool = MemoryPool(slabs * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
+        pins = PinTable()
+        namespace = Namespace.for_layout(NAMESPACE_MODEL, layout).digest()  # the `db` fixture's
+        lower = [tier_class(tmp_path / "disk", namespace, disk_bytes, pins.__contains__, metrics)
+                 ] if disk else []
+        manager = StorageManager(layout, pool, lower, metrics, pins=pins, io_threads=2, **options)
+        managers.append(manager)
+        return manager
+
+    yield make
+    for manager in managers:
+        manager.close()
+
+
+@pytest.fixture
+def db(layout) -> TokenDatabase:
+    return TokenDatabase(Namespace.for_layout(NAMESPACE_MODEL, layout), CHUNK)
+
+
+def tier_counter(manager: StorageManager, tier: str, name: str) -> int:
+    return int(manager.metrics.value(f"kvtier_tier_{name}_total", {"tier": tier}))

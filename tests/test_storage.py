@@ -13,45 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import CHUNK, seeded_kv, seeded_tokens
+from conftest import CHUNK, seeded_kv, seeded_tokens, tier_counter
 
-from kvtier.keys import Namespace, TokenDatabase
-from kvtier.memory import MemoryPool
-from kvtier.metrics import Metrics
-from kvtier.pins import PinTable
 from kvtier.storage import StorageManager
 from kvtier.tiers.disk import DiskTier
-
-
-@pytest.fixture
-def make_manager(tmp_path, layout):
-    """StorageManager over `slabs` one-chunk slabs, with a disk tier in tmp_path unless `disk=False`."""
-    managers: list[StorageManager] = []
-
-    def make(slabs: int = 16, disk: bool = True, tier_class=DiskTier, disk_bytes: int = 1 << 24,
-             **options) -> StorageManager:
-        metrics = Metrics(["cpu", "disk"] if disk else ["cpu"])
-        pool = MemoryPool(slabs * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
-        pins = PinTable()
-        namespace = Namespace.for_layout("storage-test", layout).digest()  # the `db` fixture's
-        lower = [tier_class(tmp_path / "disk", namespace, disk_bytes, pins.__contains__, metrics)
-                 ] if disk else []
-        manager = StorageManager(layout, pool, lower, metrics, pins=pins, io_threads=2, **options)
-        managers.append(manager)
-        return manager
-
-    yield make
-    for manager in managers:
-        manager.close()
-
-
-@pytest.fixture
-def db(layout) -> TokenDatabase:
-    return TokenDatabase(Namespace.for_layout("storage-test", layout), CHUNK)
-
-
-def tier_counter(manager: StorageManager, tier: str, name: str) -> int:
-    return int(manager.metrics.value(f"kvtier_tier_{name}_total", {"tier": tier}))
 
 
 def fetch(manager: StorageManager, spans, layout) -> tuple[torch.Tensor, int]:
@@ -488,3 +453,22 @@ def test_a_leased_chunk_whose_demotion_fails_stays_in_host_memory(make_manager, 
     assert manager.flush(timeout=10)
     assert manager.contains_prefix([k[0].key]) == 0
     manager.check_invariants()
+
+
+def test_a_record_with_a_valid_checksum_but_a_short_payload_is_a_miss_not_stale_slab_bytes(
+        make_manager, db, layout):
+    # Regression: a record whose header claims the right shape and dtype but whose (checksummed)
+    # payload is shorter passed the shape check, and the rest of the slab kept its old bytes.
+    from kvtier.record import encode_header
+    from kvtier.tiers.base import PutItem
+
+    manager = make_manager(slabs=4)
+    spans = db.spans(seeded_tokens(CHUNK, 1))
+    key, shape = spans[0].key, layout.chunk_shape(CHUNK)
+    short = torch.zeros(layout.chunk_bytes(CHUNK) // 2, dtype=torch.uint8)
+    assert manager.lower[0].put([PutItem(key, encode_header(key, shape, layout.dtype, short.numpy()), short)])
+
+    _, got = fetch(manager, spans, layout)
+
+    assert got == 0
+    assert tier_counter(manager, "disk", "corrupt") == 1 and manager.lower[0].has([key]) == [False]

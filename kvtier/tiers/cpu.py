@@ -29,6 +29,12 @@ class CpuEntry:
     readers: int = 0  # in-flight copies out of the slab; the slab stays while > 0
     detached: bool = False  # no longer indexed: the last reader frees the slab
     demoting: bool = False  # evicted, readable until its write below lands (then detached)
+    # The tiers below refused a write of it (no room, or failing): evicted unleased, it is dropped
+    # rather than written again (the store that needs its slab must not wait on a doomed write).
+    write_failed: bool = False
+    # Leased, and its demotion was refused: not pushed down again until room may have appeared
+    # below (a lease released, a chunk unpinned, a removal below).
+    refused: bool = False
 
 
 class CpuTier:
@@ -98,7 +104,7 @@ class CpuTier:
 
     def _evictable_leased(self, key: ChunkKey) -> bool:
         entry = self._entries[key]
-        return entry.readers == 0 and not self._is_pinned(key)
+        return entry.readers == 0 and not entry.refused and not self._is_pinned(key)
 
     def items(self) -> list[tuple[ChunkKey, CpuEntry]]:
         return list(self._entries.items())

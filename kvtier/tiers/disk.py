@@ -28,8 +28,10 @@ pool slab) or a 1-D C-contiguous numpy uint8 array (`kvtier_server`'s spill stor
 numpy array once per item, zero-copy; below that numpy only, so this module never imports torch
 and a process that only moves records need not load it (~250 MiB of RSS).
 
-Thread-safe: the index is guarded by a lock; file I/O runs outside it. Reads verify every record
-(magic, version, key, length, checksum); a bad file is a miss, counted and deleted. Every failure
+Thread-safe: the index is guarded by a lock; file I/O runs outside it, so a write of a key whose
+old record is being deleted (evicted, removed) waits for that unlink, at most UNLINK_WAIT_S, lest
+the late unlink delete the new record under an index entry that promises it. Reads verify every
+record (magic, version, key, length, checksum); a bad file is a miss, counted and deleted. Every failure
 (open, read, write, rename, unlink) is a counted miss, never an exception out of get/put/remove/
 clear; a record that failed to read is forgotten (and deleted) so lookup stops promising it, unless
 the process itself ran out of file descriptors or memory. The byte count is always the index's
@@ -84,6 +86,9 @@ logger = logging.getLogger(__name__)
 
 # Failures of the process, not of the record: the file is fine, so its index entry stays.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+# How long a write waits for the deletion of its key's old file (one unlink; a hung file system
+# makes the write a counted failure instead of a stuck write thread).
+UNLINK_WAIT_S = 10.0
 
 
 def _padded(n: int) -> int:
@@ -141,6 +146,16 @@ class DiskTier:
         self._scratch = _Scratch()
         self._lock = threading.Lock()
         self._sizes: dict[ChunkKey, int] = {}
+        # Keys forgotten whose files are being unlinked outside the lock, and writes in flight.
+        # An unlink deletes whatever record is at the key's name when it runs: a new record of
+        # that key renamed into place first would be the one deleted, and the index would promise
+        # a file that is gone. So a write of a key being unlinked waits for the unlink, and a write
+        # already in flight when its key starts being unlinked (a concurrent writer of the key
+        # indexed it, then it was evicted) is `clobbered`: it checks that its file survived.
+        self._unlinking: Counter[ChunkKey] = Counter()
+        self._unlinked = threading.Condition(self._lock)
+        self._writing: Counter[ChunkKey] = Counter()
+        self._clobbered: set[ChunkKey] = set()
         self._policy = LRUPolicy()
         self._used = 0
         self.start_counts: Counter[str] = self._rebuild()  # what the walk skipped or deleted
@@ -186,8 +201,14 @@ class DiskTier:
             return None
         for key in victims:
             self._forget(key)
+        self._unlinking_locked(victims)
         self._metrics.tier_inc(self.name, "evictions", len(victims))
         return victims
+
+    def _unlinking_locked(self, keys: list[ChunkKey]) -> None:
+        """`keys` (just forgotten) will be unlinked by the caller, outside the lock."""
+        self._unlinking.update(keys)
+        self._clobbered.update(key for key in keys if key in self._writing)
 
     def _forget(self, key: ChunkKey) -> bool:
         size = self._sizes.pop(key, None)
@@ -213,7 +234,8 @@ class DiskTier:
 
     def _unlink_all(self, keys: Sequence[ChunkKey]) -> None:
         """Best effort, never raises: a file that cannot go (a directory in its place, EPERM) is
-        logged and counted; its key is already out of the index and the byte count."""
+        logged and counted; its key is already out of the index and the byte count. `keys` were
+        marked as unlinking (`_make_room_locked`, `remove`); each is unmarked once done."""
         for key in keys:
             digest = key.digest.hex()
             try:
@@ -226,6 +248,23 @@ class DiskTier:
                 pass
             except OSError as exc:
                 self._failed("unlink", self._path(key), exc)
+            finally:
+                with self._lock:
+                    self._unlinking[key] -= 1
+                    if self._unlinking[key] <= 0:
+                        del self._unlinking[key]
+                        self._unlinked.notify_all()
+
+    def _exists(self, digest: str) -> bool:
+        try:
+            fd = self._shard_fd(digest)
+            try:
+                os.stat(digest + SUFFIX, dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return True
 
     def _failed(self, op: str, path: str, exc: OSError) -> None:
         logger.warning("disk tier: %s %s failed: %s", op, path, exc)
@@ -258,7 +297,10 @@ class DiskTier:
                 os.close(sfd)
         except FileNotFoundError:
             with self._lock:
-                self._forget(key)  # deleted behind our back
+                # Deleted behind our back. Checked again under the lock: a write of this key that
+                # renamed a new record into place since must keep the entry it adds (or added).
+                if not self._exists(digest):
+                    self._forget(key)
             return None
         except OSError as exc:
             return self._unreadable(key, "open", exc)
@@ -310,14 +352,21 @@ class DiskTier:
         payload = _as_array(item.payload)
         size = BLOCK + _padded(payload.size)
         with self._lock:
+            if not self._unlinked.wait_for(lambda: item.key not in self._unlinking, UNLINK_WAIT_S):
+                self._failed("write", self._path(item.key),
+                             OSError(errno.ETIMEDOUT, "its old file is still being deleted"))
+                return False
             if item.key in self._sizes:
                 self._policy.touch(item.key)
                 return True
+            self._writing[item.key] += 1
             # Reserve the bytes before writing so concurrent writers cannot overshoot capacity.
             victims = self._make_room_locked(size)
             if victims is not None:
                 self._used += size
         if victims is None:
+            with self._lock:
+                self._done_writing_locked(item.key)
             self._metrics.tier_inc(self.name, "rejected")
             return False
         stored = False
@@ -330,6 +379,9 @@ class DiskTier:
         finally:
             with self._lock:
                 self._used -= size  # the reservation goes back whatever happened
+                if stored and item.key in self._clobbered:
+                    stored = self._survived_locked(item.key)
+                self._done_writing_locked(item.key)
                 # A concurrent writer of the same key (write-through racing move_down) may have
                 # landed first; both renamed the same record into place, so index it once.
                 if stored and item.key not in self._sizes:
@@ -339,6 +391,19 @@ class DiskTier:
         if stored:
             self._metrics.tier_inc(self.name, "bytes_written", payload.size)
         return stored
+
+    def _survived_locked(self, key: ChunkKey) -> bool:
+        """Whether the record this write renamed into place is still there, once the unlink of
+        the key's previous record (which it may have met) is done."""
+        if not self._unlinked.wait_for(lambda: key not in self._unlinking, UNLINK_WAIT_S):
+            return False
+        return self._exists(key.digest.hex())
+
+    def _done_writing_locked(self, key: ChunkKey) -> None:
+        self._writing[key] -= 1
+        if self._writing[key] <= 0:
+            del self._writing[key]
+            self._clobbered.discard(key)
 
     def _write_file(self, key: ChunkKey, header: bytes, payload: np.ndarray) -> None:
         digest = key.digest.hex()
@@ -388,6 +453,7 @@ class DiskTier:
     def remove(self, keys: Sequence[ChunkKey]) -> int:
         with self._lock:
             gone = [key for key in keys if self._forget(key)]
+            self._unlinking_locked(gone)
         self._unlink_all(gone)
         return len(gone)
 
