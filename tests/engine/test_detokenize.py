@@ -147,3 +147,16 @@ def test_stream_deltas_add_up_to_the_final_text(stop):
     request = make_request(stop=stop, max_tokens=6)
     _, deltas = feed(request, [0, 1, 5, 2, 6, 3])
     assert "".join(deltas) == request.output_text
+
+
+def test_a_stop_string_whose_character_is_cut_between_tokens_is_found():
+    """Regression: the search for stop strings started after the previous text, whose last character
+    was a U+FFFD standing for the first byte of "é"; once the next byte turned it into "é", the stop
+    string "é" lay before the search window and never stopped the request."""
+    request = make_request(stop=("é",), max_tokens=10)
+    statuses, deltas = feed(request, list("aéb".encode()), ByteTokenizer())
+    assert statuses == [None, None, RequestStatus.FINISHED_STOPPED]
+    assert request.output_text == "a" and "".join(deltas) == "a"
+    request = make_request(stop=("b€",), max_tokens=10)  # the stop string straddles 4 byte tokens
+    statuses, _ = feed(request, list("ab€c".encode()), ByteTokenizer())
+    assert statuses[-1] is RequestStatus.FINISHED_STOPPED and request.output_text == "a"

@@ -101,3 +101,13 @@ def test_a_seeded_request_repeats_and_is_independent_of_its_batch():
     batched = [int(sample(rows[:2], [seeded, SamplingParams(seed=99)], [gen, other])[0]) for _ in range(5)]
     assert alone == batched
     assert len(set(alone)) > 1  # it is really sampling
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-46])
+def test_a_top_p_below_float32s_range_keeps_the_top_token_and_samples(top_p):
+    """Regression: top_p rounded to 0 in float32, every token was dropped, the row summed to 0 and
+    the request failed with a 500 (temperature 100, top_p 1e-300), though top_p is in (0, 1]."""
+    params = SamplingParams(temperature=100.0, top_p=top_p)
+    probs = filtered_probs(LOGITS, params)
+    assert probs.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert sample(LOGITS[None], [params], [None]) == [0]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import itertools
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +38,13 @@ from kvtier_engine.engine_loop import MAX_FAILED_STEPS, EngineLoop, EngineUnavai
 from kvtier_engine.llm_engine import EngineOptions, LLMEngine, RequestOutput
 from kvtier_engine.openai_protocol import InvalidRequest, parse_completion_request, sampling_params
 from kvtier_engine.request import RequestMetrics
+from kvtier_engine.server import ServedModel, build_app
+from kvtier_engine.tokenizer import ByteTokenizer
 
 MODEL = "random:llama-tiny"
 SERVED_NAME = "tiny"  # the plain server's --served-model-name
 START_DEADLINE_S = 60.0
+READ_TIMEOUT_S = 3  # the plain server's --read-timeout
 KVTIER_YAML = """\
 chunk_size: 32
 save_partial_chunks: true
@@ -149,7 +155,8 @@ def kvtier_config(tmp_path_factory) -> Path:
 def servers(tmp_path_factory, kvtier_config):
     """(plain server, kvtier server), started side by side."""
     logs = tmp_path_factory.mktemp("logs")
-    started = [launch(logs / "plain.log", "--served-model-name", SERVED_NAME),
+    started = [launch(logs / "plain.log", "--served-model-name", SERVED_NAME, "--read-timeout",
+                      str(READ_TIMEOUT_S)),
                launch(logs / "kvtier.log", "--kvtier-config", str(kvtier_config))]
     try:
         for server in started:
@@ -397,6 +404,67 @@ def test_a_chunked_body_over_the_limit_gets_413_and_memory_stays_bounded(server)
     assert server.complete(prompt="still serving", **greedy(2))["usage"]["completion_tokens"] >= 1
 
 
+def closed_by_server(sock: socket.socket, trickle: bytes = b"") -> bool:
+    """Whether the server closes `sock` within READ_TIMEOUT_S + 10 s, while we send `trickle` a byte
+    every 0.2 s (nothing arrives for the client: it sent no complete request)."""
+    deadline = time.monotonic() + READ_TIMEOUT_S + 10
+    sock.settimeout(0.2)
+    for i in itertools.count():
+        if time.monotonic() > deadline:
+            return False
+        try:
+            if trickle:
+                sock.send(trickle[i % len(trickle):i % len(trickle) + 1])
+            if sock.recv(1) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:  # reset, or a send after the close
+            return True
+    return False
+
+
+def test_a_connection_that_sends_no_complete_request_head_is_closed(server):
+    # uvicorn arms its idle timer only after a response and cancels it on any byte: a socket that
+    # sent nothing, half a head, or a header line now and then was held for good (slowloris: the
+    # server ran out of file descriptors and refused everyone).
+    sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+    try:
+        silent, partial, trickling = sockets
+        partial.sendall(HEAD)
+        # After a whole request on the same connection, the next head gets the same deadline.
+        get = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
+        trickling.sendall(get)
+        assert read_response(trickling)[0] == 200
+        with ThreadPoolExecutor(3) as pool:
+            closed = list(pool.map(closed_by_server, sockets, [b"", b"", b"X-Slow: 1\r\n"]))
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert closed == [True, True, True]
+    assert server.get("/health")[0] == 200
+
+
+def test_a_pipelined_request_running_past_the_head_deadline_is_not_cut(server):
+    body = json.dumps({"prompt": "pipelined", "max_tokens": 16000, "ignore_eos": True, "stream": True})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n" + HEAD
+                     + b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        end = time.monotonic() + READ_TIMEOUT_S + 2  # the stream outlives a head deadline
+        while time.monotonic() < end:
+            assert reader.readline(), "the server closed the connection of a running request"
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=READ_TIMEOUT_S + 20) as sock:
+        sock.sendall(HEAD + b"Content-Length: 100\r\n\r\n{")  # and the other 99 bytes never
+        status, body = read_response(sock)
+    assert status == 408 and "did not arrive" in json.loads(body)["error"]["message"]
+    assert server.complete(prompt="still serving", **greedy(2))["usage"]["completion_tokens"] >= 1
+
+
 def test_metrics_carry_kvtier_lease_pin_and_pool_gauges(servers):
     text = servers[1].get("/metrics")[1].decode()
     for name in ("kvtier_leased_chunks", "kvtier_pinned_chunks", "kvtier_pool_slabs_used",
@@ -450,6 +518,34 @@ def test_sigterm_drains_kvtier_to_disk_and_exits_0(tmp_path):
     # Every whole chunk of every prompt (prompts differ from their first token, so chunks are distinct).
     assert len([f for f in files if f.name.endswith(SUFFIX)]) >= sum(
         b["usage"]["prompt_tokens"] // 32 for b in bodies)
+
+
+def test_requests_still_running_when_the_grace_period_ends_get_a_503_not_a_cut(tmp_path):
+    # uvicorn cancelled the handlers still running after the grace period: a stream stopped mid-way
+    # without an error event or [DONE], and a plain request got a plain-text 500 (not retryable).
+    server = launch(tmp_path / "server.log")
+    long = {"prompt": "a request longer than the grace period", "max_tokens": 16000, "ignore_eos": True}
+    try:
+        server.wait_ready()
+        streaming = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        streaming.request("POST", "/v1/completions", json.dumps({**long, "stream": True}))
+        stream = streaming.getresponse()
+        assert stream.status == 200 and stream.readline().startswith(b"data: ")  # it is running
+        with ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(server.post, long)
+            deadline = time.monotonic() + 20
+            while metric(server, "kvtier_engine_running_requests") < 2:
+                assert time.monotonic() < deadline, "the second request never started"
+                time.sleep(0.05)
+            server.proc.send_signal(signal.SIGTERM)
+            events = [e for e in stream.read().decode().split("\n\n") if e]
+            status, body = plain.result(timeout=60)
+        code = server.proc.wait(timeout=40)
+    finally:
+        server.stop()
+    assert events[-1] == "data: [DONE]" and '"error"' in events[-2], events[-2:]
+    assert status == 503 and body["error"]["type"] == "server_error"
+    assert code == 0, server.log.read_text()
 
 
 def test_an_engine_that_cannot_run_fails_health_and_exits_non_zero(tmp_path):
@@ -518,6 +614,11 @@ def test_cli_parses_serve_options():
     assert (args.kv_cache_bytes, args.max_num_seqs) == (64 << 20, 4)
     assert args.max_body_bytes == 8 << 20
     assert build_parser().parse_args(["serve", MODEL, "--max-body-bytes", "1MiB"]).max_body_bytes == 1 << 20
+    assert args.read_timeout == 30.0
+    assert build_parser().parse_args(["serve", MODEL, "--read-timeout", "2.5"]).read_timeout == 2.5
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", MODEL, "--read-timeout", bad])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", MODEL, "--kv-cache-bytes", "lots"])
 
@@ -638,3 +739,142 @@ def test_a_failed_step_with_save_partial_chunks_does_not_stop_the_engine_loop(tm
     assert isinstance(first, RequestOutput) and first.finished
     assert isinstance(failed, RequestFailed) and failed.status == 500
     assert isinstance(served, RequestOutput) and served.finished and alive
+
+
+
+
+class CountingEngine(FakeEngine):
+    """Every step gives each request one more token, as LLMEngine's outputs do: the whole text and
+    token list so far, and the new ones; a request for prompt [n] finishes at n tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths: dict[str, int] = {}
+
+    def add_request(self, prompt, params, request_id):
+        self.pending[request_id], self.lengths[request_id] = [], prompt[0]
+
+    def step(self):
+        outputs = []
+        for rid, tokens in list(self.pending.items()):
+            tokens.append(7)
+            done = len(tokens) >= self.lengths[rid]
+            if done:
+                del self.pending[rid]
+            outputs.append(RequestOutput(rid, None, [1], "x" * len(tokens), list(tokens), done,
+                                         "length" if done else None, RequestMetrics(0.0), "x", (7,)))
+        return outputs
+
+
+def test_a_stream_nobody_reads_holds_one_output_not_every_step_of_them():
+    # Each output carries the whole text and token list so far; those of a client that stopped
+    # reading (its socket full) stayed queued, one per step: memory quadratic in the stream's length
+    # (a 16K-token stream held ~1 GiB). Outputs not yet taken are merged into the latest.
+    length = 2000  # queued, they held ~20 MB
+
+    async def story():
+        loop = EngineLoop(CountingEngine())
+        loop.start()
+        try:
+            stream = loop.submit([length], SamplingParams(), "slow")
+            first = await stream.next()
+            tracemalloc.start()  # the client stops reading until the engine is done
+            try:
+                deadline = time.monotonic() + 30
+                while loop.engine.has_unfinished():
+                    assert time.monotonic() < deadline, "the engine did not finish"
+                    await asyncio.sleep(0.01)
+                # Delivered after the last of the slow stream's outputs: once it is here, they are.
+                await loop.submit([1], SamplingParams(), "probe").next()
+                held = tracemalloc.get_traced_memory()[0]
+            finally:
+                tracemalloc.stop()
+            rest = await stream.next()
+            return first, rest, held
+        finally:
+            loop.close()
+
+    first, rest, held = asyncio.run(story())
+    assert held < 2 << 20, f"{held} bytes held for one unread stream"
+    assert rest.finished and len(rest.token_ids) == length
+    assert first.new_token_ids + rest.new_token_ids == (7,) * length  # no delta lost in the merge
+    assert first.new_text + rest.new_text == "x" * length
+
+
+class RecordingEngine(FakeEngine):
+    tokenizer = ByteTokenizer()
+
+    def __init__(self):
+        super().__init__()
+        self.added: list = []
+
+    def add_request(self, prompt, params, request_id):
+        self.added.append(prompt)
+        super().add_request(prompt, params, request_id)
+
+
+async def asgi_post(app, body: dict | bytes, length: int | None = None) -> tuple[int, dict | None]:
+    """POST /v1/completions to an ASGI app, in-process; a `length` over the body's is a client that
+    disconnects after sending what it has."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                          (b"content-length", str(length or len(raw)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    messages = [{"type": "http.request", "body": raw, "more_body": length is not None}]
+    if length is not None:
+        messages.append({"type": "http.disconnect"})
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # no disconnect: the client waits for its answer
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(body) if body else None
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_the_engine_thread():
+    # An 8 MiB prompt was tokenized and scanned on the engine's thread before its 400: every running
+    # stream stalled ~0.6 s per such request. Its length is checked first, off the engine thread.
+    engine = RecordingEngine()
+
+    async def story():
+        loop = EngineLoop(engine)
+        loop.start()
+        try:
+            app = build_app(loop, ServedModel("m", max_model_len=64, created=0))
+            refused = [await asgi_post(app, {"prompt": prompt}) for prompt in ("x" * 64, [1] * 64)]
+            served = await asgi_post(app, {"prompt": "x" * 63, "max_tokens": 1})
+            return refused, served
+        finally:
+            loop.close()
+
+    refused, served = asyncio.run(story())
+    assert [(status, body["error"]["param"]) for status, body in refused] == [(400, "prompt")] * 2
+    assert "64 tokens" in refused[0][1]["error"]["message"]
+    assert served[0] == 200 and engine.added == [[ord("x")] * 63]
+
+
+def test_a_client_gone_mid_body_is_not_an_unhandled_error(caplog):
+    # Starlette's ClientDisconnect reached the catch-all handler: "unhandled error" and uvicorn's
+    # "Exception in ASGI application", two tracebacks at ERROR for every 50-byte connection.
+    async def story():
+        loop = EngineLoop(RecordingEngine())
+        loop.start()
+        try:
+            app = build_app(loop, ServedModel("m", max_model_len=64, created=0))
+            return await asgi_post(app, b'{"prompt": "half a bo', length=100)
+        finally:
+            loop.close()
+
+    with caplog.at_level(logging.ERROR):
+        status, _ = asyncio.run(story())
+    assert status == 499 and not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from kvtier.config import load_config, parse_size
 from kvtier.errors import ConfigError
 from kvtier_engine.llm_engine import EngineOptions
-from kvtier_engine.server import DEFAULT_MAX_BODY_BYTES, serve
+from kvtier_engine.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_READ_TIMEOUT_S, serve
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 EXIT_CONFIG = 2  # as argparse's usage errors: the command line or its files are wrong
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--max-body-bytes", type=_size("--max-body-bytes"), default=DEFAULT_MAX_BODY_BYTES,
                        metavar="N", help="largest request body accepted, larger ones get 413 "
                        "(default: %(default)s bytes)")
+    command.add_argument("--read-timeout", type=_seconds, default=DEFAULT_READ_TIMEOUT_S, metavar="S",
+                       help="seconds a connection may take to send a request head, and then its body "
+                       "(a late body gets 408) (default: %(default)s)")
     command.add_argument("--max-num-seqs", type=_positive, default=defaults.max_num_seqs, metavar="N")
     command.add_argument("--max-num-batched-tokens", type=_positive,
                        default=defaults.max_num_batched_tokens, metavar="N")
@@ -68,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens)
         status = serve(options, args.host, args.port, args.served_model_name, args.log_level,
-                       args.max_body_bytes)
+                       args.max_body_bytes, args.read_timeout)
     except ConfigError as exc:  # also what the tiers find wrong when they open (paths, sizes)
         print(f"kvtier_engine: configuration error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
@@ -83,6 +86,13 @@ def _size(flag: str):
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -18,7 +18,11 @@ def append_token(request: Request, token: int, tokenizer: Tokenizer,
     params = request.params
     if token == tokenizer.eos_token_id and not params.ignore_eos:
         return RequestStatus.FINISHED_STOPPED
-    previous = len(request.output_text)
+    # A trailing U+FFFD may be a character cut between tokens (the byte-level tokenizer cuts every
+    # non-ASCII one) that this token completes: the search starts before it, or a stop string
+    # holding that character is never found. Its first bytes give at most 3 of them.
+    tail = request.output_text[-3:]
+    previous = len(request.output_text) - (len(tail) - len(tail.rstrip("\ufffd")))
     request.output_text = tokenizer.decode(request.output_token_ids)
     if params.stop:
         # A stop string can straddle the previous text and the new token's text.

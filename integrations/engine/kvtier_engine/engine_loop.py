@@ -10,8 +10,9 @@ runs on the loop's own thread, because LLMEngine is not thread-safe.
     await stream.next() <--call_soon_threadsafe--    each step's RequestOutput, or RequestFailed
 
 The thread steps while the engine has unfinished requests and blocks on the inbox when it has none:
-no polling. Lifecycle: EngineLoop(engine) -> start() -> submit()/abort() ... -> close(), which stops
-the thread (failing what is still running with 503) and then closes the engine.
+no polling. Lifecycle: EngineLoop(engine) -> start() -> submit()/abort() ... -> [stop()] -> close().
+stop() asks the thread to end without waiting (what is still running fails with 503); close() stops
+it, waits for it, and then closes the engine.
 
 Failures never leave a client waiting, and fail no more requests than they must:
 - add_request rejecting a request (ValueError: token id out of range, too long, bad parameters)
@@ -32,6 +33,7 @@ final KV saves to kvtier before the engine closes, which drains kvtier's writes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -91,22 +93,48 @@ class _EngineBroken(Exception):
 
 
 class RequestStream:
-    """The event-loop side of one request: `await next()` until an output is `finished`."""
+    """The event-loop side of one request: `await next()` until an output is `finished`.
 
-    def __init__(self, request_id: str, events: asyncio.Queue[Event], abort: Callable[[str], None]):
+    Outputs the client has not taken yet are merged, not queued: each carries the whole text and
+    token list so far, so one per step, held for a client that stopped reading (its socket full),
+    would be memory quadratic in the request's length. `next()` returns the latest output with the
+    deltas (`new_text`, `new_token_ids`) of every output since the previous call joined."""
+
+    def __init__(self, request_id: str, abort: Callable[[str], None]):
         self.request_id = request_id
         self.done = False  # finished, failed or aborted: nothing more will come
-        self._events = events
         self._abort = abort
+        self._latest: RequestOutput | None = None
+        self._texts: list[str] = []
+        self._tokens: list[int] = []
+        self._failure: RequestFailed | None = None
+        self._arrived = asyncio.Event()
+
+    def put(self, event: Event) -> None:
+        """On the event loop: an output, or the failure that ends the request."""
+        if isinstance(event, RequestFailed):
+            self._failure = event
+        else:
+            self._latest = event
+            self._texts.append(event.new_text)
+            self._tokens.extend(event.new_token_ids)
+        self._arrived.set()
 
     async def next(self) -> RequestOutput:
         """The request's next output. Raises `RequestFailed` if the engine gave up on it."""
-        event = await self._events.get()
-        if isinstance(event, RequestFailed):
-            self.done = True
-            raise event
-        self.done = event.finished
-        return event
+        while self._latest is None:
+            if self._failure is not None:
+                self.done = True
+                raise self._failure
+            self._arrived.clear()
+            await self._arrived.wait()
+        output = self._latest
+        if len(self._texts) > 1:
+            output = dataclasses.replace(output, new_text="".join(self._texts),
+                                         new_token_ids=tuple(self._tokens))
+        self._latest, self._texts, self._tokens = None, [], []
+        self.done = output.finished
+        return output
 
     def abort(self) -> None:
         """Stop the request (the client went away). Idempotent; a no-op once it is done."""
@@ -126,6 +154,7 @@ class EngineLoop:
         # no _Add can land in the inbox after the drain and wait forever.
         self._lock = threading.Lock()
         self._accepting = False
+        self._stopping = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kvtier-engine-loop", daemon=True)
         self._streams: dict[str, Deliver] = {}  # engine thread only
@@ -142,11 +171,11 @@ class EngineLoop:
     def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> RequestStream:
         """Queue a request; its outputs arrive on the calling event loop. Raises EngineUnavailable."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        stream = RequestStream(request_id, self.abort)
 
         def deliver(event: Event) -> None:
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                loop.call_soon_threadsafe(stream.put, event)
             except RuntimeError:  # the event loop has closed: nobody is waiting any more
                 pass
 
@@ -154,7 +183,7 @@ class EngineLoop:
             if not self._accepting:
                 raise EngineUnavailable()
             self._inbox.put(_Add(request_id, prompt, params, deliver))
-        return RequestStream(request_id, events, self.abort)
+        return stream
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -164,13 +193,22 @@ class EngineLoop:
         # kvtier's storage manager are both safe to read from any thread.
         return self.engine.prometheus_text()
 
+    def stop(self) -> None:
+        """Ask the thread to end, without waiting: unfinished requests fail with 503 and their KV goes
+        to kvtier. From any thread; idempotent."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        self._inbox.put(_Stop())
+
     def close(self, timeout: float | None = 60.0) -> None:
         """Stop the thread, failing unfinished requests with 503, then close the engine. Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._thread.is_alive():
-            self._inbox.put(_Stop())
+            self.stop()
             self._thread.join(timeout)
             if self._thread.is_alive():
                 # Closing the engine under a step would be worse than leaving it to process exit.

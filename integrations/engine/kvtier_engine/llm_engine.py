@@ -124,13 +124,15 @@ class LLMEngine:
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        # The length first: a prompt far over the context is refused without a pass over its ids.
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the "
                              f"{self.max_model_len}-token context")
+        ids = [int(t) for t in ids]
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -61,8 +61,9 @@ class CompletionHead:
     model: str
 
 
-def parse_completion_request(body: object) -> CompletionRequest:
-    """Validate a decoded `POST /v1/completions` body. Raises `InvalidRequest` (-> 400)."""
+def parse_completion_request(body: object, max_model_len: int | None = None) -> CompletionRequest:
+    """Validate a decoded `POST /v1/completions` body. Raises `InvalidRequest` (-> 400), also for a
+    list of token ids that leaves no room in `max_model_len` (found by its length alone)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     for key in body:
@@ -79,7 +80,8 @@ def parse_completion_request(body: object) -> CompletionRequest:
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise InvalidRequest("'stream_options' must be an object with only 'include_usage'", "stream_options")
     include_usage = _bool(options or {}, "include_usage", False, "stream_options.include_usage")
-    return CompletionRequest(model, _prompt(body.get("prompt")), sampling_params(body), stream, include_usage)
+    prompt = _prompt(body.get("prompt"), max_model_len)
+    return CompletionRequest(model, prompt, sampling_params(body), stream, include_usage)
 
 
 def sampling_params(body: dict[str, Any]) -> SamplingParams:
@@ -142,7 +144,13 @@ def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
     return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
 
-def _prompt(value: object) -> str | tuple[int, ...]:
+def check_prompt_length(num_tokens: int, max_model_len: int | None) -> None:
+    if max_model_len is not None and num_tokens >= max_model_len:
+        raise InvalidRequest(f"prompt of {num_tokens} tokens leaves no room in the {max_model_len}-token "
+                             "context", "prompt")
+
+
+def _prompt(value: object, max_model_len: int | None) -> str | tuple[int, ...]:
     if isinstance(value, list) and value and isinstance(value[0], str | list):
         if len(value) > 1:
             raise InvalidRequest(f"a batch of {len(value)} prompts is not supported: send one request per "
@@ -152,6 +160,8 @@ def _prompt(value: object) -> str | tuple[int, ...]:
         if not value:
             raise InvalidRequest("'prompt' must not be empty", "prompt")
         return value
+    if isinstance(value, list):
+        check_prompt_length(len(value), max_model_len)  # before a pass over ids that may be millions
     if isinstance(value, list) and value and all(_is_int(t) and t >= 0 for t in value):
         return tuple(value)
     if value is None:

@@ -86,7 +86,11 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
-        sorted_probs[before >= params.top_p] = 0.0  # the first token always stays
+        # The first token always stays, by position: a top_p below float32's range (1e-300) rounds
+        # to 0, `before >= 0` holds for every token, and an all-zero row would make the sum NaN.
+        drop = before >= params.top_p
+        drop[0] = False
+        sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs / probs.sum()
 

@@ -8,26 +8,32 @@
 
 Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for a body that is not
 JSON or not a valid request (wire format and parameter ranges in `openai_protocol.py`) or a prompt
-the model cannot take; 404 for another model's name or an unknown path; 413 for a body over
-`max_body_bytes` (refused before it is read: `body_limit.py`); 500 when the engine fails while running
-the request (only the requests it failed for: `engine_loop.py`); 503 when the engine loop has
-stopped. A streamed request that fails after its first chunk ends with a `data: {"error": ...}`
-event and `[DONE]` (the 200 has gone out by then). A stream waits for its first output before
-answering, so failures up to then get their real status.
+the model cannot take; 404 for another model's name or an unknown path; 408 for a body not received
+within `read_timeout_s`; 413 for a body over `max_body_bytes` (refused before it is read:
+`body_limit.py`); 500 when the engine fails while running the request (only the requests it failed
+for: `engine_loop.py`); 503 when the engine loop has stopped. A streamed request that fails after
+its first chunk ends with a `data: {"error": ...}` event and `[DONE]` (the 200 has gone out by
+then). A stream waits for its first output before answering, so failures up to then get their real
+status.
 
 Process life (`serve`): SIGINT or SIGTERM stops accepting connections, gives running requests
-GRACEFUL_SHUTDOWN_S, then closes the engine, which hands the remaining KV to kvtier and drains its
-queued writes; the process then exits 0. If the engine becomes unusable, /health answers 503, the
+GRACEFUL_SHUTDOWN_S, then ends those still running with a 503 (a stream: an error event and
+`[DONE]`), then closes the engine, which hands the remaining KV to kvtier and drains its queued
+writes; the process then exits 0. If the engine becomes unusable, /health answers 503, the
 server shuts down the same way and `serve` returns EXIT_ENGINE_FAILED, for a supervisor to restart.
 
-Where it runs: handlers run on uvicorn's event loop and never touch the engine; the EngineLoop's
-thread does. A client that disconnects, streaming or not, has its request aborted in the engine.
+Where it runs: handlers run on uvicorn's event loop and never touch the engine (text prompts are
+tokenized on a worker thread: tokenizers are thread-safe); the EngineLoop's thread does. A client
+that disconnects, streaming or not, has its request aborted in the engine.
+A connection that sends no complete request head within `read_timeout_s` (of opening, or of its
+previous response) is closed (`http_protocol.py`), so idle or trickling sockets cannot pile up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -43,29 +49,38 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from kvtier_engine.body_limit import BodyLimit
 from kvtier_engine.engine_loop import EngineLoop, RequestFailed, RequestStream
+from kvtier_engine.http_protocol import HeadDeadlineProtocol
 from kvtier_engine.llm_engine import EngineOptions, LLMEngine, RequestOutput
 from kvtier_engine.openai_protocol import (
     CompletionHead,
     CompletionRequest,
     InvalidRequest,
+    check_prompt_length,
     completion_body,
     completion_chunk,
     error_body,
     parse_completion_request,
     usage_chunk,
 )
+from kvtier_engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# On SIGINT/SIGTERM, how long running requests get to finish before they are cancelled (and aborted).
+# On SIGINT/SIGTERM, how long running requests get to finish before the engine ends them (503).
 GRACEFUL_SHUTDOWN_S = 5.0
+# Then how long their handlers get to send the 503s before uvicorn cancels them.
+SHUTDOWN_ANSWER_S = 5.0
 # The largest request body accepted (413 beyond). A prompt of 128K token ids is under 1 MiB of JSON;
 # the rest is room for text prompts and escaped characters.
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+# A request's head must arrive within this of the connection opening (or of the previous response),
+# and its body within this of the head: a client that trickles bytes cannot hold a socket for good.
+DEFAULT_READ_TIMEOUT_S = 30.0
 EXIT_ENGINE_FAILED = 1  # serve's return value when the engine became unusable
 T = TypeVar("T")
 
@@ -85,12 +100,16 @@ class _ClientGone(Exception):
     pass
 
 
-def build_app(engine_loop: EngineLoop, model: ServedModel,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def build_app(engine_loop: EngineLoop, model: ServedModel, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> FastAPI:
     """The ASGI app. The caller owns `engine_loop`: it starts it before serving and closes it after."""
     app = FastAPI(title="kvtier_engine", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _install_error_handlers(app)
+    # Text is tokenized here, on a worker thread, and checked against the context before the engine
+    # sees it: on the engine's thread, an 8 MiB prompt stalled every running stream for ~0.6 s
+    # before its 400. Tokenizers are thread-safe (and hold no engine state).
+    tokenizer = engine_loop.engine.tokenizer
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -110,11 +129,18 @@ def build_app(engine_loop: EngineLoop, model: ServedModel,
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = parse_completion_request(_decode_json(await request.body()))
+        try:
+            raw = await asyncio.wait_for(request.body(), read_timeout_s)
+        except TimeoutError:
+            raise HTTPException(408, f"the request body did not arrive within {read_timeout_s} s",
+                                headers={"Connection": "close"}) from None
+        except ClientDisconnect:  # gone mid-body: nobody to answer (it was 2 tracebacks at ERROR)
+            return Response(status_code=499)
+        body = parse_completion_request(_decode_json(raw), model.max_model_len)
         if body.model is not None and body.model != model.name:
             raise _ModelNotFound(body.model)
         head = CompletionHead(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name)
-        prompt = body.prompt if isinstance(body.prompt, str) else list(body.prompt)
+        prompt = await _token_ids(body.prompt, tokenizer, model.max_model_len)
         stream = engine_loop.submit(prompt, body.params, head.id)
         streaming = False
         try:
@@ -141,18 +167,20 @@ def build_app(engine_loop: EngineLoop, model: ServedModel,
 
 def serve(options: EngineOptions, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, log_level: str = "info",
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> int:
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> int:
     """Load the model, then serve until SIGINT/SIGTERM (returns 0) or until the engine becomes
     unusable (returns EXIT_ENGINE_FAILED); either way the engine is closed and kvtier drained first.
 
     Blocking; it handles SIGINT and SIGTERM while serving, so call it from the main thread."""
     engine = LLMEngine(options)
     model = ServedModel(served_model_name or options.model, engine.max_model_len, int(time.time()))
-    return run_server(engine, model, host, port, log_level, max_body_bytes)
+    return run_server(engine, model, host, port, log_level, max_body_bytes, read_timeout_s)
 
 
 def run_server(engine: LLMEngine, model: ServedModel, host: str, port: int, log_level: str = "info",
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> int:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> int:
     """`serve` for an engine already built (it is closed on the way out)."""
     broken = threading.Event()
 
@@ -161,9 +189,11 @@ def run_server(engine: LLMEngine, model: ServedModel, host: str, port: int, log_
         server.should_exit = True  # uvicorn's main loop polls it; a graceful shutdown follows
 
     engine_loop = EngineLoop(engine, on_broken)
-    config = uvicorn.Config(build_app(engine_loop, model, max_body_bytes), host=host, port=port,
-                            log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(build_app(engine_loop, model, max_body_bytes, read_timeout_s), host=host,
+                            port=port, log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + SHUTDOWN_ANSWER_S,
+                            http=functools.partial(HeadDeadlineProtocol, head_timeout_s=read_timeout_s))
+    server = _Server(config, engine_loop)
     with _exit_on_signals(server):
         engine_loop.start()
         try:
@@ -175,6 +205,24 @@ def run_server(engine: LLMEngine, model: ServedModel, host: str, port: int, log_
                      EXIT_ENGINE_FAILED)
         return EXIT_ENGINE_FAILED
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown ends the requests still running after
+    GRACEFUL_SHUTDOWN_S through the engine loop (their handlers answer 503) instead of leaving
+    uvicorn to cancel the handlers: that cut streams short without an error or `[DONE]`, and
+    answered the others with a plain-text 500."""
+
+    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop):
+        super().__init__(config)
+        self._engine_loop = engine_loop
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        stop = asyncio.get_running_loop().call_later(GRACEFUL_SHUTDOWN_S, self._engine_loop.stop)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            stop.cancel()
 
 
 @contextlib.contextmanager
@@ -198,6 +246,17 @@ def _exit_on_signals(server: uvicorn.Server) -> Iterator[None]:
 
 
 # -- completions ---------------------------------------------------------------------------------
+
+
+async def _token_ids(prompt: str | tuple[int, ...], tokenizer: Tokenizer, max_model_len: int) -> list[int]:
+    if not isinstance(prompt, str):
+        return list(prompt)
+    try:
+        ids = await asyncio.to_thread(tokenizer.encode, prompt)
+    except ValueError as exc:  # e.g. a lone surrogate (JSON's "\ud800") cannot be encoded
+        raise InvalidRequest(f"the prompt cannot be tokenized: {exc}", "prompt") from None
+    check_prompt_length(len(ids), max_model_len)
+    return ids
 
 
 async def _until_finished(stream: RequestStream) -> RequestOutput:
