@@ -135,6 +135,7 @@ class DiskTier:
         self._root = str(self.root)
         self._root_fd = open_root(Path(path), self.root)
         self._close_root = weakref.finalize(self, os.close, self._root_fd)
+        self._old_roots: list[weakref.finalize] = []  # namespace directories deleted while open
         self.capacity_bytes = capacity_bytes
         self.fsync = fsync
         self._is_pinned = is_pinned
@@ -228,9 +229,28 @@ class DiskTier:
             if not create:
                 raise
         # The first file of its shard: mkdir on demand rather than a syscall per write.
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(digest[:2], dir_fd=self._root_fd)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            # The namespace directory itself was deleted (an operator's rm -rf): writes go to a new
+            # one at the same path instead of failing until a restart.
+            self._reopen_root()
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(digest[:2], dir_fd=self._root_fd)
         return os.open(digest[:2], DIR_FLAGS, dir_fd=self._root_fd)
+
+    def _reopen_root(self) -> None:
+        with self._lock:
+            if os.fstat(self._root_fd).st_nlink:  # still linked: not deleted, or already reopened
+                raise FileNotFoundError(f"cannot create a shard directory in {self.root}")
+            os.makedirs(self.root, exist_ok=True)
+            fd = os.open(self.root, DIR_FLAGS)  # O_NOFOLLOW, as at start
+            # The old descriptor stays open until close(): another thread may be using its number.
+            self._old_roots.append(self._close_root)
+            self._root_fd = fd
+            self._close_root = weakref.finalize(self, os.close, fd)
 
     def _unlink_all(self, keys: Sequence[ChunkKey]) -> None:
         """Best effort, never raises: a file that cannot go (a directory in its place, EPERM) is
@@ -470,3 +490,5 @@ class DiskTier:
         the last operation has returned; later calls fail as counted misses."""
         self._root_fd = -1
         self._close_root()
+        for close_old in self._old_roots:
+            close_old()

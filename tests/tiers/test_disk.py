@@ -696,3 +696,19 @@ def test_a_disk_path_that_is_not_a_writable_directory_is_a_config_error_naming_i
 
     with pytest.raises(ConfigError, match=re.escape(str(path))):
         make_tier(path)
+
+
+def test_a_namespace_directory_deleted_while_running_is_recreated_for_new_writes(tmp_path, layout):
+    # Regression: the tier held a descriptor of the deleted directory, so after an operator's
+    # rm -rf every write failed until the process restarted.
+    tier = make_tier(tmp_path)
+    old, new = record(1, layout), record(2, layout)
+    assert tier.put([old]) == [True]
+    shutil.rmtree(tier.root)
+
+    assert tier.put([new]) == [True]
+    dest = torch.empty(FILE_BYTES - BLOCK, dtype=torch.uint8)
+    assert tier.get([new.key], [dest])[0] is not None and torch.equal(dest[:new.payload.numel()], new.payload)
+    assert tier.get([old.key], [dest]) == [None]  # gone with the directory: a miss, then forgotten
+    assert tier.usage().chunks == 1 and tier.path_for(new.key).is_file()
+    tier.close()
