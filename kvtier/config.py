@@ -11,24 +11,27 @@ Where the config comes from, in order (later wins):
        KVTIER_DISK__IO_THREADS=2        -> disk: {io_threads: 2}
        KVTIER_DISK=null                 -> disk: null   (no disk tier)
 
-   The key part after `KVTIER_` is case-insensitive. A string-typed key takes the raw text, never
-   parsed (`KVTIER_SALT=123` is the salt "123", `KVTIER_REMOTE__TOKEN='s3cret #1'` the whole token);
-   only an optional string reads the exact text `null` as None. Every other value (numbers,
+   The key part after `KVTIER_` is case-insensitive (two variables naming one key, such as
+   `KVTIER_CHUNK_SIZE` and `KVTIER_chunk_size`, are an error). A string-typed key takes the raw
+   text, never parsed (`KVTIER_SALT=123` is the salt "123", `KVTIER_REMOTE__TOKEN='s3cret #1'` the
+   whole token); only an optional string reads the exact text `null` as None. Every other value (numbers,
    booleans, sizes, whole sections) is read as YAML ("128" is an int, "true" a bool, "null" None).
    All are then validated exactly like a file value. Whole-section overrides apply before field
    overrides, and a field override on a disabled (null) section re-enables it from that section's
    defaults. `KVTIER_CONFIG` itself is not an override.
 
 Validation is strict, fails closed and is generic: it walks the dataclass fields, their type hints
-and their metadata (`size`, `memory`, `min`, `max`, `choices`, `path`, `url`, `secret`, `empty`), so a
-new section (redis, remote, ...) is just a new dataclass. A string is never empty unless its field
-says so (an empty host would bind every interface, an empty token would be a secret anyone knows);
-floats are finite; ints fit in 64 bits. YAML is read by `kvtier.config_yaml` (bounded size and
-nesting, no aliases). After the overrides, what depends on the machine is checked once: a `path` must
-be a directory or not exist yet, a `memory` size must fit in physical memory. Any problem raises one
-`ConfigError` naming the dotted key and where it came from (the file, or the environment variable),
-and never showing the value of a `secret` key or the credentials of a URL. Loading is side-effect
-free apart from reading the file and stat-ing the paths; nothing is created on disk here.
+and their metadata (`size`, `memory`, `min`, `max`, `max_bytes`, `choices`, `path`, `url`, `host`,
+`secret`, `empty`), so a new section (redis, remote, ...) is just a new dataclass. A string is never
+empty unless its field says so (an empty host would bind every interface, an empty token would be a
+secret anyone knows); floats are finite; ints fit in 64 bits. YAML is read by `kvtier.config_yaml`
+(bounded size and nesting, no aliases). After the overrides, what depends on the machine is checked
+once: a `path` must be a directory or not exist yet, a `memory` size must fit in physical memory.
+Any problem raises one `ConfigError` naming the dotted key and where it came from (the file, or
+the environment variable), and never showing the value of a `secret` key (tokens, the salt) or the
+credentials or query of a URL, wherever the URL was written. YAML 1.1's surprises are refused
+rather than read: `07000` (octal), `1:20` (base 60). Loading is side-effect free apart from reading
+the file and stat-ing the paths; nothing is created on disk here.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ from kvtier.config_values import (
     MAX_SIZE,
     GiB,
     check_directory,
+    check_host,
     check_memory,
     check_text,
     check_url,
+    hide_url_secrets,
     parse_size,
     show,
     show_key,
@@ -66,6 +71,10 @@ SERVER_ENV_PREFIX = "KVTIER_SERVER_"
 SERVER_ENV_CONFIG = "KVTIER_SERVER_CONFIG"
 DEFAULT_SOURCE = "<defaults>"
 MAX_SECONDS = 365 * 86400  # a timeout, TTL or interval; a year is already "never"
+MAX_REDIS_CONNECTIONS = 10_000  # Redis's own default maxclients; redis-py fills its pool up front
+# A token travels in the HELLO frame, whose strings kvtier.server.protocol caps at MAX_TEXT_BYTES:
+# a longer token let the server start and then refuse every client.
+MAX_TOKEN_BYTES = 4096
 
 _SWITCH = ("auto", "on", "off")
 
@@ -93,7 +102,18 @@ def _url(default: str, schemes: tuple[str, ...]) -> Any:
 
 def _secret() -> Any:
     """An optional shared secret: absent or null = none, else non-empty; never shown or repr'd."""
-    return field(default=None, repr=False, metadata={"secret": True})
+    return field(default=None, repr=False, metadata={"secret": True, "max_bytes": MAX_TOKEN_BYTES})
+
+
+def _repr_redacting_urls(config: Any) -> str:
+    """The dataclass repr, with URL credentials (`redis://:password@host`) and queries hidden in
+    every text field (a URL, or one written into `key_prefix` by mistake)."""
+    shown = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.repr:
+            shown.append(f"{f.name}={hide_url_secrets(value) if isinstance(value, str) else value!r}")
+    return f"{type(config).__name__}({', '.join(shown)})"
 
 
 def _default_disk_path() -> str:
@@ -124,11 +144,16 @@ class RedisConfig:
     cluster: bool = False
     ttl_s: int | None = field(default=None, metadata={"min": 1, "max": MAX_SECONDS})  # None = never
     timeout_s: float = _seconds(1.0, 0.001)  # connect and read timeout per round trip
-    max_connections: int = _at_least(16, 1)
+    # redis-py's blocking pool puts one slot per connection in a queue when built (on the first
+    # lookup): 10**7 took 7.5 s there, 2**63-1 never returned.
+    max_connections: int = field(default=16, metadata={"min": 1, "max": MAX_REDIS_CONNECTIONS})
     batch_size: int = _at_least(32, 1)  # chunks per pipelined round trip
     retry_after_s: float = _seconds(1.0, 0.0)  # first back-off after a failure; doubles up to retry_max_s
     retry_max_s: float = _seconds(30.0, 0.0)
     key_prefix: str = field(default="kvtier:", metadata={"empty": True})
+
+    def __repr__(self) -> str:
+        return _repr_redacting_urls(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +172,8 @@ class RemoteConfig:
 class KvtierConfig:
     chunk_size: int = _at_least(256, 1)
     save_partial_chunks: bool = False
-    salt: str = field(default="", metadata={"empty": True})  # "" = no salt
+    # "" = no salt. A tenant's salt keeps its KV apart from others': treated as a secret.
+    salt: str = field(default="", repr=False, metadata={"empty": True, "secret": True})
     write_through: bool = True  # store to lower tiers in the background as soon as stored in CPU
     promote_on_hit: bool = True  # a lower-tier hit is copied into the CPU tier
     cpu: CpuConfig = field(default_factory=CpuConfig)
@@ -171,7 +197,7 @@ class SpillConfig:
 class ServerConfig:
     """`kvtier_server`: `load_server_config`, env overrides `KVTIER_SERVER_<KEY>`."""
 
-    host: str = "127.0.0.1"
+    host: str = field(default="127.0.0.1", metadata={"host": True})
     port: int = field(default=7000, metadata={"min": 0, "max": 65535})  # 0: any free port (logged)
     capacity: int = _size(4 * GiB, memory=True)  # bytes of records held in memory; LRU beyond
     token: str | None = _secret()  # shared secret every client must present; None = no auth
@@ -242,9 +268,14 @@ def _apply_env(config: Any, env: Mapping[str, str], prefix: str, config_var: str
     # The server's variables share kvtier's prefix: each loader skips the other's.
     foreign = SERVER_ENV_PREFIX if prefix == ENV_PREFIX else None
     overrides = []
+    seen: dict[str, str] = {}  # lower-cased key -> the variable that set it
     for name, text in env.items():
         if name.startswith(prefix) and name != config_var and not (foreign and name.startswith(foreign)):
             parts = name[len(prefix) :].lower().split("__")
+            other = seen.setdefault("__".join(parts), name)
+            if other != name:  # KVTIER_CHUNK_SIZE and KVTIER_chunk_size: which one was meant?
+                first, second = sorted([other, name])
+                raise ConfigError(f"environment {second}: sets the same key as {first}; keep one of them")
             overrides.append((parts, name, text))
     # Shallow keys first, so `KVTIER_DISK=null` plus `KVTIER_DISK__PATH=x` means "disk at x" whatever
     # the environment's iteration order, rather than depending on which variable came last.
@@ -303,7 +334,11 @@ def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, or
         raise ConfigError(f"{where}: this {what} cannot be null")
     if section is not None:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping of keys, got {show(value)}")
+            # A scalar in place of a section that holds a secret may be that secret, its key
+            # mistyped (`remote:` then `token s3cret` on the next line): type only.
+            secret = any(g.metadata.get("secret") for g in dataclasses.fields(section))
+            got = type(value).__name__ if secret else show(value)
+            raise ConfigError(f"{where}: expected a mapping of keys, got {got}")
         return _build(section, value, dotted + ".", origin, origins)
     meta = f.metadata
     if meta.get("size"):
@@ -315,6 +350,8 @@ def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, or
     value = _check_type(_strip_optional(hint), value, where, meta.get("secret", False))
     if isinstance(value, str):
         check_text(value, meta, where)
+        if "max_bytes" in meta and len(value.encode()) > meta["max_bytes"]:
+            raise ConfigError(f"{where}: longer than {meta['max_bytes']} bytes (UTF-8)")
     if choices and value not in choices:
         raise ConfigError(f"{where}: expected one of {', '.join(choices)}; got {show(value)}")
     if "min" in meta and value < meta["min"]:
@@ -323,7 +360,11 @@ def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, or
         raise ConfigError(f"{where}: must be <= {meta['max']}, got {value}")
     if "url" in meta:
         check_url(value, meta["url"], where)
+    if meta.get("host"):
+        check_host(value, where)
     if meta.get("path"):
+        if "://" in value:  # abspath would make "s3://key:secret@bucket" a local folder name
+            raise ConfigError(f"{where}: expected a local directory, got a URL {show(value)}")
         value = os.path.abspath(os.path.expanduser(value))
     return value
 

@@ -1,9 +1,10 @@
-"""What a config value may be: sizes, text, URLs, directories, memory; and how a message shows one.
+"""What a config value may be: sizes, text, URLs, hosts, directories, memory; and how a message shows one.
 
 Pure checks used by `kvtier.config` while it walks the config's fields: each takes the value and
 `where` (the source and dotted key, for the message) and raises `ConfigError` or returns the value.
 A message shows at most a short prefix of a value (`show`), never the text of a secret (the callers
-do not pass one to `show`) nor a URL's credentials (`redact_url`).
+do not pass one to `show`) nor a URL's credentials or query, wherever the URL was written (`show`
+redacts every string it quotes, alone or inside a list or mapping).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import stat
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from kvtier.errors import ConfigError
 
@@ -28,7 +29,8 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }  # fmt: skip
-_SIZE_RE = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([A-Za-z]*)\s*")
+# ASCII: `\d` would take "１２" or "٣" as digits (Decimal reads them) where every int key refuses them.
+_SIZE_RE = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([A-Za-z]*)\s*", re.ASCII)
 
 
 def parse_size(value: object, where: str) -> int:
@@ -103,14 +105,45 @@ def check_url(url: str, schemes: tuple[str, ...], where: str) -> None:
             raise ConfigError(f"{where}: expected kvtier://host:port; got {shown}")
     elif not re.fullmatch(r"/?\d*", parts.path):
         raise ConfigError(f"{where}: the path of a redis:// URL is the database number; got {shown}")
+    if parts.scheme != "kvtier":
+        for name in parse_qs(parts.query, keep_blank_values=True):
+            if not _REDIS_URL_OPTIONS.fullmatch(name):
+                raise ConfigError(f"{where}: URL option {show_key(name)} is not allowed (timeouts, pool "
+                                  f"size and retries are redis.* keys); got {shown}")
+
+
+# What redis-py may take from a URL's query. The rest (`socket_timeout`, `max_connections`,
+# `retry_on_timeout`, `decode_responses`, ...) would override the tier's own bounds or change how
+# replies are read (`decode_responses=1` made every get raise UnicodeDecodeError): refused.
+_REDIS_URL_OPTIONS = re.compile(r"ssl_[a-z_]+|client_name|db|username|password")
+
+
+_HOST = re.compile(r"[A-Za-z0-9._:%-]{1,253}")  # a name, IPv4 or IPv6 (with a %zone); no brackets
+
+
+def check_host(host: str, where: str) -> None:
+    """A host name or IP address to bind: not a URL, no spaces ("127.0.0.1 " failed only at bind)."""
+    if not _HOST.fullmatch(host):
+        raise ConfigError(f"{where}: expected a host name or IP address, got {show(host)}")
 
 
 def redact_url(url: str) -> str:
-    """`url` for a message, credentials (anything before the last @) replaced by ***."""
-    scheme, sep, rest = url.rpartition("://") if "://" in url else ("", "", url)
+    """`url` for a message (`show`n), credentials and query replaced by *** (see `hide_url_secrets`)."""
+    return show(url)
+
+
+def hide_url_secrets(text: str) -> str:
+    """`text` with what may be a URL's secret replaced by ***: anything between "://" and the last
+    "@" (user and password, even one holding "@" or "/"), and a query (`?password=...`, which
+    redis-py reads). Text without "://" is returned as is."""
+    if "://" not in text:
+        return text
+    scheme, sep, rest = text.partition("://")
     if "@" in rest:
         rest = "***@" + rest.rpartition("@")[2]
-    return show(scheme + sep + rest)
+    if "?" in rest:
+        rest = rest.partition("?")[0] + "?***"
+    return scheme + sep + rest
 
 
 def check_directory(path: str, where: str) -> None:
@@ -138,8 +171,16 @@ def check_memory(size: int, where: str) -> None:
                           f"physical memory ({physical / GiB:.1f} GiB)")
 
 
+class _Repr(reprlib.Repr):
+    """Every string it shows, alone or inside a list or mapping, has URL secrets redacted first:
+    a URL can land where a URL is not expected (`redis: redis://:pw@host`, a list of cluster URLs)."""
+
+    def repr_str(self, x: str, level: int) -> str:
+        return super().repr_str(hide_url_secrets(x), level)
+
+
 # Bounded: a message quotes at most a short prefix of a value, whatever was written.
-_repr = reprlib.Repr()
+_repr = _Repr()
 _repr.maxstring = _repr.maxother = 60
 _repr.maxlevel, _repr.maxlist, _repr.maxdict = 2, 4, 4
 
@@ -149,4 +190,14 @@ def show(value: object) -> str:
 
 
 def show_key(key: object) -> str:
-    return key if isinstance(key, str) and len(key) <= 60 else _repr.repr(key)
+    """An unknown key for a message. A key is a name; text after the name (`token s3cret` with its
+    colon forgotten) may be a value, even a secret, so only the name part is shown."""
+    if not isinstance(key, str):
+        return _repr.repr(key)
+    name = _KEY_NAME.match(key).group()
+    if len(name) == len(key):
+        return key
+    return f"{name!r} and {len(key) - len(name)} more characters"
+
+
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.-]{0,60}")

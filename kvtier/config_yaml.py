@@ -23,12 +23,14 @@ problem description, never the text itself: a value may be a secret.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
 
+from kvtier.config_values import show_key
 from kvtier.errors import ConfigError
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file or one environment value; shipped configs are ~3 KB
@@ -54,9 +56,11 @@ class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
         if len(node.value) > MAX_INT_CHARS:
             raise ConstructorError(None, None, f"integer longer than {MAX_INT_CHARS} characters",
                                    node.start_mark)
+        _refuse_ambiguous(node)
         return _number(super().construct_yaml_int, node)
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        _refuse_ambiguous(node)
         return _number(super().construct_yaml_float, node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -65,7 +69,10 @@ class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode):
                 if key_node.value in seen:
-                    raise ConstructorError(None, None, f"duplicate key {key_node.value[:60]!r}",
+                    # The name part only: a "key" like `token s3cret` is a value that lost its colon.
+                    shown = show_key(key_node.value)
+                    shown = repr(shown) if shown == key_node.value else shown
+                    raise ConstructorError(None, None, f"duplicate key {shown}",
                                            key_node.start_mark)
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
@@ -73,6 +80,20 @@ class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 _Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+
+
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+
+
+def _refuse_ambiguous(node: yaml.ScalarNode) -> None:
+    """YAML 1.1 reads `port: 07000` as octal (3584) and `1:20` as base 60 (80): numbers nobody
+    meant, which would load without a word. Refused, with how to write what was meant."""
+    if _OCTAL.fullmatch(node.value):
+        raise ConstructorError(None, None, "a number with a leading 0 is octal in YAML 1.1 (017 is 15); "
+                               "write it without the leading 0", node.start_mark)
+    if ":" in node.value:
+        raise ConstructorError(None, None, "a number with ':' is base 60 in YAML 1.1; quote it if it is "
+                               "text", node.start_mark)
 
 
 def _number(construct: Any, node: yaml.ScalarNode) -> Any:

@@ -81,7 +81,9 @@ structures = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_s
                                                            st.dictionaries(keys, inner, max_size=5)),
                           max_leaves=30)
 secrets = st.sampled_from([{"token": SECRET}, {"token": [SECRET]}, {"token": {"a": SECRET}},
-                           {"url": f"redis://:{SECRET}@h:99999/0"}, {"url": f"kvtier://{SECRET}@h:7000"}])
+                           {"url": f"redis://:{SECRET}@h:99999/0"}, {"url": f"kvtier://{SECRET}@h:7000"},
+                           {"salt": SECRET}, {"salt": [SECRET]}, {"salt": {SECRET: 1}},
+                           {f"token {SECRET}": None}])
 
 
 @LOADERS
@@ -124,3 +126,35 @@ leaf_keys = st.sampled_from(["chunk_size", "salt", "cpu:\n  capacity", "redis:\n
 @given(key=leaf_keys, value=st.one_of(numberish, st.lists(st.sampled_from(PIECES), max_size=4).map("".join)))
 def test_fuzz_one_value_in_a_file(tmp_path, key, value):
     check(load_config, write(tmp_path, f"{key}: {value}\n".encode("utf-8", "surrogateescape")), {})
+
+
+# A URL's secrets (password, `?password=`) wherever a URL may be written by mistake: any key, a
+# section's place, inside lists and mappings, in the file or the environment.
+url_secrets = st.sampled_from([f"redis://:{SECRET}@h:6379/0", f"redis://u:{SECRET}@h:99999/0",
+                               f"rediss://h:6379/x?password={SECRET}", f"redis://u:{SECRET}@h:6379/0?foo=1",
+                               f"kvtier://u:{SECRET}@h:7000", f"unix://:{SECRET}@/run/redis.sock"])
+planted = st.recursive(url_secrets, lambda inner: st.one_of(
+    st.lists(inner, min_size=1, max_size=3), st.dictionaries(keys, inner, min_size=1, max_size=3)),
+    max_leaves=4)
+
+
+@LOADERS
+@FUZZ
+@given(top=st.dictionaries(keys, structures, max_size=6), path=st.lists(st.sampled_from(KEYS), min_size=1,
+                                                                        max_size=2), value=planted)
+def test_fuzz_a_url_password_anywhere_in_a_file_is_never_shown(tmp_path, load, top, path, value):
+    top = dict(top)
+    if len(path) == 1:
+        top[path[0]] = value
+    else:
+        top[path[0]] = {**(top[path[0]] if isinstance(top.get(path[0]), dict) else {}), path[1]: value}
+    check(load, write(tmp_path, yaml.safe_dump(top).encode()), {})
+
+
+@LOADERS
+@FUZZ
+@given(env=st.dictionaries(env_names, env_values, max_size=4), name=env_names, url=url_secrets)
+def test_fuzz_a_url_password_in_any_environment_variable_is_never_shown(load, env, name, url):
+    prefix = "KVTIER_SERVER_" if load is load_server_config else "KVTIER_"
+    env = {prefix + key: value for key, value in {**env, name: url}.items()}
+    check(load, None, env)

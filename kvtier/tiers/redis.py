@@ -15,11 +15,17 @@ put False) plus `errors` (one per chunk of the failed round trip), and starts a 
 it expires every call answers misses at once without touching the network, so a dead Redis costs
 the lookup path nothing; then one call probes, and the first success ends the outage. redis-py's
 own retries are off, so this is the only retry policy. One warning when Redis goes down, one info
-line when it is back. Every record read is verified (magic, version, key, length, checksum); a bad
+line when it is back. On a cluster, a round trip skips redis-py's one-command-at-a-time retries of
+a failed node (only MOVED/ASK are followed), so a stalled node costs the probing call one timeout,
+and its failure fails the round trip like a raised error. An error reply from a server that
+answers (NOPERM from an ACL, an unknown command, OOM) is counted but is not an outage: it never
+starts the Backoff. Every record read is verified (magic, version, key, length, checksum); a bad
 one is deleted, counted `corrupt`, and is a miss. So is a value of another type (a LIST or HASH
-someone put at a chunk key: WRONGTYPE): it is not an outage, so it never starts the Backoff. `has`
-asks STRLEN, not EXISTS, so it never promises a value of another type or one too short to be a
-record, and lookup and get agree.
+someone put at a chunk key: WRONGTYPE). `has` asks STRLEN, not EXISTS, so it never promises a
+value of another type or one too short to be a record, and lookup and get agree. `get` reads a
+value with GETRANGE only as far as a record fitting the caller's buffer could go (plus one byte),
+so a huge string at a chunk key costs a slab, not its size. Query options in the URL are checked
+when the tier is built (ConfigError), not at the first call.
 
 Pins cannot be honoured: Redis evicts by its own policy (`maxmemory-policy`) and expires by TTL,
 and other processes share the keys. Copies: a put sends header and payload straight from their
@@ -37,18 +43,28 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import numpy as np
 import redis
 import torch
 from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.connection import Encoder, PythonRespSerializer
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.cluster import PipelineCommand, RedisCluster
+from redis.connection import Encoder, PythonRespSerializer, parse_url
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from kvtier.config import RedisConfig
-from kvtier.config_values import redact_url
+from kvtier.config_values import check_url, redact_url
+from kvtier.dtypes import is_tensor
 from kvtier.errors import ConfigError, CorruptRecord
-from kvtier.keys import ChunkKey
+from kvtier.keys import DIGEST_BYTES, ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.record import HEADER_SIZE, RecordHeader, decode_header, tensor_bytes, verify
 from kvtier.tiers.backoff import Backoff
@@ -118,6 +134,43 @@ def _wrong_type(reply: object) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
+def _refused(exc: object) -> bool:
+    """An error reply from a server that is up and answering (WRONGTYPE, NOPERM, OOM, unknown
+    command): that command failed, the medium did not, so it never starts the Backoff. Cluster
+    errors (CLUSTERDOWN, MOVED/ASK still pending, TRYAGAIN) and READONLY (a failover) are outages."""
+    return isinstance(exc, ResponseError) and not isinstance(
+        exc, (ClusterError, AskError, TryAgainError, ReadOnlyError))
+
+
+_REDIRECTS = (AskError, TryAgainError)  # MOVED is an AskError
+
+
+def _cluster_round_trip(client: RedisCluster, commands: Sequence[tuple]) -> list:
+    """One pipelined round trip over a cluster's nodes; a node's failure comes back as reply objects.
+
+    redis-py's cluster pipeline would send each command of a failed node again, one at a time, at
+    a timeout each (2.3 s for the 10 keys of a stalled node at timeout_s=0.2), and hand the failures
+    back as replies, so the call neither raised nor ended early. Sent without following
+    redirections, a stalled node costs one timeout; only MOVED/ASK/TRYAGAIN replies (slots being
+    moved) are sent again the usual way, which follows them and refreshes the slot map."""
+    stack = [PipelineCommand(args, {}, i) for i, args in enumerate(commands)]
+    replies = client.pipeline().send_cluster_commands(stack, raise_on_error=False, allow_redirections=False)
+    moved = [i for i, reply in enumerate(replies) if isinstance(reply, _REDIRECTS)]
+    failed = any(_outage(reply) for reply in replies if not isinstance(reply, _REDIRECTS))
+    if moved and not failed:
+        again = client.pipeline()
+        for i in moved:
+            again.execute_command(*commands[i])
+        for i, reply in zip(moved, again.execute(raise_on_error=False)):
+            replies[i] = reply
+    return replies
+
+
+def _outage(reply: object) -> bool:
+    """A pipeline reply that is a failed medium (a node timed out, refused, is down)."""
+    return isinstance(reply, _UNAVAILABLE) and not _refused(reply)
+
+
 class RedisTier:
     name = "redis"
 
@@ -133,9 +186,26 @@ class RedisTier:
             raise ConfigError(
                 f"redis.url: scheme must be redis, rediss or unix, got {redact_url(config.url)}")
         self.where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+        self._check_url_options()
         self.backoff = Backoff(config.retry_after_s, config.retry_max_s)
         self._client: redis.Redis | RedisCluster | None = None
         self._client_lock = threading.Lock()
+        self._refusals_logged = False
+
+    def _check_url_options(self) -> None:
+        """Query options in the URL (`?socket_timeout=x`, `?foo=1`) reach redis-py's connection
+        constructor only at the first call, where a bad one would raise ValueError or TypeError on
+        every lookup: build one connection object now (it does not connect) to refuse them here."""
+        check_url(self.config.url, ("redis", "rediss", "unix"), "redis.url")  # when not from load_config
+        try:
+            options = parse_url(self.config.url)
+            options.pop("connection_class", None)
+            self._connection_class(**options)
+        except (TypeError, ValueError, RedisError) as exc:
+            # Messages name the option, never its value (a query may hold `password=`).
+            reason = str(exc).partition(": ")[0][:120]
+            raise ConfigError(f"redis.url: unusable connection options in {redact_url(self.config.url)}: "
+                              f"{reason}") from None
 
     def _rkey(self, key: ChunkKey) -> str:
         return self._prefix + key.hex()
@@ -173,6 +243,10 @@ class RedisTier:
             result = fn(self._connect())
         except _UNAVAILABLE as exc:
             self._metrics.tier_inc(self.name, "errors", chunks)
+            if _refused(exc):  # e.g. an ACL without INFO: usage() must not switch the tier off
+                self._log_refused(exc)
+                self.backoff.succeeded()  # a probe that got an answer: the server is up
+                return None
             if self.backoff.failed():
                 logger.warning("redis tier: %s unavailable (%s: %s); serving misses, retrying after %g s",
                                self.where, type(exc).__name__, exc, self.backoff.initial_s)
@@ -181,18 +255,32 @@ class RedisTier:
             logger.info("redis tier: %s is back", self.where)
         return result
 
+    def _log_refused(self, exc: Exception) -> None:
+        first = not self._refusals_logged
+        self._refusals_logged = True
+        logger.log(logging.WARNING if first else logging.DEBUG, "redis tier: %s refused a command (%s: %s)",
+                   self.where, type(exc).__name__, exc)
+
     def _pipeline(self, client):
         return client.pipeline() if self.config.cluster else client.pipeline(transaction=False)
 
-    def _pipelined(self, commands: Sequence[tuple]) -> list | None:
-        """Send `commands` as one pipeline; replies in order (an error reply is an exception object)."""
+    def _pipelined(self, commands: Sequence[tuple], chunks: int | None = None) -> list | None:
+        """Send `commands` (for `chunks` chunks: one per command unless given) as one pipeline;
+        replies in order (an error reply is an exception object)."""
         def send(client):
-            pipe = self._pipeline(client)
-            for command in commands:
-                pipe.execute_command(*command)
-            return pipe.execute(raise_on_error=False)
+            if self.config.cluster:
+                replies = _cluster_round_trip(client, commands)
+            else:
+                pipe = client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = pipe.execute(raise_on_error=False)
+            down = next((reply for reply in replies if _outage(reply)), None)
+            if down is not None:  # one node of the round trip failed: the call is an outage
+                raise down
+            return replies
 
-        return self._run(len(commands), send)
+        return self._run(len(commands) if chunks is None else chunks, send)
 
     def _batches(self, n: int) -> range:
         return range(0, n, self.config.batch_size)
@@ -211,16 +299,28 @@ class RedisTier:
                                                     for reply in replies]
         return found
 
-    def get(self, keys: Sequence[ChunkKey], dests: Sequence[torch.Tensor]) -> list[RecordHeader | None]:
+    def get(self, keys: Sequence[ChunkKey],
+            dests: Sequence[torch.Tensor | np.ndarray]) -> list[RecordHeader | None]:
         if len(keys) != len(dests):
             raise ValueError(f"{len(keys)} keys but {len(dests)} destination buffers")
+        # The Tier contract allows tensors and numpy arrays (`dest.numel()` failed on the latter).
+        dests = [memoryview(d.numpy() if is_tensor(d) else d).cast("B") for d in dests]
         headers: list[RecordHeader | None] = [None] * len(keys)
         corrupt: list[ChunkKey] = []
         errors = 0
         for start in self._batches(len(keys)):
             part = keys[start:start + self.config.batch_size]
-            values = self._pipelined([("GET", self._rkey(k)) for k in part])
-            for i, value in enumerate(values or ()):
+            # GETRANGE, not GET: a value is read only as far as a record could fit the buffer (one
+            # byte more, so a longer value shows as a length mismatch), so a 512 MiB string at a
+            # chunk key costs a slab's worth of memory, not 512 MiB per key of the batch. EXISTS
+            # tells a missing key (a miss) from an empty string (GETRANGE answers "" for both).
+            commands = []
+            for k, dest in zip(part, dests[start:start + len(part)]):
+                name = self._rkey(k)
+                commands += [("EXISTS", name), ("GETRANGE", name, 0, HEADER_SIZE + dest.nbytes)]
+            replies = self._pipelined(commands, len(part)) or ()
+            values = [value if exists else None for exists, value in zip(replies[::2], replies[1::2])]
+            for i, value in enumerate(values):
                 if _wrong_type(value):
                     logger.warning("redis tier: dropping %s: not a string value", self._rkey(part[i]))
                     corrupt.append(part[i])
@@ -237,22 +337,22 @@ class RedisTier:
             self.remove(corrupt)
         return headers
 
-    def _accept(self, key: ChunkKey, value: bytes, dest: torch.Tensor,
+    def _accept(self, key: ChunkKey, value: bytes, dest: memoryview,
                 corrupt: list[ChunkKey]) -> RecordHeader | None:
         """Verify one fetched record and copy its payload into `dest`; None (and noted) if bad."""
         view = memoryview(value)
         try:
             header = decode_header(view)
-            if header.payload_len > dest.numel():  # not a chunk of this namespace's geometry
+            if header.payload_len > dest.nbytes:  # not a chunk of this namespace's geometry
                 raise CorruptRecord(f"record {key} has {header.payload_len} payload bytes, "
-                                    f"more than the {dest.numel()}-byte buffer")
+                                    f"more than the {dest.nbytes}-byte buffer")
             payload = view[HEADER_SIZE:]
             verify(view[:HEADER_SIZE], payload, key, header)
         except CorruptRecord as exc:
             logger.warning("redis tier: dropping corrupt record: %s", exc)
             corrupt.append(key)
             return None
-        memoryview(dest.numpy())[:header.payload_len] = payload  # the one copy, after verifying
+        dest[:header.payload_len] = payload  # the one copy, after verifying
         return header
 
     def put(self, items: Sequence[PutItem]) -> list[bool]:
@@ -284,7 +384,11 @@ class RedisTier:
     def clear(self) -> None:
         """Delete this namespace's keys (SCAN + UNLINK; on a cluster, over every primary). Other
         namespaces sharing the server are untouched. Best effort while Redis is down."""
-        pattern = _GLOB_SPECIALS.sub(r"\\\1", self._prefix + self.namespace.hex()) + "*"
+        # Exactly a chunk key: prefix, namespace, then the digest's hex digits and nothing more. With
+        # a trailing "*", another tool's "kvtier:<ns>:meta", or the keys of a tier whose key_prefix
+        # is this prefix plus hex digits, were deleted too.
+        digest = "[0-9a-f]" * 2 * DIGEST_BYTES
+        pattern = _GLOB_SPECIALS.sub(r"\\\1", self._prefix + self.namespace.hex()) + digest
 
         def scan_and_unlink(client) -> None:
             # One pipeline of UNLINKs per SCAN step: a cluster client's multi-key UNLINK would
