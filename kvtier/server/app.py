@@ -14,15 +14,20 @@ room for a new one once it has had HANDSHAKE_GRACE_S) and deadline (`handshake_t
 without the token can neither hold the slots of authenticated clients nor hold memory: before the
 handshake a connection reads at most one HELLO's worth of bytes. Authenticated connections idle for
 `idle_timeout_s` are closed; payload bytes being received over all connections are bounded by
-`receive_bytes` (`kvtier.server.budget`: back-pressure, not failure). One periodic sweep (a few per
-timeout) enforces both deadlines; nothing is timed per request.
+`receive_bytes` (`kvtier.server.budget`: back-pressure, not failure), and a connection that holds
+some of them while receiving slower than MIN_RECEIVE_RATE (a frame trickled in) is closed.
+One periodic sweep (a few per timeout) enforces the deadlines; nothing is timed per request.
 
 Per connection, requests are pipelined: they are decoded and answered in order as bytes arrive,
 each reply carrying its request's id. A malformed frame gets a BAD_REQUEST reply (op PING, and the
 request id when it was readable, else 0) and decoding goes on; when the stream cannot be
 resynchronised the reply is followed by a close. Error messages are short (MAX_ERROR_CHARS).
 Nothing a client sends can stop the server: a handler that fails answers ERROR and is logged, and
-a reply that cannot be encoded (over the header limit) answers BAD_REQUEST.
+a reply that cannot be encoded (over the header limit) answers BAD_REQUEST. A GET reply carries at
+most HIGH_WATER payload bytes (its first record always; the keys past the cut are answered as misses
+and counted in `reply_cuts`): a connection stops decoding at HIGH_WATER queued reply bytes, so this
+bounds what one connection's replies hold to about 2 x HIGH_WATER, where one GET of MAX_KEYS spilled
+records used to read them all into fresh memory (1024 x the record size, past any capacity).
 
 Why connections drive their sockets from the loop's reader/writer callbacks rather than through an
 asyncio Transport: Python 3.11's selector transport joins `writelines` buffers and copies whatever
@@ -46,7 +51,7 @@ from dataclasses import dataclass, field
 from kvtier.config import ServerConfig
 from kvtier.errors import ProtocolError
 from kvtier.server.budget import ReceiveBudget
-from kvtier.server.connection import Connection
+from kvtier.server.connection import HIGH_WATER, Connection
 from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, Status, encode, reply, short
 from kvtier.server.sockets import tune_socket
 from kvtier.server.store import RecordStore
@@ -55,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 2.0  # how long close() lets queued replies drain
 HANDSHAKE_GRACE_S = 0.1  # at max_handshakes, how long the oldest handshake is kept before it makes room
+ACCEPT_RETRY_S = 0.5  # after a failed accept (EMFILE: out of file descriptors), pause accepting this long
+ACCEPT_LOG_S = 60.0  # ... and log it at most once per this many seconds
 
 
 @dataclass(slots=True)
@@ -68,10 +75,13 @@ class ServerStats:
     refused: int = 0  # HELLOs answered BUSY at max_connections
     handshake_timeouts: int = 0  # closed without a HELLO within handshake_timeout_s
     handshakes_dropped: int = 0  # closed in handshake to make room at max_handshakes
+    accept_errors: int = 0  # accept() failures (EMFILE, ENFILE, ENOBUFS...), each pausing accepting
     idle_timeouts: int = 0  # authenticated connections closed after idle_timeout_s
+    receive_timeouts: int = 0  # ... closed holding receive budget while under MIN_RECEIVE_RATE
     bad_frames: int = 0
     unauthorized: int = 0
     errors: int = 0  # requests the server failed to serve
+    reply_cuts: int = 0  # GET keys answered as misses because their reply was full (HIGH_WATER)
 
 
 class KvtierServer:
@@ -90,6 +100,7 @@ class KvtierServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._accepting = False
         self._resume_accept: asyncio.TimerHandle | None = None
+        self._accept_logged = float("-inf")
         self._ticker: asyncio.TimerHandle | None = None
         self._logged = (0, 0, 0)
         self._handlers: dict[Op, Callable[[Frame], tuple[Frame, list]]] = {
@@ -141,8 +152,8 @@ class KvtierServer:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep serving the others
-                logger.warning("accept failed: %s", exc)
+            except OSError as exc:  # EMFILE and friends: keep serving the others, retry later
+                self._accept_failed(exc)
                 return
             sock.setblocking(False)
             tune_socket(sock)
@@ -159,12 +170,28 @@ class KvtierServer:
         oldest = next(iter(self._pending))
         wait = oldest.accepted_at + HANDSHAKE_GRACE_S - self.loop.time()
         if wait > 0:
-            self._set_accepting(False)
-            self._resume_accept = self.loop.call_later(wait, self._set_accepting, True)
+            self._pause_accepting(wait)
             return False
         self.stats.handshakes_dropped += 1
         oldest.close()
         return True
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """The pending connection stays in the backlog and the listener stays readable, so going on
+        at once would spin the loop on accept (and log each turn: 30,000 lines a second at EMFILE).
+        Pause instead; connections that close meanwhile give their descriptors back."""
+        self.stats.accept_errors += 1
+        if self.loop.time() - self._accept_logged >= ACCEPT_LOG_S:
+            self._accept_logged = self.loop.time()
+            logger.warning("accept failed (%s); pausing accepts for %.1f s at a time, %d connections open",
+                           exc, ACCEPT_RETRY_S, len(self._active) + len(self._pending))
+        self._pause_accepting(ACCEPT_RETRY_S)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        self._set_accepting(False)
+        if self._resume_accept is not None:
+            self._resume_accept.cancel()
+        self._resume_accept = self.loop.call_later(seconds, self._set_accepting, True)
 
     def _set_accepting(self, on: bool) -> None:
         if on == self._accepting or self._listener is None or self._listener.fileno() < 0:
@@ -188,6 +215,9 @@ class KvtierServer:
             if not (conn.waiting or conn.has_input()):
                 self.stats.idle_timeouts += 1
                 conn.close()
+        for conn in [c for c in self._active if c.stalled(now)]:
+            self.stats.receive_timeouts += 1
+            conn.close()
         self._sweeper = self.loop.call_later(self._sweep_s, self._sweep)
 
     def forget(self, conn: Connection, reserved: int) -> None:
@@ -253,7 +283,15 @@ class KvtierServer:
         return reply(f, flags=[put(k, h, p) for k, h, p in zip(f.keys, f.heads, f.payloads)]), []
 
     def _get(self, f: Frame) -> tuple[Frame, list]:
-        records = [self.store.get(k) for k in f.keys]
+        records, room = [], HIGH_WATER
+        for i, key in enumerate(f.keys):
+            size = self.store.payload_bytes(key)
+            if size is not None and size > room and room < HIGH_WATER:  # (the first always goes)
+                self.stats.reply_cuts += len(f.keys) - i
+                records += [None] * (len(f.keys) - i)
+                break
+            records.append(self.store.get(key))
+            room -= records[-1].payload.nbytes if records[-1] is not None else 0
         heads = [r.head if r is not None else None for r in records]
         return reply(f, heads=heads), [r.payload if r is not None else None for r in records]
 
@@ -280,9 +318,12 @@ class KvtierServer:
                 "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "connections": s.connections,
                 "handshakes": s.handshakes, "connections_total": s.connections_total, "refused": s.refused,
                 "handshake_timeouts": s.handshake_timeouts, "handshakes_dropped": s.handshakes_dropped,
-                "idle_timeouts": s.idle_timeouts, "receiving_bytes": self.budget.used,
+                "accept_errors": s.accept_errors,
+                "idle_timeouts": s.idle_timeouts, "receive_timeouts": s.receive_timeouts,
+                "receiving_bytes": self.budget.used,
                 "receive_waits": self.budget.waits, "bad_frames": s.bad_frames,
-                "unauthorized": s.unauthorized, "errors": s.errors, "hits": c.hits, "misses": c.misses,
+                "unauthorized": s.unauthorized, "errors": s.errors, "reply_cuts": s.reply_cuts,
+                "hits": c.hits, "misses": c.misses,
                 "evictions": c.evictions, "spills": c.spills, "spill_hits": c.spill_hits,
                 "dropped": c.dropped, "invalid": c.invalid, "spill_errors": c.spill_errors,
                 "records": store.records, "bytes": store.bytes,

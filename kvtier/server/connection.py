@@ -11,7 +11,11 @@ Where it runs: the server's event-loop thread, driven by the loop's reader/write
     authenticated  frames up to `max_frame_bytes`, every op; each frame's payload bytes are
                 reserved in the server's `ReceiveBudget` before they are allocated (a frame that
                 does not fit stops this connection's reading until it does). The server closes a
-                connection that moved no bytes either way for `idle_timeout_s`.
+                connection that moved no bytes either way for `idle_timeout_s`, and one that holds
+                budget bytes but received less than MIN_RECEIVE_RATE over a window of
+                `min(idle_timeout_s, RECEIVE_GRACE_S)`. Without it a client that announces a
+                large PUT and then sends a byte now and then (never idle) would hold the budget,
+                and keep every other client's PUT waiting, for as long as it likes.
     closing     no more reading; queued replies drain, then the socket closes.
 
 Requests are pipelined: decoded and answered in order as bytes arrive, each reply carrying its
@@ -42,6 +46,8 @@ logger = logging.getLogger(__name__)
 HIGH_WATER = 64 << 20  # queued reply bytes at which a connection stops reading
 READS_PER_WAKEUP = 16  # recv_into calls per readiness event before giving other connections a turn
 HELLO_READ = PREFIX.size + HELLO_HEADER_BYTES  # the most read at once before the handshake
+MIN_RECEIVE_RATE = 1 << 20  # bytes/s a connection holding receive budget must average (see above)
+RECEIVE_GRACE_S = 10.0  # ... over windows this long (or idle_timeout_s when shorter)
 
 
 class Connection:
@@ -57,6 +63,8 @@ class Connection:
         self._out: deque[memoryview] = deque()
         self._queued = 0  # reply bytes not yet sent
         self._reserved = 0  # receive-budget bytes held by frames not yet answered
+        self._window_start = 0.0  # while holding them: the window of the receive-rate check ...
+        self._window_bytes = 0  # ... and the bytes received in it
         self._reading = self._writing = self._closing = self._closed = self._answering = False
         self._eof = False  # the client half-closed: answer what it sent, then close
         self._set_reading(True)
@@ -75,6 +83,17 @@ class Connection:
             return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:  # (BlockingIOError: nothing there)
             return False
+
+    def stalled(self, now: float) -> bool:
+        """Holding receive-budget bytes while receiving under MIN_RECEIVE_RATE over the current
+        window (which it closes: a connection that kept the rate starts the next one)."""
+        elapsed = now - self._window_start
+        if not self._reserved or elapsed < min(self.server.config.idle_timeout_s, RECEIVE_GRACE_S):
+            return False
+        if self._window_bytes < MIN_RECEIVE_RATE * elapsed:
+            return True
+        self._window_start, self._window_bytes = now, 0
+        return False
 
     def authenticate(self, max_frame_bytes: int) -> None:
         """The handshake succeeded: full frame limits, and decode whatever followed the HELLO."""
@@ -99,6 +118,7 @@ class Connection:
                     self._answer()
                     return
                 self.server.stats.bytes_in += n
+                self._window_bytes += n
                 self.last_active = self._loop.time()
                 self.decoder.advance(n)
                 self._answer()
@@ -115,6 +135,8 @@ class Connection:
     def _admit(self, total: int) -> bool:
         if not self.server.budget.reserve(total, self):
             return False
+        if not self._reserved:  # (it starts holding budget: a new window)
+            self._window_start, self._window_bytes = self._loop.time(), 0
         self._reserved += total
         return True
 
@@ -235,6 +257,7 @@ class Connection:
         self._set_writing(False)
         self._closed = self._closing = True  # (_answer stops at once)
         self._out.clear()
+        self.decoder.close()  # its buffers go now, not when the garbage collector finds the cycle
         self.sock.close()
         reserved, self._reserved = self._reserved, 0
         self.server.forget(self, reserved)

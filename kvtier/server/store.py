@@ -17,7 +17,9 @@ the put, so a reply still sending a record that was evicted meanwhile sends vali
 goes when the last view of it does.
 
 Spill failures are per key: a record the spill cannot write is dropped, one it cannot read is a
-miss (and forgotten); neither fails the request around it. `Spill` checks its directory at start
+miss (and forgotten); neither fails the request around it (each is counted; logged at most once
+per SPILL_LOG_S). Records read back from the spill land in fresh buffers that return their memory
+to the OS when dropped (`kvtier.server.decoder.fresh_buffer`). `Spill` checks its directory at start
 (ConfigError: not a directory, cannot be created, not writable), so a bad `spill.path` stops the
 server at once instead of failing every eviction later.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ from kvtier.keys import NAMESPACE_BYTES, ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.policy import LRUPolicy
 from kvtier.record import encode_header, verify
+from kvtier.server.decoder import fresh_buffer
 from kvtier.server.protocol import PutResult
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.disk import BLOCK, SUFFIX, DiskTier
@@ -55,6 +59,7 @@ _NAMESPACE_DIR = re.compile(f"[0-9a-f]{{{2 * NAMESPACE_BYTES}}}")
 # tracemalloc measures ~610 bytes (tests/server/test_store.py checks this covers it); 768 leaves
 # room for allocator rounding. Without it, 0-16 byte records grew RSS to ~15x the capacity.
 RECORD_OVERHEAD = 768
+SPILL_LOG_S = 60.0  # spill failures are logged at most once per this many seconds (all are counted)
 
 
 def _uint8(buf) -> np.ndarray:
@@ -144,6 +149,14 @@ class RecordStore:
     def contains(self, key: bytes) -> bool:
         return key in self._records or (self.spill is not None and self.spill.contains(key))
 
+    def payload_bytes(self, key: bytes) -> int | None:
+        """What `get(key)` would return, in payload bytes (at most, for a spilled record); None
+        when absent. Side-effect free: no hit counted, nothing promoted."""
+        record = self._records.get(key)
+        if record is not None:
+            return record.payload.nbytes
+        return self.spill.payload_bytes(key) if self.spill is not None else None
+
     def delete(self, keys: Iterable[bytes]) -> int:
         """Remove keys from memory and spill; the number of records removed."""
         keys = list(keys)
@@ -206,6 +219,8 @@ class Spill:
         self._sizes: dict[bytes, int] = {}  # key -> bytes on disk (padded header + payload)
         self._lru = LRUPolicy()
         self._used = 0
+        self._logged_at = float("-inf")
+        self._unlogged = 0  # failures since the last log line
         self._adopt()
 
     @property
@@ -285,7 +300,7 @@ class Spill:
         if size is None:
             return None
         ck = ChunkKey.from_bytes(key)
-        buf = bytearray(size - BLOCK)  # the padded payload, as the disk tier reads it
+        buf = fresh_buffer(size - BLOCK)  # the padded payload, as the disk tier reads it
         try:
             header = self._tier(ck.namespace).get([ck], [_uint8(buf)])[0]  # verified there
         except (OSError, KvtierError) as exc:
@@ -304,6 +319,10 @@ class Spill:
     def contains(self, key: bytes) -> bool:
         return key in self._sizes
 
+    def payload_bytes(self, key: bytes) -> int | None:
+        size = self._sizes.get(key)
+        return None if size is None else size - BLOCK  # the padded payload: an upper bound
+
     def remove(self, keys: Iterable[bytes]) -> int:
         removed = 0
         for key in keys:
@@ -321,8 +340,14 @@ class Spill:
         return removed
 
     def _failed(self, what: str, key: bytes, exc: Exception) -> None:
+        # Rate-limited: when the disk is full or the directory broken, every eviction fails, and a
+        # line for each (thousands a second, driven by clients' PUTs) would fill the same disk.
         self.counters.spill_errors += 1
-        logger.warning("spill %s: cannot %s %s: %s", self.root, what, key.hex(), exc)
+        self._unlogged += 1
+        if time.monotonic() - self._logged_at >= SPILL_LOG_S:
+            more = f" (and {self._unlogged - 1} more since the last report)" if self._unlogged > 1 else ""
+            logger.warning("spill %s: cannot %s %s: %s%s", self.root, what, key.hex(), exc, more)
+            self._logged_at, self._unlogged = time.monotonic(), 0
 
     def clear(self, namespaces: set[bytes]) -> int:
         return self.remove([k for k in self._sizes if k[:NAMESPACE_BYTES] in namespaces])

@@ -12,12 +12,19 @@ Zero copy both ways: a PUT goes out as [frame header, record payload views, ...]
 decoder hands out the slab as its payload buffer). Every record is verified (header, key, length,
 checksum) before it is reported; a bad one is a miss, a `corrupt` count and a DELETE on the server.
 
-Failure: a connection error, a timeout (`timeout_s` per socket operation), a malformed or
-mismatched reply, or an error status costs the call (misses / False / 0), an `errors` count and
-the pool's idle connections, and starts a back-off (`kvtier.tiers.backoff`: `retry_after_s`
-doubling to `retry_max_s`) during which calls answer at once without touching the network. The
-first call after the delay probes the server; when it succeeds the tier is back. Nothing raises
-out of the Tier methods.
+Time and memory are bounded whatever the server does: a new connection's connect and HELLO have
+`timeout_s`, and a call one deadline, `timeout_s` plus its payload bytes at CALL_MIN_RATE, from when
+it has its connection, so a server that trickles its reply a byte at a time cannot hold the caller
+past it; reply payloads land only in the caller's slabs or in at most SCRATCH_BYTES of scratch per
+frame (a record larger than its slab), so a reply that announces a huge length costs nothing
+before its bytes arrive, and not more than that after.
+
+Failure: a connection error, a timeout (`timeout_s` per socket operation, or the call's deadline),
+a malformed, mismatched or oversized reply, or an error status costs the call (misses / False /
+0), an `errors` count and the pool's idle connections, and starts a back-off
+(`kvtier.tiers.backoff`: `retry_after_s` doubling to `retry_max_s`) during which calls answer at
+once without touching the network. The first call after the delay probes the server; when it
+succeeds the tier is back. Nothing raises out of the Tier methods.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -39,7 +47,7 @@ from kvtier.errors import ConfigError, CorruptRecord, KvtierError, ProtocolError
 from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.record import RecordHeader, tensor_bytes, verify
-from kvtier.server.decoder import FrameDecoder, default_alloc
+from kvtier.server.decoder import FrameDecoder, anonymous
 from kvtier.server.protocol import (
     MAX_KEYS,
     PROTOCOL_VERSION,
@@ -58,6 +66,10 @@ logger = logging.getLogger(__name__)
 
 BATCH_BYTES = 64 << 20  # payload bytes per frame (a larger record goes alone); keys: MAX_KEYS
 MAX_REPLY_BYTES = 1 << 34  # the decoder's bound; GET payloads land in our own slabs anyway
+# A call may take `timeout_s` plus its payload bytes (both ways) at this rate; a slow 1 GbE link
+# shared by 32 connections still moves ~3 MiB/s each.
+CALL_MIN_RATE = 1 << 20
+SCRATCH_BYTES = 64 << 20  # per GET frame: records larger than their slab, received to be dropped
 
 Sink = Callable[[int, int], memoryview]
 
@@ -91,6 +103,8 @@ class _Connection:
     """One blocking socket to the server, with its frame decoder."""
 
     def __init__(self, host: str, port: int, timeout: float, token: str | None):
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout  # the HELLO's; each call sets its own
         self.sock = socket.create_connection((host, port), timeout=timeout)
         tune_socket(self.sock)
         self.sinks: dict[int, Sink] = {}  # request id -> where its reply's payloads go
@@ -98,7 +112,7 @@ class _Connection:
         try:
             self._hello(token)
         except BaseException:
-            self.sock.close()
+            self.close()
             raise
 
     def _hello(self, token: str | None) -> None:
@@ -117,11 +131,23 @@ class _Connection:
 
     def _alloc(self, frame: Frame, index: int, size: int) -> memoryview:
         sink = self.sinks.get(frame.request_id)
-        return sink(index, size) if sink is not None else default_alloc(frame, index, size)
+        if sink is None:  # only GET replies carry payloads: never allocate what a server announces
+            raise ProtocolError(f"unexpected payload of {size} bytes in {frame.op.name} reply "
+                                f"#{frame.request_id}")
+        return sink(index, size)
+
+    def _arm(self) -> None:
+        """Socket timeout for the next operation: `timeout` at most, and never past the deadline
+        (per-operation timeouts alone let a server that sends a byte at a time hold a call forever)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the call's deadline passed")
+        self.sock.settimeout(min(self.timeout, left))
 
     def send(self, buffers: list) -> None:
         views = [memoryview(b).cast("B") for b in buffers]
         while views:
+            self._arm()
             n = self.sock.sendmsg(views[:IOV_MAX])
             while n:
                 if n >= views[0].nbytes:
@@ -131,6 +157,7 @@ class _Connection:
 
     def receive(self) -> Frame:
         while (frame := self.decoder.next_frame()) is None:
+            self._arm()
             n = self.sock.recv_into(self.decoder.get_buffer())
             if not n:
                 raise ConnectionError("the server closed the connection")
@@ -138,6 +165,7 @@ class _Connection:
         return frame
 
     def close(self) -> None:
+        self.decoder.close()  # (it and this connection reference each other: free its buffers now)
         self.sock.close()
 
 
@@ -152,7 +180,9 @@ class _Pool:
         self._closed = False
 
     @contextmanager
-    def connection(self) -> Iterator[_Connection]:
+    def connection(self, seconds: float) -> Iterator[_Connection]:
+        """A connection whose socket operations end within `seconds` from now: from when it is
+        lent, not from when it was asked for (waiting for a slot is not the server's doing)."""
         with self._slots:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
@@ -160,6 +190,7 @@ class _Pool:
                 conn.close()
                 conn = None
             conn = conn or self._connect()
+            conn.deadline = time.monotonic() + seconds
             try:
                 yield conn
             except BaseException:
@@ -184,19 +215,30 @@ class _Pool:
 
 class _GetSink:
     """Payload buffers for one GET frame: reply payload j lands in `dests[indices[j]]`, or in a
-    scratch buffer when it would not fit (then it is reported as corrupt)."""
+    scratch buffer when it would not fit (then it is reported as corrupt). Scratch is bounded
+    (SCRATCH_BYTES per frame) and not zeroed up front: a length is only what the server says."""
 
     def __init__(self, indices: list[int], dests: Sequence[torch.Tensor]):
         self.indices = indices
         self.dests = dests
         self.oversized: set[int] = set()
+        self._scratch = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.dests[i].numel() * self.dests[i].element_size() for i in self.indices)
 
     def __call__(self, j: int, size: int) -> memoryview:
+        if j >= len(self.indices):
+            raise ProtocolError(f"GET reply payload {j} for a frame of {len(self.indices)} keys")
         view = tensor_bytes(self.dests[self.indices[j]])
         if size <= view.nbytes:
             return view[:size]
+        self._scratch += size
+        if self._scratch > SCRATCH_BYTES:
+            raise ProtocolError(f"GET reply of records larger than their buffers ({self._scratch} bytes)")
         self.oversized.add(j)
-        return memoryview(bytearray(size))
+        return memoryview(anonymous(size))
 
 
 class RemoteTier:
@@ -221,8 +263,10 @@ class RemoteTier:
         replies, or None (counted, backing off) when the server cannot answer them all."""
         if not self._backoff.ready():
             return None
+        moved = sum(memoryview(p).nbytes for _, payloads, _ in requests for p in payloads) + sum(
+            sink.nbytes for _, _, sink in requests if sink is not None)
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(self.config.timeout_s + moved / CALL_MIN_RATE) as conn:
                 for frame, payloads, sink in requests:
                     if sink is not None:
                         conn.sinks[frame.request_id] = sink

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 
+import msgpack
 import pytest
 import torch
 from conftest import CHUNK, REPO, seeded_kv, seeded_tokens
@@ -315,3 +316,146 @@ def test_a_bad_url_error_never_shows_its_credentials():
         parse_url("kvtier://admin:s3cret@cache/0")
 
     assert "s3cret" not in str(err.value) and "admin" not in str(err.value)
+
+
+# -- a server that stalls, trickles or lies about lengths ----------------------------------------
+
+
+class ScriptedServer:
+    """Answers HELLO with OK, then hands every other request to `answer(conn, frame)`: a thread
+    per connection, each ending when the client goes or the server is closed."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"kvtier://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.conns: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        decoder = FrameDecoder(1 << 30, check=check_request)
+        with conn:
+            try:
+                while not self.closed.is_set() and (data := conn.recv(1 << 20)):
+                    decoder.feed(data)
+                    while (frame := decoder.next_frame()) is not None:
+                        if frame.op is Op.HELLO:
+                            conn.sendall(b"".join(bytes(b) for b in encode(reply(frame, version=1))))
+                        else:
+                            self.answer(conn, frame, self.closed)
+            except OSError:  # the client gave up on us: what the tests want
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for conn in self.conns:  # (their threads wait in recv for a client that may keep them pooled)
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed already: its client went
+                pass
+        for thread in self.threads:
+            thread.join(timeout=10.0)
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS line")
+
+
+def test_a_server_that_trickles_its_reply_cannot_hold_a_call_past_its_deadline(make_tier, metrics, ns):
+    # A byte every 50 ms never trips a 0.5 s socket timeout; before the fix the call waited for
+    # the whole reply (~2,100 bytes: ~100 s). The call's deadline is timeout_s + its bytes at 1 MiB/s.
+    key, head, payload = record(ns, 1)
+
+    def trickle(conn, frame, closed):
+        data = b"".join(bytes(b) for b in encode(reply(frame, heads=[head]), [payload]))
+        for i in range(len(data)):
+            if closed.wait(0.05):  # the trickle's pace (and its way out)
+                return
+            conn.sendall(data[i:i + 1])
+
+    server = ScriptedServer(trickle)
+    tier = make_tier(server.url, ns, timeout_s=0.5)
+    started = time.monotonic()
+
+    assert tier.get([key], [slab(4096)]) == [None]
+
+    assert time.monotonic() - started < 3.0
+    assert counter(metrics, "errors") == 1
+    server.close()
+
+
+def test_a_reply_announcing_a_huge_payload_allocates_nothing(make_tier, metrics, ns):
+    # A GET reply header saying "a 2 GiB record follows", then nothing: before the fix the client
+    # allocated (and zeroed) 2 GiB for it at once. Now a payload larger than its slab gets bounded,
+    # lazily mapped scratch, and one past SCRATCH_BYTES fails the call; payloads in replies other
+    # than GET's are refused outright.
+    key, head, _ = record(ns, 1)
+
+    def liar(conn, frame, closed):
+        fields = {"op": int(frame.op), "id": frame.request_id, "status": 0, "lens": [2 << 30]}
+        if frame.op is Op.GET:
+            fields["heads"] = [head]
+        else:
+            fields["flags"], fields["heads"] = [1] * len(frame.keys), [head]
+        header = msgpack.packb(fields, use_bin_type=True)
+        conn.sendall(len(header).to_bytes(4, "little") + header)
+        closed.wait(10.0)  # then stall: the client must not wait for the 2 GiB
+
+    server = ScriptedServer(liar)
+    tier = make_tier(server.url, ns, timeout_s=2.0, retry_after_s=0.0)
+    before = _rss()
+    started = time.monotonic()
+
+    assert tier.get([key], [slab(4096)]) == [None]
+    assert tier.has([key]) == [False]
+
+    assert _rss() - before < 256 << 20
+    assert time.monotonic() - started < 2.0  # refused on the header, not timed out
+    assert counter(metrics, "errors") == 2
+    server.close()
+
+
+def test_a_call_that_waited_for_a_pooled_connection_still_has_its_whole_deadline(make_tier, metrics, ns):
+    # One connection, two threads, a server that takes 0.6 s per answer and a 1 s timeout: the
+    # second call waits ~0.6 s for the connection, then needs 0.6 s of its own. Its deadline runs
+    # from when it gets the connection (the wait is the other call's, not the server's failing).
+    key, head, payload = record(ns, 1)
+
+    def slow(conn, frame, closed):
+        closed.wait(0.6)  # the server's pace
+        conn.sendall(b"".join(bytes(b) for b in encode(reply(frame, heads=[head]), [payload])))
+
+    server = ScriptedServer(slow)
+    tier = make_tier(server.url, ns, timeout_s=1.0, connections=1)
+    results = [None, None]
+
+    def get(i: int) -> None:
+        results[i] = tier.get([key], [slab(4096)])[0]
+
+    threads = [threading.Thread(target=get, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert all(r is not None and r.key == key for r in results)
+    assert counter(metrics, "errors") == 0
+    server.close()
