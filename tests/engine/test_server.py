@@ -614,6 +614,8 @@ def test_cli_parses_serve_options():
     assert (args.kv_cache_bytes, args.max_num_seqs) == (64 << 20, 4)
     assert args.max_body_bytes == 8 << 20
     assert build_parser().parse_args(["serve", MODEL, "--max-body-bytes", "1MiB"]).max_body_bytes == 1 << 20
+    assert args.max_requests == 512
+    assert build_parser().parse_args(["serve", MODEL, "--max-requests", "8"]).max_requests == 8
     assert args.read_timeout == 30.0
     assert build_parser().parse_args(["serve", MODEL, "--read-timeout", "2.5"]).read_timeout == 2.5
     for bad in ("0", "-1", "nan", "inf"):
@@ -878,3 +880,45 @@ def test_a_client_gone_mid_body_is_not_an_unhandled_error(caplog):
     with caplog.at_level(logging.ERROR):
         status, _ = asyncio.run(story())
     assert status == 499 and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class StalledEngine(RecordingEngine):
+    """Holds every request unfinished until `release` is set (then finishes them, as FakeEngine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def step(self):
+        # Waits on the event rather than spinning: the loop steps while requests are unfinished.
+        return super().step() if self.release.wait(0.01) else []
+
+
+def test_requests_beyond_max_requests_get_503_instead_of_queueing_without_end():
+    # A flood of requests queued without bound, each holding its prompt and output in memory.
+    engine = StalledEngine()
+
+    async def story():
+        loop = EngineLoop(engine, max_requests=2)
+        loop.start()
+        try:
+            app = build_app(loop, ServedModel("m", max_model_len=64, created=0))
+            held = [loop.submit([1], SamplingParams(), f"r{i}") for i in range(2)]
+            refused = await asgi_post(app, {"prompt": [1], "max_tokens": 1})
+            held[0].abort()  # a client that left frees its place at once
+            third = loop.submit([1], SamplingParams(), "r3")
+            engine.release.set()
+            outs = [await _until_done(stream) for stream in (held[1], third)]
+            return refused, outs, loop.open_requests
+        finally:
+            loop.close()
+
+    (status, body), outs, open_after = asyncio.run(story())
+    assert status == 503 and "busy" in body["error"]["message"]
+    assert all(out.finished for out in outs) and open_after == 0
+
+
+async def _until_done(stream) -> RequestOutput:
+    while not (out := await stream.next()).finished:
+        pass
+    return out

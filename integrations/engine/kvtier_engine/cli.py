@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from kvtier.config import load_config, parse_size
 from kvtier.errors import ConfigError
 from kvtier_engine.llm_engine import EngineOptions
-from kvtier_engine.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_READ_TIMEOUT_S, serve
+from kvtier_engine.server import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_READ_TIMEOUT_S,
+    ServerLimits,
+    serve,
+)
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 EXIT_CONFIG = 2  # as argparse's usage errors: the command line or its files are wrong
@@ -49,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--read-timeout", type=_seconds, default=DEFAULT_READ_TIMEOUT_S, metavar="S",
                        help="seconds a connection may take to send a request head, and then its body "
                        "(a late body gets 408) (default: %(default)s)")
+    command.add_argument("--max-requests", type=_positive, default=DEFAULT_MAX_REQUESTS, metavar="N",
+                         help="requests accepted and not yet finished; more get 503 (default: %(default)s)")
     command.add_argument("--max-num-seqs", type=_positive, default=defaults.max_num_seqs, metavar="N")
     command.add_argument("--max-num-batched-tokens", type=_positive,
                        default=defaults.max_num_batched_tokens, metavar="N")
@@ -70,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 dtype=args.dtype, seed=args.seed, kv_cache_bytes=args.kv_cache_bytes,
                                 max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens)
-        status = serve(options, args.host, args.port, args.served_model_name, args.log_level,
-                       args.max_body_bytes, args.read_timeout)
+        limits = ServerLimits(args.max_body_bytes, args.read_timeout, args.max_requests)
+        status = serve(options, args.host, args.port, args.served_model_name, args.log_level, limits)
     except ConfigError as exc:  # also what the tiers find wrong when they open (paths, sizes)
         print(f"kvtier_engine: configuration error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)

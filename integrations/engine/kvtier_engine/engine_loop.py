@@ -100,10 +100,13 @@ class RequestStream:
     would be memory quadratic in the request's length. `next()` returns the latest output with the
     deltas (`new_text`, `new_token_ids`) of every output since the previous call joined."""
 
-    def __init__(self, request_id: str, abort: Callable[[str], None]):
+    def __init__(self, request_id: str, abort: Callable[[str], None],
+                 on_end: Callable[[], None] = lambda: None):
         self.request_id = request_id
         self.done = False  # finished, failed or aborted: nothing more will come
         self._abort = abort
+        self._on_end = on_end  # called once, when the engine is done with the request
+        self._ended = False
         self._latest: RequestOutput | None = None
         self._texts: list[str] = []
         self._tokens: list[int] = []
@@ -118,7 +121,14 @@ class RequestStream:
             self._latest = event
             self._texts.append(event.new_text)
             self._tokens.extend(event.new_token_ids)
+        if isinstance(event, RequestFailed) or event.finished:
+            self._end()
         self._arrived.set()
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._on_end()
 
     async def next(self) -> RequestOutput:
         """The request's next output. Raises `RequestFailed` if the engine gave up on it."""
@@ -141,14 +151,19 @@ class RequestStream:
         if not self.done:
             self.done = True
             self._abort(self.request_id)
+        self._end()
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_broken: Callable[[], None] | None = None):
+    def __init__(self, engine: LLMEngine, on_broken: Callable[[], None] | None = None,
+                 max_requests: int | None = None):
         """`on_broken` is called on the engine thread once the loop has stopped because the engine
-        is unusable (never on close())."""
+        is unusable (never on close()). At most `max_requests` submitted requests may be unfinished
+        at once (None: no bound); submit() refuses more with 503."""
         self.engine = engine
         self._on_broken = on_broken
+        self._max_requests = max_requests
+        self._open_requests = 0  # submitted, not yet finished, failed or aborted (under _lock)
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         # Orders submit() against the thread's final drain: once `_accepting` is false under the lock,
         # no _Add can land in the inbox after the drain and wait forever.
@@ -171,7 +186,7 @@ class EngineLoop:
     def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> RequestStream:
         """Queue a request; its outputs arrive on the calling event loop. Raises EngineUnavailable."""
         loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, self.abort)
+        stream = RequestStream(request_id, self.abort, self._request_ended)
 
         def deliver(event: Event) -> None:
             try:
@@ -182,8 +197,20 @@ class EngineLoop:
         with self._lock:
             if not self._accepting:
                 raise EngineUnavailable()
+            if self._max_requests is not None and self._open_requests >= self._max_requests:
+                raise EngineUnavailable(f"the server is busy: {self._max_requests} requests are running "
+                                        "or waiting; retry later")
+            self._open_requests += 1
             self._inbox.put(_Add(request_id, prompt, params, deliver))
         return stream
+
+    def _request_ended(self) -> None:
+        with self._lock:
+            self._open_requests -= 1
+
+    @property
+    def open_requests(self) -> int:
+        return self._open_requests
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))

@@ -81,8 +81,20 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 # A request's head must arrive within this of the connection opening (or of the previous response),
 # and its body within this of the head: a client that trickles bytes cannot hold a socket for good.
 DEFAULT_READ_TIMEOUT_S = 30.0
+# Requests accepted and not yet finished; beyond it a request gets 503 at once. Each holds its
+# prompt and output in memory, so a flood of requests must not queue without end.
+DEFAULT_MAX_REQUESTS = 512
 EXIT_ENGINE_FAILED = 1  # serve's return value when the engine became unusable
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one `kvtier_engine serve` process lets its clients cost (the `--max-*` flags)."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    max_requests: int = DEFAULT_MAX_REQUESTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +112,11 @@ class _ClientGone(Exception):
     pass
 
 
-def build_app(engine_loop: EngineLoop, model: ServedModel, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> FastAPI:
+def build_app(engine_loop: EngineLoop, model: ServedModel, limits: ServerLimits = ServerLimits()) -> FastAPI:
     """The ASGI app. The caller owns `engine_loop`: it starts it before serving and closes it after."""
+    read_timeout_s = limits.read_timeout_s
     app = FastAPI(title="kvtier_engine", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     _install_error_handlers(app)
     # Text is tokenized here, on a worker thread, and checked against the context before the engine
     # sees it: on the engine's thread, an 8 MiB prompt stalled every running stream for ~0.6 s
@@ -167,20 +179,18 @@ def build_app(engine_loop: EngineLoop, model: ServedModel, max_body_bytes: int =
 
 def serve(options: EngineOptions, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, log_level: str = "info",
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> int:
+          limits: ServerLimits = ServerLimits()) -> int:
     """Load the model, then serve until SIGINT/SIGTERM (returns 0) or until the engine becomes
     unusable (returns EXIT_ENGINE_FAILED); either way the engine is closed and kvtier drained first.
 
     Blocking; it handles SIGINT and SIGTERM while serving, so call it from the main thread."""
     engine = LLMEngine(options)
     model = ServedModel(served_model_name or options.model, engine.max_model_len, int(time.time()))
-    return run_server(engine, model, host, port, log_level, max_body_bytes, read_timeout_s)
+    return run_server(engine, model, host, port, log_level, limits)
 
 
 def run_server(engine: LLMEngine, model: ServedModel, host: str, port: int, log_level: str = "info",
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> int:
+               limits: ServerLimits = ServerLimits()) -> int:
     """`serve` for an engine already built (it is closed on the way out)."""
     broken = threading.Event()
 
@@ -188,11 +198,12 @@ def run_server(engine: LLMEngine, model: ServedModel, host: str, port: int, log_
         broken.set()
         server.should_exit = True  # uvicorn's main loop polls it; a graceful shutdown follows
 
-    engine_loop = EngineLoop(engine, on_broken)
-    config = uvicorn.Config(build_app(engine_loop, model, max_body_bytes, read_timeout_s), host=host,
+    engine_loop = EngineLoop(engine, on_broken, limits.max_requests)
+    config = uvicorn.Config(build_app(engine_loop, model, limits), host=host,
                             port=port, log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + SHUTDOWN_ANSWER_S,
-                            http=functools.partial(HeadDeadlineProtocol, head_timeout_s=read_timeout_s))
+                            http=functools.partial(HeadDeadlineProtocol,
+                                                   head_timeout_s=limits.read_timeout_s))
     server = _Server(config, engine_loop)
     with _exit_on_signals(server):
         engine_loop.start()
