@@ -21,13 +21,12 @@ slab belongs to exactly one entry or one in-flight read; `check_invariants` asse
 Leases (see kvtier.pins) keep a chunk in some tier: a leased chunk is the CPU tier's last victim and
 leaves host memory only through a write that a tier below confirms, never by being dropped.
 
-Memory exhaustion is explicit: when no slab is free and nothing is evictable right now (all pinned
-or in flight), the rest of a store is rejected and counted, and a retrieve stops its prefix there.
-A store never waits; a retrieve that holds no memory yet waits (at most READ_WAIT_S) for memory
-others will give back, one that holds some only for background writes, which never wait on a
-retrieve: two retrieves never wait on each other. Nothing is dropped without a counter.
-close() refuses new calls and waits (bounded) for those in flight before it stops the I/O threads
-and closes the tiers (see kvtier.call_gate).
+Memory exhaustion is explicit: when no slab is free and nothing is evictable right now (all pinned or in
+flight), the rest of a store is rejected and counted, and a retrieve stops its prefix there. A store
+never waits; a retrieve that holds no memory yet waits (at most READ_WAIT_S) for memory others will give
+back, one that holds some only for background writes, which never wait on a retrieve: two retrieves
+never wait on each other. Nothing is dropped without a counter. close() refuses new calls and waits
+(bounded) for those in flight before it stops the I/O threads and closes the tiers (kvtier.call_gate).
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from kvtier.call_gate import CallGate, guarded
 from kvtier.invariants import check_invariants, pool_stats, refresh_usage
 from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
+from kvtier.log_limit import LogLimiter
 from kvtier.memory import MemoryPool, Slab
 from kvtier.metrics import Metrics
 from kvtier.pins import PinTable
@@ -68,6 +68,7 @@ class StorageManager:
         self.pool = pool
         self.lower = list(lower)
         self.metrics = metrics
+        self._log = LogLimiter(logger)  # a full CPU tier refuses every store: one line a minute
         self.write_through = write_through
         self.promote_on_hit = promote_on_hit
         # One pin table shared with every tier (they read it through `is_pinned` when evicting).
@@ -133,7 +134,7 @@ class StorageManager:
         self.metrics.inc("deduplicated_chunks", len(spans) - len(new))
         if rejected:
             self.metrics.tier_inc(self.cpu.name, "rejected", rejected)
-            logger.warning("CPU tier full of pinned or in-flight chunks: %d chunks not stored", rejected)
+            self._log.warning("full", "CPU tier full of pinned or in-flight chunks: %d not stored", rejected)
         try:
             self._io.copy(list(zip(new, slabs)), kv, into_slabs=True)
         except BaseException:  # a tensor that cannot be read (meta, a failed device): nothing stored

@@ -6,7 +6,7 @@ calls release the GIL, so threads overlap real I/O). Lifecycle: `submit(fn, *arg
 `Future` at once and never blocks the caller on I/O; `drain()` waits for every job submitted so far
 (flush, clear, close); `close()` drains and stops the threads. Completion callbacks are the job's
 own business (it calls back into the StorageManager under its lock). A job that raises is logged
-and counted, never lost silently.
+(at most a line a minute: kvtier.log_limit) and counted, never lost silently.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.keys import ChunkKey
+from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.record import CODEC_RAW, RecordHeader
 from kvtier.tiers.base import Tier
@@ -37,6 +38,7 @@ class TransferQueue:
         self._inflight: set[Future] = set()
         self.failed = 0
         self.threads = threads
+        self._log = LogLimiter(logger)  # a job failing for every batch must not log for every batch
 
     def submit(self, fn: Callable, *args) -> Future:
         future = self._pool.submit(fn, *args)
@@ -50,7 +52,7 @@ class TransferQueue:
             self._inflight.discard(future)
         if future.exception() is not None:
             self.failed += 1
-            logger.error("background transfer failed", exc_info=future.exception())
+            self._log.error("job", "background transfer failed", exc_info=future.exception())
 
     @property
     def pending(self) -> int:
@@ -99,6 +101,7 @@ class TierReader:
         self.dtype = dtype
         self.metrics = metrics
         self.queue = queue
+        self._log = LogLimiter(logger)  # per tier: a broken tier fails or mismatches every read
 
     def start(self, requests: list[ReadRequest]) -> PendingReads:
         jobs = self._submit(self.tiers[0], requests, range(len(requests))) if requests else []
@@ -130,7 +133,7 @@ class TierReader:
                 try:
                     headers = future.result()
                 except Exception:
-                    logger.exception("%s: get failed", tier.name)
+                    self._log.error((tier.name, "get"), "%s: get failed", tier.name, exc_info=True)
                     self.metrics.tier_inc(tier.name, "errors")
                     continue
                 for i, header in zip(part, headers):
@@ -147,9 +150,10 @@ class TierReader:
         if (header.codec == CODEC_RAW and header.dtype == self.dtype and header.shape == request.shape
                 and header.payload_len == nbytes):
             return True
-        logger.warning("%s: record %s has codec %d, shape %s, dtype %s, %d payload bytes; expected raw %s "
-                       "%s, %d bytes; dropping", tier.name, header.key, header.codec, header.shape,
-                       header.dtype, header.payload_len, request.shape, self.dtype, nbytes)
+        self._log.warning((tier.name, "fits"), "%s: record %s has codec %d, shape %s, dtype %s, %d payload "
+                          "bytes; expected raw %s %s, %d bytes; dropping", tier.name, header.key,
+                          header.codec, header.shape, header.dtype, header.payload_len, request.shape,
+                          self.dtype, nbytes)
         self.metrics.tier_inc(tier.name, "corrupt")
         tier.remove([header.key])
         return False

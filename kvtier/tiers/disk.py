@@ -57,6 +57,7 @@ import numpy as np
 from kvtier.dtypes import is_tensor
 from kvtier.errors import ConfigError, CorruptRecord
 from kvtier.keys import ChunkKey
+from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.policy import LRUPolicy
 from kvtier.record import HEADER_SIZE, RecordHeader, decode_header, verify
@@ -140,6 +141,7 @@ class DiskTier:
         self.fsync = fsync
         self._is_pinned = is_pinned
         self._metrics = metrics
+        self._log = LogLimiter(logger)  # a broken disk fails every I/O: one line a minute per kind
         supported = probe_o_direct(self._root_fd, self.root)  # also proves the directory writable
         if o_direct == "on" and not supported:
             raise ConfigError(f"disk.o_direct: 'on' but {self.root} does not support O_DIRECT")
@@ -287,7 +289,7 @@ class DiskTier:
         return True
 
     def _failed(self, op: str, path: str, exc: OSError) -> None:
-        logger.warning("disk tier: %s %s failed: %s", op, path, exc)
+        self._log.warning(op, "disk tier: %s %s failed: %s", op, path, exc)
         self._metrics.tier_inc(self.name, "errors")
 
     # -- Tier protocol -------------------------------------------------------------------------
@@ -347,7 +349,7 @@ class DiskTier:
             verify(head[:HEADER_SIZE], payload[: header.payload_len], key, header)
             return header
         except CorruptRecord as exc:
-            logger.warning("disk tier: dropping corrupt record: %s", exc)
+            self._log.warning("corrupt", "disk tier: dropping corrupt record: %s", exc)
             self._metrics.tier_inc(self.name, "corrupt")
             self.remove([key])
             return None

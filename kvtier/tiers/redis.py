@@ -15,7 +15,8 @@ put False) plus `errors` (one per chunk of the failed round trip), and starts a 
 it expires every call answers misses at once without touching the network, so a dead Redis costs
 the lookup path nothing; then one call probes, and the first success ends the outage. redis-py's
 own retries are off, so this is the only retry policy. One warning when Redis goes down, one info
-line when it is back. On a cluster, a round trip skips redis-py's one-command-at-a-time retries of
+line when it is back; refusals and dropped values, at most a line a minute each (kvtier.log_limit).
+On a cluster, a round trip skips redis-py's one-command-at-a-time retries of
 a failed node (only MOVED/ASK are followed), so a stalled node costs the probing call one timeout,
 and its failure fails the round trip like a raised error. An error reply from a server that
 answers (NOPERM from an ACL, an unknown command, OOM) is counted but is not an outage: it never
@@ -65,6 +66,7 @@ from kvtier.config_values import check_url, redact_url
 from kvtier.dtypes import is_tensor
 from kvtier.errors import ConfigError, CorruptRecord
 from kvtier.keys import DIGEST_BYTES, ChunkKey
+from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.record import HEADER_SIZE, RecordHeader, decode_header, tensor_bytes, verify
 from kvtier.tiers.backoff import Backoff
@@ -190,7 +192,7 @@ class RedisTier:
         self.backoff = Backoff(config.retry_after_s, config.retry_max_s)
         self._client: redis.Redis | RedisCluster | None = None
         self._client_lock = threading.Lock()
-        self._refusals_logged = False
+        self._log = LogLimiter(logger)  # refusals and bad values can come once per call or record
 
     def _check_url_options(self) -> None:
         """Query options in the URL (`?socket_timeout=x`, `?foo=1`) reach redis-py's connection
@@ -244,7 +246,8 @@ class RedisTier:
         except _UNAVAILABLE as exc:
             self._metrics.tier_inc(self.name, "errors", chunks)
             if _refused(exc):  # e.g. an ACL without INFO: usage() must not switch the tier off
-                self._log_refused(exc)
+                self._log.warning("refused", "redis tier: %s refused a command (%s: %s)",
+                                  self.where, type(exc).__name__, exc)
                 self.backoff.succeeded()  # a probe that got an answer: the server is up
                 return None
             if self.backoff.failed():
@@ -254,12 +257,6 @@ class RedisTier:
         if self.backoff.succeeded():
             logger.info("redis tier: %s is back", self.where)
         return result
-
-    def _log_refused(self, exc: Exception) -> None:
-        first = not self._refusals_logged
-        self._refusals_logged = True
-        logger.log(logging.WARNING if first else logging.DEBUG, "redis tier: %s refused a command (%s: %s)",
-                   self.where, type(exc).__name__, exc)
 
     def _pipeline(self, client):
         return client.pipeline() if self.config.cluster else client.pipeline(transaction=False)
@@ -322,7 +319,8 @@ class RedisTier:
             values = [value if exists else None for exists, value in zip(replies[::2], replies[1::2])]
             for i, value in enumerate(values):
                 if _wrong_type(value):
-                    logger.warning("redis tier: dropping %s: not a string value", self._rkey(part[i]))
+                    self._log.warning("wrong type", "redis tier: dropping %s: not a string value",
+                                      self._rkey(part[i]))
                     corrupt.append(part[i])
                 elif isinstance(value, Exception):
                     errors += 1
@@ -349,7 +347,7 @@ class RedisTier:
             payload = view[HEADER_SIZE:]
             verify(view[:HEADER_SIZE], payload, key, header)
         except CorruptRecord as exc:
-            logger.warning("redis tier: dropping corrupt record: %s", exc)
+            self._log.warning("corrupt", "redis tier: dropping corrupt record: %s", exc)
             corrupt.append(key)
             return None
         dest[:header.payload_len] = payload  # the one copy, after verifying

@@ -45,6 +45,7 @@ from kvtier.config import RemoteConfig
 from kvtier.config_values import redact_url
 from kvtier.errors import ConfigError, CorruptRecord, KvtierError, ProtocolError, TierUnavailable
 from kvtier.keys import ChunkKey
+from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.record import RecordHeader, tensor_bytes, verify
 from kvtier.server.decoder import FrameDecoder, anonymous
@@ -250,6 +251,7 @@ class RemoteTier:
         self.host, self.port = parse_url(config.url)
         self._metrics = metrics
         self._backoff = Backoff(config.retry_after_s, config.retry_max_s)
+        self._log = LogLimiter(logger)  # a full or misbehaving server can fail every call
         self._pool = _Pool(lambda: _Connection(self.host, self.port, config.timeout_s, config.token),
                            config.connections)
         self._ids = itertools.count(1)
@@ -276,7 +278,8 @@ class RemoteTier:
             self._metrics.tier_inc(self.name, "errors")
             self._pool.discard_idle()  # they lead to the same failed server
             if not isinstance(exc, (OSError, KvtierError)):
-                logger.exception("remote tier %s: unexpected failure", self.config.url)
+                self._log.error("unexpected", "remote tier %s: unexpected failure", self.config.url,
+                                exc_info=True)
             if self._backoff.failed():
                 logger.warning("remote tier %s unavailable (%s: %s); backing off", self.config.url,
                                type(exc).__name__, exc)
@@ -334,7 +337,7 @@ class RemoteTier:
                         raise CorruptRecord(f"record of {payload.nbytes} bytes exceeds its buffer")
                     results[i] = verify(head, payload, keys[i])
                 except CorruptRecord as exc:
-                    logger.warning("remote tier: dropping corrupt record: %s", exc)
+                    self._log.warning("corrupt", "remote tier: dropping corrupt record: %s", exc)
                     corrupt.append(keys[i])
         if corrupt:
             self._metrics.tier_inc(self.name, "corrupt", len(corrupt))
@@ -357,7 +360,8 @@ class RemoteTier:
         stored = [flag == PutResult.STORED for r in replies for flag in r.flags]
         rejected = len(stored) - sum(stored)
         if rejected:
-            logger.warning("remote tier: server refused %d of %d records", rejected, len(stored))
+            self._log.warning("refused", "remote tier: server refused %d of %d records", rejected,
+                              len(stored))
             self._metrics.tier_inc(self.name, "rejected", rejected)
         self._metrics.tier_inc(self.name, "bytes_written",
                                sum(item.payload.numel() for item, ok in zip(items, stored) if ok))

@@ -7,6 +7,7 @@ Real files in `tmp_path`. Engine-level tests store, `flush()` (background writes
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -711,4 +712,22 @@ def test_a_namespace_directory_deleted_while_running_is_recreated_for_new_writes
     assert tier.get([new.key], [dest])[0] is not None and torch.equal(dest[:new.payload.numel()], new.payload)
     assert tier.get([old.key], [dest]) == [None]  # gone with the directory: a miss, then forgotten
     assert tier.usage().chunks == 1 and tier.path_for(new.key).is_file()
+    tier.close()
+
+
+def test_a_disk_tier_whose_writes_all_fail_logs_once_not_once_per_write(tmp_path, layout, caplog):
+    # Regression: a broken disk logged a warning per failed I/O, so the writes drove the log volume
+    # (onto the same disk, often). Now a line a minute per kind of failure; the counter has them all.
+    tier = make_tier(tmp_path)
+    shutil.rmtree(tier.root)
+    tier.root.write_bytes(b"")  # a file where the namespace directory was: every write fails
+    items = [record(i, layout) for i in range(100)]
+    caplog.set_level(logging.WARNING, logger="kvtier.tiers.disk")
+
+    assert tier.put(items) == [False] * 100
+
+    assert len(caplog.messages) <= 2, caplog.messages
+    assert "write" in caplog.messages[0]
+    assert tier._metrics.value("kvtier_tier_errors_total", {"tier": "disk"}) == 100
+    assert tier.usage().chunks == 0 and tier.usage().bytes == 0
     tier.close()
