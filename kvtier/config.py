@@ -207,6 +207,8 @@ class ServerConfig:
     handshake_timeout_s: float = _seconds(5.0, 0.001)  # from accept to a HELLO answered OK
     idle_timeout_s: float = _seconds(300.0, 0.001)  # an authenticated connection silent this long closes
     receive_bytes: int = _size(2 * GiB)  # payload bytes being received, all connections together
+    reply_bytes: int = _size(1 * GiB)  # reply bytes queued to send, all connections together
+    send_timeout_s: float = _seconds(30.0, 0.001)  # replies queued, none sent this long: closed
     spill: SpillConfig | None = None  # None: evicted records are dropped
     stats_interval_s: float = _seconds(60.0, 0.0)  # one traffic log line per interval; 0 = never
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})

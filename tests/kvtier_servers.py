@@ -6,7 +6,8 @@ never a fixed wait. Its log (stderr) goes to a file the tests can read. `kvtier_
 session-wide server that tests share by keeping to their own namespaces; `start_kvtier_server`
 starts servers with their own config (and port), stopped with SIGTERM at the test's end.
 `Client` is a raw protocol client (it says HELLO, then sends whatever frames a test wants);
-`start_failure` runs a server that is expected to refuse to start.
+`start_failure` runs a server that is expected to refuse to start; `wait_for` polls STATS for a
+condition, `authenticated` opens a raw socket past its HELLO.
 """
 
 from __future__ import annotations
@@ -227,6 +228,24 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def wait_for(client: Client, what: Callable[[dict[str, int]], bool], deadline_s: float = 20.0
+             ) -> dict[str, int]:
+    """Poll STATS until `what(stats)` holds; the stats then."""
+    deadline = time.monotonic() + deadline_s
+    while not what(stats := client.stats()):
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.02)  # polling the server's counters, not waiting for them
+    return stats
+
+
+def authenticated(port: int) -> socket.socket:
+    """A raw socket past its HELLO (no token), for attacks that send exact bytes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
+    sock.sendall(HELLO)
+    assert sock.recv(4096)  # the HELLO's OK (a few bytes, one segment on loopback)
+    return sock
 
 
 def closed_by_peer(sock: socket.socket) -> bool:

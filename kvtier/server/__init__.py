@@ -2,8 +2,8 @@
 
 `protocol` (frame format, encoder, validation) and `decoder` are the sans-IO codec both sides
 share, `store` the bounded record store, `app` the asyncio server, `connection` one client socket's
-handshake and I/O, `budget` the bound on bytes being received; `python -m kvtier.server` (the
-`kvtier_server` script) runs one.
+handshake and I/O, `budget` the bounds on bytes being received and on replies queued;
+`python -m kvtier.server` (the `kvtier_server` script) runs one.
 """
 
 from kvtier.server.app import KvtierServer, serve

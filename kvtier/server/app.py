@@ -15,7 +15,12 @@ without the token can neither hold the slots of authenticated clients nor hold m
 handshake a connection reads at most one HELLO's worth of bytes. Authenticated connections idle for
 `idle_timeout_s` are closed; payload bytes being received over all connections are bounded by
 `receive_bytes` (`kvtier.server.budget`: back-pressure, not failure), and a connection that holds
-some of them while receiving slower than MIN_RECEIVE_RATE (a frame trickled in) is closed.
+some of them while receiving slower than MIN_RECEIVE_RATE (a frame trickled in) is closed. Reply
+bytes queued to send over all connections are bounded by `reply_bytes` (the same mechanism: a
+connection asks for room before it answers a request), and a connection whose queued replies drain
+nothing for `send_timeout_s` is closed, its buffers dropped: a queued GET reply holds its records'
+memory past their eviction, so each peer that asked and never read held ~2 x HIGH_WATER until the
+idle timeout (32 GiB at 256 connections).
 One periodic sweep (a few per timeout) enforces the deadlines; nothing is timed per request.
 
 Per connection, requests are pipelined: they are decoded and answered in order as bytes arrive,
@@ -50,7 +55,8 @@ from dataclasses import dataclass, field
 
 from kvtier.config import ServerConfig
 from kvtier.errors import ProtocolError
-from kvtier.server.budget import ReceiveBudget
+from kvtier.log_limit import LogLimiter
+from kvtier.server.budget import ByteBudget
 from kvtier.server.connection import HIGH_WATER, Connection
 from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, Status, encode, reply, short
 from kvtier.server.sockets import tune_socket
@@ -61,7 +67,6 @@ logger = logging.getLogger(__name__)
 CLOSE_GRACE_S = 2.0  # how long close() lets queued replies drain
 HANDSHAKE_GRACE_S = 0.1  # at max_handshakes, how long the oldest handshake is kept before it makes room
 ACCEPT_RETRY_S = 0.5  # after a failed accept (EMFILE: out of file descriptors), pause accepting this long
-ACCEPT_LOG_S = 60.0  # ... and log it at most once per this many seconds
 
 
 @dataclass(slots=True)
@@ -78,6 +83,7 @@ class ServerStats:
     accept_errors: int = 0  # accept() failures (EMFILE, ENFILE, ENOBUFS...), each pausing accepting
     idle_timeouts: int = 0  # authenticated connections closed after idle_timeout_s
     receive_timeouts: int = 0  # ... closed holding receive budget while under MIN_RECEIVE_RATE
+    send_timeouts: int = 0  # ... closed with replies queued and none sent for send_timeout_s
     bad_frames: int = 0
     unauthorized: int = 0
     errors: int = 0  # requests the server failed to serve
@@ -89,18 +95,20 @@ class KvtierServer:
         self.config = config
         self.store = store if store is not None else RecordStore(config.capacity, config.spill)
         self.stats = ServerStats()
-        self.budget = ReceiveBudget(config.receive_bytes)
+        self.budget = ByteBudget(config.receive_bytes)  # payload bytes being received
+        self.replies = ByteBudget(config.reply_bytes)  # reply bytes queued to send
         self._token = config.token.encode() if config.token is not None else None
         self._listener: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[Connection, None] = {}  # in handshake, oldest first
         self._active: set[Connection] = set()  # authenticated
         # Deadlines are checked a few times per timeout: within 25% of it, at no cost per request.
-        self._sweep_s = min(1.0, max(0.01, min(config.handshake_timeout_s, config.idle_timeout_s) / 4))
+        timeouts = (config.handshake_timeout_s, config.idle_timeout_s, config.send_timeout_s)
+        self._sweep_s = min(1.0, max(0.01, min(timeouts) / 4))
         self._sweeper: asyncio.TimerHandle | None = None
         self._accepting = False
         self._resume_accept: asyncio.TimerHandle | None = None
-        self._accept_logged = float("-inf")
+        self._log = LogLimiter(logger)  # failures peers can repeat at will: a line a minute per kind
         self._ticker: asyncio.TimerHandle | None = None
         self._logged = (0, 0, 0)
         self._handlers: dict[Op, Callable[[Frame], tuple[Frame, list]]] = {
@@ -181,10 +189,8 @@ class KvtierServer:
         at once would spin the loop on accept (and log each turn: 30,000 lines a second at EMFILE).
         Pause instead; connections that close meanwhile give their descriptors back."""
         self.stats.accept_errors += 1
-        if self.loop.time() - self._accept_logged >= ACCEPT_LOG_S:
-            self._accept_logged = self.loop.time()
-            logger.warning("accept failed (%s); pausing accepts for %.1f s at a time, %d connections open",
-                           exc, ACCEPT_RETRY_S, len(self._active) + len(self._pending))
+        self._log.warning("accept", "accept failed (%s); pausing accepts for %.1f s at a time, %d "
+                          "connections open", exc, ACCEPT_RETRY_S, len(self._active) + len(self._pending))
         self._pause_accepting(ACCEPT_RETRY_S)
 
     def _pause_accepting(self, seconds: float) -> None:
@@ -218,15 +224,21 @@ class KvtierServer:
         for conn in [c for c in self._active if c.stalled(now)]:
             self.stats.receive_timeouts += 1
             conn.close()
+        for conn in [c for c in self._active if c.send_stalled(now)]:
+            self.stats.send_timeouts += 1
+            conn.close()
         self._sweeper = self.loop.call_later(self._sweep_s, self._sweep)
 
-    def forget(self, conn: Connection, reserved: int) -> None:
-        """`conn` closed; `reserved`: its receive-budget bytes, now free."""
+    def forget(self, conn: Connection, reserved: int, queued: int) -> None:
+        """`conn` closed; `reserved`: its receive-budget bytes, `queued`: its reply bytes, now free."""
         self._pending.pop(conn, None)
         self._active.discard(conn)
         self.budget.cancel(conn)
+        self.replies.cancel(conn.turn)
         if reserved:
             self.budget.release(reserved)
+        if queued:
+            self.replies.release(queued)
         self._count()
 
     def _count(self) -> None:
@@ -265,7 +277,8 @@ class KvtierServer:
         try:
             answer, payloads = self._handlers[frame.op](frame)
         except Exception as exc:  # a bug must cost this request, not the server
-            logger.exception("%s request %d failed", frame.op.name, frame.request_id)
+            self._log.error(frame.op, "%s request %d failed", frame.op.name, frame.request_id,
+                            exc_info=True)
             self.stats.errors += 1
             answer, payloads = reply(frame, Status.ERROR, error=f"{type(exc).__name__}: {exc}"), []
         try:
@@ -321,7 +334,9 @@ class KvtierServer:
                 "accept_errors": s.accept_errors,
                 "idle_timeouts": s.idle_timeouts, "receive_timeouts": s.receive_timeouts,
                 "receiving_bytes": self.budget.used,
-                "receive_waits": self.budget.waits, "bad_frames": s.bad_frames,
+                "receive_waits": self.budget.waits, "send_timeouts": s.send_timeouts,
+                "sending_bytes": self.replies.used, "reply_waits": self.replies.waits,
+                "bad_frames": s.bad_frames,
                 "unauthorized": s.unauthorized, "errors": s.errors, "reply_cuts": s.reply_cuts,
                 "hits": c.hits, "misses": c.misses,
                 "evictions": c.evictions, "spills": c.spills, "spill_hits": c.spill_hits,

@@ -1,15 +1,24 @@
-"""The bound on payload bytes being received by `kvtier_server`, over all its connections.
+"""Byte budgets of `kvtier_server`, each a bound over all its connections: one on payload bytes
+being received (`receive_bytes`), one on reply bytes queued to send (`reply_bytes`).
 
-Where it runs: the server's event-loop thread only (no locks). A connection reserves a frame's
-payload bytes when the frame's header has been decoded, before its buffers are allocated
-(`FrameDecoder(admit=...)`), and releases them when the frame has been handed to its handler (a
-PUT's records then count against the store's capacity instead) or when the connection closes.
+Where it runs: the server's event-loop thread only (no locks).
 
-A reservation that does not fit is not an error: the connection joins a FIFO queue and stops
-reading, so its client feels back-pressure through TCP; each release wakes waiters in order while
-their frames fit. FIFO rather than "whoever fits" so that a large frame is not starved by small
-ones. One frame alone is always admitted (`used == 0`), so a limit below `max_frame_bytes` delays
-but never deadlocks: the real bound is max(limit, max_frame_bytes).
+Receiving: a connection reserves a frame's payload bytes when the frame's header has been decoded,
+before its buffers are allocated (`FrameDecoder(admit=...)`), and releases them when the frame has
+been handed to its handler (a PUT's records then count against the store's capacity instead) or
+when the connection closes.
+
+Replying: a reply cannot wait once it exists (its buffers are already held), so a connection asks
+for room *before* it answers a request (`wait_for_room`), charges the reply's bytes when it queues
+them (`charge`) and releases them as the kernel takes them or when it closes. So the bound is
+`reply_bytes` plus one reply (a GET reply carries at most HIGH_WATER of payload).
+
+A request that does not fit is not an error: the connection joins a FIFO queue and stops reading,
+so its client feels back-pressure through TCP; each release wakes waiters in order while they fit.
+FIFO rather than "whoever fits" so that a large frame is not starved by small ones. One frame alone
+is always admitted (`used == 0`), so a limit below `max_frame_bytes` delays but never deadlocks:
+the real bound is max(limit, max_frame_bytes). What stops a peer from holding a budget for good is
+the server's timeouts (a minimum receive rate, a send-stall timeout), not the budget.
 """
 
 from __future__ import annotations
@@ -20,26 +29,40 @@ from typing import Protocol
 
 class Waiter(Protocol):
     def resume(self) -> None:
-        """Ask again (calls `reserve`); leaves the queue's head when admitted."""
+        """Ask again (calls `reserve` or `wait_for_room`); leaves the queue's head when admitted."""
 
 
-class ReceiveBudget:
+class ByteBudget:
     def __init__(self, limit: int):
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
         self.limit = limit
         self.used = 0
-        self.waits = 0  # reservations that had to wait (a counter for STATS)
+        self.waits = 0  # requests that had to wait (a counter for STATS)
         self._queue: deque[Waiter] = deque()
         self._waking = False
 
     def reserve(self, n: int, waiter: Waiter) -> bool:
         """Take `n` bytes for `waiter`'s next frame, or queue it (False) until they fit."""
+        if self._admits(waiter, self.used + n <= self.limit):
+            self.used += n
+            return True
+        return False
+
+    def wait_for_room(self, waiter: Waiter) -> bool:
+        """True when `waiter` may add bytes now (the budget is not full and no one waits ahead of
+        it); else queue it (False) until it may."""
+        return self._admits(waiter, self.used < self.limit)
+
+    def charge(self, n: int) -> None:
+        """Count `n` bytes that exist already (a reply admitted by `wait_for_room`)."""
+        self.used += n
+
+    def _admits(self, waiter: Waiter, fits: bool) -> bool:
         first = not self._queue or self._queue[0] is waiter
-        if first and (self.used + n <= self.limit or self.used == 0):
+        if first and (fits or self.used == 0):
             if self._queue:
                 self._queue.popleft()
-            self.used += n
             return True
         if waiter not in self._queue:
             self._queue.append(waiter)
@@ -69,6 +92,10 @@ class ReceiveBudget:
             self._queue.remove(waiter)
             if was_head:
                 self.release(0)  # the next one may fit now
+
+    def holds(self, waiter: Waiter) -> bool:
+        """`waiter` is queued."""
+        return waiter in self._queue
 
     @property
     def waiting(self) -> int:

@@ -16,6 +16,13 @@ Where it runs: the server's event-loop thread, driven by the loop's reader/write
                 `min(idle_timeout_s, RECEIVE_GRACE_S)`. Without it a client that announces a
                 large PUT and then sends a byte now and then (never idle) would hold the budget,
                 and keep every other client's PUT waiting, for as long as it likes.
+                Replies: before answering a request the connection asks the server's reply budget
+                for room (`reply_bytes` over all connections; over it, it stops decoding and
+                reading until replies elsewhere drain), and its queued reply bytes count there
+                until the kernel takes them. The server closes a connection with replies queued
+                that sent none of them for `send_timeout_s`: a queued GET reply holds its records'
+                buffers (eviction cannot free them), so a client that asks and never reads would
+                otherwise hold memory, and the reply budget, until the idle timeout.
     closing     no more reading; queued replies drain, then the socket closes.
 
 Requests are pipelined: decoded and answered in order as bytes arrive, each reply carrying its
@@ -34,6 +41,7 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 from kvtier.errors import ProtocolError
+from kvtier.log_limit import LogLimiter
 from kvtier.server.decoder import FrameDecoder
 from kvtier.server.protocol import HELLO_HEADER_BYTES, PREFIX, Frame, Op, check_hello, check_request
 from kvtier.server.sockets import IOV_MAX
@@ -42,12 +50,25 @@ if TYPE_CHECKING:
     from kvtier.server.app import KvtierServer
 
 logger = logging.getLogger(__name__)
+_failures = LogLimiter(logger)  # one for all connections: a peer can trip the same failure on each
 
 HIGH_WATER = 64 << 20  # queued reply bytes at which a connection stops reading
 READS_PER_WAKEUP = 16  # recv_into calls per readiness event before giving other connections a turn
 HELLO_READ = PREFIX.size + HELLO_HEADER_BYTES  # the most read at once before the handshake
 MIN_RECEIVE_RATE = 1 << 20  # bytes/s a connection holding receive budget must average (see above)
 RECEIVE_GRACE_S = 10.0  # ... over windows this long (or idle_timeout_s when shorter)
+
+
+class _ReplyTurn:
+    """A connection as a waiter on the reply budget (`Connection.resume` is the receive budget's)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+
+    def resume(self) -> None:
+        self._conn.reply_room()
 
 
 class Connection:
@@ -61,7 +82,9 @@ class Connection:
         self.decoder = FrameDecoder(HELLO_READ, check=check_hello, admit=self._admit, one_frame=True)
         self._loop = server.loop
         self._out: deque[memoryview] = deque()
-        self._queued = 0  # reply bytes not yet sent
+        self._queued = 0  # reply bytes not yet sent (charged to the server's reply budget)
+        self._sent_at = now  # while replies are queued: when the kernel last took some of them
+        self.turn = _ReplyTurn(self)  # (the same object each time: the budget's queue compares identity)
         self._reserved = 0  # receive-budget bytes held by frames not yet answered
         self._window_start = 0.0  # while holding them: the window of the receive-rate check ...
         self._window_bytes = 0  # ... and the bytes received in it
@@ -71,8 +94,12 @@ class Connection:
 
     @property
     def waiting(self) -> bool:
-        """Held by the receive budget: not reading through no fault of the client."""
-        return self.decoder.holding
+        """Held by a budget: not reading through no fault of the client."""
+        return self.decoder.holding or self.server.replies.holds(self.turn)
+
+    def send_stalled(self, now: float) -> bool:
+        """Replies queued, and none of their bytes sent for `send_timeout_s`."""
+        return bool(self._queued) and now - self._sent_at >= self.server.config.send_timeout_s
 
     def has_input(self) -> bool:
         """Request bytes wait in the socket, unread, while this connection is reading (a client
@@ -128,7 +155,7 @@ class Connection:
             logger.debug("connection %d: %s", self.fd, exc)
             self.close()
         except Exception:
-            logger.exception("connection %d failed; closing it", self.fd)
+            _failures.error("failed", "connection %d failed; closing it", self.fd, exc_info=True)
             self.server.stats.errors += 1
             self.close()
 
@@ -150,6 +177,13 @@ class Connection:
         if not self._answering:  # (else the _answer loop below us picks the frame up, in order)
             self._answer()
 
+    def reply_room(self) -> None:
+        """The reply budget has room again: answer what is decoded, then read again."""
+        if self._closed:
+            self.server.replies.cancel(self.turn)
+        elif not self._answering:  # (else the _answer loop below us asks again itself)
+            self._answer()
+
     def _release(self, frame: Frame) -> None:
         n = sum(k for k in frame.lengths if k)
         if n:
@@ -159,10 +193,14 @@ class Connection:
     # -- answering -----------------------------------------------------------------------------
 
     def _answer(self) -> None:
-        """Answer the decoded frames, in order, until the reply queue is over HIGH_WATER."""
+        """Answer the decoded frames, in order, until the reply queue is over HIGH_WATER or the
+        server's reply budget has no room."""
         self._answering = True  # (sending a reply must not re-enter here through _flush)
-        drained = False
+        drained = held = False
         while not self._closing and self._queued <= HIGH_WATER:
+            if self.authenticated and not self.server.replies.wait_for_room(self.turn):
+                held = True  # (reply_room() brings us back here)
+                break
             try:
                 frame = self.decoder.next_frame()
             except ProtocolError as exc:
@@ -184,26 +222,26 @@ class Connection:
         self._answering = False
         if self._eof and drained and not self.decoder.holding:
             self.close_after_flush()  # everything the client sent is answered
-        self._set_reading(not (self._closing or self._eof or self.decoder.holding)
+        self._set_reading(not (self._closing or self._eof or self.decoder.holding or held)
                           and self._queued <= HIGH_WATER)
 
     # -- sending -------------------------------------------------------------------------------
 
     def _send(self, buffers: list) -> None:
+        if not self._queued:  # (the send-stall clock starts with the first queued byte)
+            self._sent_at = self._loop.time()
         for b in buffers:
             view = memoryview(b).cast("B")
             self._out.append(view)
             self._queued += view.nbytes
+            self.server.replies.charge(view.nbytes)
         if not self._writing:
             self._flush()
 
     def _flush(self) -> None:
         try:
             while self._out:
-                n = self.sock.sendmsg(list(islice(self._out, IOV_MAX)))
-                self._queued -= n
-                self.server.stats.bytes_out += n
-                self.last_active = self._loop.time()
+                sent = n = self.sock.sendmsg(list(islice(self._out, IOV_MAX)))
                 while n:
                     first = self._out[0]
                     if n >= first.nbytes:
@@ -211,6 +249,12 @@ class Connection:
                         self._out.popleft()
                     else:
                         self._out[0], n = first[n:], 0
+                self._queued -= sent
+                self.server.stats.bytes_out += sent
+                self.last_active = self._sent_at = self._loop.time()
+                # Last, with this connection's state whole: the release may wake other
+                # connections, and through them this one (reply_room), which may send.
+                self.server.replies.release(sent)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
@@ -247,6 +291,7 @@ class Connection:
     def close_after_flush(self) -> None:
         self._closing = True
         self._set_reading(False)
+        self.server.replies.cancel(self.turn)  # (it answers nothing more: it must not hold the line)
         if not self._out:
             self.close()
 
@@ -260,4 +305,5 @@ class Connection:
         self.decoder.close()  # its buffers go now, not when the garbage collector finds the cycle
         self.sock.close()
         reserved, self._reserved = self._reserved, 0
-        self.server.forget(self, reserved)
+        queued, self._queued = self._queued, 0
+        self.server.forget(self, reserved, queued)

@@ -18,7 +18,7 @@ goes when the last view of it does.
 
 Spill failures are per key: a record the spill cannot write is dropped, one it cannot read is a
 miss (and forgotten); neither fails the request around it (each is counted; logged at most once
-per SPILL_LOG_S). Records read back from the spill land in fresh buffers that return their memory
+a minute per kind). Records read back from the spill land in fresh buffers that return their memory
 to the OS when dropped (`kvtier.server.decoder.fresh_buffer`). `Spill` checks its directory at start
 (ConfigError: not a directory, cannot be created, not writable), so a bad `spill.path` stops the
 server at once instead of failing every eviction later.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 from kvtier.config import SpillConfig
 from kvtier.errors import ConfigError, CorruptRecord, KvtierError
 from kvtier.keys import NAMESPACE_BYTES, ChunkKey
+from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.policy import LRUPolicy
 from kvtier.record import encode_header, verify
@@ -59,7 +59,6 @@ _NAMESPACE_DIR = re.compile(f"[0-9a-f]{{{2 * NAMESPACE_BYTES}}}")
 # tracemalloc measures ~610 bytes (tests/server/test_store.py checks this covers it); 768 leaves
 # room for allocator rounding. Without it, 0-16 byte records grew RSS to ~15x the capacity.
 RECORD_OVERHEAD = 768
-SPILL_LOG_S = 60.0  # spill failures are logged at most once per this many seconds (all are counted)
 
 
 def _uint8(buf) -> np.ndarray:
@@ -219,8 +218,7 @@ class Spill:
         self._sizes: dict[bytes, int] = {}  # key -> bytes on disk (padded header + payload)
         self._lru = LRUPolicy()
         self._used = 0
-        self._logged_at = float("-inf")
-        self._unlogged = 0  # failures since the last log line
+        self._log = LogLimiter(logger)
         self._adopt()
 
     @property
@@ -343,11 +341,7 @@ class Spill:
         # Rate-limited: when the disk is full or the directory broken, every eviction fails, and a
         # line for each (thousands a second, driven by clients' PUTs) would fill the same disk.
         self.counters.spill_errors += 1
-        self._unlogged += 1
-        if time.monotonic() - self._logged_at >= SPILL_LOG_S:
-            more = f" (and {self._unlogged - 1} more since the last report)" if self._unlogged > 1 else ""
-            logger.warning("spill %s: cannot %s %s: %s%s", self.root, what, key.hex(), exc, more)
-            self._logged_at, self._unlogged = time.monotonic(), 0
+        self._log.warning(what, "spill %s: cannot %s %s: %s", self.root, what, key.hex(), exc)
 
     def clear(self, namespaces: set[bytes]) -> int:
         return self.remove([k for k in self._sizes if k[:NAMESPACE_BYTES] in namespaces])

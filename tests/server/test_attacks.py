@@ -18,7 +18,7 @@ import threading
 import time
 
 import pytest
-from kvtier_servers import TIMEOUT_S, Client, closed_by_peer, record, wire
+from kvtier_servers import TIMEOUT_S, Client, authenticated, closed_by_peer, record, wait_for, wire
 
 from kvtier.server.connection import HIGH_WATER
 from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, PutResult, Status
@@ -30,22 +30,6 @@ MiB = 1 << 20
 @pytest.fixture
 def ns() -> bytes:
     return os.urandom(8)
-
-
-def wait_for(client: Client, what, deadline_s: float = DEADLINE_S) -> dict[str, int]:
-    """Poll STATS until `what(stats)` holds; the stats then."""
-    deadline = time.monotonic() + deadline_s
-    while not what(stats := client.stats()):
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.02)  # polling the server's counters, not waiting for them
-    return stats
-
-
-def authenticated(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
-    sock.sendall(wire(Frame(Op.HELLO, 0, version=PROTOCOL_VERSION)))
-    assert sock.recv(4096)  # the HELLO's OK (a few bytes, one segment on loopback)
-    return sock
 
 
 def trickle(sock: socket.socket, data: bytes, every_s: float, stop: threading.Event) -> None:

@@ -1,4 +1,4 @@
-"""Tests for kvtier/server/budget.py: the bound on bytes being received, as a story of waiters.
+"""Tests for kvtier/server/budget.py: bounds on bytes received and replies queued, as stories of waiters.
 
 In-process: waiters are small objects that ask again when woken, as a connection does.
 """
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier.server.budget import ReceiveBudget
+from kvtier.server.budget import ByteBudget
 
 
 class Waiter:
-    def __init__(self, budget: ReceiveBudget, n: int):
+    def __init__(self, budget: ByteBudget, n: int):
         self.budget, self.n, self.admitted = budget, n, False
 
     def ask(self) -> bool:
@@ -23,7 +23,7 @@ class Waiter:
 
 
 def test_waiters_are_admitted_in_order_as_bytes_are_released():
-    budget = ReceiveBudget(10)
+    budget = ByteBudget(10)
     a, b, c, small = (Waiter(budget, n) for n in (6, 6, 3, 2))
     assert a.ask() and not b.ask() and not c.ask()
     assert not small.ask()  # it would fit, but b and c came first: a large frame is never starved
@@ -37,7 +37,7 @@ def test_waiters_are_admitted_in_order_as_bytes_are_released():
 
 
 def test_a_frame_over_the_limit_is_admitted_alone_rather_than_never():
-    budget = ReceiveBudget(10)
+    budget = ByteBudget(10)
     big = Waiter(budget, 25)
     assert big.ask() and budget.used == 25
     other = Waiter(budget, 1)
@@ -47,7 +47,7 @@ def test_a_frame_over_the_limit_is_admitted_alone_rather_than_never():
 
 
 def test_a_cancelled_head_lets_the_next_waiter_in():
-    budget = ReceiveBudget(10)
+    budget = ByteBudget(10)
     first, gone, next_ = Waiter(budget, 8), Waiter(budget, 5), Waiter(budget, 2)
     first.ask(), gone.ask(), next_.ask()
 
@@ -57,6 +57,36 @@ def test_a_cancelled_head_lets_the_next_waiter_in():
 
 
 def test_releasing_more_than_reserved_is_a_bug_not_a_clamp():
-    budget = ReceiveBudget(10)
+    budget = ByteBudget(10)
     with pytest.raises(RuntimeError):
         budget.release(1)
+
+
+class Replier:
+    """A connection answering requests: asks for room, then charges the reply it made."""
+
+    def __init__(self, budget: ByteBudget, reply: int):
+        self.budget, self.reply, self.answered = budget, reply, 0
+
+    def answer(self) -> bool:
+        if not self.budget.wait_for_room(self):
+            return False
+        self.budget.charge(self.reply)
+        self.answered += 1
+        return True
+
+    def resume(self) -> None:
+        self.answer()
+
+
+def test_replies_wait_for_room_and_overshoot_by_at_most_one_reply():
+    budget = ByteBudget(10)
+    a, b = Replier(budget, 6), Replier(budget, 6)
+    assert a.answer() and a.answer()  # 6 < 10: room for one more reply, which goes over
+    assert not a.answer() and not b.answer() and budget.used == 12
+
+    budget.release(6)  # a's first reply is sent: 6 < 10, a was first in line
+
+    assert (a.answered, b.answered, budget.used, budget.waiting) == (3, 0, 12, 1)
+    budget.release(12)
+    assert b.answered == 1 and budget.used == 6 and budget.waits == 2
