@@ -44,6 +44,7 @@ import torch
 
 from kvtier.connector.metadata import ConnectorMetadata, KVEvent, LoadSpec, SaveSpec
 from kvtier.engine import CacheEngine
+from kvtier.log_limit import LogLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class PagedKV(Protocol):
 class KvtierWorkerConnector:
     def __init__(self, engine: CacheEngine, layerwise: bool | None = None):
         self.engine = engine
+        # Loads fall short whenever a tier misses, and failures repeat per request: counted in
+        # `stats` every time, logged once a minute per kind.
+        self._log = LogLimiter(logger)
         self.layerwise = layerwise
         self.cache: PagedKV | None = None
         self.events: deque[KVEvent] = deque(maxlen=MAX_EVENTS)
@@ -141,7 +145,8 @@ class KvtierWorkerConnector:
         try:
             kv, n = self.engine.retrieve(spec.token_ids, out, start=first)
         except Exception:  # a tier failing in an unexpected way is a miss, never a failed step
-            logger.exception("kvtier load for request %s failed; recomputing", spec.request_id)
+            self._log.error("load", "kvtier load for request %s failed; recomputing", spec.request_id,
+                            exc_info=True)
             kv, n = None, 0
         finally:
             self.engine.release(spec.lease)
@@ -152,8 +157,8 @@ class KvtierWorkerConnector:
         self.stats["loaded_tokens"] += reached - spec.start
         if reached < spec.end:
             self.stats["load_shortfalls"] += 1
-            logger.warning("request %s: kvtier load reached token %d of %d; the rest is recomputed",
-                           spec.request_id, reached, spec.end)
+            self._log.warning("shortfall", "request %s: kvtier load reached token %d of %d; the rest is "
+                              "recomputed", spec.request_id, reached, spec.end)
         if reached == spec.start:
             return None
         bs = self.cache.block_size
@@ -220,7 +225,8 @@ class KvtierWorkerConnector:
                 self.events.append(KVEvent(self._meta.step, "save", spec.request_id, spec.start, spec.end))
             except Exception:
                 self.stats["save_failures"] += 1
-                logger.exception("gathering the kvtier save of request %s failed", spec.request_id)
+                self._log.error("gather", "gathering the kvtier save of request %s failed", spec.request_id,
+                                exc_info=True)
             finally:
                 if spec.final:
                     self._finished_sending.add(spec.request_id)
@@ -239,7 +245,7 @@ class KvtierWorkerConnector:
             self.stats["saved_tokens"] += spec.end - spec.start
         except Exception:  # the KV is simply not cached; the engine's output is unaffected
             self.stats["save_failures"] += 1
-            logger.exception("kvtier save for request %s failed", spec.request_id)
+            self._log.error("save", "kvtier save for request %s failed", spec.request_id, exc_info=True)
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         """(requests whose final save no longer needs their blocks, requests whose async load

@@ -10,6 +10,7 @@ scheduler output that planned it; chunks computed during decode are saved too.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -99,6 +100,24 @@ def test_a_load_that_falls_short_says_where_it_stopped(setup):
     assert worker.get_loaded_tokens() == {"r": CHUNK}
     assert torch.equal(cache.gather(TABLE, CHUNK), kv[:, :, :CHUNK])
     assert worker.events[-1].end == CHUNK and worker.stats["load_shortfalls"] == 1
+    assert leased(engine) == 0
+
+
+def test_loads_that_fall_short_are_counted_each_time_and_logged_once(setup, caplog):
+    # Regression: every request whose load fell short (any tier miss under pressure) logged a
+    # warning, so the log grew with the request rate.
+    engine, cache, tokens, kv = setup
+    engine.clear()
+    engine.store(tokens[:CHUNK], kv[:, :, :CHUNK])  # the second chunk is gone for every request
+    worker = worker_for(engine, cache)
+
+    with caplog.at_level(logging.WARNING, logger="kvtier.connector.worker"):
+        for step in range(20):
+            spec = LoadSpec(f"r{step}", tokens[:32], TABLE, 0, 32, engine.lease(tokens, 32))
+            run_step(worker, ConnectorMetadata(step + 1, loads=[spec]))
+
+    assert worker.stats["load_shortfalls"] == 20
+    assert len([r for r in caplog.records if "kvtier load reached" in r.getMessage()]) == 1
     assert leased(engine) == 0
 
 

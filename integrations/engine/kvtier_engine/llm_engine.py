@@ -29,6 +29,7 @@ import torch
 from kvtier import CacheEngine, KVLayout, load_config
 from kvtier.config import KvtierConfig
 from kvtier.connector import KvtierSchedulerConnector, KvtierWorkerConnector
+from kvtier.log_limit import LogLimiter
 from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.detokenize import append_token, stream_delta
 from kvtier_engine.engine_metrics import EngineMetrics
@@ -85,6 +86,7 @@ class StepFailed(RuntimeError):
 class LLMEngine:
     def __init__(self, options: EngineOptions):
         self.options = options
+        self._log = LogLimiter(logger)  # a broken model fails every request: one line a minute
         device = torch.device(options.device if options.device != "auto" else
                               ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if options.dtype == "auto" \
@@ -171,7 +173,8 @@ class LLMEngine:
         for s in plan.scheduled:
             request = s.request
             if request.request_id in result.failed:
-                logger.error("request %s: its logits are not finite; failing it", request.request_id)
+                self._log.error("logits", "request %s: its logits are not finite; failing it",
+                                request.request_id)
                 self._retire(request, RequestStatus.FINISHED_ERROR)
                 outputs.append(_output(request, ()))
                 continue
@@ -186,7 +189,8 @@ class LLMEngine:
         try:
             status = append_token(request, token, self.tokenizer, self.max_model_len)
         except Exception:  # e.g. a token the tokenizer cannot decode: this request's failure only
-            logger.exception("request %s: token %d could not be added; failing it", request.request_id, token)
+            self._log.error("append", "request %s: token %d could not be added; failing it",
+                            request.request_id, token, exc_info=True)
             status = RequestStatus.FINISHED_ERROR
         if status is not None:
             self._retire(request, status)

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.log_limit import LogLimiter
+
 logger = logging.getLogger(__name__)
+_failures = LogLimiter(logger)  # per row: one line a minute, whatever the batch rate
 
 # Temperatures below this ask for greedy in all but name; 0 is greedy. OpenAI's own range ends at 2.
 MIN_TEMPERATURE = 1e-3
@@ -110,7 +113,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             try:
                 out.append(int(torch.multinomial(filtered_probs(row, p), 1, generator=gen)))
             except RuntimeError:  # not expected for a finite row; still only this request's failure
-                logger.exception("sampling failed for a row under %s", p)
+                _failures.error("sample", "sampling failed for a row under %s", p, exc_info=True)
                 out.append(None)
     return out
 
