@@ -301,6 +301,7 @@ class EngineLoop:
             self._failed_steps += 1
             logger.error("engine step failed (%d in a row); failing its %d requests", self._failed_steps,
                          len(exc.request_ids), exc_info=exc.__cause__)
+            self._stop_accepting_if_broken()
             for request_id in exc.request_ids:
                 self._fail(request_id, RequestFailed("the engine failed while running the request", 500))
             if self._failed_steps >= MAX_FAILED_STEPS:
@@ -310,6 +311,7 @@ class EngineLoop:
             self._failed_steps += 1
             logger.exception("engine step failed (%d in a row); failing %d requests", self._failed_steps,
                              len(self._streams))
+            self._stop_accepting_if_broken()
             self._fail_all(RequestFailed("the engine failed while running the request", 500))
             if self.engine.has_requests() or self._failed_steps >= MAX_FAILED_STEPS:
                 raise _EngineBroken("the engine cannot recover from failed steps") from None
@@ -326,6 +328,13 @@ class EngineLoop:
             deliver(output)
             if output.finished:
                 del self._streams[output.request_id]
+
+    def _stop_accepting_if_broken(self) -> None:
+        # Before the failed requests are answered: a client (or a probe) that sees the last 500
+        # must find /health already failing, not a window in which the engine still looks alive.
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            with self._lock:
+                self._accepting = False
 
     def _fail(self, request_id: str, error: RequestFailed) -> None:
         deliver = self._streams.pop(request_id, None)
