@@ -40,6 +40,22 @@ def seeded_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(layout.chunk_shape(num_tokens), generator=g).to(layout.dtype)
 
 
+class FakeClock:
+    """A monotonic clock the test moves by hand (`clock.now += 5`): time-based behaviour (back-off,
+    log limits) tested without sleeping."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_home(tmp_path_factory):
     """A disk tier left at its default path (`$XDG_CACHE_HOME/kvtier`) lands in a folder of this test

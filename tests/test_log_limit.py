@@ -16,19 +16,6 @@ from kvtier.log_limit import LogLimiter
 LOGGER = logging.getLogger("kvtier.tests.log_limit")
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 @pytest.fixture(autouse=True)
 def capture(caplog) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER.name)

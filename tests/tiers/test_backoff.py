@@ -7,19 +7,6 @@ import pytest
 from kvtier.tiers.backoff import Backoff
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 def test_a_healthy_medium_is_always_ready(clock):
     backoff = Backoff(1.0, 8.0, clock=clock)
 

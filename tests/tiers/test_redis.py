@@ -19,7 +19,7 @@ import pytest
 import redis
 import torch
 import xxhash
-from conftest import CHUNK, REPO, seeded_kv, seeded_tokens, small_layout
+from conftest import CHUNK, REPO, FakeClock, seeded_kv, seeded_tokens, small_layout
 from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 
@@ -419,14 +419,6 @@ def test_a_string_too_short_to_be_a_record_is_a_miss_never_promised(make_tier, t
 
 
 # -- Redis down: misses, counted, back-off without network, recovery --------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
