@@ -28,6 +28,7 @@ import msgpack
 import pytest
 import torch
 import yaml
+from waiting import wait_until
 
 from kvtier.keys import ChunkKey
 from kvtier.record import encode_header
@@ -233,11 +234,16 @@ class Client:
 def wait_for(client: Client, what: Callable[[dict[str, int]], bool], deadline_s: float = 20.0
              ) -> dict[str, int]:
     """Poll STATS until `what(stats)` holds; the stats then."""
-    deadline = time.monotonic() + deadline_s
-    while not what(stats := client.stats()):
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.02)  # polling the server's counters, not waiting for them
-    return stats
+    last: dict[str, int] = {}
+
+    def holds() -> dict[str, int] | None:
+        last.update(client.stats())
+        return dict(last) if what(last) else None
+
+    try:
+        return wait_until(holds, "STATS condition", deadline_s)
+    except AssertionError:
+        raise AssertionError(last) from None
 
 
 def authenticated(port: int) -> socket.socket:

@@ -16,16 +16,15 @@ import random
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import redis
+from waiting import wait_until
 
 START_DEADLINE_S = 20.0
 CLUSTER_BUS_OFFSET = 10000
-POLL_S = 0.01
 
 
 def _bindable(port: int) -> bool:
@@ -53,11 +52,8 @@ def _free_port(cluster: bool = False) -> int:
 
 
 def _wait_for(condition: Callable[[], bool], what: str, deadline_s: float = START_DEADLINE_S) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {deadline_s} s")
-        time.sleep(POLL_S)  # polling the real state, not waiting for it
+    if not wait_until(condition, what, deadline_s, required=False):
+        raise TimeoutError(f"{what} within {deadline_s} s")
 
 
 def _require_binaries() -> None:

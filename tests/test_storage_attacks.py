@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import CHUNK, seeded_kv, seeded_tokens, tier_counter
 from test_storage_stress import THREADS, Workload
+from waiting import wait_until
 
 from kvtier.errors import KvtierError
 from kvtier.memory import MemoryPool
@@ -203,9 +204,9 @@ def test_eight_threads_on_tiny_tiers_with_failing_writes_stay_exact_leak_nothing
     with ThreadPoolExecutor(THREADS) as pool:
         futures = start(pool, range(THREADS, 2 * THREADS), 20.0)
         ops = engine.metrics.value("kvtier_stored_chunks_total") + 20
-        deadline = time.monotonic() + 10
-        while engine.metrics.value("kvtier_stored_chunks_total") < ops and time.monotonic() < deadline:
-            time.sleep(0.005)  # a poll with a bound: close() once the threads are under way
+        # close() once the threads are under way (or after 10 s in any case).
+        wait_until(lambda: engine.metrics.value("kvtier_stored_chunks_total") >= ops, "threads under way",
+                   10, required=False)
         closing.set()
         engine.close()
         closed.set()

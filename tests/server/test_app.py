@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 from kvtier_servers import DEFAULTS, HELLO, TIMEOUT_S, Client, ServerProcess, raw_frame, record, start_failure
+from waiting import wait_until
 
 from kvtier.config import RemoteConfig, ServerConfig
 from kvtier.keys import ChunkKey
@@ -141,10 +142,7 @@ def test_stats_count_requests_bytes_hits_and_misses(client, ns):
 
 def test_traffic_is_logged_once_per_interval(kvtier_server, client):
     client.call(Op.PING)
-    deadline = time.monotonic() + DEADLINE_S
-    while "requests," not in kvtier_server.log.read_text():
-        assert time.monotonic() < deadline, kvtier_server.log.read_text()
-        time.sleep(0.05)  # polling the log file for the line, not waiting for it
+    wait_until(lambda: "requests," in kvtier_server.log.read_text(), "a traffic log line", DEADLINE_S)
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -344,10 +342,8 @@ def test_tier_degrades_to_misses_and_recovers_when_the_server_restarts(start_kvt
     assert metrics.value("kvtier_tier_errors_total", {"tier": "remote"}) >= 1
 
     server.start()  # same port, empty store
-    deadline = time.monotonic() + DEADLINE_S
-    while tier.put([item]) != [True]:
-        assert time.monotonic() < deadline, "the tier never came back"
-        time.sleep(0.02)  # polling: the back-off lets a probe through every 50-200 ms
+    # The back-off lets a probe through every 50-200 ms.
+    wait_until(lambda: tier.put([item]) == [True], "the tier never came back", DEADLINE_S)
     header = tier.get([key], [dest])[0]
     assert header is not None and bytes(dest.numpy()) == payload
 

@@ -19,6 +19,7 @@ import time
 
 import pytest
 from kvtier_servers import TIMEOUT_S, Client, authenticated, closed_by_peer, record, wait_for, wire
+from waiting import wait_until
 
 from kvtier.server.connection import HIGH_WATER
 from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, PutResult, Status
@@ -145,10 +146,8 @@ def test_running_out_of_file_descriptors_pauses_accepting_instead_of_spinning(st
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S)
         sock.sendall(wire(Frame(Op.HELLO, 0, version=PROTOCOL_VERSION)))
         peers.append(sock)
-    deadline = time.monotonic() + DEADLINE_S
-    while "accept failed" not in server.log.read_text():
-        assert time.monotonic() < deadline, "the server never ran out of descriptors"
-        time.sleep(0.02)  # polling the server's log
+    wait_until(lambda: "accept failed" in server.log.read_text(), "the server never ran out of descriptors",
+               DEADLINE_S)
     lines = len(server.log.read_text().splitlines())
     threading.Event().wait(1.0)  # an observation window: how much the server logs while stuck
 

@@ -15,7 +15,7 @@ import time
 
 import msgpack
 import pytest
-from kvtier_servers import HELLO, TIMEOUT_S, Client, closed_by_peer, raw_frame, record, wire
+from kvtier_servers import HELLO, TIMEOUT_S, Client, closed_by_peer, raw_frame, record, wait_for, wire
 
 from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, PutResult, Status
 
@@ -24,15 +24,6 @@ DEADLINE_S = 20.0
 
 def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
-
-
-def wait_for(client: Client, what, deadline_s: float = DEADLINE_S) -> dict[str, int]:
-    """Poll STATS until `what(stats)` holds; the stats then."""
-    deadline = time.monotonic() + deadline_s
-    while not what(stats := client.stats()):
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.02)  # polling the server's counters, not waiting for them
-    return stats
 
 
 @pytest.fixture

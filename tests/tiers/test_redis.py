@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import xxhash
 from conftest import CHUNK, REPO, FakeClock, seeded_kv, seeded_tokens, small_layout
 from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
+from waiting import wait_until
 
 from kvtier.config import RedisConfig
 from kvtier.errors import ConfigError
@@ -624,16 +624,16 @@ def test_engine_recovers_when_redis_comes_back(make_engine, redis_server, layout
     redis_server.start()
 
     # Poll the real state: new stores reach Redis once the back-off has let a probe through.
-    deadline, seed = time.monotonic() + DEADLINE_S, 100
-    while True:
-        seed += 1
+    seeds = iter(range(101, 1_000_000))
+
+    def a_new_store_reaches_redis() -> bool:
+        seed = next(seeds)
         more = seeded_tokens(2 * CHUNK, seed)
         engine.store(more, seeded_kv(layout, 2 * CHUNK, seed))
         engine.flush(timeout=DEADLINE_S)
-        if all(tier.has(engine.db.keys(more))):
-            break
-        assert time.monotonic() < deadline, "stores did not reach Redis after it came back"
-        time.sleep(0.01)
+        return all(tier.has(engine.db.keys(more)))
+
+    wait_until(a_new_store_reaches_redis, "stores did not reach Redis after it came back", DEADLINE_S)
     engine.clear("redis")
 
 

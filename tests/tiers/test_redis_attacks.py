@@ -20,6 +20,7 @@ from conftest import CHUNK, seeded_kv, seeded_tokens
 from redis.cluster import PipelineCommand
 from redis.exceptions import MovedError
 from test_redis import PAYLOAD, counters, keys_of, records, slabs
+from waiting import wait_until
 
 from kvtier.config import RedisConfig
 from kvtier.errors import ConfigError
@@ -34,13 +35,6 @@ redis_engine = test_redis.redis_engine
 
 SECRET = "zq9SECRETzq9"
 DEADLINE_S = 20.0
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)  # polling the real state
 
 
 def test_a_cluster_node_that_stops_answering_starts_the_backoff_not_a_timeout_per_key(redis_cluster,

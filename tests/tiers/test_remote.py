@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import CHUNK, REPO, seeded_kv, seeded_tokens
 from kvtier_servers import Client, record
+from waiting import wait_until
 
 from kvtier.config import RemoteConfig
 from kvtier.errors import ConfigError
@@ -159,15 +160,13 @@ def test_a_pooled_connection_the_server_closed_when_idle_is_replaced_not_an_erro
     tier = make_tier(server.url, ns)
     item = put_item(ns, 1)
     assert tier.put([item]) == [True]  # its connection goes back to the pool, idle
-    deadline = time.monotonic() + 20.0
-    while True:  # until the server has closed it
+    def closed_by_server() -> int:
         probe = Client(server.port)
         closed = probe.stats()["idle_timeouts"]
         probe.close()
-        if closed:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.05)  # polling the server's counter, not waiting for it
+        return closed
+
+    wait_until(closed_by_server, "the server closed the idle pooled connection")
 
     assert tier.has([item.key]) == [True] and tier.put([item]) == [True]
     assert counter(metrics, "errors") == 0
