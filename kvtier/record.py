@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from kvtier.dtypes import NAMES_BY_CODE, dtype_code, torch_dtype
+from kvtier.dtypes import NAMES_BY_CODE, dtype_code, is_tensor, torch_dtype
 from kvtier.errors import CorruptRecord
 from kvtier.keys import KEY_BYTES, ChunkKey
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 MAGIC = b"KVTR"
@@ -62,8 +63,14 @@ class RecordHeader:
         return torch_dtype(self.dtype_code)
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of a contiguous CPU tensor (works for bf16/fp8, which numpy lacks)."""
+def tensor_bytes(t: torch.Tensor | np.ndarray) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (works for bf16/fp8, which numpy lacks) or
+    of a C-contiguous numpy array: the two kinds of buffer the Tier contract lets a record travel in."""
+    if not is_tensor(t):
+        view = memoryview(t)
+        if not view.c_contiguous:
+            raise ValueError("tensor_bytes needs a contiguous buffer")
+        return view.cast("B")
     import torch
 
     if not t.is_contiguous():

@@ -381,14 +381,12 @@ class DiskTier:
             if item.key in self._sizes:
                 self._policy.touch(item.key)
                 return True
-            self._writing[item.key] += 1
             # Reserve the bytes before writing so concurrent writers cannot overshoot capacity.
-            victims = self._make_room_locked(size)
+            victims = self._make_room_locked(size)  # never item.key: it is not in the index
             if victims is not None:
+                self._writing[item.key] += 1
                 self._used += size
         if victims is None:
-            with self._lock:
-                self._done_writing_locked(item.key)
             self._metrics.tier_inc(self.name, "rejected")
             return False
         stored = False

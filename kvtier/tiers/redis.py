@@ -63,7 +63,6 @@ from redis.retry import Retry
 
 from kvtier.config import RedisConfig
 from kvtier.config_values import check_url, redact_url
-from kvtier.dtypes import is_tensor
 from kvtier.errors import ConfigError, CorruptRecord
 from kvtier.keys import DIGEST_BYTES, ChunkKey
 from kvtier.log_limit import LogLimiter
@@ -268,7 +267,7 @@ class RedisTier:
             if self.config.cluster:
                 replies = _cluster_round_trip(client, commands)
             else:
-                pipe = client.pipeline(transaction=False)
+                pipe = self._pipeline(client)
                 for command in commands:
                     pipe.execute_command(*command)
                 replies = pipe.execute(raise_on_error=False)
@@ -301,7 +300,7 @@ class RedisTier:
         if len(keys) != len(dests):
             raise ValueError(f"{len(keys)} keys but {len(dests)} destination buffers")
         # The Tier contract allows tensors and numpy arrays (`dest.numel()` failed on the latter).
-        dests = [memoryview(d.numpy() if is_tensor(d) else d).cast("B") for d in dests]
+        dests = [tensor_bytes(d) for d in dests]
         headers: list[RecordHeader | None] = [None] * len(keys)
         corrupt: list[ChunkKey] = []
         errors = 0
@@ -359,14 +358,14 @@ class RedisTier:
         expiry = ("EX", self._ex) if self._ex is not None else ()
         for start in self._batches(len(items)):
             part = items[start:start + self.config.batch_size]
-            replies = self._pipelined([("SET", self._rkey(item.key),
-                                        _Record(item.header, tensor_bytes(item.payload)), *expiry)
-                                       for item in part])
+            payloads = [tensor_bytes(item.payload) for item in part]  # tensor or numpy: see PutItem
+            replies = self._pipelined([("SET", self._rkey(item.key), _Record(item.header, payload), *expiry)
+                                       for item, payload in zip(part, payloads)])
             for i, reply in enumerate(replies or ()):
                 ok = reply is True or reply == b"OK"
                 stored[start + i] = ok
                 errors += not ok
-                written += part[i].payload.numel() if ok else 0
+                written += payloads[i].nbytes if ok else 0
         self._metrics.tier_inc(self.name, "errors", errors)
         self._metrics.tier_inc(self.name, "bytes_written", written)
         return stored
