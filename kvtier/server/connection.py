@@ -37,14 +37,13 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from itertools import islice
 from typing import TYPE_CHECKING
 
 from kvtier.errors import ProtocolError
 from kvtier.log_limit import LogLimiter
 from kvtier.server.decoder import FrameDecoder
 from kvtier.server.protocol import HELLO_HEADER_BYTES, PREFIX, Frame, Op, check_hello, check_request
-from kvtier.server.sockets import IOV_MAX
+from kvtier.server.sockets import send_some
 
 if TYPE_CHECKING:
     from kvtier.server.app import KvtierServer
@@ -113,9 +112,17 @@ class Connection:
 
     def stalled(self, now: float) -> bool:
         """Holding receive-budget bytes while receiving under MIN_RECEIVE_RATE over the current
-        window (which it closes: a connection that kept the rate starts the next one)."""
+        window (which it closes: a connection that kept the rate starts the next one). While a
+        budget holds it (`waiting`) it reads nothing through no fault of its client, so its window
+        starts again: a PUT half-received when the reply budget filled up was closed as a trickler
+        once the budget stayed full for a window (busy readers elsewhere, not this client)."""
+        if not self._reserved:
+            return False
+        if self.waiting:
+            self._window_start, self._window_bytes = now, 0
+            return False
         elapsed = now - self._window_start
-        if not self._reserved or elapsed < min(self.server.config.idle_timeout_s, RECEIVE_GRACE_S):
+        if elapsed < min(self.server.config.idle_timeout_s, RECEIVE_GRACE_S):
             return False
         if self._window_bytes < MIN_RECEIVE_RATE * elapsed:
             return True
@@ -241,14 +248,7 @@ class Connection:
     def _flush(self) -> None:
         try:
             while self._out:
-                sent = n = self.sock.sendmsg(list(islice(self._out, IOV_MAX)))
-                while n:
-                    first = self._out[0]
-                    if n >= first.nbytes:
-                        n -= first.nbytes
-                        self._out.popleft()
-                    else:
-                        self._out[0], n = first[n:], 0
+                sent = send_some(self.sock, self._out)
                 self._queued -= sent
                 self.server.stats.bytes_out += sent
                 self.last_active = self._sent_at = self._loop.time()

@@ -35,6 +35,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -59,7 +60,7 @@ from kvtier.server.protocol import (
     check_reply,
     encode,
 )
-from kvtier.server.sockets import IOV_MAX, tune_socket
+from kvtier.server.sockets import send_some, tune_socket
 from kvtier.tiers.backoff import Backoff
 from kvtier.tiers.base import PutItem, TierUsage
 
@@ -146,15 +147,10 @@ class _Connection:
         self.sock.settimeout(min(self.timeout, left))
 
     def send(self, buffers: list) -> None:
-        views = [memoryview(b).cast("B") for b in buffers]
+        views = deque(memoryview(b).cast("B") for b in buffers)
         while views:
             self._arm()
-            n = self.sock.sendmsg(views[:IOV_MAX])
-            while n:
-                if n >= views[0].nbytes:
-                    n -= views.pop(0).nbytes
-                else:
-                    views[0], n = views[0][n:], 0
+            send_some(self.sock, views)
 
     def receive(self) -> Frame:
         while (frame := self.decoder.next_frame()) is None:
