@@ -26,7 +26,7 @@ def check_invariants(manager: StorageManager, empty: bool = False) -> None:
             ("holders", manager._holders), ("demoting chunks", len(manager._demoting)),
             ("removals in progress", manager._removing),
             ("CPU entries being read", sum(e.readers > 0 for e in entries)),
-            ("CPU entries marked detached or demoting", sum(e.detached or e.demoting for e in entries)),
+            ("CPU entries marked detached", sum(e.detached for e in entries)),
             ("CPU entries without a live slab", sum(not manager.pool.is_live(e.slab) for e in entries)),
             ("slabs in use beyond the CPU tier's", manager.pool.used_slabs - len(entries)),
             ("slab owners other than cpu", {o: n for o, n in owners.items() if o != "cpu"}),

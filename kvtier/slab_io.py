@@ -10,6 +10,7 @@ moves; this module only moves bytes, once, never through Python bytes objects.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,13 @@ class SlabIO:
         pending = self.reader.start([
             ReadRequest(r.span.key, self.pool.tensor(r.entry.slab, self.pool.slab_stride),
                         self.layout.chunk_shape(r.span.num_tokens)) for r in lower])
-        if out is not None:
-            self.copy([(r.span, r.entry.slab) for r in plan if r.from_cpu], out, into_slabs=False)
+        try:
+            if out is not None:
+                self.copy([(r.span, r.entry.slab) for r in plan if r.from_cpu], out, into_slabs=False)
+        except BaseException:
+            # The reads still write into slabs that the caller frees once this raises: wait first.
+            wait([future for _, future in pending.jobs])
+            raise
         found = iter(self.reader.finish(pending))
         ok = [r.from_cpu or next(found) for r in plan]
         n = ok.index(False) if False in ok else len(plan)

@@ -191,7 +191,6 @@ class StorageManager:
                 continue
             if key in self._demoting:
                 raise RuntimeError(f"{key} has two host copies: one indexed, one being demoted")
-            entry.demoting = True
             self._demoting[key] = entry
             self.metrics.inc("demotions")
             self._submit_write_locked(key, entry)
@@ -262,7 +261,7 @@ class StorageManager:
                 entry.persisted = ok or (entry.persisted and tiers is not None)
                 self._writes_in_flight -= 1
                 self._progress.notify_all()
-                if entry.demoting:
+                if self._demoting.get(key) is entry:  # the first of its writes to land decides
                     self._demoted_locked(key, entry, ok)
                 self._release_locked(entry)
         return ok
@@ -270,9 +269,7 @@ class StorageManager:
     def _demoted_locked(self, key: ChunkKey, entry: CpuEntry, ok: bool) -> None:
         """A demotion's write landed (`ok`) or failed: the entry leaves host memory, except a leased
         one with no copy below, which goes back into the CPU tier (a lease keeps it in some tier)."""
-        if self._demoting.pop(key, None) is not entry:
-            raise RuntimeError(f"{key}: a demoting entry was not the one indexed as demoting")
-        entry.demoting = False
+        del self._demoting[key]
         if ok or not self.pins.is_leased(key):
             entry.detached = True
         else:

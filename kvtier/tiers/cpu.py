@@ -28,7 +28,6 @@ class CpuEntry:
     persisted: bool = False  # a lower tier holds a copy: eviction may drop this without writing
     readers: int = 0  # in-flight copies out of the slab; the slab stays while > 0
     detached: bool = False  # no longer indexed: the last reader frees the slab
-    demoting: bool = False  # evicted, readable until its write below lands (then detached)
     # The tiers below refused a write of it (no room, or failing): evicted unleased, it is dropped
     # rather than written again (the store that needs its slab must not wait on a doomed write).
     write_failed: bool = False
