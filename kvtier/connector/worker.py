@@ -33,6 +33,7 @@ here, once the chunks have been read or found missing.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 from collections import deque
@@ -110,7 +111,7 @@ class KvtierWorkerConnector:
         # kvtier reads whole chunks: each load stages tokens from the chunk holding its start on.
         firsts = [spec.start - spec.start % chunk for spec in loads]
         sizes = [len(spec.token_ids) - first for spec, first in zip(loads, firsts)]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
         jobs, read = [], 0
         try:
             staging = self._staging_for(sum(sizes))
@@ -126,8 +127,14 @@ class KvtierWorkerConnector:
                 self.cache.scatter(block_ids, kv)
             return
         self._layer_ready = [threading.Event() for _ in range(self.cache.num_layers)]
-        threading.Thread(target=self._scatter_layers, args=(jobs, self._layer_ready, self._layer_copied),
-                         name="kvtier-load", daemon=True).start()
+        args = (jobs, self._layer_ready, self._layer_copied)
+        try:
+            threading.Thread(target=self._scatter_layers, args=args, name="kvtier-load", daemon=True).start()
+        except RuntimeError:  # no thread to be had (the process is at its limit): copy now, as bulk
+            # loads do. Left unset, the layers' events hung wait_for_save, and the engine loop, for good.
+            self._log.error("thread", "could not start the layer-wise load thread; copying in line",
+                            exc_info=True)
+            self._scatter_layers(*args)
 
     def _staging_for(self, num_tokens: int) -> torch.Tensor:
         """A `[2, L, >= num_tokens, H*D]` host buffer that loads are read into, kept across steps:
