@@ -26,6 +26,11 @@ class PoolExhausted(KvtierError):
     """The host memory pool has no free slab and nothing could be evicted to make one."""
 
 
+class UnknownTier(KvtierError, ValueError):
+    """A tier name that this engine does not have (a typo in a move or clear call, or a controller
+    request naming a tier this instance lacks)."""
+
+
 class ProtocolError(KvtierError):
     """A kvtier_server frame is malformed (bad length, not msgpack, wrong types, unknown op, lengths
     that do not add up, over the size limit). `fatal` when the byte stream cannot be resynchronised

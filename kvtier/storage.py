@@ -41,6 +41,7 @@ import torch
 
 from kvtier.call_gate import CallGate, guarded
 from kvtier.invariants import check_invariants, pool_stats, refresh_usage
+from kvtier.errors import UnknownTier
 from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
 from kvtier.log_limit import LogLimiter
@@ -444,7 +445,7 @@ class StorageManager:
             if tier.name == name:
                 return tier
         known = [self.cpu.name] + [t.name for t in self.lower]
-        raise ValueError(f"no tier named {name!r}; this engine has {known}")
+        raise UnknownTier(f"no tier named {name!r}; this engine has {known}")
 
     @guarded
     def clear(self, tier_name: str | None = None) -> None:
