@@ -34,7 +34,7 @@ from rich.table import Table
 from kvtier import load_config
 from kvtier_engine import LLM, SamplingParams
 from kvtier_engine.model_config import ModelConfig
-from kvtier_engine.presets import PRESETS
+from kvtier_engine.models.presets import PRESETS
 
 logger = logging.getLogger("long_doc_qa")
 

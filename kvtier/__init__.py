@@ -9,7 +9,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from kvtier.config import KvtierConfig, load_config
-from kvtier.errors import ConfigError, CorruptRecord, KvtierError, PoolExhausted, TierUnavailable
+from kvtier.errors import ConfigError, CorruptRecord, KvtierError, TierUnavailable, UnknownTier
 
 if TYPE_CHECKING:
     from kvtier.engine import CacheEngine
@@ -31,6 +31,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "CacheEngine", "KVLayout", "KvtierConfig", "load_config",
-    "KvtierError", "ConfigError", "CorruptRecord", "TierUnavailable", "PoolExhausted",
+    "KvtierError", "ConfigError", "CorruptRecord", "TierUnavailable", "UnknownTier",
 ]
 __version__ = "0.1.0"

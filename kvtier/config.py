@@ -20,15 +20,11 @@ Where the config comes from, in order (later wins):
    overrides, and a field override on a disabled (null) section re-enables it from that section's
    defaults. `KVTIER_CONFIG` itself is not an override.
 
-Validation is strict, fails closed and is generic: it walks the dataclass fields, their type hints
-and their metadata (`size`, `memory`, `min`, `max`, `max_bytes`, `choices`, `path`, `url`, `host`,
-`secret`, `empty`), so a new section (redis, remote, ...) is just a new dataclass. A string is never
-empty unless its field says so (an empty host would bind every interface, an empty token would be a
-secret anyone knows); floats are finite; ints fit in 64 bits. YAML is read by `kvtier.config_yaml`
-(bounded size and nesting, no aliases). After the overrides, what depends on the machine is checked
-once: a `path` must be a directory or not exist yet, a `memory` size must fit in physical memory.
-Any problem raises one `ConfigError` naming the dotted key and where it came from (the file, or
-the environment variable), and never showing the value of a `secret` key (tokens, the salt) or the
+Validation is strict and fails closed (`kvtier.config_load` walks these dataclasses' fields, type
+hints and metadata, so a new section is just a new dataclass here; `kvtier.config_values` checks
+each value, `kvtier.config_yaml` reads YAML with bounded size and nesting and no aliases). Any
+problem raises one `ConfigError` naming the dotted key and where it came from (the file, or the
+environment variable), and never showing the value of a `secret` key (tokens, the salt) or the
 credentials or query of a URL, wherever the URL was written. YAML 1.1's surprises are refused
 rather than read: `07000` (octal), `1:20` (base 60). Loading is side-effect free apart from reading
 the file and stat-ing the paths; nothing is created on disk here.
@@ -37,16 +33,12 @@ the file and stat-ing the paths; nothing is created on disk here.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 import os
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
+from kvtier.config_load import DEFAULT_SOURCE, load, override
 from kvtier.config_values import (
     MAX_SIZE,
     GiB,
@@ -63,16 +55,24 @@ from kvtier.config_values import (
 from kvtier.config_yaml import parse_yaml, read_config_file
 from kvtier.errors import ConfigError
 
-_log = logging.getLogger(__name__)
+__all__ = [
+    # the configuration and its loaders
+    "KvtierConfig", "CpuConfig", "DiskConfig", "RedisConfig", "RemoteConfig", "ServerConfig", "SpillConfig",
+    "load_config", "load_server_config", "override", "parse_size", "ConfigError",
+    "ENV_PREFIX", "ENV_CONFIG", "SERVER_ENV_PREFIX", "SERVER_ENV_CONFIG", "DEFAULT_SOURCE",
+    "GiB", "MAX_SIZE", "MAX_SECONDS", "MAX_REDIS_CONNECTIONS", "MAX_TOKEN_BYTES",
+    # re-exported from their own modules (config_values, config_yaml), where they are defined
+    "check_directory", "check_host", "check_memory", "check_text", "check_url", "hide_url_secrets",
+    "show", "show_key", "parse_yaml", "read_config_file",
+]
 
 ENV_PREFIX = "KVTIER_"
 ENV_CONFIG = "KVTIER_CONFIG"
 SERVER_ENV_PREFIX = "KVTIER_SERVER_"
 SERVER_ENV_CONFIG = "KVTIER_SERVER_CONFIG"
-DEFAULT_SOURCE = "<defaults>"
 MAX_SECONDS = 365 * 86400  # a timeout, TTL or interval; a year is already "never"
 MAX_REDIS_CONNECTIONS = 10_000  # Redis's own default maxclients; redis-py fills its pool up front
-# A token travels in the HELLO frame, whose strings kvtier.server.protocol caps at MAX_TEXT_BYTES:
+# A token travels in the HELLO frame, whose strings kvtier.wire.frames caps at MAX_TEXT_BYTES:
 # a longer token let the server start and then refuse every client.
 MAX_TOKEN_BYTES = 4096
 
@@ -218,7 +218,8 @@ def load_config(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> KvtierConfig:
     """Defaults, then the YAML file (`path`, else `$KVTIER_CONFIG`), then `KVTIER_*` overrides."""
-    return _load(KvtierConfig, path, env, ENV_PREFIX, ENV_CONFIG)
+    # The server's variables share kvtier's prefix: this loader skips them.
+    return load(KvtierConfig, path, env, prefix=ENV_PREFIX, config_var=ENV_CONFIG, foreign=SERVER_ENV_PREFIX)
 
 
 def load_server_config(
@@ -226,222 +227,4 @@ def load_server_config(
 ) -> ServerConfig:
     """`kvtier_server`'s config: defaults, the YAML file (`path`, else `$KVTIER_SERVER_CONFIG`), then
     `KVTIER_SERVER_*` overrides (`KVTIER_SERVER_PORT=7001`, `KVTIER_SERVER_SPILL__PATH=/nvme`)."""
-    return _load(ServerConfig, path, env, SERVER_ENV_PREFIX, SERVER_ENV_CONFIG)
-
-
-def override(config: Any, origin: str, values: Mapping[str, object]) -> Any:
-    """`config` with top-level `values` set (None values skipped), validated like a file's: for
-    command-line flags, e.g. `override(config, "command line", {"host": args.host})`."""
-    origins: dict[str, str] = {}
-    updates = {}
-    for key, value in values.items():
-        if value is not None:
-            f = _field(type(config), key, "", origin)
-            updates[f.name] = _coerce(_hints(type(config))[f.name], f, value, f.name, origin, origins)
-    config = dataclasses.replace(config, **updates)
-    _check_machine(config, "", origins)
-    return config
-
-
-def _load(root: type, path: str | os.PathLike[str] | None, env: Mapping[str, str] | None, prefix: str,
-          config_var: str) -> Any:
-    env = os.environ if env is None else env
-    if path is None:
-        path = env.get(config_var) or None
-    origins: dict[str, str] = {}  # dotted key -> where its value came from, for the machine checks
-    if path is None:
-        config = root()
-    else:
-        source = os.fspath(path)
-        data = read_config_file(source)
-        if data is None:  # an empty file means "all defaults"
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: top level must be a mapping of keys, got {type(data).__name__}")
-        config = _build(root, data, "", source, origins)
-        config = dataclasses.replace(config, source=source)
-    config = _apply_env(config, env, prefix, config_var, origins)
-    _check_machine(config, "", origins)
-    return config
-
-
-def _apply_env(config: Any, env: Mapping[str, str], prefix: str, config_var: str,
-               origins: dict[str, str]) -> Any:
-    # The server's variables share kvtier's prefix: each loader skips the other's.
-    foreign = SERVER_ENV_PREFIX if prefix == ENV_PREFIX else None
-    overrides = []
-    seen: dict[str, str] = {}  # lower-cased key -> the variable that set it
-    for name, text in env.items():
-        if name.startswith(prefix) and name != config_var and not (foreign and name.startswith(foreign)):
-            parts = name[len(prefix) :].lower().split("__")
-            other = seen.setdefault("__".join(parts), name)
-            if other != name:  # KVTIER_CHUNK_SIZE and KVTIER_chunk_size: which one was meant?
-                first, second = sorted([other, name])
-                raise ConfigError(f"environment {second}: sets the same key as {first}; keep one of them")
-            overrides.append((parts, name, text))
-    # Shallow keys first, so `KVTIER_DISK=null` plus `KVTIER_DISK__PATH=x` means "disk at x" whatever
-    # the environment's iteration order, rather than depending on which variable came last.
-    overrides.sort(key=lambda item: (len(item[0]), item[1]))
-    for parts, name, text in overrides:
-        config = _set_path(config, parts, text, "", f"environment {name}", origins)
-        _log.debug("config: %s overrides %s", name, ".".join(parts))
-    return config
-
-
-def _set_path(obj: Any, parts: list[str], text: str, prefix: str, origin: str,
-              origins: dict[str, str]) -> Any:
-    """`obj` with the field at `parts` set from env `text`; sections are rebuilt, not mutated."""
-    cls = type(obj)
-    f = _field(cls, parts[0], prefix, origin)
-    dotted = prefix + f.name
-    hint = _hints(cls)[f.name]
-    if len(parts) > 1:
-        section = _section_type(hint)
-        if section is None:
-            raise ConfigError(f"{origin}: {dotted}: is a value, not a section; cannot set {parts[1]!r}")
-        current = getattr(obj, f.name)
-        if current is None:  # overriding a field of a disabled section re-enables it from defaults
-            current = section()
-            _record(origins, dotted, origin)
-        new = _set_path(current, parts[1:], text, dotted + ".", origin, origins)
-    elif _strip_optional(hint) is str:
-        # The environment has no quoting habit, so a string key takes the raw text, never YAML:
-        # through YAML, 's3cret #x' was the token 's3cret' and '123' not a string at all.
-        optional = _strip_optional(hint) is not hint
-        new = _coerce(hint, f, None if optional and text == "null" else text, dotted, origin, origins)
-    else:
-        new = _coerce(hint, f, parse_yaml(text, f"{origin}: {dotted}"), dotted, origin, origins)
-    return dataclasses.replace(obj, **{f.name: new})
-
-
-def _build(cls: type, data: Mapping[Any, Any], prefix: str, origin: str, origins: dict[str, str]) -> Any:
-    """An instance of section `cls` from a mapping; keys left out keep the section's defaults."""
-    values = {}
-    for key, value in data.items():
-        f = _field(cls, key, prefix, origin)
-        values[f.name] = _coerce(_hints(cls)[f.name], f, value, prefix + f.name, origin, origins)
-    return cls(**values)
-
-
-def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, origin: str,
-            origins: dict[str, str]) -> Any:
-    where = f"{origin}: {dotted}"
-    _record(origins, dotted, origin)
-    optional = _strip_optional(hint) is not hint
-    section = _section_type(hint)
-    if value is None:
-        if optional:
-            return None
-        what = "section" if section else "key"
-        raise ConfigError(f"{where}: this {what} cannot be null")
-    if section is not None:
-        if not isinstance(value, Mapping):
-            # A scalar in place of a section that holds a secret may be that secret, its key
-            # mistyped (`remote:` then `token s3cret` on the next line): type only.
-            secret = any(g.metadata.get("secret") for g in dataclasses.fields(section))
-            got = type(value).__name__ if secret else show(value)
-            raise ConfigError(f"{where}: expected a mapping of keys, got {got}")
-        return _build(section, value, dotted + ".", origin, origins)
-    meta = f.metadata
-    if meta.get("size"):
-        return parse_size(value, where)
-    choices = meta.get("choices")
-    if choices and "on" in choices and isinstance(value, bool):
-        # YAML 1.1 reads bare on/off as booleans; `pin_memory: off` should still mean "off".
-        value = "on" if value else "off"
-    value = _check_type(_strip_optional(hint), value, where, meta.get("secret", False))
-    if isinstance(value, str):
-        check_text(value, meta, where)
-        if "max_bytes" in meta and len(value.encode()) > meta["max_bytes"]:
-            raise ConfigError(f"{where}: longer than {meta['max_bytes']} bytes (UTF-8)")
-    if choices and value not in choices:
-        raise ConfigError(f"{where}: expected one of {', '.join(choices)}; got {show(value)}")
-    if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{where}: must be >= {meta['min']}, got {value}")
-    if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{where}: must be <= {meta['max']}, got {value}")
-    if "url" in meta:
-        check_url(value, meta["url"], where)
-    if meta.get("host"):
-        check_host(value, where)
-    if meta.get("path"):
-        if "://" in value:  # abspath would make "s3://key:secret@bucket" a local folder name
-            raise ConfigError(f"{where}: expected a local directory, got a URL {show(value)}")
-        value = os.path.abspath(os.path.expanduser(value))
-    return value
-
-
-def _check_type(expected: type, value: object, where: str, secret: bool) -> Any:
-    # bool is a subclass of int in Python, but `chunk_size: true` is a mistake, not 1.
-    ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        got = type(value).__name__ if secret else show(value)
-        raise ConfigError(f"{where}: expected {expected.__name__}, got {got}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{where}: must be a finite number, got {value}")
-    if expected is int and not -MAX_SIZE - 1 <= value <= MAX_SIZE:  # type: ignore[operator]
-        raise ConfigError(f"{where}: must fit in 64 bits (at most {MAX_SIZE})")
-    return value
-
-
-def _check_machine(config: Any, prefix: str, origins: dict[str, str]) -> None:
-    """What depends on this machine, checked once on the final config: paths and memory sizes."""
-    for f in _public_fields(type(config)).values():
-        value = getattr(config, f.name)
-        dotted = prefix + f.name
-        if dataclasses.is_dataclass(value):
-            _check_machine(value, dotted + ".", origins)
-        elif f.metadata.get("path"):
-            check_directory(value, f"{_origin(origins, dotted)}: {dotted}")
-        elif f.metadata.get("memory"):
-            check_memory(value, f"{_origin(origins, dotted)}: {dotted}")
-
-
-def _record(origins: dict[str, str], dotted: str, origin: str) -> None:
-    """`dotted` now comes from `origin`; what its sub-keys came from before no longer counts."""
-    for key in [k for k in origins if k.startswith(dotted + ".")]:
-        del origins[key]
-    origins[dotted] = origin
-
-
-def _origin(origins: dict[str, str], dotted: str) -> str:
-    """Where `dotted` (or the nearest section above it) was set; the defaults if nowhere."""
-    while dotted:
-        if dotted in origins:
-            return origins[dotted]
-        dotted = dotted.rpartition(".")[0]
-    return DEFAULT_SOURCE
-
-
-def _field(cls: type, key: object, prefix: str, origin: str) -> dataclasses.Field[Any]:
-    fields = _public_fields(cls)
-    if not isinstance(key, str) or key not in fields:
-        known = ", ".join(fields)
-        raise ConfigError(f"{origin}: {prefix}{show_key(key)}: unknown key (known: {known})")
-    return fields[key]
-
-
-@cache
-def _public_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _strip_optional(hint: Any) -> Any:
-    """`X` for `X | None` (or `Optional[X]`); `hint` unchanged otherwise."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return hint
-
-
-def _section_type(hint: Any) -> type | None:
-    inner = _strip_optional(hint)
-    return inner if isinstance(inner, type) and dataclasses.is_dataclass(inner) else None
+    return load(ServerConfig, path, env, prefix=SERVER_ENV_PREFIX, config_var=SERVER_ENV_CONFIG)

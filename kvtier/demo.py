@@ -24,7 +24,10 @@ DEMO_LAYOUT = KVLayout(num_layers=16, num_kv_heads=8, head_dim=128, dtype=torch.
 
 
 def synthetic_prompt(num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+    # Seeded by the length too: the tokens of a shorter prompt are a prefix of a longer one's (same
+    # chunk keys), but its KV comes from elsewhere in the random stream, so a run with another
+    # --tokens found the first run's KV on disk under its keys and reported "not bit-exact".
+    gen = torch.Generator().manual_seed(seed << 32 | num_tokens)
     tokens = torch.randint(0, 128_000, (num_tokens,), generator=gen, dtype=torch.int64)
     kv = torch.randn(DEMO_LAYOUT.chunk_shape(num_tokens), generator=gen, dtype=torch.float32)
     return tokens, kv.to(DEMO_LAYOUT.dtype)
@@ -48,56 +51,69 @@ def _timed_retrieve(eng: CacheEngine, tokens: torch.Tensor, kv: torch.Tensor, ou
             "[green]yes[/]" if exact and n else "[red]NO[/]"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: KVTIER_CONFIG or built-in)")
     parser.add_argument("--tokens", type=int, default=8192, help="prompt length in tokens")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _run_steps(eng: CacheEngine, console: Console, tokens: torch.Tensor, kv: torch.Tensor) -> list[list[str]]:
+    """Store the prompt, look it up, retrieve it hot and (with a disk tier) from disk: one row per
+    retrieve."""
+    found = eng.lookup(tokens)
+    if found:
+        console.print(f"found {found:,} tokens already cached (a previous run filled the disk tier)")
+    # One output buffer, touched once and reused, as an engine's KV buffer is: a fresh tensor
+    # per retrieve would time the kernel's page faults, not kvtier.
+    out = torch.zeros_like(kv)
+    rows = []
+    if found:
+        rows.append(_timed_retrieve(eng, tokens, kv, out, "retrieve, from a previous run"))
+    start = time.perf_counter()
+    eng.store(tokens, kv)
+    eng.flush()  # let the write-through to disk land, so the next steps see it
+    stored_s = time.perf_counter() - start
+    console.print(f"stored in {stored_s * 1e3:,.0f} ms (CPU copy + background disk write)")
+    start = time.perf_counter()
+    hit = eng.lookup(tokens)
+    console.print(f"lookup: {hit:,} of {len(tokens):,} tokens cached "
+                  f"({(time.perf_counter() - start) * 1e3:.2f} ms, no payload I/O)")
+    rows.append(_timed_retrieve(eng, tokens, kv, out, "retrieve, hot"))
+    if "disk" in eng.metrics.tiers:
+        eng.clear("cpu")
+        rows.append(_timed_retrieve(eng, tokens, kv, out, "retrieve after clear('cpu')"))
+        rows.append(_timed_retrieve(eng, tokens, kv, out, "retrieve again (promoted)"))
+    return rows
+
+
+def _print_report(eng: CacheEngine, console: Console, rows: list[list[str]]) -> None:
+    table = Table(title="kvtier demo")
+    for col in ("step", "served by", "tokens", "MiB", "ms", "GB/s", "bit-exact"):
+        table.add_column(col, justify="left" if col in ("step", "served by") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for name, tier in eng.stats()["tiers"].items():
+        console.print(f"  {name}: {tier['chunks']} chunks, {tier['bytes'] / 2**20:,.0f} MiB, "
+                      f"hits {tier['hits']}, misses {tier['misses']}, evictions {tier['evictions']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
-
     config = load_config(args.config)
     tokens, kv = synthetic_prompt(args.tokens, args.seed)
     with CacheEngine(config, DEMO_LAYOUT, model_id="kvtier-demo") as eng:
         console.print(f"[bold]kvtier demo[/]: config {config.source}, tiers {eng.metrics.tiers}, "
                       f"{args.tokens:,} tokens x {DEMO_LAYOUT.bytes_per_token // 1024} KiB/token "
                       f"({DEMO_LAYOUT.chunk_bytes(args.tokens) / 2**20:,.0f} MiB of KV)")
-        found = eng.lookup(tokens)
-        if found:
-            console.print(f"found {found:,} tokens already cached (a previous run filled the disk tier)")
-        # One output buffer, touched once and reused, as an engine's KV buffer is: a fresh tensor
-        # per retrieve would time the kernel's page faults, not kvtier.
-        out = torch.zeros_like(kv)
-        rows = []
-        if found:
-            rows.append(_timed_retrieve(eng, tokens, kv, out, "retrieve, from a previous run"))
-        start = time.perf_counter()
-        eng.store(tokens, kv)
-        eng.flush()  # let the write-through to disk land, so the next steps see it
-        store_s = time.perf_counter() - start
-        console.print(f"stored in {store_s * 1e3:,.0f} ms (CPU copy + background disk write)")
-        start = time.perf_counter()
-        hit = eng.lookup(tokens)
-        console.print(f"lookup: {hit:,} of {args.tokens:,} tokens cached "
-                      f"({(time.perf_counter() - start) * 1e3:.2f} ms, no payload I/O)")
-        rows.append(_timed_retrieve(eng, tokens, kv, out, "retrieve, hot"))
-        if "disk" in eng.metrics.tiers:
-            eng.clear("cpu")
-            rows.append(_timed_retrieve(eng, tokens, kv, out, "retrieve after clear('cpu')"))
-            rows.append(_timed_retrieve(eng, tokens, kv, out, "retrieve again (promoted)"))
-        table = Table(title="kvtier demo")
-        for col in ("step", "served by", "tokens", "MiB", "ms", "GB/s", "bit-exact"):
-            table.add_column(col, justify="left" if col in ("step", "served by") else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-        stats = eng.stats()
-        for name, tier in stats["tiers"].items():
-            console.print(f"  {name}: {tier['chunks']} chunks, {tier['bytes'] / 2**20:,.0f} MiB, "
-                          f"hits {tier['hits']}, misses {tier['misses']}, evictions {tier['evictions']}")
-        ok = all("yes" in row[-1] for row in rows)
+        rows = _run_steps(eng, console, tokens, kv)
+        _print_report(eng, console, rows)
+    ok = all("yes" in row[-1] for row in rows)
     if not ok:
         console.print("[red]a retrieve was not bit-exact[/]")
     return 0 if ok else 1

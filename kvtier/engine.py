@@ -4,7 +4,7 @@
     eng.store(tokens, kv)          # kv: [2, L, T, H*D], T == len(tokens); copies, then returns
     n = eng.lookup(tokens)         # chunk-aligned prefix hit length in tokens; no payload I/O
     kv2, n = eng.retrieve(tokens)  # kv2[:, :, :n] is what was stored, bit for bit
-    eng.pin(tokens); eng.unpin(tokens); eng.move(tokens, "disk"); eng.clear("cpu")
+    eng.pin(tokens); eng.unpin(tokens); eng.move(tokens, "disk"); eng.clear("cpu"); eng.tier("disk")
     eng.stats(); eng.prometheus_text(); eng.flush(); eng.close()
 
 Thread-safe. `store` copies the KV into host memory before it returns (the caller may reuse `kv`)
@@ -15,6 +15,7 @@ integer tensor / array.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from kvtier.config import KvtierConfig
+from kvtier.errors import UnknownTier
 from kvtier.keys import ChunkKey, ChunkSpan, Namespace, TokenDatabase, token_count
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool
@@ -30,6 +32,7 @@ from kvtier.metrics import Metrics
 from kvtier.pins import PinTable
 from kvtier.storage import StorageManager
 from kvtier.tiers.base import Tier
+from kvtier.tiers.cpu import CpuTier
 from kvtier.tiers.disk import DiskTier
 
 logger = logging.getLogger(__name__)
@@ -111,16 +114,22 @@ class CacheEngine:
         self.metrics.inc("hit_tokens", n)
         return n
 
-    def retrieve(self, tokens: Tokens, out: torch.Tensor | None = None,
-                 start: int = 0) -> tuple[torch.Tensor, int]:
+    def retrieve(self, tokens: Tokens, out: torch.Tensor | None = None, start: int = 0,
+                 known_hit: int | None = None) -> tuple[torch.Tensor, int]:
         """The cached KV prefix of `tokens`: `(kv, n)` with `kv[:, :, :n - start]` as stored for
         tokens `start:n` (`start` a chunk boundary: the caller already holds the tokens before it;
         n >= start whenever n > 0). `kv` is `out` narrowed when given (`[2, L, T, H*D]` with T at least
-        the cached part; `len(tokens) - start` always suffices), else a new tensor."""
+        the cached part; `len(tokens) - start` always suffices), else a new tensor.
+        `known_hit`: what a `lookup` of `tokens` just returned (the connector's scheduler side). The
+        chunks within it are read without asking the tiers first whether they hold them (a round
+        trip per load on a shared store); one that is gone by now ends the prefix there, as always."""
         with self.metrics.timed("retrieve"):
             self._check_start(start)
             spans = self.db.spans(tokens)
-            hit = self.storage.contains_prefix([s.key for s in spans])
+            if known_hit is None:
+                hit = self.storage.contains_prefix([s.key for s in spans])
+            else:
+                hit = sum(s.end <= known_hit for s in spans)  # spans are in token order
             spans = _shifted(spans[:hit], start)
             want = spans[-1].end if spans else 0
             if out is None:
@@ -157,15 +166,25 @@ class CacheEngine:
     def unpin(self, tokens: Tokens) -> int:
         return self.storage.unpin(self.db.keys(tokens))
 
+    def tier(self, name: str) -> Tier | CpuTier:
+        """The tier called `name` ("cpu", "disk", ...); UnknownTier (a ValueError) if there is none."""
+        tiers = [self.storage.cpu, *self.storage.lower]
+        for tier in tiers:
+            if tier.name == name:
+                return tier
+        raise UnknownTier(f"no tier named {name!r}; this engine has {[t.name for t in tiers]}")
+
     def move(self, tokens: Tokens, tier: str) -> int:
         """Relocate the cached prefix of `tokens` into `tier` ("cpu", "disk", ...). Returns chunks moved."""
+        target = self.tier(tier)
         spans = self._present(tokens)
-        if tier == self.storage.cpu.name:
+        if target is self.storage.cpu:
             return self.storage.move_up(spans)
-        return self.storage.move_down([s.key for s in spans], tier)
+        return self.storage.move_down([s.key for s in spans], target)
 
     def clear(self, tier: str | None = None) -> None:
-        self.storage.clear(tier)
+        """Drop every chunk from `tier` (every tier, and every pin, when None). Leases stay."""
+        self.storage.clear(None if tier is None else self.tier(tier))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued background writes have landed. True if all did within `timeout`."""
@@ -174,7 +193,7 @@ class CacheEngine:
     def stats(self) -> dict:
         """Per-tier chunks, bytes, hits, misses, evictions (and more), engine counters, latencies."""
         self.storage.refresh_usage()
-        return {**self.metrics.snapshot(), "pool": self.storage.pool_stats()}
+        return {**self.metrics.snapshot(), "pool": dataclasses.asdict(self.storage.pool_stats())}
 
     def prometheus_text(self) -> str:
         self.storage.refresh_usage()

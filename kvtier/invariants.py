@@ -7,6 +7,7 @@ It reads the manager's private state under the manager's lock and changes nothin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,9 +23,9 @@ def check_invariants(manager: StorageManager, empty: bool = False) -> None:
         entries = [e for _, e in manager.cpu.items()]
         owners, nbytes = manager.pool.owners(), sum(e.nbytes for e in entries)
         broken = [f"{name} is {value}" for name, value in [
-            ("writes in flight", manager._writes_in_flight), ("queued writes", manager._writes.pending),
-            ("holders", manager._holders), ("demoting chunks", len(manager._demoting)),
-            ("removals in progress", manager._removing),
+            ("writes in flight", manager._writes.in_flight), ("queued writes", manager._writes.queued),
+            ("holders", manager._holders), ("demoting chunks", manager.cpu.num_demoting),
+            ("removals in progress", manager._writes.removing),
             ("CPU entries being read", sum(e.readers > 0 for e in entries)),
             ("CPU entries marked detached", sum(e.detached for e in entries)),
             ("CPU entries without a live slab", sum(not manager.pool.is_live(e.slab) for e in entries)),
@@ -42,15 +43,30 @@ def check_invariants(manager: StorageManager, empty: bool = False) -> None:
         raise RuntimeError("storage invariants broken: " + "; ".join(broken))
 
 
-def pool_stats(manager: StorageManager) -> dict:
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """The memory pool's accounting at one moment (`CacheEngine.stats()["pool"]` is its `asdict`)."""
+
+    slab_bytes: int  # one slab's stride: the chunk size rounded up to 4 KiB
+    slabs: int
+    used_slabs: int
+    used_bytes: int
+    owners: dict[str, int]  # live slabs per owner ("cpu", "read", "store")
+    pinned_chunks: int
+    leased_chunks: int
+    demoting_chunks: int  # out of the CPU index, readable until their write below lands
+    pending_writes: int  # background writes queued or running
+    failed_writes: int  # background write jobs that raised
+    pinned_memory: bool  # the arena is page-locked
+
+
+def pool_stats(manager: StorageManager) -> PoolStats:
     """The memory pool's accounting, for `CacheEngine.stats()`."""
     with manager._lock:
-        pool, pins = manager.pool, manager.pins
-        return {"slab_bytes": pool.slab_stride, "slabs": pool.num_slabs, "used_slabs": pool.used_slabs,
-                "used_bytes": pool.used_bytes, "owners": pool.owners(), "pinned_chunks": pins.num_pinned,
-                "leased_chunks": pins.num_leased, "demoting_chunks": len(manager._demoting),
-                "pending_writes": manager._writes.pending, "failed_writes": manager._writes.failed,
-                "pinned_memory": pool.pinned}
+        pool, pins, writes = manager.pool, manager.pins, manager._writes
+        return PoolStats(pool.slab_stride, pool.num_slabs, pool.used_slabs, pool.used_bytes, pool.owners(),
+                         pins.num_pinned, pins.num_leased, manager.cpu.num_demoting, writes.queued,
+                         writes.failed, pool.pinned)
 
 
 def refresh_usage(manager: StorageManager) -> None:

@@ -6,7 +6,8 @@ holding the lock costs nothing worth a second lock).
 
 Lifecycle: `alloc(owner)` hands out a `Slab` lease or returns None when the pool is exhausted (the
 caller decides: evict and retry, or reject the store; the pool never waits and never drops
-silently); `tensor(slab)` views its bytes; `free(slab)` returns it; freeing twice raises. The arena
+silently); `tensor(slab)` views its bytes, `copy_chunks` moves chunks between a KV tensor and
+slabs; `free(slab)` returns it; freeing twice raises. The arena
 is pinned only when CUDA is available (pinning needs a CUDA driver, and pinned pages speed up
 host<->device copies only). Slabs are aligned to 4 KiB so the disk tier can O_DIRECT into them.
 """
@@ -15,17 +16,22 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from kvtier.record_files import BLOCK, align_up
+
+if TYPE_CHECKING:
+    from kvtier.keys import ChunkSpan
+    from kvtier.layout import KVLayout
+
 logger = logging.getLogger(__name__)
 
-ALIGNMENT = 4096
-
-
-def align_up(n: int, alignment: int = ALIGNMENT) -> int:
-    return (n + alignment - 1) // alignment * alignment
+# Slabs are aligned and sized to the record files' O_DIRECT block, so a disk read lands in one.
+ALIGNMENT = BLOCK
 
 
 @dataclass(slots=True, eq=False)
@@ -113,6 +119,23 @@ class MemoryPool:
             inner *= dim
         return typed.as_strided((count, *shape), (per_slab, *strides),
                                 typed.storage_offset() + first.index * per_slab)
+
+    def copy_chunks(self, chunks: Sequence[tuple[ChunkSpan, Slab]], kv: torch.Tensor, layout: KVLayout,
+                    into_slabs: bool) -> None:
+        """Copy chunks between `kv` ([2, L, T, H*D], `layout`) and their slabs, one copy per run of
+        equal-size chunks that follow each other in `kv` and in the arena (a prompt stored in one
+        call does): a copy costs ~10 us beyond its bytes, a fifth of copying a 512 KiB chunk."""
+        i = 0
+        while i < len(chunks):
+            span, slab = chunks[i]
+            t, k = span.num_tokens, 1
+            while (i + k < len(chunks) and chunks[i + k][1].index == slab.index + k
+                   and chunks[i + k][0].start == span.start + k * t and chunks[i + k][0].num_tokens == t):
+                k += 1
+            tokens = kv.narrow(2, span.start, k * t).unflatten(2, (k, t)).movedim(2, 0)
+            slabs = self.chunk_run(slab, k, layout.dtype, layout.chunk_shape(t))
+            (slabs if into_slabs else tokens).copy_(tokens if into_slabs else slabs)
+            i += k
 
     def is_live(self, slab: Slab) -> bool:
         """`slab` is the pool's current lease on its index (not freed, not a stale handle)."""

@@ -3,10 +3,38 @@
 Each CacheEngine owns one `Metrics` with its own `CollectorRegistry` (no process-global state, so
 two engines in one process never mix numbers). Hot paths update a counter once per batch, never per
 chunk. Occupancy gauges are refreshed from the tiers when stats or the exposition are read.
+
+Tier counters (`tier_inc(tier, name, n)`, exported as `kvtier_tier_<name>_total{tier=...}`): one
+style for every tier, so that a number means the same thing whichever tier it comes from.
+
+- Units: every tier counter counts chunks (one chunk = one record), except `bytes_read` and
+  `bytes_written`, which count payload bytes (the KV, not the record header). `n` is an int >= 0.
+- `errors`: chunks whose operation failed with an I/O or connection error (a failed pipelined or
+  batched call counts every chunk it carried, not 1; a call about no chunk in particular, such as
+  `usage` or `clear`, counts 1). A failure is counted where it is caught: by the tier (a `Tier`
+  never raises for a failing medium), or by `kvtier/transfers.py` for a tier that raised anyway.
+- `corrupt`: records dropped because they failed validation (`kvtier.record.verify`) or do not fit
+  the request (codec, shape, dtype): each is deleted from the tier and never served.
+- `rejected`: chunks a store did not take for want of room (everything evictable is pinned or in
+  flight) or because the store refused them (kvtier_server's INVALID or TOO_LARGE); not failures.
+- `evictions`: chunks the tier itself evicted to make room (the CPU tier's include those demoted).
+  Stores that evict on their own (Redis, kvtier_server) are not counted here.
+- `hits`, `misses`: counted by whoever asked, once per batch: the StorageManager for the CPU tier,
+  `kvtier/transfers.py` for the tiers below. A tier never counts its own hits or misses.
+
+`tier_inc` enforces what it can: the name is one of `TIER_COUNTERS`, the tier one this `Metrics`
+was made for (a count for another would reach no snapshot), and `n` an integer (`operator.index`:
+numpy integers are fine, floats are not) that is not negative.
+
+Engine counters (`inc`) count tokens (`*_tokens`) or chunks (`*_chunks`, `promotions`,
+`demotions`). `kvtier_server` keeps its own counters (`StoreCounters`, `ServerStats`, returned by
+STATS) in the same units: records where a name is about records (`hits`, `evictions`, `spill_errors`),
+requests, frames or connections where it says so (`errors` there is requests that failed).
 """
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,19 +90,29 @@ class Metrics:
         self._pool = {name: Gauge(f"kvtier_{name}", doc, registry=reg) for name, doc in POOL_GAUGES.items()}
         self._latency = Histogram("kvtier_operation_seconds", "latency of CacheEngine operations",
                                   ["op"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        for tier in self.tiers:  # make every series exist at zero, so exports are stable
-            for counter in self._tier.values():
-                counter.labels(tier=tier)
+        # Every series exists at zero from the start, so exports are stable; the children are
+        # looked up once here, not per increment.
+        self._tier_children = {(tier, name): counter.labels(tier=tier)
+                               for tier in self.tiers for name, counter in self._tier.items()}
         for op in OPERATIONS:
             self._latency.labels(op=op)
 
-    def tier_inc(self, tier: str, name: str, amount: float = 1) -> None:
+    def tier_inc(self, tier: str, name: str, amount: int = 1) -> None:
+        """Add `amount` (chunks, or bytes for bytes_*: see the module docstring) to a tier counter."""
+        child = self._tier_children.get((tier, name))
+        if child is None:
+            known = sorted(TIER_COUNTERS) if name not in TIER_COUNTERS else self.tiers
+            what = f"tier counter {name!r}" if name not in TIER_COUNTERS else f"tier {tier!r}"
+            raise KeyError(f"no {what} here; known: {', '.join(known)}")
         if amount:
-            self._tier[name].labels(tier=tier).inc(amount)
+            child.inc(operator.index(amount))
 
-    def inc(self, name: str, amount: float = 1) -> None:
+    def inc(self, name: str, amount: int = 1) -> None:
+        counter = self._engine.get(name)
+        if counter is None:
+            raise KeyError(f"no engine counter {name!r}; known: {', '.join(sorted(ENGINE_COUNTERS))}")
         if amount:
-            self._engine[name].inc(amount)
+            counter.inc(operator.index(amount))
 
     @contextmanager
     def timed(self, op: str) -> Iterator[None]:

@@ -1,19 +1,37 @@
-"""Eviction policy, apart from the tiers that use it.
+"""Eviction: the order of keys (a policy) and the byte-bounded index every store keeps over it.
 
-A policy only orders keys; it never frees anything. The tier asks it for victims in eviction order
+A policy only orders keys; it never frees anything. The store asks it for victims in eviction order
 and skips the ones it cannot evict right now (pinned, or read by an in-flight transfer), so a
 pinned chunk keeps its place in the order and becomes a candidate again once unpinned.
+
+`BoundedIndex` is the one byte-bounded index (key -> size, their total, a policy's order) used by
+the CPU tier, the disk tier and kvtier_server's store and spill. Its `make_room` is atomic: it
+either frees enough bytes or changes nothing, so a store never evicts for a record it then refuses.
+
+Plugging in another policy (the extension point): implement `EvictionPolicy` and pass it to the
+index (or to the store that builds one). The index tells the policy every key's size on insert
+(`insert(key, nbytes)`), every use (`touch`) and every removal, and asks it only for `victims`; so a
+size-aware policy (GDSF, S3-FIFO with a byte budget, ...) needs nothing more than these four calls.
+A policy may keep per-key state (frequency, cost) but must forget a key on `remove` and yield only
+keys it was told about.
+
+Not thread-safe: a store guards its index with its own lock (or runs on one thread).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 class EvictionPolicy(Protocol):
-    def insert(self, key: Hashable) -> None: ...
+    def insert(self, key: Hashable, nbytes: int = 0) -> None:
+        """`key` is new (or used again, for a key already known), holding `nbytes`."""
+        ...
+
     def touch(self, key: Hashable) -> None: ...
     def remove(self, key: Hashable) -> None: ...
     def victims(self, evictable: Callable[[Hashable], bool]) -> Iterator[Hashable]:
@@ -22,12 +40,12 @@ class EvictionPolicy(Protocol):
 
 
 class LRUPolicy:
-    """Least recently used first. insert/touch/remove are O(1)."""
+    """Least recently used first; sizes play no part. insert/touch/remove are O(1)."""
 
     def __init__(self) -> None:
         self._order: OrderedDict[Hashable, None] = OrderedDict()
 
-    def insert(self, key: Hashable) -> None:
+    def insert(self, key: Hashable, nbytes: int = 0) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
 
@@ -48,3 +66,86 @@ class LRUPolicy:
 
     def __len__(self) -> int:
         return len(self._order)
+
+
+class BoundedIndex(Generic[K]):
+    """Keys -> sizes in bytes, their total, and their eviction order from a pluggable policy
+    (default `LRUPolicy`). It holds no data: the owner stores the values and deletes what
+    `make_room` hands back. `capacity_bytes` may be changed by the owner; the index never evicts by
+    itself. Not thread-safe: its owner's lock guards it."""
+
+    def __init__(self, capacity_bytes: int, policy: EvictionPolicy | None = None):
+        self.capacity_bytes = capacity_bytes
+        self._policy = policy if policy is not None else LRUPolicy()
+        self._sizes: dict[K, int] = {}
+        self._used = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sizes
+
+    def __iter__(self) -> Iterator[K]:
+        """The keys, in no particular order (not the eviction order: see `victims`)."""
+        return iter(self._sizes)
+
+    def size(self, key: K) -> int | None:
+        return self._sizes.get(key)
+
+    def add(self, key: K, nbytes: int) -> None:
+        """Index a new key as most recently used. KeyError if present (a store replacing a value
+        removes the old one first, so its bytes are never counted twice); ValueError if nbytes < 0."""
+        if key in self._sizes:
+            raise KeyError(f"{key!r} is already indexed")
+        if nbytes < 0:
+            raise ValueError(f"size of {key!r} must not be negative, got {nbytes}")
+        self._sizes[key] = nbytes
+        self._used += nbytes
+        self._policy.insert(key, nbytes)
+
+    def remove(self, key: K) -> int | None:
+        """Forget `key`; its size, or None when it was not indexed."""
+        nbytes = self._sizes.pop(key, None)
+        if nbytes is not None:
+            self._used -= nbytes
+            self._policy.remove(key)
+        return nbytes
+
+    def touch(self, key: K) -> None:
+        """Mark `key` used (no effect when absent)."""
+        if key in self._sizes:
+            self._policy.touch(key)
+
+    def victims(self, evictable: Callable[[K], bool]) -> Iterator[K]:
+        """Evictable keys in eviction order, lazily: do not add/remove/touch while iterating."""
+        return self._policy.victims(evictable)  # type: ignore[arg-type, return-value]
+
+    def make_room(self, nbytes: int, protected: Callable[[K], bool]) -> list[K] | None:
+        """Make `nbytes` more fit under the capacity, atomically.
+
+        [] when they fit already. Otherwise walk the victims, skipping `protected` ones (pinned,
+        being read), until enough would be freed: then those victims leave the index and are
+        returned, first victim first, for the caller to delete their data. None, changing nothing,
+        when even every unprotected key would not free enough (or `nbytes` alone exceeds the
+        capacity). Evicting for a record that still would not fit would lose data for nothing."""
+        if nbytes > self.capacity_bytes:
+            return None
+        excess = self._used + nbytes - self.capacity_bytes
+        if excess <= 0:
+            return []
+        victims, freed = [], 0
+        for key in self._policy.victims(lambda k: not protected(k)):  # type: ignore[arg-type]
+            victims.append(key)
+            freed += self._sizes[key]
+            if freed >= excess:
+                break
+        else:
+            return None
+        for key in victims:  # after the walk: the policy must not change while it iterates
+            self.remove(key)
+        return victims

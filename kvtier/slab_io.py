@@ -1,5 +1,5 @@
-"""Payload movement for host-memory entries: copies between a caller's KV tensor and slabs, record
-reads from the tiers below into slabs, record writes from slabs to the tiers below.
+"""Payload movement for host-memory entries: record reads from the tiers below into slabs (and the
+copy out of a retrieve's slabs, `MemoryPool.copy_chunks`), record writes from slabs to the tiers below.
 
 Where it runs: copies on the caller's thread; reads fan out over the read threads (TierReader);
 writes run on the StorageManager's write threads. It holds no index state and takes no lock: the
@@ -17,7 +17,7 @@ import torch
 
 from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
-from kvtier.memory import MemoryPool, Slab
+from kvtier.memory import MemoryPool
 from kvtier.metrics import Metrics
 from kvtier.record import encode_header, tensor_bytes
 from kvtier.tiers.base import PutItem, Tier
@@ -41,22 +41,6 @@ class SlabIO:
         self.layout = layout
         self.reader = TierReader(lower, layout.dtype, metrics, reads)
 
-    def copy(self, chunks: list[tuple[ChunkSpan, Slab]], kv: torch.Tensor, into_slabs: bool) -> None:
-        """Copy chunks between `kv` ([2, L, T, H*D]) and their slabs, one copy per run of equal-size
-        chunks that follow each other in `kv` and in the arena (a prompt stored in one call does):
-        a copy costs ~10 us beyond its bytes, a fifth of copying a 512 KiB chunk."""
-        i = 0
-        while i < len(chunks):
-            span, slab = chunks[i]
-            t, k = span.num_tokens, 1
-            while (i + k < len(chunks) and chunks[i + k][1].index == slab.index + k
-                   and chunks[i + k][0].start == span.start + k * t and chunks[i + k][0].num_tokens == t):
-                k += 1
-            tokens = kv.narrow(2, span.start, k * t).unflatten(2, (k, t)).movedim(2, 0)
-            slabs = self.pool.chunk_run(slab, k, self.layout.dtype, self.layout.chunk_shape(t))
-            (slabs if into_slabs else tokens).copy_(tokens if into_slabs else slabs)
-            i += k
-
     def read(self, plan: list[ChunkRead], out: torch.Tensor | None) -> int:
         """Read the planned lower-tier chunks, copy the good prefix out. Returns chunks served."""
         lower = [r for r in plan if not r.from_cpu]
@@ -66,7 +50,8 @@ class SlabIO:
                         self.layout.chunk_shape(r.span.num_tokens)) for r in lower])
         try:
             if out is not None:
-                self.copy([(r.span, r.entry.slab) for r in plan if r.from_cpu], out, into_slabs=False)
+                hits = [(r.span, r.entry.slab) for r in plan if r.from_cpu]
+                self.pool.copy_chunks(hits, out, self.layout, into_slabs=False)
         except BaseException:
             # The reads still write into slabs that the caller frees once this raises: wait first.
             wait([future for _, future in pending.jobs])
@@ -75,7 +60,8 @@ class SlabIO:
         ok = [r.from_cpu or next(found) for r in plan]
         n = ok.index(False) if False in ok else len(plan)
         if out is not None:
-            self.copy([(r.span, r.entry.slab) for r in plan[:n] if not r.from_cpu], out, into_slabs=False)
+            read = [(r.span, r.entry.slab) for r in plan[:n] if not r.from_cpu]
+            self.pool.copy_chunks(read, out, self.layout, into_slabs=False)
         return n
 
     def write(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier], confirm: bool = False) -> bool:

@@ -5,8 +5,8 @@ Where it runs: in the CacheEngine's process; jobs run on a small thread pool (di
 calls release the GIL, so threads overlap real I/O). Lifecycle: `submit(fn, *args)` returns a
 `Future` at once and never blocks the caller on I/O; `drain()` waits for every job submitted so far
 (flush, clear, close); `close()` drains and stops the threads. Completion callbacks are the job's
-own business (it calls back into the StorageManager under its lock). A job that raises is logged
-(at most a line a minute: kvtier.log_limit) and counted, never lost silently.
+own business (a write calls back into the StorageManager under its lock: kvtier.write_behind). A
+job that raises is logged (at most a line a minute: kvtier.log_limit) and counted, never lost silently.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class TierReader:
                     headers = future.result()
                 except Exception:
                     self._log.error((tier.name, "get"), "%s: get failed", tier.name, exc_info=True)
-                    self.metrics.tier_inc(tier.name, "errors")
+                    self.metrics.tier_inc(tier.name, "errors", len(part))  # per chunk, as tiers count
                     continue
                 for i, header in zip(part, headers):
                     found[i] = header is not None and self._fits(tier, header, requests[i])

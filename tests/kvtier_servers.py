@@ -32,8 +32,8 @@ from waiting import wait_until
 
 from kvtier.keys import ChunkKey
 from kvtier.record import encode_header
-from kvtier.server.decoder import FrameDecoder
-from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, Status, check_reply, encode
+from kvtier.wire.decoder import FrameDecoder
+from kvtier.wire.frames import PROTOCOL_VERSION, Frame, Op, Status, check_reply, encode
 
 START_DEADLINE_S = 60.0  # a start imports torch (kvtier's package import): ~2 s, more on a busy box
 STOP_DEADLINE_S = 20.0

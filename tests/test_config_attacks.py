@@ -11,7 +11,7 @@ import pytest
 
 from kvtier.config import MAX_REDIS_CONNECTIONS, MAX_TOKEN_BYTES, load_config, load_server_config
 from kvtier.errors import ConfigError
-from kvtier.server.protocol import MAX_TEXT_BYTES
+from kvtier.wire.frames import MAX_TEXT_BYTES
 
 SECRET = "zq9SECRETzq9"
 

@@ -16,6 +16,8 @@ import torch
 from conftest import CHUNK, REPO, seeded_kv, seeded_tokens, small_layout
 
 from kvtier import CacheEngine, KVLayout
+from kvtier.errors import UnknownTier
+from kvtier.invariants import PoolStats
 from kvtier.metrics import TIER_COUNTERS
 
 TESTS = Path(__file__).parent
@@ -339,6 +341,46 @@ def test_unknown_tier_name_is_a_value_error(make_engine, layout, config):
     with pytest.raises(ValueError, match="no tier named 'tape'"):
         engine.clear("tape")
     assert engine.lookup(tokens) == CHUNK  # the failed calls changed nothing
+
+
+def test_pool_stats_are_typed_inside_and_the_same_plain_map_in_stats(make_engine, layout):
+    engine = make_engine("cpu_disk")
+    engine.store(seeded_tokens(CHUNK, 22), seeded_kv(layout, CHUNK, 22))
+    typed = engine.storage.pool_stats()
+    assert isinstance(typed, PoolStats) and (typed.used_slabs, typed.owners) == (1, {"cpu": 1})
+    pool = engine.stats()["pool"]
+    assert list(pool) == ["slab_bytes", "slabs", "used_slabs", "used_bytes", "owners", "pinned_chunks",
+                          "leased_chunks", "demoting_chunks", "pending_writes", "failed_writes",
+                          "pinned_memory"]
+    assert (pool["used_slabs"], pool["owners"], pool["pinned_memory"]) == (1, {"cpu": 1}, False)
+
+
+def test_tier_names_are_resolved_by_the_engine(make_engine):
+    engine = make_engine("cpu_disk")
+    assert engine.tier("cpu") is engine.storage.cpu and engine.tier("disk") is engine.storage.lower[0]
+    with pytest.raises(UnknownTier, match=r"no tier named 'tape'; this engine has \['cpu', 'disk'\]"):
+        engine.tier("tape")
+
+
+def test_a_retrieve_given_the_hit_asks_no_tier_whether_it_holds_the_chunks(make_engine, layout, monkeypatch):
+    engine = make_engine("cpu_disk")
+    tokens, kv = seeded_tokens(3 * CHUNK, 21), seeded_kv(layout, 3 * CHUNK, 21)
+    engine.store(tokens, kv)
+    assert engine.flush(timeout=10)
+    engine.clear("cpu")
+    engine.store(tokens[:CHUNK], kv[:, :, :CHUNK])  # chunk 0 in CPU, chunks 1-2 on disk only
+    hit = engine.lookup(tokens)
+    disk, asked = engine.storage.lower[0], []
+    monkeypatch.setattr(disk, "has", lambda keys: asked.append(keys) or [False] * len(keys))  # counts only
+
+    got, n = engine.retrieve(tokens, known_hit=hit)
+
+    assert (hit, n, asked) == (3 * CHUNK, 3 * CHUNK, []) and torch.equal(got, kv)
+    engine.clear()
+    engine.store(tokens[:CHUNK], kv[:, :, :CHUNK])
+    got, n = engine.retrieve(tokens, known_hit=hit)  # a hit gone by now: the prefix ends there
+    assert n == CHUNK and torch.equal(got, kv[:, :, :CHUNK]) and asked == []
+    assert engine.retrieve(tokens, known_hit=CHUNK + 5)[1] == CHUNK  # whole chunks within the hit only
 
 
 def test_cpu_only_engine_has_no_disk_tier(make_engine, layout):

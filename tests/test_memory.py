@@ -177,3 +177,30 @@ def test_llama_chunk_sized_pool():
     chunk = 32 * 2**20
     p = MemoryPool(3 * chunk, chunk, pin=False)
     assert p.slab_stride == chunk and p.num_slabs == 3
+
+
+def test_copy_chunks_round_trips_runs_of_consecutive_slabs_and_scattered_ones():
+    # Chunks 0-1 in consecutive slabs (one copy), chunk 2 in a slab before them, chunk 3 a short
+    # tail: every chunk must land in its own slab and come back bit for bit.
+    from conftest import CHUNK, seeded_kv, small_layout
+
+    from kvtier.keys import ChunkKey, ChunkSpan
+
+    layout = small_layout()
+    p = MemoryPool(6 * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
+    slabs = [p.alloc("cpu") for _ in range(6)]
+    for slab in slabs:
+        p.tensor(slab).zero_()  # the arena starts uninitialised
+    spans = [ChunkSpan(ChunkKey(b"n" * 8, bytes([i]) * 16), i * CHUNK, min((i + 1) * CHUNK, 3 * CHUNK + 5))
+             for i in range(4)]
+    placed = list(zip(spans, [slabs[2], slabs[3], slabs[0], slabs[5]]))
+    kv = seeded_kv(layout, 3 * CHUNK + 5, 1)
+
+    p.copy_chunks(placed, kv, layout, into_slabs=True)
+    for span, slab in placed:
+        stored = p.tensor(slab, layout.chunk_bytes(span.num_tokens)).view(layout.dtype)
+        assert torch.equal(stored.view(layout.chunk_shape(span.num_tokens)), kv[:, :, span.start:span.end])
+    out = torch.zeros_like(kv)
+    p.copy_chunks(placed, out, layout, into_slabs=False)
+    assert torch.equal(out, kv)
+    assert not p.tensor(slabs[1]).any() and not p.tensor(slabs[4]).any()  # no other slab touched

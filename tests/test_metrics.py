@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from kvtier.metrics import ENGINE_COUNTERS, LATENCY_BUCKETS, OPERATIONS, POOL_GAUGES, TIER_COUNTERS, Metrics
@@ -63,6 +64,25 @@ def test_unknown_counter_names_raise():
         m.inc("no_such_counter")
     with pytest.raises(KeyError):
         m.tier_inc("cpu", "no_such_counter")
+
+
+def test_tier_counters_take_only_this_metrics_tiers_and_whole_counts():
+    # A count for a tier the Metrics was not made for reached no snapshot; a float is no count of
+    # chunks or bytes (the convention in the module docstring).
+    m = Metrics(TIERS)
+    with pytest.raises(KeyError, match="tier 'redis'"):
+        m.tier_inc("redis", "errors")
+    with pytest.raises(KeyError, match="known: bytes_read"):
+        m.tier_inc("cpu", "error")
+    with pytest.raises(TypeError):
+        m.tier_inc("disk", "bytes_read", 1.5)
+    with pytest.raises(TypeError):
+        m.inc("stored_chunks", 2.0)
+    m.tier_inc("disk", "bytes_read", np.int64(4096))  # numpy sizes are whole numbers
+    m.tier_inc("disk", "errors", True)
+    tiers = m.snapshot()["tiers"]
+    assert (tiers["disk"]["bytes_read"], tiers["disk"]["errors"]) == (4096, 1)
+    assert tiers["cpu"]["errors"] == 0
 
 
 def test_counters_cannot_go_down():

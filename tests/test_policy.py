@@ -1,10 +1,12 @@
-"""Tests for kvtier/policy.py: LRU order told as a story on four keys."""
+"""Tests for kvtier/policy.py: LRU order told as a story on four keys; the byte-bounded index."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvtier.policy import EvictionPolicy, LRUPolicy
+from kvtier.policy import BoundedIndex, EvictionPolicy, LRUPolicy
 
 
 def always(_key) -> bool:
@@ -114,3 +116,182 @@ def test_empty_policy():
     policy = LRUPolicy()
     assert len(policy) == 0
     assert list(policy.victims(always)) == []
+
+
+# -- BoundedIndex: the one byte-bounded index of the CPU tier, the disk tier and the server store ----
+
+def never(_key) -> bool:
+    return False
+
+
+def index(capacity: int, **sizes: int) -> BoundedIndex[str]:
+    idx: BoundedIndex[str] = BoundedIndex(capacity)
+    for key, nbytes in sizes.items():
+        idx.add(key, nbytes)
+    return idx
+
+
+def test_index_counts_sizes_and_membership():
+    idx = index(100, a=10, b=20, c=30)
+    assert idx.used_bytes == 60 and len(idx) == 3
+    assert "b" in idx and "z" not in idx
+    assert sorted(idx) == ["a", "b", "c"]
+    assert idx.size("c") == 30 and idx.size("z") is None
+
+
+def test_add_of_a_present_key_raises_and_counts_nothing():
+    idx = index(100, a=10)
+    with pytest.raises(KeyError):
+        idx.add("a", 50)
+    assert idx.used_bytes == 10 and idx.size("a") == 10
+    with pytest.raises(ValueError):
+        idx.add("b", -1)
+    assert "b" not in idx
+
+
+def test_remove_returns_the_size_and_accounting_goes_back_to_zero():
+    idx = index(100, a=10, b=20)
+    assert idx.remove("a") == 10
+    assert idx.remove("a") is None
+    assert idx.remove("b") == 20
+    assert idx.used_bytes == 0 and len(idx) == 0 and list(idx.victims(always)) == []
+
+
+def test_make_room_is_empty_when_it_fits():
+    idx = index(100, a=40, b=40)
+    assert idx.make_room(20, never) == []
+    assert idx.used_bytes == 80
+
+
+def test_make_room_frees_just_enough_in_lru_order():
+    idx = index(100, a=30, b=30, c=30)
+    idx.touch("a")  # order: b c a
+    assert idx.make_room(30, never) == ["b"]  # 90 + 30 - 100 = 20 over: b alone frees enough
+    assert idx.make_room(50, never) == ["c"]  # 60 + 50 - 100 = 10 over
+    assert idx.make_room(100, never) == ["a"]
+    assert len(idx) == 0 and idx.used_bytes == 0
+
+
+def test_make_room_stops_at_the_first_victim_that_is_enough():
+    idx = index(100, a=30, b=30, c=30)
+    assert idx.make_room(20, never) == ["a"]  # 110 - 100 = 10 over
+    assert idx.used_bytes == 60
+
+
+def test_make_room_never_picks_protected_keys():
+    idx = index(100, a=30, b=30, c=30)
+    assert idx.make_room(60, lambda k: k == "a") == ["b", "c"]
+    assert list(idx) == ["a"] and idx.used_bytes == 30
+
+
+def test_make_room_changes_nothing_when_it_cannot_free_enough():
+    idx = index(100, a=30, b=30, c=30)
+    assert idx.make_room(80, lambda k: k == "c") is None  # b and a free 60 of the 70 needed
+    assert sorted(idx) == ["a", "b", "c"] and idx.used_bytes == 90
+    assert list(idx.victims(always)) == ["a", "b", "c"]  # order untouched too
+
+
+def test_make_room_refuses_more_than_the_capacity_even_when_empty():
+    idx = index(100)
+    assert idx.make_room(101, never) is None
+    assert idx.make_room(100, never) == []
+
+
+def test_make_room_after_the_capacity_shrinks():
+    idx = index(100, a=40, b=40)
+    idx.capacity_bytes = 50
+    assert idx.make_room(0, never) == ["a"]
+    assert idx.used_bytes == 40
+
+
+def test_touch_of_an_absent_key_is_a_no_op():
+    idx = index(100, a=10)
+    idx.touch("z")
+    assert list(idx.victims(always)) == ["a"] and "z" not in idx
+
+
+class _SizeRecorder(LRUPolicy):
+    """A policy that wants sizes: the index must tell them on insert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict = {}
+
+    def insert(self, key, nbytes: int = 0) -> None:
+        super().insert(key, nbytes)
+        self.sizes[key] = nbytes
+
+    def remove(self, key) -> None:
+        super().remove(key)
+        self.sizes.pop(key, None)
+
+
+def test_a_custom_policy_is_told_sizes_and_removals():
+    policy = _SizeRecorder()
+    idx: BoundedIndex[str] = BoundedIndex(100, policy)
+    idx.add("a", 60)
+    idx.add("b", 30)
+    assert policy.sizes == {"a": 60, "b": 30}
+    assert idx.make_room(50, never) == ["a"]
+    assert policy.sizes == {"b": 30}
+
+
+class _Model:
+    """The index's contract written the slow, obvious way: a list in LRU order."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.order: list[tuple[int, int]] = []  # (key, size), least recently used first
+
+    def used(self) -> int:
+        return sum(size for _, size in self.order)
+
+    def make_room(self, nbytes: int, protected) -> list[int] | None:
+        if nbytes > self.capacity:
+            return None
+        victims = []
+        for key, _ in self.order:
+            if self.used() - sum(s for k, s in self.order if k in victims) + nbytes <= self.capacity:
+                break
+            if not protected(key):
+                victims.append(key)
+        if self.used() - sum(s for k, s in self.order if k in victims) + nbytes > self.capacity:
+            return None
+        self.order = [(k, s) for k, s in self.order if k not in victims]
+        return victims
+
+
+_ops = st.lists(st.tuples(st.sampled_from(["add", "remove", "touch", "room"]),
+                          st.integers(0, 7), st.integers(0, 60)), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(0, 150), ops=_ops, protected_keys=st.frozensets(st.integers(0, 7)))
+def test_index_matches_a_simple_model(capacity, ops, protected_keys):
+    idx: BoundedIndex[int] = BoundedIndex(capacity)
+    model = _Model(capacity)
+    protected = protected_keys.__contains__
+    for op, key, nbytes in ops:
+        present = any(k == key for k, _ in model.order)
+        if op == "add" and not present:
+            idx.add(key, nbytes)
+            model.order.append((key, nbytes))
+        elif op == "remove":
+            size = next((s for k, s in model.order if k == key), None)
+            assert idx.remove(key) == size
+            model.order = [(k, s) for k, s in model.order if k != key]
+        elif op == "touch" and present:
+            idx.touch(key)
+            model.order = [e for e in model.order if e[0] != key] + [e for e in model.order if e[0] == key]
+        elif op == "room":
+            victims = idx.make_room(nbytes, protected)
+            assert victims == model.make_room(nbytes, protected)
+            assert not any(protected(k) for k in victims or [])
+            if victims is not None:
+                assert idx.used_bytes + nbytes <= capacity
+        assert idx.used_bytes == model.used()
+        assert list(idx.victims(always)) == [k for k, _ in model.order]
+        assert {k: idx.size(k) for k in idx} == dict(model.order)
+    for key in list(idx):
+        idx.remove(key)
+    assert idx.used_bytes == 0 and len(idx) == 0

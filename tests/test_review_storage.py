@@ -20,11 +20,11 @@ def test_a_retrieve_whose_copy_out_fails_frees_no_slab_a_read_below_still_writes
     spans = db.spans(seeded_tokens(2 * CHUNK, 1))
     assert manager.put(spans, seeded_kv(layout, 2 * CHUNK, 1)) == 2
     assert manager.flush(timeout=10)
-    assert manager.move_down([spans[1].key], "disk") == 1  # chunk 0 in CPU, chunk 1 only on disk
+    assert manager.move_down([spans[1].key], manager.lower[0]) == 1  # chunk 0 in CPU, chunk 1 only on disk
 
     go, seen = threading.Event(), []
     disk, pool = manager.lower[0], manager.pool
-    real_get, real_free, real_copy = disk.get, pool.free, manager._io.copy
+    real_get, real_free, real_copy = disk.get, pool.free, pool.copy_chunks
 
     def blocked_get(keys, dests):  # on a read thread: blocked until the slab is freed or waited for
         go.wait(10)
@@ -39,14 +39,14 @@ def test_a_retrieve_whose_copy_out_fails_frees_no_slab_a_read_below_still_writes
         go.set()
         return real_wait(futures)
 
-    def copy(chunks, kv, into_slabs):
+    def copy(chunks, kv, layout, into_slabs):
         if not into_slabs:
             raise RuntimeError("device lost")
-        return real_copy(chunks, kv, into_slabs)
+        return real_copy(chunks, kv, layout, into_slabs)
 
     monkeypatch.setattr(disk, "get", blocked_get)
     monkeypatch.setattr(pool, "free", free)
-    monkeypatch.setattr(manager._io, "copy", copy)
+    monkeypatch.setattr(pool, "copy_chunks", copy)
     monkeypatch.setattr(kvtier.slab_io, "wait", waiting, raising=False)
 
     out = seeded_kv(layout, 2 * CHUNK, 0)

@@ -34,9 +34,9 @@ def test_contains_prefix_spans_tiers_and_stops_at_the_first_gap(make_manager, db
     keys = [s.key for s in spans]
     assert manager.put(spans, seeded_kv(layout, 4 * CHUNK, 1)) == 4
     assert manager.flush(timeout=10)
-    assert manager.move_down(keys[:1], "disk") == 1  # chunk 0 only on disk, 1 only in CPU ...
+    assert manager.move_down(keys[:1], manager.lower[0]) == 1  # chunk 0 only on disk, 1 only in CPU ...
     manager.lower[0].remove(keys[1:2])
-    manager.move_down(keys[2:3], "disk")
+    manager.move_down(keys[2:3], manager.lower[0])
     manager.lower[0].remove(keys[2:3])  # ... and chunk 2 nowhere
 
     assert manager.contains_prefix(keys) == 2
@@ -89,7 +89,7 @@ def test_get_serves_cpu_and_disk_hits_and_promotes_only_when_configured(make_man
     kv = seeded_kv(layout, 3 * CHUNK, 5)
     manager.put(spans, kv)
     manager.flush()
-    manager.move_down([spans[1].key, spans[2].key], "disk")
+    manager.move_down([spans[1].key, spans[2].key], manager.lower[0])
     used = manager.pool.used_slabs
 
     out, n = fetch(manager, spans, layout)
@@ -114,7 +114,7 @@ def test_a_tier_that_raises_is_a_counted_miss(make_manager, db, layout):
     kv = seeded_kv(layout, 3 * CHUNK, 6)
     manager.put(spans, kv)
     manager.flush()
-    manager.move_down([spans[1].key], "disk")
+    manager.move_down([spans[1].key], manager.lower[0])
 
     out, n = fetch(manager, spans, layout)
 
@@ -315,7 +315,7 @@ def test_a_wave_retrieve_does_not_leak_slabs_past_the_cut(make_manager, db, layo
     for start in range(0, 6, 2):
         manager.put(a[start:start + 2], kv)
         assert manager.flush(timeout=10)
-    manager.clear("cpu")
+    manager.clear(manager.cpu)
     manager.put(a[3:5], kv)  # a[3], a[4] in host memory; a[0:3] and a[5] only on disk
     assert manager.flush(timeout=10)
 
@@ -335,7 +335,7 @@ def test_a_promotion_meeting_a_demotion_of_the_same_key_does_not_leak_its_slab(m
     k, x1, x2, x3 = (db.spans(seeded_tokens(CHUNK, seed)) for seed in (40, 41, 42, 43))
     kv = seeded_kv(layout, CHUNK, 40)
     manager.put(k, kv)
-    assert manager.move_down([k[0].key], "disk") == 1  # K only on disk
+    assert manager.move_down([k[0].key], manager.lower[0]) == 1  # K only on disk
     read_entered, open_read = disk.hold("get")
     with ThreadPoolExecutor(1) as pool:
         reading = pool.submit(fetch, manager, k, layout)
@@ -370,7 +370,7 @@ def test_move_to_cpu_never_loses_a_chunk_evicted_before_its_copy_below_is_remove
     kv = seeded_kv(layout, 2 * CHUNK, 44)
     manager.put(a, kv)
     assert manager.flush(timeout=10)
-    assert manager.move_down([s.key for s in a], "disk") == 2  # only on disk
+    assert manager.move_down([s.key for s in a], manager.lower[0]) == 2  # only on disk
     entered, open_remove = disk.hold("remove")
     with ThreadPoolExecutor(1) as pool:
         moving = pool.submit(manager.move_up, a)
@@ -394,7 +394,7 @@ def test_clear_disk_forgets_that_cpu_chunks_were_written_below(make_manager, db,
     kv = seeded_kv(layout, 4 * CHUNK, 47)
     manager.put(a, kv)
     assert manager.flush(timeout=10)  # write-through: all four on disk too
-    manager.clear("disk")
+    manager.clear(manager.lower[0])
 
     for seed in range(48, 56):  # push `a` out of host memory, one chunk at a time
         manager.put(db.spans(seeded_tokens(CHUNK, seed)), seeded_kv(layout, CHUNK, seed))
@@ -424,7 +424,7 @@ def test_a_leased_chunk_may_leave_host_memory_but_not_every_tier(make_manager, d
     for seed in range(70, 76):  # more records than the disk holds, all newer than k's
         other = db.spans(seeded_tokens(CHUNK, seed))
         manager.put(other, kv)
-        assert manager.move_down([other[0].key], "disk") == 1
+        assert manager.move_down([other[0].key], manager.lower[0]) == 1
 
     assert manager.lower[0].has([k[0].key]) == [True]
     out, n = fetch(manager, k, layout)

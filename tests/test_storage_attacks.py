@@ -106,7 +106,7 @@ def test_close_waits_for_calls_in_flight_and_refuses_later_ones(tmp_path, db, la
     kv = seeded_kv(layout, 2 * CHUNK, 83)
     manager.put(spans, kv)
     assert manager.flush(timeout=10)
-    manager.clear("cpu")  # on disk only: a retrieve reads it through the gate
+    manager.clear(manager.cpu)  # on disk only: a retrieve reads it through the gate
     out = torch.zeros_like(kv)
     with ThreadPoolExecutor(2) as threads:
         retrieve = threads.submit(manager.get, spans, out)

@@ -15,7 +15,8 @@ from kvtier.keys import ChunkKey
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
     """Load tokens `start:end` of a request from kvtier into its blocks. `start` is what the device
-    already holds (block aligned); `lease` holds the chunks against eviction until the load is done."""
+    already holds (block aligned); `lease` holds the chunks against eviction until the load is done.
+    `token_ids` end at the scheduler side's lookup hit: the worker reads them without looking up again."""
 
     request_id: str
     token_ids: Sequence[int]

@@ -43,6 +43,7 @@ from typing import Protocol
 
 import torch
 
+from kvtier.connector.load_thread import LoadThread
 from kvtier.connector.metadata import ConnectorMetadata, KVEvent, LoadSpec, SaveSpec
 from kvtier.engine import CacheEngine
 from kvtier.log_limit import LogLimiter
@@ -80,6 +81,7 @@ class KvtierWorkerConnector:
         self._layer_ready: list[threading.Event] = []
         self._layer_copied: dict[int, torch.cuda.Event] = {}  # GPU only: layer -> its copy is done
         self._load_error: BaseException | None = None
+        self._loader = LoadThread()
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
         self._saves: set[Future] = set()
         self._finished_sending: set[str] = set()
@@ -129,7 +131,7 @@ class KvtierWorkerConnector:
         self._layer_ready = [threading.Event() for _ in range(self.cache.num_layers)]
         args = (jobs, self._layer_ready, self._layer_copied)
         try:
-            threading.Thread(target=self._scatter_layers, args=args, name="kvtier-load", daemon=True).start()
+            self._loader.submit(self._scatter_layers, *args)
         except RuntimeError:  # no thread to be had (the process is at its limit): copy now, as bulk
             # loads do. Left unset, the layers' events hung wait_for_save, and the engine loop, for good.
             self._log.error("thread", "could not start the layer-wise load thread; copying in line",
@@ -150,7 +152,8 @@ class KvtierWorkerConnector:
         """Read a request's chunks from token `first` on into `out`; the blocks and KV still to
         scatter, if any."""
         try:
-            kv, n = self.engine.retrieve(spec.token_ids, out, start=first)
+            # `token_ids` end at the scheduler side's lookup hit: read them without a second lookup.
+            kv, n = self.engine.retrieve(spec.token_ids, out, start=first, known_hit=len(spec.token_ids))
         except Exception:  # a tier failing in an unexpected way is a miss, never a failed step
             self._log.error("load", "kvtier load for request %s failed; recomputing", spec.request_id,
                             exc_info=True)
@@ -266,4 +269,5 @@ class KvtierWorkerConnector:
         return not pending
 
     def close(self) -> None:
+        self._loader.close()
         self._saver.shutdown(wait=True)

@@ -1,7 +1,7 @@
 """kvtier_server: the asyncio TCP cache server behind the `remote` tier.
 
 Where it runs: one process, one event-loop thread; the store (`kvtier.server.store`) and the frame
-codec (`kvtier.server.protocol`) are called from that thread only. Lifecycle: `KvtierServer(config)`,
+codec (`kvtier.wire.frames`) are called from that thread only. Lifecycle: `KvtierServer(config)`,
 `await start()` (binds; `port` 0 takes any free port, `address` tells which), `await close()`
 (stops accepting, lets queued replies drain for a moment, closes connections and the store).
 `serve(config)` runs one until SIGTERM / SIGINT; `kvtier.server.__main__` is its command line.
@@ -24,15 +24,10 @@ idle timeout (32 GiB at 256 connections).
 One periodic sweep (a few per timeout) enforces the deadlines; nothing is timed per request.
 
 Per connection, requests are pipelined: they are decoded and answered in order as bytes arrive,
-each reply carrying its request's id. A malformed frame gets a BAD_REQUEST reply (op PING, and the
-request id when it was readable, else 0) and decoding goes on; when the stream cannot be
-resynchronised the reply is followed by a close. Error messages are short (MAX_ERROR_CHARS).
-Nothing a client sends can stop the server: a handler that fails answers ERROR and is logged, and
-a reply that cannot be encoded (over the header limit) answers BAD_REQUEST. A GET reply carries at
-most HIGH_WATER payload bytes (its first record always; the keys past the cut are answered as misses
-and counted in `reply_cuts`): a connection stops decoding at HIGH_WATER queued reply bytes, so this
-bounds what one connection's replies hold to about 2 x HIGH_WATER, where one GET of MAX_KEYS spilled
-records used to read them all into fresh memory (1024 x the record size, past any capacity).
+each reply carrying its request's id; `kvtier.server.handlers` answers them (one handler per op,
+over the store), `kvtier.server.stats` keeps the counters STATS returns. A malformed frame gets a
+BAD_REQUEST reply and decoding goes on; when the stream cannot be resynchronised the reply is
+followed by a close. Error messages are short (MAX_ERROR_CHARS).
 
 Why connections drive their sockets from the loop's reader/writer callbacks rather than through an
 asyncio Transport: Python 3.11's selector transport joins `writelines` buffers and copies whatever
@@ -51,43 +46,22 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kvtier.config import ServerConfig
-from kvtier.errors import ProtocolError
 from kvtier.log_limit import LogLimiter
 from kvtier.server.budget import ByteBudget
-from kvtier.server.connection import HIGH_WATER, Connection
-from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, Status, encode, reply, short
-from kvtier.server.sockets import tune_socket
+from kvtier.server.connection import Connection
+from kvtier.server.handlers import Handlers
+from kvtier.server.stats import ServerStats, stats_map
 from kvtier.server.store import RecordStore
+from kvtier.wire.frames import PROTOCOL_VERSION, Frame, Status, encode, reply
+from kvtier.wire.sockets import tune_socket
 
 logger = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 2.0  # how long close() lets queued replies drain
 HANDSHAKE_GRACE_S = 0.1  # at max_handshakes, how long the oldest handshake is kept before it makes room
 ACCEPT_RETRY_S = 0.5  # after a failed accept (EMFILE: out of file descriptors), pause accepting this long
-
-
-@dataclass(slots=True)
-class ServerStats:
-    requests: dict[str, int] = field(default_factory=lambda: {op.name.lower(): 0 for op in Op})
-    bytes_in: int = 0
-    bytes_out: int = 0
-    connections: int = 0  # authenticated, open now
-    handshakes: int = 0  # accepted, HELLO not yet answered, open now
-    connections_total: int = 0  # accepted
-    refused: int = 0  # HELLOs answered BUSY at max_connections
-    handshake_timeouts: int = 0  # closed without a HELLO within handshake_timeout_s
-    handshakes_dropped: int = 0  # closed in handshake to make room at max_handshakes
-    accept_errors: int = 0  # accept() failures (EMFILE, ENFILE, ENOBUFS...), each pausing accepting
-    idle_timeouts: int = 0  # authenticated connections closed after idle_timeout_s
-    receive_timeouts: int = 0  # ... closed holding receive budget while under MIN_RECEIVE_RATE
-    send_timeouts: int = 0  # ... closed with replies queued and none sent for send_timeout_s
-    bad_frames: int = 0
-    unauthorized: int = 0
-    errors: int = 0  # requests the server failed to serve
-    reply_cuts: int = 0  # GET keys answered as misses because their reply was full (HIGH_WATER)
 
 
 class KvtierServer:
@@ -111,10 +85,9 @@ class KvtierServer:
         self._log = LogLimiter(logger)  # failures peers can repeat at will: a line a minute per kind
         self._ticker: asyncio.TimerHandle | None = None
         self._logged = (0, 0, 0)
-        self._handlers: dict[Op, Callable[[Frame], tuple[Frame, list]]] = {
-            Op.PING: lambda f: (reply(f), []), Op.PUT: self._put, Op.GET: self._get,
-            Op.EXISTS: self._exists, Op.HAS: self._has, Op.DELETE: self._delete, Op.CLEAR: self._clear,
-            Op.STATS: lambda f: (reply(f, stats=self.snapshot()), [])}
+        handlers = Handlers(self.store, self.stats, self.snapshot)
+        # What a Connection calls for each decoded request, and for a frame that failed to decode.
+        self.handle, self.bad_frame = handlers.handle, handlers.bad_frame
 
     @property
     def address(self) -> tuple[str, int]:
@@ -270,80 +243,9 @@ class KvtierServer:
         conn.authenticate(self.config.max_frame_bytes)
         return encode(reply(frame, version=PROTOCOL_VERSION)), False
 
-    def handle(self, frame: Frame) -> tuple[list, bool]:
-        """The reply to one decoded request of an authenticated connection, as buffers; and
-        whether to close after sending it."""
-        self.stats.requests[frame.op.name.lower()] += 1
-        try:
-            answer, payloads = self._handlers[frame.op](frame)
-        except Exception as exc:  # a bug must cost this request, not the server
-            self._log.error(frame.op, "%s request %d failed", frame.op.name, frame.request_id,
-                            exc_info=True)
-            self.stats.errors += 1
-            answer, payloads = reply(frame, Status.ERROR, error=f"{type(exc).__name__}: {exc}"), []
-        try:
-            return encode(answer, payloads), False
-        except ProtocolError as exc:  # a reply over the header limit: say so, keep the connection
-            self.stats.bad_frames += 1
-            return encode(reply(frame, Status.BAD_REQUEST, error=f"cannot answer: {exc}")), False
-
-    def bad_frame(self, exc: ProtocolError) -> list:
-        self.stats.bad_frames += 1
-        return encode(Frame(Op.PING, exc.request_id or 0, status=Status.BAD_REQUEST, error=short(str(exc))))
-
-    def _put(self, f: Frame) -> tuple[Frame, list]:
-        put = self.store.put
-        return reply(f, flags=[put(k, h, p) for k, h, p in zip(f.keys, f.heads, f.payloads)]), []
-
-    def _get(self, f: Frame) -> tuple[Frame, list]:
-        records, room = [], HIGH_WATER
-        for i, key in enumerate(f.keys):
-            size = self.store.payload_bytes(key)
-            if size is not None and size > room and room < HIGH_WATER:  # (the first always goes)
-                self.stats.reply_cuts += len(f.keys) - i
-                records += [None] * (len(f.keys) - i)
-                break
-            records.append(self.store.get(key))
-            room -= records[-1].payload.nbytes if records[-1] is not None else 0
-        heads = [r.head if r is not None else None for r in records]
-        return reply(f, heads=heads), [r.payload if r is not None else None for r in records]
-
-    def _exists(self, f: Frame) -> tuple[Frame, list]:
-        count = 0
-        while count < len(f.keys) and self.store.contains(f.keys[count]):
-            count += 1
-        return reply(f, count=count), []
-
-    def _has(self, f: Frame) -> tuple[Frame, list]:
-        return reply(f, flags=[int(self.store.contains(k)) for k in f.keys]), []
-
-    def _delete(self, f: Frame) -> tuple[Frame, list]:
-        return reply(f, count=self.store.delete(f.keys)), []
-
-    def _clear(self, f: Frame) -> tuple[Frame, list]:
-        return reply(f, count=self.store.clear(f.namespaces)), []
-
     def snapshot(self) -> dict[str, int]:
         """Every counter as one flat map: what STATS returns."""
-        s, store, c = self.stats, self.store, self.store.counters
-        spill = store.spill
-        return {**{f"requests_{op}": n for op, n in s.requests.items()},
-                "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "connections": s.connections,
-                "handshakes": s.handshakes, "connections_total": s.connections_total, "refused": s.refused,
-                "handshake_timeouts": s.handshake_timeouts, "handshakes_dropped": s.handshakes_dropped,
-                "accept_errors": s.accept_errors,
-                "idle_timeouts": s.idle_timeouts, "receive_timeouts": s.receive_timeouts,
-                "receiving_bytes": self.budget.used,
-                "receive_waits": self.budget.waits, "send_timeouts": s.send_timeouts,
-                "sending_bytes": self.replies.used, "reply_waits": self.replies.waits,
-                "bad_frames": s.bad_frames,
-                "unauthorized": s.unauthorized, "errors": s.errors, "reply_cuts": s.reply_cuts,
-                "hits": c.hits, "misses": c.misses,
-                "evictions": c.evictions, "spills": c.spills, "spill_hits": c.spill_hits,
-                "dropped": c.dropped, "invalid": c.invalid, "spill_errors": c.spill_errors,
-                "records": store.records, "bytes": store.bytes,
-                "capacity": store.capacity, "spill_records": spill.records if spill else 0,
-                "spill_bytes": spill.bytes if spill else 0, "spill_capacity": spill.capacity if spill else 0}
+        return stats_map(self.stats, self.store, self.budget, self.replies)
 
     def _log_traffic(self) -> None:
         s = self.stats

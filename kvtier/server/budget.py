@@ -18,7 +18,7 @@ so its client feels back-pressure through TCP; each release wakes waiters in ord
 FIFO rather than "whoever fits" so that a large frame is not starved by small ones. One frame alone
 is always admitted (`used == 0`), so a limit below `max_frame_bytes` delays but never deadlocks:
 the real bound is max(limit, max_frame_bytes). What stops a peer from holding a budget for good is
-the server's timeouts (a minimum receive rate, a send-stall timeout), not the budget.
+the server's timeouts (a minimum receive rate, `ReceiveRate`; a send-stall timeout), not the budget.
 """
 
 from __future__ import annotations
@@ -100,3 +100,36 @@ class ByteBudget:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+
+class ReceiveRate:
+    """The minimum rate at which a connection holding receive-budget bytes must receive, averaged
+    over windows of `window_s`. Without it a client that announces a large PUT and then sends a
+    byte now and then (never idle) would hold the budget, and keep every other client's PUT
+    waiting, for as long as it likes. The owner `restart`s the window when the connection starts
+    holding bytes, and whenever a budget holds the connection (it reads nothing then through no
+    fault of its client: a PUT half-received when the reply budget filled up was closed as a
+    trickler once the budget stayed full for a window, busy readers elsewhere, not this client)."""
+
+    def __init__(self, rate: float, window_s: float):
+        self.rate = rate
+        self.window_s = window_s
+        self._start = 0.0
+        self._bytes = 0
+
+    def restart(self, now: float) -> None:
+        self._start, self._bytes = now, 0
+
+    def received(self, n: int) -> None:
+        self._bytes += n
+
+    def too_slow(self, now: float) -> bool:
+        """True when the current window is over and received less than `rate` over it; a window
+        that kept the rate ends here and the next one starts."""
+        elapsed = now - self._start
+        if elapsed < self.window_s:
+            return False
+        if self._bytes < self.rate * elapsed:
+            return True
+        self.restart(now)
+        return False

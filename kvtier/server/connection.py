@@ -9,20 +9,19 @@ Where it runs: the server's event-loop thread, driven by the loop's reader/write
                 connection authenticated, anything else is answered and closed. The server closes
                 a connection still in handshake after `handshake_timeout_s`.
     authenticated  frames up to `max_frame_bytes`, every op; each frame's payload bytes are
-                reserved in the server's `ReceiveBudget` before they are allocated (a frame that
+                reserved in the server's receive budget before they are allocated (a frame that
                 does not fit stops this connection's reading until it does). The server closes a
                 connection that moved no bytes either way for `idle_timeout_s`, and one that holds
                 budget bytes but received less than MIN_RECEIVE_RATE over a window of
-                `min(idle_timeout_s, RECEIVE_GRACE_S)`. Without it a client that announces a
-                large PUT and then sends a byte now and then (never idle) would hold the budget,
-                and keep every other client's PUT waiting, for as long as it likes.
+                `min(idle_timeout_s, RECEIVE_GRACE_S)` (`kvtier.server.budget.ReceiveRate`).
                 Replies: before answering a request the connection asks the server's reply budget
                 for room (`reply_bytes` over all connections; over it, it stops decoding and
                 reading until replies elsewhere drain), and its queued reply bytes count there
-                until the kernel takes them. The server closes a connection with replies queued
-                that sent none of them for `send_timeout_s`: a queued GET reply holds its records'
-                buffers (eviction cannot free them), so a client that asks and never reads would
-                otherwise hold memory, and the reply budget, until the idle timeout.
+                until the kernel takes them (`kvtier.server.outbox`). The server closes a
+                connection with replies queued that sent none of them for `send_timeout_s`: a
+                queued GET reply holds its records' buffers (eviction cannot free them), so a
+                client that asks and never reads would otherwise hold memory, and the reply
+                budget, until the idle timeout.
     closing     no more reading; queued replies drain, then the socket closes.
 
 Requests are pipelined: decoded and answered in order as bytes arrive, each reply carrying its
@@ -36,14 +35,14 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections import deque
 from typing import TYPE_CHECKING
 
 from kvtier.errors import ProtocolError
 from kvtier.log_limit import LogLimiter
-from kvtier.server.decoder import FrameDecoder
-from kvtier.server.protocol import HELLO_HEADER_BYTES, PREFIX, Frame, Op, check_hello, check_request
-from kvtier.server.sockets import send_some
+from kvtier.server.budget import ReceiveRate
+from kvtier.server.outbox import Outbox
+from kvtier.wire.decoder import FrameDecoder
+from kvtier.wire.frames import HELLO_HEADER_BYTES, PREFIX, Frame, Op, check_hello, check_request
 
 if TYPE_CHECKING:
     from kvtier.server.app import KvtierServer
@@ -80,13 +79,10 @@ class Connection:
         self.authenticated = False
         self.decoder = FrameDecoder(HELLO_READ, check=check_hello, admit=self._admit, one_frame=True)
         self._loop = server.loop
-        self._out: deque[memoryview] = deque()
-        self._queued = 0  # reply bytes not yet sent (charged to the server's reply budget)
-        self._sent_at = now  # while replies are queued: when the kernel last took some of them
+        self._out = Outbox(server.replies, self._loop.time)
         self.turn = _ReplyTurn(self)  # (the same object each time: the budget's queue compares identity)
         self._reserved = 0  # receive-budget bytes held by frames not yet answered
-        self._window_start = 0.0  # while holding them: the window of the receive-rate check ...
-        self._window_bytes = 0  # ... and the bytes received in it
+        self._rate = ReceiveRate(MIN_RECEIVE_RATE, min(server.config.idle_timeout_s, RECEIVE_GRACE_S))
         self._reading = self._writing = self._closing = self._closed = self._answering = False
         self._eof = False  # the client half-closed: answer what it sent, then close
         self._set_reading(True)
@@ -98,7 +94,7 @@ class Connection:
 
     def send_stalled(self, now: float) -> bool:
         """Replies queued, and none of their bytes sent for `send_timeout_s`."""
-        return bool(self._queued) and now - self._sent_at >= self.server.config.send_timeout_s
+        return self._out.stalled(now, self.server.config.send_timeout_s)
 
     def has_input(self) -> bool:
         """Request bytes wait in the socket, unread, while this connection is reading (a client
@@ -112,22 +108,13 @@ class Connection:
 
     def stalled(self, now: float) -> bool:
         """Holding receive-budget bytes while receiving under MIN_RECEIVE_RATE over the current
-        window (which it closes: a connection that kept the rate starts the next one). While a
-        budget holds it (`waiting`) it reads nothing through no fault of its client, so its window
-        starts again: a PUT half-received when the reply budget filled up was closed as a trickler
-        once the budget stayed full for a window (busy readers elsewhere, not this client)."""
+        window. While a budget holds it (`waiting`) its window starts again."""
         if not self._reserved:
             return False
         if self.waiting:
-            self._window_start, self._window_bytes = now, 0
+            self._rate.restart(now)
             return False
-        elapsed = now - self._window_start
-        if elapsed < min(self.server.config.idle_timeout_s, RECEIVE_GRACE_S):
-            return False
-        if self._window_bytes < MIN_RECEIVE_RATE * elapsed:
-            return True
-        self._window_start, self._window_bytes = now, 0
-        return False
+        return self._rate.too_slow(now)
 
     def authenticate(self, max_frame_bytes: int) -> None:
         """The handshake succeeded: full frame limits, and decode whatever followed the HELLO."""
@@ -152,7 +139,7 @@ class Connection:
                     self._answer()
                     return
                 self.server.stats.bytes_in += n
-                self._window_bytes += n
+                self._rate.received(n)
                 self.last_active = self._loop.time()
                 self.decoder.advance(n)
                 self._answer()
@@ -170,7 +157,7 @@ class Connection:
         if not self.server.budget.reserve(total, self):
             return False
         if not self._reserved:  # (it starts holding budget: a new window)
-            self._window_start, self._window_bytes = self._loop.time(), 0
+            self._rate.restart(self._loop.time())
         self._reserved += total
         return True
 
@@ -204,7 +191,7 @@ class Connection:
         server's reply budget has no room."""
         self._answering = True  # (sending a reply must not re-enter here through _flush)
         drained = held = False
-        while not self._closing and self._queued <= HIGH_WATER:
+        while not self._closing and self._out.queued <= HIGH_WATER:
             if self.authenticated and not self.server.replies.wait_for_room(self.turn):
                 held = True  # (reply_room() brings us back here)
                 break
@@ -230,28 +217,21 @@ class Connection:
         if self._eof and drained and not self.decoder.holding:
             self.close_after_flush()  # everything the client sent is answered
         self._set_reading(not (self._closing or self._eof or self.decoder.holding or held)
-                          and self._queued <= HIGH_WATER)
+                          and self._out.queued <= HIGH_WATER)
 
     # -- sending -------------------------------------------------------------------------------
 
     def _send(self, buffers: list) -> None:
-        if not self._queued:  # (the send-stall clock starts with the first queued byte)
-            self._sent_at = self._loop.time()
-        for b in buffers:
-            view = memoryview(b).cast("B")
-            self._out.append(view)
-            self._queued += view.nbytes
-            self.server.replies.charge(view.nbytes)
+        self._out.add(buffers)
         if not self._writing:
             self._flush()
 
     def _flush(self) -> None:
         try:
             while self._out:
-                sent = send_some(self.sock, self._out)
-                self._queued -= sent
+                sent = self._out.send(self.sock)
                 self.server.stats.bytes_out += sent
-                self.last_active = self._sent_at = self._loop.time()
+                self.last_active = self._out.sent_at
                 # Last, with this connection's state whole: the release may wake other
                 # connections, and through them this one (reply_room), which may send.
                 self.server.replies.release(sent)
@@ -265,28 +245,29 @@ class Connection:
         if self._closing:
             if not self._out:
                 self.close()
-        elif not self._reading and not self._answering and self._queued <= HIGH_WATER // 2:
+        elif not self._reading and not self._answering and self._out.queued <= HIGH_WATER // 2:
             self._answer()  # frames decoded before the pause, then reading again
 
     # -- loop registration and closing ---------------------------------------------------------
 
     def _set_reading(self, on: bool) -> None:
-        if on == self._reading or self._closed:
-            return
-        if on:
-            self._loop.add_reader(self.fd, self._on_readable)
-        else:
-            self._loop.remove_reader(self.fd)
-        self._reading = on
+        self._reading = self._watch(on, self._reading, self._loop.add_reader, self._loop.remove_reader,
+                                    self._on_readable)
 
     def _set_writing(self, on: bool) -> None:
-        if on == self._writing or self._closed:
-            return
+        self._writing = self._watch(on, self._writing, self._loop.add_writer, self._loop.remove_writer,
+                                    self._flush)
+
+    def _watch(self, on: bool, watching: bool, add, remove, callback) -> bool:
+        """(Un)register one of the loop's readiness callbacks for this socket; whether it is now
+        registered. A closed connection registers nothing."""
+        if on == watching or self._closed:
+            return watching
         if on:
-            self._loop.add_writer(self.fd, self._flush)
+            add(self.fd, callback)
         else:
-            self._loop.remove_writer(self.fd)
-        self._writing = on
+            remove(self.fd)
+        return on
 
     def close_after_flush(self) -> None:
         self._closing = True
@@ -301,9 +282,8 @@ class Connection:
         self._set_reading(False)
         self._set_writing(False)
         self._closed = self._closing = True  # (_answer stops at once)
-        self._out.clear()
+        queued = self._out.drop()
         self.decoder.close()  # its buffers go now, not when the garbage collector finds the cycle
         self.sock.close()
         reserved, self._reserved = self._reserved, 0
-        queued, self._queued = self._queued, 0
         self.server.forget(self, reserved, queued)

@@ -17,11 +17,11 @@ the put, so a reply still sending a record that was evicted meanwhile sends vali
 goes when the last view of it does.
 
 Spill failures are per key: a record the spill cannot write is dropped, one it cannot read is a
-miss (and forgotten); neither fails the request around it (each is counted; logged at most once
-a minute per kind). Records read back from the spill land in fresh buffers that return their memory
-to the OS when dropped (`kvtier.server.decoder.fresh_buffer`). `Spill` checks its directory at start
-(ConfigError: not a directory, cannot be created, not writable), so a bad `spill.path` stops the
-server at once instead of failing every eviction later.
+miss (and forgotten); neither fails the request around it (`kvtier.server.spill`). Records read back
+from the spill land in fresh buffers that return their memory to the OS when dropped
+(`kvtier.wire.decoder.fresh_buffer`). The spill checks its directory at start (ConfigError: not a
+directory, cannot be created, not writable), so a bad `spill.path` stops the server at once instead
+of failing every eviction later.
 
 Spill I/O is synchronous on the loop thread: a spill or a spill hit delays the server's other
 connections by one disk write or read. Acceptable for an optional overflow on local NVMe; a writer
@@ -31,40 +31,24 @@ thread would need in-flight bookkeeping (a record being written must stay readab
 from __future__ import annotations
 
 import logging
-import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 
 from kvtier.config import SpillConfig
-from kvtier.errors import ConfigError, CorruptRecord, KvtierError
+from kvtier.errors import CorruptRecord
 from kvtier.keys import NAMESPACE_BYTES, ChunkKey
-from kvtier.log_limit import LogLimiter
-from kvtier.metrics import Metrics
-from kvtier.policy import LRUPolicy
-from kvtier.record import encode_header, verify
-from kvtier.server.decoder import fresh_buffer
-from kvtier.server.protocol import PutResult
-from kvtier.tiers.base import PutItem
-from kvtier.tiers.disk import BLOCK, SUFFIX, DiskTier
+from kvtier.policy import BoundedIndex
+from kvtier.record import verify
+from kvtier.server.spill import Spill
+from kvtier.wire.frames import PutResult
 
 logger = logging.getLogger(__name__)
-
-_NAMESPACE_DIR = re.compile(f"[0-9a-f]{{{2 * NAMESPACE_BYTES}}}")
 # What one record costs in Python objects besides its head and payload bytes: the key (bytes), the
-# head (bytes), the payload's bytearray and memoryview, the Record, its dict entry and its LRU entry.
-# tracemalloc measures ~610 bytes (tests/server/test_store.py checks this covers it); 768 leaves
-# room for allocator rounding. Without it, 0-16 byte records grew RSS to ~15x the capacity.
+# head (bytes), the payload's bytearray and memoryview, the Record, its dict entry and its index
+# entries (size, LRU order). tracemalloc measures ~700 bytes (tests/server/test_store.py checks this
+# covers it); 768 leaves room for allocator rounding. Without it, 0-16 byte records grew RSS to ~15x
+# the capacity.
 RECORD_OVERHEAD = 768
-
-
-def _uint8(buf) -> np.ndarray:
-    """A uint8 array over `buf` without a copy. numpy, not torch: the server moves records, never
-    tensors, and a torch import alone costs ~250 MiB of RSS."""
-    return np.frombuffer(buf, dtype=np.uint8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +78,22 @@ class StoreCounters:
     spill_errors: int = 0  # spill reads, writes or removals that failed (each one key's miss or drop)
 
 
+def _never(_key: bytes) -> bool:
+    return False  # the store pins nothing: any record may be evicted
+
+
 class RecordStore:
     def __init__(self, capacity: int, spill: SpillConfig | None = None):
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
-        self.capacity = capacity
         self.counters = StoreCounters()
         self._records: dict[bytes, Record] = {}
-        self._lru = LRUPolicy()
-        self._used = 0
+        self._index: BoundedIndex[bytes] = BoundedIndex(capacity)  # key -> Record.cost, LRU order
         self.spill = Spill(spill, self.counters) if spill is not None else None
+
+    @property
+    def capacity(self) -> int:
+        return self._index.capacity_bytes
 
     @property
     def records(self) -> int:
@@ -111,7 +101,7 @@ class RecordStore:
 
     @property
     def bytes(self) -> int:
-        return self._used
+        return self._index.used_bytes
 
     def put(self, key: bytes, head: bytes, payload: memoryview) -> PutResult:
         """Validate and store one record (replacing any copy), evicting LRU records to make room."""
@@ -131,13 +121,14 @@ class RecordStore:
     def get(self, key: bytes) -> Record | None:
         record = self._records.get(key)
         if record is not None:
-            self._lru.touch(key)
+            self._index.touch(key)
             self.counters.hits += 1
             return record
-        record = self.spill.get(key) if self.spill is not None else None
-        if record is None:
+        spilled = self.spill.get(key) if self.spill is not None else None
+        if spilled is None:
             self.counters.misses += 1
             return None
+        record = Record(*spilled)
         self.counters.hits += 1
         self.counters.spill_hits += 1
         if record.cost <= self.capacity:  # (a spill adopted from a server with more memory)
@@ -161,10 +152,8 @@ class RecordStore:
         keys = list(keys)
         removed = 0
         for key in keys:
-            record = self._records.pop(key, None)
-            if record is not None:
-                self._lru.remove(key)
-                self._used -= record.cost
+            if self._records.pop(key, None) is not None:
+                self._index.remove(key)
                 removed += 1
         if self.spill is not None:
             removed += self.spill.remove(keys)
@@ -177,20 +166,21 @@ class RecordStore:
             self.spill.clear(wanted) if self.spill is not None else 0)
 
     def _insert(self, key: bytes, record: Record) -> None:
-        # Oldest first; every record fits alone (checked by the callers), so this ends.
-        while self._used + record.cost > self.capacity:
-            victim = next(self._lru.victims(lambda _: True))
+        # Oldest first. Every record fits alone (checked by the callers) and nothing is protected,
+        # so make_room always finds enough.
+        victims = self._index.make_room(record.cost, _never)
+        if victims is None:
+            raise RuntimeError(f"a record of {record.cost} bytes cannot fit a store of {self.capacity}")
+        for victim in victims:
             self._evict(victim)
         self._records[key] = record
-        self._lru.insert(key)
-        self._used += record.cost
+        self._index.add(key, record.cost)
 
     def _evict(self, key: bytes) -> None:
+        """`key` has left the index: its record leaves memory, for the spill if there is one."""
         record = self._records.pop(key)
-        self._lru.remove(key)
-        self._used -= record.cost
         self.counters.evictions += 1
-        if self.spill is not None and self.spill.put(key, record):
+        if self.spill is not None and self.spill.put(key, record.head, record.payload):
             self.counters.spills += 1
         else:
             self.counters.dropped += 1
@@ -198,167 +188,3 @@ class RecordStore:
     def close(self) -> None:
         if self.spill is not None:
             self.spill.close()
-
-
-class Spill:
-    """Evicted records on disk: one `DiskTier` per namespace under one root directory, with one
-    byte bound and one LRU order over all of them (each DiskTier alone would bound only its own
-    namespace). Records a previous server left in the directory are adopted at start, oldest
-    first, and served like any other. A key whose file cannot be read, written or removed is that
-    key's miss or drop, counted in `counters.spill_errors`; the rest of a batch goes on."""
-
-    def __init__(self, config: SpillConfig, counters: StoreCounters | None = None):
-        self.root = Path(config.path)
-        self.counters = counters if counters is not None else StoreCounters()
-        _check_directory(self.root)
-        self.capacity = config.capacity
-        self.o_direct = config.o_direct
-        self.metrics = Metrics(["disk"])  # the DiskTiers' own counters (corrupt, errors, bytes)
-        self._tiers: dict[bytes, DiskTier] = {}
-        self._sizes: dict[bytes, int] = {}  # key -> bytes on disk (padded header + payload)
-        self._lru = LRUPolicy()
-        self._used = 0
-        self._log = LogLimiter(logger)
-        self._adopt()
-
-    @property
-    def records(self) -> int:
-        return len(self._sizes)
-
-    @property
-    def bytes(self) -> int:
-        return self._used
-
-    def _tier(self, namespace: bytes) -> DiskTier:
-        tier = self._tiers.get(namespace)
-        if tier is None:
-            # Each tier may use the whole capacity: the bound that counts is this class's.
-            tier = DiskTier(self.root, namespace, self.capacity, lambda _: False, self.metrics,
-                            o_direct=self.o_direct)
-            self._tiers[namespace] = tier
-        return tier
-
-    def _adopt(self) -> None:
-        found = []
-        for folder in self.root.glob("*") if self.root.is_dir() else []:
-            if not (folder.is_dir() and _NAMESPACE_DIR.fullmatch(folder.name)):
-                continue
-            namespace = bytes.fromhex(folder.name)
-            try:
-                found += self._adopt_namespace(namespace, folder)
-            except (OSError, KvtierError) as exc:  # one bad folder costs its records, not the server
-                logger.warning("spill %s: skipping %s: %s", self.root, folder.name, exc)
-        for _, key, size in sorted(found):
-            self._sizes[key] = size
-            self._lru.insert(key)
-            self._used += size
-        self._make_room(0)
-        if found:
-            logger.info("spill %s: adopted %d records, %d bytes", self.root, len(found), self._used)
-
-    def _adopt_namespace(self, namespace: bytes, folder: Path) -> list[tuple[int, ChunkKey, int]]:
-        tier = self._tier(namespace)  # rebuilds its index from the folder
-        found = []
-        for file in folder.glob(f"*/*{SUFFIX}"):
-            try:
-                key = ChunkKey(namespace, bytes.fromhex(file.name.removesuffix(SUFFIX)))
-                if tier.has([key])[0]:
-                    st = file.stat()
-                    found.append((st.st_mtime_ns, key, st.st_size))
-            except (ValueError, OSError):  # not a record name; gone or unreadable meanwhile
-                continue
-        return found
-
-    def _make_room(self, size: int) -> None:
-        while self._sizes and self._used + size > self.capacity:
-            self.remove([next(self._lru.victims(lambda _: True))])
-
-    def put(self, key: bytes, record: Record) -> bool:
-        n = record.payload.nbytes
-        size = BLOCK + -(-n // BLOCK) * BLOCK  # the disk tier's file: a header block, padded payload
-        if size > self.capacity:
-            return False
-        self.remove([key])
-        self._make_room(size)
-        ck = ChunkKey.from_bytes(key)
-        try:
-            if not self._tier(ck.namespace).put([PutItem(ck, record.head, _uint8(record.payload))])[0]:
-                return False
-        except (OSError, KvtierError) as exc:
-            self._failed("write", key, exc)
-            return False
-        self._sizes[key] = size
-        self._lru.insert(key)
-        self._used += size
-        return True
-
-    def get(self, key: bytes) -> Record | None:
-        """Read and verify a spilled record (it stays spilled). None when absent or bad (then gone)."""
-        size = self._sizes.get(key)
-        if size is None:
-            return None
-        ck = ChunkKey.from_bytes(key)
-        buf = fresh_buffer(size - BLOCK)  # the padded payload, as the disk tier reads it
-        try:
-            header = self._tier(ck.namespace).get([ck], [_uint8(buf)])[0]  # verified there
-        except (OSError, KvtierError) as exc:
-            self._failed("read", key, exc)
-            header = None
-        if header is None:
-            self.remove([key])
-            return None
-        payload = memoryview(buf)[:header.payload_len]
-        # The disk tier returns the parsed header, not its bytes; re-encoding gives an equivalent
-        # valid header (reserved field zeroed, checksum recomputed).
-        head = encode_header(ck, header.shape, header.dtype_code, payload, header.codec)
-        self._lru.touch(key)
-        return Record(head, payload)
-
-    def contains(self, key: bytes) -> bool:
-        return key in self._sizes
-
-    def payload_bytes(self, key: bytes) -> int | None:
-        size = self._sizes.get(key)
-        return None if size is None else size - BLOCK  # the padded payload: an upper bound
-
-    def remove(self, keys: Iterable[bytes]) -> int:
-        removed = 0
-        for key in keys:
-            size = self._sizes.pop(key, None)
-            if size is None:
-                continue
-            self._lru.remove(key)
-            self._used -= size
-            ck = ChunkKey.from_bytes(key)
-            try:
-                self._tier(ck.namespace).remove([ck])
-            except (OSError, KvtierError) as exc:  # forgotten here all the same: never served again
-                self._failed("remove", key, exc)
-            removed += 1
-        return removed
-
-    def _failed(self, what: str, key: bytes, exc: Exception) -> None:
-        # Rate-limited: when the disk is full or the directory broken, every eviction fails, and a
-        # line for each (thousands a second, driven by clients' PUTs) would fill the same disk.
-        self.counters.spill_errors += 1
-        self._log.warning(what, "spill %s: cannot %s %s: %s", self.root, what, key.hex(), exc)
-
-    def clear(self, namespaces: set[bytes]) -> int:
-        return self.remove([k for k in self._sizes if k[:NAMESPACE_BYTES] in namespaces])
-
-    def close(self) -> None:
-        for tier in self._tiers.values():
-            tier.close()
-
-
-def _check_directory(root: Path) -> None:
-    """`root` exists (created if need be) and takes new files; ConfigError naming it otherwise."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-    except FileExistsError:
-        raise ConfigError(f"spill.path {str(root)!r} exists and is not a directory") from None
-    except OSError as exc:
-        raise ConfigError(f"spill.path {str(root)!r} is not a usable directory: "
-                          f"{exc.strerror or exc}") from None

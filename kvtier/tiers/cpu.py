@@ -1,12 +1,25 @@
 """The CPU tier: chunks held in memory-pool slabs, indexed by key, LRU over evictable entries.
 
 Where it runs: under the StorageManager's lock (this class has no lock of its own). It owns no I/O
-and never frees a slab itself: `pop_victim` hands the chosen entry back to the StorageManager,
-which either frees its slab (a copy exists below, or there is no tier below) or demotes it.
+and decides nothing: `pop_victim` hands the chosen entry back to the StorageManager, which either
+detaches it (its slab is freed once no reader holds it: a copy exists below, or there is no tier
+below) or demotes it.
 
 An entry is evictable when it is not pinned and nobody is reading its slab (`readers == 0`): a
 reader is a retrieve copying out of it or a background write sending it to a lower tier. Leased
 entries are evicted last, and only when the caller says it can keep them in a tier below.
+
+Host memory holds at most one entry per key: indexed here, or being demoted (out of the index,
+still readable from its slab until its write below lands; `demote` / `demoted`). `held` and
+`holds` see both; `present` too. A leased entry whose demotion the tiers below refused goes back
+into the index marked `refused` (not a victim again until `room_below`).
+
+Sizes and the eviction order live in the shared `kvtier.policy.BoundedIndex` (its policy is the
+pluggable part); this tier keeps the `CpuEntry` objects beside it. It evicts one victim at a time
+as the memory pool runs out of slabs, never by bytes (`make_room`): a slab holds one chunk.
+
+A `CpuEntry` counts its readers and knows whether it is still indexed: `hold`, `release`, `detach`
+and `attach` keep the rule "a slab is freed once it is neither indexed nor read" in one place.
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ from dataclasses import dataclass
 
 from kvtier.keys import ChunkKey
 from kvtier.memory import MemoryPool, Slab
-from kvtier.policy import EvictionPolicy, LRUPolicy
+from kvtier.policy import BoundedIndex, EvictionPolicy
 from kvtier.tiers.base import PinPredicate, TierUsage
 
 
@@ -35,6 +48,32 @@ class CpuEntry:
     # below (a lease released, a chunk unpinned, a removal below).
     refused: bool = False
 
+    def hold(self) -> None:
+        """One more reader: the slab outlives it (a retrieve copying out, a background write)."""
+        self.readers += 1
+
+    def release(self, pool: MemoryPool) -> None:
+        """A reader is done: the last one frees the slab of a detached entry."""
+        self.readers -= 1
+        if self.readers < 0:
+            raise RuntimeError("CPU entry released more often than leased")
+        if self.readers == 0 and self.detached:
+            pool.free(self.slab)
+
+    def detach(self, pool: MemoryPool) -> None:
+        """The entry left host memory's index: free its slab now, or when its last reader is done."""
+        self.detached = True
+        if self.readers == 0:
+            pool.free(self.slab)
+
+    def attach(self) -> None:
+        """A lower-tier read's entry (detached, held by the read alone) joins the CPU tier:
+        the read is over, and its slab is now the CPU tier's."""
+        if self.readers != 1 or not self.detached:
+            raise RuntimeError(f"only a read's own entry can join the CPU tier ({self.readers} readers)")
+        self.readers, self.detached = 0, False
+        self.slab.owner = "cpu"
+
 
 class CpuTier:
     name = "cpu"
@@ -44,17 +83,60 @@ class CpuTier:
         self.pool = pool
         self._is_pinned = is_pinned
         self._is_leased = is_leased or (lambda key: False)
-        self._policy = policy or LRUPolicy()
+        self._index: BoundedIndex[ChunkKey] = BoundedIndex(pool.capacity_bytes, policy)
         self._entries: dict[ChunkKey, CpuEntry] = {}
-        self._bytes = 0
+        self._demoting: dict[ChunkKey, CpuEntry] = {}
+        self._refused: list[CpuEntry] = []
 
     def __contains__(self, key: ChunkKey) -> bool:
         return key in self._entries
 
     def present(self, keys: list[ChunkKey]) -> list[bool]:
-        """Membership of many keys at once (no recency update): the lookup hot path."""
-        entries = self._entries
+        """Which keys host memory holds, indexed or being demoted (no recency update): the lookup
+        hot path."""
+        entries, demoting = self._entries, self._demoting
+        if demoting:
+            return [key in entries or key in demoting for key in keys]
         return [key in entries for key in keys]
+
+    def held(self, key: ChunkKey, touch: bool = True) -> CpuEntry | None:
+        """The host-memory entry for `key`: indexed (marked recently used when `touch`), or still
+        readable from its slab while being demoted."""
+        return (self.get(key) if touch else self._entries.get(key)) or self._demoting.get(key)
+
+    def holds(self, key: ChunkKey) -> bool:
+        return key in self._entries or key in self._demoting
+
+    def demote(self, key: ChunkKey, entry: CpuEntry) -> None:
+        """`entry`, just popped as a victim, stays readable until its write below lands."""
+        if key in self._demoting:
+            raise RuntimeError(f"{key} has two host copies: one indexed, one being demoted")
+        self._demoting[key] = entry
+
+    def demoted(self, key: ChunkKey, entry: CpuEntry) -> bool:
+        """The demotion of `entry` ends (its first write landed or failed). False when `entry` is
+        not the one being demoted for `key` (another write of it, or none)."""
+        if self._demoting.get(key) is not entry:
+            return False
+        del self._demoting[key]
+        return True
+
+    def refuse(self, key: ChunkKey, entry: CpuEntry) -> None:
+        """Back into the index, a leased entry the tiers below refused: the next victim again only
+        after `room_below` (the tiers below are as full now; every allocation would re-write it)."""
+        entry.refused = True
+        self._refused.append(entry)
+        self.insert(key, entry)
+
+    def room_below(self) -> None:
+        """Room may have appeared below (a release, unpin or removal): refused entries are victims again."""
+        for entry in self._refused:
+            entry.refused = False
+        self._refused.clear()
+
+    @property
+    def num_demoting(self) -> int:
+        return len(self._demoting)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -63,7 +145,7 @@ class CpuTier:
         """The entry for `key`, marked as recently used."""
         entry = self._entries.get(key)
         if entry is not None:
-            self._policy.touch(key)
+            self._index.touch(key)
         return entry
 
     def peek(self, key: ChunkKey) -> CpuEntry | None:
@@ -73,28 +155,26 @@ class CpuTier:
     def insert(self, key: ChunkKey, entry: CpuEntry) -> None:
         if key in self._entries:
             raise KeyError(f"{key} is already in the CPU tier")
+        self._index.add(key, entry.nbytes)
         self._entries[key] = entry
-        self._bytes += entry.nbytes
-        self._policy.insert(key)
 
     def pop(self, key: ChunkKey) -> CpuEntry | None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self._bytes -= entry.nbytes
-            self._policy.remove(key)
+            self._index.remove(key)
         return entry
 
     def pop_victim(self, leased: bool = False) -> tuple[ChunkKey, CpuEntry] | None:
         """Remove and return the least recently used evictable entry, or None if there is none.
         Unleased entries go first; leased ones only when `leased` (a copy can be kept below)."""
-        victim = next(self._policy.victims(self._evictable), None)
+        victim = next(self._index.victims(self._evictable), None)
         if victim is None and leased:
-            victim = next(self._policy.victims(self._evictable_leased), None)
+            victim = next(self._index.victims(self._evictable_leased), None)
         return None if victim is None else (victim, self.pop(victim))
 
     def eviction_order(self) -> Iterator[tuple[ChunkKey, CpuEntry]]:
         """Unleased evictable entries, next victim first (lazy: do not change the tier while iterating)."""
-        for key in self._policy.victims(self._evictable):
+        for key in self._index.victims(self._evictable):
             yield key, self._entries[key]
 
     def _evictable(self, key: ChunkKey) -> bool:
@@ -109,4 +189,4 @@ class CpuTier:
         return list(self._entries.items())
 
     def usage(self) -> TierUsage:
-        return TierUsage(len(self._entries), self._bytes, self.pool.capacity_bytes)
+        return TierUsage(len(self._entries), self._index.used_bytes, self.pool.capacity_bytes)

@@ -1,9 +1,9 @@
 """Connector fixtures: a tiny Llama checkpoint, kvtier configs with 16-token chunks, engines on both.
 
-The checkpoint is tests/engine/conftest.py's "llama" (written by transformers, weights drawn large
-enough that attention is peaked): KV that is wrong, misplaced or missing changes the tokens, so "the
-same tokens as without kvtier" means something. Its tokenizer is the byte-level one, whose EOS a
-random model may pick; every request here sets `ignore_eos`.
+The checkpoint is tests/integrations/kvtier_engine/conftest.py's "llama" (written by transformers,
+weights drawn large enough that attention is peaked): KV that is wrong, misplaced or missing changes
+the tokens, so "the same tokens as without kvtier" means something. Its tokenizer is the byte-level
+one, whose EOS a random model may pick; every request here sets `ignore_eos`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from engine.conftest import write_checkpoint
+from integrations.kvtier_engine.conftest import write_checkpoint
 
 from kvtier import load_config
 from kvtier.config import KvtierConfig

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kvtier.connector import ConnectorMetadata, LoadSpec
-from kvtier.connector import worker as worker_module
+from kvtier.connector import ConnectorMetadata, LoadSpec, load_thread
 
 from .test_worker import CHUNK, TABLE, leased, run_step, setup, worker_for  # noqa: F401 (fixture)
 
@@ -24,8 +23,8 @@ def test_a_layerwise_load_whose_thread_cannot_start_copies_in_line_instead_of_ha
         def start(self):
             raise RuntimeError("can't start new thread")  # what CPython raises at the limit
 
-    # Only the worker's view of `threading` changes (the fault injected); the test's own threads are real.
-    monkeypatch.setattr(worker_module, "threading", SimpleNamespace(Thread=NoThreads, Event=threading.Event))
+    # Only the loader's view of `threading` changes (the fault injected); the test's own threads are real.
+    monkeypatch.setattr(load_thread, "threading", SimpleNamespace(Thread=NoThreads, Event=threading.Event))
     spec = LoadSpec("r", tokens[:32], TABLE, start=CHUNK, end=31, lease=engine.lease(tokens, 32))
     step = threading.Thread(target=run_step, args=(worker, ConnectorMetadata(1, loads=[spec])), daemon=True)
     step.start()

@@ -14,17 +14,20 @@ import logging
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import CHUNK, REPO, seeded_kv, seeded_tokens
+from kvtier_servers import Client
 
 from kvtier import KVLayout
 from kvtier.connector import ConnectorMetadata, KVEvent, KvtierWorkerConnector, LoadSpec, SaveSpec
+from kvtier.connector.scheduler import KvtierSchedulerConnector, ScheduledWork
 from kvtier.tiers.disk import BLOCK as DISK_BLOCK
 from kvtier_engine import SamplingParams
 from kvtier_engine.kv_cache import PagedKVCache
-from kvtier_engine.presets import PRESETS
+from kvtier_engine.models.presets import PRESETS
 
 from .conftest import GREEDY, prompt
 
@@ -261,6 +264,54 @@ def test_a_save_that_cannot_be_gathered_still_releases_its_request(setup, monkey
     finished = run_step(worker, ConnectorMetadata(1, saves=[SaveSpec("f", tokens[:40], TABLE, 32, 40,
                                                                      final=True)]))
     assert finished == ({"f"}, set()) and worker.stats["save_failures"] == 1
+
+
+# -- round trips to a shared store --------------------------------------------------------------
+
+
+def store_lookups_and_reads(kind: str, server) -> tuple[int, int]:
+    """(lookup commands, read commands) the shared store has answered so far, from its own counters:
+    Redis's commandstats (STRLEN answers `has`, GETRANGE serves `get`) or kvtier_server's STATS."""
+    if kind == "redis":
+        with server.client() as client:
+            calls = {name: n["calls"] for name, n in client.info("commandstats").items()}
+        return calls.get("cmdstat_strlen", 0), calls.get("cmdstat_getrange", 0)
+    client = Client(server.port)
+    try:
+        stats = client.stats()
+    finally:
+        client.close()
+    return stats.get("requests_has", 0), stats.get("requests_get", 0)
+
+
+@pytest.mark.parametrize("kind", ["redis", "kvtier_server"])
+def test_a_load_does_not_ask_the_shared_store_again_what_the_lookup_found(kind, request, make_engine):
+    # Regression: `retrieve` looked the prefix up again (a Redis STRLEN / kvtier_server HAS round
+    # trip per load) though the scheduler side's lookup had just found it and leased it.
+    server = request.getfixturevalue("redis_server" if kind == "redis" else "kvtier_server")
+    config, url = ("redis", "redis__url") if kind == "redis" else ("remote", "remote__url")
+    engine = make_engine(config, LAYOUT, model_id=f"round-trips-{kind}", disk="null", **{url: server.url})
+    tokens, kv = seeded_tokens(48, 7).tolist(), seeded_kv(LAYOUT, 48, 7)
+    engine.store(tokens, kv)
+    assert engine.flush(timeout=30)
+    engine.clear("cpu")  # the chunks are in the shared store only
+    scheduler = KvtierSchedulerConnector(engine, CHUNK)
+    req = SimpleNamespace(request_id="r", all_token_ids=tokens)
+    hit, _ = scheduler.get_num_new_matched_tokens(req, 0)  # the lookup: one round trip
+    scheduler.update_state_after_alloc(req, TABLE, hit)
+    meta = scheduler.build_connector_meta(1, [ScheduledWork(req, TABLE, hit)])
+    cache = PagedKVCache(CONFIG, 8, CHUNK)
+    worker = worker_for(engine, cache)
+
+    lookups, reads = store_lookups_and_reads(kind, server)
+    run_step(worker, meta)
+    lookups_after, reads_after = store_lookups_and_reads(kind, server)
+
+    assert worker.get_loaded_tokens() == {"r": 47}
+    assert torch.equal(cache.gather(TABLE, 47), kv[:, :, :47])
+    assert lookups_after - lookups == 0, "the load asked the store again what the lookup had found"
+    assert reads_after > reads
+    assert leased(engine) == 0
 
 
 # -- end to end through LLM ----------------------------------------------------------------------

@@ -27,8 +27,10 @@ from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.record import encode_header
 from kvtier.server.app import KvtierServer
-from kvtier.server.decoder import FrameDecoder
-from kvtier.server.protocol import (
+from kvtier.tiers.base import PutItem
+from kvtier.tiers.remote import RemoteTier
+from kvtier.wire.decoder import FrameDecoder
+from kvtier.wire.frames import (
     MAX_ERROR_CHARS,
     MAX_FIELDS,
     Frame,
@@ -38,8 +40,6 @@ from kvtier.server.protocol import (
     check_reply,
     encode,
 )
-from kvtier.tiers.base import PutItem
-from kvtier.tiers.remote import RemoteTier
 
 DEADLINE_S = 20.0
 

@@ -22,7 +22,7 @@ from kvtier_servers import TIMEOUT_S, Client, authenticated, closed_by_peer, rec
 from waiting import wait_until
 
 from kvtier.server.connection import HIGH_WATER
-from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, PutResult, Status
+from kvtier.wire.frames import PROTOCOL_VERSION, Frame, Op, PutResult, Status
 
 DEADLINE_S = 20.0
 MiB = 1 << 20

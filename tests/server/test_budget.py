@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier.server.budget import ByteBudget
+from kvtier.server.budget import ByteBudget, ReceiveRate
 
 
 class Waiter:
@@ -90,3 +90,16 @@ def test_replies_wait_for_room_and_overshoot_by_at_most_one_reply():
     assert (a.answered, b.answered, budget.used, budget.waiting) == (3, 0, 12, 1)
     budget.release(12)
     assert b.answered == 1 and budget.used == 6 and budget.waits == 2
+
+
+def test_the_receive_rate_is_judged_per_window_and_a_kept_rate_starts_the_next():
+    rate = ReceiveRate(1000, 2.0)  # bytes/s, over windows of 2 s
+    rate.restart(100.0)
+    rate.received(1500)
+    assert not rate.too_slow(101.9)  # the window is not over yet, whatever came so far
+    rate.received(600)
+    assert not rate.too_slow(102.0)  # 2100 bytes in 2 s: kept, and a new window starts here
+    rate.received(1999)
+    assert rate.too_slow(104.0)  # 1999 bytes in the next 2 s: too slow
+    rate.restart(104.0)  # e.g. a budget held the connection: it is judged afresh
+    assert not rate.too_slow(105.0)

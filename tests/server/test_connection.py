@@ -17,7 +17,7 @@ import msgpack
 import pytest
 from kvtier_servers import HELLO, TIMEOUT_S, Client, closed_by_peer, raw_frame, record, wait_for, wire
 
-from kvtier.server.protocol import PROTOCOL_VERSION, Frame, Op, PutResult, Status
+from kvtier.wire.frames import PROTOCOL_VERSION, Frame, Op, PutResult, Status
 
 DEADLINE_S = 20.0
 

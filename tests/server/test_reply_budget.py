@@ -16,7 +16,7 @@ import threading
 import pytest
 from kvtier_servers import Client, authenticated, record, wait_for, wire
 
-from kvtier.server.protocol import Frame, Op, PutResult
+from kvtier.wire.frames import Frame, Op, PutResult
 
 MiB = 1 << 20
 

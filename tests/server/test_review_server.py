@@ -1,15 +1,13 @@
-"""Regressions found reviewing `kvtier.server` (connection, sockets)."""
+"""Regressions found reviewing `kvtier.server` (connection)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections import deque
 from types import SimpleNamespace
 
 from kvtier.server.budget import ByteBudget
 from kvtier.server.connection import RECEIVE_GRACE_S, Connection
-from kvtier.server.sockets import send_some
 
 
 def test_a_connection_held_by_the_reply_budget_is_not_closed_as_a_slow_receiver():
@@ -39,32 +37,3 @@ def test_a_connection_held_by_the_reply_budget_is_not_closed_as_a_slow_receiver(
         ours.close()
         theirs.close()
         loop.close()
-
-
-def test_send_some_drops_exactly_what_the_kernel_took_and_keeps_the_rest_in_order():
-    # The one "consume n sent bytes" loop, shared by the server's connections and the remote tier:
-    # a send the kernel cuts in the middle of a view keeps that view's tail first in line.
-    ours, theirs = socket.socketpair()
-    try:
-        ours.setblocking(False)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        data = bytes(range(256)) * 4096  # 1 MiB, far more than the socket buffers hold
-        views = deque(memoryview(data)[i:i + 3001] for i in range(0, len(data), 3001))
-        sent = send_some(ours, views)
-        assert 0 < sent < len(data)
-        assert sum(v.nbytes for v in views) == len(data) - sent
-        assert bytes(views[0]) == data[sent:sent + views[0].nbytes]
-        got = bytearray()
-        while len(got) < sent:
-            got += theirs.recv(1 << 20)
-        while views:  # the rest, in order, as the reader drains
-            try:
-                sent += send_some(ours, views)
-            except BlockingIOError:
-                got += theirs.recv(1 << 20)
-        while len(got) < len(data):
-            got += theirs.recv(1 << 20)
-        assert bytes(got) == data
-    finally:
-        ours.close()
-        theirs.close()

@@ -7,7 +7,12 @@ directory under tmp_path.
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import random
+import subprocess
+import sys
+import time
 import tracemalloc
 
 import pytest
@@ -17,10 +22,11 @@ from kvtier.config import SpillConfig
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.record import HEADER_SIZE, encode_header
-from kvtier.server.decoder import FrameDecoder
-from kvtier.server.protocol import MAX_KEYS, Frame, Op, PutResult, check_request, encode
+from kvtier.record_files import BLOCK, temp_name
+from kvtier.record_walk import STALE_TEMP_S
 from kvtier.server.store import RECORD_OVERHEAD, RecordStore
-from kvtier.tiers.disk import BLOCK
+from kvtier.wire.decoder import FrameDecoder
+from kvtier.wire.frames import MAX_KEYS, Frame, Op, PutResult, check_request, encode
 
 NS, OTHER_NS = b"ns-one..", b"ns-two.."
 SIZE = 1000  # payload bytes per test record
@@ -193,7 +199,7 @@ def test_corrupt_spill_file_is_a_miss_and_is_removed(tmp_path):
 def test_a_directory_in_place_of_a_spill_file_is_that_keys_miss_not_an_exception(tmp_path):
     store = spill_store(tmp_path, records=1)
     put(store, 1, 2, 3)  # 1 and 2 spilled
-    path = store.spill._tier(NS).path_for(ChunkKey.from_bytes(record(1)[0]))
+    path = store.spill.path_for(ChunkKey.from_bytes(record(1)[0]))
     path.unlink()
     path.mkdir()
 
@@ -201,6 +207,34 @@ def test_a_directory_in_place_of_a_spill_file_is_that_keys_miss_not_an_exception
 
     assert got[0] is None and got[1] is not None and got[2] is not None
     assert not store.spill.contains(record(1)[0]) and store.spill.records <= 2
+
+
+def test_a_new_store_walks_its_spill_once_and_deletes_damaged_records_and_stale_temps(tmp_path, caplog):
+    first = spill_store(tmp_path, records=1)
+    put(first, 1, 2, 3)  # 1 and 2 spilled
+    first.close()
+    path = first.spill.path_for(ChunkKey.from_bytes(record(1)[0]))
+    path.write_bytes(path.read_bytes()[:100])  # cut mid-header: no record has this size
+    stale = path.with_name(temp_name(path.name))
+    stale.write_bytes(b"half a record")
+    hour_ago = time.time() - STALE_TEMP_S - 60
+    os.utime(stale, (hour_ago, hour_ago))
+    caplog.set_level(logging.INFO, logger="kvtier.server.spill")
+
+    second = spill_store(tmp_path, records=1)
+
+    assert second.spill.records == 1 and held(second, 1, 2) == [2]
+    assert not path.exists() and not stale.exists()
+    (line,) = [m for m in caplog.messages if "adopted" in m]  # one walk, one line
+    assert "1 records" in line and "1 damaged records deleted" in line and "1 stale temp" in line
+
+
+def test_the_server_store_imports_no_tier_and_no_torch():
+    """Issue 9: the server depends on the wire codec, records, record files and the policy, not on
+    `kvtier.tiers` (whose DiskTier the spill used to build, one per namespace)."""
+    code = ("import sys, kvtier.server.app; bad = [m for m in sys.modules "
+            "if m.startswith('kvtier.tiers') or m == 'torch']; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 @pytest.mark.parametrize("kind", ["a file", "under a file"])

@@ -76,6 +76,58 @@ def test_usage_tracks_bytes_of_partial_entries_and_pops():
     assert tier.usage().chunks == 1 and tier.usage().bytes == 4096
 
 
+def test_an_entry_frees_its_slab_once_it_is_detached_and_its_last_reader_is_done():
+    pool = MemoryPool(2 * 4096, 4096, pin=False)
+    entry = CpuEntry(pool.alloc("cpu"), CHUNK, 4096)
+    entry.hold()
+    entry.hold()
+    entry.detach(pool)  # two readers still copy out of it
+    assert pool.used_slabs == 1 and entry.detached
+    entry.release(pool)
+    assert pool.used_slabs == 1
+    entry.release(pool)
+    assert pool.used_slabs == 0
+    with pytest.raises(RuntimeError, match="released more often"):
+        entry.release(pool)
+
+    unread = CpuEntry(pool.alloc("cpu"), CHUNK, 4096)
+    unread.detach(pool)  # nobody reads it: freed at once
+    assert pool.used_slabs == 0
+
+
+def test_a_reads_entry_attaches_to_the_cpu_tier_only_as_the_reads_own():
+    pool = MemoryPool(2 * 4096, 4096, pin=False)
+    read = CpuEntry(pool.alloc("read"), CHUNK, 4096, persisted=True, detached=True)
+    read.hold()
+    read.attach()
+    assert (read.readers, read.detached, read.slab.owner) == (0, False, "cpu")
+    with pytest.raises(RuntimeError, match="only a read's own entry"):
+        read.attach()  # indexed already: not a read's entry any more
+    assert pool.used_slabs == 1
+
+
+def test_a_demoted_entry_stays_held_until_its_demotion_ends_and_a_refused_one_waits_for_room():
+    pool = MemoryPool(3 * 4096, 4096, pin=False)
+    tier = CpuTier(pool, lambda k: False, is_leased=lambda k: True)
+    first, other = CpuEntry(pool.alloc("cpu"), CHUNK, 4096), CpuEntry(pool.alloc("cpu"), CHUNK, 4096)
+    tier.insert(key(0), first)
+    victim = tier.pop_victim(leased=True)
+    assert victim == (key(0), first)
+    tier.demote(key(0), first)
+
+    assert key(0) not in tier and tier.holds(key(0)) and tier.held(key(0)) is first
+    assert tier.present([key(0), key(1)]) == [True, False] and tier.num_demoting == 1
+    with pytest.raises(RuntimeError, match="two host copies"):
+        tier.demote(key(0), other)
+    assert not tier.demoted(key(0), other)  # not the entry being demoted: nothing changes
+    assert tier.demoted(key(0), first) and not tier.holds(key(0)) and tier.num_demoting == 0
+
+    tier.refuse(key(0), first)  # leased, refused below: back in the index, not a victim for now
+    assert tier.peek(key(0)) is first and tier.pop_victim(leased=True) is None
+    tier.room_below()
+    assert tier.pop_victim(leased=True) == (key(0), first)
+
+
 # -- round trips through a CPU-only engine -------------------------------------------------------
 
 

@@ -27,9 +27,9 @@ from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.metrics import Metrics
 from kvtier.record import encode_header, tensor_bytes
+from kvtier.record_files import HOST_ID, probe_o_direct
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.disk import BLOCK, DiskTier
-from kvtier.tiers.disk_files import HOST_ID, probe_o_direct
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 FILE_BYTES = 2 * BLOCK  # one fp16 chunk of the small layout: 4 KiB header block + 4 KiB payload

@@ -1,4 +1,4 @@
-"""Tests for kvtier/tiers/disk_files.py: the disk tier's directory when it is shared and hostile.
+"""Tests for the disk tier over kvtier/record_files.py and record_walk.py: a shared, hostile directory.
 
 Start-up over whatever may sit in the directory, temp-file cleanup that only removes what is
 provably stale, and writes that never go through a symlink. Real files, real symlinks, and real
@@ -23,9 +23,10 @@ from conftest import CHUNK, seeded_kv, small_layout
 from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.record import encode_header, tensor_bytes
+from kvtier.record_files import HOST_ID
+from kvtier.record_walk import LIVE_KEPT, STALE_DELETED, STALE_TEMP_S
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.disk import BLOCK, DiskTier
-from kvtier.tiers.disk_files import HOST_ID, LIVE_KEPT, STALE_DELETED, STALE_TEMP_S
 
 NS = b"\x22" * 8
 LAYOUT = small_layout()
@@ -343,7 +344,7 @@ def test_a_symlink_planted_at_the_temp_name_cannot_redirect_a_write(tmp_path, mo
     os.symlink(victim, predictable)
     forced = f"{final}.tmp.{HOST_ID}.{os.getpid()}.{'0' * 16}"
     os.symlink(victim, forced)
-    monkeypatch.setattr("kvtier.tiers.disk.temp_name", lambda name: os.path.basename(forced), raising=False)
+    monkeypatch.setattr("kvtier.record_files.temp_name", lambda name: os.path.basename(forced), raising=False)
 
     assert tier.put([item]) == [False]  # the forced name is taken: a counted miss, never a redirect
 

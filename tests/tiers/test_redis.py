@@ -30,7 +30,9 @@ from kvtier.metrics import Metrics
 from kvtier.record import HEADER_SIZE, encode_header, tensor_bytes
 from kvtier.tiers.backoff import Backoff
 from kvtier.tiers.base import PutItem
-from kvtier.tiers.redis import CONNECTION_CLASSES, RedisTier, _Record
+from kvtier.tiers.redis import RedisTier
+from kvtier.tiers.redis_client import CONNECTION_CLASSES
+from kvtier.tiers.redis_client import RecordValue as _Record
 
 LAYOUT = small_layout()
 PAYLOAD = LAYOUT.chunk_bytes(CHUNK)  # 4 KiB per chunk
@@ -532,7 +534,7 @@ def redis_engine(make_engine, target, request):
 
     yield make
     for engine in engines:
-        engine.storage.tier("redis").backoff = Backoff(0, 0)
+        engine.tier("redis").backoff = Backoff(0, 0)
         engine.clear("redis")
 
 
@@ -615,7 +617,7 @@ def test_engine_recovers_when_redis_comes_back(make_engine, redis_server, layout
     # cluster node going away and back).
     engine = make_engine("redis", model_id=request.node.nodeid, disk="null", redis__url=redis_server.url,
                          redis__retry_after_s=0.05, redis__retry_max_s=0.05)
-    tier = engine.storage.tier("redis")
+    tier = engine.tier("redis")
     redis_server.stop()
     tokens, kv = seeded_tokens(2 * CHUNK, 6), seeded_kv(layout, 2 * CHUNK, 6)
     assert engine.store(tokens, kv) == 2

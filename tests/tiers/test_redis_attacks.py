@@ -7,6 +7,7 @@ killed server, a key expiring between lookup and retrieve)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -119,6 +120,26 @@ def limited_user(redis_server, namespace):
     yield f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0"
     with redis_server.client() as c:
         c.execute_command("ACL", "DELUSER", user)
+
+
+def test_a_wrong_redis_password_is_a_configuration_error_logged_once_not_an_outage(limited_user, namespace,
+                                                                                   caplog):
+    """A wrong password is not fixed by retrying every retry_after_s (here 0 s: every call): one
+    ERROR line, then one attempt per retry_max_s."""
+    caplog.set_level(logging.INFO, "kvtier.tiers.redis")
+    url = limited_user.replace(":pw@", ":wrong@")
+    tier = RedisTier(RedisConfig(url=url, retry_after_s=0.0, retry_max_s=60.0), namespace, Metrics(["redis"]))
+    items = records(namespace, 3)
+    try:
+        for _ in range(5):
+            assert tier.has(keys_of(items)) == [False] * 3 and tier.put(items) == [False] * 3
+
+        assert counters(tier)["errors"] == 3  # the first call's three chunks; then no attempt
+        logged = [r for r in caplog.records if r.name == "kvtier.tiers.redis" and r.levelno > logging.INFO]
+        assert [r.levelno for r in logged] == [logging.ERROR]
+        assert "refuses this client as configured" in logged[0].getMessage()
+    finally:
+        tier.close()
 
 
 def test_a_redis_that_refuses_info_or_scan_keeps_serving_chunks(limited_user, namespace):

@@ -9,6 +9,7 @@ Against nothing at all: back-off. Recovery after a server restart is in tests/se
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import time
 import uuid
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 from conftest import CHUNK, REPO, seeded_kv, seeded_tokens
@@ -27,11 +29,11 @@ from waiting import wait_until
 from kvtier.config import RemoteConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import Metrics
-from kvtier.server.decoder import FrameDecoder
-from kvtier.server.protocol import Op, PutResult, check_request, encode, reply
 from kvtier.tiers import remote
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.remote import RemoteTier, parse_url
+from kvtier.wire.decoder import FrameDecoder
+from kvtier.wire.frames import Op, PutResult, check_request, encode, reply
 
 TESTS = REPO / "tests"
 
@@ -95,6 +97,23 @@ def test_round_trip_is_bit_exact(kvtier_server, make_tier, metrics, ns, size):
     assert counter(metrics, "errors") == counter(metrics, "corrupt") == 0
 
 
+def test_numpy_payloads_and_destinations_as_the_tier_contract_allows(kvtier_server, make_tier, metrics, ns):
+    """Bug: the Tier contract (kvtier/tiers/base.py) lets payloads and `dests` be numpy arrays, as
+    the disk and Redis tiers take them; put() and get() called `.numel()` and raised AttributeError."""
+    tier = make_tier(kvtier_server.url, ns)
+    items = [put_item(ns, i) for i in range(2)]
+    items = [PutItem(item.key, item.header, item.payload.numpy()) for item in items]
+
+    assert tier.put(items) == [True, True]
+    dests = [np.full(4096 + 512, 0xEE, dtype=np.uint8) for _ in items]
+    headers = tier.get([item.key for item in items], dests)
+
+    assert all(h is not None for h in headers)
+    assert all(np.array_equal(d[:4096], item.payload) for d, item in zip(dests, items))
+    assert all((d[4096:] == 0xEE).all() for d in dests)
+    assert counter(metrics, "bytes_written") == counter(metrics, "bytes_read") == 2 * 4096
+
+
 def test_batches_split_into_many_pipelined_frames(kvtier_server, make_tier, ns, monkeypatch):
     monkeypatch.setattr(remote, "BATCH_BYTES", 10_000)
     monkeypatch.setattr(remote, "MAX_KEYS", 3)
@@ -152,6 +171,56 @@ def test_token_is_sent_and_a_wrong_one_fails_like_a_dead_server(start_kvtier_ser
     assert good.put([item]) == [True] and good.has([item.key]) == [True]
     assert bad.has([item.key]) == [False] and bad.put([item]) == [False]
     assert counter(metrics, "errors") == 1  # the second call was answered by the back-off
+
+
+def remote_log(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "kvtier.tiers.remote" and r.levelno == level]
+
+
+def test_a_wrong_token_is_a_configuration_error_logged_once_and_not_retried_per_call(start_kvtier_server,
+                                                                                    make_tier, metrics, ns,
+                                                                                    caplog):
+    # Before: a wrong token was an outage, retried after retry_after_s (here 0: every call), each
+    # retry a new connection and HELLO, a warning per outage. Now the tier stays a miss without
+    # contacting the server and asks again once per retry_max_s.
+    caplog.set_level(logging.INFO, "kvtier.tiers.remote")
+    server = start_kvtier_server(token="s3cret")
+    good = make_tier(server.url, ns, token="s3cret")
+    bad = make_tier(server.url, ns, token="guess", retry_after_s=0.0, retry_max_s=60.0)
+    item = put_item(ns, 1)
+    assert good.put([item]) == [True]
+
+    for _ in range(20):
+        assert bad.has([item.key]) == [False] and bad.put([item]) == [False]
+        assert bad.get([item.key], [slab(4096)]) == [None]
+
+    assert good.stats()["unauthorized"] == 1  # one HELLO reached the server, not 60
+    assert counter(metrics, "errors") == 1
+    (error,) = remote_log(caplog, logging.ERROR)
+    assert "UNAUTHORIZED" in error and "wrong token" in error and "every 60 s" in error
+    assert not any("unavailable" in line for line in remote_log(caplog, logging.WARNING))
+
+
+def test_a_request_the_server_refuses_by_shape_is_a_configuration_error(start_kvtier_server, make_tier,
+                                                                        metrics, ns, caplog):
+    # A server whose max_frame_bytes is below the tier's batches answers BAD_REQUEST to every PUT
+    # of a larger record: a configuration mismatch, said once, not an outage retried per call. The
+    # record is larger than the socket buffers, so the server answers and closes while the PUT is
+    # still being sent: the send fails with a reset, and only the reply tells why.
+    caplog.set_level(logging.INFO, "kvtier.tiers.remote")
+    server = start_kvtier_server(max_frame_bytes="1MiB")
+    tier = make_tier(server.url, ns, retry_after_s=0.0, retry_max_s=60.0)
+    big = put_item(ns, 1, size=48 << 20)
+
+    assert [tier.put([big]) for _ in range(5)] == [[False]] * 5
+    assert tier.has([big.key]) == [False]
+
+    probe = Client(server.port)
+    assert probe.stats()["bad_frames"] == 1  # one PUT reached the server
+    probe.close()
+    assert counter(metrics, "errors") == 1
+    (error,) = remote_log(caplog, logging.ERROR)
+    assert "BAD_REQUEST" in error and "frame limit" in error
 
 
 def test_a_pooled_connection_the_server_closed_when_idle_is_replaced_not_an_error(start_kvtier_server,

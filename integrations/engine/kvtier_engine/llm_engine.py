@@ -34,8 +34,8 @@ from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.detokenize import append_token, stream_delta
 from kvtier_engine.engine_metrics import EngineMetrics
 from kvtier_engine.kv_cache import PagedKVCache
-from kvtier_engine.loader import load_model, model_identity
 from kvtier_engine.model_runner import ModelRunner
+from kvtier_engine.models.loader import load_model, model_identity
 from kvtier_engine.request import Request, RequestMetrics, RequestStatus
 from kvtier_engine.sampling import SamplingParams, generator_for
 from kvtier_engine.scheduler import Scheduler

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.connector.worker import KvtierWorkerConnector
-from kvtier_engine.attention import AttentionBackend, BatchMetadata
 from kvtier_engine.kv_cache import PagedKVCache
+from kvtier_engine.layers.attention import AttentionBackend, BatchMetadata
+from kvtier_engine.layers.triton_attention import paged_attention_backend
 from kvtier_engine.models.llama import CausalLM
 from kvtier_engine.sampling import sample
 from kvtier_engine.scheduler import SchedulerOutput
-from kvtier_engine.triton_attention import paged_attention_backend
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtier_engine.attention import AttentionBackend
+from kvtier_engine.layers.attention import AttentionBackend
 from kvtier_engine.layers.norm import RMSNorm
 from kvtier_engine.layers.rotary import RotaryEmbedding, apply_rotary
 from kvtier_engine.model_config import ModelConfig

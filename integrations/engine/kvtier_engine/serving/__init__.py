@@ -1,0 +1,11 @@
+"""`kvtier_engine serve`: an OpenAI-compatible HTTP server over one LLMEngine.
+
+    cli              the command line; process-wide setup (logging, signals) happens here only
+    server           the FastAPI app (routes, error handlers, streaming) and uvicorn's lifecycle
+    engine_loop      the engine stepping on its own thread; requests in, outputs out to asyncio
+    openai_protocol  pure functions: request parsing and validation, response and chunk bodies
+    http_protocol    uvicorn's HTTP/1.1 protocol with a deadline on the request head
+    body_limit       ASGI middleware bounding a request body's size
+
+The only part of the package that imports FastAPI, starlette and uvicorn.
+"""

@@ -1,0 +1,110 @@
+"""The `kvtier_engine` command: `kvtier_engine serve MODEL [options]` (also `python -m kvtier_engine`).
+
+    kvtier_engine serve random:llama-small --kvtier-config configs/cpu_disk.yaml --port 8000
+
+MODEL is a Hugging Face model folder or a `random:<preset>`. Process-wide setup (logging, and the
+signal handlers through `serve`) happens here, never in the library.
+
+Exit status: 0 after SIGINT/SIGTERM (kvtier drained); EXIT_CONFIG (2) for a configuration error,
+printed as one line naming the file and key (before the model loads when the file itself is wrong);
+`server.EXIT_ENGINE_FAILED` (1) when the engine became unusable. A supervisor restarts on non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from kvtier.config import load_config, parse_size
+from kvtier.errors import ConfigError
+from kvtier_engine.llm_engine import EngineOptions
+from kvtier_engine.serving.server import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_READ_TIMEOUT_S,
+    ServerLimits,
+    serve,
+)
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+EXIT_CONFIG = 2  # as argparse's usage errors: the command line or its files are wrong
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Defaults from an instance: EngineOptions has slots, so its class attributes are descriptors.
+    defaults = EngineOptions(model="")
+    parser = argparse.ArgumentParser(prog="kvtier_engine", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("serve", help="an OpenAI-compatible HTTP server",
+                                description="Serve MODEL over an OpenAI-compatible HTTP API.")
+    command.add_argument("model", metavar="MODEL", help="a Hugging Face model folder or random:<preset>")
+    command.add_argument("--kvtier-config", metavar="FILE", default=None,
+                       help="kvtier YAML configuration; without it kvtier is off")
+    command.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    command.add_argument("--port", type=int, default=8000)
+    command.add_argument("--served-model-name", metavar="NAME", default=None,
+                       help="the name clients pass as `model` (default: MODEL)")
+    command.add_argument("--kv-cache-bytes", type=_size("--kv-cache-bytes"), default=defaults.kv_cache_bytes,
+                       metavar="N",
+                       help="paged KV cache size, in bytes or like 512MiB (default: %(default)s bytes)")
+    command.add_argument("--max-body-bytes", type=_size("--max-body-bytes"), default=DEFAULT_MAX_BODY_BYTES,
+                       metavar="N", help="largest request body accepted, larger ones get 413 "
+                       "(default: %(default)s bytes)")
+    command.add_argument("--read-timeout", type=_seconds, default=DEFAULT_READ_TIMEOUT_S, metavar="S",
+                       help="seconds a connection may take to send a request head, and then its body "
+                       "(a late body gets 408) (default: %(default)s)")
+    command.add_argument("--max-requests", type=_positive, default=DEFAULT_MAX_REQUESTS, metavar="N",
+                         help="requests accepted and not yet finished; more get 503 (default: %(default)s)")
+    command.add_argument("--max-num-seqs", type=_positive, default=defaults.max_num_seqs, metavar="N")
+    command.add_argument("--max-num-batched-tokens", type=_positive,
+                       default=defaults.max_num_batched_tokens, metavar="N")
+    command.add_argument("--seed", type=int, default=defaults.seed, help="random presets' weights")
+    command.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda when present)")
+    command.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    command.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        # Loaded here, before the model: a wrong file fails in a moment, not after the load.
+        kvtier_config = load_config(args.kvtier_config) if args.kvtier_config is not None else None
+        options = EngineOptions(model=args.model, kvtier_config=kvtier_config, device=args.device,
+                                dtype=args.dtype, seed=args.seed, kv_cache_bytes=args.kv_cache_bytes,
+                                max_num_seqs=args.max_num_seqs,
+                                max_num_batched_tokens=args.max_num_batched_tokens)
+        limits = ServerLimits(args.max_body_bytes, args.read_timeout, args.max_requests)
+        status = serve(options, args.host, args.port, args.served_model_name, args.log_level, limits)
+    except ConfigError as exc:  # also what the tiers find wrong when they open (paths, sizes)
+        print(f"kvtier_engine: configuration error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(status)
+
+
+def _size(flag: str):
+    def parse(text: str) -> int:
+        try:
+            return parse_size(int(text) if text.isdigit() else text, flag)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -1,0 +1,385 @@
+"""`kvtier_engine serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over one EngineLoop.
+
+    POST /v1/completions  OpenAI completions; `stream: true` answers with server-sent events, each
+                          `data: {chunk}\\n\\n`, then `data: [DONE]\\n\\n`. One prompt per request.
+    GET  /v1/models       the served model, in OpenAI's list shape
+    GET  /health          200 {"status": "ok"} while the engine loop runs, else 503
+    GET  /metrics         Prometheus text: the engine's metrics, and kvtier's when it is on
+
+Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for a body that is not
+JSON or not a valid request (wire format and parameter ranges in `openai_protocol.py`) or a prompt
+the model cannot take; 404 for another model's name or an unknown path; 408 for a body not received
+within `read_timeout_s`; 413 for a body over `max_body_bytes` (refused before it is read:
+`body_limit.py`); 500 when the engine fails while running the request (only the requests it failed
+for: `engine_loop.py`); 503 when the engine loop has stopped. A streamed request that fails after
+its first chunk ends with a `data: {"error": ...}` event and `[DONE]` (the 200 has gone out by
+then). A stream waits for its first output before answering, so failures up to then get their real
+status.
+
+Process life (`serve`): SIGINT or SIGTERM stops accepting connections, gives running requests
+GRACEFUL_SHUTDOWN_S, then ends those still running with a 503 (a stream: an error event and
+`[DONE]`), then closes the engine, which hands the remaining KV to kvtier and drains its queued
+writes; the process then exits 0. If the engine becomes unusable, /health answers 503, the
+server shuts down the same way and `serve` returns EXIT_ENGINE_FAILED, for a supervisor to restart.
+
+Where it runs: handlers run on uvicorn's event loop and never touch the engine (text prompts are
+tokenized on a worker thread: tokenizers are thread-safe); the EngineLoop's thread does. A client
+that disconnects, streaming or not, has its request aborted in the engine.
+A connection that sends no complete request head within `read_timeout_s` (of opening, or of its
+previous response) is closed (`http_protocol.py`), so idle or trickling sockets cannot pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from kvtier_engine.llm_engine import EngineOptions, LLMEngine, RequestOutput
+from kvtier_engine.serving.body_limit import BodyLimit
+from kvtier_engine.serving.engine_loop import EngineLoop, RequestFailed, RequestStream
+from kvtier_engine.serving.http_protocol import HeadDeadlineProtocol
+from kvtier_engine.serving.openai_protocol import (
+    CompletionHead,
+    CompletionRequest,
+    InvalidRequest,
+    check_prompt_length,
+    completion_body,
+    completion_chunk,
+    error_body,
+    parse_completion_request,
+    usage_chunk,
+)
+from kvtier_engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# On SIGINT/SIGTERM, how long running requests get to finish before the engine ends them (503).
+GRACEFUL_SHUTDOWN_S = 5.0
+# Then how long their handlers get to send the 503s before uvicorn cancels them.
+SHUTDOWN_ANSWER_S = 5.0
+# The largest request body accepted (413 beyond). A prompt of 128K token ids is under 1 MiB of JSON;
+# the rest is room for text prompts and escaped characters.
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+# A request's head must arrive within this of the connection opening (or of the previous response),
+# and its body within this of the head: a client that trickles bytes cannot hold a socket for good.
+DEFAULT_READ_TIMEOUT_S = 30.0
+# Requests accepted and not yet finished; beyond it a request gets 503 at once. Each holds its
+# prompt and output in memory, so a flood of requests must not queue without end.
+DEFAULT_MAX_REQUESTS = 512
+EXIT_ENGINE_FAILED = 1  # serve's return value when the engine became unusable
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one `kvtier_engine serve` process lets its clients cost (the `--max-*` flags)."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    max_requests: int = DEFAULT_MAX_REQUESTS
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    name: str  # what clients put in `model`
+    max_model_len: int
+    created: int  # unix seconds the server started
+
+
+class _ModelNotFound(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def build_app(engine_loop: EngineLoop, model: ServedModel, limits: ServerLimits = ServerLimits()) -> FastAPI:
+    """The ASGI app. The caller owns `engine_loop`: it starts it before serving and closes it after."""
+    app = FastAPI(title="kvtier_engine", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    _install_error_handlers(app)
+    _add_info_routes(app, engine_loop, model)
+    _add_completions_route(app, engine_loop, model, limits.read_timeout_s)
+    return app
+
+
+def _add_info_routes(app: FastAPI, engine_loop: EngineLoop, model: ServedModel) -> None:
+    """GET /health (liveness and readiness), /metrics (Prometheus text), /v1/models."""
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine_loop.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine_loop.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {"id": model.name, "object": "model", "created": model.created, "owned_by": "kvtier",
+                "max_model_len": model.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+
+def _add_completions_route(app: FastAPI, engine_loop: EngineLoop, model: ServedModel,
+                           read_timeout_s: float) -> None:
+    """POST /v1/completions: read and check the request here, then hand it to `_respond`."""
+    # Text is tokenized here, on a worker thread, and checked against the context before the engine
+    # sees it: on the engine's thread, an 8 MiB prompt stalled every running stream for ~0.6 s
+    # before its 400. Tokenizers are thread-safe (and hold no engine state).
+    tokenizer = engine_loop.engine.tokenizer
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        try:
+            raw = await asyncio.wait_for(request.body(), read_timeout_s)
+        except TimeoutError:
+            raise HTTPException(408, f"the request body did not arrive within {read_timeout_s} s",
+                                headers={"Connection": "close"}) from None
+        except ClientDisconnect:  # gone mid-body: nobody to answer (it was 2 tracebacks at ERROR)
+            return Response(status_code=499)
+        body = parse_completion_request(_decode_json(raw), model.max_model_len)
+        if body.model is not None and body.model != model.name:
+            raise _ModelNotFound(body.model)
+        head = CompletionHead(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name)
+        prompt = await _token_ids(body.prompt, tokenizer, model.max_model_len)
+        return await _respond(request, engine_loop.submit(prompt, body.params, head.id), head, body)
+
+
+async def _respond(request: Request, stream: RequestStream, head: CompletionHead,
+                   body: CompletionRequest) -> Response:
+    """The response to a submitted request: an SSE stream or one JSON body. Whatever happens, the
+    request is aborted (a no-op once it is done) unless a streaming response has taken it over."""
+    streaming = False
+    try:
+        if body.stream:
+            first = await _unless_disconnected(request, stream.next())
+            # From here the response's iterator, and its background task should the iterator
+            # never start, abort the request if the client leaves.
+            streaming = True
+            return StreamingResponse(_sse(stream, first, head, body), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(stream.abort))
+        final = await _unless_disconnected(request, _until_finished(stream))
+        return JSONResponse(completion_body(head, final))
+    except _ClientGone:
+        logger.info("%s: client disconnected; request aborted", head.id)
+        return Response(status_code=499)  # nobody reads it; the status is nginx's "client closed"
+    finally:
+        # A no-op once the request is done; otherwise the client left or we were cancelled.
+        if not streaming:
+            stream.abort()
+
+
+def serve(options: EngineOptions, host: str = "127.0.0.1", port: int = 8000,
+          served_model_name: str | None = None, log_level: str = "info",
+          limits: ServerLimits = ServerLimits()) -> int:
+    """Load the model, then serve until SIGINT/SIGTERM (returns 0) or until the engine becomes
+    unusable (returns EXIT_ENGINE_FAILED); either way the engine is closed and kvtier drained first.
+
+    Blocking; it handles SIGINT and SIGTERM while serving, so call it from the main thread."""
+    engine = LLMEngine(options)
+    model = ServedModel(served_model_name or options.model, engine.max_model_len, int(time.time()))
+    return run_server(engine, model, host, port, log_level, limits)
+
+
+def run_server(engine: LLMEngine, model: ServedModel, host: str, port: int, log_level: str = "info",
+               limits: ServerLimits = ServerLimits()) -> int:
+    """`serve` for an engine already built (it is closed on the way out)."""
+    broken = threading.Event()
+
+    def on_broken() -> None:  # the engine thread, once the loop has stopped for good
+        broken.set()
+        server.should_exit = True  # uvicorn's main loop polls it; a graceful shutdown follows
+
+    engine_loop = EngineLoop(engine, on_broken, limits.max_requests)
+    config = uvicorn.Config(build_app(engine_loop, model, limits), host=host,
+                            port=port, log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + SHUTDOWN_ANSWER_S,
+                            http=functools.partial(HeadDeadlineProtocol,
+                                                   head_timeout_s=limits.read_timeout_s))
+    server = _Server(config, engine_loop)
+    with _exit_on_signals(server):
+        engine_loop.start()
+        try:
+            server.run()
+        finally:
+            engine_loop.close()
+    if broken.is_set():
+        logger.error("the engine became unusable; exiting with status %d for a supervisor to restart it",
+                     EXIT_ENGINE_FAILED)
+        return EXIT_ENGINE_FAILED
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown ends the requests still running after
+    GRACEFUL_SHUTDOWN_S through the engine loop (their handlers answer 503) instead of leaving
+    uvicorn to cancel the handlers: that cut streams short without an error or `[DONE]`, and
+    answered the others with a plain-text 500."""
+
+    def __init__(self, config: uvicorn.Config, engine_loop: EngineLoop):
+        super().__init__(config)
+        self._engine_loop = engine_loop
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        stop = asyncio.get_running_loop().call_later(GRACEFUL_SHUTDOWN_S, self._engine_loop.stop)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            stop.cancel()
+
+
+@contextlib.contextmanager
+def _exit_on_signals(server: uvicorn.Server) -> Iterator[None]:
+    """While uvicorn serves, SIGINT/SIGTERM start its graceful shutdown; once it is done it restores
+    the handlers it found and raises the signal again, which under Python's defaults kills the
+    process (-15, or KeyboardInterrupt) before the engine is closed and kvtier's queued writes land.
+    Under these handlers that signal, or one during the drain, only asks the server to exit (a
+    no-op by then), and so does one that comes before uvicorn has put its own handlers in."""
+
+    def stop(signum: int, _frame: object) -> None:
+        logger.info("%s: closing the engine and draining kvtier before exit", signal.Signals(signum).name)
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- completions ---------------------------------------------------------------------------------
+
+
+async def _token_ids(prompt: str | tuple[int, ...], tokenizer: Tokenizer, max_model_len: int) -> list[int]:
+    if not isinstance(prompt, str):
+        return list(prompt)
+    try:
+        ids = await asyncio.to_thread(tokenizer.encode, prompt)
+    except ValueError as exc:  # e.g. a lone surrogate (JSON's "\ud800") cannot be encoded
+        raise InvalidRequest(f"the prompt cannot be tokenized: {exc}", "prompt") from None
+    check_prompt_length(len(ids), max_model_len)
+    return ids
+
+
+async def _until_finished(stream: RequestStream) -> RequestOutput:
+    while not (output := await stream.next()).finished:
+        pass
+    return output
+
+
+async def _sse(stream: RequestStream, first: RequestOutput, head: CompletionHead,
+               body: CompletionRequest) -> AsyncIterator[bytes]:
+    output = first
+    try:
+        while True:
+            if output.new_text or output.finished:
+                yield _event(completion_chunk(head, output))
+            if output.finished:
+                break
+            output = await stream.next()
+        if body.include_usage:
+            yield _event(usage_chunk(head, output))
+    except RequestFailed as exc:
+        yield _event(error_body(exc.message, _error_type(exc.status)))
+    finally:
+        # Reached with the stream cancelled when the client disconnects: abort the request then.
+        stream.abort()
+    yield b"data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`await work`, unless the client disconnects first: then cancel it and raise _ClientGone."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done():
+        raise _ClientGone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the disconnect (as Starlette's own
+    # StreamingResponse listens for it).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _decode_json(raw: bytes) -> object:
+    def reject_constant(name: str) -> None:  # NaN and Infinity are not JSON
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=reject_constant)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # arrays nested thousands deep: no request has them
+        raise InvalidRequest("the request body is nested too deeply") from None
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def _error_type(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, _error_type(status), param, code), status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InvalidRequest)
+    async def invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return _error(400, exc.message, exc.param)
+
+    @app.exception_handler(_ModelNotFound)
+    async def unknown_model(_: Request, exc: _ModelNotFound) -> JSONResponse:
+        return _error(404, f"The model `{exc}` does not exist.", "model", "model_not_found")
+
+    @app.exception_handler(RequestFailed)
+    async def failed(_: Request, exc: RequestFailed) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return _error(500, "internal server error")

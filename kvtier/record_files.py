@@ -1,0 +1,298 @@
+"""Record files: one namespace's directory of `kvtier.record` records, one file per chunk.
+
+Below both the disk tier (`kvtier.tiers.disk`) and kvtier_server's spill (`kvtier.server.spill`):
+it imports neither, nor torch (buffers are numpy arrays). `kvtier.record_walk` walks it at start.
+
+    <base>/<namespace hex>/                                 held open by a RecordDir (O_NOFOLLOW)
+        <2 hex>/                                            a shard, opened per operation below it
+            <32 hex digest>.kvr                             a record
+            <32 hex digest>.kvr.tmp.<host>.<pid>.<16 hex>   a write in progress, or a dead writer's
+        .probe.tmp.<host>.<pid>.<16 hex>                    the start-up write probe
+
+A file is `[ header, zero-padded to BLOCK ][ payload, zero-padded to a multiple of BLOCK ]`: the
+padding lets reads and writes use O_DIRECT (no page-cache copy, no double caching with the CPU tier)
+whenever the buffer is BLOCK aligned, as memory-pool slabs are; where the file system refuses
+O_DIRECT (tmpfs) "auto" falls back to buffered I/O. Writes are atomic: a temporary file at an
+unpredictable name in the shard, then rename, so no reader or crashed writer sees half a record.
+
+The directory may be shared (processes, hosts) and anything may appear in it, so nothing is
+followed: the namespace directory is held open and every shard and file below it is opened
+relative to it with O_NOFOLLOW; a symlink fails the operation (ELOOP), so nothing outside it is
+ever read, written or deleted. Rename replaces a symlink, never writes through it.
+
+Thread-safe: an operation touches only its own file; each thread has its own scratch buffers.
+Failures raise (OSError, CorruptRecord); counting and logging them, and the index of what is
+stored, are the caller's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import socket
+import threading
+import weakref
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from kvtier.errors import ConfigError, CorruptRecord
+from kvtier.keys import ChunkKey
+from kvtier.record import HEADER_SIZE, RecordHeader, decode_header, verify
+
+# The O_DIRECT unit: file offsets, lengths and buffer addresses are multiples of it. Memory-pool
+# slabs are aligned to it too, so the disk tier can read and write them directly.
+BLOCK = 4096
+SUFFIX = ".kvr"
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted at a record's name must not block a read thread (no effect on files).
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def align_up(n: int, alignment: int = BLOCK) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def file_bytes(payload_len: int) -> int:
+    """The size of the record file of a `payload_len`-byte payload: a header block, padded payload."""
+    return BLOCK + align_up(payload_len)
+
+
+def aligned(arr: np.ndarray) -> bool:
+    return arr.ctypes.data % BLOCK == 0
+
+
+def _host_id() -> str:
+    # Host name and PID namespace: the walk asks about a temp file's pid only where it means this pid.
+    try:
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pid_namespace = 0
+    return f"{zlib.crc32(f'{socket.gethostname()}/{pid_namespace}'.encode()):08x}"
+
+
+HOST_ID = _host_id()
+
+
+def temp_name(final: str) -> str:
+    """A fresh, unpredictable temporary name for `final` (the pid read now: a forked child's own)."""
+    return f"{final}.tmp.{HOST_ID}.{os.getpid()}.{os.urandom(8).hex()}"
+
+
+def open_root(base: Path, root: Path) -> int:
+    """Create `root` if need be and open it, never through a symlink; ConfigError naming it if not."""
+    if base.exists() and not base.is_dir():
+        raise ConfigError(f"disk tier path {base} exists and is not a directory")
+    if root.is_symlink():
+        raise ConfigError(f"disk tier path {base}: {root} is a symlink (never followed)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return os.open(root, DIR_FLAGS)  # O_NOFOLLOW: a symlink swapped in since is refused too
+    except OSError as exc:
+        raise ConfigError(f"disk tier path {base}: {root} cannot be created: {exc.strerror}") from None
+
+
+def probe_o_direct(root_fd: int, root: Path) -> bool:
+    """Create and delete one file in the namespace directory, as writes will: True when the file
+    system takes O_DIRECT. ConfigError when no file can be created there."""
+    name = temp_name(".probe")
+    attempts = ([CREATE_FLAGS | os.O_DIRECT] if hasattr(os, "O_DIRECT") else []) + [CREATE_FLAGS]
+    for flags in attempts:
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=root_fd)
+        except OSError as exc:
+            error = exc
+            continue
+        os.close(fd)
+        with contextlib.suppress(OSError):  # a leftover probe is stale, deleted at a later start
+            os.unlink(name, dir_fd=root_fd)
+        return flags != CREATE_FLAGS
+    raise ConfigError(f"disk tier path {root} is not writable: {error.strerror}")
+
+
+class _Scratch(threading.local):
+    """Per-thread page-aligned buffers: the header block and the payload's unaligned tail."""
+
+    def __init__(self) -> None:
+        # Anonymous mmap: page aligned; private, as a shared one is shmem, slower to pin for O_DIRECT.
+        self.mem = mmap.mmap(-1, 2 * BLOCK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.head = memoryview(self.mem)[:BLOCK]
+        self.tail = memoryview(self.mem)[BLOCK:]
+
+
+class RecordDir:
+    """The record files of one namespace under `base`. Raises ConfigError (naming the path) when
+    the directory cannot be created, is a symlink, or cannot be written, or when `o_direct` is
+    "on" and the file system refuses it."""
+
+    def __init__(self, base: str | os.PathLike, namespace: bytes, o_direct: str = "auto",
+                 fsync: bool = False):
+        self.namespace = namespace
+        self.root = Path(base) / namespace.hex()
+        self._root = str(self.root)
+        self.root_fd = open_root(Path(base), self.root)
+        self._close_root = weakref.finalize(self, os.close, self.root_fd)
+        self._old_roots: list[weakref.finalize] = []  # namespace directories deleted while open
+        self._reopening = threading.Lock()
+        supported = probe_o_direct(self.root_fd, self.root)  # also proves the directory writable
+        if o_direct == "on" and not supported:
+            raise ConfigError(f"disk.o_direct: 'on' but {self.root} does not support O_DIRECT")
+        self.o_direct = supported and o_direct != "off"
+        self.fsync = fsync
+        self._scratch = _Scratch()
+
+    def path(self, key: ChunkKey) -> str:
+        # A str, not a Path: pathlib costs ~15 us per file on the I/O hot path.
+        digest = key.digest.hex()
+        return f"{self._root}/{digest[:2]}/{digest}{SUFFIX}"
+
+    # -- directories: every path opened relative to the held namespace directory, never followed --
+
+    def _shard_fd(self, digest: str, create: bool = False) -> int:
+        """The record's 2-hex shard directory, opened without following a symlink (ELOOP)."""
+        try:
+            return os.open(digest[:2], DIR_FLAGS, dir_fd=self.root_fd)
+        except FileNotFoundError:
+            if not create:
+                raise
+        # The first file of its shard: mkdir on demand rather than a syscall per write.
+        try:
+            os.mkdir(digest[:2], dir_fd=self.root_fd)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            # The namespace directory itself was deleted (an operator's rm -rf): writes go to a new
+            # one at the same path instead of failing until a restart.
+            self._reopen_root()
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(digest[:2], dir_fd=self.root_fd)
+        return os.open(digest[:2], DIR_FLAGS, dir_fd=self.root_fd)
+
+    def _reopen_root(self) -> None:
+        with self._reopening:
+            if os.fstat(self.root_fd).st_nlink:  # still linked: not deleted, or already reopened
+                raise FileNotFoundError(f"cannot create a shard directory in {self.root}")
+            os.makedirs(self.root, exist_ok=True)
+            fd = os.open(self.root, DIR_FLAGS)  # O_NOFOLLOW, as at start
+            # The old descriptor stays open until close(): another thread may be using its number.
+            self._old_roots.append(self._close_root)
+            self.root_fd = fd
+            self._close_root = weakref.finalize(self, os.close, fd)
+
+    def exists(self, key: ChunkKey) -> bool:
+        digest = key.digest.hex()
+        try:
+            fd = self._shard_fd(digest)
+            try:
+                os.stat(digest + SUFFIX, dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return True
+
+    def unlink(self, key: ChunkKey) -> None:
+        """Delete `key`'s file, if any. OSError when it cannot go."""
+        digest = key.digest.hex()
+        with contextlib.suppress(FileNotFoundError):
+            fd = self._shard_fd(digest)
+            try:
+                os.unlink(digest + SUFFIX, dir_fd=fd)
+            finally:
+                os.close(fd)
+
+    def read(self, key: ChunkKey, dest: np.ndarray) -> RecordHeader:
+        """Read `key`'s record into `dest` (1-D uint8, at least the payload; O_DIRECT when aligned),
+        verified. FileNotFoundError: no file; CorruptRecord: not a whole valid record of `key`."""
+        digest = key.digest.hex()
+        direct = self.o_direct and aligned(dest)
+        sfd = self._shard_fd(digest)
+        try:
+            fd = os.open(digest + SUFFIX, READ_FLAGS | (os.O_DIRECT if direct else 0), dir_fd=sfd)
+        finally:
+            os.close(sfd)
+        try:
+            return self._read_fd(fd, key, memoryview(dest))
+        finally:
+            os.close(fd)
+
+    def _read_fd(self, fd: int, key: ChunkKey, payload: memoryview) -> RecordHeader:
+        # One read of header block + payload straight into the (aligned) slab, as much as the slab
+        # holds: the byte count tells the file's size, so no fstat. O_DIRECT needs whole blocks,
+        # which our files and slabs are; anything that is not is damaged.
+        head = self._scratch.head
+        room = len(payload) // BLOCK * BLOCK
+        got = os.preadv(fd, [head, payload[:room]] if room else [head], 0)
+        if got < BLOCK or got % BLOCK:
+            raise CorruptRecord(f"{self.path(key)} is {got} bytes, not a whole number of blocks")
+        header = decode_header(head)
+        end = header.payload_len
+        if room < end <= len(payload):
+            # A buffer not padded to whole blocks: the last partial block goes through the scratch
+            # tail (one aligned block, fine for O_DIRECT) and is copied in.
+            tail = self._scratch.tail
+            got += os.preadv(fd, [tail], BLOCK + room)
+            payload[room:end] = tail[: end - room]
+        if got < BLOCK + end:
+            raise CorruptRecord(f"{self.path(key)} is truncated: {got} bytes read")
+        verify(head[:HEADER_SIZE], payload[:end], key, header)
+        return header
+
+    def write(self, key: ChunkKey, header: bytes, payload: np.ndarray) -> None:
+        """Write `key`'s record (1-D uint8 payload; O_DIRECT when aligned) to a temporary file, then
+        rename it into place over any old one. OSError, and no temporary file left, on failure."""
+        digest = key.digest.hex()
+        name = digest + SUFFIX
+        tmp = temp_name(name)
+        direct = self.o_direct and aligned(payload)
+        sfd = self._shard_fd(digest, create=True)
+        try:
+            # O_EXCL|O_NOFOLLOW at a fresh random name: whatever sits there fails the write, never
+            # redirects it.
+            fd = os.open(tmp, CREATE_FLAGS | (os.O_DIRECT if direct else 0), 0o600, dir_fd=sfd)
+            try:
+                try:
+                    self._fill(fd, header, payload, direct)
+                finally:
+                    os.close(fd)
+                # rename replaces whatever is at `name` (a symlink too) without following it; a
+                # directory there fails it, a miss for this key only.
+                os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=sfd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=sfd)
+                raise
+        finally:
+            os.close(sfd)
+
+    def _fill(self, fd: int, header: bytes, payload: np.ndarray, direct: bool) -> None:
+        n = payload.size
+        head, tail = self._scratch.head, self._scratch.tail
+        head[:] = bytes(BLOCK)
+        head[: len(header)] = header
+        whole = n // BLOCK * BLOCK if direct else n
+        bufs = [head, memoryview(payload[:whole])] if whole else [head]
+        if direct and n > whole:
+            tail[:] = bytes(BLOCK)
+            tail[: n - whole] = memoryview(payload[whole:])
+            bufs.append(tail)
+        written = os.pwritev(fd, bufs, 0)
+        expected = sum(memoryview(b).nbytes for b in bufs)
+        if written != expected:
+            raise OSError(errno.EIO, f"short write: {written} of {expected} bytes")
+        if not direct:
+            os.ftruncate(fd, file_bytes(n))  # same size as an O_DIRECT file
+        if self.fsync:
+            os.fsync(fd)
+
+    def close(self) -> None:
+        """Release the namespace directory (files close after every operation); later calls fail."""
+        self.root_fd = -1
+        self._close_root()
+        for close_old in self._old_roots:
+            close_old()

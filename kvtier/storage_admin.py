@@ -1,0 +1,133 @@
+"""Administrative calls of a StorageManager: pins and leases, moves between tiers, clears.
+
+Where it runs: these functions are the manager's methods (bound in kvtier.storage, `guarded` there
+where they use the tiers or the I/O queues) and take its lock like its own code does; they decide
+no eviction, demotion or promotion themselves (a move up is a retrieve with promotion). Moves and
+clears are blocking administrative calls. The tiers they take are objects: names are resolved by
+`CacheEngine.tier`.
+
+A removal below (a move up, a clear) is marked on the write-behind while it runs, so that no
+background write overlapping it counts as having written the chunk down (see kvtier.write_behind).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvtier.keys import ChunkKey, ChunkSpan
+from kvtier.tiers.base import Tier
+from kvtier.tiers.cpu import CpuTier
+
+if TYPE_CHECKING:
+    from kvtier.storage import StorageManager
+
+
+def pin(manager: StorageManager, keys: Sequence[ChunkKey]) -> int:
+    """Pin keys (no tier evicts them until unpinned). Returns how many were newly pinned."""
+    with manager._lock:
+        return manager.pins.pin(keys)
+
+
+def unpin(manager: StorageManager, keys: Sequence[ChunkKey]) -> int:
+    with manager._lock:
+        manager.cpu.room_below()
+        return manager.pins.unpin(keys)
+
+
+def lease(manager: StorageManager, keys: Sequence[ChunkKey]) -> None:
+    """Keep keys in some tier for a request until `release` (counted per request)."""
+    with manager._lock:
+        manager.pins.lease(keys)
+
+
+def release(manager: StorageManager, keys: Sequence[ChunkKey]) -> None:
+    with manager._lock:
+        manager.cpu.room_below()
+        manager.pins.release(keys)
+
+
+def move_down(manager: StorageManager, keys: Sequence[ChunkKey], tier: Tier) -> int:
+    """Write CPU-resident `keys` to `tier` (one of `manager.lower`) and drop them from the CPU
+    tier. Returns how many chunks left the CPU tier."""
+    _check_tier(manager, tier)
+    with manager._lock:
+        entries = [(k, e) for k in keys if (e := manager.cpu.get(k)) is not None]
+        writes = [manager._writes.submit_locked(k, e, [tier]) for k, e in entries]
+    moved = 0
+    for (key, entry), write in zip(entries, writes):
+        if write.result():
+            with manager._lock:
+                if manager.cpu.get(key) is entry:
+                    manager.cpu.pop(key).detach(manager.pool)
+                    moved += 1
+    return moved
+
+
+def move_up(manager: StorageManager, spans: Sequence[ChunkSpan]) -> int:
+    """Load lower-tier chunks of `spans` into the CPU tier and remove them below (a relocation:
+    they are written back down if evicted later). Returns how many chunks moved."""
+    n = manager.get(spans, None, promote=True)
+    with manager._lock:
+        # Held while their copies below go, so no eviction can drop (or write down and then
+        # lose to the removal) a chunk whose only other copy is being deleted.
+        held = [(s.key, e) for s in spans[:n] if (e := manager.cpu.peek(s.key)) is not None]
+        for _, entry in held:
+            entry.hold()
+        manager._holders += 1
+        manager._writes.begin_removal_locked()
+    keys = [key for key, _ in held]
+    below: set[ChunkKey] = set()
+    try:
+        for tier in manager.lower:
+            below.update(k for k, found in zip(keys, tier.has(keys)) if found)
+            tier.remove(keys)
+    finally:
+        with manager._lock:
+            for _, entry in held:
+                entry.persisted = False
+                entry.release(manager.pool)
+            _end_removal_locked(manager)
+            manager._let_go_locked()
+    return len(below)
+
+
+def clear(manager: StorageManager, tier: Tier | CpuTier | None = None) -> None:
+    """Drop every chunk from `tier` (or all tiers, and all pins, when None). Leases stay: their
+    requests release them."""
+    if tier is not None:
+        _check_tier(manager, tier, cpu=True)
+    manager._writes.drain()  # no background write may hold a slab or land after the clear
+    if tier is None or tier is manager.cpu:
+        with manager._lock:
+            for key, _ in manager.cpu.items():
+                manager.cpu.pop(key).detach(manager.pool)
+    lower = [t for t in manager.lower if tier is None or tier is t]
+    if lower:
+        with manager._lock:
+            manager._writes.begin_removal_locked()
+        try:
+            for t in lower:
+                t.clear()
+        finally:
+            with manager._lock:
+                # `persisted` does not say which tier holds the copy: forget them all, and the
+                # next eviction writes each chunk down again (a tier still holding it says so).
+                for _, entry in manager.cpu.items():
+                    entry.persisted = False
+                _end_removal_locked(manager)
+    if tier is None:
+        with manager._lock:
+            manager.pins.clear_pins()
+
+
+def _end_removal_locked(manager: StorageManager) -> None:
+    manager._writes.end_removal_locked()
+    manager.cpu.room_below()
+
+
+def _check_tier(manager: StorageManager, tier: Tier | CpuTier, cpu: bool = False) -> None:
+    """A tier object of this manager (a name, say, is not: `CacheEngine.tier` resolves names)."""
+    if not (any(tier is t for t in manager.lower) or (cpu and tier is manager.cpu)):
+        name = getattr(tier, "name", tier)
+        raise ValueError(f"tier {name!r} is not one this storage may {'clear' if cpu else 'move to'}")

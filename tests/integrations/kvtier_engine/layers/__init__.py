@@ -1,0 +1,1 @@
+"""Tests of kvtier_engine/layers/: paged attention, torch and Triton."""

@@ -1,0 +1,41 @@
+"""Tests for kvtier/storage_admin.py: the StorageManager's moves and clears take tier objects (names
+are the CacheEngine's to resolve), and only tiers of that manager."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CHUNK, seeded_kv, seeded_tokens
+
+from kvtier.tiers.disk import DiskTier
+
+
+def test_a_tier_of_another_manager_is_refused_before_anything_moves(make_manager, db, layout, tmp_path):
+    manager = make_manager(slabs=4)
+    spans = db.spans(seeded_tokens(2 * CHUNK, 1))
+    manager.put(spans, seeded_kv(layout, 2 * CHUNK, 1))
+    assert manager.flush(timeout=10)
+    stranger = DiskTier(tmp_path / "other", db.namespace_digest, 1 << 20, lambda k: False, manager.metrics)
+    try:
+        with pytest.raises(ValueError, match="'disk' is not one this storage may move to"):
+            manager.move_down([s.key for s in spans], stranger)
+        with pytest.raises(ValueError, match="'disk' is not one this storage may clear"):
+            manager.clear(stranger)
+        with pytest.raises(ValueError, match="'cpu' is not one this storage may move to"):
+            manager.move_down([s.key for s in spans], manager.cpu)
+    finally:
+        stranger.close()
+    assert manager.contains_prefix([s.key for s in spans]) == 2 and len(manager.cpu) == 2
+    manager.check_invariants()
+
+
+def test_clearing_one_tier_object_leaves_the_others(make_manager, db, layout):
+    manager = make_manager(slabs=4)
+    spans = db.spans(seeded_tokens(2 * CHUNK, 2))
+    manager.put(spans, seeded_kv(layout, 2 * CHUNK, 2))
+    assert manager.flush(timeout=10)
+
+    manager.clear(manager.lower[0])
+    assert len(manager.cpu) == 2 and manager.lower[0].usage().chunks == 0
+    manager.clear(manager.cpu)
+    assert len(manager.cpu) == 0 and manager.contains_prefix([s.key for s in spans]) == 0
+    manager.check_invariants(empty=True)
