@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import os
 from collections.abc import Sequence
 
@@ -122,15 +123,12 @@ class CacheEngine:
         the cached part; `len(tokens) - start` always suffices), else a new tensor.
         `known_hit`: what a `lookup` of `tokens` just returned (the connector's scheduler side). The
         chunks within it are read without asking the tiers first whether they hold them (a round
-        trip per load on a shared store); one that is gone by now ends the prefix there, as always."""
+        trip per load on a shared store); one that is gone by now ends the prefix there, as always.
+        It must be a non-negative integer (ValueError if negative, TypeError if not an integer)."""
         with self.metrics.timed("retrieve"):
             self._check_start(start)
             spans = self.db.spans(tokens)
-            if known_hit is None:
-                hit = self.storage.contains_prefix([s.key for s in spans])
-            else:
-                hit = sum(s.end <= known_hit for s in spans)  # spans are in token order
-            spans = _shifted(spans[:hit], start)
+            spans = _shifted(spans[:self._hit_chunks(spans, known_hit)], start)
             want = spans[-1].end if spans else 0
             if out is None:
                 out = torch.empty(self.layout.chunk_shape(want), dtype=self.layout.dtype)
@@ -141,6 +139,16 @@ class CacheEngine:
         self.metrics.inc("lookup_tokens", token_count(tokens))
         self.metrics.inc("hit_tokens", n)
         return out[:, :, :max(n - start, 0)], n
+
+    def _hit_chunks(self, spans: list[ChunkSpan], known_hit: int | None) -> int:
+        """How many leading `spans` to read: those within `known_hit` tokens, else those the tiers hold."""
+        if known_hit is None:
+            return self.storage.contains_prefix([s.key for s in spans])
+        # A lookup's answer is a token count: a float or a negative count is a caller's bug, which
+        # read as "no hit" (or rounded down) would pass unnoticed as a slow miss.
+        if isinstance(known_hit, bool) or operator.index(known_hit) < 0:
+            raise ValueError(f"known_hit must be a non-negative token count, got {known_hit!r}")
+        return sum(s.end <= known_hit for s in spans)  # spans are in token order
 
     def lease(self, tokens: Tokens, num_tokens: int) -> list[ChunkKey]:
         """Keep the cached chunks covering the first `num_tokens` of `tokens` in some tier until

@@ -3,10 +3,10 @@
 A caller of `CacheEngine` meets three of them (besides ValueError/TypeError for bad arguments):
 `ConfigError` (a bad configuration, at load or when a tier opens its directory or URL),
 `UnknownTier` (a tier name this engine does not have) and a plain `KvtierError` (a call after
-`close()` began). Everything that goes wrong with
-stored KV stays inside the tiers, by the `Tier` contract (`kvtier/tiers/base.py`): a tier never
-raises for a bad record or a failing medium; it counts the failure (`kvtier.metrics` tier counters
-`corrupt`, `errors`) and answers a miss, and the engine recomputes. So:
+`close()` began). Everything that goes wrong with stored KV stays inside the tiers, by the `Tier`
+contract (`kvtier/tiers/base.py`): a tier never raises for a bad record or a failing medium; it
+counts the failure (`kvtier.metrics` tier counters `corrupt`, `errors`) and answers a miss, and the
+engine recomputes. So:
 
 - `CorruptRecord` is raised by `kvtier.record` (header, key, length, checksum) and by a tier's own
   read path, and caught there: the record is dropped, counted `corrupt`, returned as None. The
@@ -14,17 +14,20 @@ raises for a bad record or a failing medium; it counts the failure (`kvtier.metr
 - `TierUnavailable` is raised inside the `kvtier_server` client tier (`tiers/remote.py` and its
   client) when the server answers BUSY or ERROR, statuses a retry may fix. The tier's failure guard
   (`tiers/backoff.py`) catches it with every other OSError/KvtierError of the call: a miss for each
-  chunk, `errors` counted per chunk, a back-off. A wrong token or a request the server does not
-  take (UNAUTHORIZED, BAD_REQUEST) is a configuration problem instead: the tier logs what to fix
-  once and holds off. No other tier raises `TierUnavailable` (Redis raises redis-py's errors, disk
-  OSError, both caught the same way inside the tier), and nothing outside a tier ever sees it.
+  chunk, `errors` counted per chunk, a back-off. A refused handshake (UNAUTHORIZED, or BAD_REQUEST
+  to the HELLO: a wrong token or protocol version) is a configuration problem instead: the tier logs
+  what to fix once and holds off, probing once per `retry_max_s`. A BAD_REQUEST to one request (a
+  frame over the server's size limit) fails that call only: its chunks count as `errors`, a warning
+  is logged at most once a minute, and the tier stays up for every other call. No other tier raises
+  `TierUnavailable` (Redis raises redis-py's errors, disk OSError, both caught the same way inside
+  the tier), and nothing outside a tier ever sees it.
 - `ProtocolError` belongs to the frame codec (`kvtier/wire/`): the server answers the frame with
   BAD_REQUEST (and closes the connection when `fatal`); the client tier treats it as a failed call.
 
-Callers catch `KvtierError` for anything kvtier raises on purpose. A tier that raises anyway (a
-bug) still costs only a miss: the read path (`kvtier/transfers.py`) logs it and counts `errors`, a
-background write that raises is logged and its chunk counts as not stored, and the connector's
-load path logs any exception from `retrieve` and recomputes.
+Callers catch `KvtierError` for anything kvtier raises on purpose. A tier that raises anyway (a bug)
+still costs only a miss: the read path (`kvtier/transfers.py`) logs it and counts `errors`, a
+background write that raises is logged and its chunk counts as not stored, and the connector's load
+path logs any exception from `retrieve` and recomputes.
 """
 
 

@@ -51,7 +51,7 @@ TIER_COUNTERS = {
     "misses": "chunks looked for in this tier and not found there",
     "evictions": "chunks evicted from this tier",
     "corrupt": "records that failed validation and were dropped",
-    "errors": "operations that failed with an I/O or connection error",
+    "errors": "chunks whose operation failed with an I/O or connection error",
     "bytes_read": "payload bytes read from this tier",
     "bytes_written": "payload bytes written to this tier",
     "rejected": "chunks this tier could not accept (full of pinned or in-flight chunks)",

@@ -16,13 +16,13 @@ O_DIRECT (tmpfs) "auto" falls back to buffered I/O. Writes are atomic: a tempora
 unpredictable name in the shard, then rename, so no reader or crashed writer sees half a record.
 
 The directory may be shared (processes, hosts) and anything may appear in it, so nothing is
-followed: the namespace directory is held open and every shard and file below it is opened
-relative to it with O_NOFOLLOW; a symlink fails the operation (ELOOP), so nothing outside it is
-ever read, written or deleted. Rename replaces a symlink, never writes through it.
+followed: the namespace directory is held open and every shard and file below it is opened relative
+to it with O_NOFOLLOW; a symlink fails the operation (ELOOP): nothing outside is ever read, written
+or deleted. Rename replaces a symlink, never writes through it.
 
 Thread-safe: an operation touches only its own file; each thread has its own scratch buffers.
-Failures raise (OSError, CorruptRecord); counting and logging them, and the index of what is
-stored, are the caller's.
+Failures raise (OSError, CorruptRecord; errno in RESOURCE_ERRNOS: the process, not the record or the
+path, failed); counting, logging and indexing are the caller's.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ from kvtier.errors import ConfigError, CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.record import HEADER_SIZE, RecordHeader, decode_header, verify
 
-# The O_DIRECT unit: file offsets, lengths and buffer addresses are multiples of it. Memory-pool
-# slabs are aligned to it too, so the disk tier can read and write them directly.
+# The O_DIRECT unit: file offsets, lengths and buffer addresses (memory-pool slabs') are multiples.
 BLOCK = 4096
 SUFFIX = ".kvr"
 
@@ -52,6 +51,7 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted at a record's name must not block a read thread (no effect on files).
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 def align_up(n: int, alignment: int = BLOCK) -> int:
@@ -94,18 +94,22 @@ def open_root(base: Path, root: Path) -> int:
         root.mkdir(parents=True, exist_ok=True)
         return os.open(root, DIR_FLAGS)  # O_NOFOLLOW: a symlink swapped in since is refused too
     except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS:
+            raise  # the process failed (out of fds, memory), not the path
         raise ConfigError(f"disk tier path {base}: {root} cannot be created: {exc.strerror}") from None
 
 
 def probe_o_direct(root_fd: int, root: Path) -> bool:
     """Create and delete one file in the namespace directory, as writes will: True when the file
-    system takes O_DIRECT. ConfigError when no file can be created there."""
+    system takes O_DIRECT. ConfigError when no file can be created there (OSError: out of fds)."""
     name = temp_name(".probe")
     attempts = ([CREATE_FLAGS | os.O_DIRECT] if hasattr(os, "O_DIRECT") else []) + [CREATE_FLAGS]
     for flags in attempts:
         try:
             fd = os.open(name, flags, 0o600, dir_fd=root_fd)
         except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                raise
             error = exc
             continue
         os.close(fd)
@@ -126,9 +130,8 @@ class _Scratch(threading.local):
 
 
 class RecordDir:
-    """The record files of one namespace under `base`. Raises ConfigError (naming the path) when
-    the directory cannot be created, is a symlink, or cannot be written, or when `o_direct` is
-    "on" and the file system refuses it."""
+    """One namespace's record files under `base`. ConfigError (naming the path) when the directory
+    cannot be created, is a symlink or cannot be written, or `o_direct` is "on" and it has no O_DIRECT."""
 
     def __init__(self, base: str | os.PathLike, namespace: bytes, o_direct: str = "auto",
                  fsync: bool = False):
@@ -161,21 +164,23 @@ class RecordDir:
             if not create:
                 raise
         # The first file of its shard: mkdir on demand rather than a syscall per write.
+        root_fd = self.root_fd
         try:
-            os.mkdir(digest[:2], dir_fd=self.root_fd)
+            os.mkdir(digest[:2], dir_fd=root_fd)
         except FileExistsError:
             pass
         except FileNotFoundError:
-            # The namespace directory itself was deleted (an operator's rm -rf): writes go to a new
-            # one at the same path instead of failing until a restart.
-            self._reopen_root()
+            # The namespace directory was deleted (rm -rf): write to a new one, not fail until restart.
+            self._reopen_root(root_fd)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(digest[:2], dir_fd=self.root_fd)
         return os.open(digest[:2], DIR_FLAGS, dir_fd=self.root_fd)
 
-    def _reopen_root(self) -> None:
+    def _reopen_root(self, deleted_fd: int) -> None:
         with self._reopening:
-            if os.fstat(self.root_fd).st_nlink:  # still linked: not deleted, or already reopened
+            if self.root_fd != deleted_fd:  # another thread reopened it meanwhile: use that one
+                return
+            if os.fstat(deleted_fd).st_nlink:  # still linked: the directory was not deleted
                 raise FileNotFoundError(f"cannot create a shard directory in {self.root}")
             os.makedirs(self.root, exist_ok=True)
             fd = os.open(self.root, DIR_FLAGS)  # O_NOFOLLOW, as at start
@@ -222,9 +227,8 @@ class RecordDir:
             os.close(fd)
 
     def _read_fd(self, fd: int, key: ChunkKey, payload: memoryview) -> RecordHeader:
-        # One read of header block + payload straight into the (aligned) slab, as much as the slab
-        # holds: the byte count tells the file's size, so no fstat. O_DIRECT needs whole blocks,
-        # which our files and slabs are; anything that is not is damaged.
+        # One read of header block + payload straight into the (aligned) slab, as much as it holds:
+        # the byte count tells the file's size (no fstat). O_DIRECT needs whole blocks, as ours are.
         head = self._scratch.head
         room = len(payload) // BLOCK * BLOCK
         got = os.preadv(fd, [head, payload[:room]] if room else [head], 0)
@@ -233,8 +237,7 @@ class RecordDir:
         header = decode_header(head)
         end = header.payload_len
         if room < end <= len(payload):
-            # A buffer not padded to whole blocks: the last partial block goes through the scratch
-            # tail (one aligned block, fine for O_DIRECT) and is copied in.
+            # An unpadded buffer: the last partial block goes through the (aligned) scratch tail.
             tail = self._scratch.tail
             got += os.preadv(fd, [tail], BLOCK + room)
             payload[room:end] = tail[: end - room]
@@ -252,16 +255,14 @@ class RecordDir:
         direct = self.o_direct and aligned(payload)
         sfd = self._shard_fd(digest, create=True)
         try:
-            # O_EXCL|O_NOFOLLOW at a fresh random name: whatever sits there fails the write, never
-            # redirects it.
+            # O_EXCL|O_NOFOLLOW at a fresh random name: whatever sits there fails, never redirects.
             fd = os.open(tmp, CREATE_FLAGS | (os.O_DIRECT if direct else 0), 0o600, dir_fd=sfd)
             try:
                 try:
                     self._fill(fd, header, payload, direct)
                 finally:
                     os.close(fd)
-                # rename replaces whatever is at `name` (a symlink too) without following it; a
-                # directory there fails it, a miss for this key only.
+                # rename replaces a symlink at `name` without following it; a directory fails it.
                 os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=sfd)
             except BaseException:
                 with contextlib.suppress(OSError):

@@ -383,6 +383,24 @@ def test_a_retrieve_given_the_hit_asks_no_tier_whether_it_holds_the_chunks(make_
     assert engine.retrieve(tokens, known_hit=CHUNK + 5)[1] == CHUNK  # whole chunks within the hit only
 
 
+@pytest.mark.parametrize("known_hit, error", [(-CHUNK, ValueError), (True, ValueError),
+                                              (2.0 * CHUNK, TypeError), ("32", TypeError)])
+def test_a_known_hit_that_is_not_a_token_count_is_refused_not_read_as_a_miss(make_engine, layout, known_hit,
+                                                                            error):
+    # A negative hit was read as "no chunk" and a float rounded down: a caller's bug passed as a
+    # silent miss (the prompt recomputed) instead of an error.
+    engine = make_engine("cpu_disk")
+    tokens, kv = seeded_tokens(3 * CHUNK, 22), seeded_kv(layout, 3 * CHUNK, 22)
+    engine.store(tokens, kv)
+    with pytest.raises(error):
+        engine.retrieve(tokens, known_hit=known_hit)
+    got, n = engine.retrieve(tokens, known_hit=np.int64(2 * CHUNK))  # any integer type will do
+    assert n == 2 * CHUNK and torch.equal(got, kv[:, :, :n])
+    assert engine.retrieve(tokens, known_hit=0)[1] == 0
+    assert engine.flush(timeout=10)
+    engine.storage.check_invariants()
+
+
 def test_cpu_only_engine_has_no_disk_tier(make_engine, layout):
     engine = make_engine("cpu")
     tokens = seeded_tokens(CHUNK, 14)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -223,3 +224,44 @@ def test_record_files_never_import_torch(tmp_path):
     code = ("import sys; from kvtier.record_files import RecordDir; from kvtier.record_walk import Scan; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_two_writes_that_find_the_namespace_directory_deleted_both_succeed(tmp_path, monkeypatch):
+    # Two writer threads (the disk tier's write-behind and a move-down) both find the namespace
+    # directory gone: each mkdir of its shard fails on the old descriptor. One reopens the
+    # directory; the other used to find it "still linked" (the new one) and fail its write.
+    # The barrier (a patched os.mkdir) only makes both first mkdirs fail before either reopens.
+    files = RecordDir(tmp_path, NS, "off")
+    shutil.rmtree(files.root)
+    both_failed = threading.Barrier(2, timeout=10)
+    first_tries = iter(range(2))
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if next(first_tries, None) is not None:
+            try:
+                return real_mkdir(path, *args, **kwargs)
+            finally:
+                both_failed.wait()
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    errors = []
+
+    def writer(i: int) -> None:
+        try:
+            write(files, i)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in (1, 2)]  # shards 01 and 02
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert errors == []
+    for i in (1, 2):
+        out = dest(3 * BLOCK)
+        assert files.read(key(i), out) is not None and np.array_equal(out, payload(i, 3 * BLOCK))
+    files.close()

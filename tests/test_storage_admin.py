@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import CHUNK, seeded_kv, seeded_tokens
 
+from kvtier.errors import KvtierError
 from kvtier.tiers.disk import DiskTier
 
 
@@ -39,3 +40,23 @@ def test_clearing_one_tier_object_leaves_the_others(make_manager, db, layout):
     manager.clear(manager.cpu)
     assert len(manager.cpu) == 0 and manager.contains_prefix([s.key for s in spans]) == 0
     manager.check_invariants(empty=True)
+
+
+def test_moves_and_clears_are_refused_after_close_and_pins_and_leases_still_balance(make_manager, db, layout):
+    # The bound functions keep the old methods' gate: those that use the tiers or the I/O queues
+    # refuse once close() began; pins and leases (index only) still work, so a request finishing
+    # after close can release what it leased.
+    manager = make_manager(slabs=4)
+    spans = db.spans(seeded_tokens(2 * CHUNK, 3))
+    manager.put(spans, seeded_kv(layout, 2 * CHUNK, 3))
+    keys = [s.key for s in spans]
+    manager.lease(keys)
+    manager.close()
+    for call in (lambda: manager.move_down(keys, manager.lower[0]), lambda: manager.move_up(spans),
+                 lambda: manager.clear(), lambda: manager.clear(manager.cpu)):
+        with pytest.raises(KvtierError, match="closed"):
+            call()
+    assert manager.pin(keys) == 2 and manager.unpin(keys) == 2
+    manager.release(keys)
+    assert manager.pins.num_leased == 0 and len(manager.cpu) == 2
+    manager.check_invariants()

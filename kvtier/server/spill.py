@@ -8,11 +8,15 @@ files are the same), and ONE byte bound and LRU order over all of them (`kvtier.
 keyed by the wire key). The root is walked once at start (`kvtier.record_walk`): records a previous
 server left are adopted, oldest first, and served like any other; stale temporary files and damaged
 records are deleted. Nothing in the spill is pinned: a full spill evicts its least recently used.
+Clients choose namespaces, so at most OPEN_DIRS namespace directories are held open (a descriptor
+each); another is opened again when next used.
 
 Failures are per key: a record that cannot be written is dropped, one that cannot be read is a
-miss, and either is forgotten; each is counted in `counters.spill_errors` and logged at most once
-a minute per kind (a broken disk fails every eviction, thousands a second). A corrupt record is a
-miss counted in `metrics` as the disk tier counts it (`kvtier_tier_corrupt_total{tier="disk"}`).
+miss, and either is forgotten (unless the process, not the record, failed: out of file descriptors
+or memory, the record stays, and a file it could not delete is deleted at the next put); each is
+counted in `counters.spill_errors` and logged at most once a minute per kind (a broken disk fails
+every eviction, thousands a second). A corrupt record is a miss counted in `metrics` as the disk
+tier counts it (`kvtier_tier_corrupt_total{tier="disk"}`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import os
 import re
 import tempfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +39,7 @@ from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.policy import BoundedIndex
 from kvtier.record import encode_header
-from kvtier.record_files import BLOCK, RecordDir, file_bytes
+from kvtier.record_files import BLOCK, RESOURCE_ERRNOS, RecordDir, file_bytes
 from kvtier.record_walk import Scan
 from kvtier.wire.decoder import fresh_buffer
 
@@ -45,6 +49,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _NAMESPACE_DIR = re.compile(f"[0-9a-f]{{{2 * NAMESPACE_BYTES}}}")
+# Namespace directories held open at once, least recently used closed first: clients choose their
+# namespaces, and each open one holds a file descriptor (a few thousand took all the server had).
+OPEN_DIRS = 64
 
 
 def _never(_key: bytes) -> bool:
@@ -66,9 +73,12 @@ class Spill:
         _check_directory(self.root)
         self.o_direct = config.o_direct
         self.metrics = Metrics(["disk"])  # corrupt records and I/O errors, as the disk tier counts them
-        self._dirs: dict[bytes, RecordDir] = {}
+        self._dirs: OrderedDict[bytes, RecordDir] = OrderedDict()  # LRU first, at most OPEN_DIRS
         self._index: BoundedIndex[bytes] = BoundedIndex(config.capacity)
         self._log = LogLimiter(logger)
+        # Keys forgotten whose files could not be deleted for want of fds or memory: deleted at the
+        # next put (else they stay on disk, over the bound, and a restart serves them again).
+        self._undeleted: dict[bytes, None] = {}
         self._adopt()
 
     @property
@@ -77,8 +87,13 @@ class Spill:
 
     def _dir(self, namespace: bytes) -> RecordDir:
         files = self._dirs.get(namespace)
-        if files is None:  # ConfigError when its folder is a symlink, a file, not writable, ...
-            files = self._dirs[namespace] = RecordDir(self.root, namespace, self.o_direct)
+        if files is not None:
+            self._dirs.move_to_end(namespace)
+            return files
+        # ConfigError when its folder is a symlink, a file, not writable, ...
+        files = self._dirs[namespace] = RecordDir(self.root, namespace, self.o_direct)
+        if len(self._dirs) > OPEN_DIRS:
+            self._dirs.popitem(last=False)[1].close()  # reopened (and probed again) when next used
         return files
 
     def path_for(self, key: ChunkKey) -> Path:
@@ -112,14 +127,17 @@ class Spill:
         size = file_bytes(payload.nbytes)
         if size > self.capacity:
             return False
+        self._unlink(list(self._undeleted), retry=True)
         self.remove([key])
-        self._unlink(self._index.make_room(size, _never) or [])  # never None: size fits the capacity
         ck = ChunkKey.from_bytes(key)
         try:
-            self._dir(ck.namespace).write(ck, head, _uint8(payload))
+            self._dir(ck.namespace)  # first: a namespace folder it cannot use evicts nothing
+            self._unlink(self._index.make_room(size, _never) or [])  # never None: size fits
+            self._dir(ck.namespace).write(ck, head, _uint8(payload))  # (reopened if unlinks closed it)
         except (OSError, KvtierError) as exc:
             self._failed("write", key, exc)
             return False
+        self._undeleted.pop(key, None)  # its old file is replaced: never delete this one
         self._index.add(key, size)
         return True
 
@@ -141,11 +159,15 @@ class Spill:
             self._log.warning("corrupt", "spill %s: dropping corrupt record: %s", self.root, exc)
         except (OSError, KvtierError) as exc:
             self._failed("read", key, exc)
+            if getattr(exc, "errno", None) in RESOURCE_ERRNOS:
+                return None  # the process failed (out of fds, memory), not the record: it stays
         if header is None:
             self.remove([key])
             return None
         self._index.touch(key)
         payload = buf[:header.payload_len]
+        if payload.nbytes < buf.nbytes // 2:  # mostly padding (a tiny record): a promoted record
+            payload = memoryview(bytearray(payload))  # must hold no more memory than it costs
         # The read returns the parsed header, not its bytes; re-encoding gives an equivalent valid
         # header (reserved field zeroed, checksum recomputed).
         return encode_header(ck, header.shape, header.dtype_code, payload, header.codec), payload
@@ -171,13 +193,22 @@ class Spill:
         self._unlink(gone)  # forgotten all the same if that fails: never served again
         return len(gone)
 
-    def _unlink(self, keys: list[bytes]) -> None:
+    def _unlink(self, keys: list[bytes], retry: bool = False) -> None:
+        """Delete the files of `keys` (forgotten already). A file that cannot go for want of fds or
+        memory is kept in `_undeleted`, retried at the next put (`retry`: until one fails again)."""
         for key in keys:
             ck = ChunkKey.from_bytes(key)
             try:
                 self._dir(ck.namespace).unlink(ck)
             except (OSError, KvtierError) as exc:
+                process_failed = getattr(exc, "errno", None) in RESOURCE_ERRNOS
+                if process_failed and retry:
+                    return  # still out of fds: counted already, tried again at a later put
                 self._failed("remove", key, exc)
+                if process_failed:
+                    self._undeleted[key] = None
+                    continue
+            self._undeleted.pop(key, None)
 
     def _failed(self, what: str, key: bytes, exc: Exception) -> None:
         # Rate-limited: when the disk is full or the directory broken, every eviction fails, and a

@@ -41,7 +41,7 @@ from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.policy import BoundedIndex
 from kvtier.record import RecordHeader
-from kvtier.record_files import BLOCK, SUFFIX, RecordDir, file_bytes
+from kvtier.record_files import BLOCK, RESOURCE_ERRNOS, SUFFIX, RecordDir, file_bytes
 from kvtier.record_walk import Scan
 from kvtier.tiers.base import PinPredicate, PutItem, TierUsage
 
@@ -56,8 +56,6 @@ __all__ = ["BLOCK", "SUFFIX", "DiskTier"]
 
 logger = logging.getLogger(__name__)
 
-# Failures of the process, not of the record: the file is fine, so its index entry stays.
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 # How long a write waits for the deletion of its key's old file (one unlink; a hung file system
 # makes the write a counted failure instead of a stuck write thread).
 UNLINK_WAIT_S = 10.0
@@ -207,7 +205,7 @@ class DiskTier:
         """A counted miss. The record is forgotten and deleted (so lookup stops promising what get
         cannot deliver) unless the process, not the record, failed: out of fds or memory."""
         self._failed("read", key, exc)
-        if exc.errno not in _RESOURCE_ERRNOS:
+        if exc.errno not in RESOURCE_ERRNOS:
             self.remove([key])
 
     def put(self, items: Sequence[PutItem]) -> list[bool]:

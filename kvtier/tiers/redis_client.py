@@ -145,7 +145,9 @@ def outage(reply: object) -> bool:
 
 def classify(exc: Exception) -> Failure | None:
     """What a raised error says (for `FailureGuard`); None for what is not redis-py's (a bug)."""
-    if isinstance(exc, AuthenticationError):  # a wrong password or user: no retry soon fixes it
+    # A wrong password or user: no retry soon fixes it. A cluster client reading its slot map
+    # raises it as the cause of a RedisClusterException ("cannot be connected").
+    if isinstance(exc, AuthenticationError) or isinstance(exc.__cause__, AuthenticationError):
         return Failure.MISCONFIGURED
     if not isinstance(exc, UNAVAILABLE):
         return None

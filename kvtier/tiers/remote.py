@@ -13,9 +13,11 @@ status costs the call (misses / False / 0), an `errors` count per chunk of the c
 idle connections, and starts a back-off (`kvtier.tiers.backoff.FailureGuard`: `retry_after_s`
 doubling to `retry_max_s`) during which calls answer at once without touching the network. The
 first call after the delay probes the server; when it succeeds the tier is back. A server that
-refuses this client (UNAUTHORIZED: the token; BAD_REQUEST: the protocol version or a request shape)
-is a configuration error, not an outage: one ERROR line, and the tier misses without a round trip,
-asking again once per `retry_max_s`. Nothing raises out of the Tier methods.
+refuses this client's HELLO (UNAUTHORIZED: the token; BAD_REQUEST: the protocol version) is a
+configuration error, not an outage: one ERROR line, and the tier misses without a round trip,
+asking again once per `retry_max_s`. A BAD_REQUEST to one request (a frame over the server's
+max_frame_bytes) costs that call and its `errors`, with a warning at most once a minute: the
+server is up, so the tier's other requests go on. Nothing raises out of the Tier methods.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from urllib.parse import urlsplit
 import torch
 
 from kvtier.config import RemoteConfig
-from kvtier.config_values import redact_url
+from kvtier.config_values import hide_url_secrets, redact_url
 from kvtier.errors import ConfigError, CorruptRecord, KvtierError
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
@@ -36,7 +38,7 @@ from kvtier.metrics import Metrics
 from kvtier.record import RecordHeader, tensor_bytes, verify
 from kvtier.tiers.backoff import Backoff, Failure, FailureGuard
 from kvtier.tiers.base import PutItem, TierUsage
-from kvtier.tiers.remote_client import Client, GetSink, Refused, Request
+from kvtier.tiers.remote_client import Client, GetSink, Refused, Request, RequestRefused
 from kvtier.wire.frames import MAX_KEYS, Frame, Op, PutResult
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ def _batches(sizes: Sequence[int]) -> list[list[int]]:
 def _classify(exc: Exception) -> Failure:
     if isinstance(exc, Refused):
         return Failure.MISCONFIGURED
+    if isinstance(exc, RequestRefused):  # one request's shape: the server is up for the others
+        return Failure.REFUSED
     return Failure.OUTAGE if isinstance(exc, (OSError, KvtierError)) else Failure.BUG
 
 
@@ -85,7 +89,7 @@ class RemoteTier:
         self._metrics = metrics
         self._log = LogLimiter(logger)  # a full or misbehaving server can fail every call
         self._client = Client(self.host, self.port, config.timeout_s, config.token, config.connections)
-        self._guard = FailureGuard(f"remote tier {redact_url(config.url)}",
+        self._guard = FailureGuard(f"remote tier {hide_url_secrets(config.url)}",
                                    Backoff(config.retry_after_s, config.retry_max_s),
                                    lambda n: metrics.tier_inc(self.name, "errors", n), self._log, _classify)
         self._ids = itertools.count(1)
@@ -98,7 +102,7 @@ class RemoteTier:
         """The replies to `requests` (one pipelined call), or None (counted, backing off) when the
         server cannot answer them all."""
         chunks = sum(len(r.frame.keys) for r in requests)
-        return self._guard.call(chunks, lambda: self._client.call(requests))
+        return self._guard.call(chunks, lambda: self._client.call(requests, self._guard.superseded))
 
     # -- Tier protocol -------------------------------------------------------------------------
 

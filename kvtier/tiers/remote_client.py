@@ -19,10 +19,13 @@ past it; reply payloads land only in the caller's slabs or in at most SCRATCH_BY
 frame (a record larger than its slab), so a reply that announces a huge length costs nothing
 before its bytes arrive, and not more than that after.
 
-Errors: a reply of UNAUTHORIZED (wrong or missing token) or BAD_REQUEST (a protocol version or a
-request the server does not take) raises `Refused`: a configuration error that no retry fixes.
-Any other error status raises TierUnavailable; a malformed or mismatched reply ProtocolError; the
-socket OSError. A failed call closes its connection and the pool's idle ones (the same server).
+Errors: a HELLO answered UNAUTHORIZED (wrong or missing token) or BAD_REQUEST (the protocol
+version) raises `Refused`: this client is misconfigured, and no retry soon fixes it. A request
+answered BAD_REQUEST (a frame over the server's max_frame_bytes, a reply it cannot encode) raises
+`RequestRefused`: that request failed, the server and the client's other requests are fine. Any
+other error status raises TierUnavailable; a malformed or mismatched reply ProtocolError; the socket
+OSError. A failed call closes its connection, and but for a refusal (the server answered) the
+pool's idle ones too (they lead to the same failed server).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 
 from kvtier.errors import KvtierError, ProtocolError, TierUnavailable
 from kvtier.record import tensor_bytes
+from kvtier.tiers.backoff import BackedOff
 from kvtier.wire.decoder import FrameDecoder, anonymous
 from kvtier.wire.frames import PROTOCOL_VERSION, Frame, Op, Status, check_reply, encode
 from kvtier.wire.sockets import send_some, tune_socket
@@ -55,8 +59,13 @@ Sink = Callable[[int, int], memoryview]
 
 
 class Refused(KvtierError):
-    """kvtier_server refused this client as configured (UNAUTHORIZED or BAD_REQUEST): the token,
-    the protocol version or the shape of a request. Not an outage: retrying soon will not help."""
+    """kvtier_server refused this client's HELLO (UNAUTHORIZED: the token; BAD_REQUEST: the protocol
+    version): the client is misconfigured. Not an outage: retrying soon will not help."""
+
+
+class RequestRefused(KvtierError):
+    """kvtier_server answered BAD_REQUEST to one request: that request's shape (a frame over its
+    max_frame_bytes), not the client nor the server, is at fault, so only that request fails."""
 
 
 @dataclass(slots=True)
@@ -69,8 +78,10 @@ class Request:
 
 
 def _check_status(reply: Frame) -> None:
-    if reply.status in _REFUSALS:
+    if reply.status is Status.UNAUTHORIZED:
         raise Refused(f"server answered {reply.status.name}: {reply.error}")
+    if reply.status is Status.BAD_REQUEST:  # (at HELLO, `Connection._hello` makes it a Refused)
+        raise RequestRefused(f"server answered {reply.status.name}: {reply.error}")
     if reply.status != Status.OK:
         raise TierUnavailable(f"server answered {reply.status.name}: {reply.error}")
 
@@ -93,8 +104,11 @@ class Connection:
 
     def _hello(self, token: str | None) -> None:
         hello = Frame(Op.HELLO, 0, token=token, version=PROTOCOL_VERSION)
-        self.send(encode(hello))
-        self.reply_to(hello)
+        try:
+            self.send(encode(hello))
+            self.reply_to(hello)
+        except RequestRefused as exc:  # a HELLO refused is this client refused, whatever the shape
+            raise Refused(str(exc)) from None
 
     def dropped(self) -> bool:
         """True when the server has closed this idle connection (or sent what nobody asked for)."""
@@ -128,20 +142,22 @@ class Connection:
             raise
 
     def _raise_refusal(self) -> None:
-        """Raise Refused if the server refused this call before the send failed: it refuses a
-        frame on its header (over its max_frame_bytes), answers, and closes while the payload is
-        still on its way, so the send fails with a reset and only the reply tells why."""
+        """Raise Refused / RequestRefused if the server refused a frame of this call before the
+        send failed: it refuses a frame on its header (over its max_frame_bytes), answers, and
+        closes while the payload is still on its way, so the send fails with a reset and only a
+        reply tells why; not necessarily the first one (the call's earlier frames got theirs)."""
         try:
             self.sock.settimeout(0)
-            while (frame := self.decoder.next_frame()) is None:
+            while True:
+                while (frame := self.decoder.next_frame()) is not None:
+                    if frame.status in _REFUSALS:
+                        _check_status(frame)
                 n = self.sock.recv_into(self.decoder.get_buffer())
                 if not n:
                     return
                 self.decoder.advance(n)
         except (OSError, ProtocolError):  # nothing (more) to read: the send's error stands
             return
-        if frame.status in _REFUSALS:
-            _check_status(frame)
 
     def receive(self) -> Frame:
         while (frame := self.decoder.next_frame()) is None:
@@ -184,10 +200,15 @@ class Pool:
         self._closed = False
 
     @contextmanager
-    def connection(self, seconds: float) -> Iterator[Connection]:
+    def connection(self, seconds: float, superseded: Callable[[], bool] = lambda: False
+                   ) -> Iterator[Connection]:
         """A connection whose socket operations end within `seconds` from now: from when it is
-        lent, not from when it was asked for (waiting for a slot is not the server's doing)."""
+        lent, not from when it was asked for (waiting for a slot is not the server's doing).
+        Raises BackedOff instead when, once a slot is free, `superseded()` says the server failed
+        another call meanwhile (the back-off has started: this one must not add a timeout)."""
         with self._slots:
+            if superseded():
+                raise BackedOff("the server failed while this call waited for a connection")
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is not None and conn.dropped():
@@ -252,18 +273,22 @@ class Client:
         self.timeout_s = timeout_s
         self._pool = Pool(lambda: Connection(host, port, timeout_s, token), connections)
 
-    def call(self, requests: Sequence[Request]) -> list[Frame]:
+    def call(self, requests: Sequence[Request], superseded: Callable[[], bool] = lambda: False
+             ) -> list[Frame]:
         """Send `requests` pipelined on one connection and return their replies in order. Raises
-        (Refused, TierUnavailable, ProtocolError, OSError) when the server cannot answer them all."""
+        (Refused, RequestRefused, TierUnavailable, ProtocolError, OSError) when the server cannot
+        answer them all, BackedOff when `superseded()` once a connection is free (see Pool)."""
         moved = sum(memoryview(p).nbytes for r in requests for p in r.payloads) + sum(
             r.sink.nbytes for r in requests if r.sink is not None)
         try:
-            with self._pool.connection(self.timeout_s + moved / CALL_MIN_RATE) as conn:
+            with self._pool.connection(self.timeout_s + moved / CALL_MIN_RATE, superseded) as conn:
                 for r in requests:
                     if r.sink is not None:
                         conn.sinks[r.frame.request_id] = r.sink
                     conn.send(encode(r.frame, r.payloads))
                 return [conn.reply_to(r.frame) for r in requests]
+        except (Refused, RequestRefused, BackedOff):  # answered (or not asked): keep the idle ones
+            raise
         except BaseException:
             self._pool.discard_idle()  # they lead to the same failed server
             raise

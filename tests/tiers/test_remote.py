@@ -201,28 +201,6 @@ def test_a_wrong_token_is_a_configuration_error_logged_once_and_not_retried_per_
     assert not any("unavailable" in line for line in remote_log(caplog, logging.WARNING))
 
 
-def test_a_request_the_server_refuses_by_shape_is_a_configuration_error(start_kvtier_server, make_tier,
-                                                                        metrics, ns, caplog):
-    # A server whose max_frame_bytes is below the tier's batches answers BAD_REQUEST to every PUT
-    # of a larger record: a configuration mismatch, said once, not an outage retried per call. The
-    # record is larger than the socket buffers, so the server answers and closes while the PUT is
-    # still being sent: the send fails with a reset, and only the reply tells why.
-    caplog.set_level(logging.INFO, "kvtier.tiers.remote")
-    server = start_kvtier_server(max_frame_bytes="1MiB")
-    tier = make_tier(server.url, ns, retry_after_s=0.0, retry_max_s=60.0)
-    big = put_item(ns, 1, size=48 << 20)
-
-    assert [tier.put([big]) for _ in range(5)] == [[False]] * 5
-    assert tier.has([big.key]) == [False]
-
-    probe = Client(server.port)
-    assert probe.stats()["bad_frames"] == 1  # one PUT reached the server
-    probe.close()
-    assert counter(metrics, "errors") == 1
-    (error,) = remote_log(caplog, logging.ERROR)
-    assert "BAD_REQUEST" in error and "frame limit" in error
-
-
 def test_a_pooled_connection_the_server_closed_when_idle_is_replaced_not_an_error(start_kvtier_server,
                                                                                 make_tier, metrics, ns):
     server = start_kvtier_server(idle_timeout_s=0.3)
