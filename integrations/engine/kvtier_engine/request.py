@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier_engine.sampling import SamplingParams
+from kvtier_engine.sampling import SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -71,6 +71,7 @@ class Request:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
     output_text: str = ""
     num_text_sent: int = 0  # characters of output_text already streamed
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # when params.logprobs is set
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -30,6 +30,7 @@ MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # torch.Generator.manual_seed's range
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs: each costs a decode per token on the engine thread
 
 
 class InvalidSamplingParams(ValueError):
@@ -49,6 +50,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings, not included in the output text
     ignore_eos: bool = False
+    # Return each sampled token's log-probability and the `logprobs` most likely tokens' (None: no
+    # log-probabilities at all, and no work for them). Of the model's distribution, before
+    # temperature, top-k and top-p, as OpenAI's and vLLM's are.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +74,9 @@ class SamplingParams:
                f"stop must be at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
                "characters each")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "ignore_eos must be true or false")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, "
+               f"got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -116,6 +124,33 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
                 _failures.error("sample", "sampling failed for a row under %s", p, exc_info=True)
                 out.append(None)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    token_id: int
+    logprob: float
+    text: str = ""  # the token decoded alone; filled in by the engine, which has the tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A sampled token's log-probability, and the most likely tokens' at its position (best first)."""
+
+    chosen: Logprob
+    top: tuple[Logprob, ...] = ()
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int], top_k: list[int]) -> list[TokenLogprobs]:
+    """For each row of `logits` ([B, vocab], finite), the log-probability of `tokens[i]` and of the
+    `top_k[i]` most likely tokens, under the model's own distribution (no temperature or filtering)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    k = max(top_k, default=0)
+    values, ids = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprobs(Logprob(t, c), tuple(Logprob(i, v) for i, v in zip(ids[r][:n], values[r][:n])))
+            for r, (t, c, n) in enumerate(zip(tokens, chosen, top_k))]
 
 
 def generator_for(params: SamplingParams, device: str | torch.device = "cpu") -> torch.Generator | None:

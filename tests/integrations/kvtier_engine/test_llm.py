@@ -373,3 +373,21 @@ def test_free_kv_blocks_is_right_before_the_first_step_and_after_an_abort():
     engine.abort(request_id)  # the engine is idle now: no step will run to update the gauge
     assert free_blocks() == total
     engine.close()
+
+
+def test_logprobs_are_hf_log_softmax_of_the_sampled_token_and_the_top_ones(reference):
+    ref = reference("llama")
+    batch = prompts([9, 21])
+    params = [SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3),
+              GREEDY]  # the second asks for none: it gets none, in the same batch
+    with make_llm(ref) as llm:
+        outputs = llm.generate(batch, params)
+    asked, plain = outputs
+    assert plain.logprobs == () and len(asked.logprobs) == NEW_TOKENS
+    want = torch.log_softmax(hf_logits(ref.hf_model, batch[0], asked.token_ids), dim=-1)
+    for step, (token, lp) in enumerate(zip(asked.token_ids, asked.logprobs)):
+        assert lp.chosen.token_id == token and abs(lp.chosen.logprob - float(want[step, token])) < ATOL
+        top = torch.topk(want[step], 3)
+        assert [t.token_id for t in lp.top] == top.indices.tolist()
+        assert max(abs(t.logprob - v) for t, v in zip(lp.top, top.values.tolist())) < ATOL
+        assert lp.chosen.text == llm.tokenizer.decode([token])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvtier_engine.sampling import (
+    MAX_LOGPROBS,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     MIN_TEMPERATURE,
@@ -13,6 +14,7 @@ from kvtier_engine.sampling import (
     SamplingParams,
     filtered_probs,
     generator_for,
+    logprobs_of,
     sample,
 )
 
@@ -111,3 +113,21 @@ def test_a_top_p_below_float32s_range_keeps_the_top_token_and_samples(top_p):
     probs = filtered_probs(LOGITS, params)
     assert probs.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert sample(LOGITS[None], [params], [None]) == [0]
+
+
+def test_logprobs_of_gives_the_chosen_and_top_tokens_of_the_model_distribution():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.5, 0.5, 4.0, -1.0]])
+    want = torch.log_softmax(logits, dim=-1)
+    first, second = logprobs_of(logits, [2, 3], [2, 0])
+    assert first.chosen.token_id == 2 and first.chosen.logprob == pytest.approx(float(want[0, 2]))
+    assert [lp.token_id for lp in first.top] == [1, 2]
+    assert [lp.logprob for lp in first.top] == pytest.approx([float(want[0, 1]), float(want[0, 2])])
+    assert second.chosen.logprob == pytest.approx(float(want[1, 3])) and second.top == ()
+
+
+def test_logprobs_param_is_bounded():
+    assert SamplingParams(logprobs=MAX_LOGPROBS).logprobs == MAX_LOGPROBS
+    for bad in (-1, MAX_LOGPROBS + 1, 1.0, True):
+        with pytest.raises(InvalidSamplingParams) as err:
+            SamplingParams(logprobs=bad)
+        assert err.value.param == "logprobs"

@@ -3,7 +3,10 @@
     cli              the command line; process-wide setup (logging, signals) happens here only
     server           the FastAPI app (routes, error handlers, streaming) and uvicorn's lifecycle
     engine_loop      the engine stepping on its own thread; requests in, outputs out to asyncio
-    openai_protocol  pure functions: request parsing and validation, response and chunk bodies
+    openai_protocol  pure functions: completions request parsing and validation, response and chunk
+                     bodies, and the field checks and sampling parameters every endpoint shares
+    openai_chat      the same for chat completions (messages rendered by ../chat_template.py)
+    choices          one call, several engine requests: a batch of prompts, `n` choices each
     http_protocol    uvicorn's HTTP/1.1 protocol with a deadline on the request head
     body_limit       ASGI middleware bounding a request body's size
 

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=defaults.seed, help="random presets' weights")
     command.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda when present)")
     command.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    command.add_argument("--chat-template", metavar="FILE", default=None,
+                         help="a jinja2 chat template for /v1/chat/completions, replacing the model's own")
     command.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return parser
 
@@ -79,11 +81,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=args.max_num_batched_tokens)
         limits = ServerLimits(args.max_body_bytes, args.read_timeout, args.max_requests)
-        status = serve(options, args.host, args.port, args.served_model_name, args.log_level, limits)
+        template = _read_template(args.chat_template)
+        status = serve(options, args.host, args.port, args.served_model_name, args.log_level, limits,
+                       template)
     except ConfigError as exc:  # also what the tiers find wrong when they open (paths, sizes)
         print(f"kvtier_engine: configuration error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     sys.exit(status)
+
+
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--chat-template {path}: {exc}") from None
 
 
 def _size(flag: str):

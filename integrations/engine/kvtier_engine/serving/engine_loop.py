@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvtier_engine.llm_engine import LLMEngine, RequestOutput, StepFailed
-from kvtier_engine.sampling import SamplingParams
+from kvtier_engine.sampling import SamplingParams, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class RequestStream:
     Outputs the client has not taken yet are merged, not queued: each carries the whole text and
     token list so far, so one per step, held for a client that stopped reading (its socket full),
     would be memory quadratic in the request's length. `next()` returns the latest output with the
-    deltas (`new_text`, `new_token_ids`) of every output since the previous call joined."""
+    deltas (`new_text`, `new_token_ids`, `new_logprobs`) of every output since the previous call joined."""
 
     def __init__(self, request_id: str, abort: Callable[[str], None],
                  on_end: Callable[[], None] = lambda: None):
@@ -110,6 +110,7 @@ class RequestStream:
         self._latest: RequestOutput | None = None
         self._texts: list[str] = []
         self._tokens: list[int] = []
+        self._logprobs: list[TokenLogprobs] = []
         self._failure: RequestFailed | None = None
         self._arrived = asyncio.Event()
 
@@ -121,6 +122,7 @@ class RequestStream:
             self._latest = event
             self._texts.append(event.new_text)
             self._tokens.extend(event.new_token_ids)
+            self._logprobs.extend(event.new_logprobs)
         if isinstance(event, RequestFailed) or event.finished:
             self._end()
         self._arrived.set()
@@ -141,8 +143,9 @@ class RequestStream:
         output = self._latest
         if len(self._texts) > 1:
             output = dataclasses.replace(output, new_text="".join(self._texts),
-                                         new_token_ids=tuple(self._tokens))
-        self._latest, self._texts, self._tokens = None, [], []
+                                         new_token_ids=tuple(self._tokens),
+                                         new_logprobs=tuple(self._logprobs))
+        self._latest, self._texts, self._tokens, self._logprobs = None, [], [], []
         self.done = output.finished
         return output
 

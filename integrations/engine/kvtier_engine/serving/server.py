@@ -1,7 +1,10 @@
 """`kvtier_engine serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over one EngineLoop.
 
     POST /v1/completions  OpenAI completions; `stream: true` answers with server-sent events, each
-                          `data: {chunk}\\n\\n`, then `data: [DONE]\\n\\n`. One prompt per request.
+                          `data: {chunk}\\n\\n`, then `data: [DONE]\\n\\n`. A batch of prompts
+                          and `n` choices each are one engine request per choice (`choices.py`).
+    POST /v1/chat/completions  OpenAI chat: the messages rendered by the model's chat template
+                          (`chat_template.py`; `--chat-template` replaces it), then as completions.
     GET  /v1/models       the served model, in OpenAI's list shape
     GET  /health          200 {"status": "ok"} while the engine loop runs, else 503
     GET  /metrics         Prometheus text: the engine's metrics, and kvtier's when it is on
@@ -40,7 +43,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -51,10 +54,20 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from kvtier_engine.chat_template import InvalidChat, render_chat, without_double_bos
 from kvtier_engine.llm_engine import EngineOptions, LLMEngine, RequestOutput
 from kvtier_engine.serving.body_limit import BodyLimit
+from kvtier_engine.serving.choices import abort_all, all_finished, first_outputs, merged, submit_choices
 from kvtier_engine.serving.engine_loop import EngineLoop, RequestFailed, RequestStream
 from kvtier_engine.serving.http_protocol import HeadDeadlineProtocol
+from kvtier_engine.serving.openai_chat import (
+    ChatRequest,
+    chat_body,
+    chat_chunk,
+    chat_role_chunks,
+    chat_usage_chunk,
+    parse_chat_request,
+)
 from kvtier_engine.serving.openai_protocol import (
     CompletionHead,
     CompletionRequest,
@@ -102,6 +115,21 @@ class ServedModel:
     name: str  # what clients put in `model`
     max_model_len: int
     created: int  # unix seconds the server started
+    chat_template: str | None = None  # jinja2 text; None: /v1/chat/completions answers 400
+
+
+@dataclass(frozen=True, slots=True)
+class _Wire:
+    """How one endpoint writes what the engine produced: the whole body, or the stream's chunks."""
+
+    body: Callable[[CompletionHead, list[RequestOutput]], dict[str, Any]]  # every choice's final output
+    chunk: Callable[[CompletionHead, RequestOutput, int], dict[str, Any]]  # one output of choice i
+    usage_chunk: Callable[[CompletionHead, list[RequestOutput]], dict[str, Any]]
+    opening: Callable[[CompletionHead, int], list[dict[str, Any]]]  # chunks before the first outputs'
+
+
+_COMPLETIONS = _Wire(completion_body, completion_chunk, usage_chunk, lambda head, n: [])
+_CHAT = _Wire(chat_body, chat_chunk, chat_usage_chunk, chat_role_chunks)
 
 
 class _ModelNotFound(Exception):
@@ -119,6 +147,7 @@ def build_app(engine_loop: EngineLoop, model: ServedModel, limits: ServerLimits 
     _install_error_handlers(app)
     _add_info_routes(app, engine_loop, model)
     _add_completions_route(app, engine_loop, model, limits.read_timeout_s)
+    _add_chat_route(app, engine_loop, model, limits.read_timeout_s)
     return app
 
 
@@ -152,55 +181,97 @@ def _add_completions_route(app: FastAPI, engine_loop: EngineLoop, model: ServedM
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        try:
-            raw = await asyncio.wait_for(request.body(), read_timeout_s)
-        except TimeoutError:
-            raise HTTPException(408, f"the request body did not arrive within {read_timeout_s} s",
-                                headers={"Connection": "close"}) from None
-        except ClientDisconnect:  # gone mid-body: nobody to answer (it was 2 tracebacks at ERROR)
+        raw = await _read_body(request, read_timeout_s)
+        if raw is None:
             return Response(status_code=499)
         body = parse_completion_request(_decode_json(raw), model.max_model_len)
-        if body.model is not None and body.model != model.name:
-            raise _ModelNotFound(body.model)
-        head = CompletionHead(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name)
-        prompt = await _token_ids(body.prompt, tokenizer, model.max_model_len)
-        return await _respond(request, engine_loop.submit(prompt, body.params, head.id), head, body)
+        _check_model(body.model, model)
+        head = CompletionHead(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name,
+                              body.params.logprobs is not None, body.n)
+        prompts = [await _token_ids(prompt, tokenizer, model.max_model_len) for prompt in body.prompts]
+        streams = submit_choices(engine_loop, prompts, body.params, body.n, head.id)
+        return await _respond(request, streams, head, body, _COMPLETIONS)
 
 
-async def _respond(request: Request, stream: RequestStream, head: CompletionHead,
-                   body: CompletionRequest) -> Response:
-    """The response to a submitted request: an SSE stream or one JSON body. Whatever happens, the
-    request is aborted (a no-op once it is done) unless a streaming response has taken it over."""
+def _add_chat_route(app: FastAPI, engine_loop: EngineLoop, model: ServedModel, read_timeout_s: float) -> None:
+    """POST /v1/chat/completions: the messages rendered by the chat template (on a worker thread, as
+    tokenizing), then the completions path."""
+    tokenizer = engine_loop.engine.tokenizer
+    render = functools.partial(render_chat, template=model.chat_template,
+                               bos_token=getattr(tokenizer, "bos_token", None),
+                               eos_token=getattr(tokenizer, "eos_token", None))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        raw = await _read_body(request, read_timeout_s)
+        if raw is None:
+            return Response(status_code=499)
+        body = parse_chat_request(_decode_json(raw), model.max_model_len)
+        _check_model(body.model, model)
+        head = CompletionHead(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model.name,
+                              body.params.logprobs is not None, body.n)
+        try:
+            text = await asyncio.to_thread(render, body.messages)
+        except InvalidChat as exc:
+            raise InvalidRequest(exc.message, exc.param) from None
+        prompt = without_double_bos(await _token_ids(text, tokenizer, model.max_model_len, "messages"),
+                                    getattr(tokenizer, "bos_token_id", None))
+        streams = submit_choices(engine_loop, [prompt], body.params, body.n, head.id)
+        return await _respond(request, streams, head, body, _CHAT)
+
+
+async def _read_body(request: Request, read_timeout_s: float) -> bytes | None:
+    """The request's body, or None when the client left mid-body (nobody to answer)."""
+    try:
+        return await asyncio.wait_for(request.body(), read_timeout_s)
+    except TimeoutError:
+        raise HTTPException(408, f"the request body did not arrive within {read_timeout_s} s",
+                            headers={"Connection": "close"}) from None
+    except ClientDisconnect:  # it was 2 tracebacks at ERROR
+        return None
+
+
+def _check_model(asked: str | None, model: ServedModel) -> None:
+    if asked is not None and asked != model.name:
+        raise _ModelNotFound(asked)
+
+
+async def _respond(request: Request, streams: list[RequestStream], head: CompletionHead,
+                   body: CompletionRequest | ChatRequest, wire: _Wire) -> Response:
+    """The response to submitted requests (one per choice): an SSE stream or one JSON body. Whatever
+    happens, they are aborted (a no-op once done) unless a streaming response has taken them over."""
     streaming = False
     try:
         if body.stream:
-            first = await _unless_disconnected(request, stream.next())
+            firsts = await _unless_disconnected(request, first_outputs(streams))
             # From here the response's iterator, and its background task should the iterator
-            # never start, abort the request if the client leaves.
+            # never start, abort the requests if the client leaves.
             streaming = True
-            return StreamingResponse(_sse(stream, first, head, body), media_type="text/event-stream",
+            return StreamingResponse(_sse(streams, firsts, head, body, wire), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(stream.abort))
-        final = await _unless_disconnected(request, _until_finished(stream))
-        return JSONResponse(completion_body(head, final))
+                                     background=BackgroundTask(abort_all, streams))
+        finals = await _unless_disconnected(request, all_finished(streams))
+        return JSONResponse(wire.body(head, finals))
     except _ClientGone:
         logger.info("%s: client disconnected; request aborted", head.id)
         return Response(status_code=499)  # nobody reads it; the status is nginx's "client closed"
     finally:
-        # A no-op once the request is done; otherwise the client left or we were cancelled.
+        # A no-op once the requests are done; otherwise the client left or we were cancelled.
         if not streaming:
-            stream.abort()
+            abort_all(streams)
 
 
 def serve(options: EngineOptions, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, log_level: str = "info",
-          limits: ServerLimits = ServerLimits()) -> int:
+          limits: ServerLimits = ServerLimits(), chat_template: str | None = None) -> int:
     """Load the model, then serve until SIGINT/SIGTERM (returns 0) or until the engine becomes
     unusable (returns EXIT_ENGINE_FAILED); either way the engine is closed and kvtier drained first.
+    `chat_template` (jinja2 text) replaces the model's own.
 
     Blocking; it handles SIGINT and SIGTERM while serving, so call it from the main thread."""
     engine = LLMEngine(options)
-    model = ServedModel(served_model_name or options.model, engine.max_model_len, int(time.time()))
+    template = chat_template or getattr(engine.tokenizer, "chat_template", None)
+    model = ServedModel(served_model_name or options.model, engine.max_model_len, int(time.time()), template)
     return run_server(engine, model, host, port, log_level, limits)
 
 
@@ -274,40 +345,37 @@ def _exit_on_signals(server: uvicorn.Server) -> Iterator[None]:
 # -- completions ---------------------------------------------------------------------------------
 
 
-async def _token_ids(prompt: str | tuple[int, ...], tokenizer: Tokenizer, max_model_len: int) -> list[int]:
+async def _token_ids(prompt: str | tuple[int, ...], tokenizer: Tokenizer, max_model_len: int,
+                     param: str = "prompt") -> list[int]:
     if not isinstance(prompt, str):
         return list(prompt)
     try:
         ids = await asyncio.to_thread(tokenizer.encode, prompt)
     except ValueError as exc:  # e.g. a lone surrogate (JSON's "\ud800") cannot be encoded
-        raise InvalidRequest(f"the prompt cannot be tokenized: {exc}", "prompt") from None
-    check_prompt_length(len(ids), max_model_len)
+        raise InvalidRequest(f"the prompt cannot be tokenized: {exc}", param) from None
+    check_prompt_length(len(ids), max_model_len, param)
     return ids
 
 
-async def _until_finished(stream: RequestStream) -> RequestOutput:
-    while not (output := await stream.next()).finished:
-        pass
-    return output
-
-
-async def _sse(stream: RequestStream, first: RequestOutput, head: CompletionHead,
-               body: CompletionRequest) -> AsyncIterator[bytes]:
-    output = first
+async def _sse(streams: list[RequestStream], firsts: list[RequestOutput], head: CompletionHead,
+               body: CompletionRequest | ChatRequest, wire: _Wire) -> AsyncIterator[bytes]:
+    finals = list(firsts)
     try:
-        while True:
-            if output.new_text or output.finished:
-                yield _event(completion_chunk(head, output))
-            if output.finished:
-                break
-            output = await stream.next()
+        for chunk in wire.opening(head, len(streams)):
+            yield _event(chunk)
+        async with contextlib.aclosing(merged(streams, firsts)) as outputs:
+            async for index, output in outputs:
+                # A token with no text of its own yet still brings its log-probabilities.
+                if output.new_text or output.finished or output.new_logprobs:
+                    yield _event(wire.chunk(head, output, index))
+                finals[index] = output
         if body.include_usage:
-            yield _event(usage_chunk(head, output))
+            yield _event(wire.usage_chunk(head, finals))
     except RequestFailed as exc:
         yield _event(error_body(exc.message, _error_type(exc.status)))
     finally:
-        # Reached with the stream cancelled when the client disconnects: abort the request then.
-        stream.abort()
+        # Reached with the stream cancelled when the client disconnects: abort the requests then.
+        abort_all(streams)
     yield b"data: [DONE]\n\n"
 
 

@@ -315,8 +315,10 @@ def test_metrics_are_prometheus_text(servers):
     ({"prompt": "hi", "stop": "s" * 257}, 400, "stop"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
-    ({"prompt": ["one", "two"]}, 400, "prompt"),  # batches of several prompts are refused
-    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": ["one", ""]}, 400, "prompt"),  # a batch is refused whole for one bad prompt
+    ({"prompt": ["one"] * 65}, 400, "prompt"),  # batches and n are bounded (MAX_CHOICES)
+    ({"prompt": "hi", "n": 0}, 400, "n"),
+    ({"prompt": ["one", "two"], "n": 33}, 400, "n"),
     ({"prompt": "hi", "max_token": 5}, 400, "max_token"),
     ({"prompt": [1, 2, 100000]}, 400, None),  # past the vocabulary: the engine refuses it
     ({"prompt": [1, 2, 100000], "stream": True}, 400, None),  # still a status, not a broken stream
@@ -812,12 +814,13 @@ class RecordingEngine(FakeEngine):
         super().add_request(prompt, params, request_id)
 
 
-async def asgi_post(app, body: dict | bytes, length: int | None = None) -> tuple[int, dict | None]:
-    """POST /v1/completions to an ASGI app, in-process; a `length` over the body's is a client that
+async def asgi_post(app, body: dict | bytes, length: int | None = None,
+                    path: str = "/v1/completions") -> tuple[int, dict | None]:
+    """POST `path` to an ASGI app, in-process; a `length` over the body's is a client that
     disconnects after sending what it has."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
              "root_path": "", "headers": [(b"content-type", b"application/json"),
                                           (b"content-length", str(length or len(raw)).encode())],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
