@@ -1,10 +1,12 @@
 """What every benchmark here shares: console and logging, a scratch folder that is removed
-afterwards, the progress bar, the machine description, and writing the results.
+afterwards, the progress bar, the machine description, the shape of the model a spec names, and
+writing the results.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -19,6 +21,12 @@ import torch
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kvtier_engine.model_config import ModelConfig
+from kvtier_engine.models.gguf import gguf_config
+from kvtier_engine.models.gguf_file import gguf_path, open_gguf
+from kvtier_engine.models.loader import RANDOM_PREFIX
+from kvtier_engine.models.presets import PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,23 @@ def scratch_run(base: Path) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
         if base.is_dir() and not any(base.iterdir()):
             base.rmdir()
+
+
+@functools.cache
+def model_config(spec: str) -> ModelConfig:
+    """The shape of the model the engine loads for `spec`, resolved as its loader does: a
+    `random:<preset>`, a named model (e.g. smollm2-135m-instruct), a .gguf file or a Hugging Face
+    folder. Cached: a GGUF header takes seconds to parse and every setup's engine asks."""
+    if spec.startswith(RANDOM_PREFIX):
+        name = spec.removeprefix(RANDOM_PREFIX)
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {spec!r}; presets: {[RANDOM_PREFIX + n for n in PRESETS]}")
+        return PRESETS[name]
+    path = gguf_path(spec)
+    if path is not None:
+        file = open_gguf(path)
+        return gguf_config(file.metadata, {t.name for t in file.tensors}, path)
+    return ModelConfig.from_folder(spec)
 
 
 def progress_bar(console: Console) -> Progress:

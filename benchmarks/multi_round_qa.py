@@ -4,6 +4,7 @@ side by side in one process.
 
     .venv/bin/python benchmarks/multi_round_qa.py          # full run: 4 users x 4 rounds, 1,536-token context
     .venv/bin/python benchmarks/multi_round_qa.py --quick  # smoke run: 512-token contexts, 3 rounds
+    .venv/bin/python benchmarks/multi_round_qa.py --quick --model smollm2-135m-instruct  # the trained model
 
 Each user holds a conversation: a context of its own (a system prompt and documents, seeded token
 ids), then per round a question of 50-100 tokens; the prompt of round r is the whole conversation so
@@ -38,10 +39,10 @@ QUESTION_TOKENS = (50, 100)
 
 def measure(args: argparse.Namespace, all_setups: list[shared.Setup], console: Console) -> list[shared.Query]:
     rng = np.random.default_rng(args.seed)
-    contexts = [rng.integers(0, 32_000, args.context_tokens).tolist() for _ in range(args.users)]
+    contexts = [shared.token_ids(rng, args.context_tokens, args.model) for _ in range(args.users)]
     lo, hi = QUESTION_TOKENS
-    questions = [[rng.integers(0, 32_000, int(rng.integers(lo, hi + 1))).tolist() for _ in range(args.rounds)]
-                 for _ in range(args.users)]
+    questions = [[shared.token_ids(rng, int(rng.integers(lo, hi + 1)), args.model)
+                  for _ in range(args.rounds)] for _ in range(args.users)]
     params = SamplingParams(max_tokens=args.answer_tokens, temperature=0, ignore_eos=True)
     order = [(r, u) for r in range(args.rounds) for u in range(args.users)]  # round-robin over users
 

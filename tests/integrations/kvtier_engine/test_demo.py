@@ -1,0 +1,53 @@
+"""`make demo` (kvtier_engine.demo) on the tiny random preset: both engines give the same tokens,
+and a second process finds round 1 in the disk tier the first one filled. The real-model run
+(smollm2-135m-instruct) takes minutes on CPU: the closing note records it."""
+
+from __future__ import annotations
+
+from kvtier_engine import demo
+
+CONFIG = "chunk_size: 64\ncpu:\n  capacity: 64MiB\ndisk:\n  path: {path}\n  capacity: 256MiB\n"
+
+
+def test_the_demo_matches_answers_and_a_second_run_loads_round_one_from_disk(tmp_path, capsys):
+    config = tmp_path / "kvtier.yaml"
+    config.write_text(CONFIG.format(path=tmp_path / "disk"))
+    argv = ["--config", str(config), "--model", "random:llama-tiny", "--doc-tokens", "256", "--rounds", "2"]
+
+    assert demo.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "answers identical with and without kvtier in all 4 rounds" in first
+    assert "Round 1 of each session was computed" in first
+
+    assert demo.main(argv) == 0
+    second = capsys.readouterr().out
+    assert "multi-round chat, round 1: served from the disk tier" in second
+    assert "long-document Q&A, round 1: served from the disk tier" in second
+
+
+def test_the_chat_s_later_rounds_hold_the_model_s_earlier_answers():
+    chat = demo.text_sessions(_ChatTokenizer(), 64, 3)["multi-round chat"]
+    answers: list[str] = []
+    prompts = []
+    for i, ids in enumerate(chat(answers)):
+        prompts.append(bytes(ids).decode())
+        answers.append(f"ANSWER-{i}")
+    assert len(prompts) == 3
+    assert "ANSWER-0" not in prompts[0] and "ANSWER-0" in prompts[1]
+    assert "ANSWER-0" in prompts[2] and "ANSWER-1" in prompts[2]
+    assert prompts[2].startswith(prompts[1].rsplit("<|im_start|>assistant", 1)[0])
+
+
+class _ChatTokenizer:
+    """Bytes as ids, with a ChatML template like SmolLM2's."""
+
+    chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    bos_token = eos_token = None
+    bos_token_id = eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode(errors="replace")
