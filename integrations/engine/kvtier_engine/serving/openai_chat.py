@@ -34,6 +34,7 @@ from kvtier_engine.serving.openai_protocol import (
     request_head,
     sampling_params,
     usage,
+    usage_chunk,
 )
 
 _FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
@@ -121,8 +122,7 @@ def chat_chunk(head: CompletionHead, output: RequestOutput, index: int = 0) -> d
 
 
 def chat_usage_chunk(head: CompletionHead, outputs: list[RequestOutput]) -> dict[str, Any]:
-    return {"id": head.id, "object": "chat.completion.chunk", "created": head.created, "model": head.model,
-            "choices": [], "usage": chat_usage(outputs, head.n)}
+    return usage_chunk(head, outputs, "chat.completion.chunk", chat_usage)
 
 
 def chat_usage(outputs: list[RequestOutput], n: int = 1) -> dict[str, Any]:

@@ -21,6 +21,7 @@ A `null` field means its default, as in OpenAI's API.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,10 +160,12 @@ def completion_chunk(head: CompletionHead, output: RequestOutput, index: int = 0
     return chunk
 
 
-def usage_chunk(head: CompletionHead, outputs: list[RequestOutput]) -> dict[str, Any]:
-    """`stream_options.include_usage`: the chunk after the last, with no choices (OpenAI's shape)."""
-    return {"id": head.id, "object": "text_completion", "created": head.created, "model": head.model,
-            "choices": [], "usage": usage(outputs, head.n)}
+def usage_chunk(head: CompletionHead, outputs: list[RequestOutput], object_: str = "text_completion",
+                count: Callable[[list[RequestOutput], int], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`stream_options.include_usage`: the chunk after the last, with no choices (OpenAI's shape).
+    Chat passes its own object name and usage (with cached tokens)."""
+    return {"id": head.id, "object": object_, "created": head.created, "model": head.model,
+            "choices": [], "usage": (count or usage)(outputs, head.n)}
 
 
 def usage(outputs: list[RequestOutput], n: int = 1) -> dict[str, int]:

@@ -181,13 +181,10 @@ def _add_completions_route(app: FastAPI, engine_loop: EngineLoop, model: ServedM
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        raw = await _read_body(request, read_timeout_s)
-        if raw is None:
+        read = await _read_request(request, read_timeout_s, parse_completion_request, model, "cmpl")
+        if read is None:
             return Response(status_code=499)
-        body = parse_completion_request(_decode_json(raw), model.max_model_len)
-        _check_model(body.model, model)
-        head = CompletionHead(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model.name,
-                              body.params.logprobs is not None, body.n)
+        body, head = read
         prompts = [await _token_ids(prompt, tokenizer, model.max_model_len) for prompt in body.prompts]
         streams = submit_choices(engine_loop, prompts, body.params, body.n, head.id)
         return await _respond(request, streams, head, body, _COMPLETIONS)
@@ -203,13 +200,10 @@ def _add_chat_route(app: FastAPI, engine_loop: EngineLoop, model: ServedModel, r
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        raw = await _read_body(request, read_timeout_s)
-        if raw is None:
+        read = await _read_request(request, read_timeout_s, parse_chat_request, model, "chatcmpl")
+        if read is None:
             return Response(status_code=499)
-        body = parse_chat_request(_decode_json(raw), model.max_model_len)
-        _check_model(body.model, model)
-        head = CompletionHead(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model.name,
-                              body.params.logprobs is not None, body.n)
+        body, head = read
         try:
             text = await asyncio.to_thread(render, body.messages)
         except InvalidChat as exc:
@@ -218,6 +212,20 @@ def _add_chat_route(app: FastAPI, engine_loop: EngineLoop, model: ServedModel, r
                                     getattr(tokenizer, "bos_token_id", None))
         streams = submit_choices(engine_loop, [prompt], body.params, body.n, head.id)
         return await _respond(request, streams, head, body, _CHAT)
+
+
+async def _read_request(request: Request, read_timeout_s: float, parse: Callable[[object, int | None], Any],
+                        model: ServedModel, id_prefix: str) -> tuple[Any, CompletionHead] | None:
+    """The parsed, checked body of a completions or chat request and the head of its answer; None
+    when the client left mid-body."""
+    raw = await _read_body(request, read_timeout_s)
+    if raw is None:
+        return None
+    body = parse(_decode_json(raw), model.max_model_len)
+    _check_model(body.model, model)
+    head = CompletionHead(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model.name,
+                          body.params.logprobs is not None, body.n)
+    return body, head
 
 
 async def _read_body(request: Request, read_timeout_s: float) -> bytes | None:
