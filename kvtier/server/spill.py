@@ -21,6 +21,7 @@ tier counts it (`kvtier_tier_corrupt_total{tier="disk"}`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from kvtier.server.store import StoreCounters
 
 logger = logging.getLogger(__name__)
+
+RETRY_PER_PUT = 64  # leftover files (unlinks that failed for want of fds) retried at each put
 
 _NAMESPACE_DIR = re.compile(f"[0-9a-f]{{{2 * NAMESPACE_BYTES}}}")
 # Namespace directories held open at once, least recently used closed first: clients choose their
@@ -127,7 +130,8 @@ class Spill:
         size = file_bytes(payload.nbytes)
         if size > self.capacity:
             return False
-        self._unlink(list(self._undeleted), retry=True)
+        if self._undeleted:  # a bounded retry per put, not a copy of every leftover each time
+            self._unlink(list(itertools.islice(self._undeleted, RETRY_PER_PUT)), retry=True)
         self.remove([key])
         ck = ChunkKey.from_bytes(key)
         try:
