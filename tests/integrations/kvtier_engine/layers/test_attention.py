@@ -1,5 +1,6 @@
-"""Tests for the paged half of kvtier_engine/layers/attention.py (BatchMetadata, PagedAttention)
-against the reference backend, ContiguousKVCache.
+"""Tests for kvtier_engine/layers/attention.py: `causal_attention` against the attention formula
+written out, then the paged half (BatchMetadata, PagedAttention) against the reference backend,
+ContiguousKVCache.
 
 Sequences of mixed lengths run together through one PagedKVCache with shuffled block tables, the way
 the scheduler will run them: all prefilled in one call, prefilled in chunks beside other sequences'
@@ -20,13 +21,56 @@ import torch
 
 from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.kv_cache import PagedKVCache
-from kvtier_engine.layers.attention import BatchMetadata, ContiguousKVCache, PagedAttention
+from kvtier_engine.layers.attention import (
+    QUERY_BLOCK,
+    BatchMetadata,
+    ContiguousKVCache,
+    PagedAttention,
+    causal_attention,
+)
 from kvtier_engine.models.loader import load_model
 
 ATOL = 1e-4  # as in models/test_llama.py: how the prompt is split into calls alone moves fp32 logits by ~3e-5
 LENGTHS = [5, 37, 64]  # prompts: under one block, a partial last block, whole blocks (of 16)
 DECODE = 3  # tokens decoded after each prompt; 64 + 3 crosses a block boundary
 MODELS = ["llama", "mistral-window-8", "qwen2-window-8-from-layer-1"]
+
+
+def written_out_attention(q, k, v, start, window):
+    """softmax(q k^T / sqrt(D) + mask) v per query head, its KV head q_head // group, in fp64."""
+    t, hq, d = q.shape
+    group = hq // k.shape[1]
+    out = torch.empty(t, hq, d, dtype=torch.float64)
+    for i in range(t):
+        pos = start + i
+        keys = [j for j in range(k.shape[0]) if j <= pos and (window is None or j > pos - window)]
+        for h in range(hq):
+            kh, vh = k[keys, h // group].double(), v[keys, h // group].double()
+            probs = torch.softmax(kh @ q[i, h].double() / d ** 0.5, dim=0)
+            out[i, h] = probs @ vh
+    return out
+
+
+# (new tokens, cached tokens before them, window): a whole prompt, a decode step, a chunk after a
+# cache, a chunk longer than a query block, and windows shorter and longer than what is cached.
+CASES = [(40, 0, None), (1, 70, None), (23, 50, None), (QUERY_BLOCK + 9, 30, None), (40, 0, 8),
+         (1, 70, 8), (1, 5, 8), (1, 8, 8), (23, 50, 16), (QUERY_BLOCK + 9, 30, 64)]
+
+
+@pytest.mark.parametrize("new, cached, window", CASES)
+def test_causal_attention_is_the_formula_written_out(new, cached, window):
+    gen = torch.Generator().manual_seed(new + cached)
+    q = torch.randn(new, 6, 16, generator=gen) * 2  # 6 query heads over 2 KV heads
+    k = torch.randn(cached + new, 2, 16, generator=gen) * 2
+    v = torch.randn(cached + new, 2, 16, generator=gen)
+    want = written_out_attention(q, k, v, cached, window)
+    got = causal_attention(q, k, v, cached, window)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert max_error(got.double(), want) < 1e-5
+    half = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cached, window)
+    assert half.dtype == torch.bfloat16
+    assert max_error(half.double(), written_out_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cached,
+                                                         window)) < 2e-2
 
 
 @pytest.fixture(scope="module", params=MODELS)
