@@ -58,8 +58,10 @@ from kvtier.errors import ConfigError
 __all__ = [
     # the configuration and its loaders
     "KvtierConfig", "CpuConfig", "DiskConfig", "RedisConfig", "RemoteConfig", "ServerConfig", "SpillConfig",
-    "load_config", "load_server_config", "override", "parse_size", "ConfigError",
-    "ENV_PREFIX", "ENV_CONFIG", "SERVER_ENV_PREFIX", "SERVER_ENV_CONFIG", "DEFAULT_SOURCE",
+    "FleetConfig", "ControllerConfig",
+    "load_config", "load_server_config", "load_controller_config", "override", "parse_size", "ConfigError",
+    "ENV_PREFIX", "ENV_CONFIG", "SERVER_ENV_PREFIX", "SERVER_ENV_CONFIG", "CONTROLLER_ENV_PREFIX",
+    "CONTROLLER_ENV_CONFIG", "DEFAULT_SOURCE",
     "GiB", "MAX_SIZE", "MAX_SECONDS", "MAX_REDIS_CONNECTIONS", "MAX_TOKEN_BYTES",
     # re-exported from their own modules (config_values, config_yaml), where they are defined
     "check_directory", "check_host", "check_memory", "check_text", "check_url", "hide_url_secrets",
@@ -70,6 +72,8 @@ ENV_PREFIX = "KVTIER_"
 ENV_CONFIG = "KVTIER_CONFIG"
 SERVER_ENV_PREFIX = "KVTIER_SERVER_"
 SERVER_ENV_CONFIG = "KVTIER_SERVER_CONFIG"
+CONTROLLER_ENV_PREFIX = "KVTIER_CONTROLLER_"
+CONTROLLER_ENV_CONFIG = "KVTIER_CONTROLLER_CONFIG"
 MAX_SECONDS = 365 * 86400  # a timeout, TTL or interval; a year is already "never"
 MAX_REDIS_CONNECTIONS = 10_000  # Redis's own default maxclients; redis-py fills its pool up front
 # A token travels in the HELLO frame, whose strings kvtier.wire.frames caps at MAX_TEXT_BYTES:
@@ -169,6 +173,22 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """The `controller:` section of an instance (a CacheEngine, kvtier_server): join a fleet."""
+
+    url: str = _url("http://127.0.0.1:7100", ("http", "https"))  # the kvtier_controller
+    instance_id: str | None = None  # None: "<host name>-<pid>"; set it to keep one id across restarts
+    token: str | None = _secret()  # the controller's shared secret, when it has one
+    heartbeat_s: float = _seconds(2.0, 0.05)  # between heartbeats (and at most between event batches)
+    timeout_s: float = _seconds(5.0, 0.001)  # per request to the controller
+    # Where this instance takes the controller's commands (HTTP, a per-process secret): 0 = any port.
+    command_host: str = field(default="127.0.0.1", metadata={"host": True})
+    command_port: int = field(default=0, metadata={"min": 0, "max": 65535})
+    advertise_host: str | None = field(default=None, metadata={"host": True})  # None: command_host
+    max_pending_events: int = _at_least(100_000, 1)  # keys queued for the controller; beyond: dropped
+
+
+@dataclass(frozen=True, slots=True)
 class KvtierConfig:
     chunk_size: int = _at_least(256, 1)
     save_partial_chunks: bool = False
@@ -180,6 +200,7 @@ class KvtierConfig:
     disk: DiskConfig | None = field(default_factory=DiskConfig)  # None: no disk tier
     redis: RedisConfig | None = None  # None: no Redis tier
     remote: RemoteConfig | None = None  # None: no kvtier_server tier
+    controller: FleetConfig | None = None  # None: not part of a fleet
     # Where the config came from, for messages; not a config key.
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
 
@@ -211,7 +232,29 @@ class ServerConfig:
     send_timeout_s: float = _seconds(30.0, 0.001)  # replies queued, none sent this long: closed
     spill: SpillConfig | None = None  # None: evicted records are dropped
     stats_interval_s: float = _seconds(60.0, 0.0)  # one traffic log line per interval; 0 = never
+    controller: FleetConfig | None = None  # None: not part of a fleet
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    """`kvtier_controller`: `load_controller_config`, env overrides `KVTIER_CONTROLLER_<KEY>`."""
+
+    host: str = field(default="127.0.0.1", metadata={"host": True})
+    port: int = field(default=7100, metadata={"min": 0, "max": 65535})  # 0: any free port (printed)
+    token: str | None = _secret()  # shared secret on every endpoint but /health; None = no auth
+    # Where the chunk index and the instance registry live: None = this process's memory; a Redis URL
+    # (redis://, rediss://, unix://) = Redis, so that several controllers behind one address answer the same.
+    index: str | None = field(default=None, metadata={"url": ("redis", "rediss", "unix")})
+    index_cluster: bool = False  # `index` names a node of a Redis Cluster
+    index_timeout_s: float = _seconds(1.0, 0.001)  # per Redis round trip
+    heartbeat_timeout_s: float = _seconds(10.0, 0.1)  # silent this long: down, its keys leave the index
+    command_timeout_s: float = _seconds(30.0, 0.001)  # a command to an instance (a move may write GBs)
+    max_body_bytes: int = _size(64 << 20)  # largest request body
+    source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
+
+    def __repr__(self) -> str:
+        return _repr_redacting_urls(self)
 
 
 def load_config(
@@ -219,7 +262,8 @@ def load_config(
 ) -> KvtierConfig:
     """Defaults, then the YAML file (`path`, else `$KVTIER_CONFIG`), then `KVTIER_*` overrides."""
     # The server's variables share kvtier's prefix: this loader skips them.
-    return load(KvtierConfig, path, env, prefix=ENV_PREFIX, config_var=ENV_CONFIG, foreign=SERVER_ENV_PREFIX)
+    return load(KvtierConfig, path, env, prefix=ENV_PREFIX, config_var=ENV_CONFIG,
+                foreign=(SERVER_ENV_PREFIX, CONTROLLER_ENV_PREFIX))
 
 
 def load_server_config(
@@ -228,3 +272,13 @@ def load_server_config(
     """`kvtier_server`'s config: defaults, the YAML file (`path`, else `$KVTIER_SERVER_CONFIG`), then
     `KVTIER_SERVER_*` overrides (`KVTIER_SERVER_PORT=7001`, `KVTIER_SERVER_SPILL__PATH=/nvme`)."""
     return load(ServerConfig, path, env, prefix=SERVER_ENV_PREFIX, config_var=SERVER_ENV_CONFIG)
+
+
+def load_controller_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> ControllerConfig:
+    """`kvtier_controller`'s config: defaults, the YAML file (`path`, else `$KVTIER_CONTROLLER_CONFIG`),
+    then `KVTIER_CONTROLLER_*` overrides (`KVTIER_CONTROLLER_TOKEN`, `KVTIER_CONTROLLER_INDEX=redis://..`)."""
+    # KVTIER_CONTROLLER__* (two underscores) belong to an instance's `controller:` section.
+    return load(ControllerConfig, path, env, prefix=CONTROLLER_ENV_PREFIX, config_var=CONTROLLER_ENV_CONFIG,
+                foreign=CONTROLLER_ENV_PREFIX + "_")

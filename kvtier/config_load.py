@@ -51,7 +51,7 @@ Origins = dict[str, str]  # dotted key -> where its value came from, for the mac
 
 
 def load(root: type, path: str | os.PathLike[str] | None, env: Mapping[str, str] | None, *, prefix: str,
-         config_var: str, foreign: str | None = None) -> Any:
+         config_var: str, foreign: str | tuple[str, ...] | None = None) -> Any:
     """A `root` built from its defaults, the YAML file (`path`, else `env[config_var]`, else none),
     then the `prefix*` variables of `env` (default `os.environ`) except `config_var` and those
     starting with `foreign` (another loader's variables sharing this prefix)."""
@@ -93,12 +93,12 @@ def override(config: Any, origin: str, values: Mapping[str, object]) -> Any:
 
 
 def _env_overrides(env: Mapping[str, str], prefix: str, config_var: str,
-                   foreign: str | None) -> list[tuple[list[str], str, str]]:
+                   foreign: str | tuple[str, ...] | None) -> list[tuple[list[str], str, str]]:
     """(lower-cased key path, variable name, text) of each override, in the order to apply them."""
     overrides = []
     seen: dict[str, str] = {}  # lower-cased key -> the variable that set it
     for name, text in env.items():
-        if name.startswith(prefix) and name != config_var and not (foreign and name.startswith(foreign)):
+        if name.startswith(prefix) and name != config_var and not _is_foreign(name, foreign or ()):
             parts = name[len(prefix) :].lower().split("__")
             other = seen.setdefault("__".join(parts), name)
             if other != name:  # KVTIER_CHUNK_SIZE and KVTIER_chunk_size: which one was meant?
@@ -109,6 +109,14 @@ def _env_overrides(env: Mapping[str, str], prefix: str, config_var: str,
     # the environment's iteration order, rather than depending on which variable came last.
     overrides.sort(key=lambda item: (len(item[0]), item[1]))
     return overrides
+
+
+def _is_foreign(name: str, foreign: str | tuple[str, ...]) -> bool:
+    """Whether `name` is another loader's variable: it starts with one of the `foreign` prefixes and
+    goes on with a key, not with "_" (KVTIER_CONTROLLER_TOKEN is kvtier_controller's token, while
+    KVTIER_CONTROLLER__URL is the url of an instance's `controller:` section)."""
+    prefixes = (foreign,) if isinstance(foreign, str) else foreign
+    return any(name.startswith(p) and not name[len(p):].startswith("_") for p in prefixes)
 
 
 def _set_path(obj: Any, parts: list[str], text: str, prefix: str, origin: str, origins: Origins) -> Any:

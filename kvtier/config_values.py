@@ -99,17 +99,17 @@ def check_url(url: str, schemes: tuple[str, ...], where: str) -> None:
         raise ConfigError(f"{where}: URL needs a host; got {shown}")
     if port == 0 or (port is None and parts.scheme == "kvtier"):
         raise ConfigError(f"{where}: URL needs a port in 1-65535; got {shown}")
-    if parts.scheme == "kvtier":
+    if parts.scheme in ("kvtier", "http", "https"):
         # The token has its own key; userinfo in a URL ends up in logs.
         if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"{where}: expected kvtier://host:port; got {shown}")
-    elif not re.fullmatch(r"/?\d*", parts.path):
+            raise ConfigError(f"{where}: expected {parts.scheme}://host:port; got {shown}")
+        return
+    if not re.fullmatch(r"/?\d*", parts.path):
         raise ConfigError(f"{where}: the path of a redis:// URL is the database number; got {shown}")
-    if parts.scheme != "kvtier":
-        for name in parse_qs(parts.query, keep_blank_values=True):
-            if not _REDIS_URL_OPTIONS.fullmatch(name):
-                raise ConfigError(f"{where}: URL option {show_key(name)} is not allowed (timeouts, pool "
-                                  f"size and retries are redis.* keys); got {shown}")
+    for name in parse_qs(parts.query, keep_blank_values=True):
+        if not _REDIS_URL_OPTIONS.fullmatch(name):
+            raise ConfigError(f"{where}: URL option {show_key(name)} is not allowed (timeouts, pool "
+                              f"size and retries are redis.* keys); got {shown}")
 
 
 # What redis-py may take from a URL's query. The rest (`socket_timeout`, `max_connections`,

@@ -1,0 +1,207 @@
+"""The fleet's JSON messages: every body that crosses between kvtier_controller, its instances (a
+CacheEngine or kvtier_server that joined through a `controller:` config section) and the `kvtier` CLI.
+
+One model per body, validated on arrival with bounds (ids, key strings, list lengths), so a hostile
+or broken peer gets a 422 naming the field, never an unbounded allocation. The controller's FastAPI
+app publishes them in its OpenAPI document; the agent and the CLI build and parse the same models.
+
+Chunk keys travel as 48 lower-case hex characters: the 8-byte namespace digest then the 16-byte
+prefix-chained hash (`kvtier.keys.ChunkKey.hex()`), so a key is meaningful without its sender.
+
+Flows (instance side in kvtier.fleet.agent, controller side in kvtier.controller):
+
+    instance -> controller   POST /v1/instances/register   Registration   -> RegisterReply
+                             POST /v1/instances/{id}/heartbeat  Heartbeat -> HeartbeatReply
+                             POST /v1/instances/{id}/events     EventBatch -> EventsReply
+    controller -> instance   POST {command_url}/v1/command      Command    -> CommandReply
+                             (Authorization: Bearer <the instance's command_token>)
+    clients -> controller    /v1/lookup, /v1/route, /v1/pin, /v1/unpin, /v1/move, /v1/clear, ...
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TOKENS = 1 << 20  # tokens in one lookup/route/pin/... request (a 1M-token prompt)
+MAX_EVENT_KEYS = 65_536  # keys in one EventBatch, all events together
+MAX_TIERS = 16
+
+InstanceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+KeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{48}$")]
+NamespaceHex = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+TierName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+ModelId = Annotated[str, Field(min_length=1, max_length=512)]
+Token = Annotated[int, Field(ge=0, lt=2**32)]
+Tokens = Annotated[list[Token], Field(max_length=MAX_TOKENS)]
+Count = Annotated[int, Field(ge=0, lt=2**63)]
+
+
+class Message(BaseModel):
+    # Unknown fields are an error: a typo in a script is reported, not ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- instance -> controller ----------------------------------------------------------------------
+
+class TierUsage(Message):
+    name: TierName
+    chunks: Count
+    bytes_used: Count
+    capacity_bytes: Count
+
+
+class Registration(Message):
+    instance_id: InstanceId
+    kind: Literal["engine", "server"]
+    command_url: Annotated[str, Field(pattern=r"^https?://[^\s/@?#]+$", max_length=300)]
+    command_token: Annotated[str, Field(min_length=16, max_length=256)]  # never shown by the controller
+    # An engine's namespace; a kvtier_server holds many and sends None (its keys carry their own).
+    model_id: ModelId | None
+    namespace: NamespaceHex | None
+    chunk_size: Annotated[int, Field(ge=1, le=1 << 20)]
+    save_partial_chunks: bool = False
+    layout: Annotated[str, Field(max_length=512)] = ""  # KVLayout.describe(), for people
+    tiers: Annotated[list[TierUsage], Field(max_length=MAX_TIERS)]
+
+
+class RegisterReply(Message):
+    heartbeat_timeout_s: float  # miss heartbeats this long and the instance is down
+    session: str  # changes when the controller loses its state: the instance re-registers
+
+
+class Heartbeat(Message):
+    session: Annotated[str, Field(max_length=128)]  # from RegisterReply
+    tiers: Annotated[list[TierUsage], Field(max_length=MAX_TIERS)]
+
+
+class HeartbeatReply(Message):
+    # False: the controller does not know this instance (restarted, or marked it down): register
+    # again and send the full key set.
+    known: bool
+
+
+class KeyEvent(Message):
+    # stored: the keys are now in `tier`; evicted: they left `tier` (evicted, moved away, deleted);
+    # cleared: every key of this instance left `tier` (keys empty); reset: every key of this
+    # instance left every tier (tier and keys empty): the first event of a full re-send.
+    op: Literal["stored", "evicted", "cleared", "reset"]
+    tier: TierName | None = None
+    keys: Annotated[list[KeyHex], Field(max_length=MAX_EVENT_KEYS)] = []
+
+
+class EventBatch(Message):
+    session: Annotated[str, Field(max_length=128)]
+    seq: Count  # per instance, +1 per batch: a gap means lost events and the controller says resync
+    events: Annotated[list[KeyEvent], Field(max_length=MAX_EVENT_KEYS)]
+
+
+class EventsReply(Message):
+    known: bool  # as in HeartbeatReply
+    resync: bool = False  # a batch was lost (seq gap): send a reset and the full key set
+
+
+# -- controller -> instance ----------------------------------------------------------------------
+
+class Command(Message):
+    # pin/unpin/move act on the leading `keys` this instance holds (a prompt's prefix); clear on a
+    # tier or on everything (tier None); stats returns the tiers' usage.
+    op: Literal["pin", "unpin", "move", "clear", "stats"]
+    keys: Annotated[list[KeyHex], Field(max_length=MAX_TOKENS)] = []
+    tier: TierName | None = None  # move: the destination; clear: the tier (None: all)
+    copy_: bool = Field(False, alias="copy")  # move: keep the source copy too
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class CommandReply(Message):
+    chunks: Count  # chunks pinned / unpinned / moved / removed
+    tiers: Annotated[list[TierUsage], Field(max_length=MAX_TIERS)] = []
+
+
+# -- clients -> controller -----------------------------------------------------------------------
+
+class PromptRequest(Message):
+    model_id: ModelId
+    tokens: Tokens
+
+
+class AdminRequest(PromptRequest):
+    instance_id: InstanceId | None = None  # None: every instance of the model that is up
+
+
+class MoveRequest(PromptRequest):
+    instance_id: InstanceId
+    to: TierName
+    copy_: bool = Field(False, alias="copy")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ClearRequest(Message):
+    instance_id: InstanceId | None = None
+    tier: TierName | None = None
+
+
+class InstanceHit(Message):
+    instance_id: str
+    hit_tokens: int  # leading tokens of the prompt this instance holds (a chunk boundary)
+    chunk_size: int
+    tiers: list[str]  # per hit chunk, the fastest tier holding it
+
+
+class LookupReply(Message):
+    model_id: str
+    num_tokens: int
+    hit_tokens: int  # the longest prefix any instance holds
+    instances: list[InstanceHit]  # every instance of the model that is up, longest hit first
+
+
+class RouteEntry(Message):
+    instance_id: str
+    hit_tokens: int
+    free_bytes: int  # capacity left in its fastest tier
+
+
+class RouteReply(Message):
+    instances: list[RouteEntry]  # engines of the model that are up: longest hit, then most free
+
+
+class InstanceResult(Message):
+    instance_id: str
+    chunks: int
+
+
+class AdminReply(Message):
+    results: list[InstanceResult]
+
+
+class InstanceView(Message):
+    instance_id: str
+    kind: str
+    address: str  # its command URL
+    model_id: str | None
+    namespace: str | None
+    chunk_size: int
+    layout: str
+    tiers: list[TierUsage]
+    last_heartbeat_s: float  # seconds since its last heartbeat
+    up: bool
+    chunks_indexed: int
+
+
+class InstancesReply(Message):
+    instances: list[InstanceView]
+
+
+class StatsReply(Message):
+    instances_up: int
+    instances_down: int
+    index_chunks: int  # (key, instance) entries in the index
+    index_bytes: int  # estimated memory of the index (0 when it lives in Redis)
+    requests: dict[str, int]  # per endpoint
+
+
+class ErrorReply(Message):
+    detail: str
