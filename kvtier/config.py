@@ -279,6 +279,7 @@ def load_controller_config(
 ) -> ControllerConfig:
     """`kvtier_controller`'s config: defaults, the YAML file (`path`, else `$KVTIER_CONTROLLER_CONFIG`),
     then `KVTIER_CONTROLLER_*` overrides (`KVTIER_CONTROLLER_TOKEN`, `KVTIER_CONTROLLER_INDEX=redis://..`)."""
-    # KVTIER_CONTROLLER__* (two underscores) belong to an instance's `controller:` section.
+    # KVTIER_CONTROLLER__* (two underscores) belong to an instance's `controller:` section, and
+    # KVTIER_CONTROLLER_URL to the `kvtier` CLI (where it finds the controller).
     return load(ControllerConfig, path, env, prefix=CONTROLLER_ENV_PREFIX, config_var=CONTROLLER_ENV_CONFIG,
-                foreign=CONTROLLER_ENV_PREFIX + "_")
+                foreign=(CONTROLLER_ENV_PREFIX + "_", CONTROLLER_ENV_PREFIX + "URL"))

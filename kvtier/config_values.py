@@ -9,6 +9,7 @@ redacts every string it quotes, alone or inside a list or mapping).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import reprlib
@@ -201,3 +202,17 @@ def show_key(key: object) -> str:
 
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9_.-]{0,60}")
+
+
+def require_token_beyond_loopback(host: str, token: str | None, how_to_set: str) -> None:
+    """Fail closed: a service other machines can reach must check a token. `how_to_set` says where
+    the token goes, for the message. Raises ConfigError."""
+    if token is not None or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"host {host} is reachable from other machines and no token is set: "
+                          f"{how_to_set} or bind 127.0.0.1")

@@ -5,7 +5,12 @@
     n = eng.lookup(tokens)         # chunk-aligned prefix hit length in tokens; no payload I/O
     kv2, n = eng.retrieve(tokens)  # kv2[:, :, :n] is what was stored, bit for bit
     eng.pin(tokens); eng.unpin(tokens); eng.move(tokens, "disk"); eng.clear("cpu"); eng.tier("disk")
+    eng.pin_keys(keys); eng.unpin_keys(keys); eng.move_keys(keys, "cpu", copy=True)  # the controller's
     eng.stats(); eng.prometheus_text(); eng.flush(); eng.close()
+
+With a `controller:` section in its config, the engine joins a fleet (kvtier.fleet.agent): a background
+thread registers it with kvtier_controller, reports its keys and runs the controller's commands
+through `kvtier.fleet.engine_member.EngineMember`; `close()` stops it first.
 
 Thread-safe. `store` copies the KV into host memory before it returns (the caller may reuse `kv`)
 and queues lower-tier writes in the background; it never waits on the disk. `retrieve` blocks until
@@ -72,6 +77,14 @@ def _shifted(spans: list[ChunkSpan], start: int) -> list[ChunkSpan]:
     return [ChunkSpan(s.key, s.start - start, s.end - start) for s in spans if s.start >= start]
 
 
+def _join_fleet(engine: CacheEngine):
+    """Start the fleet agent for `engine` (its config's `controller:` section): a handle to close."""
+    from kvtier.fleet.agent import join_fleet  # imported only when configured (HTTP stack)
+    from kvtier.fleet.engine_member import EngineMember
+
+    return join_fleet(engine.config.controller, EngineMember(engine))
+
+
 class CacheEngine:
     def __init__(self, config: KvtierConfig, layout: KVLayout, model_id: str, tp_rank: int = 0,
                  tp_size: int = 1):
@@ -90,6 +103,13 @@ class CacheEngine:
                                       promote_on_hit=config.promote_on_hit, io_threads=threads)
         logger.info("kvtier engine for %s (%s): tiers %s, cpu %d MiB, chunk %d tokens", model_id,
                     layout.describe(), self.metrics.tiers, pool.capacity_bytes >> 20, config.chunk_size)
+        self._fleet = None
+        if config.controller is not None:
+            try:
+                self._fleet = _join_fleet(self)
+            except BaseException:
+                self.storage.close()
+                raise
 
     # -- data path -----------------------------------------------------------------------------
 
@@ -162,17 +182,23 @@ class CacheEngine:
         self.storage.release(keys)
 
     # -- administration ------------------------------------------------------------------------
-
-    def _present(self, tokens: Tokens) -> list[ChunkSpan]:
-        spans = self.db.spans(tokens)
-        return spans[: self.storage.contains_prefix([s.key for s in spans])]
+    # On a prompt's tokens, or on its chunk keys (`*_keys`: the controller's commands carry keys,
+    # computed with this engine's namespace and chunk size); the token calls are the key calls.
 
     def pin(self, tokens: Tokens) -> int:
         """Pin the cached prefix of `tokens`: no tier evicts it. Returns chunks newly pinned."""
-        return self.storage.pin([s.key for s in self._present(tokens)])
+        return self.pin_keys(self.db.keys(tokens))
+
+    def pin_keys(self, keys: Sequence[ChunkKey]) -> int:
+        """Pin the leading `keys` some tier holds. Returns chunks newly pinned."""
+        keys = list(keys)
+        return self.storage.pin(keys[: self.storage.contains_prefix(keys)])
 
     def unpin(self, tokens: Tokens) -> int:
-        return self.storage.unpin(self.db.keys(tokens))
+        return self.unpin_keys(self.db.keys(tokens))
+
+    def unpin_keys(self, keys: Sequence[ChunkKey]) -> int:
+        return self.storage.unpin(keys)
 
     def tier(self, name: str) -> Tier | CpuTier:
         """The tier called `name` ("cpu", "disk", ...); UnknownTier (a ValueError) if there is none."""
@@ -182,13 +208,27 @@ class CacheEngine:
                 return tier
         raise UnknownTier(f"no tier named {name!r}; this engine has {[t.name for t in tiers]}")
 
-    def move(self, tokens: Tokens, tier: str) -> int:
-        """Relocate the cached prefix of `tokens` into `tier` ("cpu", "disk", ...). Returns chunks moved."""
+    def move(self, tokens: Tokens, tier: str, copy: bool = False) -> int:
+        """Relocate the cached prefix of `tokens` into `tier` ("cpu", "disk", ...); `copy`: keep
+        the source copies too. Returns chunks moved (copied)."""
+        return self._move(self.db.spans(tokens), tier, copy)
+
+    def move_keys(self, keys: Sequence[ChunkKey], tier: str, copy: bool = False) -> int:
+        """`move` for the leading `keys` held. Keys carry no length: with save_partial_chunks, the
+        last one may name a partial chunk, which a move up would read at the wrong shape (and drop
+        as corrupt), so a move up leaves the last key out."""
+        spans = [ChunkSpan(key, i * self.db.chunk_size, (i + 1) * self.db.chunk_size)
+                 for i, key in enumerate(keys)]
+        if spans and self.db.save_partial and self.tier(tier) is self.storage.cpu:
+            spans.pop()
+        return self._move(spans, tier, copy)
+
+    def _move(self, spans: list[ChunkSpan], tier: str, copy: bool) -> int:
         target = self.tier(tier)
-        spans = self._present(tokens)
+        spans = spans[: self.storage.contains_prefix([s.key for s in spans])]
         if target is self.storage.cpu:
-            return self.storage.move_up(spans)
-        return self.storage.move_down([s.key for s in spans], target)
+            return self.storage.move_up(spans, copy=copy)
+        return self.storage.move_down([s.key for s in spans], target, copy=copy)
 
     def clear(self, tier: str | None = None) -> None:
         """Drop every chunk from `tier` (every tier, and every pin, when None). Leases stay."""
@@ -208,7 +248,11 @@ class CacheEngine:
         return self.metrics.prometheus_text()
 
     def close(self) -> None:
-        """Drain background writes and release the tiers. The engine is unusable afterwards."""
+        """Leave the fleet, drain background writes and release the tiers. The engine is unusable
+        afterwards."""
+        fleet, self._fleet = self._fleet, None
+        if fleet is not None:
+            fleet.close()  # first: no command may reach a closed storage
         self.storage.close()
 
     def __enter__(self) -> CacheEngine:

@@ -15,16 +15,33 @@ size-aware policy (GDSF, S3-FIFO with a byte budget, ...) needs nothing more tha
 A policy may keep per-key state (frequency, cost) but must forget a key on `remove` and yield only
 keys it was told about.
 
+Key listener (how a fleet agent learns what this process holds, kvtier.fleet): `set_listener(fn,
+tier)` makes the index call `fn("stored", tier, key)` after every `add` and `fn("evicted", tier, key)`
+after every removal (`remove`, and each `make_room` victim), so every store reports its keys through
+this one mechanism, whatever path changed them. It runs under the owner's lock, on the owner's
+thread: it must be O(1) and never block (the agent appends to a bounded queue). A listener that
+raises does not break the index: the change it was told about has been made already, the
+exception is counted (`listener_errors`) and logged at most once a minute, and the listener stays
+(a fleet index that misses an event heals at the agent's next full re-send).
+
 Not thread-safe: a store guards its index with its own lock (or runs on one thread).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
+
+from kvtier.log_limit import LogLimiter
 
 K = TypeVar("K", bound=Hashable)
+# (op, tier name, key): what `BoundedIndex.set_listener` calls (kvtier.fleet.member.KeyListener).
+IndexListener = Callable[[Literal["stored", "evicted"], str, Hashable], None]
+
+logger = logging.getLogger(__name__)
+_log = LogLimiter(logger)  # a broken listener fails on every key: one line a minute
 
 
 class EvictionPolicy(Protocol):
@@ -79,6 +96,22 @@ class BoundedIndex(Generic[K]):
         self._policy = policy if policy is not None else LRUPolicy()
         self._sizes: dict[K, int] = {}
         self._used = 0
+        self._listener: IndexListener | None = None
+        self._tier = ""
+        self.listener_errors = 0
+
+    def set_listener(self, listener: IndexListener | None, tier: str = "") -> None:
+        """Report every key added ("stored") or removed ("evicted") from now on as
+        `listener(op, tier, key)`, after the change; None stops it. See the module docstring."""
+        self._listener, self._tier = listener, tier
+
+    def _notify(self, op: Literal["stored", "evicted"], key: K) -> None:
+        try:
+            self._listener(op, self._tier, key)  # type: ignore[misc]
+        except Exception:
+            self.listener_errors += 1
+            _log.error("listener", "key listener of the %r index failed on %s", self._tier, op,
+                       exc_info=True)
 
     @property
     def used_bytes(self) -> int:
@@ -107,6 +140,8 @@ class BoundedIndex(Generic[K]):
         self._sizes[key] = nbytes
         self._used += nbytes
         self._policy.insert(key, nbytes)
+        if self._listener is not None:
+            self._notify("stored", key)
 
     def remove(self, key: K) -> int | None:
         """Forget `key`; its size, or None when it was not indexed."""
@@ -114,6 +149,8 @@ class BoundedIndex(Generic[K]):
         if nbytes is not None:
             self._used -= nbytes
             self._policy.remove(key)
+            if self._listener is not None:
+                self._notify("evicted", key)
         return nbytes
 
     def touch(self, key: K) -> None:

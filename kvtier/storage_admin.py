@@ -1,4 +1,5 @@
-"""Administrative calls of a StorageManager: pins and leases, moves between tiers, clears.
+"""Administrative calls of a StorageManager: pins and leases, moves and copies between tiers, clears,
+and the local tiers' keys for a fleet agent (a listener and a snapshot).
 
 Where it runs: these functions are the manager's methods (bound in kvtier.storage, `guarded` there
 where they use the tiers or the I/O queues) and take its lock like its own code does; they decide
@@ -8,15 +9,19 @@ clears are blocking administrative calls. The tiers they take are objects: names
 
 A removal below (a move up, a clear) is marked on the write-behind while it runs, so that no
 background write overlapping it counts as having written the chunk down (see kvtier.write_behind).
+
+Local tiers are host memory and the tiers below that index their keys in this process (`KeyedTier`:
+the disk tier); shared stores (Redis, kvtier_server) are other processes' and report nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kvtier.keys import ChunkKey, ChunkSpan
-from kvtier.tiers.base import Tier
+from kvtier.policy import IndexListener
+from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.cpu import CpuTier
 
 if TYPE_CHECKING:
@@ -47,26 +52,34 @@ def release(manager: StorageManager, keys: Sequence[ChunkKey]) -> None:
         manager.pins.release(keys)
 
 
-def move_down(manager: StorageManager, keys: Sequence[ChunkKey], tier: Tier) -> int:
+def move_down(manager: StorageManager, keys: Sequence[ChunkKey], tier: Tier, copy: bool = False) -> int:
     """Write CPU-resident `keys` to `tier` (one of `manager.lower`) and drop them from the CPU
-    tier. Returns how many chunks left the CPU tier."""
+    tier (`copy`: keep them there too). Returns how many chunks left the CPU tier (`copy`: how
+    many `tier` holds now)."""
     _check_tier(manager, tier)
     with manager._lock:
         entries = [(k, e) for k in keys if (e := manager.cpu.get(k)) is not None]
         writes = [manager._writes.submit_locked(k, e, [tier]) for k, e in entries]
     moved = 0
     for (key, entry), write in zip(entries, writes):
-        if write.result():
-            with manager._lock:
-                if manager.cpu.get(key) is entry:
-                    manager.cpu.pop(key).detach(manager.pool)
-                    moved += 1
+        if not write.result():
+            continue
+        if copy:
+            moved += 1
+            continue
+        with manager._lock:
+            if manager.cpu.get(key) is entry:
+                manager.cpu.pop(key).detach(manager.pool)
+                moved += 1
     return moved
 
 
-def move_up(manager: StorageManager, spans: Sequence[ChunkSpan]) -> int:
+def move_up(manager: StorageManager, spans: Sequence[ChunkSpan], copy: bool = False) -> int:
     """Load lower-tier chunks of `spans` into the CPU tier and remove them below (a relocation:
-    they are written back down if evicted later). Returns how many chunks moved."""
+    they are written back down if evicted later; `copy`: they stay below too). Returns how many
+    chunks moved (`copy`: how many were loaded)."""
+    if copy:
+        return _copy_up(manager, spans)
     n = manager.get(spans, None, promote=True)
     with manager._lock:
         # Held while their copies below go, so no eviction can drop (or write down and then
@@ -90,6 +103,14 @@ def move_up(manager: StorageManager, spans: Sequence[ChunkSpan]) -> int:
             _end_removal_locked(manager)
             manager._let_go_locked()
     return len(below)
+
+
+def _copy_up(manager: StorageManager, spans: Sequence[ChunkSpan]) -> int:
+    with manager._lock:
+        below = [s.key for s in spans if not manager.cpu.holds(s.key)]
+    served = {s.key for s in spans[:manager.get(spans, None, promote=True)]}
+    with manager._lock:
+        return sum(key in served and key in manager.cpu for key in below)
 
 
 def clear(manager: StorageManager, tier: Tier | CpuTier | None = None) -> None:
@@ -131,3 +152,45 @@ def _check_tier(manager: StorageManager, tier: Tier | CpuTier, cpu: bool = False
     if not (any(tier is t for t in manager.lower) or (cpu and tier is manager.cpu)):
         name = getattr(tier, "name", tier)
         raise ValueError(f"tier {name!r} is not one this storage may {'clear' if cpu else 'move to'}")
+
+
+# -- local tiers' keys, for a fleet agent (kvtier.fleet.engine_member) -----------------------------
+
+@runtime_checkable
+class KeyedTier(Protocol):
+    """A tier below that indexes its keys in this process and reports them (the disk tier)."""
+
+    name: str
+
+    def keys(self) -> list[ChunkKey]: ...
+    def set_key_listener(self, listener: IndexListener | None) -> None: ...
+    def usage(self) -> TierUsage: ...
+
+
+def local_tiers(manager: StorageManager) -> list[KeyedTier]:
+    """The tiers below host memory that are this process's own, fastest first."""
+    return [tier for tier in manager.lower if isinstance(tier, KeyedTier)]
+
+
+def set_key_listener(manager: StorageManager, listener: IndexListener | None) -> None:
+    """Report every key stored into or evicted from host memory or a local tier, from now on."""
+    with manager._lock:
+        manager.cpu.set_key_listener(listener)
+    for tier in local_tiers(manager):
+        tier.set_key_listener(listener)
+
+
+def key_snapshot(manager: StorageManager) -> dict[str, list[ChunkKey]]:
+    """Every key host memory and each local tier hold now (tier name -> keys), fastest first."""
+    with manager._lock:
+        snapshot = {manager.cpu.name: manager.cpu.keys()}
+    for tier in local_tiers(manager):
+        snapshot[tier.name] = tier.keys()
+    return snapshot
+
+
+def local_usage(manager: StorageManager) -> list[tuple[str, TierUsage]]:
+    """(name, usage) of host memory and each local tier, fastest first."""
+    with manager._lock:
+        usage = [(manager.cpu.name, manager.cpu.usage())]
+    return usage + [(tier.name, tier.usage()) for tier in local_tiers(manager)]

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.config import CpuConfig, DiskConfig, KvtierConfig, load_config, load_server_config, parse_size
+from kvtier.config import (
+    CpuConfig,
+    DiskConfig,
+    KvtierConfig,
+    load_config,
+    load_controller_config,
+    load_server_config,
+    parse_size,
+)
 from kvtier.errors import ConfigError
 
 REPO = Path(__file__).parents[1]
@@ -613,3 +621,21 @@ def test_worst_case_config_files_load_in_bounded_time_and_memory(tmp_path, name)
     finally:
         tracemalloc.stop()
     assert time.monotonic() - started < 2.0 and peak < 16 << 20  # measured: 0.05 s, 4 MiB
+
+
+def test_controller_variables_reach_the_loader_they_belong_to():
+    # KVTIER_CONTROLLER_TOKEN is kvtier_controller's token, KVTIER_CONTROLLER_URL the kvtier CLI's
+    # controller, KVTIER_CONTROLLER__URL an instance's `controller:` section: each loader takes its
+    # own and leaves the others alone (before, an instance's variable made the controller refuse to start).
+    env = {"KVTIER_CONTROLLER_TOKEN": "t" * 20, "KVTIER_CONTROLLER_URL": "http://127.0.0.1:7100",
+           "KVTIER_CONTROLLER__URL": "http://10.0.0.5:7100", "KVTIER_CONTROLLER__INSTANCE_ID": "a1"}
+    instance = load_config(env=env)
+    assert instance.controller is not None
+    assert (instance.controller.url, instance.controller.instance_id) == ("http://10.0.0.5:7100", "a1")
+    assert instance.controller.token is None
+    controller = load_controller_config(env=env)
+    assert controller.token == "t" * 20 and controller.port == 7100
+    with pytest.raises(ConfigError, match="KVTIER_CONTROLLER_PORTS"):
+        load_controller_config(env={"KVTIER_CONTROLLER_PORTS": "1"})
+    with pytest.raises(ConfigError, match="controller.url"):
+        load_config(env={"KVTIER_CONTROLLER__URL": "http://user:pw@host:1/path"})

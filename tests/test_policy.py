@@ -295,3 +295,96 @@ def test_index_matches_a_simple_model(capacity, ops, protected_keys):
     for key in list(idx):
         idx.remove(key)
     assert idx.used_bytes == 0 and len(idx) == 0
+
+
+# -- the key listener: every store reports its keys through its index ------------------------------
+
+def listened(capacity: int, **sizes: int) -> tuple[BoundedIndex[str], list]:
+    idx = index(capacity, **sizes)
+    events: list = []
+    idx.set_listener(lambda op, tier, key: events.append((op, tier, key)), "mem")
+    return idx, events
+
+
+def test_the_listener_hears_adds_removes_and_make_room_victims_with_its_tier_name():
+    idx, events = listened(100, a=30)  # added before the listener: not reported
+    idx.add("b", 30)
+    idx.add("c", 30)
+    assert idx.remove("c") == 30
+    assert idx.remove("c") is None  # absent: nothing happened, nothing reported
+    idx.touch("a")  # a use is not a change of what is stored
+    assert idx.make_room(80, never) == ["b", "a"]
+    assert events == [("stored", "mem", "b"), ("stored", "mem", "c"), ("evicted", "mem", "c"),
+                      ("evicted", "mem", "b"), ("evicted", "mem", "a")]
+
+
+def test_a_refused_add_or_make_room_reports_nothing():
+    idx, events = listened(100, a=60)
+    with pytest.raises(KeyError):
+        idx.add("a", 10)
+    with pytest.raises(ValueError):
+        idx.add("b", -1)
+    assert idx.make_room(80, lambda k: k == "a") is None
+    assert events == []
+
+
+def test_the_listener_is_called_after_the_change():
+    idx: BoundedIndex[str] = BoundedIndex(100)
+    seen = []
+    idx.set_listener(lambda op, tier, key: seen.append((op, key in idx, idx.used_bytes)), "t")
+    idx.add("a", 10)
+    idx.remove("a")
+    assert seen == [("stored", True, 10), ("evicted", False, 0)]
+
+
+def test_a_listener_that_raises_breaks_nothing_and_is_counted(caplog):
+    idx: BoundedIndex[str] = BoundedIndex(100)
+    calls = []
+
+    def broken(op, tier, key):
+        calls.append((op, key))
+        raise RuntimeError("queue gone")
+
+    idx.set_listener(broken, "disk")
+    idx.add("a", 40)
+    idx.add("b", 40)
+    assert idx.make_room(70, never) == ["a", "b"]  # a raising listener mid-eviction: every victim goes
+    assert len(idx) == 0 and idx.used_bytes == 0
+    idx.add("c", 10)
+    assert sorted(idx) == ["c"] and idx.used_bytes == 10
+    assert calls == [("stored", "a"), ("stored", "b"), ("evicted", "a"), ("evicted", "b"), ("stored", "c")]
+    assert idx.listener_errors == 5
+    lines = [r for r in caplog.records if r.name == "kvtier.policy"]
+    assert len(lines) <= 1  # rate-limited (per process): one line a minute, not one per key
+    assert all("key listener of the 'disk' index failed" in r.getMessage() for r in lines)
+
+
+def test_set_listener_none_stops_the_reports():
+    idx, events = listened(100)
+    idx.add("a", 1)
+    idx.set_listener(None)
+    idx.add("b", 1)
+    idx.remove("a")
+    assert events == [("stored", "mem", "a")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(capacity=st.integers(0, 150), ops=_ops)
+def test_replaying_the_listener_events_gives_the_index_keys(capacity, ops):
+    idx: BoundedIndex[int] = BoundedIndex(capacity)
+    mirror: set[int] = set()
+
+    def replay(op, tier, key):
+        assert (key in mirror) == (op == "evicted") and tier == "t"
+        (mirror.discard if op == "evicted" else mirror.add)(key)
+
+    idx.set_listener(replay, "t")
+    for op, key, nbytes in ops:
+        if op == "add" and key not in idx:
+            idx.add(key, nbytes)
+        elif op == "remove":
+            idx.remove(key)
+        elif op == "room":
+            idx.make_room(nbytes, lambda k: k % 3 == 0)
+        assert mirror == set(idx)
+    assert idx.listener_errors == 0

@@ -1,24 +1,31 @@
 """A small blocking JSON-over-HTTP client: the fleet's one way of making a request (the agent to the
 controller, the controller to an instance's command server, the `kvtier` CLI to the controller).
 
-One keep-alive connection, reopened after any failure; every request has a deadline (connect, send
+One keep-alive connection, reopened after any failure; a request that finds the kept connection closed
+by the peer (servers close idle ones: uvicorn after 5 s) is sent again once on a new one, or every
+request after a quiet spell would fail (the agent's heartbeats at 5 s or more, sporadic commands);
+every request has a deadline (connect, send
 and each read); a reply body is read up to `max_reply_bytes` and no further; a bearer token when
 given. Errors form two kinds: `Unreachable` (no answer: refused, reset, timed out, a reply that is not
 HTTP or not JSON; retry later) and `HttpError` (an answer with a 4xx/5xx status and its detail).
 
-Not thread-safe: one client per thread (the agent's thread, a request handler, the CLI).
+Not thread-safe: one client per thread (the agent's thread, a request handler, the CLI); `abort`
+from any thread.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
 from kvtier.errors import KvtierError
 
 MAX_REPLY_BYTES = 64 << 20
+# What a kept-alive connection the peer closed while idle fails with (not a timeout: never resent).
+_STALE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, http.client.RemoteDisconnected)
 
 
 class Unreachable(KvtierError):
@@ -48,6 +55,8 @@ class JsonClient:
         self.timeout_s = timeout_s
         self.max_reply_bytes = max_reply_bytes
         self._conn: http.client.HTTPConnection | None = None
+        self._reused = False  # the connection has answered a request already
+        self._aborted = False
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -73,6 +82,17 @@ class JsonClient:
 
     def raw_request(self, method: str, path: str, data: bytes | None = None) -> tuple[int, bytes]:
         """(status, body bytes) of one request; Unreachable when there is no complete answer."""
+        if self._conn is not None and self._reused:
+            try:
+                return self._exchange(method, path, data)
+            except Unreachable as exc:
+                if not isinstance(exc.__cause__, _STALE):
+                    raise
+        return self._exchange(method, path, data)
+
+    def _exchange(self, method: str, path: str, data: bytes | None) -> tuple[int, bytes]:
+        if self._aborted:
+            raise Unreachable(f"{method} {path}: the client was aborted")
         try:
             conn = self._connection()
             conn.request(method, path, body=data, headers=self._headers)
@@ -85,6 +105,8 @@ class JsonClient:
                 raise Unreachable(f"{method} {path}: reply over {self.max_reply_bytes} bytes")
             if reply.will_close:
                 self.close()
+            else:
+                self._reused = True
             return reply.status, raw
         except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
             self.close()
@@ -99,7 +121,21 @@ class JsonClient:
             self._conn = cls(self._host, self._port, timeout=self.timeout_s)
         return self._conn
 
+    def abort(self) -> None:
+        """From any thread: fail the request in flight now (its socket shut down; the owner's thread
+        gets Unreachable) and every later one, so that an owner that is stopping need not wait out a
+        stalled peer (nor a request sent again on a new connection)."""
+        self._aborted = True
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed meanwhile by the owner's thread
+                pass
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._reused = False

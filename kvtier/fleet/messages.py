@@ -21,8 +21,9 @@ Flows (instance side in kvtier.fleet.agent, controller side in kvtier.controller
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MAX_TOKENS = 1 << 20  # tokens in one lookup/route/pin/... request (a 1M-token prompt)
 MAX_EVENT_KEYS = 65_536  # keys in one EventBatch, all events together
@@ -33,9 +34,26 @@ KeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{48}$")]
 NamespaceHex = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
 TierName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 ModelId = Annotated[str, Field(min_length=1, max_length=512)]
-Token = Annotated[int, Field(ge=0, lt=2**32)]
+# Strict where clients and agents write them: JSON Schema's integer is neither `true`, `"1"` nor
+# `2.0`, which pydantic's lax mode would take (`true` as token 1). Counts an instance reports stay lax.
+Token = Annotated[int, Field(ge=0, lt=2**32, strict=True)]
 Tokens = Annotated[list[Token], Field(max_length=MAX_TOKENS)]
 Count = Annotated[int, Field(ge=0, lt=2**63)]
+Seq = Annotated[int, Field(ge=0, lt=2**63, strict=True)]
+
+
+def _parsable_url(url: str) -> str:
+    # The pattern lets through a port that is no number or out of range, or a broken IPv6 host,
+    # which only fail when the controller connects: refused here, at registration, instead.
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    _ = parts.port  # ValueError for a port that is not a number in 0-65535
+    return url
+
+
+CommandUrl = Annotated[str, Field(pattern=r"^https?://[^\s/@?#]+$", max_length=300),
+                       AfterValidator(_parsable_url)]
 
 
 class Message(BaseModel):
@@ -55,12 +73,12 @@ class TierUsage(Message):
 class Registration(Message):
     instance_id: InstanceId
     kind: Literal["engine", "server"]
-    command_url: Annotated[str, Field(pattern=r"^https?://[^\s/@?#]+$", max_length=300)]
+    command_url: CommandUrl
     command_token: Annotated[str, Field(min_length=16, max_length=256)]  # never shown by the controller
     # An engine's namespace; a kvtier_server holds many and sends None (its keys carry their own).
     model_id: ModelId | None
     namespace: NamespaceHex | None
-    chunk_size: Annotated[int, Field(ge=1, le=1 << 20)]
+    chunk_size: Annotated[int, Field(ge=1, le=1 << 20, strict=True)]
     save_partial_chunks: bool = False
     layout: Annotated[str, Field(max_length=512)] = ""  # KVLayout.describe(), for people
     tiers: Annotated[list[TierUsage], Field(max_length=MAX_TIERS)]
@@ -93,8 +111,16 @@ class KeyEvent(Message):
 
 class EventBatch(Message):
     session: Annotated[str, Field(max_length=128)]
-    seq: Count  # per instance, +1 per batch: a gap means lost events and the controller says resync
+    seq: Seq  # per instance, +1 per batch: a gap means lost events and the controller says resync
     events: Annotated[list[KeyEvent], Field(max_length=MAX_EVENT_KEYS)]
+
+    @model_validator(mode="after")
+    def _bounded(self) -> EventBatch:
+        # Each event's list is bounded alone; without this, 64K events of 64K keys would pass.
+        total = sum(len(event.keys) for event in self.events)
+        if total > MAX_EVENT_KEYS:
+            raise ValueError(f"events: at most {MAX_EVENT_KEYS} keys in one batch, got {total}")
+        return self
 
 
 class EventsReply(Message):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import sys
 
-from kvtier.config import ServerConfig, load_server_config, override
+from kvtier.config import load_server_config, override
+from kvtier.config_values import require_token_beyond_loopback
 from kvtier.errors import ConfigError
 from kvtier.server.app import serve
 
@@ -28,19 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def require_token_beyond_loopback(config: ServerConfig) -> None:
-    """Fail closed: a server other machines can reach must check a token. Raises ConfigError."""
-    if config.token is not None or config.host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(config.host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        loopback = False
-    if not loopback:
-        raise ConfigError(f"host {config.host} is reachable from other machines and no token is set: "
-                          "set token (KVTIER_SERVER_TOKEN) or bind 127.0.0.1")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -51,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         # error, never every interface).
         config = override(load_server_config(args.config), "command line",
                           {"host": args.host, "port": args.port})
-        require_token_beyond_loopback(config)
+        require_token_beyond_loopback(config.host, config.token, "set token (KVTIER_SERVER_TOKEN)")
     except ConfigError as exc:
         print(f"kvtier_server: {exc}", file=sys.stderr)
         return 2

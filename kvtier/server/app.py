@@ -4,7 +4,9 @@ Where it runs: one process, one event-loop thread; the store (`kvtier.server.sto
 codec (`kvtier.wire.frames`) are called from that thread only. Lifecycle: `KvtierServer(config)`,
 `await start()` (binds; `port` 0 takes any free port, `address` tells which), `await close()`
 (stops accepting, lets queued replies drain for a moment, closes connections and the store).
-`serve(config)` runs one until SIGTERM / SIGINT; `kvtier.server.__main__` is its command line.
+`serve(config)` runs one until SIGTERM / SIGINT; `kvtier.server.__main__` is its command line. With a
+`controller:` section it joins a fleet (`kvtier.fleet.server_member`): the agent's thread is started
+and stopped from a worker thread, never on the loop, which its calls into the store hop onto.
 
 Every connection starts with a HELLO frame (`kvtier.server.connection` has the lifecycle): a wrong
 or missing token (when the server has one) gets UNAUTHORIZED and a close, another protocol version
@@ -260,8 +262,17 @@ class KvtierServer:
         self._ticker = self.loop.call_later(self.config.stats_interval_s, self._log_traffic)
 
 
+def _join_fleet(server: KvtierServer):
+    """Start the fleet agent for `server` (its config's `controller:` section): a handle to close.
+    Blocking: called in a worker thread."""
+    from kvtier.fleet.agent import join_fleet  # imported only when configured (HTTP stack, no torch)
+    from kvtier.fleet.server_member import ServerMember
+
+    return join_fleet(server.config.controller, ServerMember(server.store, server.loop))
+
+
 async def serve(config: ServerConfig, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
-    """Run a server until SIGTERM or SIGINT; `ready(address)` once it listens."""
+    """Run a server until SIGTERM or SIGINT; `ready(address)` once it listens (and joined its fleet)."""
     server = KvtierServer(config)
     address = await server.start()
     stop = asyncio.Event()
@@ -271,10 +282,15 @@ async def serve(config: ServerConfig, ready: Callable[[tuple[str, int]], None] |
     logger.info("kvtier_server on %s:%d: capacity %.1f MiB, spill %s, token %s", *address,
                 config.capacity / 2**20, config.spill.path if config.spill else "off",
                 "on" if config.token is not None else "off")
-    if ready is not None:
-        ready(address)
+    fleet = None
     try:
+        if config.controller is not None:
+            fleet = await asyncio.to_thread(_join_fleet, server)
+        if ready is not None:
+            ready(address)
         await stop.wait()
     finally:
         logger.info("kvtier_server shutting down: %s", server.snapshot())
+        if fleet is not None:
+            await asyncio.to_thread(fleet.close)  # first: no command may reach a closed store
         await server.close()

@@ -38,7 +38,7 @@ from kvtier.errors import ConfigError, CorruptRecord, KvtierError
 from kvtier.keys import NAMESPACE_BYTES, ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
-from kvtier.policy import BoundedIndex
+from kvtier.policy import BoundedIndex, IndexListener
 from kvtier.record import encode_header
 from kvtier.record_files import BLOCK, RESOURCE_ERRNOS, RecordDir, file_bytes
 from kvtier.record_walk import Scan
@@ -68,6 +68,8 @@ def _uint8(buf) -> np.ndarray:
 
 
 class Spill:
+    name = "spill"  # as a fleet agent's key listener hears it
+
     def __init__(self, config: SpillConfig, counters: StoreCounters):
         """ConfigError (naming `spill.path`) when the directory is not one, cannot be created or
         cannot be written: a bad path stops the server at start, not every eviction later."""
@@ -220,6 +222,13 @@ class Spill:
         self.counters.spill_errors += 1
         self.metrics.tier_inc("disk", "errors")
         self._log.warning(what, "spill %s: cannot %s %s: %s", self.root, what, key.hex(), exc)
+
+    def keys(self) -> list[bytes]:
+        return list(self._index)
+
+    def set_key_listener(self, listener: IndexListener | None) -> None:
+        """Report every key stored into or evicted from the spill (`kvtier.policy`)."""
+        self._index.set_listener(listener, self.name)
 
     def clear(self, namespaces: set[bytes]) -> int:
         return self.remove([k for k in self._index if k[:NAMESPACE_BYTES] in namespaces])

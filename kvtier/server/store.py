@@ -23,6 +23,10 @@ from the spill land in fresh buffers that return their memory to the OS when dro
 directory, cannot be created, not writable), so a bad `spill.path` stops the server at once instead
 of failing every eviction later.
 
+A fleet agent (`kvtier.fleet.server_member`) hears every key stored into or evicted from memory
+("memory") and the spill ("spill") through both indexes' key listener (`kvtier.policy`), and reads
+and clears them, on the loop thread like everything here.
+
 Spill I/O is synchronous on the loop thread: a spill or a spill hit delays the server's other
 connections by one disk write or read. Acceptable for an optional overflow on local NVMe; a writer
 thread would need in-flight bookkeeping (a record being written must stay readable), left out.
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 from kvtier.config import SpillConfig
 from kvtier.errors import CorruptRecord
 from kvtier.keys import NAMESPACE_BYTES, ChunkKey
-from kvtier.policy import BoundedIndex
+from kvtier.policy import BoundedIndex, IndexListener
 from kvtier.record import verify
 from kvtier.server.spill import Spill
 from kvtier.wire.frames import PutResult
@@ -49,6 +53,7 @@ logger = logging.getLogger(__name__)
 # covers it); 768 leaves room for allocator rounding. Without it, 0-16 byte records grew RSS to ~15x
 # the capacity.
 RECORD_OVERHEAD = 768
+MEMORY, SPILL = "memory", Spill.name  # the store's tiers, as a fleet agent names them
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +155,15 @@ class RecordStore:
     def delete(self, keys: Iterable[bytes]) -> int:
         """Remove keys from memory and spill; the number of records removed."""
         keys = list(keys)
+        return self._drop(keys) + (self.spill.remove(keys) if self.spill is not None else 0)
+
+    def _drop(self, keys: Iterable[bytes]) -> int:
+        """Remove keys from memory only (not spilled); the number removed."""
         removed = 0
         for key in keys:
             if self._records.pop(key, None) is not None:
                 self._index.remove(key)
                 removed += 1
-        if self.spill is not None:
-            removed += self.spill.remove(keys)
         return removed
 
     def clear(self, namespaces: Iterable[bytes]) -> int:
@@ -164,6 +171,34 @@ class RecordStore:
         wanted = set(namespaces)
         return self.delete([k for k in self._records if k[:NAMESPACE_BYTES] in wanted]) + (
             self.spill.clear(wanted) if self.spill is not None else 0)
+
+    def set_key_listener(self, listener: IndexListener | None) -> None:
+        """Report every key stored into or evicted from memory or the spill, from now on."""
+        self._index.set_listener(listener, MEMORY)
+        if self.spill is not None:
+            self.spill.set_key_listener(listener)
+
+    def key_snapshot(self) -> dict[str, list[bytes]]:
+        """Every key held now: {"memory": [...], "spill": [...] (with a spill)}."""
+        return {MEMORY: list(self._records), **({SPILL: self.spill.keys()} if self.spill is not None else {})}
+
+    def usage(self) -> dict[str, tuple[int, int, int]]:
+        """(records, bytes, capacity) of memory, then of the spill (with one)."""
+        usage = {MEMORY: (self.records, self.bytes, self.capacity)}
+        if self.spill is not None:
+            usage[SPILL] = (self.spill.records, self.spill.bytes, self.spill.capacity)
+        return usage
+
+    def clear_tier(self, tier: str | None) -> int:
+        """Remove every record (every namespace) from `tier`, "memory" or "spill", or both when
+        None; the number removed. ValueError for any other tier (or "spill" without one)."""
+        tiers = list(self.usage())
+        if tier is not None and tier not in tiers:
+            raise ValueError(f"no tier named {tier!r}; this kvtier_server has {tiers}")
+        removed = self._drop(list(self._records)) if tier in (None, MEMORY) else 0
+        if tier in (None, SPILL) and self.spill is not None:
+            removed += self.spill.remove(self.spill.keys())
+        return removed
 
     def _insert(self, key: bytes, record: Record) -> None:
         # Oldest first. Every record fits alone (checked by the callers) and nothing is protected,

@@ -144,11 +144,13 @@ class FailureGuard:
     """Runs a tier's round trips under one `Backoff`. `label` names the medium in log lines
     ("redis tier: host:port"); `count_errors(n)` adds n to the tier's `errors` counter; `log` is
     the tier's LogLimiter (its logger gets the once-per-outage lines); `classify` maps an exception
-    of the round trip to a `Failure`, or None to let it propagate."""
+    of the round trip to a `Failure`, or None to let it propagate; `meanwhile` says in log lines
+    what callers get while the medium is down."""
 
     def __init__(self, label: str, backoff: Backoff, count_errors: Callable[[int], None], log: LogLimiter,
-                 classify: Callable[[Exception], Failure | None]):
+                 classify: Callable[[Exception], Failure | None], meanwhile: str = "serving misses"):
         self.label = label
+        self.meanwhile = meanwhile
         self.backoff = backoff
         self._count_errors = count_errors
         self._log = log
@@ -192,14 +194,14 @@ class FailureGuard:
             # (one replica with another token) would otherwise log a line per flap.
             if self.backoff.hold():
                 self._log.error("misconfigured", "%s refuses this client as configured (%s): fix the "
-                                "configuration (the token or password, the protocol version); serving "
-                                "misses, asking again every %g s", self.label, what, self.backoff.max_s)
+                                "configuration (the token or password, the protocol version); %s, asking "
+                                "again every %g s", self.label, what, self.meanwhile, self.backoff.max_s)
         else:
             if failure is Failure.BUG:
                 self._log.error("unexpected", "%s: unexpected failure", self.label, exc_info=True)
             if self.backoff.failed(probe):
-                logger.warning("%s unavailable (%s); serving misses, retrying after %g s", self.label,
-                               what, self.backoff.initial_s)
+                logger.warning("%s unavailable (%s); %s, retrying after %g s", self.label, what,
+                               self.meanwhile, self.backoff.initial_s)
 
     def _up(self) -> None:
         if self.backoff.succeeded():

@@ -15,8 +15,11 @@ still readable from its slab until its write below lands; `demote` / `demoted`).
 into the index marked `refused` (not a victim again until `room_below`).
 
 Sizes and the eviction order live in the shared `kvtier.policy.BoundedIndex` (its policy is the
-pluggable part); this tier keeps the `CpuEntry` objects beside it. It evicts one victim at a time
-as the memory pool runs out of slabs, never by bytes (`make_room`): a slab holds one chunk.
+pluggable part); this tier keeps the `CpuEntry` objects beside it. The index reports every key it
+gains or loses to a key listener (`set_key_listener`, the fleet agent's), as "cpu": an entry being
+demoted has left it (evicted; the tier below reports it stored once its write lands). It evicts one
+victim at a time as the memory pool runs out of slabs, never by bytes (`make_room`): a slab holds one
+chunk.
 
 A `CpuEntry` counts its readers and knows whether it is still indexed: `hold`, `release`, `detach`
 and `attach` keep the rule "a slab is freed once it is neither indexed nor read" in one place.
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 from kvtier.keys import ChunkKey
 from kvtier.memory import MemoryPool, Slab
-from kvtier.policy import BoundedIndex, EvictionPolicy
+from kvtier.policy import BoundedIndex, EvictionPolicy, IndexListener
 from kvtier.tiers.base import PinPredicate, TierUsage
 
 
@@ -190,3 +193,11 @@ class CpuTier:
 
     def usage(self) -> TierUsage:
         return TierUsage(len(self._entries), self._index.used_bytes, self.pool.capacity_bytes)
+
+    def keys(self) -> list[ChunkKey]:
+        """Every indexed key (what the key listener was told is stored here), in no order."""
+        return list(self._index)
+
+    def set_key_listener(self, listener: IndexListener | None) -> None:
+        """Report keys stored into / evicted from this tier from now on (`kvtier.policy`)."""
+        self._index.set_listener(listener, self.name)

@@ -39,7 +39,7 @@ from kvtier.errors import CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
-from kvtier.policy import BoundedIndex
+from kvtier.policy import BoundedIndex, IndexListener
 from kvtier.record import RecordHeader
 from kvtier.record_files import BLOCK, RESOURCE_ERRNOS, SUFFIX, RecordDir, file_bytes
 from kvtier.record_walk import Scan
@@ -83,9 +83,7 @@ class DiskTier:
         # model/geometry/TP rank only, so models sharing a disk path never evict or clear each other.
         self.namespace = namespace
         self._files = RecordDir(path, namespace, o_direct, fsync)
-        self.root = self._files.root
-        self.o_direct = self._files.o_direct
-        self.fsync = fsync
+        self.root, self.o_direct, self.fsync = self._files.root, self._files.o_direct, fsync
         self._is_pinned = is_pinned
         self._metrics = metrics
         self._log = LogLimiter(logger)  # a broken disk fails every I/O: one line a minute per kind
@@ -283,12 +281,18 @@ class DiskTier:
         return len(gone)
 
     def clear(self) -> None:
-        with self._lock:
-            keys = list(self._index)
-        self.remove(keys)
+        self.remove(self.keys())
 
     def usage(self) -> TierUsage:
         return TierUsage(len(self._index), self._index.used_bytes + self._reserved, self.capacity_bytes)
+
+    def keys(self) -> list[ChunkKey]:  # what the key listener was told is stored here
+        with self._lock:
+            return list(self._index)
+
+    def set_key_listener(self, listener: IndexListener | None) -> None:
+        with self._lock:  # ordered with every change: a `keys()` taken after it misses nothing
+            self._index.set_listener(listener, self.name)
 
     def close(self) -> None:
         """Release the namespace directory (files are closed after every operation). Call after

@@ -22,7 +22,7 @@ Layout (one concept per module):
                      and random presets
     serving/         `kvtier_engine serve`: cli, server (FastAPI app), engine_loop (the engine on
                      its own thread), openai_protocol, openai_chat (chat completions), choices
-                     (prompt lists and n > 1), http_protocol, body_limit
+                     (prompt lists and n > 1), http_protocol
     demo.py          `make demo` (`python -m kvtier_engine.demo`)
 
 Dependencies: layers/ and models/ read only `model_config` and `kv_cache` from the core;

@@ -8,7 +8,6 @@
     openai_chat      the same for chat completions (messages rendered by ../chat_template.py)
     choices          one call, several engine requests: a batch of prompts, `n` choices each
     http_protocol    uvicorn's HTTP/1.1 protocol with a deadline on the request head
-    body_limit       ASGI middleware bounding a request body's size
 
 The only part of the package that imports FastAPI, starlette and uvicorn.
 """

@@ -8,7 +8,7 @@ one a file descriptor and a buffer, until the process ran out of them and refuse
 Here a head must be complete within `head_timeout_s` of the connection opening, or of the previous
 response completing; otherwise the connection is closed (no response: the client sent no request).
 The body is bounded by the app (`server.py`: a 408 after `read_timeout_s`), and its size by
-`body_limit.py`. Runs on uvicorn's event loop, like the protocol it extends.
+`kvtier.body_limit`. Runs on uvicorn's event loop, like the protocol it extends.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 
 JSON or not a valid request (wire format and parameter ranges in `openai_protocol.py`) or a prompt
 the model cannot take; 404 for another model's name or an unknown path; 408 for a body not received
 within `read_timeout_s`; 413 for a body over `max_body_bytes` (refused before it is read:
-`body_limit.py`); 500 when the engine fails while running the request (only the requests it failed
+`kvtier.body_limit`); 500 when the engine fails while running the request (only the requests it failed
 for: `engine_loop.py`); 503 when the engine loop has stopped. A streamed request that fails after
 its first chunk ends with a `data: {"error": ...}` event and `[DONE]` (the 200 has gone out by
 then). A stream waits for its first output before answering, so failures up to then get their real
@@ -54,9 +54,9 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from kvtier.body_limit import BodyLimit, BodyTooLarge
 from kvtier_engine.chat_template import InvalidChat, render_chat, without_double_bos
 from kvtier_engine.llm_engine import EngineOptions, LLMEngine, RequestOutput
-from kvtier_engine.serving.body_limit import BodyLimit
 from kvtier_engine.serving.choices import abort_all, all_finished, first_outputs, merged, submit_choices
 from kvtier_engine.serving.engine_loop import EngineLoop, RequestFailed, RequestStream
 from kvtier_engine.serving.http_protocol import HeadDeadlineProtocol
@@ -143,7 +143,7 @@ class _ClientGone(Exception):
 def build_app(engine_loop: EngineLoop, model: ServedModel, limits: ServerLimits = ServerLimits()) -> FastAPI:
     """The ASGI app. The caller owns `engine_loop`: it starts it before serving and closes it after."""
     app = FastAPI(title="kvtier_engine", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, refusal=_refusal)
     _install_error_handlers(app)
     _add_info_routes(app, engine_loop, model)
     _add_completions_route(app, engine_loop, model, limits.read_timeout_s)
@@ -434,6 +434,11 @@ def _error_type(status: int) -> str:
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, _error_type(status), param, code), status_code=status)
+
+
+def _refusal(exc: BodyTooLarge) -> JSONResponse:
+    """The early 413 of kvtier.body_limit, in OpenAI's error shape."""
+    return JSONResponse(error_body(exc.detail, _error_type(413)), status_code=413, headers=exc.headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
