@@ -10,7 +10,8 @@ Reported tiers are this process's own, fastest first: host memory ("cpu") and th
 index their keys here (the disk tier). Shared stores (Redis, kvtier_server) are not reported: they
 are other processes' caches, shared by many engines. Commands act on any tier of the engine:
 pin/move on the leading keys it holds (as `CacheEngine.pin` / `move` on a prompt's tokens), unpin on
-every key given, clear on one tier or on every reported one, stats on none; an unknown tier is a ValueError (a 400).
+every key given, clear on one tier or on every reported one, stats on none; an unknown tier is a
+ValueError (a 400).
 """
 
 from __future__ import annotations
