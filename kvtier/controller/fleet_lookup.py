@@ -10,9 +10,10 @@ A kvtier_server (kind "server") holds keys of many namespaces: it is matched aga
 keys, and appears in a lookup (and is a pin target) only when it holds leading keys of one of them;
 its hit is counted in the chunks of the group where it is longest.
 
-Where it runs: the controller's request threads. Side-effect free; `StateUnavailable` and
-`UnknownInstance` from the state pass through; bad tokens raise ValueError (the app's 400/422), as
-does naming an engine of another model.
+Where it runs: the controller's request threads, or its event loop for a lookup or route of a
+small body against a `MemoryState` (kvtier.controller.app.INLINE_BODY_BYTES). Side-effect free;
+`StateUnavailable` and `UnknownInstance` from the state pass through; bad tokens raise ValueError
+(the app's 400/422), as does naming an engine of another model.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ none of its keys and no reason to resend them. `holders` takes no `now`: it leav
 instances that were down at the latest `now` this state was given (the sweeper passes one every
 second; `fleet_lookup` also filters by its own `instances(now)`).
 
-Where it runs: the controller's request threads and its sweeper thread. Thread-safe: one lock,
+Where it runs: the controller's request threads, its sweeper thread, and its event loop (lookups
+and routes of small bodies: kvtier.controller.app.INLINE_BODY_BYTES). Thread-safe: one lock,
 held for dict operations only (hex keys are parsed and dropped dicts freed outside it), and by
 `holders` per slice of keys, so a huge lookup cannot keep heartbeats out for seconds (a lookup may
 then see an event batch applied midway: answers are advice, the next lookup sees it whole).
@@ -91,6 +92,8 @@ def _apply_event(keys: dict[bytes, int], op: str, mask: int, batch: list[bytes])
 
 
 class MemoryState:
+    in_process = True  # FleetState: no call waits on the network
+
     def __init__(self, heartbeat_timeout_s: float, forget_after_s: float = FORGET_AFTER_S):
         if heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")

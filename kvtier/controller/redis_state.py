@@ -71,6 +71,8 @@ def _usage_json(tiers: Sequence[TierUsage]) -> str:
 
 
 class RedisState:
+    in_process = False  # FleetState: every call is a round trip
+
     def __init__(self, url: str, cluster: bool, timeout_s: float, heartbeat_timeout_s: float,
                  key_prefix: str = "kvtier:ctl:", forget_after_s: float = FORGET_AFTER_S,
                  clock: Callable[[], float] = time.monotonic):

@@ -51,6 +51,9 @@ class InstanceRecord:
 
 class FleetState(Protocol):
     session: str  # new whenever this state starts empty: instances re-register when it changes
+    # True when no call waits on the network (this process's memory): the app may answer small
+    # lookups on its event loop instead of a thread-pool hop.
+    in_process: bool
 
     def register(self, registration: Registration, now: float) -> None:
         """Add or replace an instance. Replacing drops every key it had (it re-sends them)."""
