@@ -4,9 +4,11 @@ command token, to every target at once, answered within one deadline.
 Where it runs: the controller's request handlers, on the event loop. `CommandSender.send` hands each
 target to a bounded thread pool (one JsonClient per call: commands are rare, a connection per call is
 simpler than a pool of idle ones) and waits for all of them until `timeout_s` from its start; so a
-request never waits longer than the deadline, whatever the instances do. A call still running at
-the deadline is left to finish in its thread (its socket timeout is the same deadline); one still
-queued is cancelled. The command token is never logged nor put in an error.
+request never waits longer than the deadline, whatever the instances do. At the deadline a call
+still queued is cancelled and one still running has its socket shut down (`JsonClient.abort`): an
+instance that trickles its answer a byte at a time, each byte inside the socket timeout, cannot keep
+a worker past the deadline (16 such instances would otherwise stop every command of the fleet).
+The command token is never logged nor put in an error.
 
 Outcomes, as `CommandFailed(status, detail)` naming the instance: no connection or a broken answer
 -> 502; no answer within the deadline -> 504; the instance's own 4xx (a bad tier) -> 400 with its
@@ -60,13 +62,19 @@ class CommandSender:
 
         Awaited on the event loop, not in a request thread: requests waiting on slow instances hold
         no thread of FastAPI's pool, which the agents' heartbeats need."""
-        futures = [self._pool.submit(_send_one, target, self.timeout_s) for target in targets]
-        if futures:
-            await asyncio.wait([asyncio.wrap_future(future) for future in futures], timeout=self.timeout_s)
+        calls = [_Call(target, self.timeout_s) for target in targets]
+        futures = [self._pool.submit(call.run) for call in calls]
+        waiting = [asyncio.wrap_future(future) for future in futures]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.timeout_s)
+        for late in waiting:
+            # Cancelled, the loop's copy of a call that ends after the deadline (aborted below)
+            # takes no result: no "exception was never retrieved" for a 504 already answered.
+            late.cancel()
         replies = []
-        for target, future in zip(targets, futures):
+        for call, future in zip(calls, futures):
             try:
-                replies.append(_outcome(target, future, self.timeout_s))
+                replies.append(call.outcome(future))
             except CommandFailed as exc:
                 if not (refusal_is_zero and exc.status == 400):
                     raise
@@ -77,22 +85,36 @@ class CommandSender:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _outcome(target: CommandTarget, future: Future, timeout_s: float) -> CommandReply:
-    name = target.instance.instance_id
-    if not future.done():
-        future.cancel()  # still queued: it never runs; running: it ends at its socket timeout
-        raise CommandFailed(504, f"instance {name} did not answer the {target.command.op} "
-                                 f"command within {timeout_s:g} s")
-    return future.result()
+class _Call:
+    """One command to one instance: `run` in a worker thread, `outcome` at the deadline."""
+
+    def __init__(self, target: CommandTarget, timeout_s: float):
+        self.target, self.timeout_s = target, timeout_s
+        registration = target.instance.registration
+        try:
+            self.client: JsonClient | None = JsonClient(registration.command_url, registration.command_token,
+                                                        timeout_s, MAX_REPLY_BYTES)
+        except ValueError as exc:  # a URL registered before messages checked it (an older Redis record)
+            self.client, self.bad_url = None, str(exc)
+
+    def run(self) -> CommandReply:
+        name = self.target.instance.instance_id
+        if self.client is None:
+            raise CommandFailed(502, f"instance {name} has an unusable command address: {self.bad_url}")
+        return _send_one(self.target, self.client)
+
+    def outcome(self, future: Future) -> CommandReply:
+        if not future.done():
+            future.cancel()  # still queued: it never runs
+            if self.client is not None:
+                self.client.abort()  # running: its thread gets Unreachable now, not when the peer stops
+            raise CommandFailed(504, f"instance {self.target.instance.instance_id} did not answer the "
+                                     f"{self.target.command.op} command within {self.timeout_s:g} s")
+        return future.result()
 
 
-def _send_one(target: CommandTarget, timeout_s: float) -> CommandReply:
-    registration = target.instance.registration
-    name, op = registration.instance_id, target.command.op
-    try:
-        client = JsonClient(registration.command_url, registration.command_token, timeout_s, MAX_REPLY_BYTES)
-    except ValueError as exc:  # a URL registered before messages checked it (an older Redis record)
-        raise CommandFailed(502, f"instance {name} has an unusable command address: {exc}") from exc
+def _send_one(target: CommandTarget, client: JsonClient) -> CommandReply:
+    name, op = target.instance.instance_id, target.command.op
     try:
         reply = client.post("/v1/command", target.command)
         return CommandReply.model_validate(reply)
