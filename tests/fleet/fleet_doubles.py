@@ -6,8 +6,10 @@ recording what it gets, keeping each instance's key set from the events, and mis
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pytest
 from fastapi import FastAPI, HTTPException, Request
 
 from kvtier.fleet.messages import (
@@ -194,3 +196,13 @@ class StandInController:
             return self._apply(instance_id, batch)
 
         return app
+
+
+@pytest.fixture
+def controller() -> Iterator[StandInController]:
+    """A started StandInController, stopped at the test's end. A test module takes it with
+    `controller = fleet_doubles.controller`."""
+    c = StandInController()
+    c.start()
+    yield c
+    c.stop()

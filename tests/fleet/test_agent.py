@@ -10,6 +10,7 @@ import os
 import re
 import time
 
+import fleet_doubles
 import pytest
 from fleet_doubles import FakeMember, StandInController, key
 from waiting import wait_until
@@ -24,12 +25,7 @@ from kvtier.fleet.serve_thread import bind_socket
 ID = "node-a"
 
 
-@pytest.fixture
-def controller():
-    c = StandInController()
-    c.start()
-    yield c
-    c.stop()
+controller = fleet_doubles.controller
 
 
 @pytest.fixture

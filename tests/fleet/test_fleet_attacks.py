@@ -12,6 +12,7 @@ import threading
 import time
 import types
 
+import fleet_doubles
 import pytest
 from fastapi import FastAPI
 from fleet_doubles import FakeMember, StandInController, key
@@ -26,13 +27,7 @@ from kvtier.fleet.http_client import HttpError, JsonClient, Unreachable
 from kvtier.fleet.messages import Command
 from kvtier.fleet.serve_thread import ServerThread, bind_socket
 
-
-@pytest.fixture
-def controller():
-    c = StandInController()
-    c.start()
-    yield c
-    c.stop()
+controller = fleet_doubles.controller
 
 
 def config(url: str, **kw) -> FleetConfig:

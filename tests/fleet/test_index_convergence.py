@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import threading
 
-import pytest
+import fleet_doubles
 from conftest import CHUNK, seeded_kv, seeded_tokens
-from fleet_doubles import StandInController
 from waiting import wait_until
 
 from kvtier.fleet.engine_member import EngineMember
@@ -19,12 +18,7 @@ SLAB = 4096  # one CHUNK-token chunk of the small layout: 16 slabs of host memor
 SMALL = {"cpu__capacity": 16 * SLAB, "disk__capacity": 24 * 2 * SLAB}
 
 
-@pytest.fixture
-def controller():
-    c = StandInController()
-    c.start()
-    yield c
-    c.stop()
+controller = fleet_doubles.controller
 
 
 def joined(make_engine, controller, instance_id: str, **overrides):
