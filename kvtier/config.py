@@ -250,6 +250,9 @@ class ControllerConfig:
     index_timeout_s: float = _seconds(1.0, 0.001)  # per Redis round trip
     heartbeat_timeout_s: float = _seconds(10.0, 0.1)  # silent this long: down, its keys leave the index
     command_timeout_s: float = _seconds(30.0, 0.001)  # a command to an instance (a move may write GBs)
+    # Instances registered at once, down ones included (forgotten an hour after their last
+    # heartbeat): a new id beyond it is refused with 429, so registrations cannot grow without bound.
+    max_instances: int = _at_least(4096, 1)
     max_body_bytes: int = _size(64 << 20)  # largest request body
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
 

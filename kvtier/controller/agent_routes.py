@@ -12,7 +12,10 @@ Trust: whoever holds the controller token may register any id, and a registratio
 before it (a restarted instance comes back under its configured id, with a new command token and
 maybe a new address, before its old self has timed out). So a token holder can take over another
 instance's id and receive its commands; it never learns the old command token. Such a takeover of an
-instance that is up, from another address, is logged (ids and addresses, never tokens).
+instance that is up, from another address, is logged (ids and addresses, never tokens). A new id
+beyond `max_instances` registered ones (down ones count until forgotten) is refused with 429, so a
+token holder, or an instance restarting in a loop under `<host>-<pid>` ids, cannot grow the
+registry (and every lookup's walk over it) without bound.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, HTTPException, Path
 
 from kvtier.controller.errors import error_responses
 from kvtier.controller.state import FleetState, UnknownInstance
@@ -39,13 +42,17 @@ logger = logging.getLogger(__name__)
 InstancePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
-def agent_router(state: FleetState, heartbeat_timeout_s: float, clock: Callable[[], float]) -> APIRouter:
+def agent_router(state: FleetState, heartbeat_timeout_s: float, clock: Callable[[], float],
+                 max_instances: int) -> APIRouter:
     router = APIRouter(responses=error_responses(400, 422, 503))
 
-    @router.post("/v1/instances/register", response_model=RegisterReply)
+    @router.post("/v1/instances/register", response_model=RegisterReply,
+                 responses=error_responses(429))
     def register(registration: Registration) -> RegisterReply:
         now = clock()
-        _note_takeover(state, registration, now)
+        if not _known(state, registration, now) and len(state.instances(now)) >= max_instances:
+            raise HTTPException(429, f"{max_instances} instances are registered already (max_instances); "
+                                     f"{registration.instance_id} is refused")
         state.register(registration, now)
         return RegisterReply(heartbeat_timeout_s=heartbeat_timeout_s, session=state.session)
 
@@ -60,11 +67,13 @@ def agent_router(state: FleetState, heartbeat_timeout_s: float, clock: Callable[
     return router
 
 
-def _note_takeover(state: FleetState, registration: Registration, now: float) -> None:
+def _known(state: FleetState, registration: Registration, now: float) -> bool:
+    """Whether the id is registered; a takeover of an instance that is up is logged."""
     try:
         old = state.instance(registration.instance_id, now)
     except UnknownInstance:
-        return
+        return False
     if old.up and old.registration.command_url != registration.command_url:
         logger.warning("instance %s re-registered from %s while up at %s: it now gets the commands",
                        registration.instance_id, registration.command_url, old.registration.command_url)
+    return True

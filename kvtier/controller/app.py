@@ -84,7 +84,8 @@ def build_app(config: ControllerConfig, state: FleetState, clock: Clock = time.t
     app.include_router(_info_router(state, metrics, clock), dependencies=protected)
     app.include_router(_query_router(state, clock), dependencies=protected)
     app.include_router(admin_router(state, sender, clock), dependencies=protected)
-    app.include_router(agent_router(state, config.heartbeat_timeout_s, clock), dependencies=protected)
+    agents = agent_router(state, config.heartbeat_timeout_s, clock, config.max_instances)
+    app.include_router(agents, dependencies=protected)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=protected)
     async def openapi() -> JSONResponse:

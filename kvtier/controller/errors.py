@@ -40,6 +40,7 @@ _DESCRIPTIONS = {
     409: "the instance is down",
     413: "request body over max_body_bytes",
     422: "the body is not a valid request",
+    429: "too many instances registered (max_instances)",
     500: "internal error",
     502: "an instance is unreachable or failed",
     503: "the fleet index is unavailable (Redis down)",

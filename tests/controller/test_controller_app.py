@@ -437,3 +437,18 @@ def test_the_openapi_document_lists_every_reply_and_error(client):
     assert lookup["requestBody"]["content"]["application/json"]["schema"]["title"] == "PromptRequest"
     assert {"400", "422", "503"} <= set(lookup["responses"])
     assert {"404", "409", "502", "504"} <= set(paths["/v1/pin"]["post"]["responses"])
+
+
+def test_registrations_beyond_max_instances_are_429_and_known_ids_may_come_back(make_client):
+    # Down instances stay registered (shown down) for an hour: without a bound, ids that never come
+    # back (a crash loop under <host>-<pid>, or a token holder) grow the registry and every lookup.
+    client = make_client(max_instances=2)
+    join(client, "a")
+    join(client, "b")
+    body = Registration(instance_id="c", kind="engine", command_url="http://127.0.0.1:9",
+                        command_token=COMMAND_TOKEN, model_id=MODEL, namespace=namespace().digest().hex(),
+                        chunk_size=16, tiers=[]).model_dump(by_alias=True)
+    refused = client.post("/v1/instances/register", json=body)
+    assert refused.status_code == 429 and "max_instances" in refused.json()["detail"]
+    assert sorted(i["instance_id"] for i in client.get("/v1/instances").json()["instances"]) == ["a", "b"]
+    join(client, "a", url="http://127.0.0.1:10")  # a restart under a known id is always taken
