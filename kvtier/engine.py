@@ -213,13 +213,19 @@ class CacheEngine:
         the source copies too. Returns chunks moved (copied)."""
         return self._move(self.db.spans(tokens), tier, copy)
 
-    def move_keys(self, keys: Sequence[ChunkKey], tier: str, copy: bool = False) -> int:
-        """`move` for the leading `keys` held. Keys carry no length: with save_partial_chunks, the
-        last one may name a partial chunk, which a move up would read at the wrong shape (and drop
-        as corrupt), so a move up leaves the last key out."""
-        spans = [ChunkSpan(key, i * self.db.chunk_size, (i + 1) * self.db.chunk_size)
+    def move_keys(self, keys: Sequence[ChunkKey], tier: str, copy: bool = False,
+                  num_tokens: int | None = None) -> int:
+        """`move` for the leading `keys` held, of a prompt of `num_tokens` tokens. Keys carry no
+        length: with save_partial_chunks and no `num_tokens`, the last one may name a partial chunk,
+        which a move up would read at the wrong shape (and drop as corrupt), so a move up then leaves
+        the last key out."""
+        size = self.db.chunk_size
+        spans = [ChunkSpan(key, i * size, self.db.chunk_end(i, (i + 1) * size if num_tokens is None
+                                                            else num_tokens))
                  for i, key in enumerate(keys)]
-        if spans and self.db.save_partial and self.tier(tier) is self.storage.cpu:
+        if spans and spans[-1].end <= spans[-1].start:
+            raise ValueError(f"{len(keys)} keys do not fit a prompt of {num_tokens} tokens")
+        if spans and num_tokens is None and self.db.save_partial and self.tier(tier) is self.storage.cpu:
             spans.pop()
         return self._move(spans, tier, copy)
 

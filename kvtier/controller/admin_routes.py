@@ -53,7 +53,8 @@ def admin_router(state: FleetState, sender: CommandSender, clock: Callable[[], f
         if request.instance_id is not None:
             _require_up(state.instance(request.instance_id, now), now)
         found = fleet_lookup.targets(state, request.model_id, request.tokens, request.instance_id, now)
-        return [CommandTarget(record, Command(op=op, keys=[key.hex() for key in keys], **fields))
+        return [CommandTarget(record, Command(op=op, keys=[key.hex() for key in keys],
+                                              num_tokens=len(request.tokens), **fields))
                 for record, keys in found]
 
     def clear_targets(request: ClearRequest) -> list[CommandTarget]:

@@ -56,7 +56,7 @@ class EngineMember:
         elif command.op == "move":
             if command.tier is None:
                 raise ValueError("a move needs the tier to move to")
-            chunks = engine.move_keys(keys, command.tier, copy=command.copy_)
+            chunks = engine.move_keys(keys, command.tier, copy=command.copy_, num_tokens=command.num_tokens)
         elif command.op == "clear":
             chunks = self._clear(command.tier)
         else:  # stats

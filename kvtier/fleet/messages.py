@@ -137,6 +137,8 @@ class Command(Message):
     keys: Annotated[list[KeyHex], Field(max_length=MAX_TOKENS)] = []
     tier: TierName | None = None  # move: the destination; clear: the tier (None: all)
     copy_: bool = Field(False, alias="copy")  # move: keep the source copy too
+    # The prompt's length: where its last chunk ends, when it is a partial one (save_partial_chunks).
+    num_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)] | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -393,3 +393,19 @@ def test_a_clear_of_everything_leaves_the_shared_store_that_other_engines_use(ma
     assert remote.has(keys) == [True] * 3
     f.run("clear", tier="remote")
     assert remote.has(keys) == [False] * 3
+
+
+def test_a_move_up_by_keys_with_the_prompt_length_takes_the_partial_last_chunk_too(fleet):
+    # The controller's commands carry the prompt's length, so the last chunk's shape is known.
+    f = fleet(save_partial_chunks="true", write_through="false")
+    tokens = seeded_tokens(2 * CHUNK + 5, 12)
+    kv = seeded_kv(f.engine.layout, 2 * CHUNK + 5, 12)
+    f.engine.store(tokens, kv)
+    keys = f.engine.db.keys(tokens)
+    assert f.run("move", keys, tier="disk", num_tokens=len(tokens)).chunks == 3
+    assert f.run("move", keys, tier="cpu", num_tokens=len(tokens)).chunks == 3
+    assert f.check() == {"cpu": set(keys), "disk": set()}
+    got, n = f.engine.retrieve(tokens)
+    assert n == 2 * CHUNK + 5 and torch.equal(got, kv)
+    with pytest.raises(ValueError, match="do not fit"):
+        f.run("move", keys, tier="cpu", num_tokens=2 * CHUNK)  # 3 keys cannot be 32 tokens
