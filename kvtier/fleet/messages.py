@@ -120,6 +120,11 @@ class EventBatch(Message):
         total = sum(len(event.keys) for event in self.events)
         if total > MAX_EVENT_KEYS:
             raise ValueError(f"events: at most {MAX_EVENT_KEYS} keys in one batch, got {total}")
+        # A `cleared` walks every key the instance has in the index: one per tier is all a batch
+        # needs, and 64K of them over 1M keys would hold the index for hours.
+        clears = sum(event.op == "cleared" for event in self.events)
+        if clears > MAX_TIERS:
+            raise ValueError(f"events: at most {MAX_TIERS} cleared events in one batch, got {clears}")
         return self
 
 

@@ -33,7 +33,7 @@ from waiting import wait_until
 
 from kvtier.controller import fleet_lookup, memory_state
 from kvtier.controller.memory_state import MemoryState
-from kvtier.fleet.messages import MAX_EVENT_KEYS
+from kvtier.fleet.messages import MAX_EVENT_KEYS, MAX_TIERS
 
 make_state, state = fleet_states.make_state, fleet_states.state  # fixtures: every FleetState
 make_client, client = test_controller_app.make_client, test_controller_app.client  # fixtures
@@ -126,6 +126,16 @@ def test_an_event_batch_is_bounded_by_its_keys_all_events_together(client):
     assert client.get("/v1/stats").json()["index_chunks"] == 0
     batch["events"] = batch["events"][:1]  # one event of that size is fine
     assert client.post("/v1/instances/a/events", json=batch).json()["known"] is True
+
+
+def test_an_event_batch_holds_at_most_one_cleared_event_per_possible_tier(client):
+    # A `cleared` walks every key of the instance: 64K of them over 1M keys held the index for hours.
+    session = join(client, "a")
+    many = {"session": session, "seq": 0, "events": [{"op": "cleared", "tier": "cpu"}] * (MAX_TIERS + 1)}
+    reply = client.post("/v1/instances/a/events", json=many)
+    assert reply.status_code == 422 and "cleared" in detail(reply)
+    many["events"] = many["events"][:MAX_TIERS]
+    assert client.post("/v1/instances/a/events", json=many).json()["known"] is True
 
 
 def test_a_bug_that_raises_a_validation_error_is_a_500_not_the_callers_400(monkeypatch, make_client, caplog):
