@@ -58,7 +58,7 @@ from kvtier.errors import ConfigError
 __all__ = [
     # the configuration and its loaders
     "KvtierConfig", "CpuConfig", "DiskConfig", "RedisConfig", "RemoteConfig", "ServerConfig", "SpillConfig",
-    "FleetConfig", "ControllerConfig",
+    "FleetConfig", "ControllerConfig", "P2PConfig",
     "load_config", "load_server_config", "load_controller_config", "override", "parse_size", "ConfigError",
     "ENV_PREFIX", "ENV_CONFIG", "SERVER_ENV_PREFIX", "SERVER_ENV_CONFIG", "CONTROLLER_ENV_PREFIX",
     "CONTROLLER_ENV_CONFIG", "DEFAULT_SOURCE",
@@ -189,6 +189,25 @@ class FleetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class P2PConfig:
+    """The `p2p:` section: read missed chunks from peers (the controller says who holds them) and
+    serve this instance's chunks to them. Needs a `controller:` section."""
+
+    transport: str = _choice("auto", ("auto", "nixl", "tcp"))  # auto: NIXL when it loads, else TCP
+    host: str = field(default="127.0.0.1", metadata={"host": True})  # where this endpoint listens
+    port: int = field(default=0, metadata={"min": 0, "max": 65535})  # 0: any free port
+    advertise_host: str | None = field(default=None, metadata={"host": True})  # None: host
+    token: str | None = _secret()  # peers' shared secret; required beyond loopback
+    timeout_s: float = _seconds(2.0, 0.001)  # a reader's deadline for one peer read, all in
+    lease_s: float = _seconds(10.0, 0.01)  # a holder keeps leased chunks at most this long
+    max_bytes_in_flight: int = _size(256 << 20)  # per reader: payload bytes being read from peers
+    max_connections: int = _at_least(64, 1)  # peers this endpoint serves at once
+    directory_ttl_s: float = _seconds(1.0, 0.0)  # how long the controller's answer is reused
+    retry_after_s: float = _seconds(1.0, 0.0)  # back-off of one failing peer, doubling to
+    retry_max_s: float = _seconds(30.0, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
 class KvtierConfig:
     chunk_size: int = _at_least(256, 1)
     save_partial_chunks: bool = False
@@ -201,6 +220,7 @@ class KvtierConfig:
     redis: RedisConfig | None = None  # None: no Redis tier
     remote: RemoteConfig | None = None  # None: no kvtier_server tier
     controller: FleetConfig | None = None  # None: not part of a fleet
+    p2p: P2PConfig | None = None  # None: no peer-to-peer reads or serving
     # Where the config came from, for messages; not a config key.
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
 

@@ -54,6 +54,10 @@ def _parsable_url(url: str) -> str:
 
 CommandUrl = Annotated[str, Field(pattern=r"^https?://[^\s/@?#]+$", max_length=300),
                        AfterValidator(_parsable_url)]
+# An instance's P2P endpoint (kvtier.p2p.peer_server): the kvtier wire, as kvtier_server speaks it.
+PeerUrl = Annotated[str, Field(pattern=r"^kvtier://[^\s/@?#]+$", max_length=300),
+                    AfterValidator(_parsable_url)]
+MAX_PEER_KEYS = 4096  # keys in one /v1/peers question: a 1M-token prompt in 256-token chunks
 
 
 class Message(BaseModel):
@@ -82,6 +86,7 @@ class Registration(Message):
     save_partial_chunks: bool = False
     layout: Annotated[str, Field(max_length=512)] = ""  # KVLayout.describe(), for people
     tiers: Annotated[list[TierUsage], Field(max_length=MAX_TIERS)]
+    p2p_url: PeerUrl | None = None  # where peers read this engine's chunks (None: no P2P endpoint)
 
 
 class RegisterReply(Message):
@@ -201,6 +206,25 @@ class RouteReply(Message):
     instances: list[RouteEntry]  # engines of the model that are up: longest hit, then most free
 
 
+class PeersRequest(Message):
+    """An instance with P2P asks who else holds chunks it misses (POST /v1/peers, agent token)."""
+
+    keys: Annotated[list[KeyHex], Field(min_length=1, max_length=MAX_PEER_KEYS)]
+    exclude: InstanceId | None = None  # the asking instance itself
+
+
+class PeerHolding(Message):
+    instance_id: str
+    p2p_url: str
+    held: list[bool]  # per requested key: this peer holds it (in some tier)
+    in_memory: list[bool]  # per requested key: in its fastest tier (a READ without a disk read)
+
+
+class PeersReply(Message):
+    # Up instances with a P2P endpoint that hold at least one of the keys, most leading keys first.
+    peers: list[PeerHolding]
+
+
 class InstanceResult(Message):
     instance_id: str
     chunks: int
@@ -214,6 +238,7 @@ class InstanceView(Message):
     instance_id: str
     kind: str
     address: str  # its command URL
+    p2p_url: str | None = None  # its P2P endpoint, when it has one
     model_id: str | None
     namespace: str | None
     chunk_size: int

@@ -22,7 +22,9 @@ Header fields (absent = empty / none):
     token   str         the shared secret (HELLO only, when the server has one)
     status  int         Status; present in replies only (its presence makes a frame a reply)
     error   str         what went wrong, in replies whose status is not OK
-    count   int         EXISTS: leading keys present; DELETE, CLEAR: records removed
+    count   int         EXISTS: leading keys present; DELETE, CLEAR, RELEASE: records removed
+    slots   [int|nil]   LEASE replies: the holder's memory slot of each leased record (nil: not leased)
+    lease   int         LEASE replies: the lease's id; RELEASE requests: the lease to end
     flags   [int]       HAS: 1/0 per key; PUT: PutResult per key
     stats   {str: int}  STATS counters
 
@@ -37,6 +39,12 @@ Ops; every key-taking op is a batch of at most MAX_KEYS keys:
     DELETE  keys                    -> count removed
     CLEAR   ns                      -> count removed (every record of those namespaces)
     STATS   -                       -> stats
+    LEASE   keys                    -> heads, slots, lease (P2P over NIXL: records to READ)
+    RELEASE lease                   -> count (P2P: the reader is done with the lease)
+    CONNECT -                       -> stats (slot geometry), heads [b""], payload: NIXL metadata
+
+kvtier_server answers the first nine; an instance's P2P endpoint (kvtier.p2p.peer_server) answers
+HELLO, PING, HAS, GET, STATS, LEASE, RELEASE and CONNECT; each answers BAD_REQUEST to the rest.
 
 A connection starts with a HELLO and nothing else: until the server has answered it OK, the server
 accepts one frame of at most HELLO_HEADER_BYTES with no payload (`check_hello`), so a peer without
@@ -76,7 +84,7 @@ PROTOCOL_VERSION = 1
 MAX_KEYS = 1024
 MAX_HEAD_BYTES = 128  # one record header (kvtier.record's is 68 bytes)
 MAX_TEXT_BYTES = 4096  # a token, an error message, a counter name
-MAX_FIELDS = 64  # entries in a msgpack map: a header's fields (13 known), STATS counters
+MAX_FIELDS = 64  # entries in a msgpack map: a header's fields (15 known), STATS counters
 # A PUT entry is the largest per key: key (bin8: 2 + 24) + head (2 + 128) + length (u64: 9) = 165.
 PER_KEY_BYTES = 192
 MAX_HEADER_BYTES = (64 << 10) + MAX_KEYS * PER_KEY_BYTES  # 256 KiB
@@ -95,6 +103,9 @@ class Op(IntEnum):
     CLEAR = 6
     STATS = 7
     HELLO = 8
+    LEASE = 9
+    RELEASE = 10
+    CONNECT = 11
 
 
 class Status(IntEnum):
@@ -128,14 +139,15 @@ class Frame:
     count: int | None = None
     flags: list[int] = field(default_factory=list)
     stats: dict[str, int] | None = None
+    slots: list[int | None] = field(default_factory=list)
+    lease: int | None = None
     payloads: list[memoryview | None] = field(default_factory=list)
 
 
 # attribute -> wire name, for everything but `lengths` (derived from the payloads) and `payloads`.
 _WIRE = {"op": "op", "request_id": "id", "keys": "keys", "heads": "heads", "namespaces": "ns",
          "token": "token", "version": "version", "status": "status", "error": "error", "count": "count",
-         "flags": "flags",
-         "stats": "stats"}
+         "flags": "flags", "stats": "stats", "slots": "slots", "lease": "lease"}
 _KNOWN = frozenset(_WIRE.values()) | {"lens"}
 _OPS = frozenset(int(op) for op in Op)
 _STATUSES = frozenset(int(status) for status in Status)
@@ -245,15 +257,19 @@ def to_frame(fields: dict, lens: list[int | None]) -> Frame:
         count=_optional(fields, "count", is_uint, "a u64"),
         flags=_list(fields, "flags", lambda f: is_uint(f, 255), "small ints"),
         stats=_optional(fields, "stats", lambda s: isinstance(s, dict) and all(
-            isinstance(k, str) and type(v) is int for k, v in s.items()), "a map of str to int"))
+            isinstance(k, str) and type(v) is int for k, v in s.items()), "a map of str to int"),
+        slots=_list(fields, "slots", lambda v: v is None or is_uint(v), "u64 or nil"),
+        lease=_optional(fields, "lease", is_uint, "a u64"))
 
 
 def check_request(frame: Frame) -> None:
     """What the server accepts: a request whose fields fit its op. Raises ProtocolError."""
     if frame.status is not None or frame.error is not None or frame.count is not None or frame.flags \
-            or frame.stats is not None:
+            or frame.stats is not None or frame.slots:
         raise ProtocolError("a request carries reply fields", request_id=frame.request_id)
     op, n = frame.op, len(frame.keys)
+    if (op is Op.RELEASE) != (frame.lease is not None):
+        raise ProtocolError("RELEASE carries a lease id, and only RELEASE", request_id=frame.request_id)
     if op is Op.HELLO and frame.version is None:
         raise ProtocolError("HELLO carries the protocol version", request_id=frame.request_id)
     if op is not Op.HELLO and (frame.version is not None or frame.token is not None):
@@ -264,7 +280,7 @@ def check_request(frame: Frame) -> None:
                                 f"{len(frame.heads)} and {len(frame.lengths)}", request_id=frame.request_id)
     elif frame.lengths or frame.heads:
         raise ProtocolError(f"{op.name} carries no records", request_id=frame.request_id)
-    if (n and op in (Op.HELLO, Op.PING, Op.STATS, Op.CLEAR)) or (frame.namespaces and op is not Op.CLEAR):
+    if (n and op in (Op.HELLO, Op.PING, Op.STATS, Op.CLEAR, Op.RELEASE, Op.CONNECT)) or (frame.namespaces and op is not Op.CLEAR):
         raise ProtocolError(f"{op.name} takes {'namespaces' if op is Op.CLEAR else 'keys'} only",
                             request_id=frame.request_id)
 
@@ -281,6 +297,10 @@ def check_reply(frame: Frame) -> None:
     """What a client accepts: a reply, with one head per payload. Raises ProtocolError."""
     if frame.status is None:
         raise ProtocolError("expected a reply, got a request", request_id=frame.request_id)
-    if len(frame.heads) != len(frame.lengths) or any(
-            (h is None) != (n is None) for h, n in zip(frame.heads, frame.lengths)):
-        raise ProtocolError("a reply needs one record head per payload", request_id=frame.request_id)
+    # A LEASE reply's heads pair with its slots (the records stay in the holder's memory).
+    pairs = frame.slots if frame.op is Op.LEASE else frame.lengths
+    if frame.op is Op.LEASE and frame.lengths:
+        raise ProtocolError("a LEASE reply carries no payloads", request_id=frame.request_id)
+    if len(frame.heads) != len(pairs) or any((h is None) != (n is None) for h, n in zip(frame.heads, pairs)):
+        what = "slot" if frame.op is Op.LEASE else "payload"
+        raise ProtocolError(f"a reply needs one record head per {what}", request_id=frame.request_id)
