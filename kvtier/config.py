@@ -21,8 +21,9 @@ Where the config comes from, in order (later wins):
    defaults. `KVTIER_CONFIG` itself is not an override.
 
 Validation is strict and fails closed (`kvtier.config_load` walks these dataclasses' fields, type
-hints and metadata, so a new section is just a new dataclass here; `kvtier.config_values` checks
-each value, `kvtier.config_yaml` reads YAML with bounded size and nesting and no aliases). Any
+hints and metadata (`kvtier.config_fields` declares them), so a new section is just a new dataclass
+here; `kvtier.config_values` checks each value, `kvtier.config_yaml` reads YAML with bounded size and
+nesting and no aliases, `kvtier.config_checks` what spans sections: P2P needs a controller). Any
 problem raises one `ConfigError` naming the dotted key and where it came from (the file, or the
 environment variable), and never showing the value of a `secret` key (tokens, the salt) or the
 credentials or query of a URL, wherever the URL was written. YAML 1.1's surprises are refused
@@ -32,12 +33,24 @@ the file and stat-ing the paths; nothing is created on disk here.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from kvtier.config_checks import check_sections
+from kvtier.config_fields import (
+    MAX_SECONDS,
+    MAX_TOKEN_BYTES,
+    SWITCH,
+    at_least,
+    choice_key,
+    default_disk_path,
+    repr_redacting_urls,
+    seconds_key,
+    secret_key,
+    size_key,
+    url_key,
+)
 from kvtier.config_load import DEFAULT_SOURCE, load, override
 from kvtier.config_values import (
     MAX_SIZE,
@@ -63,7 +76,7 @@ __all__ = [
     "ENV_PREFIX", "ENV_CONFIG", "SERVER_ENV_PREFIX", "SERVER_ENV_CONFIG", "CONTROLLER_ENV_PREFIX",
     "CONTROLLER_ENV_CONFIG", "DEFAULT_SOURCE",
     "GiB", "MAX_SIZE", "MAX_SECONDS", "MAX_REDIS_CONNECTIONS", "MAX_TOKEN_BYTES",
-    # re-exported from their own modules (config_values, config_yaml), where they are defined
+    # re-exported from their own modules (config_values, config_yaml, config_fields), where they are defined
     "check_directory", "check_host", "check_memory", "check_text", "check_url", "hide_url_secrets",
     "show", "show_key", "parse_yaml", "read_config_file",
 ]
@@ -74,69 +87,21 @@ SERVER_ENV_PREFIX = "KVTIER_SERVER_"
 SERVER_ENV_CONFIG = "KVTIER_SERVER_CONFIG"
 CONTROLLER_ENV_PREFIX = "KVTIER_CONTROLLER_"
 CONTROLLER_ENV_CONFIG = "KVTIER_CONTROLLER_CONFIG"
-MAX_SECONDS = 365 * 86400  # a timeout, TTL or interval; a year is already "never"
 MAX_REDIS_CONNECTIONS = 10_000  # Redis's own default maxclients; redis-py fills its pool up front
-# A token travels in the HELLO frame, whose strings kvtier.wire.frames caps at MAX_TEXT_BYTES:
-# a longer token let the server start and then refuse every client.
-MAX_TOKEN_BYTES = 4096
-
-_SWITCH = ("auto", "on", "off")
-
-
-def _size(default: int, *, memory: bool = False) -> Any:
-    """A byte count; `memory`: held in host RAM, so it must fit in physical memory."""
-    return field(default=default, metadata={"size": True, "memory": memory})
-
-
-def _choice(default: str, choices: tuple[str, ...]) -> Any:
-    return field(default=default, metadata={"choices": choices})
-
-
-def _at_least(default: int, minimum: int) -> Any:
-    return field(default=default, metadata={"min": minimum})
-
-
-def _seconds(default: float, minimum: float) -> Any:
-    return field(default=default, metadata={"min": minimum, "max": MAX_SECONDS})
-
-
-def _url(default: str, schemes: tuple[str, ...]) -> Any:
-    return field(default=default, metadata={"url": schemes})
-
-
-def _secret() -> Any:
-    """An optional shared secret: absent or null = none, else non-empty; never shown or repr'd."""
-    return field(default=None, repr=False, metadata={"secret": True, "max_bytes": MAX_TOKEN_BYTES})
-
-
-def _repr_redacting_urls(config: Any) -> str:
-    """The dataclass repr, with URL credentials (`redis://:password@host`) and queries hidden in
-    every text field (a URL, or one written into `key_prefix` by mistake)."""
-    shown = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.repr:
-            shown.append(f"{f.name}={hide_url_secrets(value) if isinstance(value, str) else value!r}")
-    return f"{type(config).__name__}({', '.join(shown)})"
-
-
-def _default_disk_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME", "~/.cache")
-    return os.path.abspath(os.path.expanduser(os.path.join(base, "kvtier")))
 
 
 @dataclass(frozen=True, slots=True)
 class CpuConfig:
-    capacity: int = _size(2 * GiB, memory=True)
-    pin_memory: str = _choice("auto", _SWITCH)
+    capacity: int = size_key(2 * GiB, memory=True)
+    pin_memory: str = choice_key("auto", SWITCH)
 
 
 @dataclass(frozen=True, slots=True)
 class DiskConfig:
-    path: str = field(default_factory=_default_disk_path, metadata={"path": True})
-    capacity: int = _size(16 * GiB)
-    o_direct: str = _choice("auto", _SWITCH)
-    io_threads: int = _at_least(4, 1)
+    path: str = field(default_factory=default_disk_path, metadata={"path": True})
+    capacity: int = size_key(16 * GiB)
+    o_direct: str = choice_key("auto", SWITCH)
+    io_threads: int = at_least(4, 1)
     fsync: bool = False
 
 
@@ -144,48 +109,48 @@ class DiskConfig:
 class RedisConfig:
     """A Redis (or Redis Cluster) tier: one key per chunk holding its whole record."""
 
-    url: str = _url("redis://127.0.0.1:6379/0", ("redis", "rediss", "unix"))  # cluster: any node
+    url: str = url_key("redis://127.0.0.1:6379/0", ("redis", "rediss", "unix"))  # cluster: any node
     cluster: bool = False
     ttl_s: int | None = field(default=None, metadata={"min": 1, "max": MAX_SECONDS})  # None = never
-    timeout_s: float = _seconds(1.0, 0.001)  # connect and read timeout per round trip
+    timeout_s: float = seconds_key(1.0, 0.001)  # connect and read timeout per round trip
     # redis-py's blocking pool puts one slot per connection in a queue when built (on the first
     # lookup): 10**7 took 7.5 s there, 2**63-1 never returned.
     max_connections: int = field(default=16, metadata={"min": 1, "max": MAX_REDIS_CONNECTIONS})
-    batch_size: int = _at_least(32, 1)  # chunks per pipelined round trip
-    retry_after_s: float = _seconds(1.0, 0.0)  # first back-off after a failure; doubles up to retry_max_s
-    retry_max_s: float = _seconds(30.0, 0.0)
+    batch_size: int = at_least(32, 1)  # chunks per pipelined round trip
+    retry_after_s: float = seconds_key(1.0, 0.0)  # first back-off after a failure; doubles up to retry_max_s
+    retry_max_s: float = seconds_key(30.0, 0.0)
     key_prefix: str = field(default="kvtier:", metadata={"empty": True})
 
     def __repr__(self) -> str:
-        return _repr_redacting_urls(self)
+        return repr_redacting_urls(self)
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteConfig:
     """A `kvtier_server` tier."""
 
-    url: str = _url("kvtier://127.0.0.1:7000", ("kvtier",))
-    token: str | None = _secret()  # the server's shared secret, when it has one
-    timeout_s: float = _seconds(5.0, 0.001)
-    connections: int = _at_least(4, 1)
-    retry_after_s: float = _seconds(1.0, 0.0)
-    retry_max_s: float = _seconds(30.0, 0.0)
+    url: str = url_key("kvtier://127.0.0.1:7000", ("kvtier",))
+    token: str | None = secret_key()  # the server's shared secret, when it has one
+    timeout_s: float = seconds_key(5.0, 0.001)
+    connections: int = at_least(4, 1)
+    retry_after_s: float = seconds_key(1.0, 0.0)
+    retry_max_s: float = seconds_key(30.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
 class FleetConfig:
     """The `controller:` section of an instance (a CacheEngine, kvtier_server): join a fleet."""
 
-    url: str = _url("http://127.0.0.1:7100", ("http", "https"))  # the kvtier_controller
+    url: str = url_key("http://127.0.0.1:7100", ("http", "https"))  # the kvtier_controller
     instance_id: str | None = None  # None: "<host name>-<pid>"; set it to keep one id across restarts
-    token: str | None = _secret()  # the controller's shared secret, when it has one
-    heartbeat_s: float = _seconds(2.0, 0.05)  # between heartbeats (and at most between event batches)
-    timeout_s: float = _seconds(5.0, 0.001)  # per request to the controller
+    token: str | None = secret_key()  # the controller's shared secret, when it has one
+    heartbeat_s: float = seconds_key(2.0, 0.05)  # between heartbeats (and at most between event batches)
+    timeout_s: float = seconds_key(5.0, 0.001)  # per request to the controller
     # Where this instance takes the controller's commands (HTTP, a per-process secret): 0 = any port.
     command_host: str = field(default="127.0.0.1", metadata={"host": True})
     command_port: int = field(default=0, metadata={"min": 0, "max": 65535})
     advertise_host: str | None = field(default=None, metadata={"host": True})  # None: command_host
-    max_pending_events: int = _at_least(100_000, 1)  # keys queued for the controller; beyond: dropped
+    max_pending_events: int = at_least(100_000, 1)  # keys queued for the controller; beyond: dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,23 +158,23 @@ class P2PConfig:
     """The `p2p:` section: read missed chunks from peers (the controller says who holds them) and
     serve this instance's chunks to them. Needs a `controller:` section."""
 
-    transport: str = _choice("auto", ("auto", "nixl", "tcp"))  # auto: NIXL when it loads, else TCP
+    transport: str = choice_key("auto", ("auto", "nixl", "tcp"))  # auto: NIXL when it loads, else TCP
     host: str = field(default="127.0.0.1", metadata={"host": True})  # where this endpoint listens
     port: int = field(default=0, metadata={"min": 0, "max": 65535})  # 0: any free port
     advertise_host: str | None = field(default=None, metadata={"host": True})  # None: host
-    token: str | None = _secret()  # peers' shared secret; required beyond loopback
-    timeout_s: float = _seconds(2.0, 0.001)  # a reader's deadline for one peer read, all in
-    lease_s: float = _seconds(10.0, 0.01)  # a holder keeps leased chunks at most this long
-    max_bytes_in_flight: int = _size(256 << 20)  # per reader: payload bytes being read from peers
-    max_connections: int = _at_least(64, 1)  # peers this endpoint serves at once
-    directory_ttl_s: float = _seconds(1.0, 0.0)  # how long the controller's answer is reused
-    retry_after_s: float = _seconds(1.0, 0.0)  # back-off of one failing peer, doubling to
-    retry_max_s: float = _seconds(30.0, 0.0)
+    token: str | None = secret_key()  # peers' shared secret; required beyond loopback
+    timeout_s: float = seconds_key(2.0, 0.001)  # a reader's deadline for one peer read, all in
+    lease_s: float = seconds_key(10.0, 0.01)  # a holder keeps leased chunks at most this long
+    max_bytes_in_flight: int = size_key(256 << 20)  # per reader: payload bytes being read from peers
+    max_connections: int = at_least(64, 1)  # peers this endpoint serves at once
+    directory_ttl_s: float = seconds_key(1.0, 0.0)  # how long the controller's answer is reused
+    retry_after_s: float = seconds_key(1.0, 0.0)  # back-off of one failing peer, doubling to
+    retry_max_s: float = seconds_key(30.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
 class KvtierConfig:
-    chunk_size: int = _at_least(256, 1)
+    chunk_size: int = at_least(256, 1)
     save_partial_chunks: bool = False
     # "" = no salt. A tenant's salt keeps its KV apart from others': treated as a secret.
     salt: str = field(default="", repr=False, metadata={"empty": True, "secret": True})
@@ -229,9 +194,9 @@ class KvtierConfig:
 class SpillConfig:
     """Where `kvtier_server` spills what it evicts from memory (a disk tier directory)."""
 
-    path: str = field(default_factory=_default_disk_path, metadata={"path": True})
-    capacity: int = _size(16 * GiB)
-    o_direct: str = _choice("auto", _SWITCH)
+    path: str = field(default_factory=default_disk_path, metadata={"path": True})
+    capacity: int = size_key(16 * GiB)
+    o_direct: str = choice_key("auto", SWITCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,18 +205,18 @@ class ServerConfig:
 
     host: str = field(default="127.0.0.1", metadata={"host": True})
     port: int = field(default=7000, metadata={"min": 0, "max": 65535})  # 0: any free port (logged)
-    capacity: int = _size(4 * GiB, memory=True)  # bytes of records held in memory; LRU beyond
-    token: str | None = _secret()  # shared secret every client must present; None = no auth
-    max_frame_bytes: int = _size(1 * GiB)  # largest frame accepted (header + payloads)
-    max_connections: int = _at_least(256, 1)  # authenticated connections; more get BUSY at HELLO
-    max_handshakes: int = _at_least(64, 1)  # connections before their HELLO; the oldest make room
-    handshake_timeout_s: float = _seconds(5.0, 0.001)  # from accept to a HELLO answered OK
-    idle_timeout_s: float = _seconds(300.0, 0.001)  # an authenticated connection silent this long closes
-    receive_bytes: int = _size(2 * GiB)  # payload bytes being received, all connections together
-    reply_bytes: int = _size(1 * GiB)  # reply bytes queued to send, all connections together
-    send_timeout_s: float = _seconds(30.0, 0.001)  # replies queued, none sent this long: closed
+    capacity: int = size_key(4 * GiB, memory=True)  # bytes of records held in memory; LRU beyond
+    token: str | None = secret_key()  # shared secret every client must present; None = no auth
+    max_frame_bytes: int = size_key(1 * GiB)  # largest frame accepted (header + payloads)
+    max_connections: int = at_least(256, 1)  # authenticated connections; more get BUSY at HELLO
+    max_handshakes: int = at_least(64, 1)  # connections before their HELLO; the oldest make room
+    handshake_timeout_s: float = seconds_key(5.0, 0.001)  # from accept to a HELLO answered OK
+    idle_timeout_s: float = seconds_key(300.0, 0.001)  # an authenticated connection silent this long closes
+    receive_bytes: int = size_key(2 * GiB)  # payload bytes being received, all connections together
+    reply_bytes: int = size_key(1 * GiB)  # reply bytes queued to send, all connections together
+    send_timeout_s: float = seconds_key(30.0, 0.001)  # replies queued, none sent this long: closed
     spill: SpillConfig | None = None  # None: evicted records are dropped
-    stats_interval_s: float = _seconds(60.0, 0.0)  # one traffic log line per interval; 0 = never
+    stats_interval_s: float = seconds_key(60.0, 0.0)  # one traffic log line per interval; 0 = never
     controller: FleetConfig | None = None  # None: not part of a fleet
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
 
@@ -262,22 +227,22 @@ class ControllerConfig:
 
     host: str = field(default="127.0.0.1", metadata={"host": True})
     port: int = field(default=7100, metadata={"min": 0, "max": 65535})  # 0: any free port (printed)
-    token: str | None = _secret()  # shared secret on every endpoint but /health; None = no auth
+    token: str | None = secret_key()  # shared secret on every endpoint but /health; None = no auth
     # Where the chunk index and the instance registry live: None = this process's memory; a Redis URL
     # (redis://, rediss://, unix://) = Redis, so that several controllers behind one address answer the same.
     index: str | None = field(default=None, metadata={"url": ("redis", "rediss", "unix")})
     index_cluster: bool = False  # `index` names a node of a Redis Cluster
-    index_timeout_s: float = _seconds(1.0, 0.001)  # per Redis round trip
-    heartbeat_timeout_s: float = _seconds(10.0, 0.1)  # silent this long: down, its keys leave the index
-    command_timeout_s: float = _seconds(30.0, 0.001)  # a command to an instance (a move may write GBs)
+    index_timeout_s: float = seconds_key(1.0, 0.001)  # per Redis round trip
+    heartbeat_timeout_s: float = seconds_key(10.0, 0.1)  # silent this long: down, its keys leave the index
+    command_timeout_s: float = seconds_key(30.0, 0.001)  # a command to an instance (a move may write GBs)
     # Instances registered at once, down ones included (forgotten an hour after their last
     # heartbeat): a new id beyond it is refused with 429, so registrations cannot grow without bound.
-    max_instances: int = _at_least(4096, 1)
-    max_body_bytes: int = _size(64 << 20)  # largest request body
+    max_instances: int = at_least(4096, 1)
+    max_body_bytes: int = size_key(64 << 20)  # largest request body
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
 
     def __repr__(self) -> str:
-        return _repr_redacting_urls(self)
+        return repr_redacting_urls(self)
 
 
 def load_config(
@@ -285,8 +250,10 @@ def load_config(
 ) -> KvtierConfig:
     """Defaults, then the YAML file (`path`, else `$KVTIER_CONFIG`), then `KVTIER_*` overrides."""
     # The server's variables share kvtier's prefix: this loader skips them.
-    return load(KvtierConfig, path, env, prefix=ENV_PREFIX, config_var=ENV_CONFIG,
-                foreign=(SERVER_ENV_PREFIX, CONTROLLER_ENV_PREFIX))
+    config = load(KvtierConfig, path, env, prefix=ENV_PREFIX, config_var=ENV_CONFIG,
+                  foreign=(SERVER_ENV_PREFIX, CONTROLLER_ENV_PREFIX))
+    check_sections(config)  # across sections (p2p needs controller): on the final config only
+    return config
 
 
 def load_server_config(

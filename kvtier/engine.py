@@ -10,7 +10,8 @@
 
 With a `controller:` section in its config, the engine joins a fleet (kvtier.fleet.agent): a background
 thread registers it with kvtier_controller, reports its keys and runs the controller's commands
-through `kvtier.fleet.engine_member.EngineMember`; `close()` stops it first.
+through `kvtier.fleet.engine_member.EngineMember`; `close()` stops it first. With a `p2p:` section
+too, it reads the chunks it misses from peers and serves its own to them (kvtier.p2p.setup).
 
 Thread-safe. `store` copies the KV into host memory before it returns (the caller may reuse `kv`)
 and queues lower-tier writes in the background; it never waits on the disk. `retrieve` blocks until
@@ -66,7 +67,7 @@ def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned, metrics
 
 
 def tier_names(config: KvtierConfig) -> list[str]:
-    optional = {"disk": config.disk, "redis": config.redis, "remote": config.remote}
+    optional = {"disk": config.disk, "redis": config.redis, "remote": config.remote, "p2p": config.p2p}
     return ["cpu"] + [name for name, section in optional.items() if section is not None]
 
 
@@ -78,11 +79,15 @@ def _shifted(spans: list[ChunkSpan], start: int) -> list[ChunkSpan]:
 
 
 def _join_fleet(engine: CacheEngine):
-    """Start the fleet agent for `engine` (its config's `controller:` section): a handle to close."""
+    """Start the fleet agent for `engine` (its config's `controller:` section): a handle to close.
+    With P2P, the controller then leaves this instance out of the peers it names to it."""
     from kvtier.fleet.agent import join_fleet  # imported only when configured (HTTP stack)
     from kvtier.fleet.engine_member import EngineMember
 
-    return join_fleet(engine.config.controller, EngineMember(engine))
+    handle = join_fleet(engine.config.controller, EngineMember(engine))
+    if engine._p2p is not None:
+        engine._p2p.joined(handle.instance_id)
+    return handle
 
 
 class CacheEngine:
@@ -98,18 +103,29 @@ class CacheEngine:
         pins = PinTable()
         lower = build_lower_tiers(config, self.db.namespace_digest, pins.__contains__, self.metrics)
         threads = config.disk.io_threads if config.disk is not None else min(4, os.cpu_count() or 1)
-        self.storage = StorageManager(layout, pool, lower, self.metrics, pins=pins,
-                                      write_through=config.write_through,
-                                      promote_on_hit=config.promote_on_hit, io_threads=threads)
+        self._fleet, self._p2p = None, None
+        if config.p2p is not None:  # the last tier below: peers' memory (kvtier.p2p.setup has the order)
+            from kvtier.p2p.setup import PeerToPeer
+
+            self._p2p = PeerToPeer.build(config, pool, self.db.namespace_digest, self.metrics)
+            lower.append(self._p2p.tier)
+        try:
+            self.storage = StorageManager(layout, pool, lower, self.metrics, pins=pins,
+                                          write_through=config.write_through,
+                                          promote_on_hit=config.promote_on_hit, io_threads=threads)
+        except BaseException:
+            self._close_storage(None)
+            raise
         logger.info("kvtier engine for %s (%s): tiers %s, cpu %d MiB, chunk %d tokens", model_id,
                     layout.describe(), self.metrics.tiers, pool.capacity_bytes >> 20, config.chunk_size)
-        self._fleet = None
-        if config.controller is not None:
-            try:
+        try:
+            if self._p2p is not None:
+                self._p2p.start(self.storage)
+            if config.controller is not None:
                 self._fleet = _join_fleet(self)
-            except BaseException:
-                self.storage.close()
-                raise
+        except BaseException:
+            self._close_storage(self.storage)
+            raise
 
     # -- data path -----------------------------------------------------------------------------
 
@@ -200,6 +216,11 @@ class CacheEngine:
     def unpin_keys(self, keys: Sequence[ChunkKey]) -> int:
         return self.storage.unpin(keys)
 
+    @property
+    def p2p_url(self) -> str | None:
+        """Where peers read this engine's chunks (kvtier://host:port), when it has a `p2p:` section."""
+        return None if self._p2p is None else self._p2p.url
+
     def tier(self, name: str) -> Tier | CpuTier:
         """The tier called `name` ("cpu", "disk", ...); UnknownTier (a ValueError) if there is none."""
         tiers = [self.storage.cpu, *self.storage.lower]
@@ -231,6 +252,8 @@ class CacheEngine:
 
     def _move(self, spans: list[ChunkSpan], tier: str, copy: bool) -> int:
         target = self.tier(tier)
+        if target is not self.storage.cpu and not target.writable:
+            raise ValueError(f"tier {tier!r} serves reads only (peers' chunks): nothing moves to it")
         spans = spans[: self.storage.contains_prefix([s.key for s in spans])]
         if target is self.storage.cpu:
             return self.storage.move_up(spans, copy=copy)
@@ -258,8 +281,16 @@ class CacheEngine:
         afterwards."""
         fleet, self._fleet = self._fleet, None
         if fleet is not None:
-            fleet.close()  # first: no command may reach a closed storage
-        self.storage.close()
+            fleet.close()  # first: no command (nor a peer's question about us) may reach a closed storage
+        self._close_storage(self.storage)
+
+    def _close_storage(self, storage: StorageManager | None) -> None:
+        """Close `storage`; with P2P, between the peer server and the endpoint (kvtier.p2p.setup)."""
+        p2p, self._p2p = self._p2p, None
+        if p2p is not None:
+            p2p.close(storage)
+        elif storage is not None:
+            storage.close()
 
     def __enter__(self) -> CacheEngine:
         return self

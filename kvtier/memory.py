@@ -63,6 +63,12 @@ class MemoryPool:
                      self.pinned)
 
     @property
+    def arena(self) -> torch.Tensor:
+        """The whole arena, slab i at byte `i * slab_stride`: for a transport that registers it once
+        (kvtier.p2p.nixl_transport). Read it only; a slab's bytes are its lease holder's."""
+        return self._arena
+
+    @property
     def capacity_bytes(self) -> int:
         return self.num_slabs * self.slab_stride
 

@@ -26,10 +26,11 @@ style for every tier, so that a number means the same thing whichever tier it co
 was made for (a count for another would reach no snapshot), and `n` an integer (`operator.index`:
 numpy integers are fine, floats are not) that is not negative.
 
-Engine counters (`inc`) count tokens (`*_tokens`) or chunks (`*_chunks`, `promotions`,
-`demotions`). `kvtier_server` keeps its own counters (`StoreCounters`, `ServerStats`, returned by
-STATS) in the same units: records where a name is about records (`hits`, `evictions`, `spill_errors`),
-requests, frames or connections where it says so (`errors` there is requests that failed).
+Engine counters (`inc`) count tokens (`*_tokens`), chunks (`*_chunks`, `promotions`, `demotions`),
+payload bytes (`*_bytes`) or leases (`p2p_leases*`). `kvtier_server` keeps its own counters
+(`StoreCounters`, `ServerStats`, returned by STATS) in the same units: records where a name is about
+records (`hits`, `evictions`, `spill_errors`), requests, frames or connections where it says so
+(`errors` there is requests that failed).
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ ENGINE_COUNTERS = {
     "deduplicated_chunks": "chunks a store skipped because they were already cached",
     "promotions": "chunks copied up into the CPU tier on a hit",
     "demotions": "chunks written down to a lower tier when evicted from the CPU tier",
+    # The P2P endpoint (kvtier.p2p.peer_server): what this instance served to its peers.
+    "p2p_served_chunks": "chunks served to peers (TCP replies and leased slabs)",
+    "p2p_served_bytes": "payload bytes served to peers",
+    "p2p_leases": "leases granted to peers",
+    "p2p_leases_expired": "leases that expired before their reader released them",
 }
 # Host memory and what holds it, refreshed with the tier occupancy (gauges, not counters).
 POOL_GAUGES = {

@@ -1,5 +1,6 @@
 """Payload movement for host-memory entries: record reads from the tiers below into slabs (and the
-copy out of a retrieve's slabs, `MemoryPool.copy_chunks`), record writes from slabs to the tiers below.
+copy out of a retrieve's slabs, `MemoryPool.copy_chunks`), record writes from slabs to the tiers below
+(reads from every tier below, P2P included; writes only to the writable tiers the caller passes).
 
 Where it runs: copies on the caller's thread; reads fan out over the read threads (TierReader);
 writes run on the StorageManager's write threads. It holds no index state and takes no lock: the

@@ -3,8 +3,9 @@
 Where it runs: in the process that owns the KV cache, called from any thread; one lock guards the
 CPU tier, the memory pool and the pin set. Payload copies and all tier I/O happen outside the lock.
 
-Tier order is the CPU tier, then the record tiers in `lower` (disk, later remote ones). The manager
-never branches on a tier's name or class: a lower tier is anything that follows `kvtier.tiers.base.Tier`.
+Tier order is the CPU tier, then the record tiers in `lower` (disk, remote ones, P2P last). The manager
+never branches on a tier's name or class: a lower tier is anything that follows `kvtier.tiers.base.Tier`;
+writes and demotions go to its `writable` ones only (a P2P tier serves reads only).
 
     put:    copy each new chunk into a slab (evicting LRU chunks to make room), index it in the CPU
             tier, and (write-through) queue a background write to every lower tier.
@@ -50,7 +51,7 @@ from kvtier.memory import MemoryPool, Slab
 from kvtier.metrics import Metrics
 from kvtier.pins import PinTable
 from kvtier.slab_io import ChunkRead, SlabIO
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Tier, writable_tiers
 from kvtier.tiers.cpu import CpuEntry, CpuTier
 from kvtier.transfers import TransferQueue
 from kvtier.write_behind import WriteBehind
@@ -69,7 +70,7 @@ class StorageManager:
                  promote_on_hit: bool = True, io_threads: int = 4, clean_ahead: int | None = None):
         self.layout = layout
         self.pool = pool
-        self.lower = list(lower)
+        self.lower, self.writable = list(lower), writable_tiers(lower)  # writes: to `writable` only
         self.metrics = metrics
         self._log = LogLimiter(logger)  # a full CPU tier refuses every store: one line a minute
         self.write_through = write_through
@@ -87,7 +88,7 @@ class StorageManager:
         self._clean_ahead = max(1, pool.num_slabs // 16) if clean_ahead is None else clean_ahead
         self._reads = TransferQueue(io_threads, "kvtier-read")
         self._io = SlabIO(pool, layout, self.lower, metrics, self._reads)
-        self._writes = WriteBehind(self._progress, self._io, pool, self.lower, io_threads,
+        self._writes = WriteBehind(self._progress, self._io, pool, self.writable, io_threads,
                                    landed=self._demoted_locked)
 
     @guarded
@@ -143,9 +144,9 @@ class StorageManager:
             slab.owner = "cpu"
             self.cpu.insert(s.key, entry)
             stored += 1
-            if self.write_through and self.lower:
+            if self.write_through and self.writable:
                 self._writes.submit_locked(s.key, entry)
-        if not self.write_through and self.lower and self.pool.free_slabs < self._clean_ahead:
+        if not self.write_through and self.writable and self.pool.free_slabs < self._clean_ahead:
             self._writes.clean_ahead_locked(self.cpu.eviction_order(), self._clean_ahead)
         self._let_go_locked()
         return stored
@@ -162,7 +163,7 @@ class StorageManager:
         starts its demotion and returns None (its slab is freed when the write lands): one
         allocation never pushes more than one chunk to disk. The caller rejects or waits."""
         while (slab := self.pool.alloc(owner)) is None:
-            victim = self.cpu.pop_victim(leased=bool(self.lower))
+            victim = self.cpu.pop_victim(leased=bool(self.writable))
             if victim is None:
                 return None
             key, entry = victim
@@ -171,7 +172,7 @@ class StorageManager:
             # `persisted` may be stale, the tier having evicted its copy before the lease. One the
             # tiers below refused is dropped, as with no tier below, not written again.
             done_below = entry.persisted or entry.write_failed
-            if not self.lower or (done_below and not self.pins.is_leased(key)):
+            if not self.writable or (done_below and not self.pins.is_leased(key)):
                 entry.detach(self.pool)
                 continue
             self.cpu.demote(key, entry)

@@ -10,8 +10,10 @@ clears are blocking administrative calls. The tiers they take are objects: names
 A removal below (a move up, a clear) is marked on the write-behind while it runs, so that no
 background write overlapping it counts as having written the chunk down (see kvtier.write_behind).
 
-Local tiers are host memory and the tiers below that index their keys in this process (`KeyedTier`:
-the disk tier); shared stores (Redis, kvtier_server) are other processes' and report nothing.
+Local tiers are host memory and the writable tiers below that index their keys in this process
+(`KeyedTier`: the disk tier); shared stores (Redis, kvtier_server) are other processes' and report
+nothing, nor does a read-only tier (P2P: what it reads are other instances' chunks). Moves and clears
+go to writable tiers only (`StorageManager.writable`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def release(manager: StorageManager, keys: Sequence[ChunkKey]) -> None:
 
 
 def move_down(manager: StorageManager, keys: Sequence[ChunkKey], tier: Tier, copy: bool = False) -> int:
-    """Write CPU-resident `keys` to `tier` (one of `manager.lower`) and drop them from the CPU
+    """Write CPU-resident `keys` to `tier` (one of `manager.writable`) and drop them from the CPU
     tier (`copy`: keep them there too). Returns how many chunks left the CPU tier (`copy`: how
     many `tier` holds now)."""
     _check_tier(manager, tier)
@@ -92,7 +94,7 @@ def move_up(manager: StorageManager, spans: Sequence[ChunkSpan], copy: bool = Fa
     keys = [key for key, _ in held]
     below: set[ChunkKey] = set()
     try:
-        for tier in manager.lower:
+        for tier in manager.writable:  # a read-only tier (P2P: peers' memory) is not ours to remove from
             below.update(k for k, found in zip(keys, tier.has(keys)) if found)
             tier.remove(keys)
     finally:
@@ -123,7 +125,7 @@ def clear(manager: StorageManager, tier: Tier | CpuTier | None = None) -> None:
         with manager._lock:
             for key, _ in manager.cpu.items():
                 manager.cpu.pop(key).detach(manager.pool)
-    lower = [t for t in manager.lower if tier is None or tier is t]
+    lower = [t for t in manager.writable if tier is None or tier is t]
     if lower:
         with manager._lock:
             manager._writes.begin_removal_locked()
@@ -148,8 +150,9 @@ def _end_removal_locked(manager: StorageManager) -> None:
 
 
 def _check_tier(manager: StorageManager, tier: Tier | CpuTier, cpu: bool = False) -> None:
-    """A tier object of this manager (a name, say, is not: `CacheEngine.tier` resolves names)."""
-    if not (any(tier is t for t in manager.lower) or (cpu and tier is manager.cpu)):
+    """A writable tier object of this manager (a name, say, is not: `CacheEngine.tier` resolves
+    names; a read-only tier, P2P, is neither moved to nor cleared)."""
+    if not (any(tier is t for t in manager.writable) or (cpu and tier is manager.cpu)):
         name = getattr(tier, "name", tier)
         raise ValueError(f"tier {name!r} is not one this storage may {'clear' if cpu else 'move to'}")
 
@@ -169,7 +172,7 @@ class KeyedTier(Protocol):
 
 def local_tiers(manager: StorageManager) -> list[KeyedTier]:
     """The tiers below host memory that are this process's own, fastest first."""
-    return [tier for tier in manager.lower if isinstance(tier, KeyedTier)]
+    return [tier for tier in manager.writable if isinstance(tier, KeyedTier)]
 
 
 def set_key_listener(manager: StorageManager, listener: IndexListener | None) -> None:

@@ -71,6 +71,16 @@ class TransferQueue:
         self._pool.shutdown(wait=True)
 
 
+def _run_here(fn: Callable, *args) -> Future:
+    """`fn(*args)` run on this thread, as a finished Future (its result or its exception)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:  # reported where the result is read, as for a pooled job
+        future.set_exception(exc)
+    return future
+
+
 @dataclass(frozen=True, slots=True)
 class ReadRequest:
     """One record to read below: its key, the buffer for its payload, the shape it must have."""
@@ -107,8 +117,17 @@ class TierReader:
         jobs = self._submit(self.tiers[0], requests, range(len(requests))) if requests else []
         return PendingReads(requests, jobs)
 
-    def _submit(self, tier: Tier, requests: list[ReadRequest], todo) -> list[tuple[list[int], Future]]:
+    def _submit(self, tier: Tier, requests: list[ReadRequest], todo, waiting: bool = False
+                ) -> list[tuple[list[int], Future]]:
+        """Jobs reading `todo` from `tier`. `waiting`: the caller waits for them at once."""
         todo = list(todo)
+        if tier.fans_out:
+            # The tier spreads its own I/O (P2P: a thread per peer), so it gets the batch whole, and on
+            # the caller's thread when the caller waits anyway: a stalled peer then holds that caller
+            # alone, never the shared read threads that other loads need.
+            keys, dests = [requests[i].key for i in todo], [requests[i].dest for i in todo]
+            run = _run_here if waiting else self.queue.submit
+            return [(todo, run(tier.get, keys, dests))]
         workers = min(self.queue.threads, len(todo))
         jobs = []
         for w in range(workers):
@@ -126,7 +145,7 @@ class TierReader:
                 todo = [i for i, ok in enumerate(found) if not ok]
                 if not todo:
                     break
-                jobs = self._submit(tier, requests, todo)
+                jobs = self._submit(tier, requests, todo, waiting=True)
             asked = hits = 0
             for part, future in jobs:
                 asked += len(part)

@@ -1,4 +1,5 @@
 """Background writes of host-memory entries to the tiers below: a StorageManager's write-behind.
+Its `lower` are the manager's writable tiers (`Tier.writable`): a read-only tier (P2P) is never written.
 
 Where it runs: `submit_locked` and the removal marks under the manager's lock (the condition given
 at construction); each write on the write threads, which takes that lock once, when the write has

@@ -5,7 +5,9 @@ config section.
 Readiness is always a line a process prints or state polled from the controller (tests/waiting.py),
 never a fixed wait: the controller prints `kvtier_controller listening on HOST:PORT`, an instance
 prints one JSON line once its engine is built and then one JSON line per command it reads on stdin
-(`store <seed> <n>`, `lookup <seed> <n>`, `tiers <seed> <n>`, `stats`, `flood <n>`, `exit`).
+(`store <seed> <n>`, `lookup <seed> <n>`, `tiers <seed> <n>`, `stats`, `flood <n>`, `digest <seed> <n>`,
+`check`, `begin <tag> <command>`, `end <tag>`, `exit`). Options given to an instance go into its
+config file (e.g. `p2p={...}`: the engine's `p2p:` section).
 
 Prompts are `prompt(seed, n)`: the same tokens in the test and in every instance process, so a test
 asks the controller about exactly what an instance stored. `Fleet` starts the processes of one
@@ -102,6 +104,14 @@ class Process:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=STOP_DEADLINE_S)
         self._close_pipes()
+
+    def pause(self) -> None:
+        """SIGSTOP: it stalls (its sockets stay open, nothing answers) until `resume`."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> int:
         """SIGTERM and wait; its exit status."""
@@ -273,6 +283,21 @@ class InstanceProcess(Process):
 
     def stats(self) -> dict:
         return self.call("stats")["stats"]
+
+    def digest(self, seed: int, num_tokens: int) -> dict:
+        """Retrieve prompt(seed, n) into zeros: {"hit": tokens, "digest": its hash, "seconds": ...}."""
+        return self.call(f"digest {seed} {num_tokens}")
+
+    def check(self) -> None:
+        """Fail the test if the engine's storage accounting is broken (check_invariants)."""
+        self.call("check")
+
+    def begin(self, tag: str, line: str) -> None:
+        """Start command `line` on a thread of the instance; `end(tag)` waits for its reply."""
+        self.call(f"begin {tag} {line}")
+
+    def end(self, tag: str, deadline_s: float = REPLY_DEADLINE_S) -> dict:
+        return self.call(f"end {tag}", deadline_s)
 
     def flood(self, count: int) -> int:
         """Store `count` new 4-chunk prompts (and wait for the disk): evicts whatever is not pinned."""

@@ -3,9 +3,12 @@
     POST /v1/instances/register               Registration -> RegisterReply (the session to echo)
     POST /v1/instances/{instance_id}/heartbeat  Heartbeat  -> HeartbeatReply (known=False: register)
     POST /v1/instances/{instance_id}/events     EventBatch -> EventsReply (resync on a seq gap)
+    POST /v1/peers                            PeersRequest -> PeersReply (who holds keys, for P2P)
 
 An unknown id or session is not an error here (the state answers known=False and the agent
-re-registers): 404 is for people. Handlers are plain `def`: the state may wait on Redis, and an
+re-registers): 404 is for people. /v1/peers is an instance's question too (its P2P tier asks which
+peer holds the chunks it misses: kvtier.controller.fleet_lookup.peers); its keys are bounded by
+MAX_PEER_KEYS (more: 422). Handlers are plain `def`: the state may wait on Redis, and an
 event batch of 64K keys is parsed in FastAPI's thread pool, not on the event loop.
 
 Trust: whoever holds the controller token may register any id, and a registration replaces the one
@@ -26,6 +29,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path
 
+from kvtier.controller import fleet_lookup
 from kvtier.controller.errors import error_responses
 from kvtier.controller.state import FleetState, UnknownInstance
 from kvtier.fleet.messages import (
@@ -33,6 +37,8 @@ from kvtier.fleet.messages import (
     EventsReply,
     Heartbeat,
     HeartbeatReply,
+    PeersReply,
+    PeersRequest,
     RegisterReply,
     Registration,
 )
@@ -63,6 +69,11 @@ def agent_router(state: FleetState, heartbeat_timeout_s: float, clock: Callable[
     @router.post("/v1/instances/{instance_id}/events", response_model=EventsReply)
     def events(instance_id: InstancePath, batch: EventBatch) -> EventsReply:
         return state.apply(instance_id, batch.session, batch.seq, list(batch.events), clock())
+
+    @router.post("/v1/peers", response_model=PeersReply)
+    def peers(request: PeersRequest) -> PeersReply:
+        keys = [bytes.fromhex(key) for key in request.keys]
+        return fleet_lookup.peers(state, keys, request.exclude, clock())
 
     return router
 

@@ -6,6 +6,7 @@
     POST /v1/lookup, /v1/route         where a prompt's KV lives (kvtier.controller.fleet_lookup)
     POST /v1/pin, /unpin, /move, /clear   commands to instances (kvtier.controller.admin_routes)
     POST /v1/instances/register, /{id}/heartbeat, /{id}/events   the agents (agent_routes)
+    POST /v1/peers                     which peers hold given keys, for P2P reads (agent_routes)
 
 Every endpoint but /health requires the bearer token when one is set (kvtier.fleet.bearer_auth),
 checked before any body is read (kvtier.controller.auth_gate);
@@ -145,7 +146,8 @@ def _info_router(state: FleetState, metrics: ControllerMetrics, clock: Clock) ->
 def _view(record: InstanceRecord, now: float) -> InstanceView:
     registration = record.registration  # its command_token stays here: never shown
     return InstanceView(instance_id=registration.instance_id, kind=registration.kind,
-                        address=registration.command_url, model_id=registration.model_id,
+                        address=registration.command_url, p2p_url=registration.p2p_url,
+                        model_id=registration.model_id,
                         namespace=registration.namespace, chunk_size=registration.chunk_size,
                         layout=registration.layout, tiers=list(record.tiers),
                         last_heartbeat_s=max(0.0, now - record.last_heartbeat), up=record.up,

@@ -1,4 +1,5 @@
-"""What the fleet holds of a prompt: lookup, route and the per-instance keys of pin/unpin/move.
+"""What the fleet holds of a prompt: lookup, route and the per-instance keys of pin/unpin/move; and
+who holds given keys for a peer-to-peer read (`peers`).
 
 Pure functions over a `FleetState`. A prompt's chunk keys depend on who cached it: each engine
 hashes with its own namespace digest, chunk size and partial-chunk setting, so the tokens are hashed
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvtier.controller.state import FleetState, InstanceRecord
-from kvtier.fleet.messages import InstanceHit, LookupReply, RouteEntry, RouteReply
+from kvtier.fleet.messages import InstanceHit, LookupReply, PeerHolding, PeersReply, RouteEntry, RouteReply
 from kvtier.keys import chained_digests, tokens_to_u32
 
 
@@ -158,3 +159,26 @@ def targets(state: FleetState, model_id: str, tokens: Sequence[int] | np.ndarray
     _, servers, _ = _hits(state, model_id, tokens, now)
     keys = next((list(h.keys) for h in servers if h.record.instance_id == instance_id), [])
     return [(record, keys)]
+
+
+def peers(state: FleetState, keys: Sequence[bytes], exclude: str | None, now: float) -> PeersReply:
+    """Who can serve `keys` peer to peer (POST /v1/peers): the instances that are up, have a P2P
+    endpoint, are not `exclude` (the asker) and hold at least one key; per key whether each holds it
+    and whether in its fastest tier (mask bit 0: host memory, read without a disk read). Most
+    leading keys first (a reader takes its prefix from the first), then most in memory, then by id."""
+    found = []
+    held = state.holders(list(keys))
+    for record in state.instances(now):
+        url, instance_id = record.registration.p2p_url, record.instance_id
+        if not record.up or url is None or instance_id == exclude:
+            continue
+        masks = [holders.get(instance_id, 0) for holders in held]
+        if any(masks):
+            found.append(PeerHolding(instance_id=instance_id, p2p_url=url, held=[bool(m) for m in masks],
+                                     in_memory=[bool(m & 1) for m in masks]))
+    found.sort(key=lambda p: (-_leading_count(p.held), -sum(p.in_memory), p.instance_id))
+    return PeersReply(peers=found)
+
+
+def _leading_count(held: list[bool]) -> int:
+    return held.index(False) if False in held else len(held)

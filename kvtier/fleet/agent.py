@@ -9,7 +9,8 @@ It starts the command server (kvtier.fleet.command_server), makes an EventQueue 
 the member's key listener, and runs one daemon thread, the agent, that talks to the controller
 through one JsonClient (kvtier.fleet.messages has every body):
 
-    register        Registration (id, command URL and its token, namespace, chunk size, tiers)
+    register        Registration (id, command URL and its token, namespace, chunk size, tiers, and
+                    the P2P endpoint's URL when the member has one)
                     -> a session; then a full re-send:
     re-send         the queue cleared, then a `reset` event and `stored` events of the member's
                     key_snapshot(), in EventBatches of at most MAX_EVENT_KEYS keys; at most one
@@ -202,7 +203,7 @@ class _Agent:
             instance_id=self.instance_id, kind=d.kind, command_url=self._server.url,
             command_token=self._server.token, model_id=d.model_id, namespace=d.namespace,
             chunk_size=d.chunk_size, save_partial_chunks=d.save_partial_chunks,
-            layout=d.layout[:MAX_LAYOUT_CHARS], tiers=self.member.tier_usage())
+            layout=d.layout[:MAX_LAYOUT_CHARS], tiers=self.member.tier_usage(), p2p_url=d.p2p_url)
         reply = RegisterReply.model_validate(self.client.post("/v1/instances/register", registration))
         self.session, self._seq, self._resync, self._acknowledged = reply.session, 0, True, False
         self._resend_after = 0.0

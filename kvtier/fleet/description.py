@@ -18,3 +18,4 @@ class MemberDescription:
     chunk_size: int
     save_partial_chunks: bool = False
     layout: str = ""  # KVLayout.describe(), for people
+    p2p_url: str | None = None  # kvtier://host:port of its P2P endpoint (kvtier.p2p.peer_server), if any

@@ -8,10 +8,11 @@ the StorageManager's key calls (`kvtier.storage_admin`), which take the locks of
 
 Reported tiers are this process's own, fastest first: host memory ("cpu") and the tiers below that
 index their keys here (the disk tier). Shared stores (Redis, kvtier_server) are not reported: they
-are other processes' caches, shared by many engines. Commands act on any tier of the engine:
-pin/move on the leading keys it holds (as `CacheEngine.pin` / `move` on a prompt's tokens), unpin on
-every key given, clear on one tier or on every reported one, stats on none; an unknown tier is a
-ValueError (a 400).
+are other processes' caches, shared by many engines; nor is the P2P tier (it only reads peers'
+chunks: `Tier.writable` False; the description's `p2p_url` says where peers read ours). Commands
+act on the engine's tiers: pin/move on the leading keys it holds (as `CacheEngine.pin` / `move` on a
+prompt's tokens), unpin on every key given, clear on one tier or on every reported one, stats on
+none; an unknown tier, or a move or clear of the read-only P2P tier, is a ValueError (a 400).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class EngineMember:
     def describe(self) -> MemberDescription:
         db = self.engine.db
         return MemberDescription("engine", db.namespace.model_id, db.namespace_digest.hex(), db.chunk_size,
-                                 db.save_partial, self.engine.layout.describe())
+                                 db.save_partial, self.engine.layout.describe(), self.engine.p2p_url)
 
     def tier_usage(self) -> list[TierUsage]:
         return [TierUsage(name=name, chunks=u.chunks, bytes_used=u.bytes, capacity_bytes=u.capacity_bytes)

@@ -25,6 +25,7 @@ class Description(Protocol):
     chunk_size: int
     save_partial_chunks: bool
     layout: str
+    p2p_url: str | None  # where peers read its chunks (an engine with a `p2p:` section), else None
 
 
 class FleetMember(Protocol):

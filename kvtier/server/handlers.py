@@ -46,7 +46,8 @@ class Handlers:
         whether to close after sending it."""
         self.stats.requests[frame.op.name.lower()] += 1
         if frame.op not in self._by_op:  # a P2P op (LEASE, RELEASE, CONNECT): instances serve those
-            return encode(reply(frame, Status.BAD_REQUEST, error=f"kvtier_server does not serve {frame.op.name}")), False
+            refusal = reply(frame, Status.BAD_REQUEST, error=f"kvtier_server does not serve {frame.op.name}")
+            return encode(refusal), False
         try:
             answer, payloads = self._by_op[frame.op](frame)
         except Exception as exc:  # a bug must cost this request, not the server

@@ -17,6 +17,10 @@ Contract:
   record is stored or was already there, False when the tier had no room (everything left is
   pinned) or failed. The caller keeps each payload alive and unchanged until `put` returns.
 - Pins: tiers never evict a key for which the shared `is_pinned` predicate is true.
+- `writable`: False for a tier that serves reads only (the P2P tier, kvtier.tiers.p2p: other
+  instances' memory). Such a tier is never written, moved or demoted to, never cleared or removed
+  from by a move, and never reported to the fleet as holding keys; `put` answers False there.
+  Host memory with only such tiers below drops what it evicts, as with no tier below.
 
 The CPU tier is not a `Tier`: it owns the memory pool whose slabs every other tier reads from and
 writes into, and it holds tensors, not records. Forcing both behind one protocol would mean a
@@ -55,6 +59,8 @@ class TierUsage:
 
 class Tier(Protocol):
     name: str
+    writable: bool  # stores, demotions and moves may go here (False: a read-only tier, P2P)
+    fans_out: bool  # `get` spreads its own I/O (P2P: per peer): give it whole batches, not thread shares
 
     def has(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
     def get(self, keys: Sequence[ChunkKey],
@@ -64,3 +70,8 @@ class Tier(Protocol):
     def clear(self) -> None: ...
     def usage(self) -> TierUsage: ...
     def close(self) -> None: ...
+
+
+def writable_tiers(tiers: Sequence[Tier]) -> list[Tier]:
+    """The tiers of `tiers` that take writes, in order: where stores, demotions and moves go."""
+    return [tier for tier in tiers if tier.writable]

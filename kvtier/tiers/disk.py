@@ -56,9 +56,7 @@ __all__ = ["BLOCK", "SUFFIX", "DiskTier"]
 
 logger = logging.getLogger(__name__)
 
-# How long a write waits for the deletion of its key's old file (one unlink; a hung file system
-# makes the write a counted failure instead of a stuck write thread).
-UNLINK_WAIT_S = 10.0
+UNLINK_WAIT_S = 10.0  # a write waits this long for its old file's unlink (a hung disk: a counted failure)
 
 
 def _as_array(buf: ByteBuffer) -> np.ndarray:
@@ -74,6 +72,8 @@ def _as_array(buf: ByteBuffer) -> np.ndarray:
 
 class DiskTier:
     name = "disk"
+    writable = True
+    fans_out = False
 
     def __init__(self, path: str | os.PathLike, namespace: bytes, capacity_bytes: int,
                  is_pinned: PinPredicate, metrics: Metrics, o_direct: str = "auto", fsync: bool = False):

@@ -78,6 +78,8 @@ _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 
 class RedisTier:
     name = "redis"
+    writable = True
+    fans_out = False
 
     def __init__(self, config: RedisConfig, namespace: bytes, metrics: Metrics):
         self.config = config

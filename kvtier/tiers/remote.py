@@ -81,6 +81,8 @@ def _classify(exc: Exception) -> Failure:
 
 class RemoteTier:
     name = "remote"
+    writable = True
+    fans_out = False
 
     def __init__(self, config: RemoteConfig, namespace: bytes, metrics: Metrics):
         self.config = config

@@ -192,7 +192,7 @@ class Connection:
 class Pool:
     """Up to `size` connections, opened on demand; each lent to one thread at a time."""
 
-    def __init__(self, connect: Callable[[], Connection], size: int):
+    def __init__(self, connect: Callable[[float], Connection], size: int):
         self._connect = connect
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
@@ -214,7 +214,7 @@ class Pool:
             if conn is not None and conn.dropped():
                 conn.close()
                 conn = None
-            conn = conn or self._connect()
+            conn = conn or self._connect(seconds)
             conn.deadline = time.monotonic() + seconds
             try:
                 yield conn
@@ -271,17 +271,24 @@ class Client:
 
     def __init__(self, host: str, port: int, timeout_s: float, token: str | None, connections: int):
         self.timeout_s = timeout_s
-        self._pool = Pool(lambda: Connection(host, port, timeout_s, token), connections)
+        # A new connection's connect and HELLO get `timeout_s`, and never more than the call has left.
+        self._pool = Pool(lambda seconds: Connection(host, port, min(timeout_s, seconds), token), connections)
 
-    def call(self, requests: Sequence[Request], superseded: Callable[[], bool] = lambda: False
-             ) -> list[Frame]:
+    def call(self, requests: Sequence[Request], superseded: Callable[[], bool] = lambda: False,
+             deadline: float | None = None) -> list[Frame]:
         """Send `requests` pipelined on one connection and return their replies in order. Raises
         (Refused, RequestRefused, TierUnavailable, ProtocolError, OSError) when the server cannot
-        answer them all, BackedOff when `superseded()` once a connection is free (see Pool)."""
+        answer them all, BackedOff when `superseded()` once a connection is free (see Pool).
+        `deadline` (time.monotonic()): the caller's own, which the call never outlives (TimeoutError)."""
         moved = sum(memoryview(p).nbytes for r in requests for p in r.payloads) + sum(
             r.sink.nbytes for r in requests if r.sink is not None)
+        seconds = self.timeout_s + moved / CALL_MIN_RATE
+        if deadline is not None:
+            seconds = min(seconds, deadline - time.monotonic())
+            if seconds <= 0:
+                raise TimeoutError("the caller's deadline passed before the call")
         try:
-            with self._pool.connection(self.timeout_s + moved / CALL_MIN_RATE, superseded) as conn:
+            with self._pool.connection(seconds, superseded) as conn:
                 for r in requests:
                     if r.sink is not None:
                         conn.sinks[r.frame.request_id] = r.sink

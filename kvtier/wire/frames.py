@@ -280,7 +280,8 @@ def check_request(frame: Frame) -> None:
                                 f"{len(frame.heads)} and {len(frame.lengths)}", request_id=frame.request_id)
     elif frame.lengths or frame.heads:
         raise ProtocolError(f"{op.name} carries no records", request_id=frame.request_id)
-    if (n and op in (Op.HELLO, Op.PING, Op.STATS, Op.CLEAR, Op.RELEASE, Op.CONNECT)) or (frame.namespaces and op is not Op.CLEAR):
+    keyless = (Op.HELLO, Op.PING, Op.STATS, Op.CLEAR, Op.RELEASE, Op.CONNECT)
+    if (n and op in keyless) or (frame.namespaces and op is not Op.CLEAR):
         raise ProtocolError(f"{op.name} takes {'namespaces' if op is Op.CLEAR else 'keys'} only",
                             request_id=frame.request_id)
 

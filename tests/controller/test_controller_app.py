@@ -421,7 +421,8 @@ def test_the_openapi_document_lists_every_reply_and_error(client):
     paths = doc["paths"]
     assert set(paths) == {"/health", "/metrics", "/v1/instances", "/v1/stats", "/v1/lookup", "/v1/route",
                           "/v1/pin", "/v1/unpin", "/v1/move", "/v1/clear", "/v1/instances/register",
-                          "/v1/instances/{instance_id}/heartbeat", "/v1/instances/{instance_id}/events"}
+                          "/v1/instances/{instance_id}/heartbeat", "/v1/instances/{instance_id}/events",
+                          "/v1/peers"}
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for path, operations in paths.items():
         for method, operation in operations.items():

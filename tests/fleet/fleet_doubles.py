@@ -40,6 +40,7 @@ class FakeDescription:
     chunk_size: int = 16
     save_partial_chunks: bool = False
     layout: str = "fake layout"
+    p2p_url: str | None = None
 
 
 class FakeMember:

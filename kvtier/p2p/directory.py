@@ -1,0 +1,176 @@
+"""PeerDirectory: which peers hold which chunks, asked of the controller (`POST /v1/peers`).
+
+    directory = PeerDirectory(config.controller, config.p2p.directory_ttl_s, metrics)
+    directory.instance_id = handle.instance_id    # once joined: the controller leaves us out
+    directory.locate(keys) -> [PeerHolding]       # held / in_memory per key, most leading keys first
+    directory.close()
+
+Where it runs: the P2P tier's `has` (the lookup path) and `get` (the read threads), so thread-safe.
+One round trip per call at most, in chunks of MAX_PEER_KEYS keys; each key's answer (its holders,
+or none) is kept for `ttl_s`, so the `get` that follows a `has` by milliseconds costs no round trip.
+The cache is bounded (MAX_CACHED_KEYS, oldest dropped). A JsonClient serves one thread at a time:
+idle ones are kept for reuse, one is made when none is free (as many as threads ask at once).
+
+Failure: a controller that cannot answer (unreachable, 5xx, a reply that is not the protocol) costs
+the keys not cached (no holders: the P2P tier misses, the engine recomputes), `errors` counts on the
+p2p tier and a back-off (`FailureGuard`), so a dead controller costs one timeout per back-off
+period, not one per lookup. A 4xx (a wrong token, a controller without the route) is a
+configuration problem: one error line and a probe every RETRY_MAX_S. Never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvtier.config import FleetConfig
+from kvtier.config_values import hide_url_secrets
+from kvtier.errors import KvtierError, ProtocolError
+from kvtier.fleet.http_client import HttpError, JsonClient, Unreachable
+from kvtier.fleet.messages import MAX_PEER_KEYS, PeerHolding, PeersReply, PeersRequest
+from kvtier.keys import ChunkKey
+from kvtier.log_limit import LogLimiter
+from kvtier.metrics import Metrics
+from kvtier.tiers.backoff import Backoff, Failure, FailureGuard
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHED_KEYS = 1 << 20  # ~200 B each: a 1M-token prompt of 256-token chunks is 4K keys
+RETRY_AFTER_S = 1.0  # controller back-off, doubling to
+RETRY_MAX_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Holder:
+    instance_id: str
+    p2p_url: str
+    in_memory: bool
+
+
+def _classify(exc: Exception) -> Failure:
+    if isinstance(exc, HttpError):
+        # 401/403: the token; 404/405: a controller without the route; 422: a version it does not speak
+        return Failure.OUTAGE if exc.status >= 500 or exc.status == 429 else Failure.MISCONFIGURED
+    return Failure.OUTAGE if isinstance(exc, (Unreachable, KvtierError, ValueError)) else Failure.BUG
+
+
+class PeerDirectory:
+    def __init__(self, fleet: FleetConfig, ttl_s: float, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic):
+        self.instance_id: str | None = None
+        self._fleet = fleet
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[ChunkKey, tuple[float, tuple[_Holder, ...]]] = OrderedDict()
+        self._idle: list[JsonClient] = []
+        self._closed = False
+        self._guard = FailureGuard(f"p2p directory {hide_url_secrets(fleet.url)}",
+                                   Backoff(RETRY_AFTER_S, RETRY_MAX_S, clock),
+                                   lambda n: metrics.tier_inc("p2p", "errors", n), LogLimiter(logger),
+                                   _classify, meanwhile="peers are not asked")
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[PeerHolding]:
+        """The peers (other than this instance) that hold some of `keys`: `held[i]` and
+        `in_memory[i]` answer for `keys[i]`; peers with the longest leading run first. Keys the
+        controller could not be asked about count as held by nobody. Never raises."""
+        keys = list(keys)
+        known = self._cached(keys)
+        missing = [i for i, holders in enumerate(known) if holders is None]
+        for start in range(0, len(missing), MAX_PEER_KEYS):
+            part = missing[start:start + MAX_PEER_KEYS]
+            asked = [keys[i] for i in part]
+            answer = self._guard.call(len(part), lambda asked=asked: self._ask(asked))
+            if answer is None:
+                break  # failed or backing off: the rest would too
+            for i, holders in zip(part, answer):
+                known[i] = holders
+            self._remember(asked, answer)
+        return _holdings(known)
+
+    def _cached(self, keys: list[ChunkKey]) -> list[tuple[_Holder, ...] | None]:
+        now = self._clock()
+        found: list[tuple[_Holder, ...] | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._cache.get(key)
+                found.append(entry[1] if entry is not None and entry[0] > now else None)
+        return found
+
+    def _remember(self, keys: list[ChunkKey], answer: list[tuple[_Holder, ...]]) -> None:
+        if self._ttl_s <= 0:
+            return
+        expires = self._clock() + self._ttl_s
+        with self._lock:
+            for key, holders in zip(keys, answer):
+                self._cache[key] = (expires, holders)
+                self._cache.move_to_end(key)
+            while len(self._cache) > MAX_CACHED_KEYS:
+                self._cache.popitem(last=False)
+
+    def _ask(self, keys: list[ChunkKey]) -> list[tuple[_Holder, ...]]:
+        """One POST /v1/peers: each key's holders. Raises (the guard counts and backs off)."""
+        request = PeersRequest(keys=[k.hex() for k in keys], exclude=self.instance_id)
+        client = self._client()
+        try:
+            reply = PeersReply.model_validate(client.post("/v1/peers", request))
+        except BaseException:
+            client.close()
+            raise
+        self._give_back(client)
+        holders: list[list[_Holder]] = [[] for _ in keys]
+        for peer in reply.peers:
+            if len(peer.held) != len(keys) or len(peer.in_memory) != len(keys):
+                raise ProtocolError(f"/v1/peers answered {len(peer.held)} flags for {len(keys)} keys")
+            for i, (held, in_memory) in enumerate(zip(peer.held, peer.in_memory)):
+                if held:
+                    holders[i].append(_Holder(peer.instance_id, peer.p2p_url, in_memory))
+        return [tuple(h) for h in holders]
+
+    def _client(self) -> JsonClient:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return JsonClient(self._fleet.url, self._fleet.token, self._fleet.timeout_s)
+
+    def _give_back(self, client: JsonClient) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.append(client)
+                return
+        client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cache.clear()
+        for client in idle:
+            client.close()
+
+
+def _holdings(known: list[tuple[_Holder, ...] | None]) -> list[PeerHolding]:
+    """Per-key holders turned into one PeerHolding per peer, the longest leading run first."""
+    n = len(known)
+    peers: dict[str, PeerHolding] = {}
+    for i, holders in enumerate(known):
+        for h in holders or ():
+            peer = peers.get(h.p2p_url)
+            if peer is None:
+                peer = peers[h.p2p_url] = PeerHolding(instance_id=h.instance_id, p2p_url=h.p2p_url,
+                                                      held=[False] * n, in_memory=[False] * n)
+            peer.held[i] = True
+            peer.in_memory[i] = h.in_memory
+    return sorted(peers.values(), key=lambda p: (-leading_run(p.held), -sum(p.held)))
+
+
+def leading_run(flags: Sequence[bool]) -> int:
+    """How many flags are True before the first False."""
+    for i, flag in enumerate(flags):
+        if not flag:
+            return i
+    return len(flags)
