@@ -104,17 +104,18 @@ class CacheEngine:
         lower = build_lower_tiers(config, self.db.namespace_digest, pins.__contains__, self.metrics)
         threads = config.disk.io_threads if config.disk is not None else min(4, os.cpu_count() or 1)
         self._fleet, self._p2p = None, None
-        if config.p2p is not None:  # the last tier below: peers' memory (kvtier.p2p.setup has the order)
-            from kvtier.p2p.setup import PeerToPeer
-
-            self._p2p = PeerToPeer.build(config, pool, self.db.namespace_digest, self.metrics)
-            lower.append(self._p2p.tier)
         try:
-            self.storage = StorageManager(layout, pool, lower, self.metrics, pins=pins,
-                                          write_through=config.write_through,
+            if config.p2p is not None:  # the last tier below: peers' memory (kvtier.p2p.setup: the order)
+                from kvtier.p2p.setup import PeerToPeer
+
+                self._p2p = PeerToPeer.build(config, pool, self.db.namespace_digest, self.metrics)
+            self.storage = StorageManager(layout, pool, [*lower, *([self._p2p.tier] if self._p2p else [])],
+                                          self.metrics, pins=pins, write_through=config.write_through,
                                           promote_on_hit=config.promote_on_hit, io_threads=threads)
-        except BaseException:
+        except BaseException:  # nothing owns the tiers yet: close them here
             self._close_storage(None)
+            for tier in lower:
+                tier.close()
             raise
         logger.info("kvtier engine for %s (%s): tiers %s, cpu %d MiB, chunk %d tokens", model_id,
                     layout.describe(), self.metrics.tiers, pool.capacity_bytes >> 20, config.chunk_size)
@@ -280,9 +281,11 @@ class CacheEngine:
         """Leave the fleet, drain background writes and release the tiers. The engine is unusable
         afterwards."""
         fleet, self._fleet = self._fleet, None
-        if fleet is not None:
-            fleet.close()  # first: no command (nor a peer's question about us) may reach a closed storage
-        self._close_storage(self.storage)
+        try:
+            if fleet is not None:
+                fleet.close()  # first: no command (nor a peer's question about us) reaches a closed storage
+        finally:
+            self._close_storage(self.storage)
 
     def _close_storage(self, storage: StorageManager | None) -> None:
         """Close `storage`; with P2P, between the peer server and the endpoint (kvtier.p2p.setup)."""

@@ -100,7 +100,8 @@ class TierReader:
     """Reads records from the tiers below host memory into caller buffers, on the read threads.
 
     `start(requests)` splits the batch across the threads against the first tier and returns at
-    once (so the caller can copy its CPU hits meanwhile); `finish(pending)` waits, asks each next
+    once (so the caller can copy its CPU hits meanwhile; a first tier that fans out, P2P, is read in
+    `finish` instead, on the caller's thread); `finish(pending)` waits, asks each next
     tier for what the previous one missed, and returns one bool per request. A record whose codec,
     dtype or shape is not what the caller expects is dropped below and counted as corrupt; a tier
     that raises (it must not) costs its chunks, never the caller.
@@ -114,20 +115,22 @@ class TierReader:
         self._log = LogLimiter(logger)  # per tier: a broken tier fails or mismatches every read
 
     def start(self, requests: list[ReadRequest]) -> PendingReads:
-        jobs = self._submit(self.tiers[0], requests, range(len(requests))) if requests else []
+        # A first tier that fans out is read in `finish`, on the caller's thread (see `_submit`).
+        jobs = []
+        if requests and not self.tiers[0].fans_out:
+            jobs = self._submit(self.tiers[0], requests, range(len(requests)))
         return PendingReads(requests, jobs)
 
-    def _submit(self, tier: Tier, requests: list[ReadRequest], todo, waiting: bool = False
-                ) -> list[tuple[list[int], Future]]:
-        """Jobs reading `todo` from `tier`. `waiting`: the caller waits for them at once."""
+    def _submit(self, tier: Tier, requests: list[ReadRequest], todo) -> list[tuple[list[int], Future]]:
+        """Jobs reading `todo` from `tier`; a tier that fans out is read here and now."""
         todo = list(todo)
         if tier.fans_out:
-            # The tier spreads its own I/O (P2P: a thread per peer), so it gets the batch whole, and on
-            # the caller's thread when the caller waits anyway: a stalled peer then holds that caller
-            # alone, never the shared read threads that other loads need.
+            # The tier spreads its own I/O (P2P: a thread per peer), so it gets the batch whole, on
+            # the caller's thread (which waits for it anyway): a stalled peer then holds that caller
+            # alone, never one of the shared read threads that other loads need (with P2P the only
+            # tier below, one stalled load per read thread would stall every load).
             keys, dests = [requests[i].key for i in todo], [requests[i].dest for i in todo]
-            run = _run_here if waiting else self.queue.submit
-            return [(todo, run(tier.get, keys, dests))]
+            return [(todo, _run_here(tier.get, keys, dests))]
         workers = min(self.queue.threads, len(todo))
         jobs = []
         for w in range(workers):
@@ -141,11 +144,11 @@ class TierReader:
         found = [False] * len(requests)
         jobs = pending.jobs
         for t, tier in enumerate(self.tiers):
-            if t:
+            if t or tier.fans_out:  # (a first tier that fans out was not started: `start`)
                 todo = [i for i, ok in enumerate(found) if not ok]
                 if not todo:
                     break
-                jobs = self._submit(tier, requests, todo, waiting=True)
+                jobs = self._submit(tier, requests, todo)
             asked = hits = 0
             for part, future in jobs:
                 asked += len(part)

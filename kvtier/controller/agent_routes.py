@@ -8,8 +8,9 @@
 An unknown id or session is not an error here (the state answers known=False and the agent
 re-registers): 404 is for people. /v1/peers is an instance's question too (its P2P tier asks which
 peer holds the chunks it misses: kvtier.controller.fleet_lookup.peers); its keys are bounded by
-MAX_PEER_KEYS (more: 422). Handlers are plain `def`: the state may wait on Redis, and an
-event batch of 64K keys is parsed in FastAPI's thread pool, not on the event loop.
+MAX_PEER_KEYS (more: 422), its answer by fleet_lookup.MAX_PEERS engines. Handlers are plain
+`def`: the state may wait on Redis, and an event batch of 64K keys is parsed in FastAPI's thread
+pool, not on the event loop.
 
 Trust: whoever holds the controller token may register any id, and a registration replaces the one
 before it (a restarted instance comes back under its configured id, with a new command token and

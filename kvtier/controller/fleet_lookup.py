@@ -28,6 +28,11 @@ from kvtier.controller.state import FleetState, InstanceRecord
 from kvtier.fleet.messages import InstanceHit, LookupReply, PeerHolding, PeersReply, RouteEntry, RouteReply
 from kvtier.keys import chained_digests, tokens_to_u32
 
+# Peers in one /v1/peers answer: each carries 2 flags per key (4096 keys: ~50 KiB of JSON), and a
+# reader takes its run from the first and the rest from the next few; a fleet of thousands holding
+# the keys must not make the answer (and its JSON) grow with it.
+MAX_PEERS = 16
+
 
 @dataclass(frozen=True, slots=True)
 class _Group:
@@ -162,22 +167,24 @@ def targets(state: FleetState, model_id: str, tokens: Sequence[int] | np.ndarray
 
 
 def peers(state: FleetState, keys: Sequence[bytes], exclude: str | None, now: float) -> PeersReply:
-    """Who can serve `keys` peer to peer (POST /v1/peers): the instances that are up, have a P2P
+    """Who can serve `keys` peer to peer (POST /v1/peers): the engines that are up, have a P2P
     endpoint, are not `exclude` (the asker) and hold at least one key; per key whether each holds it
     and whether in its fastest tier (mask bit 0: host memory, read without a disk read). Most
-    leading keys first (a reader takes its prefix from the first), then most in memory, then by id."""
+    leading keys first (a reader takes its prefix from the first), then most in memory, then by id;
+    the best MAX_PEERS only. A kvtier_server is never named, even with a p2p_url: it answers no
+    LEASE or CONNECT (a reader sent there would only fail and back off)."""
     found = []
     held = state.holders(list(keys))
     for record in state.instances(now):
         url, instance_id = record.registration.p2p_url, record.instance_id
-        if not record.up or url is None or instance_id == exclude:
+        if not record.up or url is None or instance_id == exclude or record.registration.kind != "engine":
             continue
         masks = [holders.get(instance_id, 0) for holders in held]
         if any(masks):
             found.append(PeerHolding(instance_id=instance_id, p2p_url=url, held=[bool(m) for m in masks],
                                      in_memory=[bool(m & 1) for m in masks]))
     found.sort(key=lambda p: (-_leading_count(p.held), -sum(p.in_memory), p.instance_id))
-    return PeersReply(peers=found)
+    return PeersReply(peers=found[:MAX_PEERS])
 
 
 def _leading_count(held: list[bool]) -> int:

@@ -215,13 +215,14 @@ class PeersRequest(Message):
 
 class PeerHolding(Message):
     instance_id: str
-    p2p_url: str
+    p2p_url: str  # a PeerUrl; the reader checks each (kvtier.p2p.directory) and skips a bad one alone
     held: list[bool]  # per requested key: this peer holds it (in some tier)
     in_memory: list[bool]  # per requested key: in its fastest tier (a READ without a disk read)
 
 
 class PeersReply(Message):
-    # Up instances with a P2P endpoint that hold at least one of the keys, most leading keys first.
+    # Up engines with a P2P endpoint that hold at least one of the keys, most leading keys first:
+    # the best MAX_PEERS of them (kvtier.controller.fleet_lookup).
     peers: list[PeerHolding]
 
 

@@ -8,13 +8,15 @@
 Where it runs: the P2P tier's `has` (the lookup path) and `get` (the read threads), so thread-safe.
 One round trip per call at most, in chunks of MAX_PEER_KEYS keys; each key's answer (its holders,
 or none) is kept for `ttl_s`, so the `get` that follows a `has` by milliseconds costs no round trip.
-The cache is bounded (MAX_CACHED_KEYS, oldest dropped). A JsonClient serves one thread at a time:
+The cache is bounded (MAX_CACHED_KEYS, oldest dropped), and so is what one answer may name: its first
+MAX_PEERS peers with a kvtier:// URL are kept, the rest ignored. A JsonClient serves one thread at a time:
 idle ones are kept for reuse, one is made when none is free (as many as threads ask at once).
 
-Failure: a controller that cannot answer (unreachable, 5xx, a reply that is not the protocol) costs
-the keys not cached (no holders: the P2P tier misses, the engine recomputes), `errors` counts on the
-p2p tier and a back-off (`FailureGuard`), so a dead controller costs one timeout per back-off
-period, not one per lookup. A 4xx (a wrong token, a controller without the route) is a
+Failure: a controller that cannot answer (unreachable, 5xx, a reply that is not the protocol, no
+whole answer within the fleet's timeout_s however it trickles: a timer thread per round trip aborts
+it) costs the keys not cached (no holders: the P2P tier misses, the engine recomputes), `errors`
+counts on the p2p tier and a back-off (`FailureGuard`), so a dead controller costs one timeout per
+back-off period, not one per lookup. A 4xx (a wrong token, a controller without the route) is a
 configuration problem: one error line and a probe every RETRY_MAX_S. Never raises.
 """
 
@@ -27,11 +29,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pydantic import TypeAdapter
+
 from kvtier.config import FleetConfig
 from kvtier.config_values import hide_url_secrets
 from kvtier.errors import KvtierError, ProtocolError
 from kvtier.fleet.http_client import HttpError, JsonClient, Unreachable
-from kvtier.fleet.messages import MAX_PEER_KEYS, PeerHolding, PeersReply, PeersRequest
+from kvtier.fleet.messages import MAX_PEER_KEYS, PeerHolding, PeersReply, PeersRequest, PeerUrl
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
@@ -40,6 +44,8 @@ from kvtier.tiers.backoff import Backoff, Failure, FailureGuard
 logger = logging.getLogger(__name__)
 
 MAX_CACHED_KEYS = 1 << 20  # ~200 B each: a 1M-token prompt of 256-token chunks is 4K keys
+MAX_PEERS = 32  # peers taken from one answer (more only cost memory: a key is read from one)
+_PEER_URL = TypeAdapter(PeerUrl)
 RETRY_AFTER_S = 1.0  # controller back-off, doubling to
 RETRY_MAX_S = 30.0
 
@@ -69,9 +75,10 @@ class PeerDirectory:
         self._cache: OrderedDict[ChunkKey, tuple[float, tuple[_Holder, ...]]] = OrderedDict()
         self._idle: list[JsonClient] = []
         self._closed = False
+        self._log = LogLimiter(logger)
         self._guard = FailureGuard(f"p2p directory {hide_url_secrets(fleet.url)}",
                                    Backoff(RETRY_AFTER_S, RETRY_MAX_S, clock),
-                                   lambda n: metrics.tier_inc("p2p", "errors", n), LogLimiter(logger),
+                                   lambda n: metrics.tier_inc("p2p", "errors", n), self._log,
                                    _classify, meanwhile="peers are not asked")
 
     def locate(self, keys: Sequence[ChunkKey]) -> list[PeerHolding]:
@@ -117,19 +124,37 @@ class PeerDirectory:
         request = PeersRequest(keys=[k.hex() for k in keys], exclude=self.instance_id)
         client = self._client()
         try:
-            reply = PeersReply.model_validate(client.post("/v1/peers", request))
+            reply = PeersReply.model_validate(_within(self._fleet.timeout_s, client, "/v1/peers", request))
         except BaseException:
             client.close()
             raise
         self._give_back(client)
         holders: list[list[_Holder]] = [[] for _ in keys]
-        for peer in reply.peers:
+        for peer in self._usable(reply.peers):
             if len(peer.held) != len(keys) or len(peer.in_memory) != len(keys):
                 raise ProtocolError(f"/v1/peers answered {len(peer.held)} flags for {len(keys)} keys")
+            # One _Holder per peer and flag, shared by its keys: the cache holds references.
+            shared = {f: _Holder(peer.instance_id, peer.p2p_url, f) for f in (False, True)}
             for i, (held, in_memory) in enumerate(zip(peer.held, peer.in_memory)):
                 if held:
-                    holders[i].append(_Holder(peer.instance_id, peer.p2p_url, in_memory))
+                    holders[i].append(shared[bool(in_memory)])
         return [tuple(h) for h in holders]
+
+    def _usable(self, peers: list[PeerHolding]) -> list[PeerHolding]:
+        """The first MAX_PEERS peers (the controller ranks the best first) whose URL is a kvtier
+        URL: an answer naming thousands would cost a holder per peer and key, here and in `get`."""
+        usable = []
+        for peer in peers:
+            try:
+                _PEER_URL.validate_python(peer.p2p_url)
+            except ValueError:
+                self._log.warning("url", "/v1/peers named a peer at %.80r: not a kvtier:// URL; "
+                                  "ignored", peer.p2p_url)
+                continue
+            usable.append(peer)
+            if len(usable) == MAX_PEERS:
+                break
+        return usable
 
     def _client(self) -> JsonClient:
         with self._lock:
@@ -151,6 +176,29 @@ class PeerDirectory:
             self._cache.clear()
         for client in idle:
             client.close()
+
+
+def _within(seconds: float, client: JsonClient, path: str, body: object) -> object:
+    """`client.post(path, body)`, all of it within `seconds`: the client's timeout is per socket
+    operation, so a controller trickling its answer a byte at a time would hold the lookup path for
+    as long as it likes. A timer aborts the request at the deadline (Unreachable)."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        client.abort()
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        answer = client.post(path, body)
+    finally:
+        timer.cancel()
+        timer.join()  # (if it fired meanwhile, the client is aborted: the caller closes it)
+    if expired.is_set():
+        raise Unreachable(f"POST {path}: no whole answer within {seconds:g} s")
+    return answer
 
 
 def _holdings(known: list[tuple[_Holder, ...] | None]) -> list[PeerHolding]:

@@ -10,6 +10,8 @@ once, so nothing is let go twice.
                   would then hold more than max_chunks (the caller lets the chunks go at once)
     end(id)       the reader is done (RELEASE): the lease's chunks, [] for an unknown or ended id
     expire()      ends every lease past its deadline: a reader that vanished costs lease_s at most
+    drain(..)     the server is stopping: nothing is granted any more; wait (bounded) until every
+                  lease ended or is older than its reader's deadline (its READ is over or aborted)
     close()       the server is stopping: every lease ends, and nothing is granted any more
 
 A lease id is a random 64-bit number, not a counter: a reader that RELEASEs a stale id (its
@@ -42,6 +44,7 @@ class LeaseTable:
         self.lease_s, self.max_chunks = lease_s, max_chunks
         self._on_expire, self._clock = on_expire, clock  # (expired chunks go to on_expire)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a lease ended (drain waits on it)
         self._leases: dict[int, _Lease] = {}  # insertion order is expiry order (one lease_s for all)
         self._chunks = 0
         self._closed = False
@@ -83,6 +86,19 @@ class LeaseTable:
         with self._lock:
             return len(self._leases), self._chunks
 
+    def drain(self, grace_s: float, deadline: float) -> int:
+        """Grant no more, then wait until every lease ended (RELEASE, expiry) or was granted at
+        least `grace_s` ago (its reader's deadline has passed: its READ is done or abandoned), or
+        until `deadline` (this table's clock). The leases still active."""
+        with self._lock:
+            self._closed = True
+            while self._leases:
+                newest = next(reversed(self._leases.values()))
+                left = min(newest.expires - self.lease_s + grace_s, deadline) - self._clock()
+                if left <= 0 or not self._changed.wait(left):  # (timed out: the newest is old enough)
+                    break
+            return len(self._leases)
+
     def close(self) -> list[HeldChunk]:
         """End every lease (the server is stopping) and grant no more: all their chunks."""
         with self._lock:
@@ -90,6 +106,7 @@ class LeaseTable:
             held = [chunk for lease in self._leases.values() for chunk in lease.held]
             self._leases.clear()
             self._chunks = 0
+            self._changed.notify_all()
         return held
 
     def _pop(self, lease_id: int) -> list[HeldChunk]:
@@ -97,4 +114,5 @@ class LeaseTable:
         if lease is None:
             return []
         self._chunks -= len(lease.held)
+        self._changed.notify_all()
         return lease.held

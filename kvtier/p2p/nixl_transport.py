@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_DELAY_US = 1000  # the UCX progress thread's poll() timeout (it wakes on events sooner)
 CLOSE_WAIT_S = 10.0       # close() waits this long for reads in flight (each is itself bounded)
+MAX_REMOTE_SLOTS = 1 << 20  # a peer's slots we prepare descriptors for (24 B each), if more than ours
 
 
 class TransportError(KvtierError):
@@ -151,7 +152,8 @@ class NixlEndpoint:
 
     def connect(self, metadata: bytes, geometry: dict[str, int]) -> NixlPeer:
         """A peer whose slots we can READ; TransportError when its agent cannot be used."""
-        remote_geometry = _check_remote(geometry, self._geometry["slot_bytes"])
+        mine = self._geometry  # (a peer configured as we are has as many slots: never refused)
+        remote_geometry = _check_remote(geometry, mine["slot_bytes"], max(MAX_REMOTE_SLOTS, mine["slots"]))
         with self._lock:
             if self._closed:
                 raise TransportError(f"NIXL endpoint {self.name} is closed")
@@ -245,14 +247,18 @@ def _check_arena(arena: torch.Tensor, stride: int, slot_bytes: int, slots: int) 
                          f"of {arena.numel()} bytes")
 
 
-def _check_remote(geometry: dict[str, int], slot_bytes: int) -> dict[str, int]:
+def _check_remote(geometry: dict[str, int], slot_bytes: int, max_slots: int = MAX_REMOTE_SLOTS
+                  ) -> dict[str, int]:
     try:
         g = {k: int(geometry[k]) for k in ("base", "stride", "slot_bytes", "slots")}
     except (KeyError, TypeError, ValueError) as exc:
         raise TransportError(f"a peer's geometry is malformed: {geometry!r}") from exc
     if g["slot_bytes"] != slot_bytes:
         raise TransportError(f"a peer's slots are {g['slot_bytes']} bytes, ours {slot_bytes}")
-    if g["slots"] <= 0 or g["stride"] < g["slot_bytes"] or g["base"] <= 0:
+    # Bounded before anything is built: connect makes a descriptor per remote slot (24 bytes), and
+    # the addresses must not wrap past 2**64 (numpy's uint64 would wrap silently).
+    if not 0 < g["slots"] <= max_slots or g["stride"] < g["slot_bytes"] or g["base"] <= 0 \
+            or g["base"] + g["slots"] * g["stride"] > 2**64:
         raise TransportError(f"a peer's geometry is impossible: {g}")
     return g
 

@@ -46,6 +46,7 @@ from kvtier.errors import CorruptRecord, KvtierError, ProtocolError, TierUnavail
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.record import RecordHeader, decode_header, tensor_bytes, verify
+from kvtier.tiers.backoff import BackedOff
 from kvtier.tiers.remote import _batches, parse_url
 from kvtier.tiers.remote_client import Client, GetSink, Request, RequestRefused
 from kvtier.wire.frames import Frame, Op
@@ -154,9 +155,15 @@ class PeerLink:
     def _use_nixl(self, deadline: float, late: Callable[[], bool]) -> NixlPeer | None:
         """The NixlPeer (connected on first use), counted as in use; None: TCP."""
         if self._nixl is None and not self._tcp_only and time.monotonic() >= self._retry_at:
-            with self._connecting:
+            # Another read's connect may be stuck in native code (NIXL loading metadata, UCX making
+            # its connection), which no deadline interrupts: wait for it until our own deadline.
+            if not self._connecting.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise BackedOff("another read's NIXL connect to this peer outlived this deadline")
+            try:
                 if self._nixl is None and not self._tcp_only:
                     self._connect(deadline, late)
+            finally:
+                self._connecting.release()
         with self._lock:
             peer = self._nixl
             if peer is not None:

@@ -18,7 +18,8 @@ afford. Lifecycle:
                    cannot hold memory for longer.
     closed         the socket and the decoder's buffers go; the server forgets the connection.
 
-`shutdown()` (the server stopping) wakes the thread from any blocking call: it closes at once.
+`shutdown()` (the server stopping, once its leases ended) wakes the thread from any blocking call:
+it closes at once.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ class PeerConnection:
         return ok
 
     def _serve(self) -> None:
-        while not self.server.stopping:
+        # (Serving goes on while the server stops: its readers RELEASE their leases meanwhile, and
+        # anything else they ask is a miss; `shutdown()` ends the loop once the leases are over.)
+        while True:
             try:
                 frame = self._next_frame(None)
             except ProtocolError as exc:

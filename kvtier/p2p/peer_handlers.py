@@ -17,11 +17,19 @@ may block: GET and LEASE hold chunks (`kvtier.p2p.holding.hold`: a memory wait, 
 Keys of another namespace than this engine's are misses: a GET or LEASE serves the leading run of
 keys in its namespace only. A GET reply carries at most REPLY_BYTES of payload (its first record
 always), as kvtier_server's (HIGH_WATER): what one connection holds and sends is bounded.
+
+What all peers hold at once is bounded too: chunks held by GET replies not yet sent, by LEASEs
+being held and by granted leases together stay within the lease table's `max_chunks` (half the
+memory pool). Each GET or LEASE reserves its keys before it holds anything (`_reserve`), so neither
+concurrent LEASEs (each seeing the same room) nor slow readers of GET replies (each holding its
+chunks for up to the send timeout) can pin the owner's whole pool; the keys past the room are
+misses. `close()` (the server stopping) ends reservations: every GET and LEASE after it is a miss.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +81,9 @@ class PeerHandlers:
         self._count = count  # (name, n): the server's counters and the engine's p2p_* metrics
         self._log = LogLimiter(logger)
         self._reply_chunks = max(1, REPLY_BYTES // storage.pool.slab_bytes)
+        self._budget = threading.Lock()  # _reserved, _closed (then the lease table's lock, never back)
+        self._reserved = 0  # chunks reserved by GETs (until their reply is sent) and LEASEs being held
+        self._closed = False
         self._by_op: dict[Op, Callable[[Frame], tuple[Frame, list, Callable[[], None] | None]]] = {
             Op.PING: lambda f: (reply(f), [], None), Op.HAS: self._has, Op.GET: self._get,
             Op.LEASE: self._lease, Op.RELEASE: self._release, Op.CONNECT: self._connect,
@@ -97,6 +108,24 @@ class PeerHandlers:
                 done()
             return Answer(encode(reply(frame, Status.BAD_REQUEST, error=f"cannot answer: {exc}")))
 
+    def close(self) -> None:
+        """The server is stopping: no GET or LEASE holds anything from now on."""
+        with self._budget:
+            self._closed = True
+
+    def _reserve(self, n: int) -> int:
+        """Room for `n` more held chunks (fewer when GETs in flight and leases fill max_chunks)."""
+        with self._budget:
+            room = 0 if self._closed else self.leases.max_chunks - self._reserved - self.leases.active()[1]
+            n = max(0, min(n, room))
+            self._reserved += n
+        return n
+
+    def _unreserve(self, n: int) -> None:
+        if n:
+            with self._budget:
+                self._reserved -= n
+
     def _ours(self, keys: list[bytes]) -> list[ChunkKey]:
         """The leading run of `keys` in this engine's namespace (the others are misses)."""
         run = []
@@ -106,8 +135,18 @@ class PeerHandlers:
             run.append(ChunkKey.from_bytes(raw))
         return run
 
-    def _hold(self, keys: list[ChunkKey]) -> list[HeldChunk]:
-        return hold(self.storage, keys, time.monotonic() + self.timeout_s) if keys else []
+    def _hold(self, keys: list[ChunkKey]) -> tuple[list[HeldChunk], int]:
+        """The held leading run of the `keys` there is room for, and the chunks reserved for it
+        (the caller unreserves them once they are let go, or granted as a lease)."""
+        n = self._reserve(len(keys))
+        if n < len(keys):
+            self._count("hold_cuts", len(keys) - n)
+        try:
+            held = hold(self.storage, keys[:n], time.monotonic() + self.timeout_s) if n else []
+        except BaseException:
+            self._unreserve(n)
+            raise
+        return held, n
 
     def _served(self, held: list[HeldChunk]) -> None:
         self._count("p2p_served_chunks", len(held))
@@ -125,25 +164,32 @@ class PeerHandlers:
         keys = self._ours(f.keys)
         if len(keys) > self._reply_chunks:  # (the keys past the cut are answered as misses)
             self._count("reply_cuts", len(keys) - self._reply_chunks)
-        held = self._hold(keys[:self._reply_chunks])
+        held, reserved = self._hold(keys[:self._reply_chunks])
+
+        def done() -> None:  # (the reply was sent, or failed to send)
+            try:
+                let_go(self.storage, held)
+            finally:
+                self._unreserve(reserved)
         try:
             payloads = [payload_view(self.storage, h) for h in held]
             self._served(held)
         except BaseException:
-            let_go(self.storage, held)
+            done()
             raise
         misses = [None] * (len(f.keys) - len(held))
-        done = (lambda: let_go(self.storage, held)) if held else None
         return reply(f, heads=[h.header for h in held] + misses), payloads + misses, done
 
     def _lease(self, f: Frame):
-        _, leased = self.leases.active()
-        keys = self._ours(f.keys)[:max(0, self.leases.max_chunks - leased)]
-        held = self._hold(keys)
-        lease_id = self.leases.grant(held) if held else None
-        if held and lease_id is None:  # the table filled meanwhile (or the server is stopping)
-            let_go(self.storage, held)
-            held = []
+        keys = self._ours(f.keys)
+        held, reserved = self._hold(keys)
+        try:
+            lease_id = self.leases.grant(held) if held else None
+            if held and lease_id is None:  # the server is stopping
+                let_go(self.storage, held)
+                held = []
+        finally:
+            self._unreserve(reserved)  # (granted chunks count in the table from here on)
         if keys and not held:
             self._count("lease_misses", 1)
         if lease_id is not None:

@@ -7,18 +7,23 @@ or disk reads), one sweeping expired leases. Lifecycle, in the engine's order:
     PeerServer(config, namespace, metrics, endpoint)   binds and listens on p2p.host:p2p.port
                     (OSError -> ConfigError); `url` is known from here on (the real port)
     start(storage)  accepting and answering begin (connections made before wait in the backlog)
-    stop()          stop accepting, close every connection, end every lease (let go of its
-                    chunks), join the threads (bounded: STOP_WAIT_S): before storage.close(), and
-                    before the NIXL endpoint deregisters the arena peers READ from
+    stop()          stop accepting and holding (GET and LEASE answer misses), wait for the leases
+                    to end: RELEASEd by their readers, whose connections stay open meanwhile, or
+                    older than min(lease_s, timeout_s), a reader's deadline for its READ; then close
+                    every connection, end every lease left (let go of its chunks), join the
+                    threads; all of it bounded by STOP_WAIT_S: before storage.close(), and before
+                    the NIXL endpoint deregisters the arena peers READ from (a slab let go while a
+                    reader's READ may still run could be reused: that READ would get other KV)
 
 The guarantees are kvtier_server's: the same HELLO handshake (constant-time token compare,
 UNAUTHORIZED and close on a wrong token, BAD_REQUEST and close on another protocol version, BUSY and
 close beyond `max_connections` authenticated peers), at most MAX_HANDSHAKES connections in handshake
 (the oldest makes room for a new one once it has had HANDSHAKE_GRACE_S), bounded frames and replies,
 BAD_REQUEST for a malformed frame while serving goes on. The ops are `kvtier.p2p.peer_handlers`'.
-Leases (`kvtier.p2p.leases`) hold at most half the memory pool's slabs and end after `lease_s` on
-their own: the sweeper runs a few times per lease_s, so a reader that vanished holds memory for
-at most about 1.25 x lease_s.
+Leases (`kvtier.p2p.leases`) and GET replies being sent together hold at most half the memory
+pool's slabs (`kvtier.p2p.peer_handlers`); leases end after `lease_s` on their own: the sweeper
+runs a few times per lease_s, so a reader that vanished holds memory for at most about 1.25 x
+lease_s.
 
 Counters: `stats()` (what STATS returns), and the engine's `p2p_served_chunks`,
 `p2p_served_bytes`, `p2p_leases`, `p2p_leases_expired` (kvtier.metrics).
@@ -112,15 +117,20 @@ class PeerServer:
                 return
             self.stopping = True
             conns = [*self._pending, *self._active]
+            if self._handlers is not None:
+                self._handlers.close()  # (from now on, GET and LEASE hold nothing)
         self._wake.set()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
         except OSError:
             pass
         self._listener.close()
+        deadline = time.monotonic() + STOP_WAIT_S
+        if self._leases is not None:
+            if left := self._leases.drain(min(self.config.lease_s, self.config.timeout_s), deadline):
+                logger.warning("P2P endpoint stopping with %d leases its readers did not release", left)
         for conn in conns:
             conn.shutdown()
-        deadline = time.monotonic() + STOP_WAIT_S
         for thread in [*self._threads, *(conn.thread for conn in conns)]:
             if thread.ident is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))

@@ -110,7 +110,8 @@ class PeerToPeer:
         self.directory.instance_id = instance_id
 
     def close(self, storage: StorageManager | None) -> None:
-        """Stop serving (every lease ended), close `storage` (it closes the P2P tier, whose reads
+        """Stop serving (every lease ended: readers get up to p2p.timeout_s to release theirs, as a
+        NIXL READ may still be reading the slabs), close `storage` (it closes the P2P tier, whose reads
         end; None: no storage was built, so the tier is closed here), then the directory (closed
         by the tier already: idempotent) and the endpoint: the arena is deregistered only once
         nothing reads or writes it any more. Each step runs even if one before it failed."""

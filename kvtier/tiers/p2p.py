@@ -22,8 +22,10 @@ per chunk, misses at once while backing off, one probe per period), and no tier-
 during I/O, so a slow or dead peer costs only the keys given to it. Bytes being read are bounded by
 `max_bytes_in_flight` (`ByteBudget`: a read waits for room until its deadline, then misses; one
 larger than the whole budget goes alone). Links are kept per URL, at most MAX_LINKS (the least
-recently used idle one is closed beyond that). Corrupt records are `corrupt` counts and misses (a
-peer's copy is not ours to remove). Nothing raises out of a Tier method.
+recently used idle one is closed beyond that, as links are made and as reads end); a peer's
+back-off outlives its link (MAX_GUARDS peers remembered). A read after close() is a miss that opens
+nothing. Corrupt records are `corrupt` counts and misses (a peer's copy is not ours to remove).
+Nothing raises out of a Tier method.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_LINKS = 64  # peers with an open link at once
+MAX_GUARDS = 4096  # peers whose back-off is remembered (a link closed for room keeps its peer's)
 FANOUT_THREADS = 32  # peer reads of concurrent calls beyond each call's first, at once
 
 
@@ -108,6 +111,8 @@ class P2PTier:
         self._budget = ByteBudget(config.max_bytes_in_flight)
         self._lock = threading.Lock()  # the peer map only, never held during I/O
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
+        self._guards: OrderedDict[str, FailureGuard] = OrderedDict()  # per URL, outliving links
+        self._closed = False
         self._fanout = ThreadPoolExecutor(FANOUT_THREADS, thread_name_prefix="kvtier-p2p")
 
     def _holders(self, keys: list[ChunkKey]) -> list[PeerHolding]:
@@ -168,8 +173,8 @@ class P2PTier:
         return dict(sorted(plan.items(), key=lambda item: -len(item[1])))  # the largest on our thread
 
     def _backing_off(self, url: str) -> bool:
-        peer = self._peers.get(url)
-        return peer is not None and peer.guard.backoff.down
+        guard = self._guards.get(url)
+        return guard is not None and guard.backoff.down
 
     def _read(self, url: str, keys: list[ChunkKey], dests: Sequence[torch.Tensor], indices: list[int],
               deadline: float) -> list[RecordHeader | None] | None:
@@ -179,6 +184,8 @@ class P2PTier:
         except Exception as exc:  # noqa: BLE001 - a URL the controller should not have taken
             self._log.warning("url", "p2p tier: cannot read from %s: %s", url, exc)
             return None
+        if peer is None:
+            return None  # closed: misses
         nbytes = sum(tensor_bytes(dests[i]).nbytes for i in indices)
         try:
             if not self._budget.acquire(nbytes, deadline):
@@ -194,35 +201,51 @@ class P2PTier:
         finally:
             self._unuse(peer)
 
-    def _use(self, url: str) -> _Peer:
-        """The peer's link and guard (made on first use), counted as in use."""
-        idle: list[_Peer] = []
+    def _use(self, url: str) -> _Peer | None:
+        """The peer's link and guard (made on first use), counted as in use; None once closed."""
         with self._lock:
+            if self._closed:
+                return None
             peer = self._peers.get(url)
             if peer is None:
                 peer = self._peers[url] = self._new_peer(url)
-                for old_url, old in list(self._peers.items()):
-                    if len(self._peers) <= MAX_LINKS:
-                        break
-                    if not old.users and old_url != url:
-                        idle.append(self._peers.pop(old_url))
             self._peers.move_to_end(url)
             peer.users += 1
+            idle = self._over_max_locked()
         for old in idle:
             old.link.close()
         return peer
 
+    def _over_max_locked(self) -> list[_Peer]:
+        """Idle links beyond MAX_LINKS, least recently used first, taken out of the map (to close).
+        Called as links are made and as reads end: links in use when one was made are closed later."""
+        idle: list[_Peer] = []
+        for url, peer in list(self._peers.items()):
+            if len(self._peers) <= MAX_LINKS:
+                break
+            if not peer.users:
+                idle.append(self._peers.pop(url))
+        return idle
+
     def _new_peer(self, url: str) -> _Peer:
+        """A link, and the peer's guard: kept from its last link (under the lock), so a peer backing
+        off stays backed off when its link was closed to make room for others."""
         link = PeerLink(url, self.config, self._endpoint,
                         lambda n: self._metrics.tier_inc(self.name, "corrupt", n))
-        backoff = Backoff(self.config.retry_after_s, self.config.retry_max_s)
-        return _Peer(link, FailureGuard(f"p2p peer {url}", backoff,
-                                        lambda n: self._metrics.tier_inc(self.name, "errors", n), self._log,
-                                        _classify))
+        guard = self._guards.pop(url, None) or FailureGuard(
+            f"p2p peer {url}", Backoff(self.config.retry_after_s, self.config.retry_max_s),
+            lambda n: self._metrics.tier_inc(self.name, "errors", n), self._log, _classify)
+        self._guards[url] = guard
+        while len(self._guards) > MAX_GUARDS:
+            self._guards.popitem(last=False)  # the least recently linked peer forgets its back-off
+        return _Peer(link, guard)
 
     def _unuse(self, peer: _Peer) -> None:
         with self._lock:
             peer.users -= 1
+            idle = self._over_max_locked()
+        for old in idle:
+            old.link.close()
 
     def put(self, items: Sequence[PutItem]) -> list[bool]:
         return [False] * len(items)  # not writable: the write path never calls this
@@ -240,6 +263,7 @@ class P2PTier:
         """Wait for the peer reads in flight, then close every link and the directory."""
         self._fanout.shutdown(wait=True)
         with self._lock:
+            self._closed = True  # a read still on a caller's thread opens no new link
             peers, self._peers = list(self._peers.values()), OrderedDict()
         for peer in peers:
             peer.link.close()

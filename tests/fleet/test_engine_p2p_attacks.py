@@ -1,0 +1,123 @@
+"""Attacks on the engine's P2P wiring (kvtier/engine.py, kvtier/p2p/setup.py): a construction that
+fails part way leaves nothing behind (threads, sockets, file descriptors), transport nixl without a
+usable NIXL is a ConfigError naming p2p.transport, and close() while P2P reads are in flight neither
+hangs nor returns before those reads ended.
+
+Engines are real (configs/cpu_disk.yaml plus a p2p: section), with the fleet's stand-in controller
+(tests/fleet/fleet_doubles.py); the peers they read from are stand-ins of tests/p2p.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CHUNK, seeded_tokens
+from fleet_doubles import StandInController
+
+from kvtier.errors import ConfigError
+from kvtier.fleet.messages import PeerHolding
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "p2p"))
+from p2p_reader_doubles import silent_peer  # noqa: E402
+
+TIMEOUT_S = 1.0
+MARGIN_S = 2.0
+
+
+@pytest.fixture
+def controller():
+    c = StandInController()
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def p2p_engine(make_engine, controller):
+    def make(transport: str = "tcp", **overrides):
+        return make_engine("cpu_disk", controller__url=controller.url, controller__instance_id="node-attack",
+                           controller__heartbeat_s="0.05", p2p__transport=transport,
+                           p2p__timeout_s=str(TIMEOUT_S), **overrides)
+
+    return make
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_p2p_port_in_use_fails_the_engine_and_leaves_nothing_open(p2p_engine, tmp_path):
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        p2p_engine(p2p__port=str(busy.getsockname()[1]))  # warm up imports (their fds stay)
+    except ConfigError:
+        pass
+    fds, threads = open_fds(), threading.active_count()
+    try:
+        with pytest.raises(ConfigError, match="p2p"):
+            p2p_engine(p2p__port=str(busy.getsockname()[1]), disk_path=tmp_path / "disk2")
+    finally:
+        busy.close()
+    # The disk tier opened its directory before the P2P parts failed: it is closed again.
+    assert open_fds() - fds == set(), "a failed construction left file descriptors open"
+    assert threading.active_count() <= threads
+
+
+def test_transport_nixl_where_nixl_is_unusable_is_a_config_error(p2p_engine, monkeypatch):
+    from kvtier.p2p import nixl_transport
+
+    monkeypatch.setattr(nixl_transport, "nixl_status", lambda: "UCX is not here (simulated)")
+    threads = threading.active_count()
+    with pytest.raises(ConfigError, match=r"p2p\.transport.*UCX is not here"):
+        p2p_engine("nixl")
+    assert threading.active_count() <= threads
+
+
+def test_close_while_p2p_reads_are_in_flight_waits_for_them_and_does_not_hang(p2p_engine):
+    engine = p2p_engine("tcp")
+    silent = silent_peer()
+    url = f"kvtier://127.0.0.1:{silent.getsockname()[1]}"
+    tier = engine.tier("p2p")
+
+    class SilentHolder:
+        def locate(self, keys):
+            keys = list(keys)
+            return [PeerHolding(instance_id="silent", p2p_url=url, held=[True] * len(keys),
+                                in_memory=[True] * len(keys))]
+
+        def close(self):
+            pass
+
+    tier._directory = SilentHolder()
+    tokens = seeded_tokens(2 * CHUNK, 5)
+    ended: list[float] = []
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            outcome.append(engine.retrieve(tokens, known_hit=2 * CHUNK)[1])
+        except Exception as exc:  # noqa: BLE001 - a closed engine may refuse: not a hang
+            outcome.append(exc)
+        ended.append(time.monotonic())
+
+    reader = threading.Thread(target=load)
+    reader.start()
+    try:
+        from waiting import wait_until
+
+        wait_until(lambda: tier._budget.in_flight > 0, "the P2P read is in flight")
+        started = time.monotonic()
+        engine.close()
+        closed = time.monotonic()
+        reader.join(TIMEOUT_S + MARGIN_S)
+        assert not reader.is_alive() and outcome[0] in (0,)
+        assert closed - started < TIMEOUT_S + MARGIN_S, "close() hung on a stalled peer"
+        assert ended[0] <= closed, "close() returned while a P2P read could still write into a slab"
+    finally:
+        silent.close()
