@@ -62,6 +62,13 @@ class RecordHeader:
     def dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype_code)
 
+    def to_bytes(self) -> bytes:
+        """The header as `encode_header` wrote it, without hashing the payload again (this header
+        was decoded, and its payload verified, where it came from)."""
+        fields = _FIELDS.pack(MAGIC, VERSION, self.codec, self.dtype_code, 0, *self.shape,
+                              self.key.to_bytes(), self.payload_len)
+        return fields + _CHECKSUM.pack(self.checksum)
+
 
 def tensor_bytes(t: torch.Tensor | np.ndarray) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (works for bf16/fp8, which numpy lacks) or

@@ -72,8 +72,10 @@ class SlabIO:
         if confirm and any(tier.has([key])[0] for tier in tiers):
             return True
         payload = self.pool.tensor(entry.slab, entry.nbytes)
-        header = encode_header(key, self.layout.chunk_shape(entry.num_tokens), self.layout.dtype,
-                               tensor_bytes(payload))
+        if entry.header is None:  # (two writes racing both compute the same bytes: harmless)
+            entry.header = encode_header(key, self.layout.chunk_shape(entry.num_tokens), self.layout.dtype,
+                                         tensor_bytes(payload))
+        header = entry.header
         ok = False
         for tier in tiers:
             ok = tier.put([PutItem(key, header, payload)])[0] or ok

@@ -231,3 +231,11 @@ def test_layout_chunk_bytes_matches_encoded_payload_length():
     payload = tensor_bytes(kv)
     header = decode_header(encode_header(KEY, layout.chunk_shape(16), layout.dtype, payload))
     assert header.payload_len == layout.chunk_bytes(16)
+
+
+def test_a_decoded_header_encodes_back_to_the_same_bytes_without_the_payload():
+    header, payload = make_record()
+    decoded = verify(header, payload, KEY)
+    assert decoded.to_bytes() == header
+    payload[0] ^= 1  # to_bytes never reads the payload: it writes the checksum it was given
+    assert decode_header(decoded.to_bytes()).checksum == decoded.checksum

@@ -19,8 +19,9 @@ see it; the read itself runs inside the manager's call gate, so `close()` waits 
 whose key got a host copy meanwhile keeps its own slab (detached, freed by `let_go`) rather than
 switching to that copy: its header was computed over its own bytes.
 
-Each `HeldChunk` carries its record header (kvtier.record) computed over the payload in its slab:
-the bytes a peer receives (over TCP) or READs (over NIXL) verify against it.
+Each `HeldChunk` carries its record header (kvtier.record) over the payload in its slab: the bytes
+a peer receives (over TCP) or READs (over NIXL) verify against it. It is hashed once per entry
+(`CpuEntry.header`, shared with the writes below) or comes with the record read from below.
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ def _plan(storage: StorageManager, keys: list[ChunkKey], deadline: float) -> lis
 
 def _read(storage: StorageManager, plan: list[_Planned]) -> int:
     """Read the planned lower-tier chunks into their slabs (each writable tier asked for what the
-    ones before it missed), then compute the headers of the leading run found. Returns its length."""
+    ones before it missed), then take the headers of the leading run found (a record read below
+    brings its own; a host copy's is hashed once and kept on its entry). Returns its length."""
     stride = storage.pool.slab_stride
     todo = [p for p in plan if p.entry is None]
     for tier in storage.writable:
@@ -167,14 +169,18 @@ def _read(storage: StorageManager, plan: list[_Planned]) -> int:
         headers = tier.get([p.key for p in todo], [storage.pool.tensor(p.slab, stride) for p in todo])
         for p, header in zip(todo, headers):
             if header is not None and _fits(storage, header):
-                p.num_tokens = header.num_tokens
+                p.num_tokens, p.header = header.num_tokens, header.to_bytes()  # verified by the tier
         todo = [p for p in todo if not p.num_tokens]
     found = next((i for i, p in enumerate(plan) if not p.num_tokens), len(plan))
     layout = storage.layout
     for p in plan[:found]:
-        slab = p.slab if p.entry is None else p.entry.slab
-        payload = tensor_bytes(storage.pool.tensor(slab, layout.chunk_bytes(p.num_tokens)))
-        p.header = encode_header(p.key, layout.chunk_shape(p.num_tokens), layout.dtype, payload)
+        if p.entry is None:
+            continue
+        # A host copy: its header is hashed once per entry (kept on it), not once per peer read.
+        if p.entry.header is None:
+            payload = tensor_bytes(storage.pool.tensor(p.entry.slab, layout.chunk_bytes(p.num_tokens)))
+            p.entry.header = encode_header(p.key, layout.chunk_shape(p.num_tokens), layout.dtype, payload)
+        p.header = p.entry.header
     return found
 
 
@@ -203,7 +209,7 @@ def _finish(storage: StorageManager, plan: list[_Planned], found: int) -> list[H
             entry = p.entry
             if entry is None:
                 entry = CpuEntry(p.slab, p.num_tokens, layout.chunk_bytes(p.num_tokens), persisted=True,
-                                 detached=True)
+                                 detached=True, header=p.header)
                 entry.hold()
                 if storage.promote_on_hit and not storage.cpu.holds(p.key):
                     entry.attach()

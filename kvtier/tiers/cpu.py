@@ -50,6 +50,9 @@ class CpuEntry:
     # Leased, and its demotion was refused: not pushed down again until room may have appeared
     # below (a lease released, a chunk unpinned, a removal below).
     refused: bool = False
+    # Its record header (kvtier.record), once a write below or a peer's read computed it: a slab's
+    # bytes never change while its entry lives, so the payload is hashed once, not per write or read.
+    header: bytes | None = None
 
     def hold(self) -> None:
         """One more reader: the slab outlives it (a retrieve copying out, a background write)."""

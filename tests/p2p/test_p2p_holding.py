@@ -191,3 +191,25 @@ def test_let_go_twice_is_a_loud_error(make_manager, db, layout):
     let_go(manager, held)
     with pytest.raises(RuntimeError, match="released more often"):
         let_go(manager, held)
+
+
+def test_a_host_copy_is_hashed_once_and_a_disk_read_brings_its_own_header(make_manager, db, layout,
+                                                                           monkeypatch):
+    manager = make_manager(slabs=8)
+    spans, kv = store(manager, db, layout, 2, seed=9)  # written through: the writes hashed them
+    below, kv_below = store(manager, db, layout, 2, seed=10, disk_only=True)
+    hashed = []
+    import kvtier.p2p.holding as holding_module
+
+    real = holding_module.encode_header
+    monkeypatch.setattr(holding_module, "encode_header", lambda *a, **k: hashed.append(a) or real(*a, **k))
+    for _ in range(3):
+        held = hold(manager, [s.key for s in spans], soon())
+        check_held(manager, held, spans, kv)
+        assert all(h.header is h.entry.header for h in held)
+        let_go(manager, held)
+        held = hold(manager, [s.key for s in below], soon())
+        check_held(manager, held, below, kv_below)
+        let_go(manager, held)
+    assert hashed == []  # neither the written-through host copies nor the records read from disk
+    assert settled(manager)
