@@ -1,0 +1,135 @@
+"""CachegenCodec: CacheGen's quantise-then-entropy-code KV codec (issue 13), numpy reference.
+
+Encode: per (kv, layer, token) fp16 max-abs scales (`quantize`), symbols with the level's bins per
+(kv, layer), one static rANS table per stream built from the record's own counts (`rans_tables`),
+the streams coded in lockstep (`rans`), all written as a `cachegen_format` record. Decode reverses
+it into the caller's tensor. `lossless` codes the raw 16-bit values instead, as two byte planes
+(high, low) with one 256-symbol table per (kv, layer, plane): exact for fp16 and bf16.
+
+Presets (benchmarks/README.md, "cachegen_study.py", measured on SmolLM2-135M KV):
+    level 1   K 32 bins in the first third of the layers then 16; V 16 in the first 1/15 (at least
+              one layer) then 8                       (study: 7.97x vs fp16, top-1 0.901, KL 0.065)
+    level 2   K 32 in every layer; V as level 1      (6.79x, top-1 0.929, KL 0.039)
+    level 3   K 32 and V 32 in every layer           (4.62x, top-1 0.972, KL 0.011)
+
+Tables: one per (kv, layer, channel) when the record has CHANNEL_TABLE_MIN_TOKENS tokens or more
+(per-channel tables are 9-20% smaller in entropy, which pays once a table covers enough tokens),
+else one per (kv, layer). Per-channel tables are stored with 8-bit frequencies (scaled to the
+coder's 12 bits), per-layer ones with 12 (`cachegen_format.table_bits`).
+
+Thread-safe: a codec holds only its level. Memory: a few copies of the chunk as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvtier.codecs import cachegen_format as fmt
+from kvtier.codecs import quantize as q
+from kvtier.codecs.base import CACHEGEN_ID, RecordMismatch, check_chunk
+from kvtier.codecs.rans import decode_streams, encode_streams
+from kvtier.codecs.rans_tables import PROB_BITS, normalize
+from kvtier.dtypes import dtype_code
+
+CHANNEL_TABLE_MIN_TOKENS = 512
+LEVELS = (1, 2, 3)
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def preset_bins(level: int, layers: int) -> np.ndarray:
+    """Bins [2, layers] (K row, V row) of a quantised level."""
+    if level not in LEVELS:
+        raise ValueError(f"cachegen level must be one of {LEVELS} or 'lossless', got {level!r}")
+    bins = np.empty((2, layers), dtype=np.int64)
+    shallow = np.arange(layers)
+    bins[0] = 32 if level > 1 else np.where(shallow < max(1, layers // 3), 32, 16)
+    bins[1] = 32 if level == 3 else np.where(shallow < max(1, layers // 15), 16, 8)
+    return bins
+
+
+def stream_tables(streams: np.ndarray, symbols: int, bits: int) -> np.ndarray:
+    """The coder's tables [S, symbols] from each stream's symbol counts, at `bits` of precision."""
+    s = streams.shape[0]
+    flat = (np.arange(s)[:, None] * symbols + streams).ravel()
+    counts = np.bincount(flat, minlength=s * symbols).reshape(s, symbols)
+    return normalize(counts, bits) << np.uint32(PROB_BITS - bits)
+
+
+class CachegenCodec:
+    codec_id = CACHEGEN_ID
+
+    def __init__(self, level: int | str) -> None:
+        if level != "lossless" and level not in LEVELS:
+            raise ValueError(f"cachegen level must be one of {LEVELS} or 'lossless', got {level!r}")
+        self.level = fmt.LOSSLESS if level == "lossless" else int(level)
+        self.name = f"cachegen-{level}"
+
+    def encode(self, chunk: torch.Tensor) -> bytes:
+        shape = check_chunk(chunk, "chunk")
+        if chunk.dtype not in _DTYPES:
+            raise ValueError(f"cachegen codes float16 or bfloat16 KV, not {chunk.dtype}")
+        if self.level == fmt.LOSSLESS:
+            return fmt.to_bytes(_encode_lossless(chunk, shape))
+        return fmt.to_bytes(_encode_quantised(chunk, shape, self.level))
+
+    def decode(self, data: bytes | memoryview, out: torch.Tensor) -> None:
+        shape = check_chunk(out, "out")
+        if out.dtype not in _DTYPES:
+            raise ValueError(f"cachegen decodes into float16 or bfloat16, not {out.dtype}")
+        # Any level decodes with any cachegen codec: the record names its own.
+        _, code, _, record_shape = fmt.read_header(data)
+        if record_shape != shape or code != dtype_code(out.dtype):
+            raise RecordMismatch(f"record {record_shape} of dtype code {code} does not fit out")
+        rec = fmt.parse(data, shape)
+        _, count = fmt.stream_layout(rec.level, rec.grouping, shape)
+        symbols = decode_streams(rec.streams, rec.lengths, rec.tables, count, max_count=count)
+        if rec.level == fmt.LOSSLESS:
+            _decode_lossless(symbols, out)
+        else:
+            _decode_quantised(rec, symbols, out)
+
+
+def _encode_lossless(chunk: torch.Tensor, shape: tuple[int, int, int]) -> fmt.CodedRecord:
+    layers = shape[0]
+    u = chunk.view(torch.int16).numpy().view(np.uint16).reshape(2, layers, 1, -1)
+    planes = np.concatenate([u >> 8, u & 0xFF], axis=2).astype(np.uint8).reshape(4 * layers, -1)
+    tables = stream_tables(planes, 256, fmt.table_bits(fmt.BY_LAYER))
+    coded = encode_streams(planes, tables)
+    none = np.zeros((2, layers), dtype=np.int64)
+    return fmt.CodedRecord(fmt.LOSSLESS, dtype_code(chunk.dtype), fmt.BY_LAYER, shape, none,
+                           np.zeros(0, np.float16), tables, coded.lengths, coded.data)
+
+
+def _decode_lossless(symbols: np.ndarray, out: torch.Tensor) -> None:
+    planes = symbols.reshape(2, out.shape[1], 2, -1).astype(np.uint16)
+    values = (planes[:, :, 0] << 8) | planes[:, :, 1]
+    out.view(torch.int16).copy_(torch.from_numpy(values.view(np.int16).reshape(out.shape)))
+
+
+def _encode_quantised(chunk: torch.Tensor, shape: tuple[int, int, int], level: int) -> fmt.CodedRecord:
+    layers, tokens, channels = shape
+    x = chunk.float().numpy()
+    bins = preset_bins(level, layers)
+    m = q.levels(bins)
+    scale = q.scales(x)
+    sym = q.quantize(x, scale, m)
+    grouping = fmt.BY_CHANNEL if tokens >= CHANNEL_TABLE_MIN_TOKENS else fmt.BY_LAYER
+    if grouping == fmt.BY_CHANNEL:
+        streams = sym.transpose(0, 1, 3, 2).reshape(2 * layers * channels, tokens)
+    else:
+        streams = sym.reshape(2 * layers, tokens * channels)
+    tables = stream_tables(streams, fmt.table_symbols(level, bins), fmt.table_bits(grouping))
+    coded = encode_streams(streams, tables)
+    return fmt.CodedRecord(level, dtype_code(chunk.dtype), grouping, shape, bins, scale, tables,
+                           coded.lengths, coded.data)
+
+
+def _decode_quantised(rec: fmt.CodedRecord, symbols: np.ndarray, out: torch.Tensor) -> None:
+    layers, tokens, channels = rec.shape
+    if rec.grouping == fmt.BY_CHANNEL:
+        sym = symbols.reshape(2, layers, channels, tokens).transpose(0, 1, 3, 2)
+    else:
+        sym = symbols.reshape(2, layers, tokens, channels)
+    x_hat = q.dequantize(sym, rec.scales, q.levels(rec.bins))
+    out.copy_(torch.from_numpy(x_hat))
