@@ -16,9 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+import fleet_doubles
 import pytest
 from conftest import CHUNK, seeded_tokens
-from fleet_doubles import StandInController
 
 from kvtier.errors import ConfigError
 from kvtier.fleet.messages import PeerHolding
@@ -30,12 +30,7 @@ TIMEOUT_S = 1.0
 MARGIN_S = 2.0
 
 
-@pytest.fixture
-def controller():
-    c = StandInController()
-    c.start()
-    yield c
-    c.stop()
+controller = fleet_doubles.controller  # a started StandInController
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 import types
 
+import fleet_doubles
 import pytest
 from conftest import CHUNK, seeded_kv, seeded_tokens
-from fleet_doubles import StandInController
 from waiting import wait_until
 
 from kvtier.errors import ConfigError
@@ -135,12 +135,7 @@ def parts(monkeypatch) -> Parts:
     sys.modules.pop("kvtier.p2p.setup", None)  # not kept bound to the stand-ins
 
 
-@pytest.fixture
-def controller():
-    c = StandInController()
-    c.start()
-    yield c
-    c.stop()
+controller = fleet_doubles.controller  # a started StandInController
 
 
 @pytest.fixture

@@ -16,29 +16,23 @@ import time
 
 import pytest
 import torch
-from conftest import CHUNK, NAMESPACE_MODEL, seeded_kv, seeded_tokens
-from p2p_processes import unread_bytes
 from p2p_reader_doubles import (
     StandInController,
     StandInEndpoint,
     StandInPeer,
     fleet_config,
     record,
-    silent_peer,
 )
-from test_p2p_tier import Holder, Reader, StaticDirectory, load
+from test_p2p_tier import StaticDirectory
 from waiting import wait_until
 
 from kvtier.config import P2PConfig
-from kvtier.keys import Namespace
 from kvtier.memory import MemoryPool
 from kvtier.metrics import Metrics
 from kvtier.p2p import directory as directory_module
 from kvtier.p2p import peer_client
 from kvtier.p2p.directory import PeerDirectory
 from kvtier.p2p.nixl_transport import TransportError, _check_remote, nixl_status
-from kvtier.p2p.peer_server import PeerServer
-from kvtier.storage import StorageManager
 from kvtier.tiers.p2p import P2PTier
 from kvtier.wire.frames import PREFIX, Frame, Op, encode, reply
 
@@ -570,66 +564,6 @@ def _trickling_http(stop: threading.Event) -> socket.socket:
 
 
 # -- the engine's read threads -------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_holder(make_manager, db, layout):
-    """As tests/p2p/test_p2p_tier.py's: a StorageManager with seeded chunks behind a PeerServer."""
-    servers = []
-
-    def make(seed: int) -> Holder:
-        manager = make_manager(slabs=16, disk=False)
-        server = PeerServer(P2PConfig(token=TOKEN), Namespace.for_layout(NAMESPACE_MODEL, layout).digest(),
-                            manager.metrics, None)
-        servers.append(server)
-        server.start(manager)
-        spans, kv = db.spans(seeded_tokens(4 * CHUNK, seed)), seeded_kv(layout, 4 * CHUNK, seed)
-        assert manager.put(spans, kv) == 4
-        return Holder(manager, server, spans, kv, None)
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def make_reader(layout):
-    """As tests/p2p/test_p2p_tier.py's: a P2PTier, the only tier under a StorageManager."""
-    made = []
-
-    def make(directory, io_threads: int) -> Reader:
-        metrics = Metrics(["cpu", "p2p"])
-        pool = MemoryPool(16 * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
-        tier = P2PTier(p2p_config(), directory, Namespace.for_layout(NAMESPACE_MODEL, layout).digest(),
-                       metrics, None, None)
-        made.append(StorageManager(layout, pool, [tier], metrics, io_threads=io_threads))
-        return Reader(tier, made[-1], metrics, None)
-
-    yield make
-    for manager in made:
-        manager.close()
-
-
-def test_a_stalled_peer_does_not_hold_the_only_read_thread(make_holder, make_reader):
-    """P2P as the only tier below host memory (configs/p2p.yaml) and one read thread: a load stalled
-    on a silent peer must not make a load from a healthy peer wait for it."""
-    stalled, healthy = make_holder(seed=21), make_holder(seed=22)
-    silent = silent_peer()
-    silent_url = f"kvtier://127.0.0.1:{silent.getsockname()[1]}"
-    try:
-        reader = make_reader(StaticDirectory({silent_url: stalled.keys, healthy.url: healthy.keys}),
-                             io_threads=1)
-        waiting = threading.Thread(target=load, args=(reader, stalled))
-        waiting.start()
-        wait_until(lambda: unread_bytes(silent.getsockname()[1]) > 0, "the silent peer got a request")
-        started = time.monotonic()
-        n, out = load(reader, healthy)
-        took = time.monotonic() - started
-        waiting.join(TIMEOUT_S + MARGIN_S + 5)
-        assert n == 4 and torch.equal(out, healthy.kv)
-        assert took < TIMEOUT_S / 2, f"the healthy load waited {took:.2f} s on the silent peer"
-    finally:
-        silent.close()
 
 
 def test_a_peer_backing_off_stays_backed_off_when_its_link_is_closed_for_room(monkeypatch):

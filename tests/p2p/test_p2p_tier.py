@@ -229,7 +229,10 @@ def test_a_silent_peer_costs_only_its_keys_within_the_deadline_then_backs_off(ma
         silent.close()
 
 
-def test_a_stalled_peer_does_not_hold_the_read_threads_of_another_load(make_holder, make_reader):
+# io_threads 1: P2P as the only tier below host memory (configs/p2p.yaml) with one read thread.
+@pytest.mark.parametrize("io_threads", [1, 4])
+def test_a_stalled_peer_does_not_hold_the_read_threads_of_another_load(make_holder, make_reader,
+                                                                        io_threads):
     """A load from a silent peer (all its chunks on the engine's read threads) and, meanwhile, a
     load from a healthy peer through the same StorageManager: the second does not wait."""
     stalled, healthy = make_holder(seed=11), make_holder(seed=12)
@@ -237,7 +240,7 @@ def test_a_stalled_peer_does_not_hold_the_read_threads_of_another_load(make_hold
     silent_url = f"kvtier://127.0.0.1:{silent.getsockname()[1]}"
     try:
         reader = make_reader(StaticDirectory({silent_url: stalled.keys, healthy.url: healthy.keys}),
-                             io_threads=4)
+                             io_threads=io_threads)
         waiting = threading.Thread(target=load, args=(reader, stalled))
         waiting.start()
         wait_until(lambda: unread_bytes(silent.getsockname()[1]) > 0, "the silent peer got a request")
