@@ -175,9 +175,11 @@ def peers(state: FleetState, keys: Sequence[bytes], exclude: str | None, now: fl
     LEASE or CONNECT (a reader sent there would only fail and back off)."""
     found = []
     held = state.holders(list(keys))
+    holding = set().union(*held)  # (an instance in no key's holders has nothing to serve)
     for record in state.instances(now):
         url, instance_id = record.registration.p2p_url, record.instance_id
-        if not record.up or url is None or instance_id == exclude or record.registration.kind != "engine":
+        if (not record.up or url is None or instance_id == exclude or instance_id not in holding
+                or record.registration.kind != "engine"):
             continue
         masks = [holders.get(instance_id, 0) for holders in held]
         if any(masks):

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from kvtier.errors import ProtocolError
 from kvtier.log_limit import LogLimiter
 from kvtier.wire.decoder import FrameDecoder
-from kvtier.wire.frames import HELLO_HEADER_BYTES, MAX_HEADER_BYTES, PREFIX, Frame, Op, check_hello
+from kvtier.wire.frames import HELLO_READ, MAX_HEADER_BYTES, PREFIX, Frame, Op, check_hello
 from kvtier.wire.sockets import send_some
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 _failures = LogLimiter(logger)  # one for all connections: a peer can trip the same failure on each
 
-HELLO_READ = PREFIX.size + HELLO_HEADER_BYTES  # the most read at once before the handshake
 HELLO_TIMEOUT_S = 5.0  # from accept to the HELLO received
 IDLE_TIMEOUT_S = 120.0  # an authenticated peer silent this long is closed (readers pool connections)
 SEND_TIMEOUT_S = 10.0  # a reply's send, plus its bytes at MIN_SEND_RATE

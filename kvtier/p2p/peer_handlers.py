@@ -107,6 +107,10 @@ class PeerHandlers:
             if done is not None:
                 done()
             return Answer(encode(reply(frame, Status.BAD_REQUEST, error=f"cannot answer: {exc}")))
+        except BaseException:  # (never sent: a GET's chunks and reservation must still go back)
+            if done is not None:
+                done()
+            raise
 
     def close(self) -> None:
         """The server is stopping: no GET or LEASE holds anything from now on."""

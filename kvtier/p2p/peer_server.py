@@ -131,10 +131,11 @@ class PeerServer:
                 logger.warning("P2P endpoint stopping with %d leases its readers did not release", left)
         for conn in conns:
             conn.shutdown()
-        for thread in [*self._threads, *(conn.thread for conn in conns)]:
+        threads = [*self._threads, *(conn.thread for conn in conns)]
+        for thread in threads:
             if thread.ident is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
-        if left := sum(thread.is_alive() for thread in [*self._threads, *(c.thread for c in conns)]):
+        if left := sum(thread.is_alive() for thread in threads):
             logger.error("P2P endpoint stopped with %d threads still running after %.0f s", left, STOP_WAIT_S)
         if self._leases is not None:
             let_go(self._storage, self._leases.close())

@@ -42,7 +42,7 @@ from kvtier.log_limit import LogLimiter
 from kvtier.server.budget import ReceiveRate
 from kvtier.server.outbox import Outbox
 from kvtier.wire.decoder import FrameDecoder
-from kvtier.wire.frames import HELLO_HEADER_BYTES, PREFIX, Frame, Op, check_hello, check_request
+from kvtier.wire.frames import HELLO_READ, Frame, Op, check_hello, check_request
 
 if TYPE_CHECKING:
     from kvtier.server.app import KvtierServer
@@ -52,7 +52,6 @@ _failures = LogLimiter(logger)  # one for all connections: a peer can trip the s
 
 HIGH_WATER = 64 << 20  # queued reply bytes at which a connection stops reading
 READS_PER_WAKEUP = 16  # recv_into calls per readiness event before giving other connections a turn
-HELLO_READ = PREFIX.size + HELLO_HEADER_BYTES  # the most read at once before the handshake
 MIN_RECEIVE_RATE = 1 << 20  # bytes/s a connection holding receive budget must average (see above)
 RECEIVE_GRACE_S = 10.0  # ... over windows this long (or idle_timeout_s when shorter)
 

@@ -89,6 +89,7 @@ MAX_FIELDS = 64  # entries in a msgpack map: a header's fields (15 known), STATS
 PER_KEY_BYTES = 192
 MAX_HEADER_BYTES = (64 << 10) + MAX_KEYS * PER_KEY_BYTES  # 256 KiB
 HELLO_HEADER_BYTES = 8 << 10  # the only frame accepted before the handshake: version and token
+HELLO_READ = PREFIX.size + HELLO_HEADER_BYTES  # a server reads at most this much at once before the handshake
 MAX_ERROR_CHARS = 200  # error messages in replies are cut to this
 U64_MAX = 2**64 - 1
 
