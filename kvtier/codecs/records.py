@@ -1,0 +1,77 @@
+"""Records whose payload a codec wrote: a codec by its config name, a chunk coded into a record, and
+a record's payload decoded back into a chunk, whichever codec wrote it.
+
+    codec = codec_named("cachegen-2")                    # names: CODEC_NAMES
+    header, payload = encode_chunk(key, chunk, codec)    # chunk: contiguous CPU [2, L, T, C]
+    decode_chunk(decode_header(header), payload, out)    # out: [2, L, T, C] of the record's dtype
+
+`encode_chunk` stores the chunk raw instead when the codec refuses it (non-finite KV for a lossy
+level) or its coding is no smaller than the raw bytes, so a coded record is never larger than the
+chunk: a reader may read one into a buffer sized for the raw chunk. `decode_chunk` picks the decoder
+from the header's codec id (any cachegen record decodes with any cachegen codec: the payload names
+its level), so a tier holds records of several codecs at once (a codec changed in the config, a
+`compress` of some chunks). Pure functions; thread-safe (codecs hold only their settings).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvtier.codecs.base import CACHEGEN_ID, RAW_ID, Codec
+from kvtier.codecs.cachegen import CachegenCodec
+from kvtier.codecs.raw import RawCodec
+from kvtier.errors import CorruptRecord
+from kvtier.keys import ChunkKey
+from kvtier.log_limit import LogLimiter
+from kvtier.record import RecordHeader, encode_header, tensor_bytes
+
+logger = logging.getLogger(__name__)
+_log = LogLimiter(logger)  # a model whose KV has infinities refuses every chunk: one line a minute
+
+RAW = "raw"
+CODEC_NAMES = (RAW, "cachegen-1", "cachegen-2", "cachegen-3", "cachegen-lossless")
+_DECODERS: dict[int, Codec] = {RAW_ID: RawCodec(), CACHEGEN_ID: CachegenCodec(2)}
+
+
+def codec_named(name: str) -> Codec:
+    """The codec a config names (`CODEC_NAMES`); ValueError for any other name."""
+    if name == RAW:
+        return _DECODERS[RAW_ID]
+    if name in CODEC_NAMES:
+        level = name.removeprefix("cachegen-")
+        return CachegenCodec("lossless" if level == "lossless" else int(level))
+    raise ValueError(f"unknown codec {name!r}; one of {', '.join(CODEC_NAMES)}")
+
+
+def encode_chunk(key: ChunkKey, chunk: torch.Tensor, codec: Codec) -> tuple[bytes, bytes | memoryview]:
+    """(record header, payload) of `chunk` under `codec`, or raw (zero-copy over `chunk`) when the
+    codec refuses the chunk or would not shrink it. ValueError for a chunk that is not a contiguous
+    CPU tensor [2, L, T, C]."""
+    raw = tensor_bytes(chunk)
+    payload: bytes | memoryview = raw
+    codec_id = RAW_ID
+    if codec.codec_id != RAW_ID:
+        try:
+            coded = codec.encode(chunk)
+        except ValueError as exc:
+            _log.warning(("refused", codec.name), "%s refused chunk %s (%s): stored raw", codec.name, key,
+                         exc)
+        else:
+            if len(coded) < raw.nbytes:
+                payload, codec_id = coded, codec.codec_id
+    return encode_header(key, tuple(chunk.shape), chunk.dtype, payload, codec=codec_id), payload
+
+
+def decode_chunk(header: RecordHeader, payload: bytes | memoryview, out: torch.Tensor) -> None:
+    """Decode a verified record's payload into `out` (its shape and dtype must be the header's).
+    CorruptRecord for an unknown codec id or a payload that is not a valid coding; ValueError for an
+    `out` that does not match the header."""
+    decoder = _DECODERS.get(header.codec)
+    if decoder is None:
+        raise CorruptRecord(f"record {header.key} has unknown codec id {header.codec}")
+    if tuple(out.shape) != header.shape or out.dtype != header.dtype:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match record {header.shape} "
+                         f"{header.dtype}")
+    decoder.decode(payload, out)
