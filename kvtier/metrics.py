@@ -69,6 +69,17 @@ ENGINE_COUNTERS = {
     "p2p_served_bytes": "payload bytes served to peers",
     "p2p_leases": "leases granted to peers",
     "p2p_leases_expired": "leases that expired before their reader released them",
+    # Codecs (kvtier.codecs; per tier in the config): what was coded on the way down, decoded on the way up.
+    "coded_chunks": "chunks written below by a codec other than raw",
+    "coded_raw_bytes": "KV bytes of those chunks before coding",
+    "coded_bytes": "payload bytes of those chunks after coding",
+    "decoded_chunks": "coded records decoded on a read from below",
+    "decode_failures": "coded records that failed to decode (dropped as corrupt)",
+    # Bandwidth-adaptive levels (kvtier.tiers.adaptive): the level each loaded chunk arrived at.
+    "adaptive_level1_chunks": "chunks an adaptive tier loaded at cachegen level 1",
+    "adaptive_level2_chunks": "chunks an adaptive tier loaded at cachegen level 2",
+    "adaptive_level3_chunks": "chunks an adaptive tier loaded at cachegen level 3",
+    "adaptive_late_chunks": "chunks an adaptive tier left to recompute: no level could arrive in time",
 }
 # Host memory and what holds it, refreshed with the tier occupancy (gauges, not counters).
 POOL_GAUGES = {

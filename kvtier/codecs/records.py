@@ -16,7 +16,9 @@ its level), so a tier holds records of several codecs at once (a codec changed i
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import torch
 
 from kvtier.codecs.base import CACHEGEN_ID, RAW_ID, Codec
@@ -75,3 +77,19 @@ def decode_chunk(header: RecordHeader, payload: bytes | memoryview, out: torch.T
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match record {header.shape} "
                          f"{header.dtype}")
     decoder.decode(payload, out)
+
+
+def decode_in_place(header: RecordHeader, buf: np.ndarray) -> bool:
+    """Decode a verified coded record whose payload was read into the start of `buf` (1-D uint8),
+    leaving the raw chunk at the start of `buf`. False for a raw record (nothing to do), True once
+    decoded. CorruptRecord when the raw chunk would not fit `buf` or the payload is not a valid
+    coding. Copies the (smaller) coded payload out first: decoding writes over it."""
+    if header.codec == RAW_ID:
+        return False
+    nbytes = math.prod(header.shape) * header.dtype.itemsize
+    if nbytes > buf.size or header.payload_len > buf.size:
+        raise CorruptRecord(f"record {header.key}: {nbytes} decoded bytes do not fit {buf.size}")
+    coded = buf[: header.payload_len].tobytes()
+    out = torch.from_numpy(buf[:nbytes]).view(header.dtype).view(header.shape)
+    decode_chunk(header, coded, out)
+    return True
