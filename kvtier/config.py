@@ -37,7 +37,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from kvtier.config_checks import check_sections
+from kvtier.codecs.base import BACKEND_ENV, CODEC_NAMES
+from kvtier.config_checks import ADAPTIVE, check_sections
 from kvtier.config_fields import (
     MAX_SECONDS,
     MAX_TOKEN_BYTES,
@@ -75,7 +76,7 @@ __all__ = [
     "load_config", "load_server_config", "load_controller_config", "override", "parse_size", "ConfigError",
     "ENV_PREFIX", "ENV_CONFIG", "SERVER_ENV_PREFIX", "SERVER_ENV_CONFIG", "CONTROLLER_ENV_PREFIX",
     "CONTROLLER_ENV_CONFIG", "DEFAULT_SOURCE",
-    "GiB", "MAX_SIZE", "MAX_SECONDS", "MAX_REDIS_CONNECTIONS", "MAX_TOKEN_BYTES",
+    "GiB", "MAX_SIZE", "MAX_SECONDS", "MAX_REDIS_CONNECTIONS", "MAX_TOKEN_BYTES", "CODECS",
     # re-exported from their own modules (config_values, config_yaml, config_fields), where they are defined
     "check_directory", "check_host", "check_memory", "check_text", "check_url", "hide_url_secrets",
     "show", "show_key", "parse_yaml", "read_config_file",
@@ -88,6 +89,10 @@ SERVER_ENV_CONFIG = "KVTIER_SERVER_CONFIG"
 CONTROLLER_ENV_PREFIX = "KVTIER_CONTROLLER_"
 CONTROLLER_ENV_CONFIG = "KVTIER_CONTROLLER_CONFIG"
 MAX_REDIS_CONNECTIONS = 10_000  # Redis's own default maxclients; redis-py fills its pool up front
+# How a tier below host memory codes its records: a codec (kvtier.codecs.base.CODEC_NAMES), or several
+# levels per chunk picked per read under `load_slo_s` (kvtier.tiers.adaptive). config_checks: the pairing.
+CODECS = (*CODEC_NAMES, ADAPTIVE)
+_SLO = {"min": 0.001, "max": MAX_SECONDS}  # load_slo_s: seconds a load from the tier may take
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,8 @@ class DiskConfig:
     o_direct: str = choice_key("auto", SWITCH)
     io_threads: int = at_least(4, 1)
     fsync: bool = False
+    codec: str = choice_key("raw", CODECS)
+    load_slo_s: float | None = field(default=None, metadata=_SLO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +127,8 @@ class RedisConfig:
     retry_after_s: float = seconds_key(1.0, 0.0)  # first back-off after a failure; doubles up to retry_max_s
     retry_max_s: float = seconds_key(30.0, 0.0)
     key_prefix: str = field(default="kvtier:", metadata={"empty": True})
+    codec: str = choice_key("raw", CODECS)
+    load_slo_s: float | None = field(default=None, metadata=_SLO)
 
     def __repr__(self) -> str:
         return repr_redacting_urls(self)
@@ -135,6 +144,8 @@ class RemoteConfig:
     connections: int = at_least(4, 1)
     retry_after_s: float = seconds_key(1.0, 0.0)
     retry_max_s: float = seconds_key(30.0, 0.0)
+    codec: str = choice_key("raw", CODECS)
+    load_slo_s: float | None = field(default=None, metadata=_SLO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,9 +260,9 @@ def load_config(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> KvtierConfig:
     """Defaults, then the YAML file (`path`, else `$KVTIER_CONFIG`), then `KVTIER_*` overrides."""
-    # The server's variables share kvtier's prefix: this loader skips them.
+    # The server's variables share kvtier's prefix, and so does the cachegen backend's: skipped here.
     config = load(KvtierConfig, path, env, prefix=ENV_PREFIX, config_var=ENV_CONFIG,
-                  foreign=(SERVER_ENV_PREFIX, CONTROLLER_ENV_PREFIX))
+                  foreign=(SERVER_ENV_PREFIX, CONTROLLER_ENV_PREFIX, BACKEND_ENV))
     check_sections(config)  # across sections (p2p needs controller): on the final config only
     return config
 

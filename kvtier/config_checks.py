@@ -2,7 +2,7 @@
 
 Run on the final config by `kvtier.config.load_config` (after the environment overrides, which may
 add or remove a section one variable at a time), and again by the engine for a config built in code.
-Pure: raises `ConfigError` naming the section, never showing a secret.
+Pure: raises `ConfigError` naming the section or key, never showing a secret.
 """
 
 from __future__ import annotations
@@ -16,9 +16,14 @@ if TYPE_CHECKING:
     from kvtier.config import KvtierConfig
 
 
+ADAPTIVE = "cachegen-adaptive"  # a codec name (kvtier.tiers.coded): several levels, one picked per read
+
+
 def check_sections(config: KvtierConfig) -> None:
-    """P2P needs a controller (it says which peer holds what), and a token wherever peers beyond
-    this machine can reach the endpoint (it serves this instance's KV)."""
+    """Each tier's codec and load SLO go together (`check_codecs`); P2P needs a controller (it says
+    which peer holds what), and a token wherever peers beyond this machine can reach the endpoint
+    (it serves this instance's KV)."""
+    check_codecs(config)
     p2p = config.p2p
     if p2p is None:
         return
@@ -29,3 +34,19 @@ def check_sections(config: KvtierConfig) -> None:
         require_token_beyond_loopback(p2p.host, p2p.token, "set p2p.token (KVTIER_P2P__TOKEN)")
     except ConfigError as exc:
         raise ConfigError(f"{config.source}: p2p.host: {exc}") from None
+
+
+def check_codecs(config: KvtierConfig) -> None:
+    """`load_slo_s` is set exactly on the tiers whose codec is `cachegen-adaptive`: the adaptive
+    tier picks each chunk's level by the time left before it, and no other codec reads it."""
+    for name in ("disk", "redis", "remote"):
+        section = getattr(config, name)
+        if section is None:
+            continue
+        variable = f"KVTIER_{name.upper()}__LOAD_SLO_S"
+        if section.codec == ADAPTIVE and section.load_slo_s is None:
+            raise ConfigError(f"{config.source}: {name}.load_slo_s: codec {ADAPTIVE} needs a load SLO in "
+                              f"seconds: set {name}.load_slo_s ({variable})")
+        if section.codec != ADAPTIVE and section.load_slo_s is not None:
+            raise ConfigError(f"{config.source}: {name}.load_slo_s: only codec {ADAPTIVE} reads a load "
+                              f"SLO; {name}.codec is {section.codec}: remove it or unset {variable}")

@@ -6,6 +6,7 @@
     kv2, n = eng.retrieve(tokens)  # kv2[:, :, :n] is what was stored, bit for bit
     eng.pin(tokens); eng.unpin(tokens); eng.move(tokens, "disk"); eng.clear("cpu"); eng.tier("disk")
     eng.pin_keys(keys); eng.unpin_keys(keys); eng.move_keys(keys, "cpu", copy=True)  # the controller's
+    eng.compress(tokens, "cachegen-2", "disk"); eng.decompress(tokens)  # recode records below (kvtier.recode)
     eng.stats(); eng.prometheus_text(); eng.flush(); eng.close()
 
 With a `controller:` section in its config, the engine joins a fleet (kvtier.fleet.agent): a background
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from kvtier import recode
 from kvtier.config import KvtierConfig
 from kvtier.errors import UnknownTier
 from kvtier.keys import ChunkKey, ChunkSpan, Namespace, TokenDatabase, token_count
@@ -39,8 +41,8 @@ from kvtier.metrics import Metrics
 from kvtier.pins import PinTable
 from kvtier.storage import StorageManager
 from kvtier.tiers.base import Tier
+from kvtier.tiers.build import build_lower_tiers, tier_names
 from kvtier.tiers.cpu import CpuTier
-from kvtier.tiers.disk import DiskTier
 
 logger = logging.getLogger(__name__)
 
@@ -48,46 +50,11 @@ Tokens = Sequence[int] | torch.Tensor | np.ndarray
 _PIN_MEMORY = {"auto": None, "on": True, "off": False}
 
 
-def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned, metrics: Metrics) -> list[Tier]:
-    """The configured tiers below host memory, in lookup order (an explicit list, no plugin scan)."""
-    tiers: list[Tier] = []
-    if config.disk is not None:
-        tiers.append(DiskTier(config.disk.path, namespace, config.disk.capacity, is_pinned, metrics,
-                              o_direct=config.disk.o_direct, fsync=config.disk.fsync))
-    # Shared stores evict by their own policy, so they cannot honour this process's pins.
-    if config.redis is not None:
-        from kvtier.tiers.redis import RedisTier  # imported only when configured
-
-        tiers.append(RedisTier(config.redis, namespace, metrics))
-    if config.remote is not None:
-        from kvtier.tiers.remote import RemoteTier
-
-        tiers.append(RemoteTier(config.remote, namespace, metrics))
-    return tiers
-
-
-def tier_names(config: KvtierConfig) -> list[str]:
-    optional = {"disk": config.disk, "redis": config.redis, "remote": config.remote, "p2p": config.p2p}
-    return ["cpu"] + [name for name, section in optional.items() if section is not None]
-
-
 def _shifted(spans: list[ChunkSpan], start: int) -> list[ChunkSpan]:
     """The spans at or after token `start`, renumbered so that `start` is token 0 of a buffer."""
     if not start:
         return spans
     return [ChunkSpan(s.key, s.start - start, s.end - start) for s in spans if s.start >= start]
-
-
-def _join_fleet(engine: CacheEngine):
-    """Start the fleet agent for `engine` (its config's `controller:` section): a handle to close.
-    With P2P, the controller then leaves this instance out of the peers it names to it."""
-    from kvtier.fleet.agent import join_fleet  # imported only when configured (HTTP stack)
-    from kvtier.fleet.engine_member import EngineMember
-
-    handle = join_fleet(engine.config.controller, EngineMember(engine))
-    if engine._p2p is not None:
-        engine._p2p.joined(handle.instance_id)
-    return handle
 
 
 class CacheEngine:
@@ -123,7 +90,9 @@ class CacheEngine:
             if self._p2p is not None:
                 self._p2p.start(self.storage)
             if config.controller is not None:
-                self._fleet = _join_fleet(self)
+                from kvtier.fleet.engine_member import join_fleet  # only when configured (HTTP stack)
+
+                self._fleet = join_fleet(self)
         except BaseException:
             self._close_storage(self.storage)
             raise
@@ -259,6 +228,20 @@ class CacheEngine:
         if target is self.storage.cpu:
             return self.storage.move_up(spans, copy=copy)
         return self.storage.move_down([s.key for s in spans], target, copy=copy)
+
+    def compress(self, tokens: Tokens, codec: str, tier: str) -> int:
+        """Recode the cached prefix's chunks in `tier` (disk, ...) with `codec`: kvtier.recode."""
+        return recode.compress(self, self.db.keys(tokens), codec, tier)
+
+    def compress_keys(self, keys: Sequence[ChunkKey], codec: str, tier: str) -> int:
+        return recode.compress(self, keys, codec, tier)
+
+    def decompress(self, tokens: Tokens, tier: str | None = None) -> int:
+        """Recode them raw in `tier` (every writable tier below when None). Returns chunks recoded."""
+        return recode.decompress(self, self.db.keys(tokens), tier)
+
+    def decompress_keys(self, keys: Sequence[ChunkKey], tier: str | None = None) -> int:
+        return recode.decompress(self, keys, tier)
 
     def clear(self, tier: str | None = None) -> None:
         """Drop every chunk from `tier` (every tier, and every pin, when None). Leases stay."""

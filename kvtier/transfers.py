@@ -11,6 +11,7 @@ job that raises is logged (at most a line a minute: kvtier.log_limit) and counte
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.codecs.records import decode_in_place
+from kvtier.errors import CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
@@ -102,7 +105,10 @@ class TierReader:
     `start(requests)` splits the batch across the threads against the first tier and returns at
     once (so the caller can copy its CPU hits meanwhile; a first tier that fans out, P2P, is read in
     `finish` instead, on the caller's thread); `finish(pending)` waits, asks each next
-    tier for what the previous one missed, and returns one bool per request. A record whose codec,
+    tier for what the previous one missed, and returns one bool per request. A coded record (any
+    tier may hold some: kvtier.tiers.coded) is decoded in place into its buffer by the job that read
+    it, on the thread that ran the tier's `get`, so a chunk is decoded once, on its way up into host
+    memory; one that fails to decode is a miss, counted corrupt and removed. A record whose codec,
     dtype or shape is not what the caller expects is dropped below and counted as corrupt; a tier
     that raises (it must not) costs its chunks, never the caller.
     """
@@ -129,15 +135,40 @@ class TierReader:
             # the caller's thread (which waits for it anyway): a stalled peer then holds that caller
             # alone, never one of the shared read threads that other loads need (with P2P the only
             # tier below, one stalled load per read thread would stall every load).
-            keys, dests = [requests[i].key for i in todo], [requests[i].dest for i in todo]
-            return [(todo, _run_here(tier.get, keys, dests))]
+            return [(todo, _run_here(self._read, tier, requests, todo))]
         workers = min(self.queue.threads, len(todo))
         jobs = []
         for w in range(workers):
             part = todo[w::workers]  # strided, so every thread gets early and late chunks alike
-            jobs.append((part, self.queue.submit(tier.get, [requests[i].key for i in part],
-                                                 [requests[i].dest for i in part])))
+            jobs.append((part, self.queue.submit(self._read, tier, requests, part)))
         return jobs
+
+    def _read(self, tier: Tier, requests: list[ReadRequest], part: list[int]) -> list[RecordHeader | None]:
+        """`tier.get` of `part`, each coded record then decoded into its buffer (on this thread: the
+        read thread, or the caller's for a tier that fans out), so that `_fits` sees raw chunks."""
+        headers = tier.get([requests[i].key for i in part], [requests[i].dest for i in part])
+        return [self._decoded(tier, header, requests[i]) for i, header in zip(part, headers)]
+
+    def _decoded(self, tier: Tier, header: RecordHeader | None, request: ReadRequest) -> RecordHeader | None:
+        """`header` after decoding its coded record in place (then its header as if raw: only `_fits`
+        reads it); unchanged for a miss, a raw record, or one `_fits` rejects anyway (another dtype
+        or shape); None, counted and removed, for one that fails to decode."""
+        if (header is None or header.codec == CODEC_RAW or header.dtype != self.dtype
+                or header.shape != request.shape):
+            return header
+        dest = request.dest
+        try:
+            decode_in_place(header, dest.numpy() if isinstance(dest, torch.Tensor) else dest)
+        except CorruptRecord as exc:
+            self._log.warning((tier.name, "decode"), "%s: record %s failed to decode (%s); dropping",
+                              tier.name, header.key, exc)
+            self.metrics.tier_inc(tier.name, "corrupt")
+            self.metrics.inc("decode_failures")
+            tier.remove([header.key])
+            return None
+        self.metrics.inc("decoded_chunks")
+        nbytes = math.prod(header.shape) * header.dtype.itemsize
+        return dataclasses.replace(header, codec=CODEC_RAW, payload_len=nbytes)
 
     def finish(self, pending: PendingReads) -> list[bool]:
         requests = pending.requests

@@ -4,6 +4,8 @@
     kvtier instances | stats
     kvtier lookup|route|pin|unpin --model M (--tokens-file F | --text T --tokenizer PATH) [--instance I]
     kvtier move --model M (...) --instance I --to TIER [--copy]
+    kvtier compress --model M (...) --instance I --codec C --tier T
+    kvtier decompress --model M (...) --instance I [--tier T]
     kvtier clear [--instance I] [--tier T]
 
 One command is one request to kvtier_controller (kvtier.fleet.http_client.JsonClient, one deadline

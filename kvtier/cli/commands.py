@@ -18,13 +18,21 @@ from kvtier.cli.files import read_text
 from kvtier.cli.parser import DEFAULT_URL, TOKEN_ENV, URL_ENV
 from kvtier.cli.prompt import prompt_tokens
 from kvtier.config import MAX_TOKEN_BYTES
-from kvtier.fleet.messages import AdminRequest, ClearRequest, MoveRequest, PromptRequest
+from kvtier.fleet.messages import (
+    AdminRequest,
+    ClearRequest,
+    CompressRequest,
+    DecompressRequest,
+    MoveRequest,
+    PromptRequest,
+)
 
 _PATHS = {"instances": "/v1/instances", "stats": "/v1/stats", "lookup": "/v1/lookup", "route": "/v1/route",
-          "pin": "/v1/pin", "unpin": "/v1/unpin", "move": "/v1/move", "clear": "/v1/clear"}
+          "pin": "/v1/pin", "unpin": "/v1/unpin", "move": "/v1/move", "compress": "/v1/compress",
+          "decompress": "/v1/decompress", "clear": "/v1/clear"}
 # A body field named in an error as the option that set it.
 _OPTIONS = {"model_id": "--model", "instance_id": "--instance", "to": "--to", "tier": "--tier",
-            "tokens": "the prompt's tokens"}
+            "codec": "--codec", "tokens": "the prompt's tokens"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +96,12 @@ def _body(args: Namespace) -> BaseModel | None:
     if args.command == "move":
         return _message(MoveRequest, model_id=args.model, tokens=tokens, instance_id=args.instance,
                         to=args.to, copy=args.copy)
+    if args.command == "compress":
+        return _message(CompressRequest, model_id=args.model, tokens=tokens, instance_id=args.instance,
+                        codec=args.codec, tier=args.tier)
+    if args.command == "decompress":
+        return _message(DecompressRequest, model_id=args.model, tokens=tokens, instance_id=args.instance,
+                        tier=args.tier)
     return _message(AdminRequest, model_id=args.model, tokens=tokens, instance_id=args.instance)
 
 

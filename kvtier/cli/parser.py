@@ -19,7 +19,8 @@ TOKEN_ENV = "KVTIER_CONTROLLER_TOKEN"
 # Longer than the controller's default command_timeout_s (30 s), so that its own 504 arrives first.
 DEFAULT_TIMEOUT_S = 60.0
 
-_DESCRIPTION = "Ask a kvtier_controller where a prompt's KV lives in the fleet, and pin, move or clear it."
+_DESCRIPTION = ("Ask a kvtier_controller where a prompt's KV lives in the fleet, and pin, move, compress "
+                "or clear it.")
 _EPILOG = "\n".join([
     f"controller: --controller URL, else ${URL_ENV}, else {DEFAULT_URL}",
     f"token: read from --token-file F, else ${TOKEN_ENV} (never a command-line argument)",
@@ -76,10 +77,25 @@ def build_parser() -> Parser:
     move.add_argument("--instance", metavar="I", required=True)
     move.add_argument("--to", metavar="TIER", required=True, help="the destination tier: cpu, disk, ...")
     move.add_argument("--copy", action="store_true", help="keep the chunks in their source tier too")
+    _recode_commands(command)
     clear = command("clear", "remove cached chunks from instances")
     clear.add_argument("--instance", metavar="I", help="only this instance (default: every one that is up)")
     clear.add_argument("--tier", metavar="T", help="only this tier (default: every tier)")
     return parser
+
+
+def _recode_commands(command) -> None:
+    compress = _prompt_options(command("compress", "recode the prompt's chunks in a tier below host memory "
+                                                   "with a codec"))
+    compress.add_argument("--instance", metavar="I", required=True)
+    compress.add_argument("--codec", metavar="C", required=True,
+                          help="raw, cachegen-1 (smallest) to cachegen-3, or cachegen-lossless")
+    compress.add_argument("--tier", metavar="T", required=True,
+                          help="the tier whose records to recode: disk, redis, remote")
+    decompress = _prompt_options(command("decompress", "recode the prompt's chunks raw again"))
+    decompress.add_argument("--instance", metavar="I", required=True)
+    decompress.add_argument("--tier", metavar="T",
+                            help="only this tier (default: every tier below host memory)")
 
 
 def _global_options(parser: argparse.ArgumentParser, after_command: bool) -> None:

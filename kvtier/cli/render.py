@@ -26,7 +26,9 @@ from kvtier.fleet.messages import (
 )
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-_VERBS = {"pin": "pinned", "unpin": "unpinned", "clear": "removed"}
+_VERBS = {"pin": "pinned", "unpin": "unpinned", "clear": "removed", "compress": "compressed",
+          "decompress": "decompressed"}
+_PLACES = {"move": "to", "clear": "from"}  # (compress, decompress: "in")
 
 
 def render(args: Namespace, reply: Any, console: Console) -> None:
@@ -91,7 +93,8 @@ def _route(args: Namespace, reply: RouteReply, console: Console) -> None:
 def _results(args: Namespace, reply: AdminReply, console: Console) -> None:
     verb = ("copied" if args.copy else "moved") if args.command == "move" else _VERBS[args.command]
     tier = args.to if args.command == "move" else getattr(args, "tier", None)
-    where = "" if tier is None else f" to {tier}" if args.command == "move" else f" from {tier}"
+    where = "" if tier is None else f" {_PLACES.get(args.command, 'in')} {tier}"
+    where += f" with {args.codec}" if args.command == "compress" else ""
     total = sum(r.chunks for r in reply.results)
     console.print(f"{verb} {_count(total, 'chunk')}{where} on {_count(len(reply.results), 'instance')}")
     if reply.results:
@@ -106,6 +109,7 @@ _RENDERERS: dict[str, tuple[type[BaseModel], Callable[[Namespace, Any, Console],
     "lookup": (LookupReply, _lookup), "route": (RouteReply, _route),
     "pin": (AdminReply, _results), "unpin": (AdminReply, _results),
     "move": (AdminReply, _results), "clear": (AdminReply, _results),
+    "compress": (AdminReply, _results), "decompress": (AdminReply, _results),
 }
 
 

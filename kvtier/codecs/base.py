@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 
 RAW_ID = 0
 CACHEGEN_ID = 1
+# The names a config, a fleet command or the CLI gives a codec (`kvtier.codecs.records.codec_named`).
+# Here, not in `records`, because this module imports no torch: kvtier_server and the controller
+# validate these names without loading it.
+CODEC_NAMES = ("raw", "cachegen-1", "cachegen-2", "cachegen-3", "cachegen-lossless")
+# Which cachegen coder runs (kvtier.codecs.native): not a config key, so the config loader skips it.
+BACKEND_ENV = "KVTIER_CACHEGEN_BACKEND"
 
 
 class RecordMismatch(CorruptRecord, ValueError):

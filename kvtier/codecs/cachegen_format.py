@@ -4,7 +4,8 @@
     0       4             magic b"KVCG"
     4       1             version (1)
     5       1             level (0 = lossless, 1-3 = the quantised presets)
-    6       1             dtype code (kvtier.dtypes: 1 float16, 2 bfloat16)
+    6       1             dtype code (kvtier.dtypes: float16, bfloat16, or float32 for the quantised
+                          levels, which quantise the fp16 rounding of float32 KV)
     7       1             table grouping (0 = one per (kv, layer), 1 = one per (kv, layer, channel))
     8       12            L, T, C: three u32 (the chunk is [2, L, T, C])
     20      2L            bins per (kv, layer), u8 (bins / 2: a layer has bins - 1 symbols; 0 lossless)
@@ -40,7 +41,8 @@ MAGIC = b"KVCG"
 VERSION = 1
 LOSSLESS = 0
 BY_LAYER, BY_CHANNEL = 0, 1
-DTYPE_CODES = (CODES_BY_NAME["float16"], CODES_BY_NAME["bfloat16"])
+DTYPE_CODES = (CODES_BY_NAME["float16"], CODES_BY_NAME["bfloat16"], CODES_BY_NAME["float32"])
+FLOAT32 = CODES_BY_NAME["float32"]  # quantised levels only: lossless codes 16-bit values
 _HEAD = struct.Struct("<4sBBBBIII")
 _U32 = struct.Struct("<I")
 
@@ -123,6 +125,8 @@ def read_header(data: bytes | memoryview) -> tuple[int, int, int, tuple[int, int
         raise CorruptRecord(f"dtype code {dtype_code} is not one cachegen codes")
     if level > 3 or grouping > BY_CHANNEL or (level == LOSSLESS and grouping != BY_LAYER):
         raise CorruptRecord(f"bad level {level} or table grouping {grouping}")
+    if level == LOSSLESS and dtype_code == FLOAT32:
+        raise CorruptRecord("a lossless record codes 16-bit values, not float32")
     return level, dtype_code, grouping, (int(dims[0]), int(dims[1]), int(dims[2]))
 
 

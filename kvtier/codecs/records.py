@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from kvtier.codecs.base import CACHEGEN_ID, RAW_ID, Codec
+from kvtier.codecs.base import CACHEGEN_ID, CODEC_NAMES, RAW_ID, Codec
 from kvtier.codecs.cachegen import CachegenCodec
 from kvtier.codecs.raw import RawCodec
 from kvtier.errors import CorruptRecord
@@ -32,8 +32,7 @@ from kvtier.record import RecordHeader, encode_header, tensor_bytes
 logger = logging.getLogger(__name__)
 _log = LogLimiter(logger)  # a model whose KV has infinities refuses every chunk: one line a minute
 
-RAW = "raw"
-CODEC_NAMES = (RAW, "cachegen-1", "cachegen-2", "cachegen-3", "cachegen-lossless")
+RAW = CODEC_NAMES[0]
 _DECODERS: dict[int, Codec] = {RAW_ID: RawCodec(), CACHEGEN_ID: CachegenCodec(2)}
 
 

@@ -1,8 +1,12 @@
-"""Pin, unpin, move and clear over the fleet: each request becomes one `Command` per target
-instance, sent to all of them at once (kvtier.controller.commands), and the chunks each one acted on.
+"""Pin, unpin, move, compress, decompress and clear over the fleet: each request becomes one
+`Command` per target instance, sent to all of them at once (kvtier.controller.commands), and the
+chunks each one acted on.
 
     POST /v1/pin, /v1/unpin   AdminRequest -> AdminReply   the prompt's leading chunks on each target
     POST /v1/move             MoveRequest  -> AdminReply   to another tier of one instance (copy: keep)
+    POST /v1/compress         CompressRequest -> AdminReply    recode them with a codec in one tier
+                                                           below host memory of one instance
+    POST /v1/decompress       DecompressRequest -> AdminReply  recode them raw (one tier, or all below)
     POST /v1/clear            ClearRequest -> AdminReply   one tier or all, of one instance or all up
 
 Targets: `instance_id` given -> that instance only (404 unknown, 409 down; its refusal is a 400);
@@ -17,7 +21,7 @@ awaited on the event loop (up to the deadline), holding no thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
@@ -31,11 +35,14 @@ from kvtier.fleet.messages import (
     AdminRequest,
     ClearRequest,
     Command,
+    CompressRequest,
+    DecompressRequest,
     InstanceResult,
     MoveRequest,
 )
 
-AnyRequest = AdminRequest | MoveRequest | ClearRequest
+PromptAdmin = AdminRequest | MoveRequest | CompressRequest | DecompressRequest
+AnyRequest = PromptAdmin | ClearRequest
 
 
 def admin_router(state: FleetState, sender: CommandSender, clock: Callable[[], float]) -> APIRouter:
@@ -48,7 +55,7 @@ def admin_router(state: FleetState, sender: CommandSender, clock: Callable[[], f
         return AdminReply(results=[InstanceResult(instance_id=t.instance.instance_id, chunks=r.chunks)
                                    for t, r in zip(targets, replies)])
 
-    def prompt_targets(request: AdminRequest | MoveRequest, op: str, **fields: object) -> list[CommandTarget]:
+    def prompt_targets(request: PromptAdmin, op: str, **fields: object) -> list[CommandTarget]:
         now = clock()
         if request.instance_id is not None:
             _require_up(state.instance(request.instance_id, now), now)
@@ -78,11 +85,27 @@ def admin_router(state: FleetState, sender: CommandSender, clock: Callable[[], f
     async def move(request: MoveRequest) -> AdminReply:
         return await run(prompt_targets, request, "move", tier=request.to, copy=request.copy_)
 
+    _recode_routes(router, run, prompt_targets)
+
     @router.post("/v1/clear", response_model=AdminReply)
     async def clear(request: ClearRequest) -> AdminReply:
         return await run(clear_targets, request)
 
     return router
+
+
+def _recode_routes(router: APIRouter, run: Callable[..., Awaitable[AdminReply]],
+                   prompt_targets: Callable[..., list[CommandTarget]]) -> None:
+    """/v1/compress and /v1/decompress. A recode of a long prompt may outlast the command deadline
+    (a 504): the instance finishes it."""
+
+    @router.post("/v1/compress", response_model=AdminReply)
+    async def compress(request: CompressRequest) -> AdminReply:
+        return await run(prompt_targets, request, "compress", tier=request.tier, codec=request.codec)
+
+    @router.post("/v1/decompress", response_model=AdminReply)
+    async def decompress(request: DecompressRequest) -> AdminReply:
+        return await run(prompt_targets, request, "decompress", tier=request.tier)
 
 
 def _require_up(record: InstanceRecord, now: float) -> InstanceRecord:

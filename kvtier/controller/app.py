@@ -4,7 +4,7 @@
     GET  /metrics                      Prometheus text (kvtier.controller.metrics)
     GET  /v1/instances, /v1/stats      the registry; counts
     POST /v1/lookup, /v1/route         where a prompt's KV lives (kvtier.controller.fleet_lookup)
-    POST /v1/pin, /unpin, /move, /clear   commands to instances (kvtier.controller.admin_routes)
+    POST /v1/pin, /unpin, /move, /compress, /decompress, /clear   commands to instances (admin_routes)
     POST /v1/instances/register, /{id}/heartbeat, /{id}/events   the agents (agent_routes)
     POST /v1/peers                     which peers hold given keys, for P2P reads (agent_routes)
 

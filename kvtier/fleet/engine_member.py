@@ -11,8 +11,11 @@ index their keys here (the disk tier). Shared stores (Redis, kvtier_server) are 
 are other processes' caches, shared by many engines; nor is the P2P tier (it only reads peers'
 chunks: `Tier.writable` False; the description's `p2p_url` says where peers read ours). Commands
 act on the engine's tiers: pin/move on the leading keys it holds (as `CacheEngine.pin` / `move` on a
-prompt's tokens), unpin on every key given, clear on one tier or on every reported one, stats on
-none; an unknown tier, or a move or clear of the read-only P2P tier, is a ValueError (a 400).
+prompt's tokens), unpin on every key given, compress/decompress on the records of the leading keys
+held in one tier below (decompress: in every writable one when no tier is named; kvtier.recode),
+clear on one tier or on every reported one, stats on none; an unknown tier or codec, a compress of
+host memory, or a move, compress or clear of the read-only P2P tier is a ValueError (a 400).
+`join_fleet(engine)` starts the fleet agent for an engine whose config has a `controller:` section.
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ class EngineMember:
             if command.tier is None:
                 raise ValueError("a move needs the tier to move to")
             chunks = engine.move_keys(keys, command.tier, copy=command.copy_, num_tokens=command.num_tokens)
+        elif command.op == "compress":
+            if command.tier is None or command.codec is None:
+                raise ValueError("a compress needs the codec and the tier whose records to recode")
+            chunks = engine.compress_keys(keys, command.codec, command.tier)
+        elif command.op == "decompress":
+            chunks = engine.decompress_keys(keys, command.tier)
         elif command.op == "clear":
             chunks = self._clear(command.tier)
         else:  # stats
@@ -76,3 +85,14 @@ class EngineMember:
             self.engine.clear(name)  # UnknownTier (a ValueError) before anything is cleared
         return sum(max(0, before[name].chunks - usage.chunks)
                    for name, usage in storage_admin.local_usage(storage) if name in names)
+
+
+def join_fleet(engine: CacheEngine):
+    """Start the fleet agent for `engine` (its config's `controller:` section): a handle to close.
+    With P2P, the controller then leaves this instance out of the peers it names to it."""
+    from kvtier.fleet.agent import join_fleet as join  # (the HTTP stack)
+
+    handle = join(engine.config.controller, EngineMember(engine))
+    if engine._p2p is not None:
+        engine._p2p.joined(handle.instance_id)
+    return handle

@@ -15,7 +15,8 @@ Flows (instance side in kvtier.fleet.agent, controller side in kvtier.controller
                              POST /v1/instances/{id}/events     EventBatch -> EventsReply
     controller -> instance   POST {command_url}/v1/command      Command    -> CommandReply
                              (Authorization: Bearer <the instance's command_token>)
-    clients -> controller    /v1/lookup, /v1/route, /v1/pin, /v1/unpin, /v1/move, /v1/clear, ...
+    clients -> controller    /v1/lookup, /v1/route, /v1/pin, /v1/unpin, /v1/move, /v1/compress,
+                             /v1/decompress, /v1/clear, ...
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from kvtier.codecs.base import CODEC_NAMES
 
 MAX_TOKENS = 1 << 20  # tokens in one lookup/route/pin/... request (a 1M-token prompt)
 MAX_EVENT_KEYS = 65_536  # keys in one EventBatch, all events together
@@ -34,6 +37,7 @@ KeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{48}$")]
 NamespaceHex = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
 TierName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 ModelId = Annotated[str, Field(min_length=1, max_length=512)]
+CodecName = Literal[CODEC_NAMES]  # (kvtier.codecs.base: no torch, which neither server nor controller loads)
 # Strict where clients and agents write them: JSON Schema's integer is neither `true`, `"1"` nor
 # `2.0`, which pydantic's lax mode would take (`true` as token 1). Counts an instance reports stay lax.
 Token = Annotated[int, Field(ge=0, lt=2**32, strict=True)]
@@ -141,12 +145,15 @@ class EventsReply(Message):
 # -- controller -> instance ----------------------------------------------------------------------
 
 class Command(Message):
-    # pin/unpin/move act on the leading `keys` this instance holds (a prompt's prefix); clear on a
-    # tier or on everything (tier None); stats returns the tiers' usage.
-    op: Literal["pin", "unpin", "move", "clear", "stats"]
+    # pin/unpin/move/compress/decompress act on the leading `keys` this instance holds (a prompt's
+    # prefix); clear on a tier or on everything (tier None); stats returns the tiers' usage.
+    op: Literal["pin", "unpin", "move", "compress", "decompress", "clear", "stats"]
     keys: Annotated[list[KeyHex], Field(max_length=MAX_TOKENS)] = []
-    tier: TierName | None = None  # move: the destination; clear: the tier (None: all)
+    # move: the destination; compress: the tier whose records to recode; decompress and clear: the
+    # tier (None: all)
+    tier: TierName | None = None
     copy_: bool = Field(False, alias="copy")  # move: keep the source copy too
+    codec: CodecName | None = None  # compress: the codec to recode with
     # The prompt's length: where its last chunk ends, when it is a partial one (save_partial_chunks).
     num_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)] | None = None
 
@@ -175,6 +182,21 @@ class MoveRequest(PromptRequest):
     copy_: bool = Field(False, alias="copy")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class CompressRequest(PromptRequest):
+    """Recode the prompt's cached chunks in one tier below host memory of one instance."""
+
+    instance_id: InstanceId
+    codec: CodecName
+    tier: TierName
+
+
+class DecompressRequest(PromptRequest):
+    """Recode them raw: in one tier, or in every writable tier below host memory (tier None)."""
+
+    instance_id: InstanceId
+    tier: TierName | None = None
 
 
 class ClearRequest(Message):

@@ -4,7 +4,8 @@
 A server holds records of many engines and namespaces (each key carries its own), so it registers
 with no model or namespace, and the controller finds it through the keys it reports. It takes two
 commands: clear (one tier or both, every namespace) and stats; pin and move are an engine's (a
-server pins nothing and has one tier order): ValueError, which the command server answers 400.
+server pins nothing and has one tier order), and so are compress and decompress (it stores records
+as engines wrote them and never decodes one): ValueError, which the command server answers 400.
 
 Where it runs: the store belongs to the server's event-loop thread (nothing in it locks), while the
 agent calls `tier_usage` / `key_snapshot` / `set_key_listener` from its thread and the command
@@ -54,6 +55,9 @@ class ServerMember:
         self._on_loop(lambda: self.store.set_key_listener(listener))  # type: ignore[arg-type]
 
     def run(self, command: Command) -> CommandReply:
+        if command.op in ("compress", "decompress"):
+            raise ValueError(f"a kvtier_server cannot {command.op}: it stores records as the engines "
+                             f"wrote them and never decodes one (compress in the engine's own tier)")
         if command.op not in ("clear", "stats"):
             raise ValueError(f"a kvtier_server cannot {command.op}: it holds many engines' records "
                              f"(clear and stats only)")

@@ -29,13 +29,23 @@ def test_lossless_is_bit_exact(dtype, tokens):
     assert torch.equal(out.view(torch.int16), x.view(torch.int16))
 
 
-@pytest.mark.parametrize("level", ["lossless", 2])
-def test_float32_is_refused_on_encode(level):
+def test_lossless_refuses_float32_on_encode():
     with pytest.raises(ValueError, match="float16 or bfloat16"):
-        CachegenCodec(level).encode(torch.zeros(2, 1, 4, 8))
+        CachegenCodec("lossless").encode(torch.zeros(2, 1, 4, 8))
 
 
-@pytest.mark.parametrize("dtype, rel", [(torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)])
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_float32_beyond_fp16_range_is_refused(level):
+    """A lossy level quantises float32 KV as its fp16 rounding: a value fp16 cannot hold is refused."""
+    x = torch.zeros(2, 1, 4, 8)
+    x[1, 0, 2, 3] = 1e6
+    with pytest.raises(ValueError, match="finite"):
+        CachegenCodec(level).encode(x)
+
+
+# float32: quantised as its fp16 rounding (2**-11 of |x| <= scale) and decoded through fp16 (2**-11 more)
+@pytest.mark.parametrize("dtype, rel", [(torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8),
+                                        (torch.float32, 2.0**-10)])
 @pytest.mark.parametrize("tokens", [64, 600])
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_error_within_half_a_bin_of_each_token_scale(level, tokens, dtype, rel):

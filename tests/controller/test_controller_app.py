@@ -420,7 +420,8 @@ def test_the_openapi_document_lists_every_reply_and_error(client):
     doc = client.get("/openapi.json").json()
     paths = doc["paths"]
     assert set(paths) == {"/health", "/metrics", "/v1/instances", "/v1/stats", "/v1/lookup", "/v1/route",
-                          "/v1/pin", "/v1/unpin", "/v1/move", "/v1/clear", "/v1/instances/register",
+                          "/v1/pin", "/v1/unpin", "/v1/move", "/v1/compress", "/v1/decompress",
+                          "/v1/clear", "/v1/instances/register",
                           "/v1/instances/{instance_id}/heartbeat", "/v1/instances/{instance_id}/events",
                           "/v1/peers"}
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

@@ -29,7 +29,8 @@ AGENT = re.compile(r"^POST /v1/instances/")
 # The endpoints; every operation the document has must be one of them (a new one is fuzzed
 # once it is added here).
 OPERATIONS = ["GET /health", "GET /metrics", "GET /v1/instances", "GET /v1/stats", "POST /v1/lookup",
-              "POST /v1/route", "POST /v1/pin", "POST /v1/unpin", "POST /v1/move", "POST /v1/clear",
+              "POST /v1/route", "POST /v1/pin", "POST /v1/unpin", "POST /v1/move", "POST /v1/compress",
+              "POST /v1/decompress", "POST /v1/clear",
               "POST /v1/instances/register", "POST /v1/instances/{}/heartbeat",
               "POST /v1/instances/{}/events", "POST /v1/peers"]
 PROMPT = {"model_id": "m", "tokens": [1, 2, 3]}

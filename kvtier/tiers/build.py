@@ -1,0 +1,42 @@
+"""The tiers below host memory a config asks for, built in lookup order (an explicit list, no plugin
+scan): disk, Redis, kvtier_server, each wrapped as its section's `codec` asks. The P2P tier, last, is
+`kvtier.p2p.setup`'s. Called once per CacheEngine; imports a network tier's module only when configured.
+"""
+
+from __future__ import annotations
+
+from kvtier.config import KvtierConfig
+from kvtier.config_checks import check_codecs
+from kvtier.metrics import Metrics
+from kvtier.tiers.base import PinPredicate, Tier
+from kvtier.tiers.coded import with_codec
+from kvtier.tiers.disk import DiskTier
+
+
+def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned: PinPredicate,
+                      metrics: Metrics) -> list[Tier]:
+    """The configured tiers below host memory, in lookup order, each wrapped as its section's `codec`
+    asks (kvtier.tiers.coded.with_codec)."""
+    check_codecs(config)  # a config built in code has not been through load_config
+    tiers: list[Tier] = []
+    if config.disk is not None:
+        tiers.append(DiskTier(config.disk.path, namespace, config.disk.capacity, is_pinned, metrics,
+                              o_direct=config.disk.o_direct, fsync=config.disk.fsync))
+    # Shared stores evict by their own policy, so they cannot honour this process's pins.
+    if config.redis is not None:
+        from kvtier.tiers.redis import RedisTier  # imported only when configured
+
+        tiers.append(RedisTier(config.redis, namespace, metrics))
+    if config.remote is not None:
+        from kvtier.tiers.remote import RemoteTier
+
+        tiers.append(RemoteTier(config.remote, namespace, metrics))
+    sections = [s for s in (config.disk, config.redis, config.remote) if s is not None]
+    return [with_codec(tier, s.codec, s.load_slo_s, namespace=namespace, metrics=metrics)
+            for tier, s in zip(tiers, sections)]
+
+
+def tier_names(config: KvtierConfig) -> list[str]:
+    """Every tier's name, fastest first, P2P included: what the engine's metrics count."""
+    optional = {"disk": config.disk, "redis": config.redis, "remote": config.remote, "p2p": config.p2p}
+    return ["cpu"] + [name for name, section in optional.items() if section is not None]
