@@ -8,6 +8,8 @@ by orders of magnitude. Not thread-safe on its own: its owner's lock guards it.
 
 from __future__ import annotations
 
+import math
+
 EWMA_WEIGHT = 0.25  # of the newest sample: the last few samples dominate, so a change shows quickly
 
 
@@ -22,8 +24,10 @@ class RateEwma:
         self._seen = False
 
     def add(self, amount: float, over: float) -> None:
-        if over <= 0:
-            raise ValueError(f"a rate sample needs a positive denominator, got {over}")
+        # (`not ... >` refuses NaN too: one NaN sample would make the rate NaN for good)
+        if not (0 < over < math.inf and 0 <= amount < math.inf):
+            raise ValueError(f"a rate sample needs a finite amount >= 0 over a finite positive denominator, "
+                             f"got {amount} over {over}")
         keep = 1.0 - self.weight if self._seen else 0.0
         self._amount = keep * self._amount + (1.0 - keep) * amount
         self._over = keep * self._over + (1.0 - keep) * over

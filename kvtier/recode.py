@@ -122,11 +122,12 @@ def _batch(engine: CacheEngine, tier: Tier, keys: list[ChunkKey], codec: Codec) 
     size = engine.layout.chunk_bytes(engine.db.chunk_size)  # any chunk's raw bytes fit
     bufs = [np.empty(size, dtype=np.uint8) for _ in keys]
     recoded = []
+    clears = engine.storage._writes.clears  # (a clear from here on must not be undone by the put)
     for buf, header in zip(bufs, store.get(keys, bufs), strict=True):
         if header is not None and _is_chunk(engine, header) and _codec_name(header, buf) != codec.name:
             one = _recode_one(engine, tier, header, buf, codec)
             recoded += [one] if one is not None else []
-    return _replace(engine, tier, store, recoded)
+    return _replace(engine, tier, store, recoded, clears)
 
 
 def _innermost(tier: Tier) -> Tier:
@@ -163,7 +164,7 @@ def _recode_one(engine: CacheEngine, tier: Tier, header: RecordHeader, buf: np.n
     metrics = engine.metrics
     try:
         decoded = records.decode_in_place(header, buf)
-    except CorruptRecord as exc:
+    except (CorruptRecord, ValueError) as exc:  # ValueError: a codec refusing the dtype (fp8 KV)
         _log.warning("corrupt", "%s: dropping record %s, which does not decode: %s", tier.name, header.key,
                      exc)
         metrics.tier_inc(tier.name, "corrupt")
@@ -180,8 +181,9 @@ def _recode_one(engine: CacheEngine, tier: Tier, header: RecordHeader, buf: np.n
     return _Recoded(PutItem(header.key, head, np.frombuffer(payload, dtype=np.uint8)), new_codec, nbytes)
 
 
-def _replace(engine: CacheEngine, tier: Tier, store: Tier, recoded: list[_Recoded]) -> int:
-    """Remove the old records of `recoded` and put the new ones; how many the tier took."""
+def _replace(engine: CacheEngine, tier: Tier, store: Tier, recoded: list[_Recoded], clears: int) -> int:
+    """Remove the old records of `recoded` and put the new ones; how many the tier took. A clear
+    begun since the records were read (`clears` changed) removes what was put: it stays cleared."""
     storage = engine.storage
     recoded = [r for r in recoded if r.item.key not in storage.pins]  # pinned while it was recoded
     if not recoded:
@@ -195,6 +197,9 @@ def _replace(engine: CacheEngine, tier: Tier, store: Tier, recoded: list[_Recode
                               (store, [r for r in recoded if r.codec == RAW_ID])):
             if group:
                 stored.update(zip((r.item.key for r in group), target.put([r.item for r in group])))
+        if storage._writes.clears != clears:
+            tier.remove([key for key, ok in stored.items() if ok])
+            return 0
     finally:
         with storage._lock:
             for key, ok in stored.items():

@@ -129,6 +129,7 @@ def clear(manager: StorageManager, tier: Tier | CpuTier | None = None) -> None:
     if lower:
         with manager._lock:
             manager._writes.begin_removal_locked()
+            manager._writes.clears += 1
         try:
             for t in lower:
                 t.clear()

@@ -159,7 +159,7 @@ class TierReader:
         dest = request.dest
         try:
             decode_in_place(header, dest.numpy() if isinstance(dest, torch.Tensor) else dest)
-        except CorruptRecord as exc:
+        except (CorruptRecord, ValueError) as exc:  # ValueError: a codec refusing the dtype (fp8)
             self._log.warning((tier.name, "decode"), "%s: record %s failed to decode (%s); dropping",
                               tier.name, header.key, exc)
             self.metrics.tier_inc(tier.name, "corrupt")

@@ -40,6 +40,7 @@ class WriteBehind:
         self.in_flight = 0
         self.removing = 0  # removals below in progress
         self._epoch = 0  # bumped when a removal starts and when one ends
+        self.clears = 0  # clears of the tiers below begun (kvtier.recode: none may be undone by it)
 
     def submit_locked(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier] | None = None) -> Future:
         """Queue a write of `entry` to `tiers` (None: every tier below). The future's result: True

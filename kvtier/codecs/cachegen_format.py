@@ -21,9 +21,11 @@ quantised, S = 2L of N = T * C symbols (grouping 0) or S = 2LC of N = T (groupin
 channel c over the tokens), K = the largest bins - 1. All integers little-endian.
 
 Bins are stored halved so that 256 bins fit a byte. `parse` refuses L, T or C over the caller's
-bounds before touching the rest, and checks each field's length against the bytes left before it
-slices it (slices are zero-copy views), so its allocations are bounded by the caller's shape and a
-short or corrupt record is a CorruptRecord. Pure functions; thread-safe.
+bounds before touching the rest, and per-channel tables of more symbols (K) than the record has
+tokens (their S x K entries would outnumber the chunk's values; the encoder groups by channel only
+from 512 tokens); it checks each field's length against the bytes left before it slices it (slices
+are zero-copy views), so its allocations are bounded by the caller's shape and a short or corrupt
+record is a CorruptRecord. Pure functions; thread-safe.
 """
 
 from __future__ import annotations
@@ -141,6 +143,10 @@ def parse(data: bytes | memoryview, max_shape: tuple[int, int, int]) -> CodedRec
     layers, tokens, _ = shape
     bins = np.frombuffer(r.take(2 * layers, "bins"), dtype=np.uint8).astype(np.int64).reshape(2, layers) * 2
     _check_bins(level, bins)
+    if grouping == BY_CHANNEL and table_symbols(level, bins) > tokens:
+        # S x K tables would outgrow the chunk (2LC x 255 entries for a few tokens); the encoder
+        # groups by channel only for hundreds of tokens, so no valid record is refused
+        raise CorruptRecord(f"per-channel tables of {table_symbols(level, bins)} symbols for {tokens} tokens")
     n_scales = 0 if level == LOSSLESS else 2 * layers * tokens
     scales = np.frombuffer(r.take(2 * n_scales, "scales"), dtype="<f2").reshape(-1, layers, tokens)
     if not (np.isfinite(scales) & (scales >= 0)).all():

@@ -121,7 +121,8 @@ def decode_streams(
     if lens.shape != (freqs.shape[0],) or lens.dtype.kind not in "iu":
         raise CorruptRecord(f"need {freqs.shape[0]} integer stream lengths, got {lens.shape}")
     lens = lens.astype(np.int64)
-    if (lens < STATE_BYTES).any() or int(lens.sum()) != buf.size:
+    # each length within the data first: a sum of int64 lengths could wrap around to the size
+    if (lens < STATE_BYTES).any() or (lens > buf.size).any() or int(lens.sum()) != buf.size:
         raise CorruptRecord(f"stream lengths do not add up to the {buf.size} data bytes")
     starts = np.cumsum(lens) - lens
     out = np.empty((freqs.shape[0], count), dtype=np.uint8)  # symbols < MAX_SYMBOLS = 256

@@ -137,23 +137,36 @@ def unpack_tables(
     body = buf[_HEADER * count :]
     if body.size != (nbits + 7) // 8:
         raise CorruptRecord(f"table body is {body.size} bytes, headers say {(nbits + 7) // 8}")
-    bits = np.unpackbits(body)
-    if bits[nbits:].any():
+    if body.size and body[-1] & ((1 << (8 * body.size - nbits)) - 1):
         raise CorruptRecord("nonzero padding after the tables")
-    return _rebuild(bits[:nbits], lo, hi, width, symbols, 1 << prob_bits)
+    return _rebuild(body, lo, hi, width, symbols, 1 << prob_bits)
 
 
-def _rebuild(bits, lo, hi, width, symbols: int, scale: int) -> np.ndarray:
-    """Tables from the unpacked entry bits and headers; checks the canonical-form rules."""
+def _fields(body: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """The MSB-first bit fields (int32) of widths `width` (each <= 16) packed back to back in
+    `body`, each read through a 24-bit window: scratch is a few words per field, not per bit (a
+    hostile table block would otherwise cost ~250 bytes of memory per byte it has)."""
+    start = np.cumsum(width) - width
+    at = start >> 3
+    shift = (24 - (start & 7) - width).astype(np.int32)
+    del start
+    padded = np.concatenate([body, np.zeros(3, dtype=np.uint8)])
+    window = padded[at].astype(np.int32) << 16
+    window |= padded[at + 1].astype(np.int32) << 8
+    window |= padded[at + 2]
+    del at
+    window >>= shift
+    window &= (1 << width.astype(np.int32)) - 1
+    return window
+
+
+def _rebuild(body, lo, hi, width, symbols: int, scale: int) -> np.ndarray:
+    """Tables from the packed entries and headers; checks the canonical-form rules."""
     count = lo.size
     cols = np.arange(symbols)
     stored = (cols >= lo[:, None]) & (cols < hi[:, None])
-    entry_width = np.broadcast_to(width[:, None], (count, symbols))[stored]
-    ends = np.cumsum(entry_width)
-    owner = np.repeat(np.arange(entry_width.size), entry_width)
-    weights = np.left_shift(1, np.repeat(ends, entry_width) - 1 - np.arange(bits.size))
-    values = np.bincount(owner, weights=bits * weights, minlength=entry_width.size).astype(np.int64)
-    tables = np.zeros((count, symbols), dtype=np.int64)
+    values = _fields(body, np.repeat(width, hi - lo))
+    tables = np.zeros((count, symbols), dtype=np.int32)
     tables[stored] = values
     rest = scale - tables.sum(axis=1)
     if (rest < 1).any():

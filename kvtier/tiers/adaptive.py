@@ -14,7 +14,9 @@ deliver in time is late (returned None: the engine recomputes it).
     get(keys)    plans, per call: deadline = clock() + load_slo_s; every chunk gets the lowest level in
                  key order while the estimated bytes fit bandwidth x time left (the rest are late:
                  the prefix stays a prefix), then chunks are raised, in key order, to the highest
-                 level whose extra bytes still fit. O(chunks x levels). One `inner.get` for the plan;
+                 level whose extra bytes still fit (when none fits, the first is still read at
+                 the lowest level once per PROBE_EVERY_S: only reads retrain a bandwidth that one
+                 stalled read collapsed). O(chunks x levels). One `inner.get` for the plan;
                  a missing lower-level record falls back to the base key while that still fits
                  (from the first that does not, every chunk is late: still a prefix).
                  Headers come back as the inner tier wrote them, with the base key: TierReader
@@ -39,6 +41,7 @@ times per call, never around coding, planning or I/O. Memory: `put` holds its ba
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +65,9 @@ if TYPE_CHECKING:
 LEVELS = (1, 2, 3)
 STUDY_RATIOS = {1: 7.97, 2: 6.79, 3: 4.62}  # x smaller than fp16 (benchmarks/README.md, cachegen_study.py)
 MIN_READ_S = 1e-6  # a read that took no measurable time (a coarse or fake clock) counts as this long
+# With every chunk late, one is still read at the lowest level this often (seconds): only reads train
+# the bandwidth, so after one stalled read (a suspend, a stuck link) nothing would ever be read again.
+PROBE_EVERY_S = 1.0
 # Derived digests start with this tag (real ones do so with probability 2^-32), then 96 bits of hash:
 # a collision between two chunks' derived keys would serve one chunk's KV for the other.
 _LEVEL_TAG = b"\x00kvL"
@@ -132,6 +138,7 @@ class AdaptiveTier(WrappedTier):
         self._lock = threading.Lock()
         self._bandwidth = RateEwma()
         self._ratios = {level: RateEwma(STUDY_RATIOS[level]) for level in levels}
+        self._probed = -math.inf  # clock() of the last probe (`_plan`)
 
     def visible(self, key: ChunkKey) -> bool:
         return key.namespace == self.namespace and not is_level_key(key)
@@ -220,6 +227,9 @@ class AdaptiveTier(WrappedTier):
                 first_late = missing[len(taken)]
         # No hole: a chunk after a late one is late too, read or not (the engine uses a prefix).
         results[first_late:] = [None] * (len(keys) - first_late)
+        # A chunk served from a lower level's record keeps its base record as recent (the disk
+        # tier's LRU would otherwise evict the base of the hottest chunks first, and `has` with it).
+        self.touch([keys[i] for i in range(first_late) if results[i] is not None and plan[i] != top])
         served = [0] * len(self.levels)
         for i in range(first_late):
             served[plan[i]] += results[i] is not None
@@ -236,7 +246,18 @@ class AdaptiveTier(WrappedTier):
         bandwidth, ratios = self._snapshot()
         if bandwidth is None:  # nothing measured yet: assume the top level fits
             return [len(self.levels) - 1] * len(raw)
-        return plan_levels(raw, ratios, bandwidth * max(0.0, deadline - self._clock()))
+        plan = plan_levels(raw, ratios, bandwidth * max(0.0, deadline - self._clock()))
+        if plan and plan[0] is None and self._may_probe():
+            plan[0] = 0  # a probe: costs one lowest-level chunk past the SLO, once per PROBE_EVERY_S
+        return plan
+
+    def _may_probe(self) -> bool:
+        now = self._clock()
+        with self._lock:  # one probe per interval across the read threads
+            if not now - self._probed >= PROBE_EVERY_S:
+                return False
+            self._probed = now
+            return True
 
     def _fall_back(self, todo: list[int], keys: list[ChunkKey], dests: list, raw: list[float],
                    deadline: float, results: list) -> list[int]:

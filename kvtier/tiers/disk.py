@@ -171,13 +171,16 @@ class DiskTier:
         index = self._index
         return [key in index for key in keys]
 
+    def touch(self, keys: Sequence[ChunkKey]) -> None:
+        """Mark the held `keys` recently used, unread (a chunk served from another key's record)."""
+        with self._lock:
+            for key in keys:
+                self._index.touch(key)
+
     def get(self, keys: Sequence[ChunkKey], dests: Sequence[ByteBuffer]) -> list:
         arrays = [_as_array(dest) for dest in dests]  # every buffer checked before any I/O
         results = [self._read(key, dest) for key, dest in zip(keys, arrays, strict=True)]
-        with self._lock:
-            for key, header in zip(keys, results, strict=True):
-                if header is not None:
-                    self._index.touch(key)
+        self.touch([key for key, header in zip(keys, results, strict=True) if header is not None])
         self._metrics.tier_inc(self.name, "bytes_read", sum(h.payload_len for h in results if h is not None))
         return results
 
@@ -244,8 +247,7 @@ class DiskTier:
         return stored
 
     def _written(self, key: ChunkKey, size: int, stored: bool) -> bool:
-        """A write is over: its reservation goes back whatever happened, and a stored record is
-        indexed if it survived. Whether it is stored."""
+        """A write is over: its reservation goes back; a stored record that survived is indexed."""
         with self._lock:
             self._reserved -= size
             if stored and key in self._clobbered:
@@ -258,8 +260,7 @@ class DiskTier:
         return stored
 
     def _survived_locked(self, key: ChunkKey) -> bool:
-        """Whether the record this write renamed into place is still there, once the unlink of
-        the key's previous record (which it may have met) is done."""
+        """Whether this write's record is still there once the old record's unlink is done."""
         if not self._unlinked.wait_for(lambda: key not in self._unlinking, UNLINK_WAIT_S):
             return False
         return self._files.exists(key)
@@ -295,6 +296,5 @@ class DiskTier:
             self._index.set_listener(listener, self.name)
 
     def close(self) -> None:
-        """Release the namespace directory (files are closed after every operation). Call after
-        the last operation has returned; later calls fail as counted misses."""
+        """Release the namespace directory, after the last operation (later ones: counted misses)."""
         self._files.close()

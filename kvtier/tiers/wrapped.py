@@ -53,6 +53,13 @@ class WrappedTier:
     def put(self, items: Sequence[PutItem]) -> list[bool]:
         return self.inner.put(items)
 
+    def touch(self, keys: Sequence[ChunkKey]) -> None:
+        """Mark keys recently used where the inner tier keeps its own recency (the disk tier's
+        `touch`); a no-op for stores that evict by their own policy (Redis, kvtier_server)."""
+        touch = getattr(self.inner, "touch", None)
+        if touch is not None:
+            touch(keys)
+
     def remove(self, keys: Sequence[ChunkKey]) -> int:
         return self.inner.remove(keys)
 
