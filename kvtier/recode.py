@@ -56,6 +56,7 @@ from kvtier.log_limit import LogLimiter
 from kvtier.record import RecordHeader, decode_header
 from kvtier.tiers.base import PutItem, Tier
 from kvtier.tiers.wrapped import WrappedTier
+from kvtier.transfers import decode_or_drop
 
 if TYPE_CHECKING:
     from kvtier.engine import CacheEngine
@@ -161,17 +162,8 @@ def _recode_one(engine: CacheEngine, tier: Tier, header: RecordHeader, buf: np.n
                 codec: Codec) -> _Recoded | None:
     """The chunk in `buf` (its record as read) coded with `codec`; None when it fails to decode
     (dropped, as a retrieve drops it) or stays raw as it was."""
-    metrics = engine.metrics
-    try:
-        decoded = records.decode_in_place(header, buf)
-    except (CorruptRecord, ValueError) as exc:  # ValueError: a codec refusing the dtype (fp8 KV)
-        _log.warning("corrupt", "%s: dropping record %s, which does not decode: %s", tier.name, header.key,
-                     exc)
-        metrics.tier_inc(tier.name, "corrupt")
-        metrics.inc("decode_failures")
-        tier.remove([header.key])
+    if decode_or_drop(tier, header, buf, engine.metrics, _log) is None:
         return None
-    metrics.inc("decoded_chunks", int(decoded))
     nbytes = math.prod(header.shape) * header.dtype.itemsize
     chunk = torch.from_numpy(buf[:nbytes]).view(header.dtype).view(header.shape)
     head, payload = records.encode_chunk(header.key, chunk, codec)

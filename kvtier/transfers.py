@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvtier.codecs.records import decode_in_place
@@ -82,6 +83,24 @@ def _run_here(fn: Callable, *args) -> Future:
     except Exception as exc:  # reported where the result is read, as for a pooled job
         future.set_exception(exc)
     return future
+
+
+def decode_or_drop(tier: Tier, header: RecordHeader, buf: np.ndarray, metrics: Metrics,
+                   log: LogLimiter) -> bool | None:
+    """Decode the record of `header`, read into `buf`, in place (`records.decode_in_place`): True
+    once decoded, False for a raw record; None for one that does not decode, which is logged,
+    counted (the tier's `corrupt`, `decode_failures`) and removed from `tier`: a miss."""
+    try:
+        decoded = decode_in_place(header, buf)
+    except (CorruptRecord, ValueError) as exc:  # ValueError: a codec refusing the dtype (fp8 KV)
+        log.warning((tier.name, "decode"), "%s: record %s failed to decode (%s); dropping", tier.name,
+                    header.key, exc)
+        metrics.tier_inc(tier.name, "corrupt")
+        metrics.inc("decode_failures")
+        tier.remove([header.key])
+        return None
+    metrics.inc("decoded_chunks", int(decoded))
+    return decoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,16 +176,9 @@ class TierReader:
                 or header.shape != request.shape):
             return header
         dest = request.dest
-        try:
-            decode_in_place(header, dest.numpy() if isinstance(dest, torch.Tensor) else dest)
-        except (CorruptRecord, ValueError) as exc:  # ValueError: a codec refusing the dtype (fp8)
-            self._log.warning((tier.name, "decode"), "%s: record %s failed to decode (%s); dropping",
-                              tier.name, header.key, exc)
-            self.metrics.tier_inc(tier.name, "corrupt")
-            self.metrics.inc("decode_failures")
-            tier.remove([header.key])
+        buf = dest.numpy() if isinstance(dest, torch.Tensor) else dest
+        if decode_or_drop(tier, header, buf, self.metrics, self._log) is None:
             return None
-        self.metrics.inc("decoded_chunks")
         nbytes = math.prod(header.shape) * header.dtype.itemsize
         return dataclasses.replace(header, codec=CODEC_RAW, payload_len=nbytes)
 
