@@ -89,15 +89,8 @@ def backend(name: str):
         yield
         return
     from kvtier.codecs import native
-    old = os.environ.get(native.ENV)
-    os.environ[native.ENV] = name
-    try:
+    with native.using(name):
         yield
-    finally:
-        if old is None:
-            os.environ.pop(native.ENV, None)
-        else:
-            os.environ[native.ENV] = old
 
 
 @contextlib.contextmanager

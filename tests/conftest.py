@@ -19,6 +19,7 @@ from kvtier.metrics import Metrics
 from kvtier.pins import PinTable
 from kvtier.storage import StorageManager
 from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.wrapped import WrappedTier
 
 REPO = Path(__file__).parents[1]
 CHUNK = 16  # tokens per chunk in every engine these fixtures build (KVTIER_CHUNK_SIZE)
@@ -49,6 +50,20 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class Throttled(WrappedTier):
+    """A tier whose reads take payload bytes / `bandwidth` seconds on a FakeClock (no sleeping):
+    a link of known bandwidth for the adaptive-level tests, deterministic."""
+
+    def __init__(self, inner, clock: FakeClock, bandwidth: float):
+        super().__init__(inner)
+        self.clock, self.bandwidth = clock, bandwidth
+
+    def get(self, keys, dests):
+        headers = self.inner.get(keys, dests)
+        self.clock.now += sum(h.payload_len for h in headers if h is not None) / self.bandwidth
+        return headers
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import seeded_kv, seeded_tokens
+from conftest import Throttled, seeded_kv, seeded_tokens
 from waiting import wait_until
 
 from kvtier import recode
@@ -369,19 +369,6 @@ def test_a_rate_refuses_samples_that_would_poison_it_for_good(amount, over):
     with pytest.raises(ValueError):
         rate.add(amount, over)
     assert rate.rate == 2.0  # unchanged
-
-
-class Throttled(WrappedTier):
-    """Reads take payload bytes / `bandwidth` seconds on a fake clock."""
-
-    def __init__(self, inner, clock, bandwidth: float):
-        super().__init__(inner)
-        self.clock, self.bandwidth = clock, bandwidth
-
-    def get(self, keys, dests):
-        headers = self.inner.get(keys, dests)
-        self.clock.now += sum(h.payload_len for h in headers if h is not None) / self.bandwidth
-        return headers
 
 
 def test_a_hot_chunk_read_at_a_lower_level_keeps_its_base_record(tmp_path, clock):

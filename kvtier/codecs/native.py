@@ -17,9 +17,11 @@ codes. Thread-safe: no state besides the once-only log flag.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -43,6 +45,21 @@ ENV = BACKEND_ENV
 BACKENDS = ("auto", "reference", "native")
 logger = logging.getLogger(__name__)
 _logged = threading.Event()
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[None]:
+    """`ENV` set to `name` inside the block, as it was after (a benchmark or a test comparing the
+    backends). Process-wide: every thread coding meanwhile uses `name` too."""
+    old = os.environ.get(ENV)
+    os.environ[ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
 
 
 def backend() -> str:

@@ -5,10 +5,8 @@ build fails; the extension is built wherever a C++ compiler is."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,18 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 needs_native = pytest.mark.skipif(not native.AVAILABLE, reason=native.WHY_NOT)
 
 
-@contextlib.contextmanager
-def backend(name: str):
-    """KVTIER_CACHEGEN_BACKEND set to `name` inside the block (hypothesis-safe, unlike monkeypatch)."""
-    old = os.environ.get(native.ENV)
-    os.environ[native.ENV] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[native.ENV]
-        else:
-            os.environ[native.ENV] = old
+backend = native.using  # (hypothesis-safe, unlike monkeypatch)
 
 
 def both(fn, *args, **kwargs):

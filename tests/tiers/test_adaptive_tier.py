@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import CHUNK, seeded_kv, seeded_tokens
+from conftest import CHUNK, Throttled, seeded_kv, seeded_tokens
 
 from kvtier import storage_admin
 from kvtier.codecs import cachegen_format as fmt
@@ -28,25 +28,12 @@ from kvtier.tiers.adaptive import AdaptiveTier, is_level_key, level_key, plan_le
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.coded import CodedTier
 from kvtier.tiers.disk import DiskTier
-from kvtier.tiers.wrapped import WrappedTier, wrap
+from kvtier.tiers.wrapped import wrap
 
 DB = TokenDatabase(Namespace("adaptive-test", "small"), CHUNK)
 NS = DB.namespace_digest
 N = 8
 BANDWIDTH = 1e6  # simulated bytes per second
-
-
-class Throttled(WrappedTier):
-    """A tier whose reads take payload bytes / `bandwidth` seconds on a fake clock (no sleeping)."""
-
-    def __init__(self, inner, clock, bandwidth: float):
-        super().__init__(inner)
-        self.clock, self.bandwidth = clock, bandwidth
-
-    def get(self, keys, dests):
-        headers = self.inner.get(keys, dests)
-        self.clock.now += sum(h.payload_len for h in headers if h is not None) / self.bandwidth
-        return headers
 
 
 @pytest.fixture
