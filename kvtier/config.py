@@ -15,7 +15,8 @@ Where the config comes from, in order (later wins):
    `KVTIER_CHUNK_SIZE` and `KVTIER_chunk_size`, are an error). A string-typed key takes the raw
    text, never parsed (`KVTIER_SALT=123` is the salt "123", `KVTIER_REMOTE__TOKEN='s3cret #1'` the
    whole token); only an optional string reads the exact text `null` as None. Every other value (numbers,
-   booleans, sizes, whole sections) is read as YAML ("128" is an int, "true" a bool, "null" None).
+   booleans, sizes, lists, whole sections) is read as YAML ("128" is an int, "true" a bool, "null"
+   None, `KVTIER_BLEND__SEPARATOR_IDS='[1, 2]'` a list).
    All are then validated exactly like a file value. Whole-section overrides apply before field
    overrides, and a field override on a disabled (null) section re-enables it from that section's
    defaults. `KVTIER_CONFIG` itself is not an override.
@@ -23,12 +24,12 @@ Where the config comes from, in order (later wins):
 Validation is strict and fails closed (`kvtier.config_load` walks these dataclasses' fields, type
 hints and metadata (`kvtier.config_fields` declares them), so a new section is just a new dataclass
 here; `kvtier.config_values` checks each value, `kvtier.config_yaml` reads YAML with bounded size and
-nesting and no aliases, `kvtier.config_checks` what spans sections: P2P needs a controller). Any
-problem raises one `ConfigError` naming the dotted key and where it came from (the file, or the
-environment variable), and never showing the value of a `secret` key (tokens, the salt) or the
-credentials or query of a URL, wherever the URL was written. YAML 1.1's surprises are refused
-rather than read: `07000` (octal), `1:20` (base 60). Loading is side-effect free apart from reading
-the file and stat-ing the paths; nothing is created on disk here.
+nesting and no aliases, `kvtier.config_checks` what spans keys and sections: P2P needs a controller,
+blend exactly one separator). Any problem raises one `ConfigError` naming the dotted key and where it
+came from (the file, or the environment variable), and never showing the value of a `secret` key
+(tokens, the salt) or the credentials or query of a URL, wherever the URL was written. YAML 1.1's
+surprises are refused rather than read: `07000` (octal), `1:20` (base 60). Loading is side-effect free
+apart from reading the file and stat-ing the paths; nothing is created on disk here.
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ from kvtier.errors import ConfigError
 __all__ = [
     # the configuration and its loaders
     "KvtierConfig", "CpuConfig", "DiskConfig", "RedisConfig", "RemoteConfig", "ServerConfig", "SpillConfig",
-    "FleetConfig", "ControllerConfig", "P2PConfig",
+    "FleetConfig", "ControllerConfig", "P2PConfig", "BlendConfig",
     "load_config", "load_server_config", "load_controller_config", "override", "parse_size", "ConfigError",
     "ENV_PREFIX", "ENV_CONFIG", "SERVER_ENV_PREFIX", "SERVER_ENV_CONFIG", "CONTROLLER_ENV_PREFIX",
-    "CONTROLLER_ENV_CONFIG", "DEFAULT_SOURCE",
-    "GiB", "MAX_SIZE", "MAX_SECONDS", "MAX_REDIS_CONNECTIONS", "MAX_TOKEN_BYTES", "CODECS",
+    "CONTROLLER_ENV_CONFIG", "DEFAULT_SOURCE", "GiB", "MAX_SIZE", "MAX_SECONDS", "MAX_REDIS_CONNECTIONS",
+    "MAX_TOKEN_BYTES", "CODECS", "MAX_SEPARATOR_IDS",
     # re-exported from their own modules (config_values, config_yaml, config_fields), where they are defined
     "check_directory", "check_host", "check_memory", "check_text", "check_url", "hide_url_secrets",
     "show", "show_key", "parse_yaml", "read_config_file",
@@ -93,6 +94,7 @@ MAX_REDIS_CONNECTIONS = 10_000  # Redis's own default maxclients; redis-py fills
 # levels per chunk picked per read under `load_slo_s` (kvtier.tiers.adaptive). config_checks: the pairing.
 CODECS = (*CODEC_NAMES, ADAPTIVE)
 _SLO = {"min": 0.001, "max": MAX_SECONDS}  # load_slo_s: seconds a load from the tier may take
+MAX_SEPARATOR_IDS = 64  # blend.separator_ids: a separator is a few tokens; the bound keeps a list small
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,20 @@ class P2PConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BlendConfig:
+    """`blend:`: reuse cached passages that are not a prefix (kvtier.blend). Exactly one of `separator_ids`
+    and `separator` (alone, tokenised once at start-up by the engine, which also checks `check_layer`)."""
+
+    # Ids, never text re-tokenised in context (it tokenises differently there); a tuple: configs are frozen.
+    separator_ids: tuple[int, ...] | None = field(
+        default=None, metadata={"min": 0, "max": 2**32 - 1, "max_items": MAX_SEPARATOR_IDS})
+    separator: str | None = field(default=None, metadata={"empty": True, "max_bytes": 1024})
+    ratio: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0})  # of reused tokens recomputed
+    check_layer: int = at_least(1, 1)  # where deviations are measured; layers before it: all recomputed
+    min_tokens: int = at_least(64, 0)  # a shorter passage is recomputed, not reused
+
+
+@dataclass(frozen=True, slots=True)
 class KvtierConfig:
     chunk_size: int = at_least(256, 1)
     save_partial_chunks: bool = False
@@ -197,6 +213,7 @@ class KvtierConfig:
     remote: RemoteConfig | None = None  # None: no kvtier_server tier
     controller: FleetConfig | None = None  # None: not part of a fleet
     p2p: P2PConfig | None = None  # None: no peer-to-peer reads or serving
+    blend: BlendConfig | None = None  # None: no blending (prefix caching only)
     # Where the config came from, for messages; not a config key.
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
 
@@ -256,28 +273,25 @@ class ControllerConfig:
         return repr_redacting_urls(self)
 
 
-def load_config(
-    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
-) -> KvtierConfig:
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> KvtierConfig:
     """Defaults, then the YAML file (`path`, else `$KVTIER_CONFIG`), then `KVTIER_*` overrides."""
     # The server's variables share kvtier's prefix, and so does the cachegen backend's: skipped here.
     config = load(KvtierConfig, path, env, prefix=ENV_PREFIX, config_var=ENV_CONFIG,
                   foreign=(SERVER_ENV_PREFIX, CONTROLLER_ENV_PREFIX, BACKEND_ENV))
-    check_sections(config)  # across sections (p2p needs controller): on the final config only
+    check_sections(config)  # across keys and sections (p2p needs controller): on the final config only
     return config
 
 
-def load_server_config(
-    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
-) -> ServerConfig:
+def load_server_config(path: str | os.PathLike[str] | None = None,
+                       env: Mapping[str, str] | None = None) -> ServerConfig:
     """`kvtier_server`'s config: defaults, the YAML file (`path`, else `$KVTIER_SERVER_CONFIG`), then
     `KVTIER_SERVER_*` overrides (`KVTIER_SERVER_PORT=7001`, `KVTIER_SERVER_SPILL__PATH=/nvme`)."""
     return load(ServerConfig, path, env, prefix=SERVER_ENV_PREFIX, config_var=SERVER_ENV_CONFIG)
 
 
-def load_controller_config(
-    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
-) -> ControllerConfig:
+def load_controller_config(path: str | os.PathLike[str] | None = None,
+                           env: Mapping[str, str] | None = None) -> ControllerConfig:
     """`kvtier_controller`'s config: defaults, the YAML file (`path`, else `$KVTIER_CONTROLLER_CONFIG`),
     then `KVTIER_CONTROLLER_*` overrides (`KVTIER_CONTROLLER_TOKEN`, `KVTIER_CONTROLLER_INDEX=redis://..`)."""
     # KVTIER_CONTROLLER__* (two underscores) belong to an instance's `controller:` section, and

@@ -1,4 +1,4 @@
-"""Checks across sections of a `KvtierConfig`, which no single key's validation can see.
+"""Checks across keys and sections of a `KvtierConfig`, which no single key's validation can see.
 
 Run on the final config by `kvtier.config.load_config` (after the environment overrides, which may
 add or remove a section one variable at a time), and again by the engine for a config built in code.
@@ -20,10 +20,11 @@ ADAPTIVE = "cachegen-adaptive"  # a codec name (kvtier.tiers.coded): several lev
 
 
 def check_sections(config: KvtierConfig) -> None:
-    """Each tier's codec and load SLO go together (`check_codecs`); P2P needs a controller (it says
-    which peer holds what), and a token wherever peers beyond this machine can reach the endpoint
-    (it serves this instance's KV)."""
+    """Each tier's codec and load SLO go together (`check_codecs`); blend names one separator
+    (`check_blend`); P2P needs a controller (it says which peer holds what), and a token wherever
+    peers beyond this machine can reach the endpoint (it serves this instance's KV)."""
     check_codecs(config)
+    check_blend(config)
     p2p = config.p2p
     if p2p is None:
         return
@@ -50,3 +51,22 @@ def check_codecs(config: KvtierConfig) -> None:
         if section.codec != ADAPTIVE and section.load_slo_s is not None:
             raise ConfigError(f"{config.source}: {name}.load_slo_s: only codec {ADAPTIVE} reads a load "
                               f"SLO; {name}.codec is {section.codec}: remove it or unset {variable}")
+
+
+def check_blend(config: KvtierConfig) -> None:
+    """`blend:` names its separator exactly one way: token ids, or a string the engine tokenises alone.
+    Checked here, not per key: an environment override sets one key at a time on the section's
+    defaults, which name neither."""
+    blend = config.blend
+    if blend is None:
+        return
+    how = ("set blend.separator_ids (KVTIER_BLEND__SEPARATOR_IDS) or blend.separator "
+           "(KVTIER_BLEND__SEPARATOR)")
+    if blend.separator_ids is not None and blend.separator is not None:
+        raise ConfigError(f"{config.source}: blend.separator_ids: both blend.separator_ids and "
+                          f"blend.separator are set; {how}, not both")
+    if blend.separator_ids is None and blend.separator is None:
+        raise ConfigError(f"{config.source}: blend.separator_ids: blending needs a separator: {how}")
+    if blend.separator == "":
+        raise ConfigError(f"{config.source}: blend.separator: must not be empty (it would never split a "
+                          f"prompt); {how}")

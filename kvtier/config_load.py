@@ -2,8 +2,9 @@
 
 `kvtier.config` declares what the configuration is (one frozen dataclass per section); this module
 knows nothing about any section. It walks a root dataclass's fields, their type hints and their
-metadata (`size`, `memory`, `min`, `max`, `max_bytes`, `choices`, `path`, `url`, `host`, `secret`,
-`empty`, `internal`), so a new section (redis, remote, ...) is just a new dataclass:
+metadata (`size`, `memory`, `min`, `max`, `max_bytes`, `max_items`, `choices`, `path`, `url`, `host`,
+`secret`, `empty`, `internal`), so a new section (redis, remote, ...) is just a new dataclass; a
+`tuple[X, ...]` field is a bounded YAML list of X (`max_items`, each item checked like a scalar):
 
     load(root, path, env, ...)   defaults -> the YAML file -> environment overrides -> machine checks
     override(config, origin, {key: value})   top-level values set and checked like a file's
@@ -33,6 +34,7 @@ from kvtier.config_values import (
     MAX_SIZE,
     check_directory,
     check_host,
+    check_items,
     check_memory,
     check_text,
     check_url,
@@ -174,6 +176,9 @@ def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, or
             raise ConfigError(f"{where}: expected a mapping of keys, got {got}")
         return _build(section, value, dotted + ".", origin, origins)
     meta = f.metadata
+    inner = _strip_optional(hint)
+    if typing.get_origin(inner) is tuple:  # a bounded list of scalars, `tuple[int, ...]`
+        return _coerce_items(typing.get_args(inner)[0], value, meta, where)
     if meta.get("size"):
         return parse_size(value, where)
     if "on" in meta.get("choices", ()) and isinstance(value, bool):
@@ -181,6 +186,14 @@ def _coerce(hint: Any, f: dataclasses.Field[Any], value: object, dotted: str, or
         value = "on" if value else "off"
     value = _check_type(_strip_optional(hint), value, where, meta.get("secret", False))
     return _check_scalar(value, meta, where)
+
+
+def _coerce_items(item_type: type, value: object, meta: Mapping[str, Any], where: str) -> tuple[Any, ...]:
+    """A YAML list as a tuple (configs are frozen); every item checked like a scalar of `item_type`
+    against the field's metadata (`min`/`max` bound each item, `max_items` the length)."""
+    items = check_items(value, meta, where)
+    return tuple(_check_scalar(_check_type(item_type, item, f"{where}[{i}]", False), meta, f"{where}[{i}]")
+                 for i, item in enumerate(items))
 
 
 def _check_scalar(value: Any, meta: Mapping[str, Any], where: str) -> Any:

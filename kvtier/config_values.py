@@ -1,4 +1,4 @@
-"""What a config value may be: sizes, text, URLs, hosts, directories, memory; and how a message shows one.
+"""What a config value may be: sizes, text, lists, URLs, hosts, directories, memory; how a message shows one.
 
 Pure checks used by `kvtier.config` while it walks the config's fields: each takes the value and
 `where` (the source and dotted key, for the message) and raises `ConfigError` or returns the value.
@@ -63,6 +63,18 @@ def _parse_size_text(text: str, where: str) -> int:
     if exact != exact.to_integral_value():
         raise ConfigError(f"{where}: size {show(text)} is not a whole number of bytes")
     return int(min(exact, MAX_SIZE + 1))  # no int() of a million digits; too large is refused above
+
+
+def check_items(value: object, meta: Mapping[str, Any], where: str) -> list[Any]:
+    """A list of at most `meta["max_items"]` values (every list key declares its bound: a config list
+    is a few ids, never a data set), not empty unless the field's metadata says `empty`."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {show(value)}")
+    if len(value) > meta["max_items"]:
+        raise ConfigError(f"{where}: at most {meta['max_items']} items, got {len(value)}")
+    if not value and not meta.get("empty"):
+        raise ConfigError(f"{where}: must not be an empty list")
+    return list(value)
 
 
 def check_text(value: str, meta: Mapping[str, Any], where: str) -> None:

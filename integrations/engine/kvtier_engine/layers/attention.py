@@ -10,7 +10,8 @@ output back; the backend owns the KV memory. Contract, per forward call of T new
 It is the ground truth that paged backends are tested against. `PagedAttention` serves a batch of
 sequences whose KV lives in a `PagedKVCache`, described by a `BatchMetadata` the scheduler builds;
 its torch path gathers each sequence's blocks and runs the reference math (Triton kernels on GPU
-come with the scheduler).
+come with the scheduler). `causal_attention_at` is the same math for queries at arbitrary ascending
+positions (CacheBlend's selected rows), masked by their true positions.
 """
 
 from __future__ import annotations
@@ -52,14 +53,38 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     out = torch.empty_like(q)
     for lo in range(0, t, QUERY_BLOCK):
         hi = min(lo + QUERY_BLOCK, t)
-        first = 0 if window is None else max(0, start + lo - window + 1)
-        q_pos = torch.arange(start + lo, start + hi, device=q.device)[:, None]
-        k_pos = torch.arange(first, start + hi, device=q.device)[None, :]
-        visible = k_pos <= q_pos
-        if window is not None:
-            visible &= k_pos > q_pos - window
-        out[lo:hi] = _fused(q[lo:hi], k[first:start + hi], v[first:start + hi], visible, causal=False)
+        q_pos = torch.arange(start + lo, start + hi, device=q.device)
+        out[lo:hi] = _rows_at(q[lo:hi], k, v, q_pos, start + lo, start + hi - 1, window)
     return out
+
+
+def causal_attention_at(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        window: int | None) -> torch.Tensor:
+    """q: [S, Hq, D] for the ascending, not necessarily contiguous `positions` [S]; k, v: [N, Hkv, D]
+    for positions 0..N-1 (N > positions[-1]). Each query sees the keys at positions <= its own (and
+    within `window`): the mask is by TRUE positions, never aligned bottom-right, so a query at position
+    p never sees a key after p however many keys follow it. Returns [S, Hq, D].
+
+    CacheBlend's selected rows attend this way over the merged K/V (kvtier_engine/blend.py). Row blocks
+    of QUERY_BLOCK queries, each against the key range its rows can see, keep the mask small."""
+    out = torch.empty_like(q)
+    for lo in range(0, q.shape[0], QUERY_BLOCK):
+        hi = min(lo + QUERY_BLOCK, q.shape[0])
+        q_pos = positions[lo:hi]
+        out[lo:hi] = _rows_at(q[lo:hi], k, v, q_pos, int(q_pos[0]), int(q_pos[-1]), window)
+    return out
+
+
+def _rows_at(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, lowest: int,
+             highest: int, window: int | None) -> torch.Tensor:
+    """One row block: queries at `q_pos` (lowest..highest) over the keys they can see, masked by
+    position (key position <= query position, and within the window)."""
+    first = 0 if window is None else max(0, lowest - window + 1)
+    k_pos = torch.arange(first, highest + 1, device=q.device)[None, :]
+    visible = k_pos <= q_pos[:, None]
+    if window is not None:
+        visible &= k_pos > q_pos[:, None] - window
+    return _fused(q, k[first:highest + 1], v[first:highest + 1], visible, causal=False)
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,

@@ -2,7 +2,9 @@
 
 Module and parameter names mirror Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...),
 so a checkpoint loads with a plain, strict `load_state_dict`. Tokens of a forward call are a flat
-`[T]` batch; where their K/V live is the attention backend's business.
+`[T]` batch; where their K/V live is the attention backend's business. A backend also decides which
+keys a query sees, so CacheBlend (kvtier_engine/blend.py) runs the very same layers over a subset of
+rows at their true positions with a backend of its own.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ class Attention(nn.Module):
                 backend: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        out = backend.attend(self.layer, q, k, v)
+        out = backend.attend(self.layer, q, self.keys(x, cos, sin), v)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated K [T, Hkv, D] of the rows of x (already normed), as `forward` hands the backend."""
+        return apply_rotary(self.k_proj(x).view(x.shape[0], self.num_kv_heads, self.head_dim), cos, sin)
 
 
 class MLP(nn.Module):
@@ -62,6 +67,11 @@ class DecoderLayer(nn.Module):
                 backend: AttentionBackend) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """This layer's K for hidden states x, without attending: what CacheBlend's check layer scores
+        (kvtier_engine/blend.py), which then runs `forward` over the rows it selects."""
+        return self.self_attn.keys(self.input_layernorm(x), cos, sin)
 
 
 class DecoderModel(nn.Module):

@@ -1,0 +1,174 @@
+"""CacheBlend prefill: one sequence whose K/V were partly loaded from cache, with selective recompute.
+
+Where it runs: the model runner (worker side), on the model's device, one sequence per call; pure
+compute, no I/O, no locks. The caller owns every tensor; `blend_prefill` modifies none of its inputs
+and returns new merged K/V. Not thread-safe beyond what the model itself is (it runs the model).
+
+What it computes, for prompt rows 0..T-1 (row = true position):
+
+    layers 0..c-1    every row recomputed (a full causal prefill of those layers; their K/V replace
+                     the loaded ones)
+    layer c          K of every row from the full hidden states; rows S = select(K_new, K_loaded,
+                     cached, ratio) + every uncached row + the last row   (c = check_layer)
+    layers c..L-1    only rows S carried: each layer computes q/k/v for S, writes their K/V over
+                     the loaded ones, and S attends over the merged K/V by TRUE positions
+
+The mask is by true positions (`causal_attention_at`): a recomputed row at position p sees keys
+0..p (within the layer's sliding window), never a later one. The reference implementations align
+the causal mask bottom-right for the selected queries, which lets an early selected row see almost
+the whole prompt. Ratio 1.0 is a full prefill (S = every row); ratio 0 recomputes only the uncached
+rows and the last one, trusting the loaded K/V for the rest.
+
+The layers are the model's own (`DecoderLayer.forward`, `DecoderLayer.keys`): the blend only brings
+an attention backend (`_MergedKV`) that writes the carried rows into the merged K/V and attends by
+position, so blend and the normal forward share every projection, norm, rotary and MLP.
+
+`self_test` checks at start-up that ratio 1.0 reproduces a full prefill for the loaded model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.blend import selection
+from kvtier_engine.layers.attention import ContiguousKVCache, causal_attention, causal_attention_at
+from kvtier_engine.model_config import ModelConfig
+from kvtier_engine.models.llama import CausalLM
+
+logger = logging.getLogger(__name__)
+
+# (k_new [T, Hkv, D], k_loaded [T, Hkv, D], cached bool [T], ratio) -> row indices [S]
+Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+SELF_TEST_TOKENS = 48
+SELF_TEST_ATOL = 1e-4
+
+
+class BlendSelfTestFailed(RuntimeError):
+    """Ratio 1.0 did not reproduce a full prefill for this model: blending would serve wrong logits."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlendInput:
+    """One sequence. `loaded_k` is post-RoPE at the tokens' true positions 0..T-1 (a segment's record
+    shifted to where it now sits); rows whose `cached` is False hold anything and are recomputed."""
+
+    token_ids: torch.Tensor  # [T] long
+    loaded_k: torch.Tensor  # [L, T, Hkv, D]
+    loaded_v: torch.Tensor  # [L, T, Hkv, D]
+    cached: torch.Tensor  # [T] bool: True where loaded_k/v hold this token's cached KV
+    ratio: float  # share of cached rows recomputed from check_layer on, in [0, 1]
+    check_layer: int  # 1..L-1: the layer whose K deviation picks the rows
+    select: Selector = selection.select_rows
+
+
+@dataclass(frozen=True, slots=True)
+class BlendOutput:
+    k: torch.Tensor  # [L, T, Hkv, D] merged K to keep for decoding (loaded rows + recomputed rows)
+    v: torch.Tensor  # [L, T, Hkv, D]
+    last_logits: torch.Tensor  # [vocab] float32: the next-token logits after the prompt
+    selected: torch.Tensor  # [S] long, ascending: rows recomputed in layers check_layer..L-1
+    recomputed: int  # len(selected); every row is recomputed in layers 0..check_layer-1
+
+
+class _MergedKV:
+    """Attention backend over one sequence's merged K/V: the rows a forward call carries (`rows`, at
+    those positions; None: every row 0..T-1) write their K/V over the loaded ones, then attend."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, config: ModelConfig):
+        self.k, self.v, self.config = k, v, config
+        self.rows: torch.Tensor | None = None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        window = self.config.window(layer)
+        if self.rows is None:  # a full prefill of this layer, as ContiguousKVCache computes it
+            self.k[layer], self.v[layer] = k, v
+            return causal_attention(q, self.k[layer], self.v[layer], 0, window)
+        self.k[layer].index_copy_(0, self.rows, k.to(self.k.dtype))
+        self.v[layer].index_copy_(0, self.rows, v.to(self.v.dtype))
+        return causal_attention_at(q, self.k[layer], self.v[layer], self.rows, window)
+
+    def advance(self, num_tokens: int) -> None:
+        """Nothing to do: a blend is one call; decoding continues in the runner's own cache."""
+
+
+@torch.no_grad()
+def blend_prefill(model: CausalLM, inp: BlendInput) -> BlendOutput:
+    """Prefill one sequence from partly loaded K/V (the module docstring has the method). ValueError
+    for a check_layer outside 1..L-1, shapes that do not match the model, or rows out of range."""
+    _check(model.config, inp)
+    decoder, t = model.model, inp.token_ids.shape[0]
+    device = inp.token_ids.device
+    merged = _MergedKV(inp.loaded_k.to(device, copy=True), inp.loaded_v.to(device, copy=True), model.config)
+    x = decoder.embed_tokens(inp.token_ids)
+    cos, sin = decoder.rotary(torch.arange(t, device=device))
+    for layer in decoder.layers[:inp.check_layer]:
+        x = layer(x, cos, sin, merged)
+    k_new = decoder.layers[inp.check_layer].keys(x, cos, sin)
+    cached = inp.cached.to(device)
+    chosen = inp.select(k_new, merged.k[inp.check_layer], cached, inp.ratio)  # still the loaded K
+    rows = _rows_to_recompute(chosen, cached, t)
+    merged.rows = rows
+    x, cos, sin = x[rows], cos[rows], sin[rows]
+    for layer in decoder.layers[inp.check_layer:]:
+        x = layer(x, cos, sin, merged)
+    last_logits = model.logits(decoder.norm(x[-1:]))[0]  # rows ascend and end with the last row
+    return BlendOutput(merged.k, merged.v, last_logits, rows, len(rows))
+
+
+def _rows_to_recompute(chosen: torch.Tensor, cached: torch.Tensor, t: int) -> torch.Tensor:
+    """The selector's rows plus every uncached row and the last row, ascending and unique."""
+    chosen = chosen.to(device=cached.device, dtype=torch.long).flatten()
+    if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= t):
+        raise ValueError(f"the selector chose rows outside 0..{t - 1}")
+    uncached = torch.nonzero(~cached).flatten()
+    last = torch.tensor([t - 1], dtype=torch.long, device=cached.device)
+    return torch.unique(torch.cat((chosen, uncached, last)))  # sorted
+
+
+def _check(config: ModelConfig, inp: BlendInput) -> None:
+    layers = config.num_layers
+    if not 1 <= inp.check_layer < layers:
+        raise ValueError(f"check_layer {inp.check_layer} is outside 1..{layers - 1} "
+                         f"(the model has {layers} layers)")
+    if inp.token_ids.dim() != 1 or inp.token_ids.shape[0] == 0:
+        raise ValueError(f"token_ids must be one non-empty sequence [T], not {tuple(inp.token_ids.shape)}")
+    t = inp.token_ids.shape[0]
+    shape = (layers, t, config.num_kv_heads, config.head_dim)
+    for name, kv in (("loaded_k", inp.loaded_k), ("loaded_v", inp.loaded_v)):
+        if tuple(kv.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(kv.shape)}; the model needs {shape}")
+    if tuple(inp.cached.shape) != (t,) or inp.cached.dtype != torch.bool:
+        raise ValueError(f"cached must be a bool tensor [{t}], not {inp.cached.dtype} "
+                         f"{tuple(inp.cached.shape)}")
+
+
+def self_test(model: CausalLM, check_layer: int = 1, num_tokens: int = SELF_TEST_TOKENS,
+              atol: float = SELF_TEST_ATOL) -> float:
+    """Blend at ratio 1.0 against a full prefill (ContiguousKVCache) of a short deterministic prompt:
+    the last logits and the merged K/V must agree within `atol` (1e-4 is for fp32 models). The
+    loaded K/V given to the blend are the full prefill's shifted by one row, wrong everywhere, and a
+    quarter of the rows are marked uncached, so only a blend that recomputes every row passes.
+    Returns the largest difference; raises BlendSelfTestFailed naming it otherwise."""
+    config, weight = model.config, model.lm_head.weight
+    t = min(num_tokens, config.max_position_embeddings)
+    ids = (torch.arange(t, device=weight.device) * 7919 + 11) % config.vocab_size
+    full = ContiguousKVCache(config, t, weight.dtype, weight.device)
+    with torch.no_grad():
+        expected = model(ids, torch.arange(t, device=weight.device), full)[-1]
+    cached = torch.arange(t, device=weight.device) % 4 != 3
+    out = blend_prefill(model, BlendInput(ids, full.k.roll(1, dims=1), full.v.roll(1, dims=1), cached,
+                                          1.0, check_layer))
+    diffs = {"last logits": (out.last_logits - expected).abs().max().item(),
+             "K": (out.k - full.k).abs().max().item(), "V": (out.v - full.v).abs().max().item()}
+    worst = max(diffs, key=lambda name: math.inf if math.isnan(diffs[name]) else diffs[name])
+    if not diffs[worst] <= atol:  # NaN fails too
+        raise BlendSelfTestFailed(f"blend at ratio 1.0 differs from a full prefill: max |{worst} "
+                                  f"difference| {diffs[worst]:.3g} > {atol:g} over {t} tokens")
+    logger.info("blend self-test passed: max difference %.3g over %d tokens", diffs[worst], t)
+    return diffs[worst]
