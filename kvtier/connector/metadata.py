@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvtier.keys import ChunkKey
+from kvtier.keys import ChunkKey, ChunkSpan
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +40,45 @@ class SaveSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PassageSpans:
+    """One passage of a blended prompt: the segment (prompt-absolute) and its chunk spans to read or
+    save (`kvtier.blend.segments.SegmentKeys.spans`, prompt-absolute too)."""
+
+    start: int
+    end: int
+    spans: Sequence[ChunkSpan]
+
+
+@dataclass(frozen=True, slots=True)
+class BlendLoadSpec:
+    """Compute tokens `head:` of a request in one blended step: its passages' held chunks are read,
+    moved to where each passage now sits, and the rest recomputed selectively. `head` (what the device
+    holds plus the prefix load) is block aligned; `lease` holds the passage chunks until read."""
+
+    request_id: str
+    token_ids: Sequence[int]  # the whole prompt
+    head: int
+    passages: Sequence[PassageSpans]
+    lease: Sequence[ChunkKey] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSaveSpec:
+    """Save the passages' chunks kvtier does not hold yet, from the request's blocks once this step's
+    forward is done, under their segment keys with K normalised to the passage at position 0."""
+
+    request_id: str
+    block_ids: Sequence[int]
+    passages: Sequence[PassageSpans]
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectorMetadata:
     step: int  # the scheduler output's step counter; every load and save event carries it
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    blend_loads: list[BlendLoadSpec] = field(default_factory=list)  # only with `blend:` configured
+    segment_saves: list[SegmentSaveSpec] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,15 +14,33 @@ A request is anything with `request_id` and `all_token_ids`. Saves follow the co
 step, the whole chunks a request completed are saved (prompt chunks during prefill, generated ones
 during decode); at the end, the partial tail when the config stores partial chunks. Chunks kvtier
 already holds (found at lookup) are never saved again.
+
+With `blend:` (a `BlendPlanner`), the lookup also asks which of the prompt's passages kvtier holds
+(`kvtier.connector.blend_plan`). A request with held passages after its head is planned as a blend:
+its head loads as usual and, if this step computes the whole rest of the prompt, the worker blends
+it (`BlendLoadSpec`); otherwise the plan is dropped and the request is computed normally. A blended
+request's KV past its head is approximate, so none of it is ever saved under prefix keys (a later
+exact prefix hit would serve it), during decode either; the runner reports a planned blend that fell
+back (`update_connector_output`), whose KV is exact and saved as usual. Every prompt's passages that
+kvtier does not hold are saved under their segment keys once the prompt is computed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from kvtier.connector.metadata import ConnectorMetadata, LoadSpec, SaveSpec
+from kvtier.connector.blend_plan import BlendPlanner
+from kvtier.connector.metadata import (
+    BlendLoadSpec,
+    ConnectorMetadata,
+    LoadSpec,
+    PassageSpans,
+    SaveSpec,
+    SegmentSaveSpec,
+)
 from kvtier.engine import CacheEngine
 from kvtier.keys import ChunkKey
 
@@ -36,6 +54,9 @@ class _RequestState:
     load: LoadSpec | None = None  # committed, not yet handed to the worker
     loading_to: int = 0  # the end of the load last handed to the worker
     lease: list[ChunkKey] = field(default_factory=list)
+    blend: BlendLoadSpec | None = None  # planned (passages leased), not yet handed to the worker
+    blended: bool = False  # KV past `saved_upto` is approximate: no prefix saves
+    segment_saves: list[PassageSpans] = field(default_factory=list)  # once the prompt is computed
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +69,7 @@ class ScheduledWork:
 
 
 class KvtierSchedulerConnector:
-    def __init__(self, engine: CacheEngine, block_size: int):
+    def __init__(self, engine: CacheEngine, block_size: int, blend: BlendPlanner | None = None):
         chunk = engine.db.chunk_size
         if chunk % block_size:
             raise ValueError(f"kvtier chunk_size {chunk} must be a multiple of the block size {block_size}")
@@ -58,6 +79,7 @@ class KvtierSchedulerConnector:
         self.save_partial = engine.db.save_partial
         self._states: dict[str, _RequestState] = {}
         self._finals: list[SaveSpec] = []
+        self.blend = blend
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens beyond the `num_computed_tokens` the device holds that kvtier can load, and whether
@@ -68,12 +90,28 @@ class KvtierSchedulerConnector:
         state = self._states.setdefault(request.request_id, _RequestState())
         state.hit_tokens = hit
         state.saved_upto = max(state.saved_upto, hit - hit % self.chunk_size)
+        if self.blend is not None:
+            self._plan_blend(request, state, max(num_computed_tokens, min(hit, len(tokens) - 1)))
         return max(0, min(hit, len(tokens) - 1) - num_computed_tokens), False
 
+    def _plan_blend(self, request, state: _RequestState, head: int) -> None:
+        """Plan a blend of the prompt after `head` when kvtier holds passages there (not yet leased)."""
+        if state.blend is not None:
+            self.engine.release(state.blend.lease)
+        tokens = request.all_token_ids
+        plan = self.blend.plan(tokens, head)
+        state.blend, state.blended, state.segment_saves = None, False, plan.missing
+        if plan.held and head % self.block_size == 0:
+            state.blend = BlendLoadSpec(request.request_id, list(tokens), head, plan.held)
+
     def update_state_after_alloc(self, request, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        state = self._states[request.request_id]
+        if state.blend is not None and not state.blend.lease:
+            lease = [s.key for passage in state.blend.passages for s in passage.spans]
+            self.engine.storage.lease(lease)
+            state.blend = dataclasses.replace(state.blend, lease=lease)
         if num_external_tokens <= 0:
             return
-        state = self._states[request.request_id]
         tokens = request.all_token_ids
         end = min(state.hit_tokens, len(tokens) - 1)
         start = end - num_external_tokens
@@ -84,19 +122,39 @@ class KvtierSchedulerConnector:
                               end, state.lease)
 
     def build_connector_meta(self, step: int, scheduled: Sequence[ScheduledWork]) -> ConnectorMetadata:
-        loads, saves = [], self._finals
+        meta = ConnectorMetadata(step, saves=self._finals)
         self._finals = []
         for work in scheduled:
             state = self._states.setdefault(work.request.request_id, _RequestState())
             if state.load is not None:
-                loads.append(state.load)
+                meta.loads.append(state.load)
                 state.loading_to = state.load.end
                 state.load, state.lease = None, []  # the worker releases the lease after loading
+            if state.blend is not None or state.segment_saves:
+                self._blend_meta(work, state, meta)
             full = work.num_computed_after - work.num_computed_after % self.chunk_size
-            if full > state.saved_upto:
-                saves.append(self._save(work.request, work.block_ids, state.saved_upto, full, False))
+            if full > state.saved_upto and not state.blended:
+                meta.saves.append(self._save(work.request, work.block_ids, state.saved_upto, full, False))
                 state.saved_upto = full
-        return ConnectorMetadata(step, loads, saves)
+        return meta
+
+    def _blend_meta(self, work: ScheduledWork, state: _RequestState, meta: ConnectorMetadata) -> None:
+        """Hand a planned blend to the worker if this step computes the whole prompt (else drop it:
+        the request is computed normally), and the passages to save once the prompt is computed."""
+        complete = work.num_computed_after >= len(work.request.all_token_ids)
+        if state.blend is not None:
+            if complete:
+                meta.blend_loads.append(state.blend)  # the worker releases the lease after reading
+                state.blended = True
+            else:
+                logger.debug("request %s: the rest of its prompt takes more than one step; not blended",
+                             work.request.request_id)
+                self.engine.release(state.blend.lease)
+            state.blend = None
+        if state.segment_saves and work.num_computed_after >= state.segment_saves[-1].end:
+            meta.segment_saves.append(SegmentSaveSpec(work.request.request_id, list(work.block_ids),
+                                                      state.segment_saves))
+            state.segment_saves = []
 
     def _save(self, request, block_ids: Sequence[int], start: int, end: int, final: bool) -> SaveSpec:
         return SaveSpec(request.request_id, list(request.all_token_ids[:end]), list(block_ids), start, end,
@@ -110,6 +168,10 @@ class KvtierSchedulerConnector:
             return False
         if state.lease:  # committed to a load that never reached a worker (aborted)
             self.engine.release(state.lease)
+        if state.blend is not None:
+            self.engine.release(state.blend.lease)
+        if state.blended:  # its KV past the head is approximate: never saved under prefix keys
+            return False
         end = num_computed_tokens
         if not self.save_partial:
             end -= end % self.chunk_size
@@ -118,10 +180,14 @@ class KvtierSchedulerConnector:
             return True
         return False
 
-    def update_connector_output(self, loaded: dict[str, int]) -> None:
+    def update_connector_output(self, loaded: dict[str, int], not_blended: Collection[str] = ()) -> None:
         """The worker's report of how far this step's loads got (request id -> token reached). A
         load that fell short was recomputed; the chunks from there on are saved again, so a chunk
-        kvtier lost (a corrupt record is dropped when found) is back for the next request."""
+        kvtier lost (a corrupt record is dropped when found) is back for the next request.
+        `not_blended`: requests planned as a blend that were computed normally (exact KV: saved)."""
+        for request_id in not_blended:
+            if (state := self._states.get(request_id)) is not None:
+                state.blended = False
         for request_id, reached in loaded.items():
             state = self._states.get(request_id)
             if state is not None and reached < state.loading_to:

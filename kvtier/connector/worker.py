@@ -28,6 +28,8 @@ once; kvtier copies it into its own memory on the saver thread and never blocks 
 A load that falls short (a chunk missing, corrupt or unreadable) reports where it stopped; the
 engine recomputes exactly the tokens after that. Leases taken by the scheduler side are released
 here, once the chunks have been read or found missing.
+With `enable_blend` (`kvtier.connector.blend_io`), `start_load_kv` also reads blended requests'
+passages (`get_blend_loads`) and `wait_for_save` saves passages under their segment keys.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Protocol
 
 import torch
 
+from kvtier.connector.blend_io import BlendLoad, SegmentIO
 from kvtier.connector.load_thread import LoadThread
 from kvtier.connector.metadata import ConnectorMetadata, KVEvent, LoadSpec, SaveSpec
 from kvtier.engine import CacheEngine
@@ -85,6 +88,12 @@ class KvtierWorkerConnector:
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
         self._saves: set[Future] = set()
         self._finished_sending: set[str] = set()
+        self.segments: SegmentIO | None = None
+        self._blend_loads: dict[str, BlendLoad] = {}
+
+    def enable_blend(self, inv_freq: torch.Tensor) -> None:
+        """Read and save passages for CacheBlend; `inv_freq`: the model's RoPE inverse frequencies."""
+        self.segments = SegmentIO(self.engine, inv_freq)
 
     def register_kv_caches(self, cache: PagedKV) -> None:
         self.cache = cache
@@ -106,7 +115,12 @@ class KvtierWorkerConnector:
             copied.synchronize()
         self._loaded, self._layer_ready, self._load_error = {}, [], None
         self._layer_copied = {}
-        if self._meta is None or not self._meta.loads:
+        self._blend_loads = {}
+        if self._meta is None:
+            return
+        if self._meta.blend_loads:  # planned only when blending is enabled; read_all releases the leases
+            self._blend_loads = self.segments.read_all(self._meta.blend_loads)
+        if not self._meta.loads:
             return
         loads = self._meta.loads
         chunk = self.engine.db.chunk_size
@@ -137,6 +151,10 @@ class KvtierWorkerConnector:
             self._log.error("thread", "could not start the layer-wise load thread; copying in line",
                             exc_info=True)
             self._scatter_layers(*args)
+
+    def get_blend_loads(self) -> dict[str, BlendLoad]:
+        """The step's blended requests whose passages were all read (the others compute normally)."""
+        return dict(self._blend_loads)
 
     def _staging_for(self, num_tokens: int) -> torch.Tensor:
         """A `[2, L, >= num_tokens, H*D]` host buffer that loads are read into, kept across steps:
@@ -229,9 +247,7 @@ class KvtierWorkerConnector:
                 continue
             try:
                 kv = self.cache.gather(list(spec.block_ids[spec.start // bs:]), spec.end - spec.start)
-                future = self._saver.submit(self._store, spec, kv)
-                self._saves.add(future)
-                future.add_done_callback(self._saves.discard)
+                self._submit(self._store, spec, kv)
                 self.events.append(KVEvent(self._meta.step, "save", spec.request_id, spec.start, spec.end))
             except Exception:
                 self.stats["save_failures"] += 1
@@ -240,6 +256,14 @@ class KvtierWorkerConnector:
             finally:
                 if spec.final:
                     self._finished_sending.add(spec.request_id)
+        if self._meta.segment_saves:  # planned only when blending is enabled
+            self.segments.save_all([s for s in self._meta.segment_saves if s.request_id not in discard],
+                                   self.cache, self._submit)
+
+    def _submit(self, fn, *args) -> None:
+        future = self._saver.submit(fn, *args)
+        self._saves.add(future)
+        future.add_done_callback(self._saves.discard)
 
     def _wait_for_copies(self) -> None:
         # A forward that failed part-way leaves the layer-wise copy running; its blocks are about

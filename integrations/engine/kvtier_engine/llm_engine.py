@@ -29,11 +29,14 @@ import torch
 from kvtier import CacheEngine, KVLayout, load_config
 from kvtier.config import KvtierConfig
 from kvtier.connector import KvtierSchedulerConnector, KvtierWorkerConnector
+from kvtier.connector.blend_plan import BlendPlanner
 from kvtier.log_limit import LogLimiter
+from kvtier_engine.blend_step import prepare_blend, record_blend
 from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.detokenize import append_token, stream_delta
 from kvtier_engine.engine_metrics import EngineMetrics
 from kvtier_engine.kv_cache import PagedKVCache
+from kvtier_engine.layers.rotary import inverse_frequencies
 from kvtier_engine.model_runner import ModelRunner
 from kvtier_engine.models.loader import load_model, model_identity
 from kvtier_engine.request import Request, RequestMetrics, RequestStatus
@@ -104,24 +107,35 @@ class LLMEngine:
         num_blocks = options.kv_cache_bytes // block_bytes
         self.cache = PagedKVCache(config, num_blocks, options.block_size, dtype, device)
         self.kvtier: CacheEngine | None = None
-        scheduler_side = worker_side = None
+        scheduler_side = worker_side = blend = None
         if options.kvtier_config is not None:
             kv_config = options.kvtier_config if isinstance(options.kvtier_config, KvtierConfig) \
                 else load_config(options.kvtier_config)
-            layout = KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, dtype,
-                              options.block_size)
-            self.kvtier = CacheEngine(kv_config, layout, model_identity(options.model, options.seed))
-            scheduler_side = KvtierSchedulerConnector(self.kvtier, options.block_size)
-            worker_side = KvtierWorkerConnector(self.kvtier)
+            blend = kv_config.blend
+            scheduler_side, worker_side = self._connectors(kv_config, dtype)
         self.connector = worker_side
         pool = BlockPool(num_blocks, options.block_size, options.enable_prefix_caching)
         self.scheduler = Scheduler(pool, options.max_num_seqs, options.max_num_batched_tokens, scheduler_side)
-        self.runner = ModelRunner(self.model, self.cache, worker_side)
+        self.runner = ModelRunner(self.model, self.cache, worker_side, blend)
         self.metrics = EngineMetrics()
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         logger.info("engine: %s on %s (%s), %d KV blocks of %d tokens, kvtier %s", options.model, device,
                     dtype, num_blocks, options.block_size, "on" if self.kvtier else "off")
+
+    def _connectors(self, kv_config: KvtierConfig, dtype: torch.dtype
+                    ) -> tuple[KvtierSchedulerConnector, KvtierWorkerConnector]:
+        """kvtier's CacheEngine (`self.kvtier`) and the connector's two sides, blending if configured."""
+        config, options, blend = self.model.config, self.options, kv_config.blend
+        # Checked before kvtier starts: a model that cannot blend refuses to start, holding nothing.
+        separator = prepare_blend(self.model, self.tokenizer, blend) if blend is not None else None
+        layout = KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, dtype, options.block_size)
+        self.kvtier = CacheEngine(kv_config, layout, model_identity(options.model, options.seed))
+        planner = BlendPlanner(self.kvtier, blend, separator) if blend is not None else None
+        worker_side = KvtierWorkerConnector(self.kvtier)
+        if blend is not None:
+            worker_side.enable_blend(inverse_frequencies(config))
+        return KvtierSchedulerConnector(self.kvtier, options.block_size, planner), worker_side
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -170,7 +184,10 @@ class LLMEngine:
             for request in failed:
                 self._retire(request, RequestStatus.FINISHED_ERROR)
             raise StepFailed([r.request_id for r in failed]) from exc
-        self.scheduler.update(plan, result.recomputed, result.finished_sending, result.loaded)
+        self.scheduler.update(plan, result.recomputed, result.finished_sending, result.loaded,
+                              result.not_blended)
+        for request_id, stats in result.blended.items():
+            record_blend(self._requests[request_id], stats, self.kvtier.metrics)
         self.metrics.steps.inc()
         outputs = []
         for s in plan.scheduled:

@@ -6,6 +6,9 @@ Where it runs: the worker (here the same process and thread as the scheduler). P
     build the flat batch                         (a request whose load fell short starts earlier:
                                                   the missing tokens are computed in this same step)
     forward, with wait_for_layer_load / save_kv_layer around every layer's attention
+    blend the requests planned as blends     (CacheBlend, `blend_step`: whole prompt after the head
+                                              in one call; one whose passages or head load fell
+                                              short ran in the batch above instead)
     sample the requests whose last token ran
     connector: wait_for_save, get_finished, clear metadata
 
@@ -21,13 +24,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.config import BlendConfig
+from kvtier.connector.blend_io import BlendLoad
 from kvtier.connector.worker import KvtierWorkerConnector
+from kvtier_engine.blend_step import BlendStats, run_blend
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.layers.attention import AttentionBackend, BatchMetadata
 from kvtier_engine.layers.triton_attention import paged_attention_backend
 from kvtier_engine.models.llama import CausalLM
 from kvtier_engine.sampling import TokenLogprobs, logprobs_of, sample
-from kvtier_engine.scheduler import SchedulerOutput
+from kvtier_engine.scheduler import ScheduledRequest, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -38,6 +44,8 @@ class RunnerOutput:
     finished_sending: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)  # requests whose logits could not be sampled
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # for requests that asked
+    blended: dict[str, BlendStats] = field(default_factory=dict)  # requests whose prompt was blended
+    not_blended: set[str] = field(default_factory=set)  # planned as a blend, computed normally
 
 
 class _ConnectorHooks:
@@ -57,8 +65,10 @@ class _ConnectorHooks:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, connector: KvtierWorkerConnector | None = None):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, connector: KvtierWorkerConnector | None = None,
+                 blend: BlendConfig | None = None):
         self.model = model
+        self.blend = blend
         self.cache = cache
         self.connector = connector
         self.device = cache.kv.device
@@ -70,21 +80,25 @@ class ModelRunner:
         worker = self.connector if out.connector_meta is not None else None
         if worker is None:
             if out.scheduled:
-                self._run(out, [s.num_computed for s in out.scheduled], result)
+                self._run(out.scheduled, [s.num_computed for s in out.scheduled], result)
             return result
         worker.bind_connector_metadata(out.connector_meta)
         ran = False
         try:
             worker.start_load_kv()
             loaded = result.loaded = worker.get_loaded_tokens()
-            if out.scheduled:
+            blends = self._blends(out, worker, result)
+            batch = [s for s in out.scheduled if s.request.request_id not in blends]
+            if batch:
                 starts = []
-                for s in out.scheduled:
+                for s in batch:
                     reached = loaded.get(s.request.request_id, s.num_computed)
                     if reached < s.num_computed:
                         result.recomputed[s.request.request_id] = s.num_computed - reached
                     starts.append(min(reached, s.num_computed))
-                self._run(out, starts, result)
+                self._run(batch, starts, result)
+            if blends:
+                self._run_blends([s for s in out.scheduled if s.request.request_id in blends], blends, result)
             ran = True
         finally:
             worker.wait_for_save(result.failed if ran else {s.request.request_id for s in out.scheduled})
@@ -93,23 +107,51 @@ class ModelRunner:
             worker.clear_connector_metadata()
         return result
 
+    def _blends(self, out: SchedulerOutput, worker: KvtierWorkerConnector,
+                result: RunnerOutput) -> dict[str, BlendLoad]:
+        """The step's planned blends that can run: passages all read and the head load complete.
+        The others are computed in the normal batch (`result.not_blended`)."""
+        planned = {spec.request_id for spec in out.connector_meta.blend_loads}
+        if not planned:
+            return {}
+        got = worker.get_blend_loads() if self.blend is not None else {}
+        blends = {s.request.request_id: got[s.request.request_id] for s in out.scheduled
+                  if s.request.request_id in got and s.completes_sequence
+                  and result.loaded.get(s.request.request_id, s.num_computed) >= s.num_computed}
+        result.not_blended = planned - set(blends)
+        return blends
+
     @torch.inference_mode()
-    def _run(self, out: SchedulerOutput, starts: list[int], result: RunnerOutput) -> None:
-        ends = [s.num_computed + s.num_new for s in out.scheduled]
-        ids = [t for s, a, b in zip(out.scheduled, starts, ends) for t in s.request.token_ids[a:b]]
-        meta = BatchMetadata.build([s.block_ids for s in out.scheduled], starts,
+    def _run_blends(self, scheduled: list[ScheduledRequest], loads: dict[str, BlendLoad],
+                    result: RunnerOutput) -> None:
+        for layer in range(self.cache.num_layers):  # each head's (layer-wise) load is in its blocks
+            self.connector.wait_for_layer_load(layer)
+        logits = []
+        for s in scheduled:
+            last, result.blended[s.request.request_id] = run_blend(
+                self.model, self.cache, s, loads[s.request.request_id], self.blend)
+            logits.append(last)
+        self._sample([s.request for s in scheduled], torch.stack(logits).cpu(), result)
+
+    @torch.inference_mode()
+    def _run(self, scheduled: list[ScheduledRequest], starts: list[int], result: RunnerOutput) -> None:
+        ends = [s.num_computed + s.num_new for s in scheduled]
+        ids = [t for s, a, b in zip(scheduled, starts, ends) for t in s.request.token_ids[a:b]]
+        meta = BatchMetadata.build([s.block_ids for s in scheduled], starts,
                                    [b - a for a, b in zip(starts, ends)], self.cache.block_size, self.device)
         backend: AttentionBackend = paged_attention_backend(self.cache, meta, self.model.config)
         if self.connector is not None:
             backend = _ConnectorHooks(backend, self.connector)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.model.hidden_states(input_ids, meta.positions, backend)
-        done = [i for i, s in enumerate(out.scheduled) if s.completes_sequence]
+        done = [i for i, s in enumerate(scheduled) if s.completes_sequence]
         if not done:
             return
         rows = torch.tensor([meta.query_starts[i + 1] - 1 for i in done], device=self.device)
         logits = self.model.logits(hidden.index_select(0, rows)).cpu()
-        requests = [out.scheduled[i].request for i in done]
+        self._sample([scheduled[i].request for i in done], logits, result)
+
+    def _sample(self, requests: list, logits: torch.Tensor, result: RunnerOutput) -> None:
         tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         for request, token in zip(requests, tokens):
             if token is None:

@@ -48,6 +48,11 @@ class RequestMetrics:
     tokens_cached_on_device: int = 0  # prompt tokens found in the device prefix cache
     tokens_loaded: int = 0  # prompt tokens whose KV came from kvtier
     num_preemptions: int = 0
+    # CacheBlend (`blend:`): passages whose cached KV was loaded, prompt tokens after the head that
+    # kept it, and those computed through every layer (all zero for a request that was not blended).
+    blend_segments_hit: int = 0
+    blend_tokens_reused: int = 0
+    blend_tokens_recomputed: int = 0
 
     @property
     def ttft_s(self) -> float | None:

@@ -157,11 +157,13 @@ class Scheduler:
     # -- after the step ------------------------------------------------------------------------
 
     def update(self, output: SchedulerOutput, recomputed: dict[str, int],
-               finished_sending: set[str], loaded: dict[str, int] | None = None) -> None:
+               finished_sending: set[str], loaded: dict[str, int] | None = None,
+               not_blended: set[str] | None = None) -> None:
         """Advance each scheduled request past the tokens that ran. `recomputed`: tokens a request
-        computed beyond plan because its kvtier load fell short; `loaded`: how far each load got."""
-        if self.connector is not None and loaded:
-            self.connector.update_connector_output(loaded)
+        computed beyond plan because its kvtier load fell short; `loaded`: how far each load got;
+        `not_blended`: requests planned as a blend that were computed normally."""
+        if self.connector is not None and (loaded or not_blended):
+            self.connector.update_connector_output(loaded or {}, not_blended or ())
         for s in output.scheduled:
             request = s.request
             extra = recomputed.get(request.request_id, 0)

@@ -1,0 +1,124 @@
+"""CacheBlend in the engine: the start-up checks, and one blended request's prefill in a step.
+
+Where it runs: `prepare_blend` once in `LLMEngine.__init__` (before kvtier starts); `run_blend` in
+the model runner (worker side), on the forward pass's thread, after the step's normal batch.
+Not thread-safe beyond the model and the paged cache it uses.
+
+A blended request computes its whole prompt after the head in this one step:
+
+    rows 0..head-1      from its paged blocks (device prefix cache + kvtier's prefix load): exact
+    passage rows        the connector's `BlendLoad` (segment chunks moved to where they now sit)
+    every other row     no cached KV (separators, short passages, the suffix): recomputed
+
+`kvtier_engine.blend.blend_prefill` merges them; the merged K/V of rows head.. go into the
+request's blocks, and its next token is sampled from `last_logits`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.blend.rope_shift import UnshiftableRope, check_shiftable
+from kvtier.config import BlendConfig
+from kvtier.connector.blend_io import BlendLoad
+from kvtier.metrics import Metrics
+from kvtier_engine.blend import SELF_TEST_ATOL, BlendInput, BlendSelfTestFailed, blend_prefill, self_test
+from kvtier_engine.kv_cache import PagedKVCache
+from kvtier_engine.models.llama import CausalLM
+from kvtier_engine.request import Request
+from kvtier_engine.scheduler import ScheduledRequest
+from kvtier_engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# The start-up self-test's tolerance on a 16-bit model (fp32 models: blend.SELF_TEST_ATOL, 1e-4). The
+# blend and a full prefill round differently there (fp16 llama-small on a CPU: 5e-4 apart); a blend
+# that recomputes the wrong rows is off by whole units, far above this.
+SELF_TEST_ATOL_16BIT = 5e-2
+
+
+class BlendUnavailable(ValueError):
+    """`blend:` is configured but cannot work for this model; the engine refuses to start."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlendStats:
+    """One blended request: passages loaded, rows after the head that kept their loaded KV, rows
+    after the head computed through every layer (the two add up to the prompt after the head)."""
+
+    segments_hit: int
+    tokens_reused: int
+    tokens_recomputed: int
+
+
+def prepare_blend(model: CausalLM, tokenizer: Tokenizer, config: BlendConfig) -> list[int]:
+    """The separator ids, after checking that blending works for `model` (BlendUnavailable naming
+    `blend` otherwise): its RoPE can be shifted, check_layer is inside it, the self-test passes."""
+    try:
+        check_shiftable(model.config.rope_scaling)
+    except UnshiftableRope as exc:
+        raise BlendUnavailable(f"kvtier `blend:` is configured, but this model cannot blend: {exc}") from exc
+    layers = model.config.num_layers
+    if config.check_layer >= layers:
+        raise BlendUnavailable(f"kvtier `blend.check_layer` is {config.check_layer}; the model has {layers} "
+                               f"layers (it must be 1..{layers - 1})")
+    if config.separator_ids is not None:
+        ids = list(config.separator_ids)
+    else:
+        ids = _encode_alone(tokenizer, config.separator)
+    if not ids:
+        raise BlendUnavailable(f"kvtier `blend.separator` {config.separator!r} tokenises to no ids")
+    try:
+        fp32 = model.lm_head.weight.dtype == torch.float32
+        self_test(model, config.check_layer, atol=SELF_TEST_ATOL if fp32 else SELF_TEST_ATOL_16BIT)
+    except BlendSelfTestFailed as exc:
+        raise BlendUnavailable(f"kvtier `blend:` self-test failed for this model: {exc}") from exc
+    logger.info("blend: separator ids %s, ratio %g, check layer %d, passages of %d+ tokens", ids,
+                config.ratio, config.check_layer, config.min_tokens)
+    return ids
+
+
+def _encode_alone(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`text` tokenised alone, without the BOS some tokenizers add to every encode."""
+    ids = list(tokenizer.encode(text))
+    bos, bos_text = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    if ids and bos is not None and ids[0] == bos and not (bos_text and text.startswith(bos_text)):
+        ids = ids[1:]
+    return ids
+
+
+def run_blend(model: CausalLM, cache: PagedKVCache, s: ScheduledRequest, load: BlendLoad,
+              config: BlendConfig) -> tuple[torch.Tensor, BlendStats]:
+    """Blend request `s` (its rows `s.num_computed`.. in this step; the rows before are in its
+    blocks): writes the merged K/V into its blocks; returns its last logits [vocab] and the stats."""
+    tokens, head = s.request.token_ids, s.num_computed
+    device, c = cache.kv.device, model.config
+    kv = load.kv.to(device, cache.kv.dtype)
+    cached = load.cached.clone()
+    if head:
+        kv[:, :, :head] = cache.gather(s.block_ids, head)
+        cached[:head] = True
+    shape = (c.num_layers, len(tokens), c.num_kv_heads, c.head_dim)
+    out = blend_prefill(model, BlendInput(torch.tensor(tokens, dtype=torch.long, device=device),
+                                          kv[0].reshape(shape), kv[1].reshape(shape), cached.to(device),
+                                          config.ratio, config.check_layer))
+    merged = torch.stack((out.k, out.v)).flatten(3)[:, :, head:]
+    cache.scatter(list(s.block_ids[head // cache.block_size:]), merged)
+    recomputed = int((out.selected >= head).sum())
+    return out.last_logits, BlendStats(load.segments_hit, len(tokens) - head - recomputed, recomputed)
+
+
+def record_blend(request: Request, stats: BlendStats, metrics: Metrics | None) -> None:
+    """The stats on the request's metrics (its RequestOutput) and kvtier's engine counters."""
+    m = request.metrics
+    m.blend_segments_hit += stats.segments_hit
+    m.blend_tokens_reused += stats.tokens_reused
+    m.blend_tokens_recomputed += stats.tokens_recomputed
+    if metrics is not None:
+        metrics.inc("blend_requests", 1)
+        metrics.inc("blend_segments_hit", stats.segments_hit)
+        metrics.inc("blend_tokens_reused", stats.tokens_reused)
+        metrics.inc("blend_tokens_recomputed", stats.tokens_recomputed)
