@@ -5,12 +5,31 @@ server after its reply is sent, so a client can see the reply a moment before th
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import CHUNK, seeded_kv, seeded_tokens
 
 from kvtier.keys import ChunkSpan, TokenDatabase
 from kvtier.layout import KVLayout
 from kvtier.storage import StorageManager
+from kvtier.tiers.remote_client import Client
+
+TOKEN = "peer-secret"  # the P2P endpoint's shared secret in the holder tests
+
+
+@pytest.fixture
+def connect():
+    """A remote_client.Client to a PeerServer (`connect(server)`, or another token); closed at
+    teardown. Test modules take it as `connect = p2p_holder_helpers.connect`."""
+    clients: list[Client] = []
+
+    def make(server, token: str | None = TOKEN) -> Client:
+        clients.append(Client("127.0.0.1", server.port, 5.0, token, 1))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 def store(manager: StorageManager, db: TokenDatabase, layout: KVLayout, chunks: int, seed: int,

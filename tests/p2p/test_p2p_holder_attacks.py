@@ -12,11 +12,12 @@ import threading
 import time
 
 import msgpack
+import p2p_holder_helpers
 import pytest
 from conftest import CHUNK, NAMESPACE_MODEL, seeded_kv, seeded_tokens
 from kvtier_servers import Client as RawClient
 from kvtier_servers import closed_by_peer, raw_frame
-from p2p_holder_helpers import payload, settled, store
+from p2p_holder_helpers import TOKEN, payload, settled, store
 from waiting import wait_until
 
 from kvtier.config import P2PConfig
@@ -32,8 +33,6 @@ from kvtier.record import tensor_bytes, verify
 from kvtier.storage import StorageManager
 from kvtier.tiers.remote_client import Client, Refused, Request
 from kvtier.wire.frames import MAX_KEYS, PROTOCOL_VERSION, Frame, Op, Status
-
-TOKEN = "peer-secret"
 
 
 @pytest.fixture
@@ -52,17 +51,7 @@ def serve(db):
         server.stop()
 
 
-@pytest.fixture
-def connect():
-    clients: list[Client] = []
-
-    def make(server: PeerServer) -> Client:
-        clients.append(Client("127.0.0.1", server.port, 5.0, TOKEN, 1))
-        return clients[-1]
-
-    yield make
-    for client in clients:
-        client.close()
+connect = p2p_holder_helpers.connect
 
 
 def call(client: Client, op: Op, **fields) -> Frame:

@@ -16,12 +16,13 @@ import socket
 import threading
 import time
 
+import p2p_holder_helpers
 import pytest
 import torch
 from conftest import CHUNK, seeded_kv, seeded_tokens
 from kvtier_servers import Client as RawClient
 from kvtier_servers import closed_by_peer, raw_frame
-from p2p_holder_helpers import payload, settled, store
+from p2p_holder_helpers import TOKEN, payload, settled, store
 from waiting import wait_until
 
 from kvtier.config import P2PConfig
@@ -34,7 +35,6 @@ from kvtier.record import encode_header, tensor_bytes, verify
 from kvtier.tiers.remote_client import Client, GetSink, Refused, Request, RequestRefused
 from kvtier.wire.frames import Frame, Op, Status
 
-TOKEN = "peer-secret"
 OTHER_NS = b"\x07" * 8
 
 
@@ -81,18 +81,7 @@ def serve(manager, db):
         server.stop()
 
 
-@pytest.fixture
-def connect():
-    """A remote_client.Client to a server; closed at teardown."""
-    clients: list[Client] = []
-
-    def make(server: PeerServer, token: str | None = TOKEN) -> Client:
-        clients.append(Client("127.0.0.1", server.port, 5.0, token, 1))
-        return clients[-1]
-
-    yield make
-    for client in clients:
-        client.close()
+connect = p2p_holder_helpers.connect
 
 
 def get(client: Client, keys: list[bytes]) -> tuple[Frame, list[torch.Tensor]]:
