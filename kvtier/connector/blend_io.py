@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.blend.rope_shift import shift_keys
-from kvtier.connector.metadata import BlendLoadSpec, PassageSpans, SegmentSaveSpec
+from kvtier.connector.metadata import BlendLoadSpec, SegmentSaveSpec
 from kvtier.engine import CacheEngine
-from kvtier.keys import ChunkSpan
 from kvtier.log_limit import LogLimiter
 
 logger = logging.getLogger(__name__)
@@ -95,16 +94,16 @@ class SegmentIO:
                                 exc_info=True)
 
     def store(self, spec: SegmentSaveSpec, kv: torch.Tensor) -> int:
-        """Store each passage's chunks from `kv` ([2, L, >= last end, H*D], the request's rows from 0)
-        with K normalised to the passage at position 0. Returns chunks newly stored; never raises (a
+        """Store each passage's chunks from `kv` ([2, L, >= last end, H*D], the request's rows from 0,
+        gathered for this save: its K rows are shifted in place) with K normalised to the passage at
+        position 0. Returns chunks newly stored; never raises (a
         passage that cannot be stored is simply not cached)."""
         stored = 0
         try:
-            for passage in spec.passages:
+            for passage in spec.passages:  # (passages never overlap: each shifts its own rows of `kv`)
                 a, b = passage.spans[0].start, passage.spans[-1].end
-                piece = kv[:, :, a:b].clone()
-                piece[0] = self._shift(piece[0], -passage.start)
-                stored += self.engine.storage.put(_relative(passage, a), piece)
+                kv[0, :, a:b] = self._shift(kv[0, :, a:b], -passage.start)  # `kv` is this save's own
+                stored += self.engine.storage.put(passage.spans, kv)  # spans are rows of `kv`
         except Exception:
             self._log.error("save", "saving the passages of request %s failed", spec.request_id,
                             exc_info=True)
@@ -116,7 +115,3 @@ class SegmentIO:
         heads = k.unflatten(-1, (layout.num_kv_heads, layout.head_dim))
         return shift_keys(heads, delta, self.inv_freq).flatten(-2)
 
-
-def _relative(passage: PassageSpans, base: int) -> list[ChunkSpan]:
-    """The passage's spans as rows of a buffer that starts at prompt token `base`."""
-    return [ChunkSpan(s.key, s.start - base, s.end - base) for s in passage.spans]

@@ -74,6 +74,7 @@ class BlendOutput:
     last_logits: torch.Tensor  # [vocab] float32: the next-token logits after the prompt
     selected: torch.Tensor  # [S] long, ascending: rows recomputed in layers check_layer..L-1
     recomputed: int  # len(selected); every row is recomputed in layers 0..check_layer-1
+    kv: torch.Tensor  # [2, L, T, Hkv, D]: `k` and `v` are its two halves (views, not copies)
 
 
 class _MergedKV:
@@ -104,7 +105,12 @@ def blend_prefill(model: CausalLM, inp: BlendInput) -> BlendOutput:
     _check(model.config, inp)
     decoder, t = model.model, inp.token_ids.shape[0]
     device = inp.token_ids.device
-    merged = _MergedKV(inp.loaded_k.to(device, copy=True), inp.loaded_v.to(device, copy=True), model.config)
+    # The merged K/V, one tensor [2, L, T, Hkv, D] (one copy of the loaded KV; the caller's stays as
+    # it is), so that a caller scattering K and V together needs no second copy (`BlendOutput.kv`).
+    kv = torch.empty((2, *inp.loaded_k.shape), dtype=inp.loaded_k.dtype, device=device)
+    kv[0].copy_(inp.loaded_k)
+    kv[1].copy_(inp.loaded_v)
+    merged = _MergedKV(kv[0], kv[1], model.config)
     x = decoder.embed_tokens(inp.token_ids)
     cos, sin = decoder.rotary(torch.arange(t, device=device))
     for layer in decoder.layers[:inp.check_layer]:
@@ -118,7 +124,7 @@ def blend_prefill(model: CausalLM, inp: BlendInput) -> BlendOutput:
     for layer in decoder.layers[inp.check_layer:]:
         x = layer(x, cos, sin, merged)
     last_logits = model.logits(decoder.norm(x[-1:]))[0]  # rows ascend and end with the last row
-    return BlendOutput(merged.k, merged.v, last_logits, rows, len(rows))
+    return BlendOutput(merged.k, merged.v, last_logits, rows, len(rows), kv)
 
 
 def _rows_to_recompute(chosen: torch.Tensor, cached: torch.Tensor, t: int) -> torch.Tensor:

@@ -105,7 +105,7 @@ def run_blend(model: CausalLM, cache: PagedKVCache, s: ScheduledRequest, load: B
     out = blend_prefill(model, BlendInput(torch.tensor(tokens, dtype=torch.long, device=device),
                                           kv[0].reshape(shape), kv[1].reshape(shape), cached.to(device),
                                           config.ratio, config.check_layer))
-    merged = torch.stack((out.k, out.v)).flatten(3)[:, :, head:]
+    merged = out.kv.flatten(3)[:, :, head:]  # [2, L, T - head, H*D], no copy
     cache.scatter(list(s.block_ids[head // cache.block_size:]), merged)
     recomputed = int((out.selected >= head).sum())
     return out.last_logits, BlendStats(load.segments_hit, len(tokens) - head - recomputed, recomputed)
