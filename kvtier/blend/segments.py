@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import xxhash
 
-from kvtier.keys import NAMESPACE_BYTES, ChunkKey, ChunkSpan, chained_digests, tokens_to_u32
+from kvtier.keys import NAMESPACE_BYTES, ChunkKey, ChunkSpan, chained_digests, token_count, tokens_to_u32
 
 if TYPE_CHECKING:
     import torch
@@ -116,15 +116,18 @@ class SegmentKeys:
     def spans(self, tokens: Sequence[int] | torch.Tensor | np.ndarray, segment: Segment) -> list[ChunkSpan]:
         """The chunk spans of `segment` of the prompt `tokens`: full chunks plus the partial tail,
         with prompt-absolute start/end. Raises ValueError for a segment outside the prompt."""
-        arr = tokens_to_u32(tokens)
-        if not 0 <= segment.start <= segment.end <= len(arr):
+        total = token_count(tokens)
+        if not 0 <= segment.start <= segment.end <= total:
             raise ValueError(f"segment [{segment.start}, {segment.end}) is outside the "
-                             f"{len(arr)}-token prompt")
+                             f"{total}-token prompt")
+        # Only the segment's tokens are converted and checked: a planner asks for every passage of
+        # a long prompt, and converting the whole prompt each time would be O(prompt x passages).
+        arr = tokens_to_u32(tokens[segment.start : segment.end])
         n, size = segment.num_tokens, self.chunk_size
         ends = list(range(size, n + 1, size))
         if n % size:
             ends.append(n)
-        raw = arr[segment.start : segment.end].tobytes()
+        raw = arr.tobytes()
         digests = chained_digests(raw, self.seed, ends)
         starts = [0, *ends][: len(ends)]
         return [ChunkSpan(ChunkKey(self.namespace_digest, digest), segment.start + s, segment.start + e)
