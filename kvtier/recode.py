@@ -55,6 +55,7 @@ from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.record import RecordHeader, decode_header
 from kvtier.tiers.base import PutItem, Tier
+from kvtier.tiers.coded import count_coded
 from kvtier.tiers.wrapped import WrappedTier
 from kvtier.transfers import decode_or_drop
 
@@ -204,10 +205,8 @@ def _replace(engine: CacheEngine, tier: Tier, store: Tier, recoded: list[_Recode
 
 
 def _count(engine: CacheEngine, tier: Tier, recoded: list[_Recoded], stored: dict[ChunkKey, bool]) -> None:
-    coded = [r for r in recoded if r.codec != RAW_ID and stored[r.item.key]]
-    engine.metrics.inc("coded_chunks", len(coded))
-    engine.metrics.inc("coded_raw_bytes", sum(r.raw_bytes for r in coded))
-    engine.metrics.inc("coded_bytes", sum(r.item.payload.size for r in coded))
+    count_coded(engine.metrics, [(r.raw_bytes, r.item.payload.size) for r in recoded
+                                 if r.codec != RAW_ID and stored[r.item.key]])
     if lost := len(stored) - sum(stored.values()):
         _log.warning("lost", "%s refused %d recoded chunks after their old records were removed: "
                      "they are gone from %s (host memory or another tier may still hold them)",

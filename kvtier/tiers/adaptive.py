@@ -57,6 +57,7 @@ from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.record import CODEC_RAW, decode_header
 from kvtier.tiers.base import PutItem, Tier
+from kvtier.tiers.coded import count_coded, raw_chunk
 from kvtier.tiers.wrapped import WrappedTier
 
 if TYPE_CHECKING:
@@ -162,20 +163,15 @@ class AdaptiveTier(WrappedTier):
         if orphans:
             self.inner.remove(orphans)
         # Counted once stored, as a CodedTier counts: what the tier holds in coded form (the base).
-        bases = [c for c, ok in zip(coded, stored) if ok and c.raw_bytes and c.sizes[self.top] < c.raw_bytes]
-        self.metrics.inc("coded_chunks", len(bases))
-        self.metrics.inc("coded_raw_bytes", sum(c.raw_bytes for c in bases))
-        self.metrics.inc("coded_bytes", sum(c.sizes[self.top] for c in bases))
+        count_coded(self.metrics, [(c.raw_bytes, c.sizes[self.top]) for c, ok in zip(coded, stored)
+                                   if ok and c.raw_bytes and c.sizes[self.top] < c.raw_bytes])
         return stored
 
     def _code(self, item: PutItem) -> _Coded:
         """The records of one item: its lower levels (those that shrank), then its base."""
-        header = decode_header(item.header)
-        if header.codec != CODEC_RAW:
+        chunk = raw_chunk(item)
+        if chunk is None:
             return _Coded([item], 0, {})
-        payload = item.payload  # a slab (tensor) or a numpy array: a tensor over the same memory
-        payload = torch.from_numpy(payload) if isinstance(payload, np.ndarray) else payload
-        chunk = payload.view(header.dtype).view(header.shape)
         records, sizes = [], {}
         for level in self.levels:
             key = item.key if level == self.top else level_key(item.key, level)
@@ -183,7 +179,7 @@ class AdaptiveTier(WrappedTier):
             sizes[level] = len(payload)
             if level == self.top or decode_header(head).codec != CODEC_RAW:
                 records.append(PutItem(key, head, np.frombuffer(payload, dtype=np.uint8)))
-        return _Coded(records, header.payload_len, sizes)
+        return _Coded(records, chunk.nbytes, sizes)
 
     def _learn(self, coded: list[_Coded]) -> None:
         """Train the ratios on a batch's sizes: one sample per level per call."""

@@ -45,25 +45,38 @@ class CodedTier(WrappedTier):
         coded = [self._coded(item) for item in items]
         stored = self.inner.put([item for item, _ in coded])
         # Counted once stored: the counters say what the tier holds in coded form.
-        done = [(raw, item.payload.nbytes) for (item, raw), ok in zip(coded, stored) if ok and raw]
-        if done:
-            self.metrics.inc("coded_chunks", len(done))
-            self.metrics.inc("coded_raw_bytes", sum(raw for raw, _ in done))
-            self.metrics.inc("coded_bytes", sum(size for _, size in done))
+        count_coded(self.metrics, [(raw, item.payload.nbytes) for (item, raw), ok in zip(coded, stored)
+                                   if ok and raw])
         return stored
 
     def _coded(self, item: PutItem) -> tuple[PutItem, int]:
         """(the item to store, the raw bytes it coded: 0 when it is stored as it came)."""
-        header = decode_header(item.header)
-        if header.codec != RAW_ID:
+        chunk = raw_chunk(item)
+        if chunk is None:
             return item, 0  # already coded (a compress chose its codec): kept as it is
-        payload = item.payload
-        raw = torch.from_numpy(payload) if isinstance(payload, np.ndarray) else payload
-        chunk = raw.view(header.dtype).view(header.shape)
         coded_header, coded = encode_chunk(item.key, chunk, self.codec)
         if decode_header(coded_header).codec == RAW_ID:
             return item, 0  # refused or not smaller: stored raw, as it came
-        return PutItem(item.key, coded_header, np.frombuffer(coded, dtype=np.uint8)), raw.nbytes
+        return PutItem(item.key, coded_header, np.frombuffer(coded, dtype=np.uint8)), chunk.nbytes
+
+
+def raw_chunk(item: PutItem) -> torch.Tensor | None:
+    """The chunk a raw record carries, as a [2, L, T, C] tensor over its payload (no copy: a slab or
+    a numpy array); None for a record already coded."""
+    header = decode_header(item.header)
+    if header.codec != RAW_ID:
+        return None
+    payload = item.payload
+    raw = torch.from_numpy(payload) if isinstance(payload, np.ndarray) else payload
+    return raw.view(header.dtype).view(header.shape)
+
+
+def count_coded(metrics: Metrics, stored: Sequence[tuple[int, int]]) -> None:
+    """The coded_* engine counters for chunks stored coded: (raw bytes, coded bytes) of each."""
+    if stored:
+        metrics.inc("coded_chunks", len(stored))
+        metrics.inc("coded_raw_bytes", sum(raw for raw, _ in stored))
+        metrics.inc("coded_bytes", sum(size for _, size in stored))
 
 
 def with_codec(tier: Tier, codec: str, load_slo_s: float | None, *, namespace: bytes,
