@@ -25,7 +25,7 @@ from kvtier.blend.rope_shift import UnshiftableRope, check_shiftable
 from kvtier.config import BlendConfig
 from kvtier.connector.blend_io import BlendLoad
 from kvtier.metrics import Metrics
-from kvtier_engine.blend import SELF_TEST_ATOL, BlendInput, BlendSelfTestFailed, blend_prefill, self_test
+from kvtier_engine.blend import BlendInput, BlendSelfTestFailed, blend_prefill, self_test
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.models.llama import CausalLM
 from kvtier_engine.request import Request
@@ -33,11 +33,6 @@ from kvtier_engine.scheduler import ScheduledRequest
 from kvtier_engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-# The start-up self-test's tolerance on a 16-bit model (fp32 models: blend.SELF_TEST_ATOL, 1e-4). The
-# blend and a full prefill round differently there (fp16 llama-small on a CPU: 5e-4 apart); a blend
-# that recomputes the wrong rows is off by whole units, far above this.
-SELF_TEST_ATOL_16BIT = 5e-2
 
 
 class BlendUnavailable(ValueError):
@@ -72,8 +67,7 @@ def prepare_blend(model: CausalLM, tokenizer: Tokenizer, config: BlendConfig) ->
     if not ids:
         raise BlendUnavailable(f"kvtier `blend.separator` {config.separator!r} tokenises to no ids")
     try:
-        fp32 = model.lm_head.weight.dtype == torch.float32
-        self_test(model, config.check_layer, atol=SELF_TEST_ATOL if fp32 else SELF_TEST_ATOL_16BIT)
+        self_test(model, config.check_layer)  # its tolerance follows the model's dtype
     except BlendSelfTestFailed as exc:
         raise BlendUnavailable(f"kvtier `blend:` self-test failed for this model: {exc}") from exc
     logger.info("blend: separator ids %s, ratio %g, check layer %d, passages of %d+ tokens", ids,

@@ -364,3 +364,23 @@ def test_self_test_fails_when_the_last_row_is_dropped(monkeypatch, llama):
     monkeypatch.setattr(blend, "_rows_to_recompute", lambda *args: rows_to_recompute(*args)[:-1])
     with pytest.raises(BlendSelfTestFailed, match=r"max \|.* difference\|"):
         self_test(llama)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_self_test_bounds_16_bit_models_by_units_in_the_last_place(reference, dtype):
+    model = load_model(reference("llama").path, dtype=dtype)
+    worst = self_test(model)
+    # within 8 ulp of the dtype at the compared values' magnitude (at least 1), which is above 1e-4
+    assert worst <= blend.SELF_TEST_ULPS_16BIT * torch.finfo(dtype).eps * 64
+    assert blend.self_test_tolerance(dtype, torch.tensor([3.0])) == pytest.approx(
+        blend.SELF_TEST_ULPS_16BIT * torch.finfo(dtype).eps * 3.0)
+    assert blend.self_test_tolerance(torch.float32, torch.tensor([300.0])) == blend.SELF_TEST_ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_self_test_fails_a_broken_blend_on_16_bit_models(monkeypatch, reference, dtype):
+    model = load_model(reference("llama").path, dtype=dtype)
+    rows_to_recompute = blend._rows_to_recompute
+    monkeypatch.setattr(blend, "_rows_to_recompute", lambda *args: rows_to_recompute(*args)[:-1])
+    with pytest.raises(BlendSelfTestFailed, match=r"max \|.* difference\|"):
+        self_test(model)
