@@ -53,7 +53,8 @@ class PassageSpans:
 class BlendLoadSpec:
     """Compute tokens `head:` of a request in one blended step: its passages' held chunks are read,
     moved to where each passage now sits, and the rest recomputed selectively. `head` (what the device
-    holds plus the prefix load) is block aligned; `lease` holds the passage chunks until read."""
+    holds plus the prefix load) is block aligned (rounded down, the prefix load stopping there); `lease`
+    holds the passage chunks until read."""
 
     request_id: str
     token_ids: Sequence[int]  # the whole prompt

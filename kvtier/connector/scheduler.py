@@ -17,12 +17,13 @@ already holds (found at lookup) are never saved again.
 
 With `blend:` (a `BlendPlanner`), the lookup also asks which of the prompt's passages kvtier holds
 (`kvtier.connector.blend_plan`). A request with held passages after its head is planned as a blend:
-its head loads as usual and, if this step computes the whole rest of the prompt, the worker blends
-it (`BlendLoadSpec`); otherwise the plan is dropped and the request is computed normally. A blended
-request's KV past its head is approximate, so none of it is ever saved under prefix keys (a later
-exact prefix hit would serve it), during decode either; the runner reports a planned blend that fell
-back (`update_connector_output`), whose KV is exact and saved as usual. Every prompt's passages that
-kvtier does not hold are saved under their segment keys once the prompt is computed.
+its head (rounded down to a block) loads as usual and, if this step computes the whole rest of the
+prompt, the worker blends it (`BlendLoadSpec`); otherwise the plan is dropped and the request is
+computed normally. A blended request's KV past its head is approximate, so none of it is ever saved
+under prefix keys (a later exact prefix hit would serve it), during decode either; the runner
+reports a planned blend that fell back (`update_connector_output`), whose KV is exact and saved as
+usual. Every prompt's passages that kvtier does not hold are saved under their segment keys once the
+prompt is computed.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _RequestState:
     hit_tokens: int = 0  # kvtier's prefix hit at the last lookup (chunk aligned, uncapped)
+    load_to: int = 0  # where the prefix load ends: the hit, capped (a blend's head is block aligned)
     saved_upto: int = 0  # chunks before this token are in kvtier
     load: LoadSpec | None = None  # committed, not yet handed to the worker
     loading_to: int = 0  # the end of the load last handed to the worker
@@ -90,19 +92,28 @@ class KvtierSchedulerConnector:
         state = self._states.setdefault(request.request_id, _RequestState())
         state.hit_tokens = hit
         state.saved_upto = max(state.saved_upto, hit - hit % self.chunk_size)
+        state.load_to = min(hit, len(tokens) - 1)
         if self.blend is not None:
-            self._plan_blend(request, state, max(num_computed_tokens, min(hit, len(tokens) - 1)))
-        return max(0, min(hit, len(tokens) - 1) - num_computed_tokens), False
+            self._plan_blend(request, state, num_computed_tokens)
+        return max(0, state.load_to - num_computed_tokens), False
 
-    def _plan_blend(self, request, state: _RequestState, head: int) -> None:
-        """Plan a blend of the prompt after `head` when kvtier holds passages there (not yet leased)."""
+    def _plan_blend(self, request, state: _RequestState, num_computed_tokens: int) -> None:
+        """Plan a blend of the prompt after its head when kvtier holds passages there (not yet
+        leased). The head (device hit and prefix load) is rounded down to the block size: a hit that
+        ends inside a block (a stored partial chunk, a prompt that is all hits) loads only up to the
+        rounded head, and the blend computes the rows between like any uncached row. Loading them
+        instead would leave the head's last block part loaded, part blended: the blend writes its
+        KV by whole blocks from the head on, and fewer than a block of rows costs little to compute."""
         if state.blend is not None:
             self.engine.release(state.blend.lease)
         tokens = request.all_token_ids
+        head = max(num_computed_tokens, state.load_to)
+        head -= head % self.block_size  # the device's hit is block aligned: never below it
         plan = self.blend.plan(tokens, head)
         state.blend, state.blended, state.segment_saves = None, False, plan.missing
-        if plan.held and head % self.block_size == 0:
+        if plan.held:
             state.blend = BlendLoadSpec(request.request_id, list(tokens), head, plan.held)
+            state.load_to = min(state.load_to, head)
 
     def update_state_after_alloc(self, request, block_ids: Sequence[int], num_external_tokens: int) -> None:
         state = self._states[request.request_id]
@@ -113,7 +124,7 @@ class KvtierSchedulerConnector:
         if num_external_tokens <= 0:
             return
         tokens = request.all_token_ids
-        end = min(state.hit_tokens, len(tokens) - 1)
+        end = state.load_to
         start = end - num_external_tokens
         state.lease = self.engine.lease(tokens, end)
         # The tokens up to the whole hit, not just `end`: a prompt that is all hits stops one token

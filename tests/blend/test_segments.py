@@ -218,3 +218,31 @@ def test_keys_are_stable_across_processes():
 PINNED_KEYS = ["82df9d24e2633cfd61121ed481b865ec28258b9e94403d10",
                "82df9d24e2633cfd8b9d404d0d6e81fb2f4439d93107520f",
                "82df9d24e2633cfd1fd1fc85b85d40f8d48cb58e58a3c628"]
+
+
+# --- attacks (issue 14, H3) ---------------------------------------------------------------------------
+
+
+def test_a_separator_at_the_very_end_is_a_suffix_of_itself():
+    assert split([1, 2, SEP, 3, SEP], [SEP]) == [(0, 2, "head"), (2, 4, "passage"), (4, 5, "suffix")]
+    assert split([SEP], [SEP]) == [(0, 1, "suffix")]
+
+
+def test_a_prompt_of_64_passages_keys_each_on_its_own_tokens():
+    bodies = [[1000 + i, 2000 + i, 3000 + i] for i in range(64)]
+    tokens = [1, 2] + [t for body in bodies for t in (SEP, *body)] + [SEP, 5]
+    segments = split_segments(tokens, [SEP])
+    passages = [s for s in segments if s.kind == "passage"]
+    assert len(passages) == 64 and all(s.num_tokens == 4 for s in passages)
+    first_keys = [keys().spans(tokens, s)[0].key for s in passages]
+    assert len(set(first_keys)) == 64
+    # The same passages reversed and behind nothing key the same.
+    reordered = [t for body in reversed(bodies) for t in (SEP, *body)] + [SEP, 5]
+    again = [s for s in split_segments(reordered, [SEP]) if s.kind == "passage"]
+    assert [keys().spans(reordered, s)[0].key for s in again] == first_keys[::-1]
+
+
+def test_a_separator_past_any_vocabulary_never_matches():
+    assert split([1, 2, 3, 4], [2**32 - 1]) == [(0, 4, "head")]
+    with pytest.raises(ValueError):
+        split([1, 2], [2**32])

@@ -42,7 +42,9 @@ class BlendUnavailable(ValueError):
 @dataclass(frozen=True, slots=True)
 class BlendStats:
     """One blended request: passages loaded, rows after the head that kept their loaded KV, rows
-    after the head computed through every layer (the two add up to the prompt after the head)."""
+    after the head computed through every layer (the two add up to the prompt after the head).
+    Layers 0..check_layer-1 still see every row, reused ones included; `tokens_recomputed` is what
+    the request's `prefill_tokens_computed` counts for this step."""
 
     segments_hit: int
     tokens_reused: int
@@ -66,6 +68,10 @@ def prepare_blend(model: CausalLM, tokenizer: Tokenizer, config: BlendConfig) ->
         ids = _encode_alone(tokenizer, config.separator)
     if not ids:
         raise BlendUnavailable(f"kvtier `blend.separator` {config.separator!r} tokenises to no ids")
+    vocab = model.config.vocab_size
+    if outside := [t for t in ids if not 0 <= t < vocab]:  # no prompt could ever hold the separator
+        raise BlendUnavailable(f"kvtier `blend.separator_ids` {outside} are outside the model's "
+                               f"{vocab}-token vocabulary: no prompt can hold the separator")
     try:
         self_test(model, config.check_layer)  # its tolerance follows the model's dtype
     except BlendSelfTestFailed as exc:
@@ -101,8 +107,10 @@ def run_blend(model: CausalLM, cache: PagedKVCache, s: ScheduledRequest, load: B
                                           config.ratio, config.check_layer))
     merged = out.kv.flatten(3)[:, :, head:]  # [2, L, T - head, H*D], no copy
     cache.scatter(list(s.block_ids[head // cache.block_size:]), merged)
-    recomputed = int((out.selected >= head).sum())
-    return out.last_logits, BlendStats(load.segments_hit, len(tokens) - head - recomputed, recomputed)
+    # Prompt rows only: a preempted request blends its generated tokens too (as its suffix).
+    prompt = s.request.num_prompt_tokens
+    recomputed = int(((out.selected >= head) & (out.selected < prompt)).sum())
+    return out.last_logits, BlendStats(load.segments_hit, max(0, prompt - head) - recomputed, recomputed)
 
 
 def record_blend(request: Request, stats: BlendStats, metrics: Metrics | None) -> None:

@@ -4,6 +4,7 @@ Where it runs: in the scheduler; pure Python, no tensors. Per sequence, in order
 
     can_allocate(tokens) -> allocate(seq, tokens) -> hit tokens   (blocks for the whole prompt)
     publish(seq, tokens, num_computed) after each forward step     (computed full blocks findable)
+    cache_only_upto(seq, n)        its KV past token n is approximate (CacheBlend): never published
     append_slot(seq, n) before a step that grows the sequence      (decode)
     free(seq)                                                     (finished or preempted)
 
@@ -52,6 +53,7 @@ class BlockPool:
         self._by_hash: dict[bytes, int] = {}
         self._tables: dict[Hashable, list[int]] = {}
         self._hashes: dict[Hashable, list[bytes]] = {}  # per sequence: hashes of its computed full blocks
+        self._limits: dict[Hashable, int] = {}  # per sequence: blocks past this many are never published
 
     @property
     def num_free(self) -> int:
@@ -136,6 +138,7 @@ class BlockPool:
             return
         table, hashes = self._tables[seq_id], self._hashes[seq_id]
         done = min(num_computed, len(token_ids)) // self.block_size
+        done = min(done, self._limits.get(seq_id, done))
         if done <= len(hashes):
             return
         hashes += self._digests(token_ids, len(hashes), done, hashes[-1] if hashes else _SEED)
@@ -146,9 +149,21 @@ class BlockPool:
                 block.hash, block.token_ids = hashes[i], tuple(token_ids[i * bs:(i + 1) * bs])
                 self._by_hash[hashes[i]] = block.id
 
+    def cache_only_upto(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Never publish the sequence's blocks past its first `num_tokens` (block aligned), for as
+        long as it holds them: a blended prompt's KV past its head is approximate, and so is every
+        token decoded over it, and a later prompt must not find either as an exact prefix hit."""
+        if num_tokens % self.block_size:
+            raise ValueError(f"{num_tokens} tokens is not a whole number of {self.block_size}-token blocks")
+        if seq_id not in self._tables:
+            raise KeyError(f"sequence {seq_id} holds no blocks")
+        blocks = num_tokens // self.block_size
+        self._limits[seq_id] = min(self._limits.get(seq_id, blocks), blocks)
+
     def free(self, seq_id: Hashable) -> None:
         """Release a sequence's blocks; cached ones stay findable until recycled."""
         self._hashes.pop(seq_id, None)
+        self._limits.pop(seq_id, None)
         # Last block first, so a prompt's tail is recycled before its head (heads are shared more).
         for block_id in reversed(self._tables.pop(seq_id)):
             block = self.blocks[block_id]

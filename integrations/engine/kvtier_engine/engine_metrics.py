@@ -23,7 +23,8 @@ class EngineMetrics:
                                      registry=reg)
         self.generation_tokens = Counter("kvtier_engine_generation_tokens", "tokens generated", registry=reg)
         self.prefill_computed = Counter("kvtier_engine_prefill_tokens_computed",
-                                        "prompt tokens run through the model", registry=reg)
+                                        "prompt tokens run through every layer of the model (a "
+                                        "blend's reused rows are not)", registry=reg)
         self.device_cached = Counter("kvtier_engine_prefix_cache_tokens",
                                      "prompt tokens found in the device prefix cache", registry=reg)
         self.loaded = Counter("kvtier_engine_kvtier_loaded_tokens", "prompt tokens loaded from kvtier",

@@ -185,7 +185,7 @@ class LLMEngine:
                 self._retire(request, RequestStatus.FINISHED_ERROR)
             raise StepFailed([r.request_id for r in failed]) from exc
         self.scheduler.update(plan, result.recomputed, result.finished_sending, result.loaded,
-                              result.not_blended)
+                              result.not_blended, {r: b.tokens_recomputed for r, b in result.blended.items()})
         for request_id, stats in result.blended.items():
             record_blend(self._requests[request_id], stats, self.kvtier.metrics)
         self.metrics.steps.inc()

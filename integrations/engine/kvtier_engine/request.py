@@ -44,7 +44,10 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
-    prefill_tokens_computed: int = 0  # prompt tokens this engine ran through the model
+    # Prompt tokens this engine ran through every layer of the model. A blended request's reused rows
+    # (`blend_tokens_reused`) still ran through layers 0..check_layer-1 but are not counted here, so
+    # computed + reused + loaded + cached on device = the prompt (one admission, no preemption).
+    prefill_tokens_computed: int = 0
     tokens_cached_on_device: int = 0  # prompt tokens found in the device prefix cache
     tokens_loaded: int = 0  # prompt tokens whose KV came from kvtier
     num_preemptions: int = 0

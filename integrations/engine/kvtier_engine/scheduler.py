@@ -158,19 +158,27 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, recomputed: dict[str, int],
                finished_sending: set[str], loaded: dict[str, int] | None = None,
-               not_blended: set[str] | None = None) -> None:
+               not_blended: set[str] | None = None, blended: dict[str, int] | None = None) -> None:
         """Advance each scheduled request past the tokens that ran. `recomputed`: tokens a request
         computed beyond plan because its kvtier load fell short; `loaded`: how far each load got;
-        `not_blended`: requests planned as a blend that were computed normally."""
+        `not_blended`: requests planned as a blend that were computed normally; `blended`: requests
+        whose prompt after the head was blended -> the rows of it computed through every layer (the
+        blend runs layers 0..check_layer-1 over every row, but the rows it reused count as reused,
+        `blend_tokens_reused`, not computed). A blended request's blocks past its head are never
+        published to the device prefix cache: their KV is approximate."""
         if self.connector is not None and (loaded or not_blended):
             self.connector.update_connector_output(loaded or {}, not_blended or ())
+        blended = blended or {}
         for s in output.scheduled:
             request = s.request
             extra = recomputed.get(request.request_id, 0)
             request.num_computed_tokens = s.num_computed + s.num_new
             prompt_left = max(0, request.num_prompt_tokens - (s.num_computed - extra))
-            request.metrics.prefill_tokens_computed += min(s.num_new + extra, prompt_left)
+            ran = blended.get(request.request_id, s.num_new + extra)
+            request.metrics.prefill_tokens_computed += min(ran, prompt_left)
             request.metrics.tokens_loaded -= extra
+            if request.request_id in blended:
+                self.pool.cache_only_upto(request.request_id, s.num_computed)
             self.pool.publish(request.request_id, request.token_ids, request.num_computed_tokens)
         for request_id in finished_sending:
             request = self.held.pop(request_id, None)

@@ -238,3 +238,57 @@ def test_a_prompt_that_takes_several_steps_is_not_blended(tmp_path):
         assert llm.engine.kvtier.stats()["blend_requests"] == 0
     assert out.metrics.blend_segments_hit == 0
     assert out.token_ids == baseline(tmp_path, second)
+
+
+def test_a_head_whose_kvtier_hit_ends_inside_a_block_is_blended(tmp_path, monkeypatch):
+    """A tier whose prefix hit ends mid-block (40 of a 48-token head: a stored partial chunk): the head
+    is rounded down to 32, the prefix load stops there, rows 32..47 are blended like any other."""
+    p = parts(31)
+    p["head1"] = p["head1"] + p["head2"][:16]  # 48 tokens: three chunks
+    first, second = prompt(p, "head1", ("p1", "p2", "p3")), prompt(p, "head1", ("p3", "p1", "p2"))
+    with blend_engine(tmp_path, ratio=1.0) as llm:
+        run(llm, first)
+        kvtier = llm.engine.kvtier
+        real_lookup = kvtier.lookup
+        monkeypatch.setattr(kvtier, "lookup", lambda tokens: min(real_lookup(tokens), 40))
+        out = run(llm, second)
+    m = out.metrics
+    assert (m.tokens_loaded, m.blend_segments_hit) == (32, 3)
+    assert m.blend_tokens_reused + m.blend_tokens_recomputed == len(second) - 32
+    assert out.token_ids == baseline(tmp_path, second)
+
+
+def test_prefill_tokens_computed_counts_rows_computed_through_every_layer(tmp_path):
+    p = parts(37)
+    first, second = prompt(p, "head1", ("p1", "p2", "p3")), prompt(p, "head1", ("p2", "p3", "p1"))
+    with blend_engine(tmp_path) as llm:
+        one = run(llm, first)
+        two = run(llm, second)
+        text = llm.engine.prometheus_text()
+    m = two.metrics
+    assert m.blend_tokens_reused > 0
+    assert m.prefill_tokens_computed == m.blend_tokens_recomputed
+    assert m.prefill_tokens_computed + m.blend_tokens_reused + m.tokens_loaded == len(second)
+    assert one.metrics.prefill_tokens_computed == len(first)  # not blended: every row computed
+    total = float(one.metrics.prefill_tokens_computed + m.prefill_tokens_computed)
+    assert f"kvtier_engine_prefill_tokens_computed_total {total}" in text
+
+
+def test_the_device_prefix_cache_never_serves_blended_blocks_as_exact(tmp_path):
+    """With the device prefix cache on, a blended request publishes its head's blocks and no block
+    past it: the same prompt again finds the head on the device, and is blended again."""
+    p = parts(41)
+    first, second = prompt(p, "head1", ("p1", "p2", "p3")), prompt(p, "head1", ("p3", "p2", "p1"))
+    path = tmp_path / "device-cache.yaml"
+    path.write_text(BLEND.format(sep=SEP, ratio=0.15))
+    with LLM(MODEL, kvtier_config=load_config(path, env={}), enable_prefix_caching=True) as llm:
+        run(llm, first)
+        two = run(llm, second)
+        three = run(llm, second)
+    assert two.metrics.blend_segments_hit == 3
+    assert two.metrics.tokens_cached_on_device == 32  # head1's blocks, left by the first prompt
+    assert three.metrics.tokens_cached_on_device == 32  # not the blended blocks past it
+    assert three.metrics.blend_segments_hit == 3
+    assert three.token_ids == two.token_ids
+    m = three.metrics
+    assert m.prefill_tokens_computed + m.blend_tokens_reused + m.tokens_cached_on_device == len(second)
