@@ -8,8 +8,11 @@ A prompt is split on the configured separator ids (`kvtier.blend.segments.split_
 question) is always computed. For each such passage:
 
     held    its leading segment chunks that some tier holds (keyed on the passage's own tokens,
-            `SegmentKeys`); a passage that starts at or after the request's head (what the device
-            holds plus the prefix load) and has one held chunk is a blend hit
+            `SegmentKeys`); a passage whose held chunks reach past the request's head (what the
+            device holds plus the prefix load) is a blend hit. One that straddles the head counts:
+            the device prefix cache often holds a few blocks into the first passage (every passage
+            starts with the same separator and often the same header), and the rows before the head
+            come from the request's blocks, exact, whatever was read for them
     missing its chunks from the first one not held on: saved once the prompt is computed
 
 A separator that never occurs in a prompt leaves prefix caching alone; that is said once in the log
@@ -56,13 +59,13 @@ class BlendPlanner:
         return [s for s in segments if s.kind == "passage" and s.num_tokens >= self.config.min_tokens]
 
     def plan(self, tokens: Sequence[int], head: int) -> PassagePlan:
-        """The passages of `tokens` held (those starting at or after `head`) and still missing."""
+        """The passages of `tokens` held (those whose held chunks reach past `head`) and still missing."""
         held, missing = [], []
         for segment in self.passages(tokens):
             spans = self.keys.spans(tokens, segment)
             n = self.engine.storage.contains_prefix([s.key for s in spans])
             if n < len(spans):
                 missing.append(PassageSpans(segment.start, segment.end, spans[n:]))
-            if n and segment.start >= head:
+            if n and spans[n - 1].end > head:
                 held.append(PassageSpans(segment.start, segment.end, spans[:n]))
         return PassagePlan(held, missing)

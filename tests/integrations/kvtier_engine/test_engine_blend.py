@@ -292,3 +292,24 @@ def test_the_device_prefix_cache_never_serves_blended_blocks_as_exact(tmp_path):
     assert three.token_ids == two.token_ids
     m = three.metrics
     assert m.prefill_tokens_computed + m.blend_tokens_reused + m.tokens_cached_on_device == len(second)
+
+
+@pytest.mark.parametrize("ratio", [0.15, 1.0])
+def test_a_first_passage_the_device_prefix_cache_reaches_into_is_blended(tmp_path, ratio):
+    # A 31-token head and the 1-token separator fill two blocks: the device prefix cache holds the
+    # first block of the first passage too (every passage starts with SEP), so the head ends inside
+    # that passage. It is still a blend hit: the rows before the head come from the device, exact.
+    p = parts()
+    p["head1"] = p["head1"][:31]
+    first, second = prompt(p, "head1", ("p1", "p2", "p3")), prompt(p, "head1", ("p3", "p1", "p2"))
+    path = tmp_path / "kvtier.yaml"
+    path.write_text(BLEND.format(sep=SEP, ratio=ratio))
+    with LLM(MODEL, kvtier_config=load_config(path, env={})) as llm:  # device prefix caching on
+        run(llm, first)
+        out = run(llm, second)
+    m = out.metrics
+    assert m.tokens_cached_on_device == 32  # the head's 31 tokens + SEP: block-aligned
+    assert m.blend_segments_hit == 3
+    assert m.blend_tokens_reused > 0 if ratio < 1 else m.blend_tokens_reused == 0
+    if ratio == 1.0:
+        assert out.token_ids == baseline(tmp_path, second)
