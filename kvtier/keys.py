@@ -8,11 +8,14 @@ only if they share every token before it. Seeding the chain with the namespace d
 geometry, dtype, TP rank and size, salt) keeps models, dtypes and TP layouts apart. Nothing here uses
 Python's `hash()`, so keys are identical across processes, `PYTHONHASHSEED`s and machines.
 
-Pure functions and a small stateless class; side-effect free; safe from any thread.
+Pure functions, and a class whose only state is a memo of recent prompts' keys (kvtier.key_memo);
+side-effect free; safe from any thread.
 """
 
 from __future__ import annotations
 
+import sys
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,6 +24,7 @@ import numpy as np
 import xxhash
 
 from kvtier.dtypes import is_tensor
+from kvtier.key_memo import KeyMemo
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +35,10 @@ NAMESPACE_BYTES = 8
 DIGEST_BYTES = 16
 KEY_BYTES = NAMESPACE_BYTES + DIGEST_BYTES
 _U32_MAX = 2**32 - 1
+# A Python list becomes u32 through `array`: 4x faster than numpy's per-element conversion, and
+# it raises on a negative, too large or non-integer id by itself. Only where its 'I' is 4 bytes.
+_ARRAY_U32 = "I" if array("I").itemsize == 4 else None
+MEMO_PROMPTS = 8  # prompts whose keys a TokenDatabase remembers (kvtier.key_memo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +61,9 @@ class Namespace:
         text = "\x1f".join(
             [self.model_id, self.layout, str(self.tp_rank), str(self.tp_size), self.salt])
         return xxhash.xxh3_64_digest(text.encode())
+
+
+_new_key = bytes.__new__
 
 
 class ChunkKey(bytes):
@@ -114,10 +125,12 @@ class ChunkSpan:
 
 def tokens_to_u32(tokens: Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarray:
     """Token ids as a little-endian u32 array (the bytes that are hashed). Raises on bad ids."""
+    if isinstance(tokens, list) and _ARRAY_U32:
+        return _list_to_u32(tokens)
     if is_tensor(tokens):
         if tokens.dim() != 1 or tokens.dtype.is_floating_point or str(tokens.dtype) == "torch.bool":
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
-        arr = tokens.detach().cpu().numpy()
+        arr = tokens.detach().cpu().numpy()  # zero-copy for a CPU tensor
     else:
         arr = np.asarray(tokens)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
@@ -129,8 +142,19 @@ def tokens_to_u32(tokens: Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarr
     return np.ascontiguousarray(arr, dtype="<u4")
 
 
+def _list_to_u32(tokens: list) -> np.ndarray:
+    try:
+        packed = array(_ARRAY_U32, tokens)
+    except (OverflowError, TypeError) as exc:  # negative, >= 2**32, a float, a nested list, a str
+        raise ValueError(f"tokens must be a 1-D sequence of integer token ids in [0, 2**32): {exc}") from None
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return np.frombuffer(packed, dtype="<u4") if packed else np.empty(0, dtype="<u4")
+
+
 class TokenDatabase:
-    """Splits token sequences into fixed-size chunks and keys them. Stateless after construction."""
+    """Splits token sequences into fixed-size chunks and keys them. Its only state after
+    construction is a memo of recent prompts' keys (kvtier.key_memo: thread-safe, never stale)."""
 
     def __init__(self, namespace: Namespace, chunk_size: int = 256, save_partial: bool = False):
         if chunk_size <= 0:
@@ -139,6 +163,7 @@ class TokenDatabase:
         self.chunk_size = chunk_size
         self.save_partial = save_partial
         self._ns_digest = namespace.digest()
+        self._memo = KeyMemo(chunk_size, MEMO_PROMPTS)
 
     @property
     def namespace_digest(self) -> bytes:
@@ -152,8 +177,17 @@ class TokenDatabase:
         ends = list(range(size, n + 1, size))
         if self.save_partial and n % size:
             ends.append(n)
-        ns = self._ns_digest
-        return [ChunkKey(ns, digest) for digest in chained_digests(arr.tobytes(), ns, ends)]
+        raw = arr.tobytes()
+        keys = self._memo.reusable(raw, ends)
+        if (k := len(keys)) < len(ends):
+            ns, start = self._ns_digest, ends[k - 1] if k else 0
+            seed = keys[-1].digest if k else ns
+            # bytes.__new__ directly: the digests are 16 bytes by construction, and ChunkKey's checks
+            # in Python cost as much as the hashing (25 us per 128 keys).
+            keys += [_new_key(ChunkKey, ns + digest)
+                     for digest in chained_digests(memoryview(raw)[start * 4:], seed, ends[k:], start)]
+        self._memo.remember(raw, keys)
+        return list(keys)
 
     def chunk_end(self, index: int, num_tokens: int) -> int:
         """Where chunk `index` of a `num_tokens` prompt ends (only the last one can be partial)."""
@@ -171,15 +205,15 @@ class TokenDatabase:
                 for i, key in enumerate(self.keys(tokens))]
 
 
-def chained_digests(raw: bytes, seed: bytes, ends: Sequence[int], start: int = 0) -> list[bytes]:
+def chained_digests(raw: bytes | memoryview, seed: bytes, ends: Sequence[int], start: int = 0) -> list[bytes]:
     """Prefix-chained 128-bit digests: for each end (in tokens), xxh3_128(previous digest || the u32
     token bytes since the previous end), the first chained to `seed`. `raw` holds the little-endian
     u32 token ids from token `start` on. Shared by kvtier's chunk keys and the engine's block hashes."""
-    digests, prev, base = [], seed, start
+    digests, prev, base, digest = [], seed, start, xxhash.xxh3_128_digest
     for end in ends:
         # One-shot digest of parent || tokens: 2.5x cheaper than a streaming hasher per chunk, and a
         # lookup of a 128K-token prompt hashes 512 chunks.
-        prev = xxhash.xxh3_128_digest(prev + raw[(start - base) * 4:(end - base) * 4])
+        prev = digest(prev + raw[(start - base) * 4:(end - base) * 4])
         digests.append(prev)
         start = end
     return digests

@@ -2,7 +2,9 @@
 copy out of a retrieve's slabs, `MemoryPool.copy_chunks`), record writes from slabs to the tiers below
 (reads from every tier below, P2P included; writes only to the writable tiers the caller passes).
 
-Where it runs: copies on the caller's thread; reads fan out over the read threads (TierReader);
+Where it runs: copies of CPU hits on the caller's thread, of lower-tier reads on the read thread
+that landed them (TierReader's `landed`), each into its own tokens of `out`; reads fan out over the
+read threads (TierReader);
 writes run on the StorageManager's write threads. It holds no index state and takes no lock: the
 StorageManager decides what moves and keeps each slab alive (a reader on its entry) while it
 moves; this module only moves bytes, once, never through Python bytes objects.
@@ -35,6 +37,29 @@ class ChunkRead:
     from_cpu: bool
 
 
+class _CopyOut:
+    """TierReader's `landed` for a retrieve into `out`: copies each lower-tier chunk from its slab
+    into its tokens of `out` as its read lands, while later reads run. A chunk after a miss is
+    copied too, into tokens the caller is not told it has (only the prefix before the first miss
+    counts as served). A failed copy (an `out` that cannot be written) is kept for `check`, which
+    raises it on the caller's thread once no read is in flight, as the copy there used to."""
+
+    def __init__(self, pool: MemoryPool, layout: KVLayout, out: torch.Tensor, reads: list[ChunkRead]):
+        self.pool, self.layout, self.out, self.reads = pool, layout, out, reads
+        self.failure: BaseException | None = None
+
+    def __call__(self, indices: list[int]) -> None:
+        chunks = [(self.reads[i].span, self.reads[i].entry.slab) for i in indices]
+        try:
+            self.pool.copy_chunks(chunks, self.out, self.layout, into_slabs=False)
+        except BaseException as exc:  # raised on the caller's thread by `check`
+            self.failure = self.failure or exc
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
 class SlabIO:
     def __init__(self, pool: MemoryPool, layout: KVLayout, lower: Sequence[Tier], metrics: Metrics,
                  reads: TransferQueue):
@@ -45,10 +70,11 @@ class SlabIO:
     def read(self, plan: list[ChunkRead], out: torch.Tensor | None) -> int:
         """Read the planned lower-tier chunks, copy the good prefix out. Returns chunks served."""
         lower = [r for r in plan if not r.from_cpu]
-        # Start the lower-tier reads, then copy the CPU hits while they run.
+        copy_out = _CopyOut(self.pool, self.layout, out, lower) if out is not None and lower else None
+        # Start the lower-tier reads (each copied out as it lands), then copy the CPU hits meanwhile.
         pending = self.reader.start([
             ReadRequest(r.span.key, self.pool.tensor(r.entry.slab, self.pool.slab_stride),
-                        self.layout.chunk_shape(r.span.num_tokens)) for r in lower])
+                        self.layout.chunk_shape(r.span.num_tokens)) for r in lower], copy_out)
         try:
             if out is not None:
                 hits = [(r.span, r.entry.slab) for r in plan if r.from_cpu]
@@ -58,12 +84,10 @@ class SlabIO:
             wait([future for _, future in pending.jobs])
             raise
         found = iter(self.reader.finish(pending))
+        if copy_out is not None:
+            copy_out.check()
         ok = [r.from_cpu or next(found) for r in plan]
-        n = ok.index(False) if False in ok else len(plan)
-        if out is not None:
-            read = [(r.span, r.entry.slab) for r in plan[:n] if not r.from_cpu]
-            self.pool.copy_chunks(read, out, self.layout, into_slabs=False)
-        return n
+        return ok.index(False) if False in ok else len(plan)
 
     def write(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier], confirm: bool = False) -> bool:
         """Write one entry's chunk to `tiers` (blocking); True if any of them holds it now.

@@ -32,6 +32,14 @@ from kvtier.tiers.base import Tier
 
 logger = logging.getLogger(__name__)
 
+# Bytes of buffers one read job fills (at least one chunk): small enough that chunks land, and are
+# handed to `landed`, while later ones are still being read (a 1 GiB retrieve whose copy out waited
+# for the last read spent ~20 % of its time copying after the disk was done); large enough that a
+# batched tier (Redis, the server) still gets several small chunks per round trip.
+READ_JOB_BYTES = 8 << 20
+
+Landed = Callable[[list[int]], None]  # indices of requests read and verified, called on the job's thread
+
 
 class TransferQueue:
     def __init__(self, threads: int, name: str = "kvtier-io"):
@@ -116,15 +124,20 @@ class ReadRequest:
 class PendingReads:
     requests: list[ReadRequest]
     jobs: list[tuple[list[int], Future]]
+    landed: Landed | None = None
 
 
 class TierReader:
     """Reads records from the tiers below host memory into caller buffers, on the read threads.
 
-    `start(requests)` splits the batch across the threads against the first tier and returns at
-    once (so the caller can copy its CPU hits meanwhile; a first tier that fans out, P2P, is read in
-    `finish` instead, on the caller's thread); `finish(pending)` waits, asks each next
-    tier for what the previous one missed, and returns one bool per request. A coded record (any
+    `start(requests, landed)` splits the batch into jobs of about READ_JOB_BYTES, in order, over
+    the threads, against the first tier, and returns at once (so the caller can copy its CPU hits
+    meanwhile; a first tier that fans out, P2P, is read in `finish` instead, on the caller's
+    thread); `finish(pending)` waits, asks each next tier for what the previous one missed, and
+    returns one bool per request. `landed(indices)`, if given, is called by each job (on its thread)
+    with the requests it read that are good (verified by the tier, decoded, of the expected shape),
+    as soon as they are: the caller copies them out while later reads run. Jobs land in any order;
+    which leading requests form the prefix is the caller's to decide from `finish`. A coded record (any
     tier may hold some: kvtier.tiers.coded) is decoded in place into its buffer by the job that read
     it, on the thread that ran the tier's `get`, so a chunk is decoded once, on its way up into host
     memory; one that fails to decode is a miss, counted corrupt and removed. A record whose codec,
@@ -139,14 +152,14 @@ class TierReader:
         self.queue = queue
         self._log = LogLimiter(logger)  # per tier: a broken tier fails or mismatches every read
 
-    def start(self, requests: list[ReadRequest]) -> PendingReads:
+    def start(self, requests: list[ReadRequest], landed: Landed | None = None) -> PendingReads:
         # A first tier that fans out is read in `finish`, on the caller's thread (see `_submit`).
-        jobs = []
+        pending = PendingReads(requests, [], landed)
         if requests and not self.tiers[0].fans_out:
-            jobs = self._submit(self.tiers[0], requests, range(len(requests)))
-        return PendingReads(requests, jobs)
+            pending.jobs = self._submit(self.tiers[0], pending, range(len(requests)))
+        return pending
 
-    def _submit(self, tier: Tier, requests: list[ReadRequest], todo) -> list[tuple[list[int], Future]]:
+    def _submit(self, tier: Tier, pending: PendingReads, todo) -> list[tuple[list[int], Future]]:
         """Jobs reading `todo` from `tier`; a tier that fans out is read here and now."""
         todo = list(todo)
         if tier.fans_out:
@@ -154,19 +167,27 @@ class TierReader:
             # the caller's thread (which waits for it anyway): a stalled peer then holds that caller
             # alone, never one of the shared read threads that other loads need (with P2P the only
             # tier below, one stalled load per read thread would stall every load).
-            return [(todo, _run_here(self._read, tier, requests, todo))]
-        workers = min(self.queue.threads, len(todo))
-        jobs = []
-        for w in range(workers):
-            part = todo[w::workers]  # strided, so every thread gets early and late chunks alike
-            jobs.append((part, self.queue.submit(self._read, tier, requests, part)))
-        return jobs
+            return [(todo, _run_here(self._read, tier, pending, todo))]
+        # Consecutive runs, submitted in order: the threads take the leading chunks first, so the
+        # prefix lands first, and a thread that finishes early takes the next job (no straggler).
+        per_job = max(1, READ_JOB_BYTES // max(pending.requests[todo[0]].dest.nbytes, 1)) if todo else 1
+        per_job = min(per_job, -(-len(todo) // self.queue.threads))  # every thread gets work
+        parts = [todo[j:j + per_job] for j in range(0, len(todo), per_job)]
+        return [(part, self.queue.submit(self._read, tier, pending, part)) for part in parts]
 
-    def _read(self, tier: Tier, requests: list[ReadRequest], part: list[int]) -> list[RecordHeader | None]:
+    def _read(self, tier: Tier, pending: PendingReads, part: list[int]) -> list[bool]:
         """`tier.get` of `part`, each coded record then decoded into its buffer (on this thread: the
-        read thread, or the caller's for a tier that fans out), so that `_fits` sees raw chunks."""
+        read thread, or the caller's for a tier that fans out) and checked (`_fits`); the good ones
+        handed to `landed`. One bool per request of `part`."""
+        requests = pending.requests
         headers = tier.get([requests[i].key for i in part], [requests[i].dest for i in part])
-        return [self._decoded(tier, header, requests[i]) for i, header in zip(part, headers)]
+        ok = []
+        for i, header in zip(part, headers):
+            header = self._decoded(tier, header, requests[i])
+            ok.append(header is not None and self._fits(tier, header, requests[i]))
+        if pending.landed is not None and any(ok):
+            pending.landed([i for i, good in zip(part, ok) if good])
+        return ok
 
     def _decoded(self, tier: Tier, header: RecordHeader | None, request: ReadRequest) -> RecordHeader | None:
         """`header` after decoding its coded record in place (then its header as if raw: only `_fits`
@@ -191,19 +212,19 @@ class TierReader:
                 todo = [i for i, ok in enumerate(found) if not ok]
                 if not todo:
                     break
-                jobs = self._submit(tier, requests, todo)
+                jobs = self._submit(tier, pending, todo)
             asked = hits = 0
             for part, future in jobs:
                 asked += len(part)
                 try:
-                    headers = future.result()
+                    ok = future.result()
                 except Exception:
                     self._log.error((tier.name, "get"), "%s: get failed", tier.name, exc_info=True)
                     self.metrics.tier_inc(tier.name, "errors", len(part))  # per chunk, as tiers count
                     continue
-                for i, header in zip(part, headers):
-                    found[i] = header is not None and self._fits(tier, header, requests[i])
-                    hits += found[i]
+                for i, good in zip(part, ok):
+                    found[i] = good
+                    hits += good
             self.metrics.tier_inc(tier.name, "hits", hits)
             self.metrics.tier_inc(tier.name, "misses", asked - hits)
         return found

@@ -1,0 +1,141 @@
+"""Tests for kvtier/key_memo.py through TokenDatabase.keys: a prompt seen again hashes only what is
+new, and the memo never hands back a stale key: every answer equals a fresh TokenDatabase's."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from kvtier import keys as keys_module
+from kvtier.key_memo import KeyMemo, common_tokens
+from kvtier.keys import MEMO_PROMPTS, Namespace, TokenDatabase
+from kvtier.layout import KVLayout
+
+NS = Namespace.for_layout("test/model", KVLayout(2, 2, 8, torch.float16))
+SIZE = 16
+
+
+def fresh(toks, save_partial=False):
+    return TokenDatabase(NS, chunk_size=SIZE, save_partial=save_partial).keys(toks)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return random.Random(seed).choices(range(50_000), k=n)
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """How many chunks TokenDatabase.keys hashed, call by call."""
+    counts: list[int] = []
+    real = keys_module.chained_digests
+
+    def counting(raw, seed, ends, start=0):
+        counts.append(len(ends))
+        return real(raw, seed, ends, start)
+
+    monkeypatch.setattr(keys_module, "chained_digests", counting)
+    return counts
+
+
+def keyed(db, toks, hashed):
+    """`db.keys(toks)` and how many chunks that call hashed (0 when none)."""
+    before = len(hashed)
+    got = db.keys(toks)
+    return got, sum(hashed[before:])
+
+
+def test_a_repeated_prompt_hashes_nothing_and_an_extended_one_only_its_new_chunks(hashed):
+    db = TokenDatabase(NS, chunk_size=SIZE)
+    toks = prompt(10 * SIZE, 1)
+    longer = toks + prompt(2 * SIZE + 3, 2)  # the next turn
+    want, want_longer = fresh(toks), fresh(longer)
+    assert keyed(db, toks, hashed) == (want, 10)
+    assert keyed(db, toks, hashed) == (want, 0)
+    assert keyed(db, longer, hashed) == (want_longer, 2)
+
+
+def test_a_prompt_changed_in_its_middle_with_the_same_length_gets_fresh_keys_from_there(hashed):
+    db = TokenDatabase(NS, chunk_size=SIZE)
+    toks = prompt(10 * SIZE, 3)
+    changed = list(toks)
+    changed[4 * SIZE + 5] += 1
+    want, want_changed = fresh(toks), fresh(changed)
+    db.keys(toks)
+    got, n = keyed(db, changed, hashed)
+    assert got == want_changed and n == 6  # chunks 4..9 hashed again
+    assert got[:4] == want[:4] and got[4] != want[4]
+    assert db.keys(toks) == want  # and back: nothing of the changed prompt leaks
+
+
+@pytest.mark.parametrize("save_partial", [False, True])
+def test_random_edits_always_match_a_fresh_database(save_partial):
+    rng = random.Random(5)
+    db = TokenDatabase(NS, chunk_size=SIZE, save_partial=save_partial)
+    base = [prompt(rng.randrange(SIZE, 8 * SIZE), s) for s in range(3)]
+    for _ in range(300):
+        toks = list(rng.choice(base))
+        edit = rng.randrange(5)
+        if edit == 0 and toks:  # one token changed anywhere, the last included
+            toks[rng.randrange(len(toks))] ^= 1 + rng.randrange(7)
+        elif edit == 1:
+            toks = toks[:rng.randrange(len(toks) + 1)]
+        elif edit == 2:
+            toks += prompt(rng.randrange(2 * SIZE), rng.randrange(10**6))
+        elif edit == 3:  # same length, different tail token: a partial tail must not be reused
+            toks[-1] = (toks[-1] + 1) % 50_000
+        form = rng.choice([list, torch.tensor])
+        assert db.keys(form(toks)) == fresh(toks, save_partial)
+
+
+def test_the_keys_returned_can_be_changed_without_changing_the_memo():
+    db = TokenDatabase(NS, chunk_size=SIZE)
+    toks = prompt(4 * SIZE, 9)
+    db.keys(toks).clear()
+    assert db.keys(toks) == fresh(toks)
+
+
+def test_the_memo_holds_a_bounded_number_of_prompts(hashed):
+    db = TokenDatabase(NS, chunk_size=SIZE)
+    prompts = [prompt(3 * SIZE, 100 + i) for i in range(MEMO_PROMPTS + 1)]
+    for toks in prompts:
+        db.keys(toks)
+    assert len(db._memo._entries) == MEMO_PROMPTS
+    assert keyed(db, prompts[-1], hashed)[1] == 0  # the newest is remembered
+    assert keyed(db, prompts[0], hashed)[1] == 3  # the oldest was let go
+
+
+def test_threads_sharing_a_database_each_get_their_own_keys():
+    db = TokenDatabase(NS, chunk_size=SIZE)
+    prompts = [prompt(6 * SIZE, 200 + i) for i in range(4)]
+    expected = [fresh(p) for p in prompts]
+    wrong: list[int] = []
+
+    def work(i: int) -> None:
+        rng = random.Random(i)
+        for _ in range(200):
+            j = rng.randrange(len(prompts))
+            if db.keys(prompts[j]) != expected[j]:
+                wrong.append(j)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_common_tokens_counts_whole_tokens_only():
+    a = bytes(range(16))
+    assert common_tokens(a, a) == 4
+    assert common_tokens(a, a[:8]) == 2
+    assert common_tokens(a, a[:7] + b"\xff" + a[8:]) == 1  # the byte differs in token 1
+    assert common_tokens(a, b"\xff" + a[1:]) == 0
+
+
+def test_slots_must_be_positive():
+    with pytest.raises(ValueError, match="slots"):
+        KeyMemo(SIZE, 0)
