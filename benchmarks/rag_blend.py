@@ -152,20 +152,24 @@ def passage_pool(tokenizer, modules=MODULES, per_module=PER_MODULE,
 
 def build_prompt(tokenizer, pool: list[Passage], rng: np.random.Generator, count: int) -> Prompt:
     """A head, `count` passages of the pool in a random order, and a question about one of them."""
-    sep = tokenizer.encode(SEPARATOR)
     askable = [i for i, p in enumerate(pool) if p.names]
     target = int(rng.choice(askable))
     others = [i for i in rng.permutation(len(pool)).tolist() if i != target][: count - 1]
     order = [int(i) for i in rng.permutation([target, *others])]
     name = pool[target].names[int(rng.integers(len(pool[target].names)))]
-    question = QUESTION.format(name=name)
+    return assemble_prompt(tokenizer, pool, order, QUESTION.format(name=name))
+
+
+def assemble_prompt(tokenizer, pool: list[Passage], order: list[int], question: str) -> Prompt:
+    """The head, the passages `order` names (indices into the pool) in that order, and `question`."""
+    sep = tokenizer.encode(SEPARATOR)
     passages = [t for i in order for t in pool[i].ids]
     ids = tokenizer.encode(SYSTEM) + passages + sep + tokenizer.encode(question)
-    prompt = Prompt(ids, order, question)
+    prompt = Prompt(ids, list(order), question)
     prompt.segments = split_segments(ids, sep)
     kinds = [s.kind for s in prompt.segments]
-    if kinds != ["head", *["passage"] * count, "suffix"]:  # the separator occurred inside some text
-        raise ValueError(f"the prompt split into {kinds}, not head + {count} passages + suffix")
+    if kinds != ["head", *["passage"] * len(order), "suffix"]:  # the separator occurred inside some text
+        raise ValueError(f"the prompt split into {kinds}, not head + {len(order)} passages + suffix")
     return prompt
 
 
@@ -203,10 +207,15 @@ class PassageStore:
         if tuple(ids) in self.stored:
             return
         cache = prefill(self.model, ids)
-        segment = Segment(0, len(ids), "passage")  # the passage as it sat when computed: alone
-        k = rope_shift.shift_keys(cache.k, -segment.start, self.inv_freq)  # normalise to position 0
-        stored = self.engine.storage.put(self.keys.spans(ids, segment), self._kv(k, cache.v))
-        if stored != len(self.keys.spans(ids, segment)):
+        self.put_passage(ids, cache.k, cache.v, 0)  # the passage as it sat when computed: alone
+
+    def put_passage(self, ids: list[int], k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store a passage's K/V [L, len(ids), H, D], computed with the passage at position `start`,
+        by segment keys with K normalised to position 0."""
+        k = rope_shift.shift_keys(k, -start, self.inv_freq)  # normalise to position 0
+        spans = self.keys.spans(ids, Segment(0, len(ids), "passage"))
+        stored = self.engine.storage.put(spans, self._kv(k, v))
+        if stored != len(spans):
             raise RuntimeError(f"kvtier stored {stored} of the passage's chunks: the CPU tier is too small")
         self.stored.add(tuple(ids))
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kvtier.blend.selection import random_rows, select_rows
+from kvtier.blend.selection import joint_kv, random_rows, select_by_score, select_rows
 
 HEADS, DIM = 2, 4
 
@@ -141,3 +141,47 @@ def test_random_rows_is_deterministic_under_a_seeded_generator_and_covers_every_
     # One generator advances: two draws from it differ.
     g = torch.Generator().manual_seed(7)
     assert not torch.equal(random_rows(cached, 0.2, g), random_rows(cached, 0.2, g))
+
+
+def test_select_by_score_keeps_the_uncached_rows_and_the_top_cached_scores():
+    score = torch.tensor([9.0, 1.0, 5.0, 7.0, 3.0, 7.0])
+    cached = torch.tensor([False, True, True, True, True, True])  # row 0's 9 is ignored: uncached
+    assert rows(select_by_score(score, cached, 0.0)) == [0]
+    assert rows(select_by_score(score, cached, 0.2)) == [0, 3]  # ceil(1.0): the tie 3/5 goes to row 3
+    assert rows(select_by_score(score, cached, 0.4)) == [0, 3, 5]
+    assert rows(select_by_score(score, cached, 1.0)) == [0, 1, 2, 3, 4, 5]
+
+
+def test_select_by_score_on_k_deviations_is_select_rows():
+    g = torch.Generator().manual_seed(5)
+    k_new, k_loaded = torch.randn(30, HEADS, DIM, generator=g), torch.randn(30, HEADS, DIM, generator=g)
+    cached = torch.rand(30, generator=g) < 0.7
+    score = (k_new - k_loaded).square().flatten(1).sum(1)
+    for ratio in (0.1, 0.3, 0.5):
+        assert torch.equal(select_by_score(score, cached, ratio), select_rows(k_new, k_loaded, cached, ratio))
+    with pytest.raises(ValueError, match="score"):
+        select_by_score(score[:29], cached, 0.3)
+    with pytest.raises(ValueError, match="ratio"):
+        select_by_score(score, cached, 1.5)
+
+
+def test_joint_kv_scores_each_deviation_relative_to_its_own_scale():
+    """V 100x smaller than K: a raw sum would rank by K alone; joint_kv ranks by relative deviation, so
+    a row whose V is off by half its norm beats a row whose K is off by a tenth of its norm."""
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(10, HEADS, DIM, generator=g) * 10, torch.randn(10, HEADS, DIM, generator=g) * 0.1
+    k_new, v_new = k.clone(), v.clone()
+    k_new[2] *= 1.1  # 1% of K's squared norm
+    v_new[6] *= 1.5  # 25% of V's
+    cached = torch.ones(10, dtype=torch.bool)
+    new, loaded = joint_kv(k_new, k, v_new, v, cached)
+    assert new.shape == loaded.shape == (10, HEADS, 2 * DIM)
+    assert rows(select_rows(new, loaded, cached, 0.1)) == [6]
+    assert rows(select_rows(torch.cat((k_new, v_new), -1), torch.cat((k, v), -1), cached, 0.1)) == [2]
+    # The deviation is exactly dK / mean |K|^2 + dV / mean |V|^2 over the cached rows.
+    dev = (new - loaded).square().flatten(1).sum(1)
+    expected = ((k_new - k).square().flatten(1).sum(1) / k.square().flatten(1).sum(1).mean()
+                + (v_new - v).square().flatten(1).sum(1) / v.square().flatten(1).sum(1).mean())
+    torch.testing.assert_close(dev, expected)
+    with pytest.raises(ValueError, match="one shape"):
+        joint_kv(k_new, k, v_new[:, :1], v, cached)

@@ -9,7 +9,8 @@ What it computes, for prompt rows 0..T-1 (row = true position):
     layers 0..c-1    every row recomputed (a full causal prefill of those layers; their K/V replace
                      the loaded ones)
     layer c          K of every row from the full hidden states; rows S = select(K_new, K_loaded,
-                     cached, ratio) + every uncached row + the last row   (c = check_layer)
+                     cached, ratio) + every uncached row + the last row   (c = check_layer; V, or
+                     K and V together, where `BlendInput.deviation` says so)
     layers c..L-1    only rows S carried: each layer computes q/k/v for S, writes their K/V over
                      the loaded ones, and S attends over the merged K/V by TRUE positions
 
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 # (k_new [T, Hkv, D], k_loaded [T, Hkv, D], cached bool [T], ratio) -> row indices [S]
 Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
+DEVIATIONS = ("k", "v", "kv")  # what the check layer may score (BlendInput.deviation)
 SELF_TEST_TOKENS = 48
 SELF_TEST_ATOL = 1e-4  # fp32 models: an absolute bound on every compared value
 # 16-bit models: blend and full prefill round differently (their matmuls split the work differently),
@@ -69,6 +71,9 @@ class BlendInput:
     ratio: float  # share of cached rows recomputed from check_layer on, in [0, 1]
     check_layer: int  # 1..L-1: the layer whose K deviation picks the rows
     select: Selector = selection.select_rows
+    # What `select` scores at the check layer: "k" (CacheBlend's K deviation), "v" (V's), or "kv"
+    # (both, each relative to its scale: `selection.joint_kv`); the selector gets (new, loaded) of it.
+    deviation: str = "k"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +124,9 @@ def blend_prefill(model: CausalLM, inp: BlendInput) -> BlendOutput:
     cos, sin = decoder.rotary(torch.arange(t, device=device))
     for layer in decoder.layers[:inp.check_layer]:
         x = layer(x, cos, sin, merged)
-    k_new = decoder.layers[inp.check_layer].keys(x, cos, sin)
     cached = inp.cached.to(device)
-    chosen = inp.select(k_new, merged.k[inp.check_layer], cached, inp.ratio)  # still the loaded K
+    new, loaded = _scored(decoder.layers[inp.check_layer], x, cos, sin, merged, inp, cached)
+    chosen = inp.select(new, loaded, cached, inp.ratio)
     rows = _rows_to_recompute(chosen, cached, t)
     merged.rows = rows
     x, cos, sin = x[rows], cos[rows], sin[rows]
@@ -129,6 +134,19 @@ def blend_prefill(model: CausalLM, inp: BlendInput) -> BlendOutput:
         x = layer(x, cos, sin, merged)
     last_logits = model.logits(decoder.norm(x[-1:]))[0]  # rows ascend and end with the last row
     return BlendOutput(merged.k, merged.v, last_logits, rows, len(rows), kv)
+
+
+def _scored(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, merged: _MergedKV,
+            inp: BlendInput, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(recomputed, loaded) at the check layer, of what `inp.deviation` names; `merged` still holds
+    the loaded K/V there."""
+    c = inp.check_layer
+    if inp.deviation == "k":
+        return layer.keys(x, cos, sin), merged.k[c]
+    k_new, v_new = layer.keys_values(x, cos, sin)
+    if inp.deviation == "v":
+        return v_new, merged.v[c]
+    return selection.joint_kv(k_new, merged.k[c], v_new, merged.v[c], cached)
 
 
 def _rows_to_recompute(chosen: torch.Tensor, cached: torch.Tensor, t: int) -> torch.Tensor:
@@ -146,6 +164,8 @@ def _check(config: ModelConfig, inp: BlendInput) -> None:
     if not 1 <= inp.check_layer < layers:
         raise ValueError(f"check_layer {inp.check_layer} is outside 1..{layers - 1} "
                          f"(the model has {layers} layers)")
+    if inp.deviation not in DEVIATIONS:
+        raise ValueError(f"deviation {inp.deviation!r} is not one of {', '.join(DEVIATIONS)}")
     if inp.token_ids.dim() != 1 or inp.token_ids.shape[0] == 0:
         raise ValueError(f"token_ids must be one non-empty sequence [T], not {tuple(inp.token_ids.shape)}")
     t = inp.token_ids.shape[0]

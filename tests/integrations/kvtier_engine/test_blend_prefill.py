@@ -281,6 +281,48 @@ def test_bad_arguments_are_value_errors(llama):
         blend_prefill(llama, BlendInput(ids, k, v, cached, 1.5, 1))
 
 
+def test_keys_values_are_the_k_and_v_the_layer_hands_its_backend(llama):
+    """DecoderLayer.keys_values: K as `keys` gives it, V as `forward` makes it (recorded at the backend)."""
+    ids = prompt(llama, 12)
+    decoder = llama.model
+    x = decoder.embed_tokens(ids)
+    cos, sin = decoder.rotary(torch.arange(12))
+
+    class Recorder:
+        def attend(self, layer, q, k, v):
+            self.k, self.v = k, v
+            return torch.zeros_like(q)
+
+    seen = Recorder()
+    with torch.no_grad():
+        decoder.layers[1](x, cos, sin, seen)
+        k, v = decoder.layers[1].keys_values(x, cos, sin)
+        assert torch.equal(k, decoder.layers[1].keys(x, cos, sin))
+    assert torch.equal(k, seen.k) and torch.equal(v, seen.v)
+
+
+def test_the_deviation_field_picks_what_the_check_layer_scores(llama):
+    """"v" selects the row whose loaded V is off, "k" (the default) the row whose K is; "kv" sees both,
+    each relative to its scale; the default's result is the same with the field left out or set."""
+    ids = prompt(llama, 40)
+    _, k, v = full_prefill(llama, ids)
+    cached = torch.ones(40, dtype=torch.bool)
+    loaded_k, loaded_v = k.clone(), v.clone()
+    loaded_k[1, 7] += 5.0
+    loaded_v[1, 30] += 5.0 * v[1].abs().mean() / k[1].abs().mean()  # as far off as row 7, relatively
+    inp = BlendInput(ids, loaded_k, loaded_v, cached, 1 / 40, 1)
+    picked = {d: blend_prefill(llama, BlendInput(ids, loaded_k, loaded_v, cached, 2 / 40, 1, select_rows, d))
+              for d in ("k", "v", "kv")}
+    assert blend_prefill(llama, inp).selected.tolist() == [7, 39]
+    assert blend_prefill(llama, BlendInput(ids, loaded_k, loaded_v, cached, 1 / 40, 1, select_rows,
+                                           "v")).selected.tolist() == [30, 39]
+    assert picked["kv"].selected.tolist() == [7, 30, 39]
+    default = blend_prefill(llama, BlendInput(ids, loaded_k, loaded_v, cached, 2 / 40, 1))
+    assert torch.equal(picked["k"].kv, default.kv)
+    with pytest.raises(ValueError, match="deviation"):
+        blend_prefill(llama, BlendInput(ids, k, v, cached, 0.15, 1, select_rows, "q"))
+
+
 # -- the CacheBlend premise on a trained model --------------------------------------------------------------
 
 HEAD = "You are a helpful assistant. Answer the question using only the documents below.\n\n"

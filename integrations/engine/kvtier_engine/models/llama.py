@@ -43,6 +43,11 @@ class Attention(nn.Module):
         """Rotated K [T, Hkv, D] of the rows of x (already normed), as `forward` hands the backend."""
         return apply_rotary(self.k_proj(x).view(x.shape[0], self.num_kv_heads, self.head_dim), cos, sin)
 
+    def keys_values(self, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) [T, Hkv, D] of the rows of x (already normed): K as `keys`, V as `forward` makes it."""
+        return self.keys(x, cos, sin), self.v_proj(x).view(x.shape[0], self.num_kv_heads, self.head_dim)
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -72,6 +77,12 @@ class DecoderLayer(nn.Module):
         """This layer's K for hidden states x, without attending: what CacheBlend's check layer scores
         (kvtier_engine/blend.py), which then runs `forward` over the rows it selects."""
         return self.self_attn.keys(self.input_layernorm(x), cos, sin)
+
+    def keys_values(self, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (K, V) for hidden states x, without attending: for a blend that scores rows by
+        V's deviation or K's and V's together (`BlendInput.deviation`)."""
+        return self.self_attn.keys_values(self.input_layernorm(x), cos, sin)
 
 
 class DecoderModel(nn.Module):
