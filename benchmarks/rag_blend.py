@@ -16,13 +16,18 @@ lines into passages of 150-300 tokens (a longer one is cut at 300 tokens), each 
 a "From the documentation of <module>:" line. Each prompt draws 5-8 passages from the pool in a random
 order; the question asks what a function named in one of them does.
 
-Passages' KV: each passage is prefilled ALONE, as its own prompt at positions 0.. (CacheBlend's
-setting: a passage's KV is computed once without any context), the first time a prompt uses it, and
-stored in a kvtier CacheEngine (CPU tier, float32 KV as the model computes it, 256-token chunks) under
-its segment keys (`SegmentKeys.spans` + `engine.storage.put`), K normalised to segment position 0
-(`rope_shift.shift_keys(k, -segment.start, inv_freq)`: 0 here, as each passage was its own prompt).
+Passages' KV (`--source`), stored in a kvtier CacheEngine (CPU tier, float32 KV as the model
+computes it, 256-token chunks) under segment keys (`SegmentKeys.spans` + `engine.storage.put`), K
+normalised to segment position 0 (`rope_shift.shift_keys(k, -segment.start, inv_freq)`):
+- context (the default: what the bundled engine stores): each passage cut from the full prefill of an
+  EARLIER prompt that held it ("donor" prompts: every measured passage once, in random groups and
+  orders, none behind the same passages as in any measured prompt), as the connector saves passages
+  from the first prompt it computes them in;
+- alone (CacheBlend's setting, the harder one): each passage prefilled as its own prompt at positions
+  0.., without any context.
 The head (same system prompt in every prompt) is stored under prefix keys (`engine.store`, partial
 chunk kept). Each test prompt then places the passages at new positions.
+benchmarks/rag_blend_study.py studies why the two sources differ.
 
 Methods, per prompt (model fp32 on CPU, torch threads = the machine's cores):
 - full: prefill of the whole prompt (the reference).
@@ -81,6 +86,8 @@ OUT = ROOT / "benchmarks" / "results"
 MODULES = ("json", "heapq", "bisect", "textwrap", "shlex", "fnmatch", "base64", "zlib", "difflib",
            "functools", "string", "copy")
 PER_MODULE = 3  # passages taken from each page
+DONOR_TRIES = 200  # draws of donor prompts before giving up (donor_prompts)
+SOURCES = ("context", "alone")  # where the passages' stored KV comes from (--source)
 SEPARATOR = "\n\n## "
 SYSTEM = ("<|im_start|>system\nYou are a helpful assistant. Answer the user's question in one or two "
           "sentences using the documentation excerpts the user gives.<|im_end|>\n<|im_start|>user\n"
@@ -240,6 +247,34 @@ class PassageStore:
         return rope_shift.shift_keys(kv[0], delta, self.inv_freq), kv[1], cached
 
 
+def donor_prompts(tokenizer, pool: list[Passage], prompts: list[Prompt],
+                  rng: np.random.Generator, sizes: tuple[int, int]) -> list[Prompt]:
+    """Prompts holding every passage of `prompts` once, none behind the same passages (or none) as in
+    a test prompt: the earlier prompts an engine would have saved the passages from."""
+    need = list(dict.fromkeys(i for p in prompts for i in p.passages))
+    before = {(i, tuple(p.passages[:j])) for p in prompts for j, i in enumerate(p.passages)}
+    for _ in range(DONOR_TRIES):
+        order, groups = [int(i) for i in rng.permutation(need)], []
+        while order:
+            n = int(rng.integers(sizes[0], sizes[1] + 1))
+            groups.append(order[:n])
+            order = order[n:]
+        if not any((i, tuple(g[:j])) in before for g in groups for j, i in enumerate(g)):
+            break
+    else:
+        raise RuntimeError(f"no donor order in {DONOR_TRIES} tries keeps every passage's context new")
+    named = [next((pool[i].names[0] for i in g if pool[i].names), "it") for g in groups]
+    return [assemble_prompt(tokenizer, pool, g, QUESTION.format(name=n)) for g, n in zip(groups, named)]
+
+
+def store_cut(store: PassageStore, prompt: Prompt, cache: ContiguousKVCache) -> None:
+    """Each passage of `prompt` not yet in `store`, cut from `cache` (the prompt's full prefill)."""
+    for seg in prompt.segments:
+        ids = prompt.ids[seg.start:seg.end]
+        if seg.kind == "passage" and tuple(ids) not in store.stored:
+            store.put_passage(ids, cache.k[:, seg.start:seg.end], cache.v[:, seg.start:seg.end], seg.start)
+
+
 # -- the model -----------------------------------------------------------------------------------
 
 
@@ -384,10 +419,11 @@ def targets(summary: dict) -> dict:
 # -- output --------------------------------------------------------------------------------------
 
 
-def print_results(console: Console, summary: dict, verdicts: dict, rows: list[dict]) -> None:
+def print_results(console: Console, summary: dict, verdicts: dict, rows: list[dict],
+                  source: str = SOURCES[0]) -> None:
     tokens = [r["tokens"] for r in rows]
     t = Table(title=f"CacheBlend on {MODEL} (fp32, CPU): {len(rows)} prompts of {min(tokens)}-{max(tokens)} "
-                    f"tokens, check layer {CHECK_LAYER}; quality vs full prefill")
+                    f"tokens, passages' KV {source}, check layer {CHECK_LAYER}; quality vs full prefill")
     for c in ("method", "recomputed", "TTFT ms", "x vs full", "x vs prefix", "top-1", "KL", "KL max",
               "identical"):
         t.add_column(c, justify="right")
@@ -405,7 +441,7 @@ def print_results(console: Console, summary: dict, verdicts: dict, rows: list[di
         console.print(f"{'PASS' if v['pass'] else 'FAIL'}  {name}: {v['value']:.4g} (bound {v['bound']:.4g})")
 
 
-def plot(path: Path, summary: dict) -> None:
+def plot(path: Path, summary: dict, source: str = SOURCES[0]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -429,7 +465,8 @@ def plot(path: Path, summary: dict) -> None:
             ax.set_yscale("symlog", linthresh=1e-4)
         else:
             ax.axhline(TARGETS["top1"], ls=":", c="gray")
-    fig.suptitle(f"CacheBlend on {MODEL}: quality vs TTFT per ratio (x: random selection)")
+    fig.suptitle(f"CacheBlend on {MODEL}, passages' KV {source}: quality vs TTFT per ratio "
+                 f"(x: random selection)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -441,6 +478,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--passages", type=int, nargs=2, default=(5, 8), metavar=("MIN", "MAX"))
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", choices=SOURCES, default=SOURCES[0],
+                   help="where the passages' KV comes from (see the module docstring)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     if args.quick:
@@ -458,6 +497,11 @@ def run_prompts(model, tokenizer, args: argparse.Namespace,
         counts = rng.integers(args.passages[0], args.passages[1] + 1, size=args.prompts)
         prompts = [build_prompt(tokenizer, pool, rng, int(c)) for c in counts]
         store.store_head(prompts[0].ids[: prompts[0].segments[0].end])  # the same head in every prompt
+        if args.source == "context":  # else measure_prompt stores each passage alone on first use
+            donors = donor_prompts(tokenizer, pool, prompts, np.random.default_rng(args.seed + 1),
+                                   tuple(args.passages))
+            for donor in donors:
+                store_cut(store, donor, prefill(model, donor.ids))
         rows = []
         with progress_bar(console) as bar:
             task = bar.add_task("prompts", total=len(prompts))
@@ -481,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     pool, rows = run_prompts(model, load_tokenizer(MODEL), args, console)
     summary = summarise(rows)
     verdicts = targets(summary)
-    print_results(console, summary, verdicts, rows)
+    print_results(console, summary, verdicts, rows, args.source)
     load_after = os.getloadavg()
     machine = machine_info(args.out.resolve()) | {"torch_threads": torch.get_num_threads(),
                                                   "load_avg_before": load_before,
@@ -494,11 +538,14 @@ def main(argv: list[str] | None = None) -> int:
               "args": vars(args) | {"out": str(args.out)}, "check_layer": CHECK_LAYER, "ratios": RATIOS,
               "random_ratio": RANDOM_RATIO, "answer_tokens": ANSWER_TOKENS, "chunk_size": CHUNK,
               "passage_pool": [{"module": p.module, "tokens": len(p.ids)} for p in pool],
-              "passages_prefilled": "alone (each its own prompt at positions 0..)",
+              "source": args.source,
+              "passages_prefilled": {"context": "in context (cut from the full prefill of an earlier donor "
+                                                "prompt, as the engine saves them)",
+                                     "alone": "alone (each its own prompt at positions 0..)"}[args.source],
               "summary": summary, "targets": verdicts, "per_prompt": rows,
               "seconds": time.perf_counter() - t0}
-    name = "rag_blend_quick" if args.quick else "rag_blend"
-    write_results(args.out, name, rounded(report), lambda path: plot(path, summary))
+    name = "rag_blend" + ("" if args.source == SOURCES[0] else f"_{args.source}") + ("_quick" * args.quick)
+    write_results(args.out, name, rounded(report), lambda path: plot(path, summary, args.source))
     console.print(f"wrote {args.out / name}.json/.png in {report['seconds']:.0f} s")
     return 0 if all(v["pass"] for v in verdicts.values()) else 1
 

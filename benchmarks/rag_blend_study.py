@@ -66,7 +66,6 @@ logger = logging.getLogger("rag_blend_study")
 SOURCES = ("alone", "context", "oracle")
 RATIOS = (0.15, 0.3)
 SINK_ROWS = 4
-DONOR_TRIES = 200
 OFFSETS = {"first row": (0, 1), "rows 1-3": (1, 4), "rows 4+": (4, 1 << 30)}  # within each passage
 
 
@@ -106,34 +105,6 @@ def variants(ratios=RATIOS, check_layers=(2, 4)) -> list[Variant]:
 
 
 # -- passage KV sources ----------------------------------------------------------------------------
-
-
-def donor_prompts(tokenizer, pool: list[rb.Passage], prompts: list[rb.Prompt],
-                  rng: np.random.Generator, sizes: tuple[int, int]) -> list[rb.Prompt]:
-    """Prompts holding every passage of `prompts` once, none behind the same passages (or none) as in
-    a test prompt: the earlier prompts an engine would have saved the passages from."""
-    need = list(dict.fromkeys(i for p in prompts for i in p.passages))
-    before = {(i, tuple(p.passages[:j])) for p in prompts for j, i in enumerate(p.passages)}
-    for _ in range(DONOR_TRIES):
-        order, groups = [int(i) for i in rng.permutation(need)], []
-        while order:
-            n = int(rng.integers(sizes[0], sizes[1] + 1))
-            groups.append(order[:n])
-            order = order[n:]
-        if not any((i, tuple(g[:j])) in before for g in groups for j, i in enumerate(g)):
-            break
-    else:
-        raise RuntimeError(f"no donor order in {DONOR_TRIES} tries keeps every passage's context new")
-    named = [next((pool[i].names[0] for i in g if pool[i].names), "it") for g in groups]
-    return [rb.assemble_prompt(tokenizer, pool, g, rb.QUESTION.format(name=n)) for g, n in zip(groups, named)]
-
-
-def store_cut(store: rb.PassageStore, prompt: rb.Prompt, cache: ContiguousKVCache) -> None:
-    """Each passage of `prompt` not yet in `store`, cut from `cache` (the prompt's full prefill)."""
-    for seg in prompt.segments:
-        ids = prompt.ids[seg.start:seg.end]
-        if seg.kind == "passage" and tuple(ids) not in store.stored:
-            store.put_passage(ids, cache.k[:, seg.start:seg.end], cache.v[:, seg.start:seg.end], seg.start)
 
 
 def passage_rows(prompt: rb.Prompt, lo: int, hi: int) -> torch.Tensor:
@@ -260,7 +231,7 @@ def measure_prompt(model, stores: dict, prompt: rb.Prompt, eos: int | None, repe
     oracle = rb.PassageStore(model, capacity=256 << 20)  # this prompt's own passages
     try:
         oracle.store_head(prompt.ids[: prompt.segments[0].end])
-        store_cut(oracle, prompt, cache)
+        rb.store_cut(oracle, prompt, cache)
         loads = {src: store.load(prompt) for src, store in (stores | {"oracle": oracle}).items()}
     finally:
         oracle.close()
@@ -406,9 +377,9 @@ def build_stores(model, tokenizer, pool: list[rb.Passage], prompts: list[rb.Prom
     for i in dict.fromkeys(i for p in prompts for i in p.passages):
         stores["alone"].store_passage(pool[i].ids)
     rng = np.random.default_rng(args.seed + 1)
-    donors = donor_prompts(tokenizer, pool, prompts, rng, tuple(args.passages))
+    donors = rb.donor_prompts(tokenizer, pool, prompts, rng, tuple(args.passages))
     for donor in donors:
-        store_cut(stores["context"], donor, rb.prefill(model, donor.ids))
+        rb.store_cut(stores["context"], donor, rb.prefill(model, donor.ids))
     return stores, donors
 
 

@@ -5,6 +5,7 @@ target verdicts."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ class ByteTokenizer:
         return list(text.encode())
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode(errors="replace")
+        return bytes(i for i in ids if i < 256).decode(errors="replace")  # a random model emits ids >= 256
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,38 @@ def test_targets_pass_and_fail_on_their_bounds():
     failing = rag_blend.targets(summary_of(kl | {"blend 0.15": 0.95}, 0.85, 0.4))
     assert [v["pass"] for v in failing.values()] == [False, False, False, False]
     assert failing["TTFT >= 3x faster than full prefill"]["value"] == pytest.approx(2.5)
+
+
+def test_the_context_source_stores_each_passage_from_a_donor_prompt_and_loads_it_at_its_new_place(model,
+                                                                                                  store):
+    """--source context: passages cut from earlier donor prompts' full prefills (none behind the same
+    passages as in the measured prompt). Layer 0's K is position-only, so it loads exactly; deeper
+    layers carry the donor's context, which differs from the measured prompt's."""
+    tok, pool = ByteTokenizer(), pool_of(6)
+    prompt = rag_blend.build_prompt(tok, pool, np.random.default_rng(4), 4)
+    donors = rag_blend.donor_prompts(tok, pool, [prompt], np.random.default_rng(5), (2, 3))
+    assert sorted(i for d in donors for i in d.passages) == sorted(prompt.passages)
+    before = {(i, tuple(prompt.passages[:j])) for j, i in enumerate(prompt.passages)}
+    assert not any((i, tuple(d.passages[:j])) in before for d in donors for j, i in enumerate(d.passages))
+    store.store_head(prompt.ids[: prompt.segments[0].end])
+    for donor in donors:
+        rag_blend.store_cut(store, donor, rag_blend.prefill(model, donor.ids))
+    k, v, cached = store.load(prompt)
+    full = rag_blend.prefill(model, prompt.ids)
+    suffix = prompt.segments[-1]
+    assert cached[: suffix.start].all()
+    torch.testing.assert_close(k[0, : suffix.start], full.k[0, : suffix.start], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(k[1, : suffix.start], full.k[1, : suffix.start], atol=1e-3)
+
+
+def test_main_quick_writes_a_report_per_source(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(rag_blend, "load_model", lambda *args: model)
+    monkeypatch.setattr(rag_blend, "load_tokenizer", lambda *args: ByteTokenizer())
+    monkeypatch.setattr(rag_blend, "passage_pool", lambda tok: pool_of(6))
+    for source in rag_blend.SOURCES:
+        rag_blend.main(["--quick", "--source", source, "--out", str(tmp_path)])  # exits 1: targets missed
+    context = json.loads((tmp_path / "rag_blend_quick.json").read_text())
+    alone = json.loads((tmp_path / "rag_blend_alone_quick.json").read_text())
+    assert (context["source"], alone["source"]) == ("context", "alone")
+    assert context["summary"]["blend 1"]["kl"] < 1e-6 and alone["summary"]["blend 1"]["kl"] < 1e-6
+    assert context["summary"]["blend 0"]["kl"] != alone["summary"]["blend 0"]["kl"]

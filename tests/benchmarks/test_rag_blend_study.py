@@ -68,7 +68,7 @@ def prompts_of(pool, count: int, n: int) -> list[rag_blend.Prompt]:
 def test_donors_hold_every_passage_once_and_never_behind_the_same_passages():
     pool = pool_of(8)
     prompts = prompts_of(pool, 3, 4)
-    donors = study.donor_prompts(ByteTokenizer(), pool, prompts, np.random.default_rng(1), (2, 3))
+    donors = rag_blend.donor_prompts(ByteTokenizer(), pool, prompts, np.random.default_rng(1), (2, 3))
     held = [i for d in donors for i in d.passages]
     assert sorted(held) == sorted({i for p in prompts for i in p.passages})
     assert all(2 <= len(d.passages) <= 3 for d in donors[:-1]) and donors[-1].passages
@@ -85,7 +85,7 @@ def test_the_oracle_source_at_ratio_0_is_full_prefill_and_passages_alone_are_not
     try:
         for store in stores.values():
             store.store_head(head)
-        study.store_cut(stores["oracle"], prompt, cache)
+        rag_blend.store_cut(stores["oracle"], prompt, cache)
         for i in prompt.passages:
             stores["alone"].store_passage(pool[i].ids)
         loads = {src: store.load(prompt) for src, store in stores.items()}
