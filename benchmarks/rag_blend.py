@@ -480,6 +480,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--source", choices=SOURCES, default=SOURCES[0],
                    help="where the passages' KV comes from (see the module docstring)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     if args.quick:
@@ -518,7 +519,7 @@ def run_prompts(model, tokenizer, args: argparse.Namespace,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = console_and_logging(160, logging.WARNING)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     model = load_model(MODEL, torch.float32)
