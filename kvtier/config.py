@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from kvtier.codecs.base import BACKEND_ENV, CODEC_NAMES
 from kvtier.config_checks import ADAPTIVE, check_sections
+from kvtier.config_connector import MAX_SEPARATOR_IDS, BlendConfig, LoadsConfig
 from kvtier.config_fields import (
     MAX_SECONDS,
     MAX_TOKEN_BYTES,
@@ -73,7 +74,7 @@ from kvtier.errors import ConfigError
 __all__ = [
     # the configuration and its loaders
     "KvtierConfig", "CpuConfig", "DiskConfig", "RedisConfig", "RemoteConfig", "ServerConfig", "SpillConfig",
-    "FleetConfig", "ControllerConfig", "P2PConfig", "BlendConfig",
+    "FleetConfig", "ControllerConfig", "P2PConfig", "BlendConfig", "LoadsConfig",
     "load_config", "load_server_config", "load_controller_config", "override", "parse_size", "ConfigError",
     "ENV_PREFIX", "ENV_CONFIG", "SERVER_ENV_PREFIX", "SERVER_ENV_CONFIG", "CONTROLLER_ENV_PREFIX",
     "CONTROLLER_ENV_CONFIG", "DEFAULT_SOURCE", "GiB", "MAX_SIZE", "MAX_SECONDS", "MAX_REDIS_CONNECTIONS",
@@ -94,7 +95,6 @@ MAX_REDIS_CONNECTIONS = 10_000  # Redis's own default maxclients; redis-py fills
 # levels per chunk picked per read under `load_slo_s` (kvtier.tiers.adaptive). config_checks: the pairing.
 CODECS = (*CODEC_NAMES, ADAPTIVE)
 _SLO = {"min": 0.001, "max": MAX_SECONDS}  # load_slo_s: seconds a load from the tier may take
-MAX_SEPARATOR_IDS = 64  # blend.separator_ids: a separator is a few tokens; the bound keeps a list small
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,20 +186,6 @@ class P2PConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class BlendConfig:
-    """`blend:`: reuse cached passages that are not a prefix (kvtier.blend). Exactly one of `separator_ids`
-    and `separator` (alone, tokenised once at start-up by the engine, which also checks `check_layer`)."""
-
-    # Ids, never text re-tokenised in context (it tokenises differently there); a tuple: configs are frozen.
-    separator_ids: tuple[int, ...] | None = field(
-        default=None, metadata={"min": 0, "max": 2**32 - 1, "max_items": MAX_SEPARATOR_IDS})
-    separator: str | None = field(default=None, metadata={"empty": True, "max_bytes": 1024})
-    ratio: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0})  # of reused tokens recomputed
-    check_layer: int = at_least(1, 1)  # where deviations are measured; layers before it: all recomputed
-    min_tokens: int = at_least(64, 0)  # a shorter passage is recomputed, not reused
-
-
-@dataclass(frozen=True, slots=True)
 class KvtierConfig:
     chunk_size: int = at_least(256, 1)
     save_partial_chunks: bool = False
@@ -214,6 +200,7 @@ class KvtierConfig:
     controller: FleetConfig | None = None  # None: not part of a fleet
     p2p: P2PConfig | None = None  # None: no peer-to-peer reads or serving
     blend: BlendConfig | None = None  # None: no blending (prefix caching only)
+    loads: LoadsConfig = field(default_factory=LoadsConfig)  # asynchronous loads and prefetch
     # Where the config came from, for messages; not a config key.
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
 

@@ -14,14 +14,12 @@ writes and demotions go to its `writable` ones only (a P2P tier serves reads onl
     get:    CPU hits copy straight out of their slabs; lower-tier hits are read into new slabs on
             the read threads, verified, copied out and kept in the CPU tier (promotion). A prefix
             larger than host memory streams in waves: each wave's slabs are freed once copied out.
-    lookup: the number of leading keys present in some tier; index only, no payload I/O.
+    lookup: the number of leading keys present in some tier (or in host memory: `cpu_prefix`); index only.
 
-Host memory holds at most one entry per key (indexed in the CPU tier, or being demoted), and every
-slab belongs to exactly one entry or one in-flight read; `check_invariants` asserts it. Helpers:
-kvtier.write_behind (background writes), kvtier.storage_admin (pins, moves, clears), kvtier.lookup.
-
-Leases (see kvtier.pins) keep a chunk in some tier: a leased chunk is the CPU tier's last victim and
-leaves host memory only through a write that a tier below confirms, never by being dropped.
+Host memory holds at most one entry per key (indexed in the CPU tier, or being demoted), and every slab
+belongs to one entry or one in-flight read (`check_invariants`). Leases (kvtier.pins) keep a chunk in some
+tier: a leased chunk is the CPU tier's last victim and leaves host memory only through a write that a tier
+below confirms. Helpers: kvtier.write_behind, kvtier.storage_admin (pins, moves, clears), kvtier.lookup.
 
 Memory exhaustion is explicit: when no slab is free and nothing is evictable right now (all pinned or in
 flight), the rest of a store is rejected and counted, and a retrieve stops its prefix there. A store
@@ -37,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from functools import partialmethod
 
 import torch
 
@@ -92,12 +91,13 @@ class StorageManager:
                                    landed=self._demoted_locked)
 
     @guarded
-    def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
-        """How many leading `keys` some tier holds. No payload I/O, no side effects."""
+    def contains_prefix(self, keys: Sequence[ChunkKey], lower: bool = True) -> int:
+        """How many leading `keys` some tier holds (host memory alone if not `lower`). No payload I/O."""
         keys = list(keys)
         with self._lock:
             in_memory = self.cpu.present(keys)
-        return prefix_length(keys, in_memory, self.lower)
+        return prefix_length(keys, in_memory, self.lower if lower else ())
+    cpu_prefix = partialmethod(contains_prefix, lower=False)  # a load of the rest needs a tier below
 
     # -- store ---------------------------------------------------------------------------------
 

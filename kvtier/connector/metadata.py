@@ -16,7 +16,9 @@ from kvtier.keys import ChunkKey, ChunkSpan
 class LoadSpec:
     """Load tokens `start:end` of a request from kvtier into its blocks. `start` is what the device
     already holds (block aligned); `lease` holds the chunks against eviction until the load is done.
-    `token_ids` end at the scheduler side's lookup hit: the worker reads them without looking up again."""
+    `token_ids` end at the scheduler side's lookup hit: the worker reads them without looking up again.
+    `asynchronous`: the load runs in the background across steps (`kvtier.connector.async_load`): its
+    request is in no step until the worker reports it in `get_finished`."""
 
     request_id: str
     token_ids: Sequence[int]
@@ -24,6 +26,7 @@ class LoadSpec:
     start: int
     end: int
     lease: Sequence[ChunkKey] = ()
+    asynchronous: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class ConnectorMetadata:
     saves: list[SaveSpec] = field(default_factory=list)
     blend_loads: list[BlendLoadSpec] = field(default_factory=list)  # only with `blend:` configured
     segment_saves: list[SegmentSaveSpec] = field(default_factory=list)
+    cancel_loads: list[str] = field(default_factory=list)  # aborted requests: drop their queued async loads
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,20 @@
 Where it runs: in the engine's scheduler, on its thread; it holds no KV, only a CacheEngine for
 index lookups and leases. Per request, in order:
 
-    get_num_new_matched_tokens(req, n_device)  side-effect free: index lookup only, no payload I/O
+    request_arrived(req)                       prefetch its hit's chunks below the CPU tier (`loads:`)
+    get_num_new_matched_tokens(req, n_device)  side-effect free: index lookup only, no payload I/O;
+                                               (n, asynchronous), see below
     update_state_after_alloc(req, blocks, n)   the scheduler committed to loading n tokens: lease them
     build_connector_meta(step, scheduled)      once per step: the loads and saves for the worker
     update_connector_output(loaded)            after the step: how far each load really got
     request_finished(req, blocks) -> bool      True: hold the blocks until the worker reports the
                                                final save gathered (`get_finished`)
+
+Asynchronous loads (`loads.asynchronous`, as vLLM's): a load is asynchronous when some chunk of it is
+not in the CPU tier, or it is at least `async_min_bytes` (auto), always (on) or never (off). Its
+request is parked by the engine, in no step, until the worker reports the load finished; its
+`LoadSpec` goes into the next `build_connector_meta` all the same. An engine that aborts a parked
+request calls `cancel_load` (a load not started yet is dropped) and `request_finished` once it landed.
 
 A request is anything with `request_id` and `all_token_ids`. Saves follow the computation: every
 step, the whole chunks a request completed are saved (prompt chunks during prefill, generated ones
@@ -33,6 +41,7 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from kvtier.config import LoadsConfig
 from kvtier.connector.blend_plan import BlendPlanner
 from kvtier.connector.metadata import (
     BlendLoadSpec,
@@ -42,10 +51,15 @@ from kvtier.connector.metadata import (
     SaveSpec,
     SegmentSaveSpec,
 )
+from kvtier.connector.prefetch import Prefetcher
 from kvtier.engine import CacheEngine
 from kvtier.keys import ChunkKey
 
 logger = logging.getLogger(__name__)
+
+# Without a `loads:` config (a connector built in code), loads finish within their step, as before
+# asynchronous loads existed; the engine passes its kvtier config's `loads:` (default auto).
+SYNCHRONOUS = LoadsConfig(asynchronous="off", prefetch=False)
 
 
 @dataclass(slots=True)
@@ -54,6 +68,7 @@ class _RequestState:
     load_to: int = 0  # where the prefix load ends: the hit, capped (a blend's head is block aligned)
     saved_upto: int = 0  # chunks before this token are in kvtier
     load: LoadSpec | None = None  # committed, not yet handed to the worker
+    asynchronous: bool = False  # the load planned at the last lookup runs across steps
     loading_to: int = 0  # the end of the load last handed to the worker
     lease: list[ChunkKey] = field(default_factory=list)
     blend: BlendLoadSpec | None = None  # planned (passages leased), not yet handed to the worker
@@ -71,7 +86,8 @@ class ScheduledWork:
 
 
 class KvtierSchedulerConnector:
-    def __init__(self, engine: CacheEngine, block_size: int, blend: BlendPlanner | None = None):
+    def __init__(self, engine: CacheEngine, block_size: int, blend: BlendPlanner | None = None,
+                 loads: LoadsConfig | None = None):
         chunk = engine.db.chunk_size
         if chunk % block_size:
             raise ValueError(f"kvtier chunk_size {chunk} must be a multiple of the block size {block_size}")
@@ -82,11 +98,27 @@ class KvtierSchedulerConnector:
         self._states: dict[str, _RequestState] = {}
         self._finals: list[SaveSpec] = []
         self.blend = blend
+        self.loads = loads or SYNCHRONOUS
+        self.prefetcher = Prefetcher(engine.storage, engine.layout, self.loads.prefetch_max_bytes_in_flight) \
+            if self.loads.prefetch else None
+        self._async_pending: list[str] = []  # requests whose asynchronous load is not handed over yet
+        self._cancels: list[str] = []  # parked requests aborted since the last step
+
+    def request_arrived(self, request) -> None:
+        """Start moving the chunks of the request's hit that sit below the CPU tier up into it, so
+        that they are in host memory by the time it is scheduled (no lease: LRU may evict them)."""
+        if self.prefetcher is None:
+            return
+        spans = self.engine.db.spans(request.all_token_ids)
+        keys = [s.key for s in spans]
+        hit = self.engine.storage.contains_prefix(keys)
+        if self.engine.storage.cpu_prefix(keys[:hit]) < hit:
+            self.prefetcher.submit(request.request_id, spans[:hit])
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens beyond the `num_computed_tokens` the device holds that kvtier can load, and whether
-        the load is asynchronous across steps (never here: loads finish within the step that
-        schedules them, layer by layer). At least one prompt token is always left to compute."""
+        the load is asynchronous across steps (`loads.asynchronous`; a blend's head never is: it
+        loads in the step that blends). At least one prompt token is always left to compute."""
         tokens = request.all_token_ids
         hit = self.engine.lookup(tokens)
         state = self._states.setdefault(request.request_id, _RequestState())
@@ -95,7 +127,19 @@ class KvtierSchedulerConnector:
         state.load_to = min(hit, len(tokens) - 1)
         if self.blend is not None:
             self._plan_blend(request, state, num_computed_tokens)
-        return max(0, state.load_to - num_computed_tokens), False
+        state.asynchronous = self._asynchronous(tokens, state, num_computed_tokens)
+        return max(0, state.load_to - num_computed_tokens), state.asynchronous
+
+    def _asynchronous(self, tokens, state: _RequestState, num_computed_tokens: int) -> bool:
+        mode = self.loads.asynchronous
+        if mode == "off" or state.blend is not None or state.load_to <= num_computed_tokens:
+            return False
+        if mode == "on" or self.engine.layout.chunk_bytes(state.load_to - num_computed_tokens) \
+                >= self.loads.async_min_bytes:
+            return True
+        first, last = num_computed_tokens // self.chunk_size, -(-state.load_to // self.chunk_size)
+        keys = self.engine.db.keys(tokens)[first:last]
+        return self.engine.storage.cpu_prefix(keys) < len(keys)  # some chunk needs a tier below
 
     def _plan_blend(self, request, state: _RequestState, num_computed_tokens: int) -> None:
         """Plan a blend of the prompt after its head when kvtier holds passages there (not yet
@@ -130,17 +174,20 @@ class KvtierSchedulerConnector:
         # The tokens up to the whole hit, not just `end`: a prompt that is all hits stops one token
         # short, and cutting there would turn its last chunk into a partial one kvtier never stored.
         state.load = LoadSpec(request.request_id, list(tokens[:state.hit_tokens]), list(block_ids), start,
-                              end, state.lease)
+                              end, state.lease, state.asynchronous)
+        if state.asynchronous:
+            self._async_pending.append(request.request_id)
 
     def build_connector_meta(self, step: int, scheduled: Sequence[ScheduledWork]) -> ConnectorMetadata:
-        meta = ConnectorMetadata(step, saves=self._finals)
-        self._finals = []
+        meta = ConnectorMetadata(step, saves=self._finals, cancel_loads=self._cancels)
+        self._finals, self._cancels = [], []
+        for request_id in self._async_pending:  # their requests are in no step until the load lands
+            if (state := self._states.get(request_id)) is not None:
+                self._hand_over(state, meta)
+        self._async_pending = []
         for work in scheduled:
             state = self._states.setdefault(work.request.request_id, _RequestState())
-            if state.load is not None:
-                meta.loads.append(state.load)
-                state.loading_to = state.load.end
-                state.load, state.lease = None, []  # the worker releases the lease after loading
+            self._hand_over(state, meta)
             if state.blend is not None or state.segment_saves:
                 self._blend_meta(work, state, meta)
             full = work.num_computed_after - work.num_computed_after % self.chunk_size
@@ -148,6 +195,12 @@ class KvtierSchedulerConnector:
                 meta.saves.append(self._save(work.request, work.block_ids, state.saved_upto, full, False))
                 state.saved_upto = full
         return meta
+
+    def _hand_over(self, state: _RequestState, meta: ConnectorMetadata) -> None:
+        if state.load is not None:
+            meta.loads.append(state.load)
+            state.loading_to = state.load.end
+            state.load, state.lease = None, []  # the worker releases the lease after loading
 
     def _blend_meta(self, work: ScheduledWork, state: _RequestState, meta: ConnectorMetadata) -> None:
         """Hand a planned blend to the worker if this step computes the whole prompt (else drop it:
@@ -174,6 +227,8 @@ class KvtierSchedulerConnector:
     def request_finished(self, request, block_ids: Sequence[int], num_computed_tokens: int) -> bool:
         """The request is done (finished or aborted). Returns True when its blocks must stay
         allocated until the worker reports its final save in `get_finished`."""
+        if self.prefetcher is not None:
+            self.prefetcher.cancel(request.request_id)
         state = self._states.pop(request.request_id, None)
         if state is None:
             return False
@@ -190,6 +245,19 @@ class KvtierSchedulerConnector:
             self._finals.append(self._save(request, block_ids, state.saved_upto, end, True))
             return True
         return False
+
+    def cancel_load(self, request_id: str) -> None:
+        """A parked request was aborted: its asynchronous load, if not started yet, never starts (the
+        worker still reports it finished, at its start). `request_finished` follows once it has."""
+        self._cancels.append(request_id)
+
+    def stats(self) -> dict[str, int]:
+        """The prefetcher's counters (`Prefetcher.stats`); empty with prefetch off."""
+        return self.prefetcher.stats() if self.prefetcher is not None else {}
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the prefetcher (queued prefetches dropped). True if it stopped within `timeout`."""
+        return self.prefetcher.close(timeout) if self.prefetcher is not None else True
 
     def update_connector_output(self, loaded: dict[str, int], not_blended: Collection[str] = ()) -> None:
         """The worker's report of how far this step's loads got (request id -> token reached). A

@@ -1,7 +1,7 @@
 """Worker side of the connector: moves KV between kvtier and the engine's paged cache.
 
-Where it runs: in the process that holds the paged KV, on the forward pass's thread (plus one loader
-and one saver thread of its own). Per step, in order:
+Where it runs: in the process that holds the paged KV, on the forward pass's thread (plus a loader,
+a saver (`save_queue`) and an asynchronous loader (`async_load`) thread of its own). Per step, in order:
 
     bind_connector_metadata(meta)
     start_load_kv()          reads the chunks (tier I/O, blocking), then starts copying them into the
@@ -9,7 +9,8 @@ and one saver thread of its own). Per step, in order:
     wait_for_layer_load(l)   before layer l's attention: layer l's KV is in place
     save_kv_layer(l)         after layer l's attention
     wait_for_save(discard)   after the forward: gathers what to save, hands it to the saver thread
-    get_finished()           requests whose final save is gathered (their blocks may be freed)
+    get_finished()           requests whose final save is gathered (their blocks may be freed), and
+                             those whose asynchronous load finished (`get_async_loaded`: how far)
     clear_connector_metadata()
 
 A step whose forward fails still ends with `wait_for_save(discard=<its requests>)` and
@@ -25,11 +26,12 @@ copies are memcpy on the same cores, so by default the whole scatter is done at 
 
 A save gathers into a new host tensor before the step ends, so the engine may reuse the blocks at
 once; kvtier copies it into its own memory on the saver thread and never blocks the forward pass.
-A load that falls short (a chunk missing, corrupt or unreadable) reports where it stopped; the
-engine recomputes exactly the tokens after that. Leases taken by the scheduler side are released
-here, once the chunks have been read or found missing.
-With `enable_blend` (`kvtier.connector.blend_io`), `start_load_kv` also reads blended requests'
-passages (`get_blend_loads`) and `wait_for_save` saves passages under their segment keys.
+A load that falls short (a chunk missing, corrupt or unreadable) reports where it stopped; the engine
+recomputes exactly the tokens after that. Leases taken by the scheduler side are released here, once
+the chunks have been read or found missing. A load marked `asynchronous` goes to the `AsyncLoader`
+and is reported by a later step's `get_finished`; `wait_for_async_loads` blocks for one. With
+`enable_blend` (`kvtier.connector.blend_io`), `start_load_kv` also reads blended requests' passages
+(`get_blend_loads`) and `wait_for_save` saves passages under their segment keys.
 """
 
 from __future__ import annotations
@@ -40,14 +42,16 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Collection
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Protocol
 
 import torch
 
+from kvtier.config import LoadsConfig
+from kvtier.connector.async_load import AsyncLoader
 from kvtier.connector.blend_io import BlendLoad, SegmentIO
+from kvtier.connector.load_read import PagedKV, StagingBuffer, first_token, read_load
 from kvtier.connector.load_thread import LoadThread
-from kvtier.connector.metadata import ConnectorMetadata, KVEvent, LoadSpec, SaveSpec
+from kvtier.connector.metadata import ConnectorMetadata, KVEvent, LoadSpec
+from kvtier.connector.save_queue import SaveQueue
 from kvtier.engine import CacheEngine
 from kvtier.log_limit import LogLimiter
 
@@ -56,18 +60,8 @@ logger = logging.getLogger(__name__)
 MAX_EVENTS = 10_000
 
 
-class PagedKV(Protocol):
-    """The engine's paged KV cache as the connector sees it (`[2, L, T, H*D]` chunks in and out)."""
-
-    block_size: int
-    num_layers: int
-
-    def gather(self, block_ids: list[int], num_tokens: int) -> torch.Tensor: ...
-    def scatter(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None: ...
-
-
 class KvtierWorkerConnector:
-    def __init__(self, engine: CacheEngine, layerwise: bool | None = None):
+    def __init__(self, engine: CacheEngine, layerwise: bool | None = None, loads: LoadsConfig | None = None):
         self.engine = engine
         # Loads fall short whenever a tier misses, and failures repeat per request: counted in
         # `stats` every time, logged once a minute per kind.
@@ -79,17 +73,20 @@ class KvtierWorkerConnector:
                       "saved_tokens": 0}
         self._meta: ConnectorMetadata | None = None
         self._on_cuda = False
-        self._staging: torch.Tensor | None = None  # see _staging_for
+        self._staging = StagingBuffer(engine, pin=False)  # pinned on a GPU (register_kv_caches)
         self._loaded: dict[str, int] = {}
         self._layer_ready: list[threading.Event] = []
         self._layer_copied: dict[int, torch.cuda.Event] = {}  # GPU only: layer -> its copy is done
         self._load_error: BaseException | None = None
         self._loader = LoadThread()
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
-        self._saves: set[Future] = set()
         self._finished_sending: set[str] = set()
         self.segments: SegmentIO | None = None
         self._blend_loads: dict[str, BlendLoad] = {}
+        # Counters are updated from the forward thread, the saver's and the asynchronous loader's.
+        self._record_lock = threading.Lock()
+        self._saver = SaveQueue(engine, self.stats, self._record_lock, self._log)
+        self._async = AsyncLoader(engine, (loads or LoadsConfig()).async_max_bytes_in_flight, self._record)
+        self._async_loaded: dict[str, int] = {}
 
     def enable_blend(self, inv_freq: torch.Tensor) -> None:
         """Read and save passages for CacheBlend; `inv_freq`: the model's RoPE inverse frequencies."""
@@ -101,6 +98,8 @@ class KvtierWorkerConnector:
         self._on_cuda = bool(kv is not None and kv.is_cuda)
         if self.layerwise is None:
             self.layerwise = self._on_cuda
+        self._staging = StagingBuffer(self.engine, pin=self._on_cuda)
+        self._async.bind(cache, self._on_cuda)
 
     def bind_connector_metadata(self, meta: ConnectorMetadata) -> None:
         self._meta = meta
@@ -114,18 +113,14 @@ class KvtierWorkerConnector:
         for copied in self._layer_copied.values():  # the last step's copies still read the staging buffer
             copied.synchronize()
         self._loaded, self._layer_ready, self._load_error = {}, [], None
-        self._layer_copied = {}
-        self._blend_loads = {}
+        self._layer_copied, self._blend_loads = {}, {}
         if self._meta is None:
             return
         if self._meta.blend_loads:  # planned only when blending is enabled; read_all releases the leases
             self._blend_loads = self.segments.read_all(self._meta.blend_loads)
-        if not self._meta.loads:
+        if not (loads := self._start_async(self._meta)):
             return
-        loads = self._meta.loads
-        chunk = self.engine.db.chunk_size
-        # kvtier reads whole chunks: each load stages tokens from the chunk holding its start on.
-        firsts = [spec.start - spec.start % chunk for spec in loads]
+        firsts = [first_token(spec, self.engine.db.chunk_size) for spec in loads]
         sizes = [len(spec.token_ids) - first for spec, first in zip(loads, firsts)]
         offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
         jobs, read = [], 0
@@ -152,41 +147,29 @@ class KvtierWorkerConnector:
                             exc_info=True)
             self._scatter_layers(*args)
 
+    def _start_async(self, meta: ConnectorMetadata) -> list[LoadSpec]:
+        """Hand the step's asynchronous loads to the loader (after its cancels); the synchronous ones."""
+        for request_id in meta.cancel_loads:
+            self._async.cancel(request_id)
+        for spec in meta.loads:
+            if spec.asynchronous:
+                self._async.submit(spec, meta.step)
+        return [spec for spec in meta.loads if not spec.asynchronous]
+
     def get_blend_loads(self) -> dict[str, BlendLoad]:
         """The step's blended requests whose passages were all read (the others compute normally)."""
         return dict(self._blend_loads)
 
     def _staging_for(self, num_tokens: int) -> torch.Tensor:
-        """A `[2, L, >= num_tokens, H*D]` host buffer that loads are read into, kept across steps:
-        fresh memory for every load would cost its page faults each time (about 0.3 s a GiB). Pinned
-        on a GPU machine, so the copies into the paged cache are true asynchronous DMA."""
-        if self._staging is None or self._staging.shape[2] < num_tokens:
-            layout = self.engine.layout
-            self._staging = torch.empty(layout.chunk_shape(max(num_tokens, 2 * self.engine.db.chunk_size)),
-                                        dtype=layout.dtype, pin_memory=self._on_cuda)
-        return self._staging
+        """The synchronous loads' staging buffer (`StagingBuffer`), kept across steps."""
+        return self._staging.get(num_tokens)
 
     def _read(self, spec: LoadSpec, first: int, out: torch.Tensor) -> tuple[list[int], torch.Tensor] | None:
         """Read a request's chunks from token `first` on into `out`; the blocks and KV still to
         scatter, if any."""
-        try:
-            # `token_ids` end at the scheduler side's lookup hit: read them without a second lookup.
-            kv, n = self.engine.retrieve(spec.token_ids, out, start=first, known_hit=len(spec.token_ids))
-        except Exception:  # a tier failing in an unexpected way is a miss, never a failed step
-            self._log.error("load", "kvtier load for request %s failed; recomputing", spec.request_id,
-                            exc_info=True)
-            kv, n = None, 0
-        finally:
-            self.engine.release(spec.lease)
-        reached = min(max(n, spec.start), spec.end)
+        kv, reached = read_load(self.engine, spec, first, out, self._log)  # releases the lease
         self._loaded[spec.request_id] = reached
-        self.events.append(KVEvent(self._meta.step, "load", spec.request_id, spec.start, reached))
-        self.stats["loads"] += 1
-        self.stats["loaded_tokens"] += reached - spec.start
-        if reached < spec.end:
-            self.stats["load_shortfalls"] += 1
-            self._log.warning("shortfall", "request %s: kvtier load reached token %d of %d; the rest is "
-                              "recomputed", spec.request_id, reached, spec.end)
+        self._record(spec, self._meta.step, reached)
         if reached == spec.start:
             return None
         bs = self.cache.block_size
@@ -213,6 +196,17 @@ class KvtierWorkerConnector:
         finally:
             for ready in layer_ready:
                 ready.set()
+
+    def _record(self, spec: LoadSpec, step: int, reached: int) -> None:
+        """A load's event and counters (from the forward thread, or the asynchronous loader's)."""
+        with self._record_lock:
+            self.events.append(KVEvent(step, "load", spec.request_id, spec.start, reached))
+            self.stats["loads"] += 1
+            self.stats["loaded_tokens"] += reached - spec.start
+            if reached < spec.end:
+                self.stats["load_shortfalls"] += 1
+                self._log.warning("shortfall", "request %s: kvtier load reached token %d of %d; the rest is "
+                                  "recomputed", spec.request_id, reached, spec.end)
 
     def get_loaded_tokens(self) -> dict[str, int]:
         """For each request loaded this step: the token its KV now reaches (the planned end unless the
@@ -247,10 +241,10 @@ class KvtierWorkerConnector:
                 continue
             try:
                 kv = self.cache.gather(list(spec.block_ids[spec.start // bs:]), spec.end - spec.start)
-                self._submit(self._store, spec, kv)
+                self._saver.store(spec, kv)
                 self.events.append(KVEvent(self._meta.step, "save", spec.request_id, spec.start, spec.end))
             except Exception:
-                self.stats["save_failures"] += 1
+                self._saver.count_failure()
                 self._log.error("gather", "gathering the kvtier save of request %s failed", spec.request_id,
                                 exc_info=True)
             finally:
@@ -258,12 +252,7 @@ class KvtierWorkerConnector:
                     self._finished_sending.add(spec.request_id)
         if self._meta.segment_saves:  # planned only when blending is enabled
             self.segments.save_all([s for s in self._meta.segment_saves if s.request_id not in discard],
-                                   self.cache, self._submit)
-
-    def _submit(self, fn, *args) -> None:
-        future = self._saver.submit(fn, *args)
-        self._saves.add(future)
-        future.add_done_callback(self._saves.discard)
+                                   self.cache, self._saver.submit)
 
     def _wait_for_copies(self) -> None:
         # A forward that failed part-way leaves the layer-wise copy running; its blocks are about
@@ -272,26 +261,31 @@ class KvtierWorkerConnector:
         for ready in self._layer_ready:
             ready.wait()
 
-    def _store(self, spec: SaveSpec, kv: torch.Tensor) -> None:
-        try:
-            self.engine.store(spec.token_ids, kv, start=spec.start)
-            self.stats["saves"] += 1
-            self.stats["saved_tokens"] += spec.end - spec.start
-        except Exception:  # the KV is simply not cached; the engine's output is unaffected
-            self.stats["save_failures"] += 1
-            self._log.error("save", "kvtier save for request %s failed", spec.request_id, exc_info=True)
-
     def get_finished(self) -> tuple[set[str], set[str]]:
-        """(requests whose final save no longer needs their blocks, requests whose async load
-        finished). Loads always finish within their step here, so the second set is empty."""
+        """(requests whose final save no longer needs their blocks, requests whose asynchronous load
+        finished: landed, short, failed or cancelled; `get_async_loaded` says how far each got)."""
         done, self._finished_sending = self._finished_sending, set()
-        return done, set()
+        self._async_loaded.update(self._async.pop_finished())
+        return done, set(self._async_loaded)
+
+    def get_async_loaded(self) -> dict[str, int]:
+        """`get_finished`'s second set -> the token each one's KV reaches (consumed: reported once)."""
+        loaded, self._async_loaded = self._async_loaded, {}
+        return loaded
+
+    def wait_for_async_loads(self, timeout: float | None = None) -> bool:
+        """Block until an asynchronous load has finished (not yet reported by `get_finished`), at most
+        `timeout` seconds; False at once when none is in flight. For an engine with nothing to run."""
+        return self._async.wait(timeout)
+
+    def async_stats(self) -> dict[str, int]:
+        return self._async.stats()  # the asynchronous loader's: loads, cuts, cancels, in flight
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every save handed to kvtier has been stored. True if all did in time."""
-        _, pending = wait(list(self._saves), timeout)
-        return not pending
+        return self._saver.drain(timeout)
 
     def close(self) -> None:
+        self._async.close()
         self._loader.close()
-        self._saver.shutdown(wait=True)
+        self._saver.close()

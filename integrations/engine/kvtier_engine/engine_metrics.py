@@ -2,16 +2,36 @@
 
 One `CollectorRegistry` per engine, like kvtier's: two engines in one process never mix numbers.
 Counters move once per finished request and once per step, never per token; the gauges are set
-when scraped (`observe`).
+when scraped (`observe`). `StepRecord`s, one per step in a bounded ring (`LLMEngine.step_log`), say
+which requests each step ran and for how long: what a request waiting for its KV let the others do.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvtier_engine.request import Request
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STEP_LOG = 4096  # steps kept in `LLMEngine.step_log`
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One engine step: its number, the requests it ran (ids, in batch order) and their tokens, the
+    requests waiting for their KV meanwhile, and how long the step took (schedule, model, outputs)."""
+
+    step: int
+    request_ids: tuple[str, ...]
+    num_tokens: int
+    num_loading: int
+    duration_s: float
+
+    @property
+    def num_running(self) -> int:
+        return len(self.request_ids)
 
 
 class EngineMetrics:
@@ -37,6 +57,8 @@ class EngineMetrics:
                              buckets=TTFT_BUCKETS, registry=reg)
         self.running = Gauge("kvtier_engine_running_requests", "requests in the running batch", registry=reg)
         self.waiting = Gauge("kvtier_engine_waiting_requests", "requests queued", registry=reg)
+        self.loading = Gauge("kvtier_engine_waiting_for_kv_requests",
+                             "requests waiting for an asynchronous kvtier load", registry=reg)
         self.free_blocks = Gauge("kvtier_engine_free_kv_blocks", "free paged-cache blocks", registry=reg)
 
     def finished(self, request: Request) -> None:
@@ -53,9 +75,10 @@ class EngineMetrics:
         if m.e2e_s is not None:
             self.e2e.observe(m.e2e_s)
 
-    def observe(self, running: int, waiting: int, free_blocks: int) -> None:
+    def observe(self, running: int, waiting: int, free_blocks: int, loading: int = 0) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
+        self.loading.set(loading)
         self.free_blocks.set(free_blocks)
 
     def prometheus_text(self) -> str:

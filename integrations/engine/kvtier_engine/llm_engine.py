@@ -6,7 +6,10 @@
         for out in engine.step(): ...            # RequestOutput per request that moved
 
 A step reads in one sitting: schedule -> run the model (loads, forward, saves) -> append tokens,
-detect stops, retire finished requests. Not thread-safe: one thread drives an engine (the server
+detect stops, retire finished requests. A request whose kvtier load is asynchronous (`loads:` in the
+kvtier config) waits for its KV outside the batch while the others step; a step with nothing to run
+but such requests waits (bounded) for a load to land instead of spinning. `step_log` records each
+step (`StepRecord`). Not thread-safe: one thread drives an engine (the server
 runs it on a thread of its own and talks to it through queues); `prometheus_text` alone may be
 called from any thread.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +38,7 @@ from kvtier.log_limit import LogLimiter
 from kvtier_engine.blend_step import prepare_blend, record_blend
 from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.detokenize import append_token, stream_delta
-from kvtier_engine.engine_metrics import EngineMetrics
+from kvtier_engine.engine_metrics import STEP_LOG, EngineMetrics, StepRecord
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.layers.rotary import inverse_frequencies
 from kvtier_engine.model_runner import ModelRunner
@@ -46,6 +50,8 @@ from kvtier_engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
+ASYNC_WAIT_S = 0.05  # a step with nothing to run waits at most this long for a kvtier load to land
+CLOSE_WAIT_S = 30.0  # close waits at most this long for a prefetch read in flight
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -118,6 +124,7 @@ class LLMEngine:
         self.scheduler = Scheduler(pool, options.max_num_seqs, options.max_num_batched_tokens, scheduler_side)
         self.runner = ModelRunner(self.model, self.cache, worker_side, blend)
         self.metrics = EngineMetrics()
+        self.step_log: deque[StepRecord] = deque(maxlen=STEP_LOG)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         logger.info("engine: %s on %s (%s), %d KV blocks of %d tokens, kvtier %s", options.model, device,
@@ -132,10 +139,11 @@ class LLMEngine:
         layout = KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, dtype, options.block_size)
         self.kvtier = CacheEngine(kv_config, layout, model_identity(options.model, options.seed))
         planner = BlendPlanner(self.kvtier, blend, separator) if blend is not None else None
-        worker_side = KvtierWorkerConnector(self.kvtier)
+        worker_side = KvtierWorkerConnector(self.kvtier, loads=kv_config.loads)
         if blend is not None:
             worker_side.enable_blend(inverse_frequencies(config))
-        return KvtierSchedulerConnector(self.kvtier, options.block_size, planner), worker_side
+        scheduler_side = KvtierSchedulerConnector(self.kvtier, options.block_size, planner, kv_config.loads)
+        return scheduler_side, worker_side
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -153,7 +161,8 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests:
+        # A retired request can still hold its blocks (its load lands, or its final save is gathered).
+        if request_id in self._requests or self.scheduler.pool.holds(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, ids, params, generator_for(params), text)
         self.scheduler.add(request)
@@ -176,6 +185,7 @@ class LLMEngine:
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         try:
             result = self.runner.execute(plan)
@@ -185,7 +195,8 @@ class LLMEngine:
                 self._retire(request, RequestStatus.FINISHED_ERROR)
             raise StepFailed([r.request_id for r in failed]) from exc
         self.scheduler.update(plan, result.recomputed, result.finished_sending, result.loaded,
-                              result.not_blended, {r: b.tokens_recomputed for r, b in result.blended.items()})
+                              result.not_blended, {r: b.tokens_recomputed for r, b in result.blended.items()},
+                              result.async_loaded)
         for request_id, stats in result.blended.items():
             record_blend(self._requests[request_id], stats, self.kvtier.metrics)
         self.metrics.steps.inc()
@@ -201,6 +212,11 @@ class LLMEngine:
             token = result.sampled.get(request.request_id)
             if token is not None:
                 outputs.append(self._append(request, token, result.logprobs.get(request.request_id)))
+        self.step_log.append(StepRecord(plan.step, tuple(s.request.request_id for s in plan.scheduled),
+                                        plan.num_tokens, len(self.scheduler.loading),
+                                        time.perf_counter() - started))
+        if not plan.scheduled and self.scheduler.loading and not result.async_loaded:
+            self.runner.wait_for_async_loads(ASYNC_WAIT_S)  # nothing to run until a load lands
         return outputs
 
     def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
@@ -241,11 +257,17 @@ class LLMEngine:
         # Gauges are read at scrape time, not set by steps: right before the first step, and after
         # an abort that left the engine idle (no step follows). Plain len() reads, safe from any thread.
         scheduler = self.scheduler
-        self.metrics.observe(len(scheduler.running), len(scheduler.waiting), scheduler.pool.num_free)
+        self.metrics.observe(len(scheduler.running), len(scheduler.waiting) + len(scheduler.ready),
+                             scheduler.pool.num_free, len(scheduler.loading))
         text = self.metrics.prometheus_text()
         return text + (self.kvtier.prometheus_text() if self.kvtier is not None else "")
 
     def close(self) -> None:
+        # Its prefetcher: queued prefetches dropped; a read stuck in a tier without a timeout (a
+        # local disk) must not hold close forever: the thread is a daemon, left to finish on its own.
+        if self.scheduler.connector is not None and not self.scheduler.connector.close(CLOSE_WAIT_S):
+            logger.warning("kvtier's prefetch thread did not stop within %g s; not waiting for it",
+                           CLOSE_WAIT_S)
         if self.connector is not None:
             self.connector.close()
         if self.kvtier is not None:

@@ -10,7 +10,8 @@ Where it runs: the worker (here the same process and thread as the scheduler). P
                                               in one call; one whose passages or head load fell
                                               short ran in the batch above instead)
     sample the requests whose last token ran
-    connector: wait_for_save, get_finished, clear metadata
+    connector: wait_for_save, get_finished (final saves gathered, asynchronous loads landed),
+               clear metadata
 
 A request whose logits are not finite is reported in `failed` (its KV of this step is not saved);
 the others in the batch go on. If the step raises (the forward broke: nothing it computed is
@@ -41,6 +42,7 @@ class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)  # request id -> next token
     recomputed: dict[str, int] = field(default_factory=dict)  # tokens computed because a load fell short
     loaded: dict[str, int] = field(default_factory=dict)  # request id -> token its kvtier load reached
+    async_loaded: dict[str, int] = field(default_factory=dict)  # the same, for asynchronous loads landed
     finished_sending: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)  # requests whose logits could not be sampled
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # for requests that asked
@@ -102,10 +104,16 @@ class ModelRunner:
             ran = True
         finally:
             worker.wait_for_save(result.failed if ran else {s.request.request_id for s in out.scheduled})
-            if ran:  # else the finished saves stay with the worker until the next step asks
+            if ran:  # else the finished saves and loads stay with the worker until the next step asks
                 result.finished_sending, _ = worker.get_finished()
+                result.async_loaded = worker.get_async_loaded()
             worker.clear_connector_metadata()
         return result
+
+    def wait_for_async_loads(self, timeout: float) -> bool:
+        """Block (at most `timeout` s) until an asynchronous kvtier load has landed; for a step with
+        nothing to run while requests wait for their KV. False at once without a connector."""
+        return self.connector.wait_for_async_loads(timeout) if self.connector is not None else False
 
     def _blends(self, out: SchedulerOutput, worker: KvtierWorkerConnector,
                 result: RunnerOutput) -> dict[str, BlendLoad]:

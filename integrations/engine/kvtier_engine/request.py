@@ -1,8 +1,12 @@
 """A request's life in the engine: its tokens, how far its KV is computed, and what it cost.
 
     WAITING --admitted--> RUNNING --stop/length/abort/error--> FINISHED_*
-       ^                     |
+       ^  |                  |
+       |  +--asynchronous kvtier load--> WAITING_FOR_KV --load landed--> WAITING (ready: blocks held)
        +----preempted--------+      (blocks freed; everything after the cached prefix recomputed)
+
+WAITING_FOR_KV: admitted with its blocks, its kvtier load running in the background; in no step and
+no batch slot until the load lands (an abort meanwhile takes effect then: its blocks are in use).
 
 FINISHED_ERROR: the engine could not go on with the request (its step's forward failed, its logits
 were not finite, its token could not be decoded); its last step's KV is not trusted and not saved.
@@ -25,6 +29,7 @@ from kvtier_engine.sampling import SamplingParams, TokenLogprobs
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"
     RUNNING = "running"
     FINISHED_STOPPED = "stop"  # EOS or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or the model's context
@@ -33,7 +38,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+        return self not in (RequestStatus.WAITING, RequestStatus.WAITING_FOR_KV, RequestStatus.RUNNING)
 
 
 @dataclass(slots=True)

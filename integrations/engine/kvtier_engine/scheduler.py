@@ -5,14 +5,20 @@ Each step (`schedule`), with a budget of `max_num_batched_tokens`:
      the rest of its prompt up to the budget (chunked prefill). A request that cannot grow because
      no block is free preempts the most recently admitted running request (its blocks are freed and
      it goes back to the head of the queue, to be recomputed), or itself when it is the last;
-  2. then, if nothing was preempted, waiting requests in arrival order while budget and
-     `max_num_seqs` allow: blocks for the whole prompt, the device prefix-cache hit, and, through
-     the kvtier connector, the tokens kvtier can load beyond it. Only the rest is computed.
+  2. then, if nothing was preempted, requests whose asynchronous kvtier load landed (`ready`: they
+     hold their blocks), then waiting requests in arrival order, while budget and `max_num_seqs`
+     allow: blocks for the whole prompt, the device prefix-cache hit, and, through the kvtier
+     connector, the tokens kvtier can load beyond it. Only the rest is computed. A request whose
+     load is asynchronous (the connector says so) is parked in `loading` (WAITING_FOR_KV) with its
+     blocks: no batch slot, no budget, not counted in `max_num_seqs`, in no step, until `update`
+     is told its load landed (`async_loaded`: the token it reached; the rest is recomputed).
 
 Every `SchedulerOutput` carries `step`, a counter that starts at 1 and never resets; the connector
 metadata of that step (its loads and saves) carries the same number. `update` then advances each
 scheduled request by what ran; requests finish through `finish`, which lets the connector hold a
-request's blocks until its last save is gathered (reported back through `finished_sending`).
+request's blocks until its last save is gathered (reported back through `finished_sending`). A
+parked request that is aborted stays in `loading` until its load lands (its blocks are being
+written), then its blocks are freed.
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.held: dict[str, Request] = {}  # finished, blocks kept for the connector's final save
+        self.loading: dict[str, Request] = {}  # WAITING_FOR_KV: blocks held, kvtier load in flight
+        self.ready: deque[Request] = deque()  # load landed, blocks held: admitted before `waiting`
+        self._arrived: list[Request] = []  # added since the last `schedule` (see `_prefetch_arrivals`)
         self.step = 0
 
     def add(self, request: Request) -> None:
@@ -76,9 +85,14 @@ class Scheduler:
             raise ValueError(f"request {request.request_id}: prompt plus max_tokens needs {need} KV blocks; "
                              f"the cache has {len(self.pool.blocks)}")
         self.waiting.append(request)
+        self._arrived.append(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.held)
+        return bool(self.waiting or self.running or self.held or self.loading or self.ready)
+
+    def _holds_blocks(self) -> bool:
+        """Some request other than the waiting ones holds blocks it will give back."""
+        return bool(self.running or self.held or self.loading or self.ready)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -108,37 +122,66 @@ class Scheduler:
                 self.running.append(request)
         if not preempted:
             budget = self._admit(budget, scheduled)
+        self._prefetch_arrivals()
         return SchedulerOutput(self.step, scheduled, preempted, self._connector_meta(scheduled))
 
+    def _prefetch_arrivals(self) -> None:
+        """The requests that arrived since the last step and still wait: the connector starts moving
+        their hits' chunks below the CPU tier up now, so that they are in host memory when admitted.
+        One admitted at once is not prefetched: its load reads those chunks in this very step."""
+        if self.connector is not None:
+            for request in self._arrived:
+                if request.status is RequestStatus.WAITING:
+                    self.connector.request_arrived(request)
+        self._arrived = []
+
     def _admit(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            try:
-                device_hit = self.pool.allocate(request.request_id, request.token_ids)
-            except NoFreeBlocks as exc:
-                # Blocks held for a final save come back next step: only an idle cache is final.
-                if not self.running and not self.held:
-                    raise RuntimeError(f"request {request.request_id} does not fit the empty KV cache"
-                                       ) from exc
-                break
-            self.waiting.popleft()
-            blocks = self.pool.block_table(request.request_id)
-            loaded = 0
-            if self.connector is not None:
-                loaded, _ = self.connector.get_num_new_matched_tokens(request, device_hit)
-                self.connector.update_state_after_alloc(request, blocks, loaded)
-            request.num_computed_tokens = device_hit + loaded
+        while (self.ready or self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            if self.ready:  # its KV loaded: no second lookup, no second allocation
+                request, loaded = self.ready.popleft(), 0
+            else:
+                request = self.waiting[0]
+                if (loaded := self._allocate(request)) is None:
+                    break
+                self.waiting.popleft()
+                if request.status is RequestStatus.WAITING_FOR_KV:
+                    continue
             request.status = RequestStatus.RUNNING
-            m = request.metrics
-            m.tokens_loaded += loaded
-            if m.first_scheduled_time is None:
-                m.first_scheduled_time = time.perf_counter()
-                m.tokens_cached_on_device = device_hit
             n = min(len(request.token_ids) - request.num_computed_tokens, budget)
-            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n, blocks, loaded))
+            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n,
+                                              self.pool.block_table(request.request_id), loaded))
             self.running.append(request)
             budget -= n
         return budget
+
+    def _allocate(self, request: Request) -> int | None:
+        """Blocks for a waiting request, its device hit and the tokens kvtier loads in this step; None
+        when the blocks are not free now. A request whose load is asynchronous is parked in `loading`
+        (WAITING_FOR_KV, its device hit computed for now) and loads nothing in this step."""
+        try:
+            device_hit = self.pool.allocate(request.request_id, request.token_ids)
+        except NoFreeBlocks as exc:
+            # Blocks held for a final save or a load come back later: only an idle cache is final.
+            if not self._holds_blocks():
+                raise RuntimeError(f"request {request.request_id} does not fit the empty KV cache") from exc
+            return None
+        loaded, asynchronous = 0, False
+        if self.connector is not None:
+            loaded, asynchronous = self.connector.get_num_new_matched_tokens(request, device_hit)
+            blocks = self.pool.block_table(request.request_id)
+            self.connector.update_state_after_alloc(request, blocks, loaded)
+        m = request.metrics
+        if m.first_scheduled_time is None:
+            m.first_scheduled_time = time.perf_counter()
+            m.tokens_cached_on_device = device_hit
+        if asynchronous and loaded > 0:
+            request.num_computed_tokens = device_hit
+            request.status = RequestStatus.WAITING_FOR_KV
+            self.loading[request.request_id] = request
+            return 0
+        request.num_computed_tokens = device_hit + loaded
+        m.tokens_loaded += loaded
+        return loaded
 
     def _preempt(self, request: Request) -> None:
         self.pool.free(request.request_id)
@@ -158,16 +201,19 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, recomputed: dict[str, int],
                finished_sending: set[str], loaded: dict[str, int] | None = None,
-               not_blended: set[str] | None = None, blended: dict[str, int] | None = None) -> None:
+               not_blended: set[str] | None = None, blended: dict[str, int] | None = None,
+               async_loaded: dict[str, int] | None = None) -> None:
         """Advance each scheduled request past the tokens that ran. `recomputed`: tokens a request
         computed beyond plan because its kvtier load fell short; `loaded`: how far each load got;
         `not_blended`: requests planned as a blend that were computed normally; `blended`: requests
         whose prompt after the head was blended -> the rows of it computed through every layer (the
         blend runs layers 0..check_layer-1 over every row, but the rows it reused count as reused,
         `blend_tokens_reused`, not computed). A blended request's blocks past its head are never
-        published to the device prefix cache: their KV is approximate."""
-        if self.connector is not None and (loaded or not_blended):
-            self.connector.update_connector_output(loaded or {}, not_blended or ())
+        published to the device prefix cache: their KV is approximate. `async_loaded`: requests whose
+        asynchronous load finished -> the token it reached (`_landed`)."""
+        async_loaded = async_loaded or {}
+        if self.connector is not None and (loaded or not_blended or async_loaded):
+            self.connector.update_connector_output({**(loaded or {}), **async_loaded}, not_blended or ())
         blended = blended or {}
         for s in output.scheduled:
             request = s.request
@@ -184,17 +230,48 @@ class Scheduler:
             request = self.held.pop(request_id, None)
             if request is not None:
                 self.pool.free(request_id)
+        self._landed(async_loaded)
+
+    def _landed(self, async_loaded: dict[str, int]) -> None:
+        """Parked requests whose load finished: their KV reaches `reached` (at least the device hit;
+        the rest, and always the last prompt token, is computed): ready to run. One aborted while
+        it loaded is retired now that nothing writes its blocks."""
+        for request_id, reached in async_loaded.items():
+            request = self.loading.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status.finished:
+                self._release(request)
+                continue
+            device_hit = request.num_computed_tokens
+            reached = min(max(reached, device_hit), len(request.token_ids) - 1)
+            request.num_computed_tokens = reached
+            request.metrics.tokens_loaded += reached - device_hit
+            request.status = RequestStatus.WAITING
+            self.ready.append(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """Retire a request (stopped, out of length, or aborted), wherever it is."""
+        """Retire a request (stopped, out of length, or aborted), wherever it is. One whose load is in
+        flight keeps its blocks until the load lands (`_landed`); its load is cancelled if not started."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif request in self.ready:
+            self.ready.remove(request)
+        parked = request.request_id in self.loading
         request.status = status
         request.metrics.finished_time = time.perf_counter()
+        if parked:
+            if self.connector is not None:
+                self.connector.cancel_load(request.request_id)
+            return
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Free a retired request's blocks, or hold them for the connector's final save."""
         # A request that failed has no final save: the KV of its last step is not trusted.
-        computed = 0 if status is RequestStatus.FINISHED_ERROR else request.num_computed_tokens
+        computed = 0 if request.status is RequestStatus.FINISHED_ERROR else request.num_computed_tokens
         if not self.pool.holds(request.request_id):
             if self.connector is not None:
                 self.connector.request_finished(request, [], computed)

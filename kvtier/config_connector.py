@@ -1,0 +1,48 @@
+"""The config sections the connector reads (not the tiers): `blend:` and `loads:`.
+
+Part of `kvtier.config` (which re-exports both); the loader (`kvtier.config_load`) walks these
+dataclasses' fields like every other section's, so every key is checked the same way, in a file or
+from the environment (`KVTIER_LOADS__ASYNCHRONOUS=off`, `KVTIER_BLEND__RATIO=0.2`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvtier.config_fields import SWITCH, at_least, choice_key, size_key
+from kvtier.config_values import GiB
+
+MAX_SEPARATOR_IDS = 64  # blend.separator_ids: a separator is a few tokens; the bound keeps a list small
+
+
+@dataclass(frozen=True, slots=True)
+class BlendConfig:
+    """`blend:`: reuse cached passages that are not a prefix (kvtier.blend). Exactly one of `separator_ids`
+    and `separator` (alone, tokenised once at start-up by the engine, which also checks `check_layer`)."""
+
+    # Ids, never text re-tokenised in context (it tokenises differently there); a tuple: configs are frozen.
+    separator_ids: tuple[int, ...] | None = field(
+        default=None, metadata={"min": 0, "max": 2**32 - 1, "max_items": MAX_SEPARATOR_IDS})
+    separator: str | None = field(default=None, metadata={"empty": True, "max_bytes": 1024})
+    ratio: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0})  # of reused tokens recomputed
+    check_layer: int = at_least(1, 1)  # where deviations are measured; layers before it: all recomputed
+    min_tokens: int = at_least(64, 0)  # a shorter passage is recomputed, not reused
+
+
+@dataclass(frozen=True, slots=True)
+class LoadsConfig:
+    """`loads:`: whether a kvtier load finishes within the engine step that schedules it or runs in
+    the background while the request waits for its KV (`kvtier.connector.async_load`), and prefetch.
+
+    `asynchronous`: auto = a load is asynchronous when some chunk of it is not in the CPU tier (it
+    needs disk, Redis, the server or a peer) or when it is at least `async_min_bytes`; on = every
+    load; off = every load finishes within its step. At most `async_max_bytes_in_flight` of staging
+    memory is read into at once (a larger load is cut there: the rest is recomputed, counted).
+    `prefetch`: when a request arrives, the chunks of its hit below the CPU tier start moving up at
+    once (`kvtier.connector.prefetch`), at most `prefetch_max_bytes_in_flight` being read."""
+
+    asynchronous: str = choice_key("auto", SWITCH)
+    async_min_bytes: int = size_key(64 << 20)
+    async_max_bytes_in_flight: int = size_key(1 * GiB, memory=True)
+    prefetch: bool = True
+    prefetch_max_bytes_in_flight: int = size_key(512 << 20)

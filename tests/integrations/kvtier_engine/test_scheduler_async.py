@@ -1,0 +1,146 @@
+"""Tests for kvtier_engine/scheduler.py with asynchronous kvtier loads, told as stories on a BlockPool
+of 4-token blocks with real Requests, no model, and a connector stub that says which requests load
+how much, asynchronously: parked requests (WAITING_FOR_KV) take no slot and no budget, a landed load
+is admitted before the waiting queue, aborts wait for the load, prefetch only for requests left waiting.
+"""
+
+from __future__ import annotations
+
+import random
+
+from kvtier_engine.block_pool import BlockPool
+from kvtier_engine.request import Request, RequestStatus
+from kvtier_engine.sampling import SamplingParams
+from kvtier_engine.scheduler import Scheduler
+
+BLOCK = 4
+
+
+class Stub:
+    """A scheduler-side connector whose requests in `hits` load that many tokens asynchronously."""
+
+    def __init__(self, hits: dict[str, int]):
+        self.hits = hits
+        self.arrived: list[str] = []
+        self.cancelled: list[str] = []
+        self.finished: list[str] = []
+        self.outputs: list[dict[str, int]] = []
+
+    def request_arrived(self, request) -> None:
+        self.arrived.append(request.request_id)
+
+    def get_num_new_matched_tokens(self, request, num_computed: int) -> tuple[int, bool]:
+        hit = self.hits.get(request.request_id, 0)
+        return max(0, hit - num_computed), hit > num_computed
+
+    def update_state_after_alloc(self, request, block_ids, num_external_tokens: int) -> None:
+        pass
+
+    def build_connector_meta(self, step: int, scheduled) -> None:
+        return None
+
+    def update_connector_output(self, loaded: dict[str, int], not_blended=()) -> None:
+        self.outputs.append(dict(loaded))
+
+    def cancel_load(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+    def request_finished(self, request, block_ids, num_computed_tokens: int) -> bool:
+        self.finished.append(request.request_id)
+        return False
+
+
+def make_request(request_id: str, num_tokens: int) -> Request:
+    tokens = random.Random(request_id).sample(range(1000), num_tokens)
+    return Request(request_id, tokens, SamplingParams(max_tokens=4))
+
+
+def scheduler_with(hits: dict[str, int], **options) -> tuple[Scheduler, Stub]:
+    stub = Stub(hits)
+    return Scheduler(BlockPool(32, BLOCK, False), connector=stub, **options), stub
+
+
+def ids(out) -> list[tuple[str, int, int]]:
+    return [(s.request.request_id, s.num_computed, s.num_new) for s in out.scheduled]
+
+
+def test_a_parked_request_takes_no_slot_no_budget_and_is_admitted_first_once_landed():
+    scheduler, stub = scheduler_with({"b": 16}, max_num_seqs=1, max_num_batched_tokens=8)
+    b, a, c = make_request("b", 20), make_request("a", 6), make_request("c", 5)
+    for r in (b, a, c):
+        scheduler.add(r)
+
+    out = scheduler.schedule()
+    assert ids(out) == [("a", 0, 6)]  # b parked with its blocks, a runs in the one slot
+    assert b.status is RequestStatus.WAITING_FOR_KV and b.num_computed_tokens == 0
+    assert scheduler.pool.holds("b") and list(scheduler.loading) == ["b"]
+    scheduler.update(out, {}, set())
+    scheduler.finish(a, RequestStatus.FINISHED_LENGTH)
+
+    out = scheduler.schedule()  # the load has not landed: c takes the free slot
+    assert ids(out) == [("c", 0, 5)]
+    scheduler.update(out, {}, set(), async_loaded={"b": 12})  # fell short of 16: the rest is computed
+    assert b.status is RequestStatus.WAITING and list(scheduler.ready) == [b]
+    assert (b.num_computed_tokens, b.metrics.tokens_loaded) == (12, 12)
+    assert stub.outputs[-1] == {"b": 12}
+    scheduler.finish(c, RequestStatus.FINISHED_LENGTH)
+
+    scheduler.add(make_request("d", 5))
+    out = scheduler.schedule()
+    assert ids(out) == [("b", 12, 8)]  # ready before waiting, no second lookup or allocation
+    assert b.status is RequestStatus.RUNNING and scheduler.waiting[0].request_id == "d"
+
+
+def test_a_landed_load_never_computes_less_than_the_last_prompt_token_or_before_the_device_hit():
+    scheduler, _ = scheduler_with({"b": 40})
+    b = make_request("b", 20)
+    scheduler.add(b)
+    scheduler.update(scheduler.schedule(), {}, set(), async_loaded={"b": 99})
+    assert b.num_computed_tokens == 19 and b.metrics.tokens_loaded == 19
+
+
+def test_an_aborted_parked_request_keeps_its_blocks_until_the_load_lands():
+    scheduler, stub = scheduler_with({"b": 16})
+    b = make_request("b", 20)
+    scheduler.add(b)
+    scheduler.schedule()
+    scheduler.finish(b, RequestStatus.FINISHED_ABORTED)
+
+    assert stub.cancelled == ["b"] and stub.finished == []
+    assert scheduler.pool.holds("b") and scheduler.has_work()
+    out = scheduler.schedule()
+    assert out.scheduled == []  # never scheduled
+    scheduler.update(out, {}, set(), async_loaded={"b": 0})
+    assert stub.finished == ["b"] and not scheduler.pool.holds("b") and not scheduler.has_work()
+    assert scheduler.pool.num_free == len(scheduler.pool.blocks)
+
+
+def test_an_aborted_ready_request_is_freed_at_once():
+    scheduler, stub = scheduler_with({"b": 16})
+    b = make_request("b", 20)
+    scheduler.add(b)
+    scheduler.update(scheduler.schedule(), {}, set(), async_loaded={"b": 16})
+    scheduler.finish(b, RequestStatus.FINISHED_ABORTED)
+    assert not scheduler.ready and not scheduler.pool.holds("b") and stub.finished == ["b"]
+    assert stub.cancelled == [] and not scheduler.has_work()
+
+
+def test_loads_holding_blocks_make_a_request_wait_instead_of_failing():
+    scheduler, _ = scheduler_with({"b": 100})
+    b, big = make_request("b", 104), make_request("big", 40)  # 26 of 32 blocks, then 10 more
+    scheduler.add(b)
+    scheduler.add(big)
+    out = scheduler.schedule()  # b parked; big does not fit beside it: it waits, no RuntimeError
+    assert out.scheduled == [] and list(scheduler.waiting) == [big]
+
+
+def test_only_requests_left_waiting_are_prefetched():
+    scheduler, stub = scheduler_with({}, max_num_seqs=1)
+    first, second = make_request("first", 6), make_request("second", 6)
+    scheduler.add(first)
+    scheduler.add(second)
+    assert stub.arrived == []  # not at add: the step decides
+    scheduler.schedule()
+    assert stub.arrived == ["second"]  # `first` was admitted at once: its load reads them anyway
+    scheduler.schedule()
+    assert stub.arrived == ["second"]  # once per arrival
