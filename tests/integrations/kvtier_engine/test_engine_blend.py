@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from kvtier import load_config
+from kvtier.blend.segments import SegmentKeys, split_segments
 from kvtier.connector.blend_io import SegmentIO
+from kvtier.connector.metadata import BlendLoadSpec, PassageSpans
 from kvtier_engine import LLM, SamplingParams
 from kvtier_engine import llm_engine as llm_engine_module
 from kvtier_engine.blend_step import BlendUnavailable
@@ -313,3 +315,24 @@ def test_a_first_passage_the_device_prefix_cache_reaches_into_is_blended(tmp_pat
     assert m.blend_tokens_reused > 0 if ratio < 1 else m.blend_tokens_reused == 0
     if ratio == 1.0:
         assert out.token_ids == baseline(tmp_path, second)
+
+
+def test_a_single_segment_at_position_zero_is_bit_equal_to_prefix_caching(tmp_path):
+    """A passage that opens the prompt (no head) sits at position 0, where its record's normalising
+    shift is the identity: what the engine stored under its segment keys, and what a blend reads back
+    through the worker's passage read (moved by +0), are the very bytes prefix caching stored and
+    loads for those tokens."""
+    p = parts(23)
+    ids = [SEP, *p["p1"], SEP, *p["q"]]  # passage rows 0..40, then the question
+    with blend_engine(tmp_path) as llm:
+        run(llm, ids)
+        kvtier = llm.engine.kvtier
+        passage = split_segments(ids, [SEP])[0]
+        assert (passage.kind, passage.start) == ("passage", 0)
+        spans = SegmentKeys(kvtier.db.namespace_digest, CHUNK).spans(ids, passage)
+        read = llm.engine.connector.segments.read(
+            BlendLoadSpec("r", ids, 0, [PassageSpans(passage.start, passage.end, spans)]))
+        prefix, n = kvtier.retrieve(ids)
+    full = passage.end - passage.end % CHUNK  # the passage's whole chunks: rows 0..31
+    assert read is not None and read.cached[:passage.end].all() and n >= full
+    assert torch.equal(read.kv[:, :, :full], prefix[:, :, :full])
