@@ -67,6 +67,24 @@ def test_targets_compare_p99_with_sync_and_with_no_loads():
     assert not verdicts["disk / async + prefetch"]["pass"]  # 0.6x sync, 6x no loads
 
 
+def test_targets_judge_against_resident_and_show_no_loads_beside_it():
+    def tail(setup: str, seconds: float, kind: str) -> bench.RunResult:  # 97 quiet gaps of 10 ms, 3 slower
+        return run(setup, [0.010] * 97 + [seconds] * 3, ["quiet"] * 97 + [kind] * 3)
+
+    # The long requests' own question steps (40 ms) are in resident as in every loading setup.
+    rows = bench.summarise([run("no loads", [0.010] * 100, ["quiet"] * 100),
+                            tail("resident", 0.040, "compute"), tail("sync", 0.200, "compute"),
+                            tail("async", 0.050, "compute")])
+    verdict = bench.targets(rows)["disk / async"]
+    assert verdict["baseline"] == "resident"
+    assert verdict["vs_resident"] == pytest.approx(1.25, rel=0.05)
+    assert verdict["vs_no_loads"] == pytest.approx(5.0, rel=0.05)
+    assert verdict["vs_baseline"] == verdict["vs_resident"] and verdict["pass"]  # failing against no loads
+    by_setup = {r["setup"]: r for r in rows}
+    assert by_setup["async"]["p99_vs_resident"] == pytest.approx(verdict["vs_resident"])
+    assert by_setup["resident"]["p99_vs_no_loads"] == pytest.approx(4.0, rel=0.05)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     """The whole benchmark, --quick, on the tiny model, against the disk tier and a kvtier_server."""
@@ -94,6 +112,8 @@ def test_the_long_requests_load_their_whole_prefix_from_the_lower_tier(report):
         if r["setup"] == "no loads":
             assert r["loaded"] == 0 and r["steps_compute"] == 0 and r["steps_pending"] == 0
             continue
+        if r["setup"] == "resident":  # loads nothing: its own test below
+            continue
         lower = "disk" if r["backend"] == "disk" else "remote"
         assert r["loaded"] == sum(PREFIXES)
         assert r["tier_hits"][lower] > 0
@@ -104,3 +124,20 @@ def test_the_long_requests_load_their_whole_prefix_from_the_lower_tier(report):
     for alone in report["copies_alone"]:
         assert alone["bytes"] == sum(PREFIXES) * report["settings"]["kv_bytes_per_token"]
         assert alone["wall_s"] >= alone["read_wall_s"] > 0  # the reads, then the scatters into blocks
+
+
+def test_resident_long_requests_are_whole_prefix_device_hits_and_load_nothing(report):
+    resident = [r for r in report["summary"] if r["setup"] == "resident"]
+    assert {r["backend"] for r in resident} == set(bench.BACKENDS)
+    for r in resident:
+        assert r["on_device"] == sum(PREFIXES) and r["loaded"] == 0
+        assert r["computed"] == len(PREFIXES) * 16  # only each question ran through the model
+        assert r["steps_compute"] == len(PREFIXES) and r["steps_pending"] == 0  # admitted and run at once
+        assert r["itl_n"] == DECODERS * (DECODE - 1)
+    for run_ in report["runs"]:
+        if run_["setup"] == "resident":  # per long request, not only in sum
+            assert sorted(run_["on_device"]) == sorted(PREFIXES) and run_["loaded"] == [0] * len(PREFIXES)
+        elif run_["setup"] != "no loads":  # the loading setups found nothing on the device
+            assert run_["on_device"] == [0] * len(PREFIXES)
+    for verdict in report["targets"]["pass"].values():
+        assert verdict["baseline"] == "resident" and "vs_no_loads" in verdict
