@@ -471,21 +471,31 @@ def plot(path: Path, summary: dict, source: str = SOURCES[0]) -> None:
     fig.savefig(path, dpi=110)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def prompt_args(description: str) -> argparse.ArgumentParser:
+    """The workload's arguments, shared with rag_blend_study.py (`parse_prompt_args` applies --quick)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="2 prompts of 4 passages, 1 repeat")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--passages", type=int, nargs=2, default=(5, 8), metavar=("MIN", "MAX"))
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", choices=SOURCES, default=SOURCES[0],
-                   help="where the passages' KV comes from (see the module docstring)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
     p.add_argument("--out", type=Path, default=OUT)
+    return p
+
+
+def parse_prompt_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.passages, args.repeats = 2, (4, 4), 1
     return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = prompt_args(__doc__.split("\n")[0])
+    p.add_argument("--source", choices=SOURCES, default=SOURCES[0],
+                   help="where the passages' KV comes from (see the module docstring)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
+    return parse_prompt_args(p, argv)
 
 
 def run_prompts(model, tokenizer, args: argparse.Namespace,

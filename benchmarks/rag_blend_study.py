@@ -354,17 +354,7 @@ def plot(path, summary: dict, diag: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 prompts of 4 passages, 1 repeat")
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--passages", type=int, nargs=2, default=(5, 8), metavar=("MIN", "MAX"))
-    p.add_argument("--repeats", type=int, default=rb.REPEATS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=rb.Path, default=rb.OUT)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.prompts, args.passages, args.repeats = 2, (4, 4), 1
-    return args
+    return rb.parse_prompt_args(rb.prompt_args(__doc__.split("\n")[0]), argv)
 
 
 def build_stores(model, tokenizer, pool: list[rb.Passage], prompts: list[rb.Prompt],

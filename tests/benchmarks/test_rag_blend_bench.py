@@ -18,18 +18,7 @@ from kvtier_engine.models.loader import load_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # the scripts import each other
 
 import rag_blend  # noqa: E402
-
-
-class ByteTokenizer:
-    """One id per byte (below the tiny preset's 512-token vocabulary)."""
-
-    eos_token_id = 2
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode(errors="replace")  # a random model emits ids >= 256
+from byte_tokenizer import ByteTokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # t
 
 import rag_blend  # noqa: E402
 import rag_blend_engine as bench  # noqa: E402
+from byte_tokenizer import ByteTokenizer  # noqa: E402
 
 MODEL = "random:llama-tiny"
 CHUNK = 16
 
 
-class ByteTokenizer:
-    """One id per byte (below the tiny preset's 512-token vocabulary)."""
-
-    eos_token_id = 2
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode(errors="replace")
 
 
 def pool_of(n: int) -> list[rag_blend.Passage]:

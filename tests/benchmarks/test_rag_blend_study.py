@@ -21,18 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # t
 
 import rag_blend  # noqa: E402
 import rag_blend_study as study  # noqa: E402
-
-
-class ByteTokenizer:
-    """One id per byte (below the tiny preset's 512-token vocabulary)."""
-
-    eos_token_id = 2
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode(errors="replace")
+from byte_tokenizer import ByteTokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
