@@ -9,8 +9,8 @@ anywhere, in its middle with the same length included, gets fresh keys from that
 stale one. The keys are the same as without the memo, bit for bit (it only skips recomputing them).
 
 Where it runs: inside `TokenDatabase.keys`, on any thread. Thread-safe: one lock around the map,
-taken twice per call (find, remember), never per chunk. Memory: at most `slots` prompts' u32 bytes
-(4 bytes a token) and keys.
+taken twice per call (find, remember), never per chunk. Memory: at most `slots` prompts, whose u32
+bytes (4 bytes a token) add up to at most `max_bytes`, and their keys (~1/16 of that again).
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ def common_tokens(raw: bytes, old: bytes) -> int:
 
 
 class KeyMemo:
-    def __init__(self, chunk_size: int, slots: int):
+    def __init__(self, chunk_size: int, slots: int, max_bytes: int = 64 << 20):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.chunk_size = chunk_size
         self.slots = slots
+        self.max_bytes = max_bytes  # of remembered token bytes: a huge prompt is hashed, not kept
+        self._bytes = 0
         self._head = 4 * chunk_size  # bytes of the first chunk: the entry's name
         self._entries: OrderedDict[bytes, tuple[bytes, list[ChunkKey]]] = OrderedDict()
         self._lock = threading.Lock()
@@ -65,11 +67,16 @@ class KeyMemo:
         return old_keys[:k]
 
     def remember(self, raw: bytes, keys: list[ChunkKey]) -> None:
-        if len(raw) < self._head:  # no full chunk: nothing worth keeping
+        if not self._head <= len(raw) <= self.max_bytes:  # no full chunk, or too large to keep
             return
         head = raw[:self._head]
         with self._lock:
-            self._entries[head] = (raw, keys)
+            entry = self._entries.get(head)
+            # A prefix of the remembered prompt (a retrieve up to its hit, after a lookup of the whole
+            # prompt) keeps the longer entry: replacing it would hash the rest again at the next lookup.
+            if entry is None or not entry[0].startswith(raw):
+                self._bytes += len(raw) - (len(entry[0]) if entry else 0)
+                self._entries[head] = (raw, keys)
             self._entries.move_to_end(head)
-            while len(self._entries) > self.slots:
-                self._entries.popitem(last=False)
+            while len(self._entries) > self.slots or self._bytes > self.max_bytes:  # (never the newest)
+                self._bytes -= len(self._entries.popitem(last=False)[1][0])

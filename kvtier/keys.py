@@ -38,7 +38,11 @@ _U32_MAX = 2**32 - 1
 # A Python list becomes u32 through `array`: 4x faster than numpy's per-element conversion, and
 # it raises on a negative, too large or non-integer id by itself. Only where its 'I' is 4 bytes.
 _ARRAY_U32 = "I" if array("I").itemsize == 4 else None
-MEMO_PROMPTS = 8  # prompts whose keys a TokenDatabase remembers (kvtier.key_memo)
+# Prompts whose keys a TokenDatabase remembers (kvtier.key_memo): more than the requests a scheduler
+# re-asks about every step (an LRU smaller than that cycle would miss every time), and at most
+# MEMO_BYTES of their tokens (4 bytes each: 16M tokens).
+MEMO_PROMPTS = 64
+MEMO_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +167,7 @@ class TokenDatabase:
         self.chunk_size = chunk_size
         self.save_partial = save_partial
         self._ns_digest = namespace.digest()
-        self._memo = KeyMemo(chunk_size, MEMO_PROMPTS)
+        self._memo = KeyMemo(chunk_size, MEMO_PROMPTS, MEMO_BYTES)
 
     @property
     def namespace_digest(self) -> bytes:

@@ -68,7 +68,8 @@ class SlabIO:
         self.reader = TierReader(lower, layout.dtype, metrics, reads)
 
     def read(self, plan: list[ChunkRead], out: torch.Tensor | None) -> int:
-        """Read the planned lower-tier chunks, copy the good prefix out. Returns chunks served."""
+        """Read the planned lower-tier chunks into their slabs and copy them into `out` (every good one,
+        as it lands: what lies past the first miss is written but not served). Returns chunks served."""
         lower = [r for r in plan if not r.from_cpu]
         copy_out = _CopyOut(self.pool, self.layout, out, lower) if out is not None and lower else None
         # Start the lower-tier reads (each copied out as it lands), then copy the CPU hits meanwhile.

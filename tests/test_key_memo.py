@@ -139,3 +139,29 @@ def test_common_tokens_counts_whole_tokens_only():
 def test_slots_must_be_positive():
     with pytest.raises(ValueError, match="slots"):
         KeyMemo(SIZE, 0)
+
+
+def test_a_prefix_of_a_remembered_prompt_does_not_replace_it(hashed):
+    # The connector looks up the whole prompt, then retrieves only up to its hit: the next lookup of
+    # the whole prompt must still hash nothing.
+    db = TokenDatabase(NS, chunk_size=SIZE, save_partial=True)
+    toks = prompt(10 * SIZE + 5, 11)
+    assert keyed(db, toks, hashed) == (fresh(toks, True), 11)
+    assert keyed(db, toks[:4 * SIZE + 3], hashed) == (fresh(toks[:4 * SIZE + 3], True), 1)  # its tail
+    assert keyed(db, toks, hashed) == (fresh(toks, True), 0)
+
+
+def test_the_memo_holds_a_bounded_number_of_token_bytes():
+    memo = KeyMemo(SIZE, slots=10, max_bytes=4 * 5 * SIZE)  # room for 5 chunks of tokens
+    db = TokenDatabase(NS, chunk_size=SIZE)
+    db._memo = memo
+    small = [prompt(2 * SIZE, 300 + i) for i in range(3)]
+    for toks in small:
+        db.keys(toks)
+    assert len(memo._entries) == 2 and memo._bytes == 4 * 4 * SIZE  # the oldest went for the third
+    db.keys(prompt(6 * SIZE, 310))  # larger than the whole bound: hashed, never kept
+    assert len(memo._entries) == 2 and memo._bytes == 4 * 4 * SIZE
+    longer = small[2] + prompt(SIZE, 311)  # replaces its own shorter entry: its bytes counted once
+    db.keys(longer)
+    assert len(memo._entries) == 2 and memo._bytes == 4 * 5 * SIZE  # 2 + 3 chunks: just fits
+    assert db.keys(longer) == fresh(longer)
