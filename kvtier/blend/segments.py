@@ -90,9 +90,12 @@ def separator_starts(tokens: np.ndarray, separator: np.ndarray) -> list[int]:
     if n < m:
         return []
     candidates = np.flatnonzero(tokens[: n - m + 1] == separator[0])
-    if m > 1 and len(candidates):
-        window = candidates[:, None] + np.arange(m)
-        candidates = candidates[(tokens[window] == separator).all(axis=1)]
+    # One id at a time over the surviving candidates: memory O(prompt), where a [candidates, m] window
+    # is 64x the prompt for a hostile one made of the separator's first id.
+    for j in range(1, m):
+        candidates = candidates[tokens[candidates + j] == separator[j]]
+    if len(candidates) < 2 or np.diff(candidates).min() >= m:
+        return candidates.tolist()  # no two matches overlap
     starts: list[int] = []
     for c in candidates.tolist():
         # Overlapping matches (separator [7, 7] in 7 7 7) count once: the leftmost wins.

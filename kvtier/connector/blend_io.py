@@ -24,6 +24,7 @@ import torch
 from kvtier.blend.rope_shift import shift_keys
 from kvtier.connector.metadata import BlendLoadSpec, SegmentSaveSpec
 from kvtier.engine import CacheEngine
+from kvtier.keys import ChunkSpan
 from kvtier.log_limit import LogLimiter
 
 logger = logging.getLogger(__name__)
@@ -86,24 +87,28 @@ class SegmentIO:
     def save_all(self, specs: list[SegmentSaveSpec], cache, submit: Callable) -> None:
         """On the forward pass's thread: gather each spec's rows from the paged `cache` (a `PagedKV`),
         then `submit(self.store, spec, kv)` to the saver thread. Never raises."""
+        bs = cache.block_size
         for spec in specs:
-            try:
-                submit(self.store, spec, cache.gather(list(spec.block_ids), spec.passages[-1].end))
+            try:  # from the first passage's block on: the head's rows are not saved here
+                base = spec.passages[0].spans[0].start // bs * bs
+                kv = cache.gather(list(spec.block_ids[base // bs:]), spec.passages[-1].end - base)
+                submit(self.store, spec, kv, base)
             except Exception:
                 self._log.error("gather", "gathering the passages of request %s failed", spec.request_id,
                                 exc_info=True)
 
-    def store(self, spec: SegmentSaveSpec, kv: torch.Tensor) -> int:
-        """Store each passage's chunks from `kv` ([2, L, >= last end, H*D], the request's rows from 0,
-        gathered for this save: its K rows are shifted in place) with K normalised to the passage at
-        position 0. Returns chunks newly stored; never raises (a
+    def store(self, spec: SegmentSaveSpec, kv: torch.Tensor, base: int = 0) -> int:
+        """Store each passage's chunks from `kv` ([2, L, >= last end - base, H*D], the request's rows
+        from `base`, gathered for this save: its K rows are shifted in place) with K normalised to the
+        passage at position 0. Returns chunks newly stored; never raises (a
         passage that cannot be stored is simply not cached)."""
         stored = 0
         try:
             for passage in spec.passages:  # (passages never overlap: each shifts its own rows of `kv`)
-                a, b = passage.spans[0].start, passage.spans[-1].end
+                a, b = passage.spans[0].start - base, passage.spans[-1].end - base
                 kv[0, :, a:b] = self._shift(kv[0, :, a:b], -passage.start)  # `kv` is this save's own
-                stored += self.engine.storage.put(passage.spans, kv)  # spans are rows of `kv`
+                spans = [ChunkSpan(s.key, s.start - base, s.end - base) for s in passage.spans]
+                stored += self.engine.storage.put(spans, kv)  # rows of `kv`
         except Exception:
             self._log.error("save", "saving the passages of request %s failed", spec.request_id,
                             exc_info=True)

@@ -246,3 +246,11 @@ def test_a_separator_past_any_vocabulary_never_matches():
     assert split([1, 2, 3, 4], [2**32 - 1]) == [(0, 4, "head")]
     with pytest.raises(ValueError):
         split([1, 2], [2**32])
+
+
+def test_a_prompt_of_the_separators_first_id_splits_like_the_naive_scan():
+    # Hostile: every token is the separator's first id, and a long separator; the scan stays exact.
+    separator = [5] * 63 + [6]
+    tokens = ([5] * 200 + [6]) * 3 + [5] * 100
+    expected = [i for i in range(len(tokens) - 63) if tokens[i:i + 64] == separator]
+    assert [s.start for s in split_segments(tokens, separator)][1:] == expected

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.blend import selection
 from kvtier.blend.rope_shift import UnshiftableRope, check_shiftable
 from kvtier.config import BlendConfig
 from kvtier.connector.blend_io import BlendLoad
 from kvtier.metrics import Metrics
-from kvtier_engine.blend import BlendInput, BlendSelfTestFailed, blend_prefill, self_test
+from kvtier_engine.blend import BlendInput, BlendSelfTestFailed, Selector, blend_prefill, self_test
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.models.llama import CausalLM
 from kvtier_engine.request import Request
@@ -93,7 +94,8 @@ def _encode_alone(tokenizer: Tokenizer, text: str) -> list[int]:
 def run_blend(model: CausalLM, cache: PagedKVCache, s: ScheduledRequest, load: BlendLoad,
               config: BlendConfig) -> tuple[torch.Tensor, BlendStats]:
     """Blend request `s` (its rows `s.num_computed`.. in this step; the rows before are in its
-    blocks): writes the merged K/V into its blocks; returns its last logits [vocab] and the stats."""
+    blocks): writes the merged K/V into its blocks; returns its last logits [vocab] and the stats.
+    `config.ratio` is of the cached rows after the head (`select_after`)."""
     tokens, head = s.request.token_ids, s.num_computed
     device, c = cache.kv.device, model.config
     kv = load.kv.to(device, cache.kv.dtype)
@@ -104,13 +106,22 @@ def run_blend(model: CausalLM, cache: PagedKVCache, s: ScheduledRequest, load: B
     shape = (c.num_layers, len(tokens), c.num_kv_heads, c.head_dim)
     out = blend_prefill(model, BlendInput(torch.tensor(tokens, dtype=torch.long, device=device),
                                           kv[0].reshape(shape), kv[1].reshape(shape), cached.to(device),
-                                          config.ratio, config.check_layer))
+                                          config.ratio, config.check_layer, select_after(head)))
     merged = out.kv.flatten(3)[:, :, head:]  # [2, L, T - head, H*D], no copy
     cache.scatter(list(s.block_ids[head // cache.block_size:]), merged)
     # Prompt rows only: a preempted request blends its generated tokens too (as its suffix).
     prompt = s.request.num_prompt_tokens
     recomputed = int(((out.selected >= head) & (out.selected < prompt)).sum())
     return out.last_logits, BlendStats(load.segments_hit, max(0, prompt - head) - recomputed, recomputed)
+
+
+def select_after(head: int) -> Selector:
+    """`select_rows` over the rows after the head only. The head's rows are exact (the request's own
+    blocks) and marked cached, so over the whole prompt they would count toward `ratio` (a long head
+    inflating the passages' recompute) and their near-zero deviation could never earn them a place."""
+    def select(new: torch.Tensor, loaded: torch.Tensor, cached: torch.Tensor, ratio: float) -> torch.Tensor:
+        return selection.select_rows(new[head:], loaded[head:], cached[head:], ratio) + head
+    return select
 
 
 def record_blend(request: Request, stats: BlendStats, metrics: Metrics | None) -> None:

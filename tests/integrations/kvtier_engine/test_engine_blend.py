@@ -21,7 +21,7 @@ from kvtier.connector.blend_io import SegmentIO
 from kvtier.connector.metadata import BlendLoadSpec, PassageSpans
 from kvtier_engine import LLM, SamplingParams
 from kvtier_engine import llm_engine as llm_engine_module
-from kvtier_engine.blend_step import BlendUnavailable
+from kvtier_engine.blend_step import BlendUnavailable, select_after
 from kvtier_engine.layers.attention import ContiguousKVCache
 
 MODEL = "random:llama-tiny"
@@ -336,3 +336,16 @@ def test_a_single_segment_at_position_zero_is_bit_equal_to_prefix_caching(tmp_pa
     full = passage.end - passage.end % CHUNK  # the passage's whole chunks: rows 0..31
     assert read is not None and read.cached[:passage.end].all() and n >= full
     assert torch.equal(read.kv[:, :, :full], prefix[:, :, :full])
+
+
+def test_the_head_rows_neither_count_toward_the_ratio_nor_are_picked():
+    head, t = 8, 28  # 20 cached rows after the head, the head's rows deviate most
+    k_loaded = torch.zeros(t, 1, 2)
+    k_new = torch.zeros(t, 1, 2)
+    k_new[:head] = 100.0
+    k_new[head:, 0, 0] = torch.arange(20, dtype=torch.float32)
+    cached = torch.ones(t, dtype=torch.bool)
+    cached[head + 1] = False
+    rows = select_after(head)(k_new, k_loaded, cached, 0.15).tolist()
+    # ceil(0.15 * 19) = 3 of the cached rows after the head (the most deviating), plus the uncached one
+    assert rows == [head + 1, t - 3, t - 2, t - 1]
