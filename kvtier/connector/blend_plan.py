@@ -32,6 +32,11 @@ from kvtier.engine import CacheEngine
 
 logger = logging.getLogger(__name__)
 
+# Passages of one prompt that take part (looked up, leased, read, saved); later ones are computed.
+# Each costs an index lookup per step the request waits and a lease key per chunk: a prompt cut into
+# thousands of tiny passages (`min_tokens: 0`, or a separator an attacker repeats) stays bounded.
+MAX_PASSAGES = 256
+
 
 @dataclass(frozen=True, slots=True)
 class PassagePlan:
@@ -48,6 +53,7 @@ class BlendPlanner:
         self.separator = [int(t) for t in separator_ids]
         self.keys = SegmentKeys(engine.db.namespace_digest, engine.db.chunk_size)
         self._said_no_separator = False
+        self._said_too_many = False
 
     def passages(self, tokens: Sequence[int]) -> list[Segment]:
         """The prompt's passages long enough to reuse, in order."""
@@ -56,7 +62,12 @@ class BlendPlanner:
             self._said_no_separator = True
             logger.info("blend: a prompt of %d tokens holds no separator %s: prefix caching only "
                         "(said once)", len(tokens), self.separator)
-        return [s for s in segments if s.kind == "passage" and s.num_tokens >= self.config.min_tokens]
+        passages = [s for s in segments if s.kind == "passage" and s.num_tokens >= self.config.min_tokens]
+        if len(passages) > MAX_PASSAGES and not self._said_too_many:
+            self._said_too_many = True
+            logger.warning("blend: a prompt of %d passages; only its first %d are reused, the rest "
+                           "computed (said once)", len(passages), MAX_PASSAGES)
+        return passages[:MAX_PASSAGES]
 
     def plan(self, tokens: Sequence[int], head: int) -> PassagePlan:
         """The passages of `tokens` held (those whose held chunks reach past `head`) and still missing."""

@@ -14,6 +14,7 @@ import pytest
 
 from kvtier import load_config
 from kvtier.config import ConfigError
+from kvtier.connector import blend_plan
 from kvtier.record_files import BLOCK
 from kvtier_engine import LLM, SamplingParams
 from kvtier_engine.blend_step import BlendUnavailable
@@ -352,3 +353,19 @@ def test_the_block_pool_never_publishes_a_sequence_past_its_cacheable_head():
     pool.allocate("fresh", tokens)  # the limit went with the sequence: a fresh one publishes all
     pool.publish("fresh", tokens, 17)
     assert pool.allocate("after", tokens) == 16
+
+
+def test_passages_past_the_cap_are_computed_and_said_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(blend_plan, "MAX_PASSAGES", 8)
+    p = parts(61)
+    passages = [[i, *p["p1"][:17]] for i in range(12)]  # distinct from their first chunk on
+    first = [t for ps in passages for t in (SEP, *ps)] + [SEP, *p["q"]]
+    second = p["head1"] + [t for ps in reversed(passages) for t in (SEP, *ps)] + [SEP, *p["q"]]
+    with caplog.at_level(logging.WARNING, logger="kvtier.connector.blend_plan"), \
+            blend_engine(tmp_path, ratio=1.0) as llm:
+        run(llm, first)
+        out = run(llm, second)
+        assert leased(llm) == 0
+    assert out.metrics.blend_segments_hit == 4  # the first 8 of `second` are the last 8 saved: 4 held
+    assert out.token_ids == baseline(tmp_path, second)
+    assert len([r for r in caplog.records if "only its first 8" in r.getMessage()]) == 1
