@@ -148,9 +148,14 @@ class AsyncLoader:
         if upto <= spec.start:
             self.engine.release(spec.lease)
             return spec.start
+        try:
+            out = self._staging.get(upto - first)
+        except BaseException:  # no host memory for it: `read_load` never runs, which releases the lease
+            self.engine.release(spec.lease)
+            raise
         with self._lock:
             self._staging_bytes = self.engine.layout.chunk_bytes(upto - first)
-        kv, reached = read_load(self.engine, spec, first, self._staging.get(upto - first), self._log, upto)
+        kv, reached = read_load(self.engine, spec, first, out, self._log, upto)
         if reached > spec.start:
             stream = torch.cuda.Stream() if self._on_cuda else None
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():

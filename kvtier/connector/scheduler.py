@@ -138,7 +138,7 @@ class KvtierSchedulerConnector:
                 >= self.loads.async_min_bytes:
             return True
         first, last = num_computed_tokens // self.chunk_size, -(-state.load_to // self.chunk_size)
-        keys = self.engine.db.keys(tokens)[first:last]
+        keys = self.engine.db.keys(tokens[:last * self.chunk_size])[first:]  # no hashing past the hit
         return self.engine.storage.cpu_prefix(keys) < len(keys)  # some chunk needs a tier below
 
     def _plan_blend(self, request, state: _RequestState, num_computed_tokens: int) -> None:

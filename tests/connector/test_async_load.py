@@ -270,3 +270,20 @@ def test_prefetch_off_starts_nothing(setup):
     scheduler.request_arrived(SimpleNamespace(request_id="r", all_token_ids=tokens))
     assert scheduler.stats() == {} and engine.storage.cpu_prefix(engine.db.keys(tokens)) == 0
     assert scheduler.close()
+
+
+def test_a_load_whose_staging_buffer_cannot_be_had_is_reported_at_its_start_with_its_lease_back(
+        setup, monkeypatch):
+    engine, tokens, _, cache = setup
+    scheduler, worker = sides(engine, cache)
+
+    def no_memory(self, num_tokens):
+        raise RuntimeError("injected: cannot allocate pinned memory")
+
+    monkeypatch.setattr("kvtier.connector.load_read.StagingBuffer.get", no_memory)
+    plan(scheduler, "r", tokens)
+    step(worker, scheduler.build_connector_meta(1, []))
+    assert landed(worker) == {"r": 0}
+    assert worker.async_stats()["async_failures"] == 1 and not cache.kv.any()
+    assert_nothing_held(engine, worker)
+    worker.close()
