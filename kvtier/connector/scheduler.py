@@ -160,6 +160,8 @@ class KvtierSchedulerConnector:
             state.load_to = min(state.load_to, head)
 
     def update_state_after_alloc(self, request, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        if self.prefetcher is not None:  # seated: its own load reads what the prefetch has not moved
+            self.prefetcher.cancel(request.request_id)
         state = self._states[request.request_id]
         if state.blend is not None and not state.blend.lease:
             lease = [s.key for passage in state.blend.passages for s in passage.spans]

@@ -522,7 +522,12 @@ def test_close_with_loads_in_flight_is_bounded_and_leaks_nothing(make_llm, gates
     if held == "prefetch":
         engine.add_request(prompt(30, 62), PARAMS, request_id="seated")  # takes the only seat
     add(llm, {"a": a, "b": b})
-    step_until(llm, disk.entered.is_set, f"a's {held} to be read")
+    if held == "prefetch":  # one step queues it; more could seat `a`, whose load would then read
+        first = engine.scheduler.step + 1
+        step_until(llm, lambda: engine.scheduler.step >= first, "one step")
+        assert disk.entered.wait(WAIT_S), "a's prefetch never read"
+    else:
+        step_until(llm, disk.entered.is_set, "a's load to be read")
     assert (engine.scheduler.connector.stats().get("prefetch_requests", 0) > 0) == (held == "prefetch")
     closer = threading.Thread(target=llm.close)
     closer.start()
@@ -578,23 +583,37 @@ def test_a_prefetched_request_loads_from_host_memory(make_llm, gates, baseline):
     assert_idle(llm)
 
 
-def test_an_abort_while_waiting_cancels_the_prefetch(make_llm, gates, baseline):
+@pytest.mark.parametrize("ends", ["aborted", "seated"])
+def test_a_waiting_request_that_is_aborted_or_seated_has_its_prefetch_cancelled(make_llm, gates, baseline,
+                                                                                 ends):
+    """a's prefetch (one chunk a piece) is held on its first piece; then `a` is aborted, or seated
+    (its own load reads the rest). Either way the prefetch stops after the piece in flight."""
     llm = make_llm(prefetch=True, max_num_seqs=1, loads={"prefetch_max_bytes_in_flight": CHUNK_BYTES})
     a, seated = prompt(64, 74), prompt(30, 75)
     warm(llm, a)
     disk, engine = gates[0], llm.engine
-    disk.arm(engine.kvtier.db.keys(a))
+    keys = engine.kvtier.db.keys(a)[:4]
+    disk.arm(keys)
     add(llm, {"seated": seated, "a": a})
     outputs: dict = {}
-    step_until(llm, disk.entered.is_set, "a's prefetch to be read", outputs)
-    engine.abort("a")  # a was waiting: request_finished cancels its prefetch after this piece
+    # One step seats `seated` and queues a's prefetch; no more until its read is held, so that `a`
+    # cannot be seated (and load) first.
+    first = engine.scheduler.step + 1  # warm() ran steps of its own
+    step_until(llm, lambda: engine.scheduler.step >= first, "one step", outputs)
+    assert disk.entered.wait(WAIT_S), "a's prefetch never read"
+    if ends == "aborted":  # a was waiting: request_finished cancels its prefetch
+        engine.abort("a")
+    else:  # seated once `seated` is done: its load is asynchronous (on), the prefetch cancelled
+        step_until(llm, lambda: "a" in engine.scheduler.loading, "a to be seated", outputs)
     disk.release.set()
     drive(llm, outputs)
 
-    assert tokens_of(outputs) == {"seated": baseline(seated)}
+    expected = {"seated": baseline(seated)} | ({"a": baseline(a)} if ends == "seated" else {})
+    assert tokens_of(outputs) == expected
     stats = engine.scheduler.connector.stats()
     assert (stats["prefetch_cancelled"], stats["prefetch_chunks"]) == (1, 1)
-    assert disk.read_keys == engine.kvtier.db.keys(a)[:1]
+    assert disk.read_keys[0] == keys[0]  # the prefetch's piece; then a's own load, if seated
+    assert disk.read_keys[1:] == [] if ends == "aborted" else set(disk.read_keys[1:]) <= set(keys)
     assert_idle(llm)
 
 
