@@ -76,12 +76,13 @@ def progress_bar(console: Console) -> Progress:
                     console=console, transient=True, auto_refresh=False)
 
 
-def write_results(out: Path, name: str, report: dict, plot: Callable[[Path], None]) -> None:
-    """`<out>/<name>.json` and `<out>/<name>.png`."""
+def write_results(out: Path, name: str, report: dict, plot: Callable[[Path], None] | None) -> None:
+    """`<out>/<name>.json` and, with a `plot`, `<out>/<name>.png`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(out / f"{name}.png")
-    logger.info("wrote %s and %s", out / f"{name}.json", out / f"{name}.png")
+    if plot is not None:
+        plot(out / f"{name}.png")
+    logger.info("wrote %s%s", out / f"{name}.json", "" if plot is None else f" and {out / name}.png")
 
 
 def machine_info(folder: Path) -> dict:

@@ -456,6 +456,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results dir")
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median reported)")
     p.add_argument("--io-threads", type=int, default=DiskConfig().io_threads, help="disk tier I/O threads")
+    p.add_argument("--only", choices=["small", "llama-8b", "lookup"], action="append",
+                   help="run only these groups (repeatable; default all); results go to a separate file")
     p.add_argument("-v", "--verbose", action="store_true", help="kvtier debug logging")
     args = p.parse_args()
     args.reps = args.reps or (2 if args.quick else 5)
@@ -469,10 +471,14 @@ def measure(b: Bench, info: dict) -> tuple[str, list[dict]]:
                 io_mode(direct_ok), b.args.io_threads, b.root, info["disk_fs"], info["disk_device"],
                 info["disk_driver"], info["load_avg_1m"])
     for geo in geometries(b.args.quick):
+        if b.args.only and geo.name not in b.args.only:
+            continue
         t0 = time.perf_counter()
         bench_geometry(b, geo, direct_ok)
         logger.info("%s (%s, %d chunks of %.1f MiB per measurement): %.0f s", geo.name, geo.layout.describe(),
                     geo.chunks, geo.chunk_bytes / 2**20, time.perf_counter() - t0)
+    if b.args.only and "lookup" not in b.args.only:
+        return io_mode(direct_ok), []
     t0 = time.perf_counter()
     lookups = bench_lookup(b, 10_000 if b.args.quick else 100_000, 50 if b.args.quick else 200)
     logger.info("lookup: %.0f s", time.perf_counter() - t0)
@@ -503,7 +509,8 @@ def main() -> None:
                            "lookup_targets_ms": {f"{n} {kind}": ms
                                                  for (n, kind), ms in LOOKUP_TARGETS_MS.items()}},
               "throughput": [asdict(r) for r in b.rows], "lookup": lookups, "elapsed_s": round(elapsed, 1)}
-    write_results(args.out, "tier_throughput", report, lambda path: plot(b.rows, path))
+    name = "tier_throughput" + "".join(f"_{group}" for group in args.only or [])  # a partial run: its own file
+    write_results(args.out, name, report, (lambda path: plot(b.rows, path)) if b.rows else None)
 
 
 if __name__ == "__main__":
