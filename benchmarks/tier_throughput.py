@@ -339,9 +339,11 @@ def bench_lookup(b: Bench, index_chunks: int, runs: int) -> list[dict]:
     """lookup() of 128K- and 32K-token prompts against `index_chunks` chunks in the CPU tier's index,
     as a tensor and as a Python list. A tiny geometry (8 KiB chunks) keeps 100K chunks in RAM; a disk
     tier is configured with write-through off, so it stays empty but a miss still asks its index, as
-    in a cpu+disk engine. "new prompt": each call takes the next of LOOKUP_PROMPTS prompts, more than
-    the TokenDatabase remembers, so every call hashes its whole prompt; "repeated": the same prompt
-    every call (a scheduler asking for a waiting request each step), served by the key memo.
+    in a cpu+disk engine. "new prompt": each such case cycles through LOOKUP_PROMPTS stored prompts of
+    its own (no other case looks them up, and a 32K prompt is never a prefix of a 128K one looked up
+    before), so that between two calls with one prompt hundreds of others pass through the
+    TokenDatabase's key memo (64 prompts): every call hashes its whole prompt. "repeated": the same
+    prompt every call (a scheduler asking for a waiting request each step), served by the key memo.
     LMCache 0.5.6's token database (+ a set of its hashes) runs beside it when importable."""
     layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float16)
     per_prompt = 512
@@ -357,11 +359,11 @@ def bench_lookup(b: Bench, index_chunks: int, runs: int) -> list[dict]:
             eng.store(prompts[-1], kv[:, :, :len(prompts[-1])])
             b.progress.update(task, completed=stored, refresh=True)
         b.progress.remove_task(task)
-        hits = prompts[:LOOKUP_PROMPTS]
+        groups = disjoint_inputs([t for t in prompts if len(t) == per_prompt * CHUNK])
         misses = [prompt(per_prompt * CHUNK, seed=99 - i) for i in range(LOOKUP_PROMPTS)]
-        if eng.lookup(hits[0]) != per_prompt * CHUNK or eng.lookup(misses[0]) != 0:
+        if eng.lookup(prompts[0]) != per_prompt * CHUNK or eng.lookup(misses[0]) != 0:
             raise RuntimeError("lookup does not see the index it was given")
-        cases = lookup_cases(eng, hits, misses) + lmcache_cases(hits)
+        cases = lookup_cases(eng, groups, misses) + lmcache_cases(groups)
         results = time_cases(b, cases, runs)
         for r in results:
             r["index_chunks"] = len(eng.storage.cpu)
@@ -372,7 +374,9 @@ def bench_lookup(b: Bench, index_chunks: int, runs: int) -> list[dict]:
     return results
 
 
-LOOKUP_PROMPTS = 16  # prompts a "new prompt" case cycles through: twice the TokenDatabase's memo
+LOOKUP_PROMPTS = 48  # stored prompts each "new prompt" case cycles through, its own (4 cases: 192)
+LOOKUP_SIZES = (131072, 32768)
+LOOKUP_KINDS = {"tensor": lambda t: t, "list": torch.Tensor.tolist}
 LOOKUP_TARGETS_MS = {(131072, "tensor"): 1.0, (32768, "tensor"): 0.1}  # issue 15, item 3
 
 
@@ -381,31 +385,42 @@ def cycling(fn: Callable, inputs: list) -> Callable[[], object]:
     return lambda: fn(next(it))
 
 
-def lookup_cases(eng: CacheEngine, hits: list[torch.Tensor], misses: list[torch.Tensor]) -> list[tuple]:
+def disjoint_inputs(prompts: list[torch.Tensor]) -> dict[tuple[int, str], list]:
+    """(tokens, kind) -> the inputs of that "new prompt" case: its own LOOKUP_PROMPTS stored prompts
+    (fewer, and shared memo reuse, only in a --quick index too small to hold 4 x 48)."""
+    per_case = max(1, min(LOOKUP_PROMPTS, len(prompts) // (len(LOOKUP_SIZES) * len(LOOKUP_KINDS))))
+    cases = [(n, kind) for n in LOOKUP_SIZES for kind in LOOKUP_KINDS]
+    return {(n, kind): [LOOKUP_KINDS[kind](t[:n]) for t in prompts[i * per_case:(i + 1) * per_case]]
+            for i, (n, kind) in enumerate(cases)}
+
+
+def lookup_cases(eng: CacheEngine, groups: dict[tuple[int, str], list],
+                 misses: list[torch.Tensor]) -> list[tuple]:
     """(case, tokens, timed call) for each input kind, length and memo state."""
     cases = []
-    for n in (131072, 32768):
-        for kind, conv in (("tensor", lambda t: t), ("list", torch.Tensor.tolist)):
-            ins = [conv(t[:n]) for t in hits]
-            cases += [(f"{kind}, hit, new prompt", n, cycling(eng.lookup, ins)),
-                      (f"{kind}, hit, repeated", n, cycling(eng.lookup, ins[:1]))]
-            if n == 131072:
-                cases.append((f"{kind}, miss, new prompt", n, cycling(eng.lookup, [conv(t) for t in misses])))
-    cases.append(("list -> u32 array alone", 131072, cycling(tokens_to_u32, [t.tolist() for t in hits])))
+    for (n, kind), ins in groups.items():
+        cases += [(f"{kind}, hit, new prompt", n, cycling(eng.lookup, ins)),
+                  (f"{kind}, hit, repeated", n, cycling(eng.lookup, ins[:1]))]
+        if n == 131072:
+            conv = LOOKUP_KINDS[kind]
+            cases.append((f"{kind}, miss, new prompt", n, cycling(eng.lookup, [conv(t) for t in misses])))
+    cases.append(("list -> u32 array alone", 131072, cycling(tokens_to_u32, groups[131072, "list"])))
     return cases
 
 
-def lmcache_cases(hits: list[torch.Tensor]) -> list[tuple]:
+def lmcache_cases(groups: dict[tuple[int, str], list]) -> list[tuple]:
     """LMCache 0.5.6's lookup core: its ChunkedTokenDatabase's prefix hashes, stopping at the first
-    one not in a set of those it holds (its storage manager's `contains` costs more than a set)."""
+    one not in a set of those it holds (its storage manager's `contains` costs more than a set).
+    It looks up the same lists as kvtier's list cases (it keeps no memo)."""
     try:
         from lmcache.v1.token_database import ChunkedTokenDatabase
     except ImportError:
         logger.warning("lmcache is not importable: no LMCache lookup rows")
         return []
     db = ChunkedTokenDatabase()
-    lists = {n: [t[:n].tolist() for t in hits] for n in (131072, 32768)}
-    held = {h for ts in lists[131072] for _, _, h in db.process_tokens(ts, make_key=False)}
+    lists = {n: groups[n, "list"] for n in LOOKUP_SIZES}
+    held = {h for ts in lists.values() for tokens in ts
+            for _, _, h in db.process_tokens(tokens, make_key=False)}
 
     def lookup(tokens: list[int]) -> int:
         hit = 0
@@ -509,7 +524,7 @@ def main() -> None:
                            "lookup_targets_ms": {f"{n} {kind}": ms
                                                  for (n, kind), ms in LOOKUP_TARGETS_MS.items()}},
               "throughput": [asdict(r) for r in b.rows], "lookup": lookups, "elapsed_s": round(elapsed, 1)}
-    name = "tier_throughput" + "".join(f"_{group}" for group in args.only or [])  # a partial run: its own file
+    name = "tier_throughput" + "".join(f"_{group}" for group in args.only or [])  # partial: its own file
     write_results(args.out, name, report, (lambda path: plot(b.rows, path)) if b.rows else None)
 
 

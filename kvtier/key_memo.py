@@ -46,25 +46,27 @@ class KeyMemo:
         self._entries: OrderedDict[bytes, tuple[bytes, list[ChunkKey]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def reusable(self, raw: bytes, ends: list[int]) -> list[ChunkKey]:
-        """The leading keys of the prompt `raw` (u32 bytes, chunks ending at `ends`) known already:
-        the chunks that end within the tokens a remembered prompt shares with it, at the same ends."""
+    def reusable(self, raw: bytes, count: int) -> tuple[list[ChunkKey], bool]:
+        """(the leading keys of the prompt `raw` (u32 bytes, `count` chunks, only the last one
+        possibly partial) known already, whether `raw` is the remembered prompt or a prefix of it).
+        The keys are those of the chunks that end within the tokens a remembered prompt shares with
+        it, at the same ends. When `raw` is covered so, `remember` would keep the entry as it is."""
         head = raw[:self._head]
         with self._lock:
             entry = self._entries.get(head)
             if entry is not None:
                 self._entries.move_to_end(head)
         if entry is None:
-            return []
+            return [], False
         old_raw, old_keys = entry
         common = common_tokens(raw, old_raw)
-        old_n, size = len(old_raw) // 4, self.chunk_size
+        n, old_n, size = len(raw) // 4, len(old_raw) // 4, self.chunk_size
         # Full chunks end at the same tokens in both; a partial tail only where both prompts end
         # at the same token (then it is the same tail).
-        k = min(common // size, len(ends), len(old_keys), old_n // size)
-        if k < len(ends) and k < len(old_keys) and ends[k] == old_n == common:
+        k = min(common // size, count, len(old_keys), old_n // size)
+        if k < count and k < len(old_keys) and min((k + 1) * size, n) == old_n == common:
             k += 1
-        return old_keys[:k]
+        return old_keys[:k], common == n
 
     def remember(self, raw: bytes, keys: list[ChunkKey]) -> None:
         if not self._head <= len(raw) <= self.max_bytes:  # no full chunk, or too large to keep

@@ -30,13 +30,14 @@ def prompt(n: int, seed: int) -> list[int]:
 def hashed(monkeypatch):
     """How many chunks TokenDatabase.keys hashed, call by call."""
     counts: list[int] = []
-    real = keys_module.chained_digests
+    real = keys_module.chunk_keys
 
-    def counting(raw, seed, ends, start=0):
-        counts.append(len(ends))
-        return real(raw, seed, ends, start)
+    def counting(*args):
+        keys = real(*args)
+        counts.append(len(keys))
+        return keys
 
-    monkeypatch.setattr(keys_module, "chained_digests", counting)
+    monkeypatch.setattr(keys_module, "chunk_keys", counting)
     return counts
 
 

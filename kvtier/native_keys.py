@@ -1,0 +1,122 @@
+"""The chunk keys' C backend: `kvtier._native_keys` (csrc/native_keys.cpp, built by `pip install -e .`)
+where it is built and agrees with Python, else nothing: kvtier.keys then computes every key in Python.
+Either way the keys are the same bytes; kvtier.keys defines them, and its functions call these first.
+
+    u32(tokens)           the u32 bytes of a list, tuple, numpy array or CPU tensor of token ids, or
+                          None where the Python path must decide (a bad id, a bool, a strided or
+                          big-endian array, any other type): errors are raised by kvtier.keys alone.
+    digests(...)          kvtier.keys.chained_digests, or None for ends it does not take.
+    chunk_keys(...)       a prompt's keys from a chunk boundary on, built as `key_type` objects in C.
+
+XXH3 is xxhash's own: at import, the extension is handed the path of the `xxhash` package's shared
+object, which exports the xxhash C API, and takes XXH3-128 from it (no copy of xxhash's code here).
+A self-test then compares a few vectors with `xxhash.xxh3_128_digest`; a missing extension, a load
+error or any mismatch is logged once at INFO, `AVAILABLE` is False and `WHY_NOT` says why.
+
+Where it runs: the lookup hot path (scheduler side) and anywhere keys are made, on any thread.
+Thread-safe: no state after import. The extension holds the GIL while converting token ids and
+releases it while hashing 64 KiB or more.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import numpy as np
+import xxhash
+
+from kvtier.dtypes import is_tensor
+
+logger = logging.getLogger(__name__)
+
+try:
+    from kvtier import _native_keys as _ext
+except ImportError as exc:
+    _ext = None
+    _import_error = f"the C++ extension is not built ({exc}); reinstall with a C++ compiler on PATH"
+
+
+class _ProbeKey(bytes):
+    """The self-test's key type: laid out as kvtier.keys.ChunkKey (a bytes subclass, no slots)."""
+
+    __slots__ = ()
+
+
+def _python_chain(raw: bytes, seed: bytes, ends: list[int]) -> list[bytes]:
+    prev, start, out = seed, 0, []
+    for end in ends:
+        prev = xxhash.xxh3_128_digest(prev + raw[start * 4:end * 4])
+        out.append(prev)
+        start = end
+    return out
+
+
+def self_test(ext) -> str:
+    """Why `ext` disagrees with Python on a few vectors ("" if it does not): digests of an empty
+    chunk, of 1 KiB after a 16-byte parent, of odd lengths after an 8-byte seed; the u32 forms; and
+    keys that are of the type asked for, equal to and hashing like the Python path's bytes."""
+    ns = bytes(range(8))
+    ids = np.arange(1000, 1000 + 700, dtype=np.int64) * 6007
+    ids[::97] = 2**32 - 1  # past a small int's one digit
+    raw = ids.astype("<u4").tobytes()
+    for seed, ends in ((ns, []), (b"", [0]), (ns, [256, 512]), (bytes(16), [1, 257, 300]), (b"", [699, 700])):
+        if ext.digests(raw, seed, ends, 0) != _python_chain(raw, seed, ends):
+            return f"XXH3-128 digests differ from xxhash's (seed {len(seed)} bytes, ends {ends})"
+    if ext.u32(ids) != raw or ext.u32(ids.tolist()) != raw or ext.u32(ids.astype(np.uint32)) != raw:
+        return "token ids converted to u32 differ from numpy's"
+    if ext.u32([1, -1]) is not None or ext.u32([True]) is not None or ext.u32(ids[::2]) is not None:
+        return "u32 took an input that the Python path must judge"
+    keys = ext.chunk_keys(raw, 256, ns, ns, 256, True, _ProbeKey)
+    want = [ns + d for d in _python_chain(raw[1024:], ns, [256, 444])]
+    hashes_agree = list(map(hash, keys)) == list(map(hash, want))
+    if [type(k) for k in keys] != [_ProbeKey] * 2 or keys != want or not hashes_agree:
+        return "chunk keys differ from bytes built in Python"
+    return ""
+
+
+def _load() -> str:
+    """Why the extension is not used ("" when it is)."""
+    if _ext is None:
+        return _import_error
+    if sys.byteorder != "little":
+        return "the extension writes host-order u32 and this machine is big-endian"
+    try:
+        _ext.load(xxhash._xxhash.__file__)
+    except (OSError, AttributeError) as exc:  # no shared object, no exported XXH3_128bits
+        return f"cannot take XXH3-128 from the xxhash package: {exc}"
+    return self_test(_ext)
+
+
+WHY_NOT = _load()
+AVAILABLE = not WHY_NOT
+if WHY_NOT:
+    logger.info("chunk keys computed in Python (the same keys, slower): %s", WHY_NOT)
+
+
+def u32(tokens: object) -> bytes | None:
+    """Little-endian u32 bytes of `tokens`, or None where kvtier.keys.tokens_to_u32 must decide."""
+    kind = type(tokens)
+    if kind is list or kind is tuple or kind is np.ndarray:
+        return _ext.u32(tokens)
+    if is_tensor(tokens):
+        try:
+            arr = tokens.numpy()  # a CPU tensor's own memory; integer tensors never require grad
+        except (TypeError, RuntimeError):  # on a GPU, bf16, a conjugate view ...: Python's path
+            return None
+        return _ext.u32(arr)
+    return None
+
+
+def digests(raw: bytes | memoryview, seed: bytes, ends: list[int], start: int) -> list[bytes] | None:
+    """kvtier.keys.chained_digests(raw, seed, ends, start), or None for ends it does not take (a
+    range, out of order, past `raw`): then the Python loop answers."""
+    return _ext.digests(raw, seed, ends, start)
+
+
+def chunk_keys(raw: bytes, start: int, seed: bytes, ns: bytes, chunk_size: int, partial: bool,
+               key_type: type) -> list:
+    """The keys of the chunks of the prompt `raw` (u32 bytes) from token `start` (a chunk boundary)
+    on, chained from `seed` (the namespace digest at 0, else the digest of the chunk before):
+    `key_type(ns + digest)` for each full chunk, and the partial tail when `partial`."""
+    return _ext.chunk_keys(raw, start, seed, ns, chunk_size, partial, key_type)
