@@ -14,8 +14,8 @@ and whose blocks the engine frees only after the load is reported, even when it 
 
 Every submitted load is reported exactly once by `pop_finished` (request id -> token reached): landed,
 short (reached < end), failed (reached = start), or cancelled before it started (`cancel`, `close`:
-reached = start, lease released at once). Staging bytes and loads in flight are back to zero once
-every load is reported.
+reached = start, lease released at once; recorded as a cancel, not a shortfall). Staging bytes and
+loads in flight are back to zero once every load is reported.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ class _Job:
 
 class AsyncLoader:
     def __init__(self, engine: CacheEngine, max_bytes_in_flight: int,
-                 record: Callable[[LoadSpec, int, int], None]):
+                 record: Callable[[LoadSpec, int, int, bool], None]):
         self.engine = engine
         self.max_bytes_in_flight = max_bytes_in_flight
-        self._record = record  # (spec, step, reached): the worker's events and counters
+        self._record = record  # (spec, step, reached, cancelled): the worker's events and counters
         self._log = LogLimiter(logger)
         self._cache: PagedKV | None = None  # `bind`
         self._staging: StagingBuffer | None = None
@@ -92,7 +92,7 @@ class AsyncLoader:
         self.engine.release(job.spec.lease)
         self._counts["async_cancelled"] += 1
         self._finished[job.spec.request_id] = job.spec.start
-        self._record(job.spec, job.step, job.spec.start)
+        self._record(job.spec, job.step, job.spec.start, True)
         self._jobs.changed.notify_all()
 
     def pop_finished(self) -> dict[str, int]:
@@ -135,7 +135,7 @@ class AsyncLoader:
             with self._lock:
                 self._counts["async_failures"] += 1
         finally:
-            self._record(job.spec, job.step, reached)
+            self._record(job.spec, job.step, reached, False)
             with self._lock:
                 self._staging_bytes = 0
                 self._finished[job.spec.request_id] = reached

@@ -69,8 +69,10 @@ class KvtierWorkerConnector:
         self.layerwise = layerwise
         self.cache: PagedKV | None = None
         self.events: deque[KVEvent] = deque(maxlen=MAX_EVENTS)
-        self.stats = {"loads": 0, "load_shortfalls": 0, "loaded_tokens": 0, "saves": 0, "save_failures": 0,
-                      "saved_tokens": 0}
+        # Every load handed to the worker counts in `loads`, and ends whole, short (`load_shortfalls`:
+        # the rest recomputed) or cancelled before it started (`load_cancels`: its request aborted).
+        self.stats = {"loads": 0, "load_shortfalls": 0, "load_cancels": 0, "loaded_tokens": 0, "saves": 0,
+                      "save_failures": 0, "saved_tokens": 0}
         self._meta: ConnectorMetadata | None = None
         self._on_cuda = False
         self._staging = StagingBuffer(engine, pin=False)  # pinned on a GPU (register_kv_caches)
@@ -169,7 +171,7 @@ class KvtierWorkerConnector:
         scatter, if any."""
         kv, reached = read_load(self.engine, spec, first, out, self._log)  # releases the lease
         self._loaded[spec.request_id] = reached
-        self._record(spec, self._meta.step, reached)
+        self._record(spec, self._meta.step, reached, False)
         if reached == spec.start:
             return None
         bs = self.cache.block_size
@@ -197,13 +199,16 @@ class KvtierWorkerConnector:
             for ready in layer_ready:
                 ready.set()
 
-    def _record(self, spec: LoadSpec, step: int, reached: int) -> None:
-        """A load's event and counters (from the forward thread, or the asynchronous loader's)."""
+    def _record(self, spec: LoadSpec, step: int, reached: int, cancelled: bool) -> None:
+        """A load's event and counters (from the forward thread, or the asynchronous loader's).
+        `cancelled`: it never started (its request was aborted, or the loader closed); not a shortfall."""
         with self._record_lock:
             self.events.append(KVEvent(step, "load", spec.request_id, spec.start, reached))
             self.stats["loads"] += 1
             self.stats["loaded_tokens"] += reached - spec.start
-            if reached < spec.end:
+            if cancelled:
+                self.stats["load_cancels"] += 1
+            elif reached < spec.end:
                 self.stats["load_shortfalls"] += 1
                 self._log.warning("shortfall", "request %s: kvtier load reached token %d of %d; the rest is "
                                   "recomputed", spec.request_id, reached, spec.end)

@@ -18,6 +18,7 @@ from integrations.kvtier_engine.conftest import write_checkpoint
 
 from kvtier import load_config
 from kvtier.config import KvtierConfig
+from kvtier.record_files import BLOCK
 from kvtier_engine import LLM, SamplingParams
 
 CHUNK = 16  # kvtier tokens per chunk: one 16-token engine block
@@ -37,6 +38,16 @@ def kvtier_config(disk: Path | None, chunk_size: int = CHUNK, save_partial: bool
     if disk is not None:
         config = dataclasses.replace(config, disk=dataclasses.replace(config.disk, path=str(disk)))
     return config
+
+
+def flip_payload_byte(path: Path, mask: int = 0x01) -> None:
+    """Flip bits of one payload byte of a record file (past its header block): only the checksum
+    can tell."""
+    with open(path, "r+b") as fh:
+        fh.seek(BLOCK + 100)
+        byte = fh.read(1)
+        fh.seek(BLOCK + 100)
+        fh.write(bytes([byte[0] ^ mask]))
 
 
 @pytest.fixture(scope="session")

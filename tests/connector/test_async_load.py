@@ -66,6 +66,18 @@ def plan(scheduler, request_id: str, tokens: list[int], table=TABLE) -> tuple[in
     return hit, asynchronous
 
 
+def queued_behind_first(setup, gate, *tables: list[int]):
+    """(scheduler, worker) whose step 1 handed over the loads of `tokens` for "first", its read held
+    at `gate`, and for "second", "third", ... (into `tables`), queued behind it."""
+    engine, tokens, _, cache = setup
+    scheduler, worker = sides(engine, cache)
+    for request_id, table in zip(("first", "second", "third"), (TABLE, *tables)):
+        plan(scheduler, request_id, tokens, table)
+    step(worker, scheduler.build_connector_meta(1, []))
+    assert gate.entered.wait(WAIT_S)
+    return scheduler, worker
+
+
 def step(worker, meta: ConnectorMetadata) -> None:
     worker.bind_connector_metadata(meta)
     worker.start_load_kv()
@@ -160,12 +172,8 @@ def test_while_a_load_is_held_other_steps_run_and_it_holds_its_lease(setup, gate
 
 
 def test_a_load_cancelled_before_it_starts_is_reported_at_its_start_with_its_lease_back(setup, gate):
-    engine, tokens, _, cache = setup
-    scheduler, worker = sides(engine, cache)
-    plan(scheduler, "first", tokens)
-    plan(scheduler, "second", tokens, [1, 3, 4])
-    step(worker, scheduler.build_connector_meta(1, []))
-    assert gate.entered.wait(WAIT_S)  # "first" is being read, "second" queued behind it
+    engine = setup[0]
+    scheduler, worker = queued_behind_first(setup, gate, [1, 3, 4])  # "second" queued behind "first"
 
     scheduler.cancel_load("second")
     step(worker, scheduler.build_connector_meta(2, []))
@@ -177,6 +185,27 @@ def test_a_load_cancelled_before_it_starts_is_reported_at_its_start_with_its_lea
     assert landed(worker) == {"first": 47}
     assert_nothing_held(engine, worker)
     worker.close()
+
+
+def test_a_cancelled_load_counts_as_a_cancel_not_a_shortfall(setup, gate):
+    # Regression: a load cancelled by an abort (or dropped by close) counted as a `load_shortfall`.
+    engine = setup[0]
+    scheduler, worker = queued_behind_first(setup, gate, [1, 3, 4], [0, 6, 8])
+
+    scheduler.cancel_load("second")
+    step(worker, scheduler.build_connector_meta(2, []))
+    assert landed(worker) == {"second": 0}
+    closing = threading.Thread(target=worker.close)  # drops "third", lets "first" land
+    closing.start()
+    assert landed(worker) == {"third": 0}
+    gate.open()
+    closing.join(WAIT_S)
+    assert not closing.is_alive() and landed(worker) == {"first": 47}
+    stats = worker.stats
+    counted = (stats["loads"], stats["load_cancels"], stats["load_shortfalls"], stats["loaded_tokens"])
+    assert counted == (3, 2, 0, 47)
+    assert worker.async_stats()["async_cancelled"] == 2
+    assert_nothing_held(engine, worker)
 
 
 def test_a_load_larger_than_the_staging_bound_is_cut_there_and_counted(setup):
@@ -210,12 +239,8 @@ def test_a_load_whose_read_raises_is_reported_at_its_start(setup, monkeypatch):
 
 
 def test_close_drops_queued_loads_and_lets_the_one_being_read_land(setup, gate):
-    engine, tokens, _, cache = setup
-    scheduler, worker = sides(engine, cache)
-    plan(scheduler, "first", tokens)
-    plan(scheduler, "second", tokens, [1, 3, 4])
-    step(worker, scheduler.build_connector_meta(1, []))
-    assert gate.entered.wait(WAIT_S)
+    engine, tokens = setup[0], setup[1]
+    scheduler, worker = queued_behind_first(setup, gate, [1, 3, 4])
 
     closing = threading.Thread(target=worker.close)
     closing.start()

@@ -24,12 +24,11 @@ from kvtier_servers import Client
 from kvtier import KVLayout
 from kvtier.connector import ConnectorMetadata, KVEvent, KvtierWorkerConnector, LoadSpec, SaveSpec
 from kvtier.connector.scheduler import KvtierSchedulerConnector, ScheduledWork
-from kvtier.tiers.disk import BLOCK as DISK_BLOCK
 from kvtier_engine import SamplingParams
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.models.presets import PRESETS
 
-from .conftest import GREEDY, prompt
+from .conftest import GREEDY, flip_payload_byte, prompt
 
 CONFIG = PRESETS["llama-tiny"]  # 2 layers, 2 kv heads of 16
 LAYOUT = KVLayout(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim, torch.float32)
@@ -404,14 +403,6 @@ def test_another_process_loads_what_this_one_saved(make_llm, model_dir, tmp_path
 
 
 # -- faults --------------------------------------------------------------------------------------
-
-
-def flip_payload_byte(path) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(DISK_BLOCK + 100)
-        byte = fh.read(1)
-        fh.seek(DISK_BLOCK + 100)
-        fh.write(bytes([byte[0] ^ 0x01]))
 
 
 def test_a_corrupt_chunk_file_is_recomputed_exactly_and_the_output_is_unchanged(make_llm, baseline):

@@ -8,19 +8,25 @@ Where it runs: the worker (here the same process and thread as the scheduler). P
     forward, with wait_for_layer_load / save_kv_layer around every layer's attention
     blend the requests planned as blends     (CacheBlend, `blend_step`: whole prompt after the head
                                               in one call; one whose passages or head load fell
-                                              short ran in the batch above instead)
+                                              short ran in the batch above instead; one whose
+                                              blend raised is computed normally right after)
     sample the requests whose last token ran
     connector: wait_for_save, get_finished (final saves gathered, asynchronous loads landed),
                clear metadata
 
 A request whose logits are not finite is reported in `failed` (its KV of this step is not saved);
-the others in the batch go on. If the step raises (the forward broke: nothing it computed is
-trusted), the connector still ends the step, in `finally`: none of the step's KV is saved, final
-saves go out, leases are released and no copy into the paged cache is left running.
+the others in the batch go on. A blend that raises (a bad passage record, a shape mismatch, anything)
+costs only its own request a second forward: it is logged, counted (`blend_failures`) and computed as
+a normal prefill from its head in the same step (`not_blended`).
+
+If the step raises (the forward broke: nothing it computed is trusted), the connector still ends
+the step, in `finally`: none of the step's KV is saved, final saves go out, leases are released and
+no copy into the paged cache is left running.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +34,7 @@ import torch
 from kvtier.config import BlendConfig
 from kvtier.connector.blend_io import BlendLoad
 from kvtier.connector.worker import KvtierWorkerConnector
+from kvtier.log_limit import LogLimiter
 from kvtier_engine.blend_step import BlendStats, run_blend
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.layers.attention import AttentionBackend, BatchMetadata
@@ -35,6 +42,8 @@ from kvtier_engine.layers.triton_attention import paged_attention_backend
 from kvtier_engine.models.llama import CausalLM
 from kvtier_engine.sampling import TokenLogprobs, logprobs_of, sample
 from kvtier_engine.scheduler import ScheduledRequest, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -74,6 +83,8 @@ class ModelRunner:
         self.cache = cache
         self.connector = connector
         self.device = cache.kv.device
+        self.blend_failures = 0  # blends that raised, their requests computed normally (`_fall_back`)
+        self._log = LogLimiter(logger)  # a broken passage record can fail every request that uses it
         if connector is not None:
             connector.register_kv_caches(cache)
 
@@ -134,12 +145,32 @@ class ModelRunner:
                     result: RunnerOutput) -> None:
         for layer in range(self.cache.num_layers):  # each head's (layer-wise) load is in its blocks
             self.connector.wait_for_layer_load(layer)
-        logits = []
+        blended, logits, failed = [], [], []
         for s in scheduled:
-            last, result.blended[s.request.request_id] = run_blend(
-                self.model, self.cache, s, loads[s.request.request_id], self.blend)
+            request_id = s.request.request_id
+            try:
+                last, stats = run_blend(self.model, self.cache, s, loads[request_id], self.blend)
+            except Exception:
+                self._log.error("blend", "request %s: blending failed; computing its prompt normally",
+                                request_id, exc_info=True)
+                failed.append(s)
+                continue
+            result.blended[request_id] = stats
+            blended.append(s.request)
             logits.append(last)
-        self._sample([s.request for s in scheduled], torch.stack(logits).cpu(), result)
+        if blended:
+            self._sample(blended, torch.stack(logits).cpu(), result)
+        if failed:
+            self._fall_back(failed, result)
+
+    def _fall_back(self, failed: list[ScheduledRequest], result: RunnerOutput) -> None:
+        """Compute blends that raised as a normal prefill from their head, in this step. What a failed
+        blend may have written into its blocks past the head is never read: every layer writes the
+        rows it computes into the cache before its attention reads them. Its KV is exact again, so
+        `not_blended` has the connector save it as usual."""
+        self.blend_failures += len(failed)
+        result.not_blended.update(s.request.request_id for s in failed)
+        self._run(failed, [s.num_computed for s in failed], result)
 
     @torch.inference_mode()
     def _run(self, scheduled: list[ScheduledRequest], starts: list[int], result: RunnerOutput) -> None:

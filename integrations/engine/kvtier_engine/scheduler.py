@@ -10,8 +10,15 @@ Each step (`schedule`), with a budget of `max_num_batched_tokens`:
      allow: blocks for the whole prompt, the device prefix-cache hit, and, through the kvtier
      connector, the tokens kvtier can load beyond it. Only the rest is computed. A request whose
      load is asynchronous (the connector says so) is parked in `loading` (WAITING_FOR_KV) with its
-     blocks: no batch slot, no budget, not counted in `max_num_seqs`, in no step, until `update`
-     is told its load landed (`async_loaded`: the token it reached; the rest is recomputed).
+     blocks: no batch slot, no budget, in no step, until `update` is told its load landed
+     (`async_loaded`: the token it reached; the rest is recomputed).
+
+Seats: `max_num_seqs` bounds `running`. A parked request takes no seat, but wants one once its load
+lands (`ready`), so a request parks only while `running + loading + ready` is below `max_num_seqs`;
+else it stays at the head of the queue holding nothing (no blocks, no lease) and admission stops
+there, as when blocks are short. So a burst of hits never ties up more than `max_num_seqs` requests'
+blocks, and one waiting to park is not starved: nothing new is admitted behind it, so the sum falls
+as running requests finish, and landed requests are admitted before any waiting one.
 
 Every `SchedulerOutput` carries `step`, a counter that starts at 1 and never resets; the connector
 metadata of that step (its loads and saves) carries the same number. `update` then advances each
@@ -156,8 +163,9 @@ class Scheduler:
 
     def _allocate(self, request: Request) -> int | None:
         """Blocks for a waiting request, its device hit and the tokens kvtier loads in this step; None
-        when the blocks are not free now. A request whose load is asynchronous is parked in `loading`
-        (WAITING_FOR_KV, its device hit computed for now) and loads nothing in this step."""
+        when the blocks are not free now, or its load is asynchronous and no seat is left to park in
+        (`_may_park`). A request whose load is asynchronous is parked in `loading` (WAITING_FOR_KV,
+        its device hit computed for now) and loads nothing in this step."""
         try:
             device_hit = self.pool.allocate(request.request_id, request.token_ids)
         except NoFreeBlocks as exc:
@@ -168,13 +176,17 @@ class Scheduler:
         loaded, asynchronous = 0, False
         if self.connector is not None:
             loaded, asynchronous = self.connector.get_num_new_matched_tokens(request, device_hit)
+            asynchronous = asynchronous and loaded > 0
+            if asynchronous and not self._may_park():
+                self.pool.free(request.request_id)  # nothing leased yet: it is looked up again later
+                return None
             blocks = self.pool.block_table(request.request_id)
             self.connector.update_state_after_alloc(request, blocks, loaded)
         m = request.metrics
         if m.first_scheduled_time is None:
             m.first_scheduled_time = time.perf_counter()
             m.tokens_cached_on_device = device_hit
-        if asynchronous and loaded > 0:
+        if asynchronous:
             request.num_computed_tokens = device_hit
             request.status = RequestStatus.WAITING_FOR_KV
             self.loading[request.request_id] = request
@@ -182,6 +194,10 @@ class Scheduler:
         request.num_computed_tokens = device_hit + loaded
         m.tokens_loaded += loaded
         return loaded
+
+    def _may_park(self) -> bool:
+        """Room for one more request to wait for its KV: every parked one keeps a seat to land in."""
+        return len(self.running) + len(self.loading) + len(self.ready) < self.max_num_seqs
 
     def _preempt(self, request: Request) -> None:
         self.pool.free(request.request_id)

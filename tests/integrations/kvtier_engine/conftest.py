@@ -32,7 +32,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+import kvtier.engine
 from kvtier_engine.layers.attention import ContiguousKVCache
+
+from .async_engine import Gate
 
 PROMPT_LEN = 40  # past llama3's original context (16) and Mistral's small window (8)
 MAX_TOKENS = 64  # cache size: prompt + 10 generated tokens fit
@@ -152,3 +155,27 @@ def forward() -> Callable[..., torch.Tensor]:
         return torch.cat(out)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """The "llama" checkpoint's folder, written once per session (for engines built by path)."""
+    return str(write_checkpoint(tmp_path_factory.mktemp("llama"), "llama"))
+
+
+@pytest.fixture
+def gates(monkeypatch) -> list[Gate]:
+    """Every tier below the CPU of the engines built in the test, wrapped in a `Gate` (in order);
+    opened at teardown, so that no thread is left waiting behind a failed test."""
+    made: list[Gate] = []
+    real = kvtier.engine.build_lower_tiers
+
+    def build(*args, **kwargs):
+        tiers = [Gate(t) for t in real(*args, **kwargs)]
+        made.extend(tiers)
+        return tiers
+
+    monkeypatch.setattr(kvtier.engine, "build_lower_tiers", build)
+    yield made
+    for gate in made:
+        gate.open()

@@ -13,48 +13,28 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-from conftest import REPO
-from held_reads import Gate
+from connector.conftest import flip_payload_byte, kvtier_config, prompt
 
-from kvtier import load_config
-from kvtier.tiers.disk import BLOCK as DISK_BLOCK
 from kvtier_engine import SamplingParams
 from kvtier_engine.llm_engine import EngineOptions, LLMEngine
 from kvtier_engine.request import RequestStatus
 
-from .conftest import write_checkpoint
+from .async_engine import ENGINE_OPTIONS, MAX_STEPS, WAIT_S, Gate, add, assert_idle, drive, warm, with_loads
 
 CHUNK = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-WAIT_S = 30.0
-MAX_STEPS = 500  # a bound on every loop of steps: a hang fails, never blocks
-
-
-def prompt(num_tokens: int, seed: int) -> list[int]:
-    return torch.randint(0, 512, (num_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return str(write_checkpoint(tmp_path_factory.mktemp("llama"), "llama"))
 
 
 @pytest.fixture
 def make_engine(model_dir, tmp_path):
     """`make_engine(asynchronous="auto", kvtier=True, **options)`: an engine on the tiny checkpoint,
-    kvtier on CPU + a disk tier in tmp_path (16-token chunks), no device prefix cache (every hit is
-    kvtier's). Closed at teardown."""
+    kvtier on CPU + a disk tier in tmp_path (16-token chunks, `loads:` of configs/cpu_disk.yaml but
+    `asynchronous`), no device prefix cache (every hit is kvtier's). Closed at teardown."""
     made: list[LLMEngine] = []
 
     def make(asynchronous: str = "auto", kvtier: bool = True, **options) -> LLMEngine:
-        env = {"KVTIER_CHUNK_SIZE": str(CHUNK), "KVTIER_CPU__CAPACITY": "4MiB",
-               "KVTIER_CPU__PIN_MEMORY": "off", "KVTIER_DISK__PATH": str(tmp_path / "disk"),
-               "KVTIER_LOADS__ASYNCHRONOUS": asynchronous}
-        config = load_config(REPO / "configs" / "cpu_disk.yaml", env=env) if kvtier else None
-        options = {"device": "cpu", "dtype": "float32", "kv_cache_bytes": 1 << 20,
-                   "enable_prefix_caching": False, **options}
-        engine = LLMEngine(EngineOptions(model_dir, kvtier_config=config, **options))
+        config = with_loads(kvtier_config(tmp_path / "disk"), asynchronous=asynchronous) if kvtier else None
+        engine = LLMEngine(EngineOptions(model_dir, kvtier_config=config, **{**ENGINE_OPTIONS, **options}))
         made.append(engine)
         return engine
 
@@ -72,47 +52,33 @@ def baseline(make_engine):
 
 def run(engine: LLMEngine, prompts: list[list[int]], prefix: str = "r") -> dict:
     """Add every prompt (ids r0, r1, ...) and step until all finished: request id -> last output."""
-    ids = [engine.add_request(p, GREEDY, request_id=f"{prefix}{i}") for i, p in enumerate(prompts)]
-    last = {}
-    for _ in range(MAX_STEPS):
-        if not engine.has_unfinished():
-            break
-        last.update((out.request_id, out) for out in engine.step())
-    assert not engine.has_unfinished(), "the engine did not finish within MAX_STEPS steps"
-    assert engine.wait_for_saves(WAIT_S)
-    return {rid: last[rid] for rid in ids}
-
-
-def on_disk_only(engine: LLMEngine, tokens: list[int]) -> None:
-    """Compute and save `tokens`, then keep their chunks on disk only: loading them needs the disk."""
-    engine.add_request(tokens, GREEDY, request_id="warm")
-    while engine.has_unfinished():
-        engine.step()
-    assert engine.wait_for_saves(WAIT_S) and engine.kvtier.flush(WAIT_S)
-    engine.kvtier.clear("cpu")
+    requests = {f"{prefix}{i}": p for i, p in enumerate(prompts)}
+    add(engine, requests, GREEDY)
+    outputs = drive(engine)
+    return {rid: outputs[rid] for rid in requests}
 
 
 @pytest.fixture
-def gate(monkeypatch):
-    gates: list[Gate] = []
+def gate(gates):
+    """`gate(engine)`: the engine's disk tier (a `Gate`: conftest.py's `gates`), its next read held
+    until `open()`."""
+    def hold(engine: LLMEngine) -> Gate:
+        disk = engine.kvtier.storage.lower[0]
+        assert disk in gates
+        disk.arm()
+        return disk
 
-    def make(engine: LLMEngine) -> Gate:  # the disk tier's reads
-        gates.append(Gate(engine.kvtier.storage.lower[0], monkeypatch))
-        return gates[-1]
-
-    yield make
-    for held in gates:
-        held.open()  # never leave a thread waiting behind a failed test
+    return hold
 
 
-def assert_nothing_held(engine: LLMEngine) -> None:
-    """Blocks, leases, staging bytes and loads in flight are all back to zero."""
-    scheduler = engine.scheduler
-    assert not (scheduler.loading or scheduler.ready or scheduler.running or scheduler.held)
-    assert scheduler.pool.num_free == len(scheduler.pool.blocks)
-    assert engine.kvtier.stats()["pool"]["leased_chunks"] == 0
-    stats = engine.connector.async_stats()
-    assert (stats["async_in_flight"], stats["async_staging_bytes"]) == (0, 0)
+def park_behind(gate, engine: LLMEngine, tokens: list[int]) -> Gate:
+    """`tokens` on disk only, then request "b" for them parked, its load's read held at the gate."""
+    warm(engine, tokens)
+    held = gate(engine)
+    engine.add_request(tokens, GREEDY, request_id="b")
+    engine.step()
+    assert held.entered.wait(WAIT_S)
+    return held
 
 
 # -- a slow tier does not slow the others --------------------------------------------------------
@@ -122,7 +88,7 @@ def test_a_request_waiting_for_its_kv_lets_the_others_step_and_holds_no_batch_sl
                                                                                    baseline):
     engine = make_engine(max_num_seqs=1)  # one batch slot: the decoding request's
     loading, decoding = prompt(64, seed=1), prompt(20, seed=2)
-    on_disk_only(engine, loading)
+    warm(engine, loading)
     held = gate(engine)
     engine.add_request(loading, GREEDY, request_id="b")
     engine.add_request(decoding, GREEDY, request_id="a")
@@ -150,7 +116,7 @@ def test_a_request_waiting_for_its_kv_lets_the_others_step_and_holds_no_batch_sl
     m = b.metrics
     assert (m.tokens_loaded, m.prefill_tokens_computed, m.tokens_cached_on_device) == (63, 1, 0)
     assert b.output_token_ids == baseline(loading)
-    assert_nothing_held(engine)
+    assert_idle(engine)
 
 
 # -- aborts --------------------------------------------------------------------------------------
@@ -158,12 +124,7 @@ def test_a_request_waiting_for_its_kv_lets_the_others_step_and_holds_no_batch_sl
 
 def test_a_request_aborted_while_its_load_is_read_frees_everything_once_it_lands(make_engine, gate):
     engine = make_engine()
-    tokens = prompt(64, seed=3)
-    on_disk_only(engine, tokens)
-    held = gate(engine)
-    engine.add_request(tokens, GREEDY, request_id="b")
-    engine.step()
-    assert held.entered.wait(WAIT_S)
+    held = park_behind(gate, engine, prompt(64, seed=3))
 
     engine.abort("b")
     for _ in range(3):  # its blocks are being written: they stay allocated until the load lands
@@ -176,15 +137,15 @@ def test_a_request_aborted_while_its_load_is_read_frees_everything_once_it_lands
         if not engine.has_unfinished():
             break
         assert engine.step() == []  # never scheduled
-    assert_nothing_held(engine)
+    assert_idle(engine)
     assert 'kvtier_engine_requests_total{finish_reason="abort"} 1.0' in engine.prometheus_text()
 
 
 def test_a_request_aborted_before_its_load_starts_is_freed_at_once(make_engine, gate):
     engine = make_engine()
     first, second = prompt(64, seed=4), prompt(48, seed=5)
-    on_disk_only(engine, first)
-    on_disk_only(engine, second)
+    warm(engine, first)
+    warm(engine, second)
     held = gate(engine)
     engine.add_request(first, GREEDY, request_id="first")
     engine.add_request(second, GREEDY, request_id="second")
@@ -201,37 +162,25 @@ def test_a_request_aborted_before_its_load_starts_is_freed_at_once(make_engine, 
     held.open()
     out = run(engine, [])
     assert out == {} and engine.step_log[-1].num_loading == 0
-    assert_nothing_held(engine)
+    assert_idle(engine)
 
 
 def test_the_id_of_a_request_aborted_mid_load_is_refused_until_its_blocks_are_freed(make_engine, gate):
     # Regression: the id was taken again at once, and the next schedule raised "already holds blocks".
     engine = make_engine()
     tokens = prompt(64, seed=11)
-    on_disk_only(engine, tokens)
-    held = gate(engine)
-    engine.add_request(tokens, GREEDY, request_id="b")
-    engine.step()
-    assert held.entered.wait(WAIT_S)
+    held = park_behind(gate, engine, tokens)
     engine.abort("b")
 
     with pytest.raises(ValueError, match="'b' is already in use"):
         engine.add_request(tokens, GREEDY, request_id="b")
     held.open()
     assert run(engine, []) == {}
-    assert_nothing_held(engine)
+    assert_idle(engine)
     engine.add_request(tokens, GREEDY, request_id="b")  # free again
 
 
 # -- a load that fails part-way ------------------------------------------------------------------
-
-
-def flip_payload_byte(path) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(DISK_BLOCK + 100)
-        byte = fh.read(1)
-        fh.seek(DISK_BLOCK + 100)
-        fh.write(bytes([byte[0] ^ 0x01]))
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "missing"])
@@ -239,7 +188,7 @@ def flip_payload_byte(path) -> None:
 def test_a_load_failing_midway_recomputes_exactly_the_rest(make_engine, baseline, fault, chunk):
     engine = make_engine()
     tokens = prompt(64, seed=6)
-    on_disk_only(engine, tokens)
+    warm(engine, tokens)
     path = engine.kvtier.storage.lower[0].path_for(engine.kvtier.db.keys(tokens)[chunk])
     flip_payload_byte(path) if fault == "corrupt" else os.remove(path)
 
@@ -250,7 +199,7 @@ def test_a_load_failing_midway_recomputes_exactly_the_rest(make_engine, baseline
     assert engine.connector.async_stats()["async_loads"] == 1
     assert engine.connector.stats["load_shortfalls"] == 1
     assert out.token_ids == baseline(tokens)
-    assert_nothing_held(engine)
+    assert_idle(engine)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -273,5 +222,5 @@ def test_greedy_output_is_token_identical_to_kvtier_off(make_engine, baseline, a
     assert sum(o.metrics.tokens_loaded for o in second.values()) > 0
     async_loads = engine.connector.async_stats()["async_loads"]
     assert async_loads > 0 if asynchronous != "off" else async_loads == 0
-    assert_nothing_held(engine)
+    assert_idle(engine)
 

@@ -11,12 +11,12 @@ import logging
 import threading
 
 import pytest
+from connector.conftest import flip_payload_byte
 
 from kvtier import load_config
 from kvtier.config import ConfigError
 from kvtier.connector import blend_plan
-from kvtier.record_files import BLOCK
-from kvtier_engine import LLM, SamplingParams
+from kvtier_engine import LLM, SamplingParams, model_runner
 from kvtier_engine.blend_step import BlendUnavailable
 from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.llm_engine import RequestOutput
@@ -145,6 +145,45 @@ def test_a_preempted_blend_is_recomputed_correctly(tmp_path):
     assert together == {"plain": baseline(tmp_path, plain), "blend": baseline(tmp_path, second)}
 
 
+def test_a_blend_that_raises_computes_its_request_normally_beside_the_other_blend(tmp_path, monkeypatch,
+                                                                                 caplog):
+    """Two blends in one step; one raises after scribbling over its blocks past the head. It is
+    computed as a normal prefill from its head in the same step (the scribbles overwritten before
+    they are read), logged once and counted; the other still blends. At ratio 1.0 both answer what
+    an engine without kvtier answers."""
+    p = parts(47)
+    first = prompt(p, "head1", ("p1", "p2", "p3"))
+    requests = {"broken": prompt(p, "head1", ("p3", "p1", "p2")),
+                "fine": prompt(p, "head2", ("p2", "p3", "p1"))}
+    real = model_runner.run_blend
+
+    def flaky(model, cache, s, load, config):
+        if s.request.request_id != "broken":
+            return real(model, cache, s, load, config)
+        cache.kv[:, :, s.block_ids[s.num_computed // cache.block_size:]] = 1e4  # a part-written blend
+        raise RuntimeError("injected: a blend that breaks part-way")
+
+    with blend_engine(tmp_path, ratio=1.0) as llm:
+        run(llm, first)
+        monkeypatch.setattr(model_runner, "run_blend", flaky)
+        with caplog.at_level(logging.ERROR, logger="kvtier_engine.model_runner"):
+            out = drive(llm, requests)
+        engine = llm.engine
+        assert engine.runner.blend_failures == 1 and engine.kvtier.stats()["blend_requests"] == 1
+        ran = [r.request_ids for r in engine.step_log if "broken" in r.request_ids]
+        assert ran[0] == ("broken", "fine")  # one step: the fall-back did not wait for another
+        # Its KV is exact: saved under prefix keys as usual, unlike a blended request's.
+        assert engine.kvtier.lookup(requests["broken"]) == len(requests["broken"]) // CHUNK * CHUNK
+        assert leased(llm) == 0
+    broken, fine = out["broken"].metrics, out["fine"].metrics
+    assert (broken.blend_segments_hit, fine.blend_segments_hit) == (0, 3)
+    assert (broken.tokens_loaded, broken.prefill_tokens_computed) == (32, len(requests["broken"]) - 32)
+    assert {rid: o.token_ids for rid, o in out.items()} == {rid: baseline(tmp_path, ids)
+                                                            for rid, ids in requests.items()}
+    failures = [r for r in caplog.records if "blending failed" in r.getMessage()]
+    assert len(failures) == 1 and "broken" in failures[0].getMessage()
+
+
 # -- odd prompts ----------------------------------------------------------------------------------
 
 
@@ -244,14 +283,20 @@ def disk_blend(tmp_path, ratio: float, cpu: str = "64MiB") -> str:
             f"  capacity: 256MiB\nblend:\n  separator_ids: [{SEP}]\n  ratio: {ratio}\n  min_tokens: 16\n")
 
 
+def on_disk_only(llm: LLM, ids: list[int]):
+    """Run `ids` (its passages saved), then leave what kvtier holds on disk only; its CacheEngine."""
+    run(llm, ids)
+    kvtier = llm.engine.kvtier
+    assert kvtier.flush()
+    kvtier.clear("cpu")
+    return kvtier
+
+
 def test_a_passage_held_on_disk_only_is_blended(tmp_path):
     p = parts(79)
     first, second = prompt(p, "head1", ("p1", "p2", "p3")), prompt(p, "head2", ("p3", "p1", "p2"))
     with blend_llm(tmp_path, disk_blend(tmp_path, 1.0)) as llm:
-        run(llm, first)
-        kvtier = llm.engine.kvtier
-        assert kvtier.flush()
-        kvtier.clear("cpu")
+        kvtier = on_disk_only(llm, first)
         out = run(llm, second)
         assert kvtier.stats()["tiers"]["disk"]["hits"] > 0
         assert leased(llm) == 0
@@ -263,18 +308,11 @@ def test_a_corrupt_passage_record_on_disk_is_a_miss_and_the_request_computed_nor
     p = parts(83)
     first, second = prompt(p, "head1", ("p1", "p2", "p3")), prompt(p, "head2", ("p3", "p1", "p2"))
     with blend_llm(tmp_path, disk_blend(tmp_path, 0.15)) as llm:
-        run(llm, first)
-        kvtier = llm.engine.kvtier
-        assert kvtier.flush()
-        kvtier.clear("cpu")
+        kvtier = on_disk_only(llm, first)
         planner = llm.engine.scheduler.connector.blend
         p1 = planner.passages(first)[0]
         path = kvtier.storage.lower[0].path_for(planner.keys.spans(first, p1)[0].key)
-        with open(path, "r+b") as f:  # a payload byte: only the checksum can tell
-            f.seek(BLOCK + 100)
-            byte = f.read(1)
-            f.seek(BLOCK + 100)
-            f.write(bytes([byte[0] ^ 0xFF]))
+        flip_payload_byte(path, 0xFF)
         out = run(llm, second)
         assert kvtier.stats()["tiers"]["disk"]["corrupt"] == 1
         assert kvtier.stats()["blend_requests"] == 0

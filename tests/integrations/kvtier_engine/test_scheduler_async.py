@@ -1,7 +1,8 @@
 """Tests for kvtier_engine/scheduler.py with asynchronous kvtier loads, told as stories on a BlockPool
 of 4-token blocks with real Requests, no model, and a connector stub that says which requests load
-how much, asynchronously: parked requests (WAITING_FOR_KV) take no slot and no budget, a landed load
-is admitted before the waiting queue, aborts wait for the load, prefetch only for requests left waiting.
+how much, asynchronously: parked requests (WAITING_FOR_KV) take no slot and no budget but park only
+while a seat is left for them to land in, a landed load is admitted before the waiting queue, aborts
+wait for the load, prefetch only for requests left waiting.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Stub:
         self.cancelled: list[str] = []
         self.finished: list[str] = []
         self.outputs: list[dict[str, int]] = []
+        self.committed: list[str] = []  # requests whose load was committed (`update_state_after_alloc`)
 
     def request_arrived(self, request) -> None:
         self.arrived.append(request.request_id)
@@ -34,7 +36,7 @@ class Stub:
         return max(0, hit - num_computed), hit > num_computed
 
     def update_state_after_alloc(self, request, block_ids, num_external_tokens: int) -> None:
-        pass
+        self.committed.append(request.request_id)
 
     def build_connector_meta(self, step: int, scheduled) -> None:
         return None
@@ -62,6 +64,15 @@ def scheduler_with(hits: dict[str, int], **options) -> tuple[Scheduler, Stub]:
 
 def ids(out) -> list[tuple[str, int, int]]:
     return [(s.request.request_id, s.num_computed, s.num_new) for s in out.scheduled]
+
+
+def parked_b(hit: int = 16) -> tuple[Scheduler, Stub, Request]:
+    """A scheduler whose first step has parked request "b" (20 tokens, `hit` of them loading)."""
+    scheduler, stub = scheduler_with({"b": hit})
+    b = make_request("b", 20)
+    scheduler.add(b)
+    assert scheduler.schedule().scheduled == [] and list(scheduler.loading) == ["b"]
+    return scheduler, stub, b
 
 
 def test_a_parked_request_takes_no_slot_no_budget_and_is_admitted_first_once_landed():
@@ -92,18 +103,13 @@ def test_a_parked_request_takes_no_slot_no_budget_and_is_admitted_first_once_lan
 
 
 def test_a_landed_load_never_computes_less_than_the_last_prompt_token_or_before_the_device_hit():
-    scheduler, _ = scheduler_with({"b": 40})
-    b = make_request("b", 20)
-    scheduler.add(b)
+    scheduler, _, b = parked_b(40)
     scheduler.update(scheduler.schedule(), {}, set(), async_loaded={"b": 99})
     assert b.num_computed_tokens == 19 and b.metrics.tokens_loaded == 19
 
 
 def test_an_aborted_parked_request_keeps_its_blocks_until_the_load_lands():
-    scheduler, stub = scheduler_with({"b": 16})
-    b = make_request("b", 20)
-    scheduler.add(b)
-    scheduler.schedule()
+    scheduler, stub, b = parked_b()
     scheduler.finish(b, RequestStatus.FINISHED_ABORTED)
 
     assert stub.cancelled == ["b"] and stub.finished == []
@@ -116,9 +122,7 @@ def test_an_aborted_parked_request_keeps_its_blocks_until_the_load_lands():
 
 
 def test_an_aborted_ready_request_is_freed_at_once():
-    scheduler, stub = scheduler_with({"b": 16})
-    b = make_request("b", 20)
-    scheduler.add(b)
+    scheduler, stub, b = parked_b()
     scheduler.update(scheduler.schedule(), {}, set(), async_loaded={"b": 16})
     scheduler.finish(b, RequestStatus.FINISHED_ABORTED)
     assert not scheduler.ready and not scheduler.pool.holds("b") and stub.finished == ["b"]
@@ -144,3 +148,40 @@ def test_only_requests_left_waiting_are_prefetched():
     assert stub.arrived == ["second"]  # `first` was admitted at once: its load reads them anyway
     scheduler.schedule()
     assert stub.arrived == ["second"]  # once per arrival
+
+
+def test_a_request_parks_only_while_running_loading_and_ready_leave_it_a_seat():
+    # Regression: every asynchronous hit parked at once, whatever max_num_seqs, each holding its blocks.
+    scheduler, stub = scheduler_with({"a": 16, "b": 16, "c": 16}, max_num_seqs=2)
+    a, b, c, d = [make_request(rid, 20) for rid in "abc"] + [make_request("d", 6)]
+    for r in (a, b, c, d):
+        scheduler.add(r)
+
+    def seats() -> tuple[int, int, int]:
+        return len(scheduler.running), len(scheduler.loading), len(scheduler.ready)
+
+    out = scheduler.schedule()
+    assert out.scheduled == [] and list(scheduler.loading) == ["a", "b"] and seats() == (0, 2, 0)
+    # c waits at the head holding nothing (no blocks, no committed load); d waits behind it
+    assert list(scheduler.waiting) == [c, d] and c.status is RequestStatus.WAITING
+    assert not scheduler.pool.holds("c") and stub.committed == ["a", "b"]
+    assert scheduler.pool.num_free == len(scheduler.pool.blocks) - 10  # a's and b's 5 blocks each
+
+    scheduler.update(out, {}, set(), async_loaded={"a": 16})
+    out = scheduler.schedule()
+    assert ids(out) == [("a", 16, 4)] and seats() == (1, 1, 0)  # still no seat for c to park in
+    assert list(scheduler.waiting) == [c, d]
+    scheduler.update(out, {}, set())
+    scheduler.finish(a, RequestStatus.FINISHED_LENGTH)
+
+    out = scheduler.schedule()  # a's seat is free: c parks, and d takes a seat to run
+    assert ids(out) == [("d", 0, 6)] and list(scheduler.loading) == ["b", "c"] and seats() == (1, 2, 0)
+    scheduler.update(out, {}, set(), async_loaded={"b": 16, "c": 12})
+    out = scheduler.schedule()  # b takes the last seat (d has no token to run); c, landed, waits for one
+    assert ids(out) == [("b", 16, 4)]
+    assert list(scheduler.ready) == [c] and seats() == (2, 0, 1)
+    scheduler.update(out, {}, set())
+    scheduler.finish(d, RequestStatus.FINISHED_LENGTH)
+    out = scheduler.schedule()
+    assert ("c", 12, 8) in ids(out) and seats() == (2, 0, 0)
+    assert stub.committed == ["a", "b", "c", "d"]  # once each: c's refused turn committed nothing
