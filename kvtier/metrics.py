@@ -82,6 +82,7 @@ ENGINE_COUNTERS = {
     "adaptive_late_chunks": "chunks an adaptive tier left to recompute: no level could arrive in time",
     # CacheBlend (kvtier.blend, the engine's blended prefill): counted once per blended request.
     "blend_requests": "requests whose prompt was blended from cached passages",
+    "blend_failures": "planned blends that raised; their requests were computed by a normal prefill",
     "blend_segments_hit": "passages of blended requests whose cached KV was loaded",
     "blend_tokens_reused": "prompt tokens of blended requests that kept their loaded KV",
     "blend_tokens_recomputed": "prompt tokens of blended requests past the head computed in every layer",

@@ -199,6 +199,8 @@ class LLMEngine:
                               result.async_loaded)
         for request_id, stats in result.blended.items():
             record_blend(self._requests[request_id], stats, self.kvtier.metrics)
+        if result.blend_failures:
+            self.kvtier.metrics.inc("blend_failures", result.blend_failures)
         self.metrics.steps.inc()
         outputs = []
         for s in plan.scheduled:

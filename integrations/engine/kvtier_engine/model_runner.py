@@ -57,6 +57,7 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # for requests that asked
     blended: dict[str, BlendStats] = field(default_factory=dict)  # requests whose prompt was blended
     not_blended: set[str] = field(default_factory=set)  # planned as a blend, computed normally
+    blend_failures: int = 0  # of those, blends that raised (`_fall_back`)
 
 
 class _ConnectorHooks:
@@ -169,6 +170,7 @@ class ModelRunner:
         rows it computes into the cache before its attention reads them. Its KV is exact again, so
         `not_blended` has the connector save it as usual."""
         self.blend_failures += len(failed)
+        result.blend_failures += len(failed)
         result.not_blended.update(s.request.request_id for s in failed)
         self._run(failed, [s.num_computed for s in failed], result)
 

@@ -170,6 +170,7 @@ def test_a_blend_that_raises_computes_its_request_normally_beside_the_other_blen
             out = drive(llm, requests)
         engine = llm.engine
         assert engine.runner.blend_failures == 1 and engine.kvtier.stats()["blend_requests"] == 1
+        assert engine.kvtier.stats()["blend_failures"] == 1
         ran = [r.request_ids for r in engine.step_log if "broken" in r.request_ids]
         assert ran[0] == ("broken", "fine")  # one step: the fall-back did not wait for another
         # Its KV is exact: saved under prefix keys as usual, unlike a blended request's.
