@@ -282,3 +282,43 @@ def test_an_empty_cache_that_cannot_hold_a_request_is_an_error():
     request.token_ids.extend(range(8))  # grown behind the scheduler's back: 18 tokens, 5 blocks
     with pytest.raises(RuntimeError, match="does not fit the empty KV cache"):
         scheduler.schedule()
+
+
+# -- the attention bound on prefill chunks --------------------------------------------------------
+
+
+def pairs(num_computed: int, num_new: int) -> int:
+    """Query-key pairs a chunk's rows attend (row i sees num_computed + i + 1 keys)."""
+    return num_new * num_computed + num_new * (num_new + 1) // 2
+
+
+def test_max_prefill_attention_splits_a_long_prefill_and_the_decodes_keep_stepping():
+    scheduler = Scheduler(BlockPool(64, BLOCK), max_num_batched_tokens=64, max_prefill_attention=60)
+    decoding, long = make_request("d", 1, max_tokens=30), make_request("q", 24)
+    scheduler.add(decoding)
+    step(scheduler)  # d is decoding from now on
+    scheduler.add(long)
+    chunks = []
+    while long.num_computed_tokens < 24:
+        out = step(scheduler)
+        assert ("d", decoding.num_computed_tokens - 1, 1) in plan(out)  # d's token every step
+        chunks += [(s.num_computed, s.num_new) for s in out.scheduled if s.request is long]
+    assert chunks[:3] == [(0, 10), (10, 4), (14, 3)]  # the largest chunks within 60 pairs
+    assert all(pairs(c, n) <= 60 for c, n in chunks if n > 1)
+    assert sum(n for _, n in chunks) == 24 and [c for c, _ in chunks] == sorted({c for c, _ in chunks})
+
+
+def test_max_prefill_attention_never_stops_a_request_it_cannot_fit():
+    """Past the bound even for one row (a long context), a chunk is one row: slow, never stuck."""
+    scheduler = Scheduler(BlockPool(64, BLOCK), max_prefill_attention=5)
+    request = make_request("a", 12)
+    scheduler.add(request)
+    outs = [step(scheduler) for _ in range(11)]  # 2 rows, then 10 of 1
+    assert [plan(o) for o in outs[:3]] == [[("a", 0, 2)], [("a", 2, 1)], [("a", 3, 1)]]
+    assert request.num_computed_tokens == 12 and request.num_output_tokens == 1
+
+
+@pytest.mark.parametrize("bound", [0, -1])
+def test_max_prefill_attention_must_be_positive(bound):
+    with pytest.raises(ValueError, match="max_prefill_attention"):
+        Scheduler(BlockPool(8, BLOCK), max_prefill_attention=bound)
