@@ -75,12 +75,22 @@ def spread(r: Row) -> str:
 
 
 def print_tables(console: Console, rows: list[Row], lookups: list[dict]) -> None:
+    if rows:
+        print_throughput(console, rows)
+    if lookups:
+        print_lookups(console, lookups)
+
+
+def print_throughput(console: Console, rows: list[Row]) -> None:
     console.print(table("Throughput (GB/s = 1e9 B/s of payload, median of the runs; min-max beside it)",
                         "geometry|measurement|op|level|I/O|#thr|#runs|#GB/s|#min-max|#limit|#ratio|target",
                         [[r.geometry, r.subject, r.op, r.level, r.mode, str(r.threads), str(len(r.seconds)),
                           f"{r.gbps:.2f}", spread(r), f"{r.limit_gbps:.2f}" if r.limit_gbps else "",
                           f"{r.ratio:.2f}x" if r.ratio else "",
                           f">= {r.target}x {verdict(r.passed)}" if r.target else ""] for r in rows]))
+
+
+def print_lookups(console: Console, lookups: list[dict]) -> None:
     n = lookups[0]["index_chunks"]
     console.print(table(f"lookup(): prompts of 32K and 128K tokens (128, 512 chunks), index of {n} chunks",
                         "case|#tokens|#p50 ms|#p99 ms|#mean ms|target",

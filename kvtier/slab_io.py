@@ -2,18 +2,20 @@
 copy out of a retrieve's slabs, `MemoryPool.copy_chunks`), record writes from slabs to the tiers below
 (reads from every tier below, P2P included; writes only to the writable tiers the caller passes).
 
-Where it runs: copies of CPU hits on the caller's thread, of lower-tier reads on the read thread
-that landed them (TierReader's `landed`), each into its own tokens of `out`; reads fan out over the
-read threads (TierReader);
-writes run on the StorageManager's write threads. It holds no index state and takes no lock: the
-StorageManager decides what moves and keeps each slab alive (a reader on its entry) while it
-moves; this module only moves bytes, once, never through Python bytes objects.
+Where it runs: copies of CPU hits on the caller's thread; of lower-tier reads on the caller's thread
+too while it waits for the first tier's reads, each as its read lands (`_CopyOut`), and on the read
+thread that landed them after that (a next tier's); each into its own tokens of `out`. Reads fan
+out over the read threads (TierReader); writes run on the StorageManager's write threads. It holds
+no index state and takes no lock but `_CopyOut`'s own hand-over: the StorageManager decides what
+moves and keeps each slab alive (a reader on its entry) while it moves; this module only moves
+bytes, once, never through Python bytes objects.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import torch
@@ -39,16 +41,54 @@ class ChunkRead:
 
 class _CopyOut:
     """TierReader's `landed` for a retrieve into `out`: copies each lower-tier chunk from its slab
-    into its tokens of `out` as its read lands, while later reads run. A chunk after a miss is
-    copied too, into tokens the caller is not told it has (only the prefix before the first miss
-    counts as served). A failed copy (an `out` that cannot be written) is kept for `check`, which
-    raises it on the caller's thread once no read is in flight, as the copy there used to."""
+    into its tokens of `out` as its read lands, while later reads run. Until the first tier's reads
+    are done (`copy_while`), a read thread only hands its chunks over and the caller's thread, idle
+    otherwise, copies them: on 2 cores a read thread that copied its 8 MiB job itself left the disk
+    without its next read meanwhile (512 KiB chunks, side by side: 0.77-0.84x of the raw O_DIRECT
+    read limit end to end; handed over, 0.81-0.89x). Chunks that land later (from a next tier) are
+    copied by their read thread. The hand-over (`_queue`, `_caller_copies`, `_jobs_left`) is
+    under `_landed`. A chunk after a miss is copied too, into tokens the caller is not told it has
+    (only the prefix before the first miss counts as served). A failed copy (an `out` that cannot be
+    written) is kept for `check`, which raises it on the caller's thread once no read is in flight."""
 
     def __init__(self, pool: MemoryPool, layout: KVLayout, out: torch.Tensor, reads: list[ChunkRead]):
         self.pool, self.layout, self.out, self.reads = pool, layout, out, reads
         self.failure: BaseException | None = None
+        self._landed = threading.Condition()
+        self._queue: list[int] = []  # landed, for the caller to copy (until `copy_while` is done)
+        self._caller_copies = True
+        self._jobs_left = 0
 
-    def __call__(self, indices: list[int]) -> None:
+    def __call__(self, indices: list[int]) -> None:  # on a read thread
+        with self._landed:
+            if self._caller_copies:
+                self._queue += indices
+                self._landed.notify()
+                return
+        self._copy(indices)
+
+    def copy_while(self, jobs: list[Future]) -> None:
+        """On the caller's thread: copy the chunks that land until every one of `jobs` is done (a
+        job hands its chunks over before it is done, so none is left behind)."""
+        with self._landed:
+            self._jobs_left = len(jobs)
+        for job in jobs:
+            job.add_done_callback(self._job_done)
+        while True:
+            with self._landed:
+                self._landed.wait_for(lambda: self._queue or not self._jobs_left)
+                indices, self._queue = sorted(self._queue), []  # in order: runs copy as one
+                if not indices:
+                    self._caller_copies = False
+                    return
+            self._copy(indices)
+
+    def _job_done(self, _job: Future) -> None:
+        with self._landed:
+            self._jobs_left -= 1
+            self._landed.notify()
+
+    def _copy(self, indices: list[int]) -> None:
         chunks = [(self.reads[i].span, self.reads[i].entry.slab) for i in indices]
         try:
             self.pool.copy_chunks(chunks, self.out, self.layout, into_slabs=False)
@@ -72,7 +112,7 @@ class SlabIO:
         as it lands: what lies past the first miss is written but not served). Returns chunks served."""
         lower = [r for r in plan if not r.from_cpu]
         copy_out = _CopyOut(self.pool, self.layout, out, lower) if out is not None and lower else None
-        # Start the lower-tier reads (each copied out as it lands), then copy the CPU hits meanwhile.
+        # Start the lower-tier reads, copy the CPU hits meanwhile, then each read as it lands.
         pending = self.reader.start([
             ReadRequest(r.span.key, self.pool.tensor(r.entry.slab, self.pool.slab_stride),
                         self.layout.chunk_shape(r.span.num_tokens)) for r in lower], copy_out)
@@ -80,6 +120,8 @@ class SlabIO:
             if out is not None:
                 hits = [(r.span, r.entry.slab) for r in plan if r.from_cpu]
                 self.pool.copy_chunks(hits, out, self.layout, into_slabs=False)
+            if copy_out is not None:
+                copy_out.copy_while([future for _, future in pending.jobs])
         except BaseException:
             # The reads still write into slabs that the caller frees once this raises: wait first.
             wait([future for _, future in pending.jobs])

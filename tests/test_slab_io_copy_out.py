@@ -1,0 +1,107 @@
+"""Tests for the copy out of a retrieve's lower-tier reads (kvtier/slab_io.py `_CopyOut`): while the
+first tier's reads run, the retrieving thread copies each chunk into `out` as it lands (the read
+threads go straight back to the disk); a chunk that a next tier serves is copied too; the bytes
+are the ones stored whatever order the reads land in."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import CHUNK, NAMESPACE_MODEL, seeded_kv, seeded_tokens
+from waiting import wait_until
+
+from kvtier import transfers
+from kvtier.keys import Namespace
+from kvtier.memory import MemoryPool
+from kvtier.metrics import Metrics
+from kvtier.pins import PinTable
+from kvtier.storage import StorageManager
+from kvtier.tiers.disk import DiskTier
+
+CHUNKS = 6
+
+
+def record_copy_threads(manager: StorageManager, monkeypatch) -> list[int]:
+    """The thread of each copy out of slabs into `out` (the pool's copies the other way are not kept)."""
+    pool, threads = manager.pool, []
+    copy = pool.copy_chunks
+
+    def recorded(chunks, kv, layout, into_slabs):
+        if not into_slabs:
+            threads.append(threading.get_ident())
+        return copy(chunks, kv, layout, into_slabs)
+
+    monkeypatch.setattr(pool, "copy_chunks", recorded)
+    return threads
+
+
+def test_the_retrieving_thread_copies_each_read_as_it_lands_while_later_reads_run(
+        make_manager, db, layout, monkeypatch):
+    monkeypatch.setattr(transfers, "READ_JOB_BYTES", 1)  # a job per chunk
+    manager = make_manager()
+    spans = db.spans(seeded_tokens(CHUNKS * CHUNK, 3))
+    kv = seeded_kv(layout, CHUNKS * CHUNK, 3)
+    manager.put(spans, kv)
+    assert manager.flush()
+    manager.move_down([s.key for s in spans], manager.lower[0])  # on disk only
+    out = torch.zeros_like(kv)
+    disk, held = manager.lower[0], []
+    get = disk.get
+
+    def get_last_once_the_first_is_out(keys, dests):
+        if spans[-1].key in keys:  # the last read waits for the first chunk to be in `out`
+            held.append(wait_until(lambda: torch.equal(out[:, :, :CHUNK], kv[:, :, :CHUNK]),
+                                   "the first chunk copied out while the last read was held", 10))
+        return get(keys, dests)
+
+    monkeypatch.setattr(disk, "get", get_last_once_the_first_is_out)
+    threads = record_copy_threads(manager, monkeypatch)
+
+    assert manager.get(spans, out) == CHUNKS
+
+    assert held == [True] and torch.equal(out, kv)
+    assert threads and set(threads) == {threading.get_ident()}  # every copy on the retrieving thread
+
+
+def test_a_chunk_the_first_tier_misses_is_copied_out_from_the_next(tmp_path, db, layout):
+    metrics = Metrics(["cpu", "near", "far"])
+    pool = MemoryPool(2 * CHUNKS * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
+    pins = PinTable()
+    namespace = Namespace.for_layout(NAMESPACE_MODEL, layout).digest()
+    near, far = (DiskTier(tmp_path / name, namespace, 1 << 24, pins.__contains__, metrics)
+                 for name in ("near", "far"))
+    near.name, far.name = "near", "far"
+    manager = StorageManager(layout, pool, [near, far], metrics, pins=pins, io_threads=2)
+    try:
+        spans = db.spans(seeded_tokens(CHUNKS * CHUNK, 4))
+        kv = seeded_kv(layout, CHUNKS * CHUNK, 4)
+        manager.put(spans, kv)
+        assert manager.flush()
+        manager.clear(manager.cpu)
+        near.remove([spans[i].key for i in (1, 4)])  # these two are read from `far`, after the rest
+        out = torch.zeros_like(kv)
+
+        assert manager.get(spans, out) == CHUNKS
+
+        assert torch.equal(out, kv)
+        assert (metrics.value("kvtier_tier_hits_total", {"tier": "near"}),
+                metrics.value("kvtier_tier_hits_total", {"tier": "far"})) == (CHUNKS - 2, 2)
+    finally:
+        manager.close()
+
+
+@pytest.mark.parametrize("job_bytes", [1, 1 << 30])
+def test_reads_landing_in_any_order_give_back_the_stored_bytes_with_cpu_hits_between(
+        make_manager, db, layout, monkeypatch, job_bytes):
+    monkeypatch.setattr(transfers, "READ_JOB_BYTES", job_bytes)
+    manager = make_manager()
+    spans = db.spans(seeded_tokens(CHUNKS * CHUNK, 5))
+    kv = seeded_kv(layout, CHUNKS * CHUNK, 5)
+    manager.put(spans, kv)
+    assert manager.flush()
+    manager.move_down([s.key for i, s in enumerate(spans) if i % 3], manager.lower[0])  # 0 and 3 in CPU
+    out = torch.zeros_like(kv)
+    assert manager.get(spans, out) == CHUNKS
+    assert torch.equal(out, kv)
