@@ -322,8 +322,7 @@ def run_setup(backend: str, setup: Setup, work: Workload, args: argparse.Namespa
         return None
     result = RunResult(backend, setup.name)
     with LLM(args.model, kvtier_config=config, seed=args.seed,
-             kv_cache_bytes=cache_bytes(work, args, setup.resident),
-             max_prefill_attention=args.max_prefill_attention) as llm:
+             kv_cache_bytes=cache_bytes(work, args, setup.resident)) as llm:
         # Every setup stores the prefixes, "no loads" too (the long requests just never arrive), so
         # each engine has the same history: the big stores move glibc's mmap threshold, which on this
         # VM changed a decode step 2-3x. The warm-up after them absorbs the first slow steps.
@@ -645,15 +644,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="runs of every setup, pooled, the order rotating (default 2; --quick 1)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for the model (default 1: see benchmarks/README.md)")
-    p.add_argument("--max-prefill-attention", type=int, default=65536, metavar="PAIRS",
-                   help="the engine's bound on a prefill chunk's query-key pairs per step, the same in "
-                        "every setup (default 65536: 4 question rows over a 16K context; 0: none)")
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--cpu-capacity", default="2GiB", help="the CPU tier (cleared before each run)")
     p.add_argument("--dir", type=Path, default=ROOT / ".kvtier-cache" / "async_load", help="disk tier dir")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results dir")
     args = p.parse_args(argv)
-    args.max_prefill_attention = args.max_prefill_attention or None
     args.decode_tokens = args.decode_tokens or (32 if args.quick else 64)
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.prefix_tokens = args.prefix_tokens or ([1024, 1536, 2048, 2560] if args.quick

@@ -66,8 +66,6 @@ class EngineOptions:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    # Query-key pairs a prefill chunk may add per step (None: no bound); see kvtier_engine.scheduler.
-    max_prefill_attention: int | None = None
     enable_prefix_caching: bool = True  # the device prefix cache (independent of kvtier)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
 
@@ -123,8 +121,7 @@ class LLMEngine:
             scheduler_side, worker_side = self._connectors(kv_config, dtype)
         self.connector = worker_side
         pool = BlockPool(num_blocks, options.block_size, options.enable_prefix_caching)
-        self.scheduler = Scheduler(pool, options.max_num_seqs, options.max_num_batched_tokens, scheduler_side,
-                                   options.max_prefill_attention)
+        self.scheduler = Scheduler(pool, options.max_num_seqs, options.max_num_batched_tokens, scheduler_side)
         self.runner = ModelRunner(self.model, self.cache, worker_side, blend)
         self.metrics = EngineMetrics()
         self.step_log: deque[StepRecord] = deque(maxlen=STEP_LOG)

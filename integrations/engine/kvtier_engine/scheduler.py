@@ -13,10 +13,6 @@ Each step (`schedule`), with a budget of `max_num_batched_tokens`:
      blocks: no batch slot, no budget, in no step, until `update` is told its load landed
      (`async_loaded`: the token it reached; the rest is recomputed).
 
-With `max_prefill_attention` set, a prefill chunk is also cut to the rows whose attention adds at
-most that many query-key pairs (at least one row): a question after a long cached context, or a
-long prompt, then spreads over several steps, and the decodes batched with it keep their pace.
-
 Seats: `max_num_seqs` bounds `running`. A parked request takes no seat, but wants one once its load
 lands (`ready`), so a request parks only while `running + loading + ready` is below `max_num_seqs`;
 else it stays at the head of the queue holding nothing (no blocks, no lease) and admission stops
@@ -35,7 +31,6 @@ written), then its blocks are freed.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -76,15 +71,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_pool: BlockPool, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 connector: KvtierSchedulerConnector | None = None, max_prefill_attention: int | None = None):
-        attention = 1 if max_prefill_attention is None else max_prefill_attention
-        if min(max_num_seqs, max_num_batched_tokens, attention) < 1:
-            raise ValueError("max_num_seqs, max_num_batched_tokens and max_prefill_attention "
-                             "must be positive")
+                 connector: KvtierSchedulerConnector | None = None):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.pool = block_pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_prefill_attention = max_prefill_attention
         self.connector = connector
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -120,7 +112,7 @@ class Scheduler:
         self.running = []
         while queue:
             request = queue.pop(0)
-            n = self._chunk(request, budget)
+            n = min(len(request.token_ids) - request.num_computed_tokens, budget)
             if n <= 0:
                 self.running.append(request)
                 continue
@@ -139,19 +131,6 @@ class Scheduler:
             budget = self._admit(budget, scheduled)
         self._prefetch_arrivals()
         return SchedulerOutput(self.step, scheduled, preempted, self._connector_meta(scheduled))
-
-    def _chunk(self, request: Request, budget: int) -> int:
-        """Tokens the request computes in this step: the rest of its prompt (or a decode token) within
-        the token budget and, when set, `max_prefill_attention`: the query-key pairs its rows add
-        (row i of a chunk starting at c attends c + i + 1 keys), so a prefill over a long context is
-        split over steps instead of holding every running request's next token; at least one row."""
-        done = request.num_computed_tokens
-        n = min(len(request.token_ids) - done, budget)
-        if self.max_prefill_attention is not None and n > 1:
-            # The largest n with n * done + n * (n + 1) / 2 <= the bound.
-            b = 2 * done + 1
-            n = min(n, max(1, (math.isqrt(b * b + 8 * self.max_prefill_attention) - b) // 2))
-        return n
 
     def _prefetch_arrivals(self) -> None:
         """The requests that arrived since the last step and still wait: the connector starts moving
@@ -175,7 +154,7 @@ class Scheduler:
                 if request.status is RequestStatus.WAITING_FOR_KV:
                     continue
             request.status = RequestStatus.RUNNING
-            n = self._chunk(request, budget)
+            n = min(len(request.token_ids) - request.num_computed_tokens, budget)
             scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n,
                                               self.pool.block_table(request.request_id), loaded))
             self.running.append(request)

@@ -112,17 +112,6 @@ def test_chunked_prefill_matches_hf(reference, name):
     assert_matches_hf(ref, recorder, batch, outputs)
 
 
-def test_prefill_chunks_cut_by_max_prefill_attention_match_hf(reference):
-    ref = reference("llama")
-    batch = prompts([40, 13, 3], seed=3)
-    with make_llm(ref, max_prefill_attention=100) as llm:
-        recorder = LogitsRecorder(llm.engine)
-        outputs = llm.generate(batch, GREEDY)
-        first = llm.engine.step_log[0].num_tokens
-    assert first == 13 + 13 + 3  # 13 rows of the 40 (91 pairs; 14 would be 105), the others whole
-    assert_matches_hf(ref, recorder, batch, outputs)
-
-
 def test_preempted_requests_are_recomputed_and_still_match_hf(reference):
     ref = reference("llama")
     # Three 24-token prompts take 2 blocks each, all of a 6-block cache; each needs a third block

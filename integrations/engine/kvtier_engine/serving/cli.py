@@ -60,9 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--max-num-seqs", type=_positive, default=defaults.max_num_seqs, metavar="N")
     command.add_argument("--max-num-batched-tokens", type=_positive,
                        default=defaults.max_num_batched_tokens, metavar="N")
-    command.add_argument("--max-prefill-attention", type=_positive, default=None, metavar="PAIRS",
-                         help="query-key pairs a prefill chunk may add per step, so a prompt over a long "
-                         "context does not hold the others' decodes (default: no bound)")
     command.add_argument("--seed", type=int, default=defaults.seed, help="random presets' weights")
     command.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda when present)")
     command.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
@@ -82,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         options = EngineOptions(model=args.model, kvtier_config=kvtier_config, device=args.device,
                                 dtype=args.dtype, seed=args.seed, kv_cache_bytes=args.kv_cache_bytes,
                                 max_num_seqs=args.max_num_seqs,
-                                max_num_batched_tokens=args.max_num_batched_tokens,
-                                max_prefill_attention=args.max_prefill_attention)
+                                max_num_batched_tokens=args.max_num_batched_tokens)
         limits = ServerLimits(args.max_body_bytes, args.read_timeout, args.max_requests)
         template = _read_template(args.chat_template)
         status = serve(options, args.host, args.port, args.served_model_name, args.log_level, limits,
