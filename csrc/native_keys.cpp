@@ -197,8 +197,12 @@ PyObject* u32(PyObject*, PyObject* tokens) {
 
 // -- digests and keys ------------------------------------------------------------------------------
 
+// Any integer Python takes as an index (int, numpy integer, bool), as the Python path does.
 bool take_index(PyObject* obj, Py_ssize_t* out) {
-  *out = PyLong_AsSsize_t(obj);
+  PyObject* index = PyNumber_Index(obj);
+  if (index == nullptr) return false;
+  *out = PyLong_AsSsize_t(index);
+  Py_DECREF(index);
   return !(*out == -1 && PyErr_Occurred());
 }
 
@@ -212,7 +216,8 @@ bool read_ends(PyObject* seq, Py_ssize_t start, Py_ssize_t tokens, std::vector<P
   Py_ssize_t prev = start;
   for (Py_ssize_t i = 0; i < n; ++i) {
     Py_ssize_t end;
-    if (!PyLong_CheckExact(items[i]) || !take_index(items[i], &end) || end < prev || end > start + tokens) {
+    // (end - start: no overflow, as start >= 0 (checked by the caller) and end >= prev >= start)
+    if (!PyLong_CheckExact(items[i]) || !take_index(items[i], &end) || end < prev || end - start > tokens) {
       PyErr_Clear();
       return false;
     }
@@ -230,7 +235,7 @@ PyObject* digests(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   std::vector<Py_ssize_t> ends;
-  if (!read_ends(args[2], start, raw.view.len / 4, ends)) Py_RETURN_NONE;
+  if (start < 0 || !read_ends(args[2], start, raw.view.len / 4, ends)) Py_RETURN_NONE;
   const std::vector<uint8_t> out = hashed(raw.data(), start, ends, seed.data(), seed.view.len);
   if (PyErr_Occurred()) return nullptr;
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(ends.size()));
@@ -339,6 +344,14 @@ PyObject* load(PyObject*, PyObject* path_obj) {
     return nullptr;
   }
   Py_DECREF(path);
+  // A wrong signature would crash where the self-test only compares outputs: take the hash only
+  // from xxhash 0.8 or later, whose XXH3_128bits(const void*, size_t) is the stable API.
+  using Version = unsigned (*)();
+  const auto version = reinterpret_cast<Version>(dlsym(lib, "XXH_versionNumber"));
+  if (version == nullptr || version() < 800) {
+    return PyErr_Format(PyExc_OSError, "the xxhash library is not 0.8 or later (XXH_versionNumber %u)",
+                        version != nullptr ? version() : 0u);
+  }
   const char* name = "XXH3_128bits_dispatch";
   void* fn = dlsym(lib, name);
   if (fn == nullptr) fn = dlsym(lib, name = "XXH3_128bits");

@@ -97,6 +97,9 @@ class ChunkKey(bytes):
     def digest(self) -> bytes:
         return bytes(self[NAMESPACE_BYTES:])
 
+    def __getnewargs__(self) -> tuple[bytes, bytes]:  # copy and pickle call __new__ with these
+        return self.namespace, self.digest
+
     def to_bytes(self) -> bytes:
         return bytes(self)
 

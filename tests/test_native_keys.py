@@ -5,6 +5,7 @@ missing, cannot load XXH3 or disagrees with xxhash at import."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import importlib.util
 import subprocess
@@ -25,6 +26,7 @@ from kvtier.keys import ChunkKey, Namespace, TokenDatabase, chained_digests, tok
 
 needs_native = pytest.mark.skipif(not native_keys.AVAILABLE, reason=f"native keys off: {native_keys.WHY_NOT}")
 SIZE = 16
+NS = Namespace("test/model", "layout")
 
 
 @contextlib.contextmanager
@@ -317,3 +319,34 @@ def test_setup_ships_the_extensions_that_built_when_one_fails(capsys):
     err = capsys.readouterr().err
     assert err.count("WARNING") == 1 and "chunk key builder (kvtier._native_keys) was not built" in err
     assert "computes chunk keys in Python" in err
+
+
+# -- review: index-like arguments, overflowing starts, copies ---------------------------------------
+
+
+def test_numpy_integer_arguments_give_the_python_paths_keys(monkeypatch):
+    """start, chunk_size and the like may be any index-like integer (a numpy one), as in Python."""
+    tokens = list(range(10))
+    native = TokenDatabase(NS, np.int64(4), True).keys(tokens)
+    native_digests = chained_digests(bytes(40), bytes(8), [4, 8], np.int64(0))
+    monkeypatch.setattr(native_keys, "AVAILABLE", False)
+    assert native == TokenDatabase(NS, 4, True).keys(tokens)
+    assert native_digests == chained_digests(bytes(40), bytes(8), [4, 8], 0)
+
+
+@needs_native
+def test_a_start_near_the_largest_index_hashes_like_python():
+    """Ends are measured from `start` (no start + tokens sum to overflow); a negative start is
+    left to the Python loop."""
+    big, raw = sys.maxsize, bytes(range(40))
+    want = [xxhash.xxh3_128_digest(bytes(8) + raw[:20])]
+    assert native_keys.digests(raw, bytes(8), [big - 5], big - 10) == want
+    assert native_keys.digests(raw, bytes(8), [big], big - 10) == [xxhash.xxh3_128_digest(bytes(8) + raw)]
+    assert native_keys.digests(raw, bytes(8), [big], big - 11) is None  # past the 10 tokens of raw
+    assert native_keys.digests(raw, bytes(8), [4], -4) is None
+
+
+def test_chunk_keys_copy_to_equal_keys():
+    for key in TokenDatabase(NS, 4).keys(list(range(8))):
+        for twin in (copy.copy(key), copy.deepcopy(key)):
+            assert twin == key and type(twin) is ChunkKey and twin.digest == key.digest

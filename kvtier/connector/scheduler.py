@@ -123,7 +123,6 @@ class KvtierSchedulerConnector:
         hit = self.engine.lookup(tokens)
         state = self._states.setdefault(request.request_id, _RequestState())
         state.hit_tokens = hit
-        state.saved_upto = max(state.saved_upto, hit - hit % self.chunk_size)
         state.load_to = min(hit, len(tokens) - 1)
         if self.blend is not None:
             self._plan_blend(request, state, num_computed_tokens)
@@ -163,6 +162,9 @@ class KvtierSchedulerConnector:
         if self.prefetcher is not None:  # seated: its own load reads what the prefetch has not moved
             self.prefetcher.cancel(request.request_id)
         state = self._states[request.request_id]
+        # Committed now: the hit's chunks need no save. (Not at the lookup: a request that is not
+        # allocated after it may find fewer chunks at its next lookup, and must save those again.)
+        state.saved_upto = max(state.saved_upto, state.hit_tokens - state.hit_tokens % self.chunk_size)
         if state.blend is not None and not state.blend.lease:
             lease = [s.key for passage in state.blend.passages for s in passage.spans]
             self.engine.storage.lease(lease)

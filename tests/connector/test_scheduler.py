@@ -247,3 +247,17 @@ def test_a_second_request_never_saves_what_kvtier_had_at_lookup(make_llm):
              and e.request_id == out.request_id]
     assert saved == [(32, 48), (48, 64)]
     assert llm.engine.kvtier.stats()["deduplicated_chunks"] == 0
+
+
+def test_a_lookup_not_followed_by_an_allocation_commits_no_saved_chunks(make_engine):
+    """Regression: the lookup marked the hit's chunks as saved. A request looked up and then not
+    allocated (no seat to park its asynchronous load in) whose chunks kvtier lost meanwhile was
+    then never saved from 0, though its next lookup found nothing."""
+    engine, connector, request = stored(make_engine, 2 * CHUNK, 64)
+    assert connector.get_num_new_matched_tokens(request, 0)[0] == 2 * CHUNK  # not allocated after it
+    engine.clear()  # kvtier loses the two chunks meanwhile
+    n, _ = connector.get_num_new_matched_tokens(request, 0)
+    assert n == 0
+    connector.update_state_after_alloc(request, BLOCKS, n)
+    meta = connector.build_connector_meta(1, [ScheduledWork(request, BLOCKS, 64)])
+    assert saves(meta) == [("r", 0, 64, False)]

@@ -94,6 +94,10 @@ class BlockPool:
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
         return self._free_needed(token_ids, self._match(token_ids)) <= self.num_free
 
+    def cached_prefix(self, token_ids: Sequence[int]) -> int:
+        """The leading tokens `allocate` would find cached now (block aligned); changes nothing."""
+        return len(self._match(token_ids)) * self.block_size
+
     def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
         """Blocks for the whole prompt. Returns the leading tokens already cached (block aligned)."""
         if seq_id in self._tables:

@@ -85,6 +85,7 @@ class Request:
     output_text: str = ""
     num_text_sent: int = 0  # characters of output_text already streamed
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # when params.logprobs is set
+    wants_seat_to_park: bool = False  # its last lookup found an asynchronous load and no seat to park in
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from kvtier.connector.metadata import ConnectorMetadata
 from kvtier.connector.scheduler import KvtierSchedulerConnector, ScheduledWork
-from kvtier_engine.block_pool import BlockPool, NoFreeBlocks
+from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -166,20 +166,27 @@ class Scheduler:
         when the blocks are not free now, or its load is asynchronous and no seat is left to park in
         (`_may_park`). A request whose load is asynchronous is parked in `loading` (WAITING_FOR_KV,
         its device hit computed for now) and loads nothing in this step."""
-        try:
-            device_hit = self.pool.allocate(request.request_id, request.token_ids)
-        except NoFreeBlocks as exc:
+        if not self.pool.can_allocate(request.token_ids):
             # Blocks held for a final save or a load come back later: only an idle cache is final.
             if not self._holds_blocks():
-                raise RuntimeError(f"request {request.request_id} does not fit the empty KV cache") from exc
+                raise RuntimeError(f"request {request.request_id} does not fit the empty KV cache")
             return None
         loaded, asynchronous = 0, False
         if self.connector is not None:
-            loaded, asynchronous = self.connector.get_num_new_matched_tokens(request, device_hit)
-            asynchronous = asynchronous and loaded > 0
-            if asynchronous and not self._may_park():
-                self.pool.free(request.request_id)  # nothing leased yet: it is looked up again later
+            # A request that found no seat to park in is not looked up again until one is free: a
+            # lookup per step would ask the tiers each time and count its hit again and again.
+            if request.wants_seat_to_park and not self._may_park():
                 return None
+            # Looked up before anything is allocated: a request that cannot park must leave the
+            # device prefix cache as it found it (allocating recycles cached free blocks).
+            loaded, asynchronous = self.connector.get_num_new_matched_tokens(
+                request, self.pool.cached_prefix(request.token_ids))
+            asynchronous = asynchronous and loaded > 0
+            request.wants_seat_to_park = asynchronous and not self._may_park()
+            if request.wants_seat_to_park:
+                return None  # nothing allocated, nothing leased: looked up again once a seat is free
+        device_hit = self.pool.allocate(request.request_id, request.token_ids)
+        if self.connector is not None:
             blocks = self.pool.block_table(request.request_id)
             self.connector.update_state_after_alloc(request, blocks, loaded)
         m = request.metrics

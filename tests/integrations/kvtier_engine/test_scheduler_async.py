@@ -27,11 +27,13 @@ class Stub:
         self.finished: list[str] = []
         self.outputs: list[dict[str, int]] = []
         self.committed: list[str] = []  # requests whose load was committed (`update_state_after_alloc`)
+        self.lookups: list[str] = []  # every `get_num_new_matched_tokens`, by request id
 
     def request_arrived(self, request) -> None:
         self.arrived.append(request.request_id)
 
     def get_num_new_matched_tokens(self, request, num_computed: int) -> tuple[int, bool]:
+        self.lookups.append(request.request_id)
         hit = self.hits.get(request.request_id, 0)
         return max(0, hit - num_computed), hit > num_computed
 
@@ -185,3 +187,32 @@ def test_a_request_parks_only_while_running_loading_and_ready_leave_it_a_seat():
     out = scheduler.schedule()
     assert ("c", 12, 8) in ids(out) and seats() == (2, 0, 0)
     assert stub.committed == ["a", "b", "c", "d"]  # once each: c's refused turn committed nothing
+
+
+def test_a_request_with_no_seat_to_park_in_keeps_the_device_cache_and_is_looked_up_once_a_seat_frees():
+    # Regression: it allocated its blocks before finding out it could not park, which recycled cached
+    # free blocks (another prompt's device hit shrank), and it was looked up again at every step.
+    stub = Stub({"b": 16, "c": 16})
+    scheduler = Scheduler(BlockPool(14, BLOCK, True), connector=stub, max_num_seqs=2)
+    x = make_request("x", 20)
+    scheduler.add(x)
+    out = scheduler.schedule()
+    scheduler.update(out, {}, set())
+    scheduler.finish(x, RequestStatus.FINISHED_LENGTH)  # its 4 full blocks stay cached, free
+    cached = scheduler.pool.cached_prefix(x.token_ids)
+    r, b, c = make_request("r", 8), make_request("b", 20), make_request("c", 20)
+    for request in (r, b):
+        scheduler.add(request)
+    out = scheduler.schedule()
+    scheduler.update(out, {}, set())
+    assert list(scheduler.loading) == ["b"] and r in scheduler.running  # both seats taken
+    scheduler.add(c)
+    for _ in range(5):
+        out = scheduler.schedule()
+        scheduler.update(out, {}, set())
+    assert cached == 16 and scheduler.pool.cached_prefix(x.token_ids) == cached
+    assert stub.lookups.count("c") == 1 and not scheduler.pool.holds("c") and "c" not in stub.committed
+    scheduler.update(scheduler.schedule(), {}, set(), async_loaded={"b": 16})
+    scheduler.finish(r, RequestStatus.FINISHED_LENGTH)
+    scheduler.schedule()  # a seat is free: c is looked up again, and parks
+    assert stub.lookups.count("c") == 2 and "c" in scheduler.loading
