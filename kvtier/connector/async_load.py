@@ -54,7 +54,7 @@ class AsyncLoader:
         self._log = LogLimiter(logger)
         self._cache: PagedKV | None = None  # `bind`
         self._staging: StagingBuffer | None = None
-        self._on_cuda = False
+        self._stream = None  # on CUDA, the loader's own stream for its scatters (`bind`)
         # The queue and the load being read (`JobThread`); its lock also guards what finished, the
         # counters and the staging bytes, and its `changed` wakes `wait` when a load finished.
         self._jobs: JobThread[_Job] = JobThread("kvtier-async-load", self._serve)
@@ -65,8 +65,9 @@ class AsyncLoader:
 
     def bind(self, cache: PagedKV, on_cuda: bool) -> None:
         """The paged cache to scatter into; before the first `submit`."""
-        self._cache, self._on_cuda = cache, on_cuda
+        self._cache = cache
         self._staging = StagingBuffer(self.engine, on_cuda)
+        self._stream = torch.cuda.Stream() if on_cuda else None  # one for every load, not one each
 
     def submit(self, spec: LoadSpec, step: int) -> None:
         """Queue `spec` (its lease taken); it is reported by `pop_finished` whatever happens."""
@@ -157,7 +158,7 @@ class AsyncLoader:
             self._staging_bytes = self.engine.layout.chunk_bytes(upto - first)
         kv, reached = read_load(self.engine, spec, first, out, self._log, upto)
         if reached > spec.start:
-            stream = torch.cuda.Stream() if self._on_cuda else None
+            stream = self._stream
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 bs = self._cache.block_size
                 self._cache.scatter(list(spec.block_ids[spec.start // bs:]), kv[:, :, spec.start - first:
