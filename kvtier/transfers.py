@@ -213,21 +213,31 @@ class TierReader:
                 if not todo:
                     break
                 jobs = self._submit(tier, pending, todo)
-            asked = hits = 0
-            for part, future in jobs:
-                asked += len(part)
-                try:
-                    ok = future.result()
-                except Exception:
-                    self._log.error((tier.name, "get"), "%s: get failed", tier.name, exc_info=True)
-                    self.metrics.tier_inc(tier.name, "errors", len(part))  # per chunk, as tiers count
-                    continue
-                for i, good in zip(part, ok):
-                    found[i] = good
-                    hits += good
-            self.metrics.tier_inc(tier.name, "hits", hits)
-            self.metrics.tier_inc(tier.name, "misses", asked - hits)
+            try:
+                self._collect(tier, jobs, found)
+            except BaseException:
+                # (an interrupt, or a job that raised one) The jobs still running write into the
+                # caller's buffers, which it frees once this raises: let them end first.
+                wait([future for _, future in jobs])
+                raise
         return found
+
+    def _collect(self, tier: Tier, jobs: list[tuple[list[int], Future]], found: list[bool]) -> None:
+        """Wait for `tier`'s jobs; what each read into `found`, and the tier's hit and miss counts."""
+        asked = hits = 0
+        for part, future in jobs:
+            asked += len(part)
+            try:
+                ok = future.result()
+            except Exception:
+                self._log.error((tier.name, "get"), "%s: get failed", tier.name, exc_info=True)
+                self.metrics.tier_inc(tier.name, "errors", len(part))  # per chunk, as tiers count
+                continue
+            for i, good in zip(part, ok):
+                found[i] = good
+                hits += good
+        self.metrics.tier_inc(tier.name, "hits", hits)
+        self.metrics.tier_inc(tier.name, "misses", asked - hits)
 
     def _fits(self, tier: Tier, header: RecordHeader, request: ReadRequest) -> bool:
         # The payload length is checked against the shape as well: a record whose checksum is valid

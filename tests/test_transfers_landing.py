@@ -145,3 +145,47 @@ def test_jobs_are_consecutive_runs_of_about_read_job_bytes(stored, monkeypatch, 
     pending = reader.start(requests(keys, dests))
     assert [part for part, _ in pending.jobs] == parts
     assert reader.finish(pending) == [True] * N
+
+
+class Interrupted(WrappedTier):
+    """The read of `interrupted` raises KeyboardInterrupt; the read of `held` waits for `release`."""
+
+    def __init__(self, inner, interrupted: ChunkKey, held: ChunkKey):
+        super().__init__(inner)
+        self.interrupted, self.held = interrupted, held
+        self.release, self.done = threading.Event(), threading.Event()
+
+    def get(self, keys, dests):
+        if self.interrupted in keys:
+            raise KeyboardInterrupt
+        if self.held in keys:
+            assert self.release.wait(10), "the test never released the held read"
+            headers = self.inner.get(keys, dests)
+            self.done.set()
+            return headers
+        return self.inner.get(keys, dests)
+
+
+def test_an_interrupt_while_waiting_lets_every_read_end_before_it_is_raised(stored, monkeypatch):
+    """Regression: finish raised at once, while another job still wrote into the caller's buffers."""
+    monkeypatch.setattr(transfers, "READ_JOB_BYTES", 1)  # a job per chunk
+    disk, keys, _, dests, queue, metrics = stored
+    tier = Interrupted(disk, keys[0], keys[1])
+    reader = TierReader([tier], LAYOUT.dtype, metrics, queue)
+    pending = reader.start(requests(keys[:2], dests[:2]))
+    raised: list[BaseException] = []
+
+    def finish() -> None:
+        try:
+            reader.finish(pending)
+        except BaseException as exc:  # noqa: BLE001 (the interrupt is what is expected)
+            raised.append(exc)
+
+    waiter = threading.Thread(target=finish)
+    waiter.start()
+    waiter.join(0.2)  # a bounded look: finish must still be waiting for the held read
+    assert waiter.is_alive() and not raised
+    tier.release.set()
+    waiter.join(10)
+    assert not waiter.is_alive() and tier.done.is_set()
+    assert len(raised) == 1 and isinstance(raised[0], KeyboardInterrupt)
