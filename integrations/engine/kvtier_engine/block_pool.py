@@ -91,20 +91,27 @@ class BlockPool:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def can_allocate(self, token_ids: Sequence[int]) -> bool:
-        return self._free_needed(token_ids, self._match(token_ids)) <= self.num_free
+    def match(self, token_ids: Sequence[int]) -> list[int]:
+        """The cached blocks of the prompt's leading full blocks, as `allocate` would take them now;
+        changes nothing. Valid for `can_allocate` and `allocate` until the pool next changes."""
+        return self._match(token_ids)
+
+    def can_allocate(self, token_ids: Sequence[int], hits: list[int] | None = None) -> bool:
+        hits = self._match(token_ids) if hits is None else hits
+        return self._free_needed(token_ids, hits) <= self.num_free
 
     def cached_prefix(self, token_ids: Sequence[int]) -> int:
         """The leading tokens `allocate` would find cached now (block aligned); changes nothing."""
         return len(self._match(token_ids)) * self.block_size
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
-        """Blocks for the whole prompt. Returns the leading tokens already cached (block aligned)."""
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], hits: list[int] | None = None) -> int:
+        """Blocks for the whole prompt. Returns the leading tokens already cached (block aligned).
+        `hits`: `match(token_ids)` taken since the pool last changed (spares hashing the prompt again)."""
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already holds blocks")
         if not token_ids:
             raise ValueError("cannot allocate an empty prompt")
-        hits = self._match(token_ids)
+        hits = self._match(token_ids) if hits is None else hits
         if self._free_needed(token_ids, hits) > self.num_free:
             raise NoFreeBlocks(f"{len(token_ids)} tokens need more than the {self.num_free} free blocks")
         table = []

@@ -166,7 +166,8 @@ class Scheduler:
         when the blocks are not free now, or its load is asynchronous and no seat is left to park in
         (`_may_park`). A request whose load is asynchronous is parked in `loading` (WAITING_FOR_KV,
         its device hit computed for now) and loads nothing in this step."""
-        if not self.pool.can_allocate(request.token_ids):
+        hits = self.pool.match(request.token_ids)  # once: the pool does not change until `allocate`
+        if not self.pool.can_allocate(request.token_ids, hits):
             # Blocks held for a final save or a load come back later: only an idle cache is final.
             if not self._holds_blocks():
                 raise RuntimeError(f"request {request.request_id} does not fit the empty KV cache")
@@ -180,12 +181,12 @@ class Scheduler:
             # Looked up before anything is allocated: a request that cannot park must leave the
             # device prefix cache as it found it (allocating recycles cached free blocks).
             loaded, asynchronous = self.connector.get_num_new_matched_tokens(
-                request, self.pool.cached_prefix(request.token_ids))
+                request, len(hits) * self.pool.block_size)
             asynchronous = asynchronous and loaded > 0
             request.wants_seat_to_park = asynchronous and not self._may_park()
             if request.wants_seat_to_park:
                 return None  # nothing allocated, nothing leased: looked up again once a seat is free
-        device_hit = self.pool.allocate(request.request_id, request.token_ids)
+        device_hit = self.pool.allocate(request.request_id, request.token_ids, hits)
         if self.connector is not None:
             blocks = self.pool.block_table(request.request_id)
             self.connector.update_state_after_alloc(request, blocks, loaded)
