@@ -10,6 +10,8 @@
 //                         the keys TokenDatabase.keys builds from chunk `start / chunk_size` on, each a
 //                         `key_type` (a bytes subclass without slots: ChunkKey) holding ns + digest.
 //   load(path)            takes XXH3-128 from the xxhash package's shared object (below).
+//   KeyTable()            a set of 24-byte keys whose prefix(keys) / present(keys) prefetch a batch
+//                         of slots before probing them: the CPU tier's mirror for the lookup (below).
 //
 // XXH3 is not compiled in: load() dlopens the `xxhash` Python package's own extension (loaded
 // already) and takes its exported XXH3_128bits, so the digests are xxhash.xxh3_128_digest's by
@@ -136,20 +138,32 @@ PyObject* u32_of_sequence(PyObject* seq) {
 
 // dst = src as u32; false if an id is outside [0, 2**32). Branch-free, so it vectorises: a signed id
 // sign-extends, so a negative one sets the high word as one >= 2**32 does.
+// The source's pages are prefetched kAheadBytes ahead: a hardware prefetcher stops at each 4 KiB page,
+// and a new prompt's tokens are cold (out of every cache), so each page would stall on memory.
+constexpr Py_ssize_t kPageBytes = 4096;
+constexpr Py_ssize_t kAheadBytes = 2 * kPageBytes;
+
 template <typename T>
 bool narrow(const uint8_t* src, Py_ssize_t n, uint32_t* dst) {
+  constexpr Py_ssize_t kPage = kPageBytes / sizeof(T);
+  const uint8_t* end = src + n * sizeof(T);
   uint64_t high = 0;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    T v;
-    std::memcpy(&v, src + i * sizeof(T), sizeof(T));  // numpy arrays need not be aligned
-    uint64_t wide;
-    if constexpr (std::is_signed_v<T>) {
-      wide = static_cast<uint64_t>(static_cast<int64_t>(v));
-    } else {
-      wide = static_cast<uint64_t>(v);
+  for (Py_ssize_t page = 0; page < n; page += kPage) {
+    const uint8_t* ahead = src + page * sizeof(T) + kAheadBytes;
+    for (Py_ssize_t j = 0; j < kPageBytes && ahead + j < end; j += 64) __builtin_prefetch(ahead + j);
+    const Py_ssize_t stop = std::min(n, page + kPage);
+    for (Py_ssize_t i = page; i < stop; ++i) {
+      T v;
+      std::memcpy(&v, src + i * sizeof(T), sizeof(T));  // numpy arrays need not be aligned
+      uint64_t wide;
+      if constexpr (std::is_signed_v<T>) {
+        wide = static_cast<uint64_t>(static_cast<int64_t>(v));
+      } else {
+        wide = static_cast<uint64_t>(v);
+      }
+      high |= wide >> 32;
+      dst[i] = static_cast<uint32_t>(wide);
     }
-    high |= wide >> 32;
-    dst[i] = static_cast<uint32_t>(wide);
   }
   return high == 0;
 }
@@ -328,6 +342,207 @@ PyObject* chunk_keys(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return list;
 }
 
+// -- key table -------------------------------------------------------------------------------------
+
+// KeyTable: a set of 24-byte keys (ChunkKey's bytes) in one open-addressed array: the CPU tier's
+// membership mirrored for the lookup's probe (kvtier/tiers/cpu.py). A dict probe of a new prompt's
+// key hashes it (SipHash) and then reads three scattered places one after the other (the dict's
+// index, its entry, the stored key object); here every slot of a batch of keys is computed and
+// prefetched first, so their cache misses overlap. The keys are hashes already: a few multiplies
+// mix them into a slot. At most half full (linear probing, deletion by backward shift: no
+// tombstones). Holds no Python object. Its owner's lock guards it (each call is atomic under the GIL).
+struct Slot {
+  uint8_t key[kKeyBytes];
+  uint64_t used;  // 0: empty
+};
+static_assert(sizeof(Slot) == 32, "a slot is half a cache line");
+
+struct KeyTable {
+  PyObject_HEAD
+  Slot* slots;
+  size_t mask;  // capacity - 1, capacity a power of two
+  Py_ssize_t count;
+  bool off;  // a key it could not hold (not 24 bytes, no memory to grow): probes answer None till clear()
+};
+
+constexpr size_t kMinSlots = 64;
+constexpr Py_ssize_t kProbeBatch = 64;  // keys whose slots are prefetched together
+
+uint64_t load64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+size_t home_of(const uint8_t* key, size_t mask) {
+  uint64_t h = load64(key) * 0x9E3779B97F4A7C15ull ^ load64(key + 8) * 0xC2B2AE3D27D4EB4Full ^
+               load64(key + 16) * 0x165667B19E3779F9ull;
+  h ^= h >> 31;
+  h *= 0x94D049BB133111EBull;
+  return (h ^ (h >> 29)) & mask;
+}
+
+// The 24 bytes of a bytes object (ChunkKey included) of that length, else null.
+const uint8_t* key_bytes(PyObject* obj) {
+  if (!PyBytes_Check(obj) || PyBytes_GET_SIZE(obj) != kKeyBytes) return nullptr;
+  return reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(obj));
+}
+
+// The slot holding `key`, else the empty slot ending its run (there is one: at most half full).
+size_t find(const KeyTable* t, const uint8_t* key, size_t i) {
+  for (;; i = (i + 1) & t->mask) {
+    const Slot& s = t->slots[i];
+    if (!s.used || std::memcmp(s.key, key, kKeyBytes) == 0) return i;
+  }
+}
+
+bool resize(KeyTable* t, size_t capacity) {
+  auto* slots = static_cast<Slot*>(PyMem_Calloc(capacity, sizeof(Slot)));
+  if (slots == nullptr) {
+    PyErr_NoMemory();
+    return false;
+  }
+  Slot* old = t->slots;
+  const size_t old_capacity = old != nullptr ? t->mask + 1 : 0;
+  t->slots = slots, t->mask = capacity - 1;
+  for (size_t i = 0; i < old_capacity; ++i) {
+    if (old[i].used) slots[find(t, old[i].key, home_of(old[i].key, t->mask))] = old[i];
+  }
+  PyMem_Free(old);
+  return true;
+}
+
+PyObject* table_new(PyTypeObject* type, PyObject*, PyObject*) {
+  auto* t = reinterpret_cast<KeyTable*>(type->tp_alloc(type, 0));
+  if (t != nullptr && !resize(t, kMinSlots)) Py_CLEAR(t);
+  return reinterpret_cast<PyObject*>(t);
+}
+
+void table_dealloc(PyObject* self) {
+  PyTypeObject* type = Py_TYPE(self);
+  PyMem_Free(reinterpret_cast<KeyTable*>(self)->slots);
+  type->tp_free(self);
+  Py_DECREF(type);
+}
+
+PyObject* table_add(PyObject* self, PyObject* obj) {
+  auto* t = reinterpret_cast<KeyTable*>(self);
+  const uint8_t* key = key_bytes(obj);
+  // Off rather than wrong: its owner's dict holds the key all the same, and answers from now on.
+  if (key == nullptr || (2 * static_cast<size_t>(t->count + 1) > t->mask + 1 && !resize(t, 2 * (t->mask + 1)))) {
+    PyErr_Clear();  // (a MemoryError from resize)
+    t->off = true;
+    Py_RETURN_FALSE;
+  }
+  Slot& s = t->slots[find(t, key, home_of(key, t->mask))];
+  if (s.used) Py_RETURN_FALSE;
+  std::memcpy(s.key, key, kKeyBytes);
+  s.used = 1, ++t->count;
+  Py_RETURN_TRUE;
+}
+
+PyObject* table_discard(PyObject* self, PyObject* obj) {
+  auto* t = reinterpret_cast<KeyTable*>(self);
+  const uint8_t* key = key_bytes(obj);
+  size_t hole = key != nullptr ? find(t, key, home_of(key, t->mask)) : 0;
+  if (key == nullptr || !t->slots[hole].used) Py_RETURN_FALSE;
+  // Backward shift: a later key of the run moves into the hole unless its home lies cyclically in
+  // (hole, j], where a probe for it would stop before reaching the hole.
+  for (size_t j = (hole + 1) & t->mask; t->slots[j].used; j = (j + 1) & t->mask) {
+    const size_t home = home_of(t->slots[j].key, t->mask);
+    if (hole <= j ? (hole < home && home <= j) : (hole < home || home <= j)) continue;
+    t->slots[hole] = t->slots[j];
+    hole = j;
+  }
+  t->slots[hole].used = 0, --t->count;
+  Py_RETURN_TRUE;
+}
+
+PyObject* table_clear(PyObject* self, PyObject*) {
+  auto* t = reinterpret_cast<KeyTable*>(self);
+  auto* slots = static_cast<Slot*>(PyMem_Calloc(kMinSlots, sizeof(Slot)));
+  if (slots == nullptr) return PyErr_NoMemory();  // (the table as it was)
+  PyMem_Free(t->slots);
+  t->slots = slots, t->mask = kMinSlots - 1, t->count = 0, t->off = false;
+  Py_RETURN_NONE;
+}
+
+// Walks `keys` (a list or tuple) in batches, prefetching a batch's slots before probing them in
+// order; `visit(i, held)` returns false to stop. False (nothing set) if the table is off or a key
+// is not 24 bytes of bytes: the caller's dict answers then.
+template <typename Visit>
+bool probe(const KeyTable* t, PyObject* keys, Visit visit) {
+  if (t->off) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
+  PyObject** items = PySequence_Fast_ITEMS(keys);
+  size_t home[kProbeBatch];
+  for (Py_ssize_t base = 0; base < n; base += kProbeBatch) {
+    const Py_ssize_t m = std::min(kProbeBatch, n - base);
+    for (Py_ssize_t j = 0; j < m; ++j) {
+      const uint8_t* key = key_bytes(items[base + j]);
+      if (key == nullptr) return false;
+      home[j] = home_of(key, t->mask);
+      __builtin_prefetch(&t->slots[home[j]]);
+    }
+    for (Py_ssize_t j = 0; j < m; ++j) {
+      const uint8_t* key = key_bytes(items[base + j]);
+      if (!visit(base + j, t->slots[find(t, key, home[j])].used != 0)) return true;
+    }
+  }
+  return true;
+}
+
+bool check_sequence(PyObject* keys) {
+  if (PyList_CheckExact(keys) || PyTuple_CheckExact(keys)) return true;
+  PyErr_SetString(PyExc_TypeError, "keys must be a list or a tuple");
+  return false;
+}
+
+PyObject* table_prefix(PyObject* self, PyObject* keys) {
+  if (!check_sequence(keys)) return nullptr;
+  Py_ssize_t held = PySequence_Fast_GET_SIZE(keys);
+  const auto stop_at_miss = [&held](Py_ssize_t i, bool in) { return in || (held = i, false); };
+  if (!probe(reinterpret_cast<KeyTable*>(self), keys, stop_at_miss)) Py_RETURN_NONE;
+  return PyLong_FromSsize_t(held);
+}
+
+PyObject* table_present(PyObject* self, PyObject* keys) {
+  if (!check_sequence(keys)) return nullptr;
+  PyObject* out = PyList_New(PySequence_Fast_GET_SIZE(keys));
+  if (out == nullptr) return nullptr;
+  const auto note = [out](Py_ssize_t i, bool in) {
+    PyList_SET_ITEM(out, i, Py_NewRef(in ? Py_True : Py_False));
+    return true;
+  };
+  if (!probe(reinterpret_cast<KeyTable*>(self), keys, note)) {
+    Py_DECREF(out);  // (its unset items are null: list_dealloc skips them)
+    Py_RETURN_NONE;
+  }
+  return out;
+}
+
+Py_ssize_t table_len(PyObject* self) { return reinterpret_cast<KeyTable*>(self)->count; }
+
+PyMethodDef kTableMethods[] = {
+    {"add", table_add, METH_O, "add(key) -> True if new; a key it cannot hold turns the table off"},
+    {"discard", table_discard, METH_O, "discard(key) -> True if it was held"},
+    {"prefix", table_prefix, METH_O, "prefix(keys) -> how many leading keys are held, or None (off)"},
+    {"present", table_present, METH_O, "present(keys) -> [held, ...], or None (off)"},
+    {"clear", table_clear, METH_NOARGS, "clear(): no keys, and on again"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyType_Slot kTableSlots[] = {
+    {Py_tp_new, reinterpret_cast<void*>(table_new)},
+    {Py_tp_dealloc, reinterpret_cast<void*>(table_dealloc)},
+    {Py_tp_methods, kTableMethods},
+    {Py_sq_length, reinterpret_cast<void*>(table_len)},
+    {Py_tp_doc, const_cast<char*>("KeyTable(): a set of 24-byte keys probed in prefetched batches")},
+    {0, nullptr},
+};
+
+PyType_Spec kTableSpec = {"kvtier._native_keys.KeyTable", sizeof(KeyTable), 0, Py_TPFLAGS_DEFAULT, kTableSlots};
+
 // -- loading XXH3 ----------------------------------------------------------------------------------
 
 // The x86 dispatching entry (AVX2/AVX-512 where the CPU has them, as xxhash's own Python functions
@@ -375,4 +590,13 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_native_keys", "kvtier's chunk ke
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__native_keys() { return PyModule_Create(&kModule); }
+PyMODINIT_FUNC PyInit__native_keys() {
+  PyObject* module = PyModule_Create(&kModule);
+  PyObject* table = module != nullptr ? PyType_FromSpec(&kTableSpec) : nullptr;
+  if (table == nullptr || PyModule_AddObject(module, "KeyTable", table) < 0) {
+    Py_XDECREF(table);
+    Py_XDECREF(module);
+    return nullptr;
+  }
+  return module;
+}

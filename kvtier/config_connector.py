@@ -13,6 +13,7 @@ from kvtier.config_fields import SWITCH, at_least, choice_key, size_key
 from kvtier.config_values import GiB
 
 MAX_SEPARATOR_IDS = 64  # blend.separator_ids: a separator is a few tokens; the bound keeps a list small
+MAX_LOOKUPS_IN_FLIGHT = 1 << 16  # loads.lookup_max_in_flight: far past any engine's waiting queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +40,15 @@ class LoadsConfig:
     load; off = every load finishes within its step. At most `async_max_bytes_in_flight` of staging
     memory is read into at once (a larger load is cut there: the rest is recomputed, counted).
     `prefetch`: when a request arrives, the chunks of its hit below the CPU tier start moving up at
-    once (`kvtier.connector.prefetch`), at most `prefetch_max_bytes_in_flight` being read."""
+    once (`kvtier.connector.prefetch`), at most `prefetch_max_bytes_in_flight` being read.
+    `lookup_max_in_flight`: with a tier below whose index is not in this process (Redis, kvtier_server,
+    a peer) and `asynchronous` not off, a request's lookup runs in the background
+    (`kvtier.connector.lookups`) and the request waits, holding nothing, until it lands; at most this
+    many are queued or running at once (a request past that is asked again at the next step)."""
 
     asynchronous: str = choice_key("auto", SWITCH)
     async_min_bytes: int = size_key(64 << 20)
     async_max_bytes_in_flight: int = size_key(1 * GiB, memory=True)
     prefetch: bool = True
     prefetch_max_bytes_in_flight: int = size_key(512 << 20)
+    lookup_max_in_flight: int = field(default=64, metadata={"min": 1, "max": MAX_LOOKUPS_IN_FLIGHT})

@@ -116,8 +116,9 @@ class CacheEngine:
         """The number of leading tokens whose KV is cached (a chunk boundary). No payload I/O."""
         with self.metrics.timed("lookup"):
             hit = self.storage.contains_prefix(self.db.keys(tokens))
-            n = self.db.chunk_end(hit - 1, token_count(tokens)) if hit else 0
-        self.metrics.inc("lookup_tokens", token_count(tokens))
+            count = token_count(tokens)
+            n = self.db.chunk_end(hit - 1, count) if hit else 0
+        self.metrics.inc("lookup_tokens", count)
         self.metrics.inc("hit_tokens", n)
         return n
 

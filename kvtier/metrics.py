@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -117,8 +115,7 @@ class Metrics:
         # looked up once here, not per increment.
         self._tier_children = {(tier, name): counter.labels(tier=tier)
                                for tier in self.tiers for name, counter in self._tier.items()}
-        for op in OPERATIONS:
-            self._latency.labels(op=op)
+        self._op_latency = {op: self._latency.labels(op=op) for op in OPERATIONS}
 
     def tier_inc(self, tier: str, name: str, amount: int = 1) -> None:
         """Add `amount` (chunks, or bytes for bytes_*: see the module docstring) to a tier counter."""
@@ -137,13 +134,9 @@ class Metrics:
         if amount:
             counter.inc(operator.index(amount))
 
-    @contextmanager
-    def timed(self, op: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._latency.labels(op=op).observe(time.perf_counter() - start)
+    def timed(self, op: str) -> _Timed:
+        """A context that observes its duration as the latency of `op` (on exit, raised or not)."""
+        return _Timed(self._op_latency.get(op) or self._latency.labels(op=op))
 
     def set_usage(self, tier: str, chunks: int, nbytes: int, capacity: int) -> None:
         self._chunks.labels(tier=tier).set(chunks)
@@ -182,3 +175,20 @@ class Metrics:
 
     def prometheus_text(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+class _Timed:
+    """`Metrics.timed`'s context: a class with the histogram child looked up once, not a generator
+    context manager that looked it up on exit (1.5 us a call against 3.4: a 32K-token tensor's
+    lookup takes 50-90 us in all, and its target is 100)."""
+
+    __slots__ = ("_child", "_start")
+
+    def __init__(self, child) -> None:
+        self._child = child
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:  # (returns None: an exception goes on)
+        self._child.observe(time.perf_counter() - self._start)

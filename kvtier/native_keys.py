@@ -7,6 +7,9 @@ Either way the keys are the same bytes; kvtier.keys defines them, and its functi
                           big-endian array, any other type): errors are raised by kvtier.keys alone.
     digests(...)          kvtier.keys.chained_digests, or None for ends it does not take.
     chunk_keys(...)       a prompt's keys from a chunk boundary on, built as `key_type` objects in C.
+    key_table()           a KeyTable: a set of 24-byte keys whose `prefix` / `present` probe a
+                          prompt's keys with their cache misses overlapped (the CPU tier's mirror),
+                          or a NoKeyTable whose probes answer None (then the caller's dict answers).
 
 XXH3 is xxhash's own: at import, the extension is handed the path of the `xxhash` package's shared
 object, which exports the xxhash C API, and takes XXH3-128 from it (no copy of xxhash's code here).
@@ -15,13 +18,15 @@ error or any mismatch is logged once at INFO, `AVAILABLE` is False and `WHY_NOT`
 
 Where it runs: the lookup hot path (scheduler side) and anywhere keys are made, on any thread.
 Thread-safe: no state after import. The extension holds the GIL while converting token ids and
-releases it while hashing 64 KiB or more.
+releases it while hashing 64 KiB or more. A KeyTable is its owner's state: each call holds the GIL
+(atomic), and the owner's lock orders calls that must go together (the CPU tier: the storage lock).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Protocol
 
 import numpy as np
 import xxhash
@@ -72,6 +77,18 @@ def self_test(ext) -> str:
     hashes_agree = list(map(hash, keys)) == list(map(hash, want))
     if [type(k) for k in keys] != [_ProbeKey] * 2 or keys != want or not hashes_agree:
         return "chunk keys differ from bytes built in Python"
+    return _table_test(ext, keys)
+
+
+def _table_test(ext, keys: list[bytes]) -> str:
+    if not hasattr(ext, "KeyTable"):
+        return "the extension has no KeyTable (built from an older source); reinstall"
+    table, other = ext.KeyTable(), bytes(24)
+    added = [table.add(k) for k in keys + keys[:1]]
+    if added != [True, True, False] or table.prefix(keys + [other]) != 2 or table.prefix([other]) != 0:
+        return "the key table's prefix disagrees with a set"
+    if table.present([other, *keys]) != [False, True, True] or not table.discard(keys[0]) or len(table) != 1:
+        return "the key table's present or discard disagrees with a set"
     return ""
 
 
@@ -92,6 +109,42 @@ WHY_NOT = _load()
 AVAILABLE = not WHY_NOT
 if WHY_NOT:
     logger.info("chunk keys computed in Python (the same keys, slower): %s", WHY_NOT)
+
+
+class KeyProbe(Protocol):
+    """What key_table() returns: the C KeyTable, or a NoKeyTable. `prefix` / `present` answer None
+    where the table cannot (a key it could not hold was added, or a key asked about is not 24 bytes)."""
+
+    def add(self, key: bytes) -> bool: ...
+    def discard(self, key: bytes) -> bool: ...
+    def prefix(self, keys: list) -> int | None: ...
+    def present(self, keys: list) -> list[bool] | None: ...
+    def clear(self) -> None: ...
+
+
+class NoKeyTable:
+    """key_table() without the extension: holds nothing, and every probe answers None."""
+
+    def add(self, key: bytes) -> bool:
+        return False
+
+    def discard(self, key: bytes) -> bool:
+        return False
+
+    def prefix(self, keys: list) -> None:
+        return None
+
+    def present(self, keys: list) -> None:
+        return None
+
+    def clear(self) -> None:
+        pass
+
+
+def key_table() -> KeyProbe:
+    """A new KeyTable (see the C source), or a NoKeyTable where the extension is not used: the same
+    methods (add, discard, prefix, present, clear), whose probes then answer None."""
+    return _ext.KeyTable() if AVAILABLE else NoKeyTable()
 
 
 def u32(tokens: object) -> bytes | None:

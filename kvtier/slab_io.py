@@ -5,7 +5,8 @@ copy out of a retrieve's slabs, `MemoryPool.copy_chunks`), record writes from sl
 Where it runs: copies of CPU hits on the caller's thread; of lower-tier reads on the caller's thread
 too while it waits for the first tier's reads, each as its read lands (`_CopyOut`), and on the read
 thread that landed them after that (a next tier's); each into its own tokens of `out`. Reads fan
-out over the read threads (TierReader); writes run on the StorageManager's write threads. It holds
+out over the read threads (TierReader), each job making its own read requests (`_SlabRequests`,
+on its read thread); writes run on the StorageManager's write threads. It holds
 no index state and takes no lock but `_CopyOut`'s own hand-over: the StorageManager decides what
 moves and keeps each slab alive (a reader on its entry) while it moves; this module only moves
 bytes, once, never through Python bytes objects.
@@ -37,6 +38,23 @@ class ChunkRead:
     span: ChunkSpan
     entry: CpuEntry  # held (a reader) by the read: a CPU entry, or a fresh slab for a lower-tier read
     from_cpu: bool
+
+
+class _SlabRequests(Sequence[ReadRequest]):
+    """The lower-tier reads of a plan as TierReader's requests, each made when indexed: by the read
+    job that reads it, on its thread, so the first reads start at once rather than after the
+    retrieving thread made them all (~1.2 ms for 512 chunks: a slab view and a request each)."""
+
+    def __init__(self, pool: MemoryPool, layout: KVLayout, reads: list[ChunkRead]):
+        self.pool, self.layout, self.reads = pool, layout, reads
+
+    def __len__(self) -> int:
+        return len(self.reads)
+
+    def __getitem__(self, i: int) -> ReadRequest:  # (no slices: TierReader indexes one at a time)
+        r = self.reads[i]
+        return ReadRequest(r.span.key, self.pool.tensor(r.entry.slab, self.pool.slab_stride),
+                           self.layout.chunk_shape(r.span.num_tokens))
 
 
 class _CopyOut:
@@ -113,9 +131,7 @@ class SlabIO:
         lower = [r for r in plan if not r.from_cpu]
         copy_out = _CopyOut(self.pool, self.layout, out, lower) if out is not None and lower else None
         # Start the lower-tier reads, copy the CPU hits meanwhile, then each read as it lands.
-        pending = self.reader.start([
-            ReadRequest(r.span.key, self.pool.tensor(r.entry.slab, self.pool.slab_stride),
-                        self.layout.chunk_shape(r.span.num_tokens)) for r in lower], copy_out)
+        pending = self.reader.start(_SlabRequests(self.pool, self.layout, lower), copy_out)
         try:
             if out is not None:
                 hits = [(r.span, r.entry.slab) for r in plan if r.from_cpu]

@@ -93,10 +93,10 @@ class StorageManager:
     @guarded
     def contains_prefix(self, keys: Sequence[ChunkKey], lower: bool = True) -> int:
         """How many leading `keys` some tier holds (host memory alone if not `lower`). No payload I/O."""
-        keys = list(keys)
-        with self._lock:
-            in_memory = self.cpu.present(keys)
-        return prefix_length(keys, in_memory, self.lower if lower else ())
+        below = self.lower if lower else ()
+        with self._lock:  # (a full hit in host memory, the common case, asks no tier below)
+            held, rest, in_memory = self.cpu.probe_prefix(keys, bool(below))
+        return held + (prefix_length(rest, in_memory, below) if rest else 0)
     cpu_prefix = partialmethod(contains_prefix, lower=False)  # a load of the rest needs a tier below
 
     # -- store ---------------------------------------------------------------------------------

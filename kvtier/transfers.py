@@ -12,6 +12,7 @@ job that raises is logged (at most a line a minute: kvtier.log_limit) and counte
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import threading
@@ -34,9 +35,12 @@ logger = logging.getLogger(__name__)
 
 # Bytes of buffers one read job fills (at least one chunk): small enough that chunks land, and are
 # handed to `landed`, while later ones are still being read (a 1 GiB retrieve whose copy out waited
-# for the last read spent ~20 % of its time copying after the disk was done); large enough that a
-# batched tier (Redis, the server) still gets several small chunks per round trip.
-READ_JOB_BYTES = 8 << 20
+# for the last read spent ~20 % of its time copying after the disk was done), and that the threads
+# run out of jobs together (a cold 256 MiB retrieve of 512 KiB chunks: with 8 MiB jobs the threads'
+# last reads ended 1-14 ms apart and the last job's copy out ran 2-8 ms past the last read; with
+# 2 MiB, 2-3 ms and ~1 ms); large enough that a batched tier (Redis, the server) still gets several
+# small chunks per round trip (1 MiB jobs cost ~25 us more between a thread's reads, in Python).
+READ_JOB_BYTES = 2 << 20
 
 Landed = Callable[[list[int]], None]  # indices of requests read and verified, called on the job's thread
 
@@ -122,7 +126,7 @@ class ReadRequest:
 
 @dataclass(slots=True)
 class PendingReads:
-    requests: list[ReadRequest]
+    requests: Sequence[ReadRequest]  # indexed on the read threads (it may make each on demand)
     jobs: list[tuple[list[int], Future]]
     landed: Landed | None = None
 
@@ -130,19 +134,21 @@ class PendingReads:
 class TierReader:
     """Reads records from the tiers below host memory into caller buffers, on the read threads.
 
-    `start(requests, landed)` splits the batch into jobs of about READ_JOB_BYTES, in order, over
-    the threads, against the first tier, and returns at once (so the caller can copy its CPU hits
-    meanwhile; a first tier that fans out, P2P, is read in `finish` instead, on the caller's
-    thread); `finish(pending)` waits, asks each next tier for what the previous one missed, and
-    returns one bool per request. `landed(indices)`, if given, is called by each job (on its thread)
-    with the requests it read that are good (verified by the tier, decoded, of the expected shape),
-    as soon as they are: the caller copies them out while later reads run. Jobs land in any order;
-    which leading requests form the prefix is the caller's to decide from `finish`. A coded record (any
-    tier may hold some: kvtier.tiers.coded) is decoded in place into its buffer by the job that read
-    it, on the thread that ran the tier's `get`, so a chunk is decoded once, on its way up into host
-    memory; one that fails to decode is a miss, counted corrupt and removed. A record whose codec,
-    dtype or shape is not what the caller expects is dropped below and counted as corrupt; a tier
-    that raises (it must not) costs its chunks, never the caller.
+    `start(requests, landed)` splits the batch into jobs of about READ_JOB_BYTES against the first
+    tier, which the read threads take in order, each the next one left, and returns at once (so
+    the caller can copy its CPU hits meanwhile; a first tier that fans out, P2P, is read in
+    `finish` instead, on the caller's thread); `finish(pending)` waits, asks each next tier for
+    what the previous one missed, and returns one bool per request. `landed(indices)`, if given, is
+    called by each job (on its thread) with the requests it read that are good (verified by the
+    tier, decoded, of the expected shape), as soon as they are: the caller copies them out while
+    later reads run. Jobs land in any order; which leading requests form the prefix is the caller's
+    to decide from `finish`. A coded record (any tier may hold some: kvtier.tiers.coded) is decoded
+    in place into its buffer by the job that read it, on the thread that ran the tier's `get`, so a
+    chunk is decoded once, on its way up into host memory; one that fails to decode is a miss,
+    counted corrupt and removed. A record whose codec, dtype or shape is not what the caller
+    expects is dropped below and counted as corrupt; a tier that raises (it must not) costs its
+    chunks, never the caller. `requests` may make each request when it is indexed (SlabIO's do): a
+    job indexes its own, on its read thread, so the first reads need not wait for the whole batch.
     """
 
     def __init__(self, tiers: Sequence[Tier], dtype: torch.dtype, metrics: Metrics, queue: TransferQueue):
@@ -152,7 +158,7 @@ class TierReader:
         self.queue = queue
         self._log = LogLimiter(logger)  # per tier: a broken tier fails or mismatches every read
 
-    def start(self, requests: list[ReadRequest], landed: Landed | None = None) -> PendingReads:
+    def start(self, requests: Sequence[ReadRequest], landed: Landed | None = None) -> PendingReads:
         # A first tier that fans out is read in `finish`, on the caller's thread (see `_submit`).
         pending = PendingReads(requests, [], landed)
         if requests and not self.tiers[0].fans_out:
@@ -168,23 +174,43 @@ class TierReader:
             # alone, never one of the shared read threads that other loads need (with P2P the only
             # tier below, one stalled load per read thread would stall every load).
             return [(todo, _run_here(self._read, tier, pending, todo))]
-        # Consecutive runs, submitted in order: the threads take the leading chunks first, so the
+        # Consecutive runs, taken in order: the threads take the leading chunks first, so the
         # prefix lands first, and a thread that finishes early takes the next job (no straggler).
         per_job = max(1, READ_JOB_BYTES // max(pending.requests[todo[0]].dest.nbytes, 1)) if todo else 1
         per_job = min(per_job, -(-len(todo) // self.queue.threads))  # every thread gets work
-        parts = [todo[j:j + per_job] for j in range(0, len(todo), per_job)]
-        return [(part, self.queue.submit(self._read, tier, pending, part)) for part in parts]
+        jobs: list[tuple[list[int], Future]] = [(todo[j:j + per_job], Future())
+                                                for j in range(0, len(todo), per_job)]
+        # One task per thread taking the next job left (a work queue) rather than a task per job:
+        # 128 submits woke a thread each, which fought the submitting caller for the GIL (on a busy
+        # machine the first read of a cold 256 MiB retrieve began 4-13 ms into it; now 2.4-3 ms).
+        taken = itertools.count()  # next() is one C call under the GIL: each job is taken once
+        for _ in range(min(self.queue.threads, len(jobs))):
+            self.queue.submit(self._take_jobs, tier, pending, jobs, taken)
+        return jobs
+
+    def _take_jobs(self, tier: Tier, pending: PendingReads, jobs: list[tuple[list[int], Future]],
+                   taken: itertools.count) -> None:
+        """On a read thread: run the next job not taken yet, until none is left; each job's outcome,
+        a raised exception included, goes to its own future, as a pooled job's would."""
+        while (j := next(taken)) < len(jobs):
+            part, future = jobs[j]
+            if not future.set_running_or_notify_cancel():
+                continue  # (no one cancels a read job today; a cancelled one is not run)
+            try:
+                future.set_result(self._read(tier, pending, part))
+            except BaseException as exc:  # noqa: BLE001 (an interrupt too: `finish` raises it)
+                future.set_exception(exc)
 
     def _read(self, tier: Tier, pending: PendingReads, part: list[int]) -> list[bool]:
         """`tier.get` of `part`, each coded record then decoded into its buffer (on this thread: the
         read thread, or the caller's for a tier that fans out) and checked (`_fits`); the good ones
         handed to `landed`. One bool per request of `part`."""
-        requests = pending.requests
-        headers = tier.get([requests[i].key for i in part], [requests[i].dest for i in part])
+        requests = [pending.requests[i] for i in part]  # each made once, here (see the class)
+        headers = tier.get([r.key for r in requests], [r.dest for r in requests])
         ok = []
-        for i, header in zip(part, headers):
-            header = self._decoded(tier, header, requests[i])
-            ok.append(header is not None and self._fits(tier, header, requests[i]))
+        for request, header in zip(requests, headers):
+            header = self._decoded(tier, header, request)
+            ok.append(header is not None and self._fits(tier, header, request))
         if pending.landed is not None and any(ok):
             pending.landed([i for i, good in zip(part, ok) if good])
         return ok

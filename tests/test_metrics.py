@@ -123,6 +123,20 @@ def test_timed_records_a_failed_operation_and_reraises():
     assert m.snapshot()["latency"]["retrieve"]["count"] == 1
 
 
+def test_timed_measures_its_own_span_and_takes_an_operation_outside_the_usual_three():
+    m = Metrics(TIERS)
+    timer = m.timed("lookup")
+    with timer:
+        pass
+    with timer:  # one context object, entered twice: two observations
+        pass
+    with m.timed("recode"):  # no series made at start, but observed all the same
+        pass
+    assert m.value("kvtier_operation_seconds_count", {"op": "lookup"}) == 2
+    assert m.value("kvtier_operation_seconds_count", {"op": "recode"}) == 1
+    assert 'op="recode"' in m.prometheus_text()
+
+
 def test_prometheus_text():
     m = Metrics(TIERS)
     m.tier_inc("cpu", "hits", 7)

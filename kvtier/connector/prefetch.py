@@ -1,10 +1,10 @@
 """The Prefetcher: moves the chunks of a waiting request's hit from below the CPU tier into it.
 
 Where it runs: owned by the scheduler-side connector, which submits the requests that arrived and
-still wait for a seat after a step, and cancels a request's prefetch when it finishes. `submit`,
-`cancel` and `stats` may be called from any thread and never wait on I/O; `wait_idle` and `close`
-wait, at most their `timeout`, for the piece being read. The reads run on one thread of its own
-(kvtier.connector.job_thread), started at the first submit.
+still wait for a seat after a step (`submit_below`), and cancels a request's prefetch when it
+finishes. `submit`, `submit_below`, `cancel` and `stats` may be called from any thread and never
+wait on I/O; `wait_idle` and `close` wait, at most their `timeout`, for the piece being read. The
+reads run on one thread of its own (kvtier.connector.job_thread), started at the first submit.
 
 Lifecycle of one prefetch, by request id:
 
@@ -77,6 +77,11 @@ class Prefetcher:
                 self._log.warning("thread", "kvtier prefetch: cannot start a thread; prefetch dropped")
             while self._jobs.queued_locked() > self.max_queued:
                 self._counts["prefetch_dropped"] += len(self._jobs.take_locked())
+
+    def submit_below(self, request_id: str, spans: Sequence[ChunkSpan]) -> None:
+        """`submit`, unless the CPU tier already holds every span (nothing to bring up: not counted)."""
+        if self.storage.cpu_prefix([s.key for s in spans]) < len(spans):
+            self.submit(request_id, spans)
 
     def cancel(self, request_id: str) -> None:
         """Drop the request's prefetch: queued, it never starts; being read, it stops after the

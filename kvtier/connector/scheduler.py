@@ -5,7 +5,7 @@ index lookups and leases. Per request, in order:
 
     request_arrived(req)                       prefetch its hit's chunks below the CPU tier (`loads:`)
     get_num_new_matched_tokens(req, n_device)  side-effect free: index lookup only, no payload I/O;
-                                               (n, asynchronous), see below
+                                               (n, asynchronous), or (None, False), see below
     update_state_after_alloc(req, blocks, n)   the scheduler committed to loading n tokens: lease them
     build_connector_meta(step, scheduled)      once per step: the loads and saves for the worker
     update_connector_output(loaded)            after the step: how far each load really got
@@ -17,6 +17,10 @@ not in the CPU tier, or it is at least `async_min_bytes` (auto), always (on) or 
 request is parked by the engine, in no step, until the worker reports the load finished; its
 `LoadSpec` goes into the next `build_connector_meta` all the same. An engine that aborts a parked
 request calls `cancel_load` (a load not started yet is dropped) and `request_finished` once it landed.
+
+Lookups that are round trips (a tier below such as Redis, kvtier_server, a peer; loads not "off")
+run in the background (`kvtier.connector.lookups`): `get_num_new_matched_tokens` answers (None,
+False) until one lands, and the engine skips that request for the step (it holds nothing).
 
 A request is anything with `request_id` and `all_token_ids`. Saves follow the computation: every
 step, the whole chunks a request completed are saved (prompt chunks during prefill, generated ones
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field
 
 from kvtier.config import LoadsConfig
 from kvtier.connector.blend_plan import BlendPlanner
+from kvtier.connector.lookups import Lookups, remote_tiers
 from kvtier.connector.metadata import (
     BlendLoadSpec,
     ConnectorMetadata,
@@ -57,8 +62,8 @@ from kvtier.keys import ChunkKey
 
 logger = logging.getLogger(__name__)
 
-# Without a `loads:` config (a connector built in code), loads finish within their step, as before
-# asynchronous loads existed; the engine passes its kvtier config's `loads:` (default auto).
+# Without a `loads:` config (a connector built in code), loads finish within their step and lookups
+# answer at once, as before asynchronous loads existed; the engine passes its kvtier config's `loads:`.
 SYNCHRONOUS = LoadsConfig(asynchronous="off", prefetch=False)
 
 
@@ -101,26 +106,32 @@ class KvtierSchedulerConnector:
         self.loads = loads or SYNCHRONOUS
         self.prefetcher = Prefetcher(engine.storage, engine.layout, self.loads.prefetch_max_bytes_in_flight) \
             if self.loads.prefetch else None
+        self.lookups = Lookups(engine, self.loads.lookup_max_in_flight) \
+            if self.loads.asynchronous != "off" and remote_tiers(engine.storage.lower) else None
         self._async_pending: list[str] = []  # requests whose asynchronous load is not handed over yet
         self._cancels: list[str] = []  # parked requests aborted since the last step
 
     def request_arrived(self, request) -> None:
         """Start moving the chunks of the request's hit that sit below the CPU tier up into it, so
-        that they are in host memory by the time it is scheduled (no lease: LRU may evict them)."""
-        if self.prefetcher is None:
-            return
-        spans = self.engine.db.spans(request.all_token_ids)
-        keys = [s.key for s in spans]
-        hit = self.engine.storage.contains_prefix(keys)
-        if self.engine.storage.cpu_prefix(keys[:hit]) < hit:
-            self.prefetcher.submit(request.request_id, spans[:hit])
+        that they are in host memory by the time it is scheduled (no lease: LRU may evict them).
+        With background lookups, its lookup starts (if not under way) and the prefetch follows it."""
+        if self.lookups is not None:
+            self.lookups.arrived(request.request_id, request.all_token_ids, self.prefetcher is not None)
+        elif self.prefetcher is not None:
+            spans = self.engine.db.spans(request.all_token_ids)
+            self.prefetcher.submit_below(request.request_id, spans[:self.engine.storage.contains_prefix(
+                [s.key for s in spans])])
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond the `num_computed_tokens` the device holds that kvtier can load, and whether
         the load is asynchronous across steps (`loads.asynchronous`; a blend's head never is: it
-        loads in the step that blends). At least one prompt token is always left to compute."""
+        loads in the step that blends). At least one prompt token is always left to compute.
+        (None, False) while a background lookup has not landed: ask again at the next step."""
         tokens = request.all_token_ids
-        hit = self.engine.lookup(tokens)
+        hit = self.engine.lookup(tokens) if self.lookups is None else \
+            self.lookups.answer(request.request_id, tokens)
+        if hit is None:
+            return None, False
         state = self._states.setdefault(request.request_id, _RequestState())
         state.hit_tokens = hit
         state.load_to = min(hit, len(tokens) - 1)
@@ -185,6 +196,9 @@ class KvtierSchedulerConnector:
     def build_connector_meta(self, step: int, scheduled: Sequence[ScheduledWork]) -> ConnectorMetadata:
         meta = ConnectorMetadata(step, saves=self._finals, cancel_loads=self._cancels)
         self._finals, self._cancels = [], []
+        if self.lookups is not None and self.prefetcher is not None:
+            for request_id, spans in self.lookups.landed_for_prefetch():
+                self.prefetcher.submit_below(request_id, spans)
         for request_id in self._async_pending:  # their requests are in no step until the load lands
             if (state := self._states.get(request_id)) is not None:
                 self._hand_over(state, meta)
@@ -233,6 +247,8 @@ class KvtierSchedulerConnector:
         allocated until the worker reports its final save in `get_finished`."""
         if self.prefetcher is not None:
             self.prefetcher.cancel(request.request_id)
+        if self.lookups is not None:
+            self.lookups.drop(request.request_id)
         state = self._states.pop(request.request_id, None)
         if state is None:
             return False
@@ -255,13 +271,20 @@ class KvtierSchedulerConnector:
         worker still reports it finished, at its start). `request_finished` follows once it has."""
         self._cancels.append(request_id)
 
+    def wait_for_lookups(self, timeout: float) -> bool:
+        """Block (at most `timeout` s) until a background lookup has landed: for an engine whose step
+        has nothing else to run. True if one has."""
+        return self.lookups is not None and self.lookups.wait_landed(timeout)
+
     def stats(self) -> dict[str, int]:
-        """The prefetcher's counters (`Prefetcher.stats`); empty with prefetch off."""
-        return self.prefetcher.stats() if self.prefetcher is not None else {}
+        """The prefetcher's counters and the background lookups' (`Lookups.stats`); empty with neither."""
+        return {**(self.prefetcher.stats() if self.prefetcher is not None else {}),
+                **(self.lookups.stats() if self.lookups is not None else {})}
 
     def close(self, timeout: float | None = None) -> bool:
-        """Stop the prefetcher (queued prefetches dropped). True if it stopped within `timeout`."""
-        return self.prefetcher.close(timeout) if self.prefetcher is not None else True
+        """Stop the prefetcher and the lookups (queued ones dropped). True if both stopped in `timeout`."""
+        stopped = self.lookups.close(timeout) if self.lookups is not None else True
+        return (self.prefetcher.close(timeout) if self.prefetcher is not None else True) and stopped
 
     def update_connector_output(self, loaded: dict[str, int], not_blended: Collection[str] = ()) -> None:
         """The worker's report of how far this step's loads got (request id -> token reached). A

@@ -61,6 +61,7 @@ class Tier(Protocol):
     name: str
     writable: bool  # stores, demotions and moves may go here (False: a read-only tier, P2P)
     fans_out: bool  # `get` spreads its own I/O (P2P: per peer): give it whole batches, not thread shares
+    local: bool  # `has` answers from this process's own index (disk), not over the network (Redis, peers)
 
     def has(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
     def get(self, keys: Sequence[ChunkKey],

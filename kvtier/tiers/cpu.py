@@ -11,8 +11,8 @@ entries are evicted last, and only when the caller says it can keep them in a ti
 
 Host memory holds at most one entry per key: indexed here, or being demoted (out of the index,
 still readable from its slab until its write below lands; `demote` / `demoted`). `held` and
-`holds` see both; `present` too. A leased entry whose demotion the tiers below refused goes back
-into the index marked `refused` (not a victim again until `room_below`).
+`holds` see both; `present` and `probe_prefix` too. A leased entry whose demotion the tiers below
+refused goes back into the index marked `refused` (not a victim again until `room_below`).
 
 Sizes and the eviction order live in the shared `kvtier.policy.BoundedIndex` (its policy is the
 pluggable part); this tier keeps the `CpuEntry` objects beside it. The index reports every key it
@@ -20,6 +20,11 @@ gains or loses to a key listener (`set_key_listener`, the fleet agent's), as "cp
 demoted has left it (evicted; the tier below reports it stored once its write lands). It evicts one
 victim at a time as the memory pool runs out of slabs, never by bytes (`make_room`): a slab holds one
 chunk.
+
+The lookup's probe reads a `kvtier.native_keys` KeyTable that mirrors the keys of both maps (added
+and discarded beside every change to them, in `insert`, `pop`, `demote`, `demoted`): it answers for a
+prompt's keys with their cache misses overlapped (32 bytes a slot, at most half of them used). Without
+the C extension it answers None and the maps are probed as they are.
 
 A `CpuEntry` counts its readers and knows whether it is still indexed: `hold`, `release`, `detach`
 and `attach` keep the rule "a slab is freed once it is neither indexed nor read" in one place.
@@ -30,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from kvtier import native_keys
 from kvtier.keys import ChunkKey
 from kvtier.memory import MemoryPool, Slab
 from kvtier.policy import BoundedIndex, EvictionPolicy, IndexListener
@@ -92,6 +98,7 @@ class CpuTier:
         self._index: BoundedIndex[ChunkKey] = BoundedIndex(pool.capacity_bytes, policy)
         self._entries: dict[ChunkKey, CpuEntry] = {}
         self._demoting: dict[ChunkKey, CpuEntry] = {}
+        self._held = native_keys.key_table()  # the keys of both maps (the module docstring)
         self._refused: list[CpuEntry] = []
 
     def __contains__(self, key: ChunkKey) -> bool:
@@ -100,10 +107,26 @@ class CpuTier:
     def present(self, keys: list[ChunkKey]) -> list[bool]:
         """Which keys host memory holds, indexed or being demoted (no recency update): the lookup
         hot path."""
+        keys = keys if type(keys) is list else list(keys)
+        if (got := self._held.present(keys)) is not None:
+            return got
         entries, demoting = self._entries, self._demoting
         if demoting:
             return [key in entries or key in demoting for key in keys]
         return [key in entries for key in keys]
+
+    def probe_prefix(self, keys: list[ChunkKey], below: bool) -> tuple[int, list[ChunkKey], list[bool]]:
+        """(how many leading `keys` host memory holds, as `present` says; the keys from the first it
+        lacks on; which of those it holds), the last two empty when all are held or not `below` (no
+        tier below is asked then): `kvtier.lookup.prefix_length`'s arguments for the rest."""
+        keys = keys if type(keys) is list else list(keys)
+        held = self._held.prefix(keys)
+        if held is None:
+            e, d = self._entries, self._demoting
+            held = next((i for i, key in enumerate(keys) if key not in e and key not in d), len(keys))
+        if held == len(keys) or not below:
+            return held, [], []
+        return held, keys[held:], self.present(keys[held:])
 
     def held(self, key: ChunkKey, touch: bool = True) -> CpuEntry | None:
         """The host-memory entry for `key`: indexed (marked recently used when `touch`), or still
@@ -118,6 +141,7 @@ class CpuTier:
         if key in self._demoting:
             raise RuntimeError(f"{key} has two host copies: one indexed, one being demoted")
         self._demoting[key] = entry
+        self._held.add(key)
 
     def demoted(self, key: ChunkKey, entry: CpuEntry) -> bool:
         """The demotion of `entry` ends (its first write landed or failed). False when `entry` is
@@ -125,6 +149,8 @@ class CpuTier:
         if self._demoting.get(key) is not entry:
             return False
         del self._demoting[key]
+        if key not in self._entries:
+            self._held.discard(key)
         return True
 
     def refuse(self, key: ChunkKey, entry: CpuEntry) -> None:
@@ -163,11 +189,14 @@ class CpuTier:
             raise KeyError(f"{key} is already in the CPU tier")
         self._index.add(key, entry.nbytes)
         self._entries[key] = entry
+        self._held.add(key)
 
     def pop(self, key: ChunkKey) -> CpuEntry | None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self._index.remove(key)
+            if key not in self._demoting:
+                self._held.discard(key)
         return entry
 
     def pop_victim(self, leased: bool = False) -> tuple[ChunkKey, CpuEntry] | None:

@@ -71,9 +71,7 @@ def _as_array(buf: ByteBuffer) -> np.ndarray:
 
 
 class DiskTier:
-    name = "disk"
-    writable = True
-    fans_out = False
+    name, writable, fans_out, local = "disk", True, False, True
 
     def __init__(self, path: str | os.PathLike, namespace: bytes, capacity_bytes: int,
                  is_pinned: PinPredicate, metrics: Metrics, o_direct: str = "auto", fsync: bool = False):

@@ -101,6 +101,7 @@ class P2PTier:
     # A batch is read whole, on the retrieving thread (kvtier.transfers.TierReader): this tier fans
     # it out per peer on its own threads, so a stalled peer holds that retrieve alone.
     fans_out = True
+    local = False
 
     def __init__(self, config: P2PConfig, directory: PeerDirectory, namespace: bytes, metrics: Metrics,
                  endpoint: NixlEndpoint | None, own_url: str | None):

@@ -80,6 +80,7 @@ class RedisTier:
     name = "redis"
     writable = True
     fans_out = False
+    local = False
 
     def __init__(self, config: RedisConfig, namespace: bytes, metrics: Metrics):
         self.config = config

@@ -83,6 +83,7 @@ class RemoteTier:
     name = "remote"
     writable = True
     fans_out = False
+    local = False
 
     def __init__(self, config: RemoteConfig, namespace: bytes, metrics: Metrics):
         self.config = config

@@ -38,6 +38,7 @@ class WrappedTier:
         self.name = inner.name
         self.writable = inner.writable
         self.fans_out = inner.fans_out
+        self.local = getattr(inner, "local", False)
 
     def visible(self, key: ChunkKey) -> bool:
         """Whether a key of the inner tier is one of the chunks it holds (not a derived record)."""

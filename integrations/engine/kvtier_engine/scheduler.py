@@ -11,7 +11,10 @@ Each step (`schedule`), with a budget of `max_num_batched_tokens`:
      connector, the tokens kvtier can load beyond it. Only the rest is computed. A request whose
      load is asynchronous (the connector says so) is parked in `loading` (WAITING_FOR_KV) with its
      blocks: no batch slot, no budget, in no step, until `update` is told its load landed
-     (`async_loaded`: the token it reached; the rest is recomputed).
+     (`async_loaded`: the token it reached; the rest is recomputed). A request whose kvtier lookup
+     runs in the background (the connector answers None: a round trip to a shared store) is skipped
+     for this step holding nothing, and the ones behind it are still considered; asked again next
+     step. A step that would run nothing waits (at most LOOKUP_WAIT_S) for such a lookup to land.
 
 Seats: `max_num_seqs` bounds `running`. A parked request takes no seat, but wants one once its load
 lands (`ready`), so a request parks only while `running + loading + ready` is below `max_num_seqs`;
@@ -30,6 +33,7 @@ written), then its blocks are freed.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import deque
@@ -41,6 +45,15 @@ from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+
+LOOKUP_WAIT_S = 0.05  # a step with nothing to run waits at most this long for a kvtier lookup to land
+
+
+class _Skip(enum.Enum):
+    """Why `_allocate` admitted nothing."""
+
+    BLOCKED = "blocked"  # no blocks or no seat to park in now: admission stops here
+    LOOKING_UP = "looking_up"  # kvtier's lookup has not landed: the requests behind go first
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +140,9 @@ class Scheduler:
                                                   self.pool.block_table(request.request_id)))
                 budget -= n
                 self.running.append(request)
-        if not preempted:
-            budget = self._admit(budget, scheduled)
+        if not preempted and self._admit(budget, scheduled) and not scheduled \
+                and self.connector.wait_for_lookups(LOOKUP_WAIT_S):
+            self._admit(budget, scheduled)  # nothing else to run: a lookup that landed meanwhile
         self._prefetch_arrivals()
         return SchedulerOutput(self.step, scheduled, preempted, self._connector_meta(scheduled))
 
@@ -142,50 +156,62 @@ class Scheduler:
                     self.connector.request_arrived(request)
         self._arrived = []
 
-    def _admit(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
-        while (self.ready or self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
-            if self.ready:  # its KV loaded: no second lookup, no second allocation
-                request, loaded = self.ready.popleft(), 0
-            else:
-                request = self.waiting[0]
-                if (loaded := self._allocate(request)) is None:
-                    break
-                self.waiting.popleft()
-                if request.status is RequestStatus.WAITING_FOR_KV:
-                    continue
-            request.status = RequestStatus.RUNNING
-            n = min(len(request.token_ids) - request.num_computed_tokens, budget)
-            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n,
-                                              self.pool.block_table(request.request_id), loaded))
-            self.running.append(request)
-            budget -= n
-        return budget
+    def _admit(self, budget: int, scheduled: list[ScheduledRequest]) -> bool:
+        """Admit ready, then waiting requests into `scheduled`. True if some request was skipped
+        because its kvtier lookup has not landed (it keeps its place in the queue)."""
+        skipped: list[Request] = []
+        try:
+            while (self.ready or self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+                if self.ready:  # its KV loaded: no second lookup, no second allocation
+                    request, loaded = self.ready.popleft(), 0
+                else:
+                    request = self.waiting[0]
+                    if (loaded := self._allocate(request)) is _Skip.BLOCKED:
+                        break
+                    self.waiting.popleft()
+                    if loaded is _Skip.LOOKING_UP:
+                        skipped.append(request)
+                        continue
+                    if request.status is RequestStatus.WAITING_FOR_KV:
+                        continue
+                request.status = RequestStatus.RUNNING
+                n = min(len(request.token_ids) - request.num_computed_tokens, budget)
+                scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n,
+                                                  self.pool.block_table(request.request_id), loaded))
+                self.running.append(request)
+                budget -= n
+        finally:
+            self.waiting.extendleft(reversed(skipped))
+        return bool(skipped)
 
-    def _allocate(self, request: Request) -> int | None:
-        """Blocks for a waiting request, its device hit and the tokens kvtier loads in this step; None
-        when the blocks are not free now, or its load is asynchronous and no seat is left to park in
-        (`_may_park`). A request whose load is asynchronous is parked in `loading` (WAITING_FOR_KV,
-        its device hit computed for now) and loads nothing in this step."""
+    def _allocate(self, request: Request) -> int | _Skip:
+        """Blocks for a waiting request, its device hit and the tokens kvtier loads in this step;
+        BLOCKED when the blocks are not free now, or its load is asynchronous and no seat is left to
+        park in (`_may_park`); LOOKING_UP, with nothing allocated, while kvtier's lookup runs. A request
+        whose load is asynchronous is parked in `loading` (WAITING_FOR_KV, its device hit computed for
+        now) and loads nothing in this step."""
         hits = self.pool.match(request.token_ids)  # once: the pool does not change until `allocate`
         if not self.pool.can_allocate(request.token_ids, hits):
             # Blocks held for a final save or a load come back later: only an idle cache is final.
             if not self._holds_blocks():
                 raise RuntimeError(f"request {request.request_id} does not fit the empty KV cache")
-            return None
+            return _Skip.BLOCKED
         loaded, asynchronous = 0, False
         if self.connector is not None:
             # A request that found no seat to park in is not looked up again until one is free: a
             # lookup per step would ask the tiers each time and count its hit again and again.
             if request.wants_seat_to_park and not self._may_park():
-                return None
+                return _Skip.BLOCKED
             # Looked up before anything is allocated: a request that cannot park must leave the
             # device prefix cache as it found it (allocating recycles cached free blocks).
             loaded, asynchronous = self.connector.get_num_new_matched_tokens(
                 request, len(hits) * self.pool.block_size)
+            if loaded is None:
+                return _Skip.LOOKING_UP
             asynchronous = asynchronous and loaded > 0
             request.wants_seat_to_park = asynchronous and not self._may_park()
             if request.wants_seat_to_park:
-                return None  # nothing allocated, nothing leased: looked up again once a seat is free
+                return _Skip.BLOCKED  # nothing allocated, nothing leased: looked up again once a seat is free
         device_hit = self.pool.allocate(request.request_id, request.token_ids, hits)
         if self.connector is not None:
             blocks = self.pool.block_table(request.request_id)
