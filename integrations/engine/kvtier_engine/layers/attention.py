@@ -9,8 +9,9 @@ output back; the backend owns the KV memory. Contract, per forward call of T new
 `ContiguousKVCache` is the reference: one sequence, K/V in contiguous tensors, plain torch math.
 It is the ground truth that paged backends are tested against. `PagedAttention` serves a batch of
 sequences whose KV lives in a `PagedKVCache`, described by a `BatchMetadata` the scheduler builds;
-its torch path gathers each sequence's blocks and runs the reference math (Triton kernels on GPU
-come with the scheduler). `causal_attention_at` is the same math for queries at arbitrary ascending
+on CPU it reads each sequence's keys in place through torch's flash kernel (cpu_attention.py), and
+elsewhere gathers the blocks and runs the reference math (the Triton kernel serves CUDA caches:
+triton_attention.py). `causal_attention_at` is the same math for queries at arbitrary ascending
 positions (CacheBlend's selected rows), masked by their true positions.
 """
 
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from kvtier_engine.kv_cache import PagedKVCache
+from kvtier_engine.layers import cpu_attention
+from kvtier_engine.layers.cpu_attention import SequencePlan, attend_planned, plan_sequence
 from kvtier_engine.model_config import ModelConfig
 
 # Query rows per block of `causal_attention` when a mask is needed: a 512 x 8192 boolean mask is 4 MiB.
@@ -149,12 +152,20 @@ class BatchMetadata:
 
 
 class PagedAttention:
-    """Attention over a batch whose KV lives in a `PagedKVCache` (torch reference path)."""
+    """Attention over a batch whose KV lives in a `PagedKVCache` (torch path).
 
-    def __init__(self, cache: PagedKVCache, meta: BatchMetadata, config: ModelConfig):
+    On a CPU cache each sequence goes through cpu_attention.py where it can (grouped-query rows, the
+    flash kernel unmasked over its cached keys in place, merged by log-sum-exp); the rest, and every
+    sequence when `read_in_place` is False (the old path, kept for benchmarks/paged_attention.py),
+    gathers its blocks and runs `causal_attention`."""
+
+    def __init__(self, cache: PagedKVCache, meta: BatchMetadata, config: ModelConfig,
+                 read_in_place: bool = True):
         self.cache = cache
         self.meta = meta
         self.config = config
+        self._in_place = read_in_place and cpu_attention.FLASH is not None and cache.kv.device.type == "cpu"
+        self._plans: dict[int | None, list[SequencePlan | None]] = {}  # per window: layers share them
         bs = cache.block_size
         # The blocks each sequence attends over are the same in every layer: index them once.
         self._used = [torch.tensor(table[:(ctx + bs - 1) // bs], dtype=torch.long, device=cache.kv.device)
@@ -165,15 +176,30 @@ class PagedAttention:
         k_blocks, v_blocks = self.cache.layer_blocks(layer)
         out = torch.empty_like(q)
         window = self.config.window(layer)
-        for i, used in enumerate(self._used):
+        # The new keys as the cache holds them (its dtype), for the queries' causal square.
+        k_new, v_new = k.to(k_blocks.dtype), v.to(v_blocks.dtype)
+        for i, plan in enumerate(self._plans_for(window)):
             lo, hi = self.meta.query_starts[i], self.meta.query_starts[i + 1]
             if lo == hi:
                 continue
+            if plan is not None:
+                out[lo:hi] = attend_planned(plan, q[lo:hi], k_new[lo:hi], v_new[lo:hi], k_blocks, v_blocks)
+                continue
             ctx = self.meta.context_lens[i]
-            keys = k_blocks.index_select(0, used).flatten(0, 1)[:ctx]
-            values = v_blocks.index_select(0, used).flatten(0, 1)[:ctx]
+            keys = k_blocks.index_select(0, self._used[i]).flatten(0, 1)[:ctx]
+            values = v_blocks.index_select(0, self._used[i]).flatten(0, 1)[:ctx]
             out[lo:hi] = causal_attention(q[lo:hi], keys, values, ctx - (hi - lo), window)
         return out
+
+    def _plans_for(self, window: int | None) -> list[SequencePlan | None]:
+        """Each sequence's in-place plan for layers with `window` (None: gather), built on first use."""
+        if window not in self._plans:
+            m, bs, device = self.meta, self.cache.block_size, self.cache.kv.device
+            new = [hi - lo for lo, hi in zip(m.query_starts, m.query_starts[1:])]
+            self._plans[window] = [
+                plan_sequence(table, n, ctx, window, bs, device) if self._in_place and n else None
+                for table, n, ctx in zip(m.block_tables, new, m.context_lens)]
+        return self._plans[window]
 
     def advance(self, num_tokens: int) -> None:
         """Nothing to do: the scheduler tracks how many tokens each sequence has computed."""
