@@ -194,13 +194,13 @@ class TokenDatabase:
         raw = u32_bytes(tokens)
         n, size = len(raw) // 4, self.chunk_size
         count = n // size + (self.save_partial and n % size > 0)
-        keys, covered = self._memo.reusable(raw, count)
+        keys, covered, name = self._memo.reusable(raw, count)
         if (k := len(keys)) < count:
             seed = keys[-1].digest if k else self._ns_digest
             keys += chunk_keys(raw, k * size, seed, self._ns_digest, size, self.save_partial)
         if covered:  # remembered already (saves a second comparison: 128 KiB for 32K tokens)
             return keys  # (a new list: reusable's slice)
-        self._memo.remember(raw, keys)
+        self._memo.remember(name, raw, keys)
         return list(keys)  # the caller's to change, not the memo's
 
     def chunk_end(self, index: int, num_tokens: int) -> int:

@@ -8,7 +8,9 @@ import threading
 
 import pytest
 import torch
+import xxhash
 
+from kvtier import key_memo
 from kvtier import keys as keys_module
 from kvtier.key_memo import KeyMemo, common_tokens
 from kvtier.keys import MEMO_PROMPTS, Namespace, TokenDatabase
@@ -166,3 +168,79 @@ def test_the_memo_holds_a_bounded_number_of_token_bytes():
     db.keys(longer)
     assert len(memo._entries) == 2 and memo._bytes == 4 * 5 * SIZE  # 2 + 3 chunks: just fits
     assert db.keys(longer) == fresh(longer)
+
+
+class _Names:
+    """Stands in for the memo's xxhash: counts the names computed, and names every prompt `value`
+    if given (every first chunk collides)."""
+
+    def __init__(self, value=None):
+        self.calls, self.value = 0, value
+
+    def xxh3_64_intdigest(self, data):
+        self.calls += 1
+        return self.value if self.value is not None else xxhash.xxh3_64_intdigest(data)
+
+
+@pytest.mark.parametrize("save_partial", [False, True])
+def test_first_chunks_whose_names_collide_share_no_keys(monkeypatch, hashed, save_partial):
+    monkeypatch.setattr(key_memo, "xxhash", _Names(value=7))
+    db = TokenDatabase(NS, chunk_size=SIZE, save_partial=save_partial)
+    a, b = prompt(6 * SIZE + 3, 20), prompt(6 * SIZE + 3, 21)
+    b[:SIZE - 1] = a[:SIZE - 1]  # even the first chunk's tokens but its last are the same
+    count = 6 + save_partial
+    assert keyed(db, a, hashed) == (fresh(a, save_partial), count)
+    assert keyed(db, b, hashed) == (fresh(b, save_partial), count)  # a's entry found: nothing of it used
+    assert keyed(db, b, hashed) == (fresh(b, save_partial), 0)  # b took the entry
+    assert keyed(db, a, hashed) == (fresh(a, save_partial), count)
+    assert len(db._memo._entries) == 1
+
+
+def test_random_prompts_all_under_one_name_always_match_a_fresh_database(monkeypatch):
+    monkeypatch.setattr(key_memo, "xxhash", _Names(value=0))
+    rng = random.Random(8)
+    db = TokenDatabase(NS, chunk_size=SIZE, save_partial=True)
+    base = prompt(5 * SIZE, 30)
+    for _ in range(200):
+        toks = list(base[:rng.randrange(6 * SIZE)]) + prompt(rng.randrange(2 * SIZE), rng.randrange(10**6))
+        if toks and rng.random() < 0.5:
+            toks[rng.randrange(len(toks))] += 1
+        assert db.keys(toks) == fresh(toks, True)
+
+
+def test_a_lookup_names_its_prompt_once_and_a_short_prompt_never(monkeypatch):
+    toks = prompt(4 * SIZE, 40)
+    calls = [(1, toks), (2, toks), (3, toks + [1, 2]), (3, toks[:SIZE - 1])]
+    want = [fresh(t, True) for _, t in calls]
+    names = _Names()
+    monkeypatch.setattr(key_memo, "xxhash", names)
+    db = TokenDatabase(NS, chunk_size=SIZE, save_partial=True)
+    for (want_calls, toks_now), want_keys in zip(calls, want):
+        assert db.keys(toks_now) == want_keys
+        assert names.calls == want_calls
+    assert len(db._memo._entries) == 1  # the extended prompt replaced the first; the short one is not kept
+
+
+def test_a_miss_makes_room_before_hashing_and_a_prompt_too_large_to_keep_evicts_nothing(monkeypatch):
+    a, b, c = (prompt(3 * SIZE, 50 + i) for i in range(3))
+    huge = prompt(9 * SIZE, 60)  # over max_bytes: hashed, never kept, and nothing let go for it
+    want = {id(t): fresh(t) for t in (a, b, c, huge)}
+    db = TokenDatabase(NS, chunk_size=SIZE)
+    db._memo = KeyMemo(SIZE, slots=2, max_bytes=4 * 8 * SIZE)
+    held_while_hashing: list[int] = []
+    real = keys_module.chunk_keys
+
+    def watching(*args):
+        held_while_hashing.append(len(db._memo._entries))
+        return real(*args)
+
+    monkeypatch.setattr(keys_module, "chunk_keys", watching)
+    for toks in (a, b, c):
+        assert db.keys(toks) == want[id(toks)]
+    assert held_while_hashing == [0, 1, 1]  # c's miss let a go before c was hashed
+    assert len(db._memo._entries) == 2 and db._memo._bytes == 4 * 6 * SIZE
+    assert db.keys(huge) == want[id(huge)]
+    assert held_while_hashing[-1] == 2 and len(db._memo._entries) == 2
+    assert db.keys(b) == want[id(b)] and db.keys(c) == want[id(c)]
+    assert len(held_while_hashing) == 4  # both kept: nothing hashed
+    assert db.keys(a) == want[id(a)] and held_while_hashing[-1] == 1  # a was the one let go

@@ -147,16 +147,21 @@ def test_an_abort_at_every_point_of_a_load_frees_everything(make_llm, gates, bas
     assert_idle(llm.engine)
 
 
-def test_an_abort_after_the_load_is_reported_but_before_the_request_runs(make_llm, baseline):
+def test_an_abort_after_the_load_is_reported_but_before_the_request_runs(make_llm, gates, baseline):
     """max_num_seqs=1 and a long request running: the landed request waits in `ready` with its
     blocks; aborted there, it gives them back at once and never runs."""
     llm = make_llm(max_num_seqs=1)
     a, long = prompt(64, 5), prompt(40, 6)
     warm(llm.engine, a)
-    engine = llm.engine
+    engine, disk = llm.engine, gates[0]
+    disk.arm(engine.kvtier.db.keys(a))  # a lands only once long runs (else long may finish first)
     add(llm.engine, {"a": a})  # parked at once (the seat is free to land in), then long takes it
     engine.add_request(long, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), request_id="long")
     outputs: dict = {}
+    step_until(engine, lambda: disk.entered.is_set() and engine.scheduler.running, "a held, long running",
+               outputs)
+    disk.release.set()
+    assert engine.connector.wait_for_async_loads(WAIT_S)
     step_until(engine, lambda: [r.request_id for r in engine.scheduler.ready] == ["a"], "a to be ready",
                outputs)
     assert "long" in [r.request_id for r in engine.scheduler.running]
