@@ -112,10 +112,15 @@ class CacheEngine:
         if start < 0 or start % self.db.chunk_size:
             raise ValueError(f"start must be a non-negative multiple of {self.db.chunk_size}, got {start}")
 
-    def lookup(self, tokens: Tokens) -> int:
-        """The number of leading tokens whose KV is cached (a chunk boundary). No payload I/O."""
+    def lookup(self, tokens: Tokens, only: Sequence[Tier] | None = None) -> int | None:
+        """The number of leading tokens whose KV is cached (a chunk boundary). No payload I/O.
+        With `only` (some of the tiers below: the local ones), host memory and those tiers are asked,
+        and the answer is None (nothing counted) unless they hold every chunk of `tokens`."""
         with self.metrics.timed("lookup"):
-            hit = self.storage.contains_prefix(self.db.keys(tokens))
+            keys = self.db.keys(tokens)
+            hit = self.storage.contains_prefix(keys, True if only is None else only)
+            if only is not None and hit < len(keys):
+                return None
             count = token_count(tokens)
             n = self.db.chunk_end(hit - 1, count) if hit else 0
         self.metrics.inc("lookup_tokens", count)

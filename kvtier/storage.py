@@ -67,8 +67,7 @@ class StorageManager:
     def __init__(self, layout: KVLayout, pool: MemoryPool, lower: Sequence[Tier], metrics: Metrics, *,
                  pins: PinTable | None = None, write_through: bool = True,
                  promote_on_hit: bool = True, io_threads: int = 4, clean_ahead: int | None = None):
-        self.layout = layout
-        self.pool = pool
+        self.layout, self.pool = layout, pool
         self.lower, self.writable = list(lower), writable_tiers(lower)  # writes: to `writable` only
         self.metrics = metrics
         self._log = LogLimiter(logger)  # a full CPU tier refuses every store: one line a minute
@@ -91,9 +90,10 @@ class StorageManager:
                                    landed=self._demoted_locked)
 
     @guarded
-    def contains_prefix(self, keys: Sequence[ChunkKey], lower: bool = True) -> int:
-        """How many leading `keys` some tier holds (host memory alone if not `lower`). No payload I/O."""
-        below = self.lower if lower else ()
+    def contains_prefix(self, keys: Sequence[ChunkKey], lower: bool | Sequence[Tier] = True) -> int:
+        """How many leading `keys` some tier holds (host memory alone if not `lower`; with tiers, host
+        memory and those of the tiers below only). No payload I/O."""
+        below = self.lower if lower is True else (lower or ())
         with self._lock:  # (a full hit in host memory, the common case, asks no tier below)
             held, rest, in_memory = self.cpu.probe_prefix(keys, bool(below))
         return held + (prefix_length(rest, in_memory, below) if rest else 0)

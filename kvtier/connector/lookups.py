@@ -30,7 +30,8 @@ computed again; never wrong KV.
 Bounded: at most `max_in_flight` lookups are queued or running (a dropped request's running one
 counts until it returns); past that, `answer` says None and counts a deferral: the request is asked
 again at the next step. A lookup that raises answers 0 (its prompt is computed) and counts a
-failure; a tier that times out answers misses by itself (counted in its `errors`).
+failure, as does one that cannot be queued (closed, or no thread to be had); a tier that times out
+answers misses by itself (counted in its `errors`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from kvtier.connector.job_thread import JobThread
 from kvtier.engine import CacheEngine
 from kvtier.keys import ChunkSpan
 from kvtier.log_limit import LogLimiter
-from kvtier.lookup import prefix_length
 from kvtier.storage_admin import KeyedTier
 from kvtier.tiers.base import Tier
 
@@ -101,10 +101,12 @@ class Lookups:
                 return entry.hit
             if entry is not None:  # for other tokens (the request was preempted since): not this answer
                 self._forget_locked(entry)
-        if self._held_locally(tokens):
+        # One probe of host memory and the local tiers answers or says it cannot (not a check and
+        # then a lookup: a chunk evicted in between would send that lookup over the network here).
+        if (hit := self.engine.lookup(tokens, only=self._local)) is not None:
             with self._lock:
                 self._counts["lookups_local"] += 1
-            return self.engine.lookup(tokens)
+            return hit
         self._start(request_id, tokens)
         return None
 
@@ -165,25 +167,19 @@ class Lookups:
 
     # -- inside --------------------------------------------------------------------------------
 
-    def _held_locally(self, tokens: Sequence[int]) -> bool:
-        """Whether host memory and the local tiers hold every chunk of `tokens`: then a lookup asks
-        no remote tier (the tiers are asked in order, each only for a gap, and local ones come first)."""
-        keys = self.engine.db.keys(tokens)
-        n = self.engine.storage.cpu_prefix(keys)
-        rest = keys[n:]
-        return not rest or prefix_length(rest, [False] * len(rest), self._local) == len(rest)
-
     def _start(self, request_id: str, tokens: Sequence[int]) -> _Lookup | None:
         with self._lock:
             if self._in_flight_locked() >= self.max_in_flight:
                 self._counts["lookups_deferred"] += 1
                 return None
             entry = _Lookup(request_id, tokens, len(tokens))
-            if not self._jobs.put_locked(request_id, entry):  # shut, or no thread to be had
-                self._counts["lookups_deferred"] += 1
-                self._log.warning("thread", "kvtier lookups: cannot queue a lookup (closed or no thread)")
-                return None
             self._entries[request_id] = entry
+            if not self._jobs.put_locked(request_id, entry):  # shut, or no thread to be had: a miss
+                self._log.warning("thread", "kvtier lookups: cannot queue a lookup (closed or no thread)")
+                self._counts["lookup_failures"] += 1
+                entry.hit = 0  # answered at the next ask: the request is computed, never left waiting
+                self._landed += 1
+                return entry
             self._counts["lookups_background"] += 1
             return entry
 

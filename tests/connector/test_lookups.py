@@ -107,6 +107,29 @@ def test_a_prompt_the_local_tiers_hold_whole_is_answered_at_once_without_the_ser
     assert scheduler.close(WAIT_S)
 
 
+def test_chunks_evicted_from_host_memory_during_the_local_probe_send_the_lookup_to_the_background(
+        remote_engine, monkeypatch):
+    """The local answer is one probe, not a check and then a lookup: a chunk evicted in between would
+    have sent that lookup to the (here held) server on the scheduler's own thread."""
+    engine, tokens = remote_engine("cpu")
+    engine.clear("disk")  # the KV in host memory and on the server only
+    held = HeldLookups(engine.storage.lower[-1], monkeypatch)
+    probe = engine.storage.contains_prefix
+
+    def evicting(keys, lower=True):
+        engine.clear("cpu")  # an eviction by another thread, as the scheduler asks
+        return probe(keys, lower)
+
+    monkeypatch.setattr(engine.storage, "contains_prefix", evicting)
+    scheduler, r = connector(engine), req("r", tokens)
+    assert scheduler.get_num_new_matched_tokens(r, 0) == (None, False)  # the held server: not here
+    assert held.entered.wait(WAIT_S)
+    held.open()
+    landed(scheduler)
+    assert scheduler.get_num_new_matched_tokens(r, 0) == (47, True)
+    assert scheduler.stats()["lookups_local"] == 0 and scheduler.close(WAIT_S)
+
+
 # -- a lookup in the background ------------------------------------------------------------------
 
 
@@ -244,8 +267,11 @@ def test_close_drops_the_queued_lookups_and_waits_for_the_running_one(held):
     assert not closing.is_alive() and lookups.calls == 1
     stats = scheduler.stats()
     assert (stats["lookups_in_flight"], stats["lookups_kept"]) == (0, 0)
-    assert scheduler.get_num_new_matched_tokens(req("third", tokens), 0) == (None, False)  # closed: deferred
-    assert scheduler.stats()["lookups_deferred"] == 1
+    third = req("third", tokens)
+    assert scheduler.get_num_new_matched_tokens(third, 0) == (None, False)
+    assert scheduler.get_num_new_matched_tokens(third, 0) == (0, False)  # closed: a miss, never waiting
+    stats = scheduler.stats()
+    assert (stats["lookup_failures"], stats["lookups_kept"], lookups.calls) == (1, 0, 1)
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0])

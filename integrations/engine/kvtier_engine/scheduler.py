@@ -47,6 +47,10 @@ from kvtier_engine.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 LOOKUP_WAIT_S = 0.05  # a step with nothing to run waits at most this long for a kvtier lookup to land
+# Requests skipped for their lookup in one step before admission stops: each costs a prefix match and
+# a probe, so a long queue of them would slow every running request's step (their lookups still start
+# at arrival: `request_arrived`).
+MAX_LOOKUP_SKIPS = 16
 
 
 class _Skip(enum.Enum):
@@ -171,6 +175,8 @@ class Scheduler:
                     self.waiting.popleft()
                     if loaded is _Skip.LOOKING_UP:
                         skipped.append(request)
+                        if len(skipped) == MAX_LOOKUP_SKIPS:
+                            break
                         continue
                     if request.status is RequestStatus.WAITING_FOR_KV:
                         continue
@@ -206,8 +212,8 @@ class Scheduler:
             # device prefix cache as it found it (allocating recycles cached free blocks).
             loaded, asynchronous = self.connector.get_num_new_matched_tokens(
                 request, len(hits) * self.pool.block_size)
-            if loaded is None:
-                return _Skip.LOOKING_UP
+            if loaded is None:  # one that waited for a seat keeps its place: nothing passes it
+                return _Skip.BLOCKED if request.wants_seat_to_park else _Skip.LOOKING_UP
             asynchronous = asynchronous and loaded > 0
             request.wants_seat_to_park = asynchronous and not self._may_park()
             if request.wants_seat_to_park:

@@ -12,7 +12,7 @@ import random
 from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.request import Request, RequestStatus
 from kvtier_engine.sampling import SamplingParams
-from kvtier_engine.scheduler import LOOKUP_WAIT_S, Scheduler
+from kvtier_engine.scheduler import LOOKUP_WAIT_S, MAX_LOOKUP_SKIPS, Scheduler
 
 BLOCK = 4
 
@@ -144,3 +144,44 @@ def test_a_landed_lookup_with_an_asynchronous_hit_parks_the_request():
     stub.pending.clear()
     assert scheduler.schedule().scheduled == [] and list(scheduler.loading) == ["a"]
     assert a.status is RequestStatus.WAITING_FOR_KV and scheduler.pool.holds("a")
+
+
+def test_a_step_skips_at_most_max_lookup_skips_requests_then_stops_admitting():
+    """Each skip costs a prefix match and a probe: a long queue of pending lookups must not slow every
+    step. The ones past the limit are not asked this step and keep their places."""
+    pending = {f"p{i}" for i in range(MAX_LOOKUP_SKIPS + 4)}
+    stub = Stub(set(pending))
+    scheduler = Scheduler(BlockPool(512, BLOCK, False), connector=stub, max_num_seqs=64)
+    queue = [make_request(f"p{i}", 6) for i in range(MAX_LOOKUP_SKIPS + 4)] + [make_request("b", 6)]
+    for r in queue:
+        scheduler.add(r)
+    out = scheduler.schedule()
+    assert out.scheduled == [] and len(stub.lookups) == MAX_LOOKUP_SKIPS
+    assert list(scheduler.waiting) == queue  # every one in its place, b not reached
+
+
+def test_a_request_waiting_for_a_seat_to_park_is_not_passed_while_it_is_looked_up_again():
+    """a's landed answer is an asynchronous load with no seat to park in (x runs, p is parked: two of
+    two): nothing behind it is admitted. When x's seat frees, a's new lookup runs, and still nothing
+    passes it; once it lands, a parks and b follows."""
+    stub = Stub(set(), {"p": 16, "a": 16})
+    scheduler = Scheduler(BlockPool(64, BLOCK, False), connector=stub, max_num_seqs=2)
+    x, p, a, b = make_request("x", 6), make_request("p", 20), make_request("a", 20), make_request("b", 6)
+    scheduler.add(x)
+    scheduler.add(p)
+    out = scheduler.schedule()
+    assert ids(out) == [("x", 0, 6)] and list(scheduler.loading) == ["p"]
+    scheduler.update(out, {}, set())
+    scheduler.add(a)
+    scheduler.add(b)
+    x.token_ids.append(1)
+    out = scheduler.schedule()  # a cannot park (running + loading = 2): b waits behind it
+    assert ids(out) == [("x", 6, 1)] and a.wants_seat_to_park and list(scheduler.waiting) == [a, b]
+    scheduler.update(out, {}, set())
+    scheduler.finish(x, RequestStatus.FINISHED_LENGTH)
+    stub.pending.add("a")  # a seat is free: a is looked up again, not landed yet
+    out = scheduler.schedule()
+    assert out.scheduled == [] and list(scheduler.waiting) == [a, b] and not scheduler.pool.holds("b")
+    stub.pending.clear()
+    out = scheduler.schedule()
+    assert list(scheduler.loading) == ["p", "a"] and ids(out) == [("b", 0, 6)]
