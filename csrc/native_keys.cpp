@@ -26,7 +26,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <new>
+#include <random>
 #include <type_traits>
 #include <vector>
 
@@ -363,6 +365,7 @@ struct KeyTable {
   size_t mask;  // capacity - 1, capacity a power of two
   Py_ssize_t count;
   bool off;  // a key it could not hold (not 24 bytes, no memory to grow): probes answer None till clear()
+  uint64_t seed[3];  // drawn per table: a chunk key is public (XXH3 of chosen tokens), its slot is not
 };
 
 constexpr size_t kMinSlots = 64;
@@ -374,12 +377,29 @@ uint64_t load64(const uint8_t* p) {
   return v;
 }
 
-size_t home_of(const uint8_t* key, size_t mask) {
-  uint64_t h = load64(key) * 0x9E3779B97F4A7C15ull ^ load64(key + 8) * 0xC2B2AE3D27D4EB4Full ^
-               load64(key + 16) * 0x165667B19E3779F9ull;
+// A key's first slot. Unseeded, anyone who can choose prompts could find keys that all land in one
+// run of slots (about 16 tries a chunk for a sixteenth of the table) and make every probe, add and
+// discard walk it under the storage lock; with a secret seed per table, which keys cluster is unknown.
+size_t home_of(const KeyTable* t, const uint8_t* key) {
+  uint64_t h = (load64(key) ^ t->seed[0]) * 0x9E3779B97F4A7C15ull ^
+               (load64(key + 8) ^ t->seed[1]) * 0xC2B2AE3D27D4EB4Full ^
+               (load64(key + 16) ^ t->seed[2]) * 0x165667B19E3779F9ull;
   h ^= h >> 31;
   h *= 0x94D049BB133111EBull;
-  return (h ^ (h >> 29)) & mask;
+  h ^= h >> 29;
+  return (h ^ (h >> 32)) & t->mask;
+}
+
+// Three random words from the OS (std::random_device: /dev/urandom on Linux); should it fail, the
+// table's address and the clock, which an outsider cannot read either.
+void draw_seed(KeyTable* t) {
+  try {
+    std::random_device device;
+    for (uint64_t& word : t->seed) word = (uint64_t{device()} << 32) ^ device();
+  } catch (...) {
+    const uint64_t mixed = reinterpret_cast<uintptr_t>(t) ^ static_cast<uint64_t>(time(nullptr));
+    for (int i = 0; i < 3; ++i) t->seed[i] = (mixed + i) * 0x9E3779B97F4A7C15ull;
+  }
 }
 
 // The 24 bytes of a bytes object (ChunkKey included) of that length, else null.
@@ -406,7 +426,7 @@ bool resize(KeyTable* t, size_t capacity) {
   const size_t old_capacity = old != nullptr ? t->mask + 1 : 0;
   t->slots = slots, t->mask = capacity - 1;
   for (size_t i = 0; i < old_capacity; ++i) {
-    if (old[i].used) slots[find(t, old[i].key, home_of(old[i].key, t->mask))] = old[i];
+    if (old[i].used) slots[find(t, old[i].key, home_of(t, old[i].key))] = old[i];
   }
   PyMem_Free(old);
   return true;
@@ -414,6 +434,7 @@ bool resize(KeyTable* t, size_t capacity) {
 
 PyObject* table_new(PyTypeObject* type, PyObject*, PyObject*) {
   auto* t = reinterpret_cast<KeyTable*>(type->tp_alloc(type, 0));
+  if (t != nullptr) draw_seed(t);
   if (t != nullptr && !resize(t, kMinSlots)) Py_CLEAR(t);
   return reinterpret_cast<PyObject*>(t);
 }
@@ -434,7 +455,7 @@ PyObject* table_add(PyObject* self, PyObject* obj) {
     t->off = true;
     Py_RETURN_FALSE;
   }
-  Slot& s = t->slots[find(t, key, home_of(key, t->mask))];
+  Slot& s = t->slots[find(t, key, home_of(t, key))];
   if (s.used) Py_RETURN_FALSE;
   std::memcpy(s.key, key, kKeyBytes);
   s.used = 1, ++t->count;
@@ -444,12 +465,12 @@ PyObject* table_add(PyObject* self, PyObject* obj) {
 PyObject* table_discard(PyObject* self, PyObject* obj) {
   auto* t = reinterpret_cast<KeyTable*>(self);
   const uint8_t* key = key_bytes(obj);
-  size_t hole = key != nullptr ? find(t, key, home_of(key, t->mask)) : 0;
+  size_t hole = key != nullptr ? find(t, key, home_of(t, key)) : 0;
   if (key == nullptr || !t->slots[hole].used) Py_RETURN_FALSE;
   // Backward shift: a later key of the run moves into the hole unless its home lies cyclically in
   // (hole, j], where a probe for it would stop before reaching the hole.
   for (size_t j = (hole + 1) & t->mask; t->slots[j].used; j = (j + 1) & t->mask) {
-    const size_t home = home_of(t->slots[j].key, t->mask);
+    const size_t home = home_of(t, t->slots[j].key);
     if (hole <= j ? (hole < home && home <= j) : (hole < home || home <= j)) continue;
     t->slots[hole] = t->slots[j];
     hole = j;
@@ -481,7 +502,7 @@ bool probe(const KeyTable* t, PyObject* keys, Visit visit) {
     for (Py_ssize_t j = 0; j < m; ++j) {
       const uint8_t* key = key_bytes(items[base + j]);
       if (key == nullptr) return false;
-      home[j] = home_of(key, t->mask);
+      home[j] = home_of(t, key);
       __builtin_prefetch(&t->slots[home[j]]);
     }
     for (Py_ssize_t j = 0; j < m; ++j) {
@@ -523,12 +544,28 @@ PyObject* table_present(PyObject* self, PyObject* keys) {
 
 Py_ssize_t table_len(PyObject* self) { return reinterpret_cast<KeyTable*>(self)->count; }
 
+// The most slots a probe walks: the longest run of used slots (for tests of the seeding and for
+// diagnostics; it reads the whole table).
+PyObject* table_longest_run(PyObject* self, PyObject*) {
+  const auto* t = reinterpret_cast<KeyTable*>(self);
+  size_t longest = 0, run = 0;
+  for (size_t i = 0; i <= t->mask; ++i) {
+    run = t->slots[i].used ? run + 1 : 0;
+    longest = std::max(longest, run);
+  }
+  // (a run that wraps past the end continues at slot 0: at most the two pieces added)
+  size_t head = 0;
+  while (head <= t->mask && t->slots[head].used) ++head;
+  return PyLong_FromSize_t(std::max(longest, head <= t->mask ? run + head : longest));
+}
+
 PyMethodDef kTableMethods[] = {
     {"add", table_add, METH_O, "add(key) -> True if new; a key it cannot hold turns the table off"},
     {"discard", table_discard, METH_O, "discard(key) -> True if it was held"},
     {"prefix", table_prefix, METH_O, "prefix(keys) -> how many leading keys are held, or None (off)"},
     {"present", table_present, METH_O, "present(keys) -> [held, ...], or None (off)"},
     {"clear", table_clear, METH_NOARGS, "clear(): no keys, and on again"},
+    {"longest_run", table_longest_run, METH_NOARGS, "longest_run() -> the most slots a probe walks"},
     {nullptr, nullptr, 0, nullptr},
 };
 

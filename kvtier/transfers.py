@@ -152,10 +152,7 @@ class TierReader:
     """
 
     def __init__(self, tiers: Sequence[Tier], dtype: torch.dtype, metrics: Metrics, queue: TransferQueue):
-        self.tiers = list(tiers)
-        self.dtype = dtype
-        self.metrics = metrics
-        self.queue = queue
+        self.tiers, self.dtype, self.metrics, self.queue = list(tiers), dtype, metrics, queue
         self._log = LogLimiter(logger)  # per tier: a broken tier fails or mismatches every read
 
     def start(self, requests: Sequence[ReadRequest], landed: Landed | None = None) -> PendingReads:
@@ -183,10 +180,32 @@ class TierReader:
         # One task per thread taking the next job left (a work queue) rather than a task per job:
         # 128 submits woke a thread each, which fought the submitting caller for the GIL (on a busy
         # machine the first read of a cold 256 MiB retrieve began 4-13 ms into it; now 2.4-3 ms).
-        taken = itertools.count()  # next() is one C call under the GIL: each job is taken once
-        for _ in range(min(self.queue.threads, len(jobs))):
-            self.queue.submit(self._take_jobs, tier, pending, jobs, taken)
+        self._start_takers(tier, pending, jobs)
         return jobs
+
+    def _start_takers(self, tier: Tier, pending: PendingReads, jobs: list[tuple[list[int], Future]]) -> None:
+        """Submit the tasks that take `jobs`. One submit that fails (no thread to be had, the queue
+        closed meanwhile) after another worked costs nothing: that task takes every job. With none
+        started, every job is cancelled: its chunks are misses (`_collect`), and a task queued anyway
+        skips them. An interrupt cancels the jobs not taken yet and waits for the others, since they
+        write into buffers the caller frees next, then propagates."""
+        taken = itertools.count()  # next() is one C call under the GIL: each job is taken once
+        started = 0
+        try:
+            for _ in range(min(self.queue.threads, len(jobs))):
+                self.queue.submit(self._take_jobs, tier, pending, jobs, taken)
+                started += 1
+        except Exception:
+            self._log.error((tier.name, "submit"), "%s: read tasks could not all start (%d did)",
+                            tier.name, started, exc_info=True)
+            if not started:
+                for _, future in jobs:
+                    future.cancel()
+        except BaseException:
+            for _, future in jobs:
+                future.cancel()
+            wait([future for _, future in jobs])
+            raise
 
     def _take_jobs(self, tier: Tier, pending: PendingReads, jobs: list[tuple[list[int], Future]],
                    taken: itertools.count) -> None:

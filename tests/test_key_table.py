@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -133,3 +134,31 @@ def test_self_test_reports_a_key_table_that_disagrees_with_a_set():
 
     assert "key table" in native_keys.self_test(Ext())
     assert "no KeyTable" in native_keys.self_test(Old())
+
+
+def unseeded_home(raw: np.ndarray, mask: int) -> np.ndarray:
+    """The slot the table's mix gave a key before it was seeded (the same multiply-xorshift, no seed)."""
+    words = raw.view("<u8").reshape(-1, 3)
+    m = [np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                                0x94D049BB133111EB)]
+    with np.errstate(over="ignore"):
+        h = (words[:, 0] * m[0]) ^ (words[:, 1] * m[1]) ^ (words[:, 2] * m[2])
+        h ^= h >> np.uint64(31)
+        h *= m[3]
+        h ^= h >> np.uint64(29)
+    return h & np.uint64(mask)
+
+
+@needs_native
+def test_keys_chosen_to_share_a_run_of_slots_spread_out_in_a_seeded_table():
+    """Chunk keys are public (XXH3 of tokens anyone can choose): keys picked to land in one sixteenth
+    of an unseeded table would make every probe walk a run of thousands of slots under the storage
+    lock. Each table draws its own seed, so they scatter like any keys."""
+    rng = np.random.default_rng(3)
+    candidates = rng.integers(0, 256, (64_000, 24), dtype=np.uint8)
+    crafted = [bytes(row) for row in candidates[unseeded_home(candidates.copy(), 8191) < 512][:3500]]
+    assert len(crafted) == 3500
+    table = native_keys.key_table()
+    for k in crafted:
+        table.add(k)
+    assert len(table) == 3500 and table.longest_run() < 200  # unseeded: one run of about 3,500

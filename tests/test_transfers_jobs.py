@@ -118,3 +118,55 @@ def test_an_interrupt_in_one_job_is_raised_once_every_other_job_has_run(stored, 
     assert all(future.done() for _, future in pending.jobs)  # none still writes into the buffers
     assert Counter(key for batch, _ in tier.batches for key in batch) == Counter(keys)
     assert [future.exception() is None for _, future in pending.jobs] == [False] + [True] * (N - 1)
+
+
+def failing_submit(queue: TransferQueue, monkeypatch, fail_at: int, error: BaseException) -> None:
+    """`queue.submit` raises `error` at its `fail_at`-th call (0-based), as when no thread can be had."""
+    submit, calls = queue.submit, []
+
+    def flaky(fn, *args):
+        calls.append(fn)
+        if len(calls) - 1 == fail_at:
+            raise error
+        return submit(fn, *args)
+
+    monkeypatch.setattr(queue, "submit", flaky)
+
+
+def test_a_read_task_that_cannot_start_after_another_did_costs_nothing(stored, monkeypatch):
+    monkeypatch.setattr(transfers, "READ_JOB_BYTES", 1)
+    disk, keys, requests, queue, metrics = stored
+    failing_submit(queue, monkeypatch, 1, RuntimeError("can't start new thread"))
+    tier = Recorded(disk)
+    reader = TierReader([tier], LAYOUT.dtype, metrics, queue)
+
+    assert reader.finish(reader.start(requests)) == [True] * N  # the task that started took every job
+    assert Counter(key for batch, _ in tier.batches for key in batch) == Counter(keys)
+
+
+def test_no_read_task_started_makes_every_chunk_a_miss_and_none_is_read_later(stored, monkeypatch):
+    disk, keys, requests, queue, metrics = stored
+    failing_submit(queue, monkeypatch, 0, RuntimeError("cannot schedule new futures after shutdown"))
+    tier = Recorded(disk)
+    reader = TierReader([tier], LAYOUT.dtype, metrics, queue)
+
+    assert reader.finish(reader.start(requests)) == [False] * N
+    assert metrics.value("kvtier_tier_errors_total", {"tier": "disk"}) == N
+    queue.drain()
+    assert tier.batches == []
+
+
+def test_an_interrupt_while_starting_the_read_tasks_leaves_no_read_running(stored, monkeypatch):
+    """The caller frees the buffers once `start` raises: no job may run (or start) after it."""
+    monkeypatch.setattr(transfers, "READ_JOB_BYTES", 1)
+    disk, keys, requests, queue, metrics = stored
+    failing_submit(queue, monkeypatch, 1, KeyboardInterrupt())
+    tier = Recorded(disk)
+    reader = TierReader([tier], LAYOUT.dtype, metrics, queue)
+
+    with pytest.raises(KeyboardInterrupt):
+        reader.start(requests)
+
+    read = len(tier.batches)
+    queue.drain()
+    assert len(tier.batches) == read  # nothing read after start raised
