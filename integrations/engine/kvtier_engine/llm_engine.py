@@ -265,10 +265,11 @@ class LLMEngine:
         return text + (self.kvtier.prometheus_text() if self.kvtier is not None else "")
 
     def close(self) -> None:
-        # Its prefetcher: queued prefetches dropped; a read stuck in a tier without a timeout (a
-        # local disk) must not hold close forever: the thread is a daemon, left to finish on its own.
+        # Its prefetcher and background lookups: queued ones dropped; a read or lookup stuck in a tier
+        # without a timeout (a local disk) must not hold close forever: the threads are daemons, left
+        # to finish on their own.
         if self.scheduler.connector is not None and not self.scheduler.connector.close(CLOSE_WAIT_S):
-            logger.warning("kvtier's prefetch thread did not stop within %g s; not waiting for it",
+            logger.warning("kvtier's prefetch or lookup thread did not stop within %g s; not waiting for it",
                            CLOSE_WAIT_S)
         if self.connector is not None:
             self.connector.close()
