@@ -214,7 +214,7 @@ class TierReader:
         while (j := next(taken)) < len(jobs):
             part, future = jobs[j]
             if not future.set_running_or_notify_cancel():
-                continue  # (no one cancels a read job today; a cancelled one is not run)
+                continue  # cancelled by `_start_takers` (no task could start, or an interrupt)
             try:
                 future.set_result(self._read(tier, pending, part))
             except BaseException as exc:  # noqa: BLE001 (an interrupt too: `finish` raises it)

@@ -45,20 +45,29 @@ def record_requests(monkeypatch) -> list[int]:
     return threads
 
 
+def on_each_read(tier, monkeypatch, note) -> None:
+    """`note(keys)` before each of `tier`'s reads, one at a time (reads run on several threads)."""
+    lock, get = threading.Lock(), tier.get
+
+    def noted(keys, dests):
+        with lock:
+            note(keys)
+        return get(keys, dests)
+
+    monkeypatch.setattr(tier, "get", noted)
+
+
 def test_the_first_read_starts_before_every_request_is_made_and_jobs_make_their_own(on_disk, monkeypatch):
     monkeypatch.setattr(transfers, "READ_JOB_BYTES", 1)  # a job per chunk
     manager, spans, kv = on_disk
     made = record_requests(monkeypatch)
-    disk, lock, at_first_read = manager.lower[0], threading.Lock(), []
-    get = disk.get
+    at_first_read: list[int] = []
 
-    def first_read_counts(keys, dests):
-        with lock:  # no read has returned yet when the first one starts: each thread made one request
-            if not at_first_read:
-                at_first_read.append(len(made))
-        return get(keys, dests)
+    def first_read_counts(keys):  # no read has returned yet when the first one starts
+        if not at_first_read:
+            at_first_read.append(len(made))  # each thread made one request
 
-    monkeypatch.setattr(disk, "get", first_read_counts)
+    on_each_read(manager.lower[0], monkeypatch, first_read_counts)
     out = torch.zeros_like(kv)
 
     assert manager.get(spans, out) == CHUNKS
@@ -74,15 +83,8 @@ def test_the_first_read_starts_before_every_request_is_made_and_jobs_make_their_
 def test_every_chunk_is_read_once_in_jobs_of_at_most_read_job_bytes(on_disk, monkeypatch, job_chunks, layout):
     monkeypatch.setattr(transfers, "READ_JOB_BYTES", job_chunks * layout.chunk_bytes(CHUNK))
     manager, spans, kv = on_disk
-    disk, lock, batches = manager.lower[0], threading.Lock(), []
-    get = disk.get
-
-    def recorded(keys, dests):
-        with lock:
-            batches.append(list(keys))
-        return get(keys, dests)
-
-    monkeypatch.setattr(disk, "get", recorded)
+    batches: list[list] = []
+    on_each_read(manager.lower[0], monkeypatch, lambda keys: batches.append(list(keys)))
     out = torch.zeros_like(kv)
 
     assert manager.get(spans, out) == CHUNKS

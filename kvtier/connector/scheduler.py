@@ -18,9 +18,8 @@ request is parked by the engine, in no step, until the worker reports the load f
 `LoadSpec` goes into the next `build_connector_meta` all the same. An engine that aborts a parked
 request calls `cancel_load` (a load not started yet is dropped) and `request_finished` once it landed.
 
-Lookups that are round trips (a tier below such as Redis, kvtier_server, a peer; loads not "off")
-run in the background (`kvtier.connector.lookups`): `get_num_new_matched_tokens` answers (None,
-False) until one lands, and the engine skips that request for the step (it holds nothing).
+Lookups that are round trips (Redis, kvtier_server, a peer below; loads not "off") run in the
+background (`kvtier.connector.lookups`): until one lands the answer is (None, False), a skipped step.
 
 A request is anything with `request_id` and `all_token_ids`. Saves follow the computation: every
 step, the whole chunks a request completed are saved (prompt chunks during prefill, generated ones
@@ -42,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -96,13 +96,10 @@ class KvtierSchedulerConnector:
         chunk = engine.db.chunk_size
         if chunk % block_size:
             raise ValueError(f"kvtier chunk_size {chunk} must be a multiple of the block size {block_size}")
-        self.engine = engine
-        self.chunk_size = chunk
-        self.block_size = block_size
+        self.engine, self.chunk_size, self.block_size, self.blend = engine, chunk, block_size, blend
         self.save_partial = engine.db.save_partial
         self._states: dict[str, _RequestState] = {}
         self._finals: list[SaveSpec] = []
-        self.blend = blend
         self.loads = loads or SYNCHRONOUS
         self.prefetcher = Prefetcher(engine.storage, engine.layout, self.loads.prefetch_max_bytes_in_flight) \
             if self.loads.prefetch else None
@@ -282,9 +279,12 @@ class KvtierSchedulerConnector:
                 **(self.lookups.stats() if self.lookups is not None else {})}
 
     def close(self, timeout: float | None = None) -> bool:
-        """Stop the prefetcher and the lookups (queued ones dropped). True if both stopped in `timeout`."""
+        """Stop the lookups and the prefetcher (queued ones dropped). True if both stopped within one
+        `timeout` (a lookup and a read stuck at once must not take twice as long)."""
+        end = None if timeout is None else time.monotonic() + timeout
         stopped = self.lookups.close(timeout) if self.lookups is not None else True
-        return (self.prefetcher.close(timeout) if self.prefetcher is not None else True) and stopped
+        rest = None if end is None else max(0.0, end - time.monotonic())
+        return (self.prefetcher.close(rest) if self.prefetcher is not None else True) and stopped
 
     def update_connector_output(self, loaded: dict[str, int], not_blended: Collection[str] = ()) -> None:
         """The worker's report of how far this step's loads got (request id -> token reached). A

@@ -100,10 +100,6 @@ class BlockPool:
         hits = self._match(token_ids) if hits is None else hits
         return self._free_needed(token_ids, hits) <= self.num_free
 
-    def cached_prefix(self, token_ids: Sequence[int]) -> int:
-        """The leading tokens `allocate` would find cached now (block aligned); changes nothing."""
-        return len(self._match(token_ids)) * self.block_size
-
     def allocate(self, seq_id: Hashable, token_ids: Sequence[int], hits: list[int] | None = None) -> int:
         """Blocks for the whole prompt. Returns the leading tokens already cached (block aligned).
         `hits`: `match(token_ids)` taken since the pool last changed (spares hashing the prompt again)."""
