@@ -2,7 +2,8 @@
 
 - `kvtier.codecs._cachegen_native` (csrc/module.cpp, rans.cpp, quant.cpp: the cachegen codec's rANS
   coder and quantiser), with torch's C++ extension tooling;
-- `kvtier._native_keys` (csrc/native_keys.cpp: the lookup's chunk keys), plain CPython API with no
+- `kvtier._native_keys` (csrc/native_keys.cpp: the lookup's chunk keys; csrc/checksum_copy.cpp: a
+  record's checksum fused with its copy out), plain CPython API with no
   torch (kvtier_server imports the keys and never torch), hashing with the xxhash package's XXH3.
 
 Each extension is optional: without a C++ compiler, or when its compile fails, this prints one
@@ -27,14 +28,14 @@ SOURCES = ["csrc/module.cpp", "csrc/rans.cpp", "csrc/quant.cpp"]
 FLAGS = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
 
 KEYS_EXTENSION = "kvtier._native_keys"
-KEYS_SOURCES = ["csrc/native_keys.cpp"]
+KEYS_SOURCES = ["csrc/native_keys.cpp", "csrc/checksum_copy.cpp", "csrc/record_read.cpp"]
 KEYS_FLAGS = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"]
 
 WITHOUT = {  # what kvtier does without each extension
     EXTENSION: ("the C++ cachegen coder", "codes cachegen records with the numpy reference (same bytes, "
                 "several times slower)"),
     KEYS_EXTENSION: ("the C++ chunk key builder", "computes chunk keys in Python (same keys, slower "
-                     "lookups)"),
+                     "lookups) and checksums disk reads and copies them out in two passes"),
 }
 
 

@@ -9,7 +9,10 @@
 //   chunk_keys(raw, start, seed, ns, chunk_size, partial, key_type)
 //                         the keys TokenDatabase.keys builds from chunk `start / chunk_size` on, each a
 //                         `key_type` (a bytes subclass without slots: ChunkKey) holding ns + digest.
-//   load(path)            takes XXH3-128 from the xxhash package's shared object (below).
+//   load(path)            takes XXH3-128 from the xxhash package's shared object (below), and the
+//                         streaming XXH3-64 that checksum_copy (checksum_copy.cpp) uses.
+//   checksum_copy(...)    a record's checksum, computed while its payload is copied out (one pass).
+//   read_record(...)      a record file's open, read and close with the GIL released once (record_read.cpp).
 //   KeyTable()            a set of 24-byte keys whose prefix(keys) / present(keys) prefetch a batch
 //                         of slots before probing them: the CPU tier's mirror for the lookup (below).
 //
@@ -22,6 +25,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
+
+#include "record_read.h"
+#include "xxh3_stream.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -609,6 +615,7 @@ PyObject* load(PyObject*, PyObject* path_obj) {
   if (fn == nullptr) fn = dlsym(lib, name = "XXH3_128bits");
   if (fn == nullptr) return PyErr_Format(PyExc_OSError, "the xxhash library exports no XXH3_128bits");
   g_xxh3_128 = reinterpret_cast<Xxh3_128>(fn);  // (the handle stays open for the process's life)
+  kvtier_xxh3::take_stream(lib);  // (none: checksum_copy raises, and kvtier/checksum_copy.py uses Python)
   return PyUnicode_FromString(name);
 }
 
@@ -619,6 +626,12 @@ PyMethodDef kMethods[] = {
      "digests(raw, seed, ends, start) -> kvtier.keys.chained_digests(...), or None"},
     {"chunk_keys", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(chunk_keys)), METH_FASTCALL,
      "chunk_keys(raw, start, seed, ns, chunk_size, partial, key_type) -> [key_type(ns + digest), ...]"},
+    {"checksum_copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(kvtier_xxh3::checksum_copy)),
+     METH_FASTCALL,
+     "checksum_copy(fields, src, dst, offset, piece, n_outer, s_outer, n_inner, s_inner) -> XXH3-64 of "
+     "fields || src, src copied into dst's pieces"},
+    {"read_record", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(kvtier_io::read_record)),
+     METH_FASTCALL, "read_record(dir_fd, shard, name, dir_flags, file_flags, head, payload) -> bytes read"},
     {nullptr, nullptr, 0, nullptr},
 };
 

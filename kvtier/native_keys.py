@@ -81,8 +81,9 @@ def self_test(ext) -> str:
 
 
 def _table_test(ext, keys: list[bytes]) -> str:
-    if not hasattr(ext, "KeyTable"):
-        return "the extension has no KeyTable (built from an older source); reinstall"
+    missing = [name for name in ("KeyTable", "checksum_copy", "read_record") if not hasattr(ext, name)]
+    if missing:
+        return f"the extension has no {', '.join(missing)} (built from an older source); reinstall"
     table, other = ext.KeyTable(), bytes(24)
     added = [table.add(k) for k in keys + keys[:1]]
     if added != [True, True, False] or table.prefix(keys + [other]) != 2 or table.prefix([other]) != 0:
@@ -173,3 +174,18 @@ def chunk_keys(raw: bytes, start: int, seed: bytes, ns: bytes, chunk_size: int, 
     on, chained from `seed` (the namespace digest at 0, else the digest of the chunk before):
     `key_type(ns + digest)` for each full chunk, and the partial tail when `partial`."""
     return _ext.chunk_keys(raw, start, seed, ns, chunk_size, partial, key_type)
+
+
+def checksum_copy(fields, src, dst, offset: int, piece: int, n_outer: int, s_outer: int, n_inner: int,
+                  s_inner: int) -> int:
+    """XXH3-64 of `fields || src`, with `src` copied into pieces of `dst` in one pass: see
+    kvtier.checksum_copy, its only caller, and csrc/checksum_copy.cpp."""
+    return _ext.checksum_copy(fields, src, dst, offset, piece, n_outer, s_outer, n_inner, s_inner)
+
+
+def read_record(dir_fd: int, shard: bytes, name: bytes, dir_flags: int, file_flags: int, head,
+                payload) -> int:
+    """Open `shard/name` below `dir_fd` (with these flags), preadv it into `head` then `payload` from
+    offset 0, close it: the bytes read, with the GIL released once (csrc/record_read.cpp). OSError
+    as os.open / os.preadv raise it. kvtier.record_files' reads of padded buffers call it."""
+    return _ext.read_record(dir_fd, shard, name, dir_flags, file_flags, head, payload)

@@ -50,6 +50,7 @@ import torch
 
 from kvtier.codecs import cachegen_format, records
 from kvtier.codecs.base import CACHEGEN_ID, RAW_ID, Codec
+from kvtier.codecs.records import decode_or_drop
 from kvtier.errors import CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
@@ -57,7 +58,6 @@ from kvtier.record import RecordHeader, decode_header
 from kvtier.tiers.base import PutItem, Tier
 from kvtier.tiers.coded import count_coded
 from kvtier.tiers.wrapped import WrappedTier
-from kvtier.transfers import decode_or_drop
 
 if TYPE_CHECKING:
     from kvtier.engine import CacheEngine

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from kvtier.checksum_copy import Deferred, PieceCopy
 from kvtier.dtypes import NAMES_BY_CODE, dtype_code, is_tensor, torch_dtype
 from kvtier.errors import CorruptRecord
 from kvtier.keys import KEY_BYTES, ChunkKey
@@ -121,15 +122,21 @@ def decode_header(buf) -> RecordHeader:
                         payload_len, checksum)
 
 
-def verify(header_buf, payload, expected_key: ChunkKey, header: RecordHeader | None = None) -> RecordHeader:
+def verify(header_buf, payload, expected_key: ChunkKey, header: RecordHeader | None = None,
+           defer_to: PieceCopy | None = None) -> RecordHeader:
     """Decode the header (unless the caller already did: `header`) and check key, payload length
-    and checksum. Raises CorruptRecord."""
+    and checksum. Raises CorruptRecord. `defer_to`: for a raw record of its size, the checksum is
+    not computed here but left to `defer_to.pending`, which its copier checks as it copies the
+    payload (kvtier.checksum_copy.finish); the record is not verified until then."""
     header = decode_header(header_buf) if header is None else header
     if header.key != expected_key:
         raise CorruptRecord(f"record holds key {header.key} where {expected_key} was expected")
     got = memoryview(payload).nbytes
     if got != header.payload_len:
         raise CorruptRecord(f"payload is {got} bytes, header says {header.payload_len}")
-    if _checksum(bytes(memoryview(header_buf)[:_FIELDS.size]), payload) != header.checksum:
+    fields = bytes(memoryview(header_buf)[:_FIELDS.size])
+    if defer_to is not None and header.codec == CODEC_RAW and defer_to.nbytes == got:
+        defer_to.pending = Deferred(fields, header.checksum)
+    elif _checksum(fields, payload) != header.checksum:
         raise CorruptRecord(f"checksum mismatch for {expected_key}")
     return header

@@ -31,27 +31,30 @@ import contextlib
 import errno
 import mmap
 import os
-import socket
 import threading
 import weakref
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+from kvtier import native_keys
+from kvtier.checksum_copy import PieceCopy
 from kvtier.errors import ConfigError, CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.record import HEADER_SIZE, RecordHeader, decode_header, verify
+from kvtier.record_root import (
+    CREATE_FLAGS,
+    DIR_FLAGS,
+    READ_FLAGS,
+    open_root,
+    probe_o_direct,
+    temp_name,
+)
 
 # The O_DIRECT unit: file offsets, lengths and buffer addresses (memory-pool slabs') are multiples.
 BLOCK = 4096
 SUFFIX = ".kvr"
 
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a FIFO planted at a record's name must not block a read thread (no effect on files).
-READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 def align_up(n: int, alignment: int = BLOCK) -> int:
@@ -65,58 +68,6 @@ def file_bytes(payload_len: int) -> int:
 
 def aligned(arr: np.ndarray) -> bool:
     return arr.ctypes.data % BLOCK == 0
-
-
-def _host_id() -> str:
-    # Host name and PID namespace: the walk asks about a temp file's pid only where it means this pid.
-    try:
-        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        pid_namespace = 0
-    return f"{zlib.crc32(f'{socket.gethostname()}/{pid_namespace}'.encode()):08x}"
-
-
-HOST_ID = _host_id()
-
-
-def temp_name(final: str) -> str:
-    """A fresh, unpredictable temporary name for `final` (the pid read now: a forked child's own)."""
-    return f"{final}.tmp.{HOST_ID}.{os.getpid()}.{os.urandom(8).hex()}"
-
-
-def open_root(base: Path, root: Path) -> int:
-    """Create `root` if need be and open it, never through a symlink; ConfigError naming it if not."""
-    if base.exists() and not base.is_dir():
-        raise ConfigError(f"disk tier path {base} exists and is not a directory")
-    if root.is_symlink():
-        raise ConfigError(f"disk tier path {base}: {root} is a symlink (never followed)")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        return os.open(root, DIR_FLAGS)  # O_NOFOLLOW: a symlink swapped in since is refused too
-    except OSError as exc:
-        if exc.errno in RESOURCE_ERRNOS:
-            raise  # the process failed (out of fds, memory), not the path
-        raise ConfigError(f"disk tier path {base}: {root} cannot be created: {exc.strerror}") from None
-
-
-def probe_o_direct(root_fd: int, root: Path) -> bool:
-    """Create and delete one file in the namespace directory, as writes will: True when the file
-    system takes O_DIRECT. ConfigError when no file can be created there (OSError: out of fds)."""
-    name = temp_name(".probe")
-    attempts = ([CREATE_FLAGS | os.O_DIRECT] if hasattr(os, "O_DIRECT") else []) + [CREATE_FLAGS]
-    for flags in attempts:
-        try:
-            fd = os.open(name, flags, 0o600, dir_fd=root_fd)
-        except OSError as exc:
-            if exc.errno in RESOURCE_ERRNOS:
-                raise
-            error = exc
-            continue
-        os.close(fd)
-        with contextlib.suppress(OSError):  # a leftover probe is stale, deleted at a later start
-            os.unlink(name, dir_fd=root_fd)
-        return flags != CREATE_FLAGS
-    raise ConfigError(f"disk tier path {root} is not writable: {error.strerror}")
 
 
 class _Scratch(threading.local):
@@ -211,39 +162,46 @@ class RecordDir:
             finally:
                 os.close(fd)
 
-    def read(self, key: ChunkKey, dest: np.ndarray) -> RecordHeader:
+    def read(self, key: ChunkKey, dest: np.ndarray, copy: PieceCopy | None = None) -> RecordHeader:
         """Read `key`'s record into `dest` (1-D uint8, at least the payload; O_DIRECT when aligned),
-        verified. FileNotFoundError: no file; CorruptRecord: not a whole valid record of `key`."""
-        digest = key.digest.hex()
-        direct = self.o_direct and aligned(dest)
+        verified (but for a checksum left to `copy`: `record.verify`). FileNotFoundError: no file;
+        CorruptRecord: not a whole valid record of `key`."""
+        # One read of header block + payload straight into the (aligned) slab, as much as it holds:
+        # the byte count tells the file's size (no fstat). O_DIRECT needs whole blocks, as ours are.
+        digest, payload, head = key.digest.hex(), memoryview(dest), self._scratch.head
+        flags = READ_FLAGS | (os.O_DIRECT if self.o_direct and aligned(dest) else 0)
+        room = len(payload) // BLOCK * BLOCK
+        if room and room == len(payload) and native_keys.AVAILABLE:  # padded (a slab): no tail read
+            shard, name = digest[:2].encode(), f"{digest}{SUFFIX}".encode()
+            got = native_keys.read_record(self.root_fd, shard, name, DIR_FLAGS, flags, head, payload)
+            return self._checked(key, payload, got, -1, copy)
         sfd = self._shard_fd(digest)
         try:
-            fd = os.open(digest + SUFFIX, READ_FLAGS | (os.O_DIRECT if direct else 0), dir_fd=sfd)
+            fd = os.open(digest + SUFFIX, flags, dir_fd=sfd)
         finally:
             os.close(sfd)
         try:
-            return self._read_fd(fd, key, memoryview(dest))
+            got = os.preadv(fd, [head, payload[:room]] if room else [head], 0)
+            return self._checked(key, payload, got, fd, copy)
         finally:
             os.close(fd)
 
-    def _read_fd(self, fd: int, key: ChunkKey, payload: memoryview) -> RecordHeader:
-        # One read of header block + payload straight into the (aligned) slab, as much as it holds:
-        # the byte count tells the file's size (no fstat). O_DIRECT needs whole blocks, as ours are.
-        head = self._scratch.head
-        room = len(payload) // BLOCK * BLOCK
-        got = os.preadv(fd, [head, payload[:room]] if room else [head], 0)
+    def _checked(self, key: ChunkKey, payload: memoryview, got: int, fd: int,
+                 copy: PieceCopy | None) -> RecordHeader:
+        """The record read (`got` bytes, its header block in the scratch head) checked; `fd` still
+        open for an unpadded buffer's last partial block (read through the aligned scratch tail)."""
+        head, room = self._scratch.head, len(payload) // BLOCK * BLOCK
         if got < BLOCK or got % BLOCK:
             raise CorruptRecord(f"{self.path(key)} is {got} bytes, not a whole number of blocks")
         header = decode_header(head)
         end = header.payload_len
-        if room < end <= len(payload):
-            # An unpadded buffer: the last partial block goes through the (aligned) scratch tail.
+        if room < end <= len(payload):  # (never for a padded buffer: the only kind read without fd)
             tail = self._scratch.tail
             got += os.preadv(fd, [tail], BLOCK + room)
             payload[room:end] = tail[: end - room]
         if got < BLOCK + end:
             raise CorruptRecord(f"{self.path(key)} is truncated: {got} bytes read")
-        verify(head[:HEADER_SIZE], payload[:end], key, header)
+        verify(head[:HEADER_SIZE], payload[:end], key, header, defer_to=copy)
         return header
 
     def write(self, key: ChunkKey, header: bytes, payload: np.ndarray) -> None:

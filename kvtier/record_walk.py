@@ -21,7 +21,8 @@ import time
 from collections import Counter
 
 from kvtier.keys import DIGEST_BYTES, ChunkKey
-from kvtier.record_files import BLOCK, DIR_FLAGS, HOST_ID, SUFFIX
+from kvtier.record_files import BLOCK, SUFFIX
+from kvtier.record_root import DIR_FLAGS, HOST_ID
 
 STALE_TEMP_S = 3600.0  # no write takes an hour: an older temporary file is a dead writer's
 

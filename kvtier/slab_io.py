@@ -4,7 +4,9 @@ copy out of a retrieve's slabs, `MemoryPool.copy_chunks`), record writes from sl
 
 Where it runs: copies of CPU hits on the caller's thread; of lower-tier reads on the caller's thread
 too while it waits for the first tier's reads, each as its read lands (`_CopyOut`), and on the read
-thread that landed them after that (a next tier's); each into its own tokens of `out`. Reads fan
+thread that landed them after that (a next tier's); each into its own tokens of `out`. Where `out`
+is contiguous in host memory, the disk tier leaves each raw record's checksum to its copy out, which
+checks it in the same pass (kvtier.checksum_copy: one read of the payload from RAM instead of two). Reads fan
 out over the read threads (TierReader), each job making its own read requests (`_SlabRequests`,
 on its read thread); writes run on the StorageManager's write threads. It holds
 no index state and takes no lock but `_CopyOut`'s own hand-over: the StorageManager decides what
@@ -19,8 +21,11 @@ from collections.abc import Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from kvtier import checksum_copy
+from kvtier.checksum_copy import PieceCopy
 from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool
@@ -40,21 +45,47 @@ class ChunkRead:
     from_cpu: bool
 
 
+def _bytes_of(out: torch.Tensor | None) -> np.ndarray | None:
+    """`out`'s bytes, for the disk tier to copy chunks into as it verifies them (kvtier.checksum_copy),
+    or None where that does not apply: no extension, or an `out` not contiguous in host memory."""
+    if out is None or not checksum_copy.AVAILABLE or out.device.type != "cpu" or not out.is_contiguous():
+        return None
+    try:
+        return out.view(-1).view(torch.uint8).numpy()
+    except (RuntimeError, TypeError):  # (a tensor that requires grad, or has no numpy view)
+        return None
+
+
 class _SlabRequests(Sequence[ReadRequest]):
     """The lower-tier reads of a plan as TierReader's requests, each made when indexed: by the read
     job that reads it, on its thread, so the first reads start at once rather than after the
-    retrieving thread made them all (~1.2 ms for 512 chunks: a slab view and a request each)."""
+    retrieving thread made them all (~1.2 ms for 512 chunks: a slab view and a request each). With
+    an `out` in host memory, each request also says where its chunk goes there (`ReadRequest.copy`)."""
 
-    def __init__(self, pool: MemoryPool, layout: KVLayout, reads: list[ChunkRead]):
+    def __init__(self, pool: MemoryPool, layout: KVLayout, reads: list[ChunkRead], out: torch.Tensor | None):
         self.pool, self.layout, self.reads = pool, layout, reads
+        self.copies: list[PieceCopy | None] = [None] * len(reads)  # each request's, once made
+        self.out_bytes = _bytes_of(out)
+        if self.out_bytes is not None:  # [2, L, T, H*D], contiguous: strides in bytes
+            self.out_tokens = out.shape[2]
+            self.kv_stride, self.layer_stride, self.token_bytes = (out.stride(d) * out.element_size()
+                                                                  for d in range(3))
 
     def __len__(self) -> int:
         return len(self.reads)
 
     def __getitem__(self, i: int) -> ReadRequest:  # (no slices: TierReader indexes one at a time)
         r = self.reads[i]
+        self.copies[i] = copy = self._copy(r.span)
         return ReadRequest(r.span.key, self.pool.tensor(r.entry.slab, self.pool.slab_stride),
-                           self.layout.chunk_shape(r.span.num_tokens))
+                           self.layout.chunk_shape(r.span.num_tokens), copy)
+
+    def _copy(self, span: ChunkSpan) -> PieceCopy | None:
+        """Where `span`'s payload ([2, L, t, H*D]) goes in `out`: its t rows of each of the 2 x L planes."""
+        if self.out_bytes is None or span.start + span.num_tokens > self.out_tokens:
+            return None
+        return PieceCopy(self.out_bytes, span.start * self.token_bytes, span.num_tokens * self.token_bytes,
+                         2, self.kv_stride, self.layout.num_layers, self.layer_stride)
 
 
 class _CopyOut:
@@ -65,13 +96,17 @@ class _CopyOut:
     without its next read meanwhile (512 KiB chunks, side by side: 0.77-0.84x of the raw O_DIRECT
     read limit end to end; handed over, 0.81-0.89x). Chunks that land later (from a next tier) are
     copied by their read thread. The hand-over (`_queue`, `_caller_copies`, `_jobs_left`) is
-    under `_landed`. A chunk after a miss is copied too, into tokens the caller is not told it has
-    (only the prefix before the first miss counts as served). A failed copy (an `out` that cannot be
-    written) is kept for `check`, which raises it on the caller's thread once no read is in flight."""
+    under `_landed`. A chunk whose tier left its checksum to the copy (kvtier.checksum_copy) is
+    checked as it is copied; one that fails goes to `corrupt`, for the caller to drop. A chunk
+    after a miss is copied too, into tokens the caller is not told it has (only the prefix before
+    the first miss counts as served). A failed copy (an `out` that cannot be written) is kept for
+    `check`, which raises it on the caller's thread once no read is in flight."""
 
-    def __init__(self, pool: MemoryPool, layout: KVLayout, out: torch.Tensor, reads: list[ChunkRead]):
-        self.pool, self.layout, self.out, self.reads = pool, layout, out, reads
+    def __init__(self, requests: _SlabRequests, out: torch.Tensor):
+        self.requests, self.out = requests, out
+        self.pool, self.layout, self.reads = requests.pool, requests.layout, requests.reads
         self.failure: BaseException | None = None
+        self.corrupt: list[int] = []  # whose checksum failed as they were copied out
         self._landed = threading.Condition()
         self._queue: list[int] = []  # landed, for the caller to copy (until `copy_while` is done)
         self._caller_copies = True
@@ -107,11 +142,22 @@ class _CopyOut:
             self._landed.notify()
 
     def _copy(self, indices: list[int]) -> None:
-        chunks = [(self.reads[i].span, self.reads[i].entry.slab) for i in indices]
         try:
+            plain = [i for i in indices if not self._checked_copy(i)]
+            chunks = [(self.reads[i].span, self.reads[i].entry.slab) for i in plain]
             self.pool.copy_chunks(chunks, self.out, self.layout, into_slabs=False)
         except BaseException as exc:  # raised on the caller's thread by `check`
             self.failure = self.failure or exc
+
+    def _checked_copy(self, i: int) -> bool:
+        """Copy chunk `i` out checking its checksum, where its tier left that to the copy (False,
+        copying nothing, where it did not). A chunk that fails it goes to `corrupt`."""
+        copy = self.requests.copies[i]
+        if copy is None or copy.pending is None:
+            return False
+        if not checksum_copy.finish(copy, self.pool.tensor(self.reads[i].entry.slab, copy.nbytes).numpy()):
+            self.corrupt.append(i)
+        return True
 
     def check(self) -> None:
         if self.failure is not None:
@@ -129,9 +175,10 @@ class SlabIO:
         """Read the planned lower-tier chunks into their slabs and copy them into `out` (every good one,
         as it lands: what lies past the first miss is written but not served). Returns chunks served."""
         lower = [r for r in plan if not r.from_cpu]
-        copy_out = _CopyOut(self.pool, self.layout, out, lower) if out is not None and lower else None
+        requests = _SlabRequests(self.pool, self.layout, lower, out)
+        copy_out = _CopyOut(requests, out) if out is not None and lower else None
         # Start the lower-tier reads, copy the CPU hits meanwhile, then each read as it lands.
-        pending = self.reader.start(_SlabRequests(self.pool, self.layout, lower), copy_out)
+        pending = self.reader.start(requests, copy_out)
         try:
             if out is not None:
                 hits = [(r.span, r.entry.slab) for r in plan if r.from_cpu]
@@ -142,10 +189,14 @@ class SlabIO:
             # The reads still write into slabs that the caller frees once this raises: wait first.
             wait([future for _, future in pending.jobs])
             raise
-        found = iter(self.reader.finish(pending))
+        found = self.reader.finish(pending)
         if copy_out is not None:
             copy_out.check()
-        ok = [r.from_cpu or next(found) for r in plan]
+            for i in copy_out.corrupt:  # a checksum left to the copy out, which failed: a miss
+                found[i] = False
+                self.reader.drop(requests.copies[i].tier, lower[i].span.key, "checksum mismatch")
+        served = iter(found)
+        ok = [r.from_cpu or next(served) for r in plan]
         return ok.index(False) if False in ok else len(plan)
 
     def write(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier], confirm: bool = False) -> bool:

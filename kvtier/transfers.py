@@ -20,11 +20,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from kvtier.codecs.records import decode_in_place
-from kvtier.errors import CorruptRecord
+from kvtier.checksum_copy import PieceCopy
+from kvtier.codecs.records import decode_or_drop
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
@@ -97,24 +96,6 @@ def _run_here(fn: Callable, *args) -> Future:
     return future
 
 
-def decode_or_drop(tier: Tier, header: RecordHeader, buf: np.ndarray, metrics: Metrics,
-                   log: LogLimiter) -> bool | None:
-    """Decode the record of `header`, read into `buf`, in place (`records.decode_in_place`): True
-    once decoded, False for a raw record; None for one that does not decode, which is logged,
-    counted (the tier's `corrupt`, `decode_failures`) and removed from `tier`: a miss."""
-    try:
-        decoded = decode_in_place(header, buf)
-    except (CorruptRecord, ValueError) as exc:  # ValueError: a codec refusing the dtype (fp8 KV)
-        log.warning((tier.name, "decode"), "%s: record %s failed to decode (%s); dropping", tier.name,
-                    header.key, exc)
-        metrics.tier_inc(tier.name, "corrupt")
-        metrics.inc("decode_failures")
-        tier.remove([header.key])
-        return None
-    metrics.inc("decoded_chunks", int(decoded))
-    return decoded
-
-
 @dataclass(frozen=True, slots=True)
 class ReadRequest:
     """One record to read below: its key, the buffer for its payload, the shape it must have."""
@@ -122,6 +103,7 @@ class ReadRequest:
     key: ChunkKey
     dest: torch.Tensor  # uint8, 4 KiB aligned, at least the padded payload
     shape: tuple[int, int, int, int]
+    copy: PieceCopy | None = None  # where the payload goes next, for a tier that `copies_out`
 
 
 @dataclass(slots=True)
@@ -141,7 +123,10 @@ class TierReader:
     what the previous one missed, and returns one bool per request. `landed(indices)`, if given, is
     called by each job (on its thread) with the requests it read that are good (verified by the
     tier, decoded, of the expected shape), as soon as they are: the caller copies them out while
-    later reads run. Jobs land in any order; which leading requests form the prefix is the caller's
+    later reads run. A request's `copy` (kvtier.checksum_copy) is given to a tier that `copies_out`
+    (the disk tier), which may leave the record's checksum to it (`copy.pending`): `landed` must
+    then check it as it copies the chunk out (`checksum_copy.finish`), and `drop` it if it fails.
+    Jobs land in any order; which leading requests form the prefix is the caller's
     to decide from `finish`. A coded record (any tier may hold some: kvtier.tiers.coded) is decoded
     in place into its buffer by the job that read it, on the thread that ran the tier's `get`, so a
     chunk is decoded once, on its way up into host memory; one that fails to decode is a miss,
@@ -225,7 +210,12 @@ class TierReader:
         read thread, or the caller's for a tier that fans out) and checked (`_fits`); the good ones
         handed to `landed`. One bool per request of `part`."""
         requests = [pending.requests[i] for i in part]  # each made once, here (see the class)
-        headers = tier.get([r.key for r in requests], [r.dest for r in requests])
+        keys, dests = [r.key for r in requests], [r.dest for r in requests]
+        copies = [r.copy for r in requests] if getattr(tier, "copies_out", False) else []
+        for copy in copies:
+            if copy is not None:
+                copy.tier, copy.pending = tier, None
+        headers = tier.get(keys, dests, copies) if any(copies) else tier.get(keys, dests)
         ok = []
         for request, header in zip(requests, headers):
             header = self._decoded(tier, header, request)
@@ -295,6 +285,12 @@ class TierReader:
                           "bytes; expected raw %s %s, %d bytes; dropping", tier.name, header.key,
                           header.codec, header.shape, header.dtype, header.payload_len, request.shape,
                           self.dtype, nbytes)
-        self.metrics.tier_inc(tier.name, "corrupt")
-        tier.remove([header.key])
+        self.drop(tier, header.key)
         return False
+
+    def drop(self, tier: Tier, key: ChunkKey, why: str = "") -> None:
+        """A record of `tier` found bad after it was read: counted corrupt and removed there."""
+        if why:
+            self._log.warning((tier.name, "corrupt"), "%s: dropping record %s: %s", tier.name, key, why)
+        self.metrics.tier_inc(tier.name, "corrupt")
+        tier.remove([key])

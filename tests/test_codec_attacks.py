@@ -235,8 +235,8 @@ def test_redis_killed_mid_recode_costs_the_chunks_there_never_the_caller(make_en
     store = recode._innermost(engine.tier("redis"))
     real_get = store.get
 
-    def get_then_die(keys, dests):
-        headers = real_get(keys, dests)
+    def get_then_die(keys, dests, *copies):
+        headers = real_get(keys, dests, *copies)
         redis_server.stop()  # kill -9: the records read are about to be recoded
         return headers
 
@@ -397,8 +397,8 @@ def test_a_clear_landing_mid_recode_is_not_undone_by_it(make_engine, monkeypatch
     store = recode._innermost(engine.tier("disk"))
     real_get = store.get
 
-    def get_then_clear(keys, dests):
-        headers = real_get(keys, dests)
+    def get_then_clear(keys, dests, *copies):
+        headers = real_get(keys, dests, *copies)
         monkeypatch.setattr(store, "get", real_get)
         engine.clear()  # another thread's clear, landing between the read and the write-back
         return headers

@@ -2,7 +2,8 @@
 kvtier/transfers.py): each chunk is copied into `out` as its read lands, so these pin down what
 must not change with that: a chunk counts only once verified, a bad chunk in the middle (corrupt,
 truncated) ends the prefix there and nothing after it is reported, promoted or handed back, and
-many small read jobs finishing in any order still give the bytes that were stored."""
+many small read jobs finishing in any order still give the bytes that were stored. Every test runs
+with the checksum left to the copy out ("fused", kvtier.checksum_copy) and without it ("two passes")."""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ import pytest
 import torch
 from conftest import CHUNK, seeded_kv, seeded_tokens
 
-from kvtier import transfers
+from kvtier import checksum_copy, transfers
 from kvtier.record_files import BLOCK
 
 CHUNKS = 12
+
+
+@pytest.fixture(autouse=True, params=["fused", "two passes"])
+def fused(request, monkeypatch) -> bool:
+    if request.param == "two passes":
+        monkeypatch.setattr(checksum_copy, "AVAILABLE", False)
+    return request.param == "fused"
 
 
 @pytest.fixture

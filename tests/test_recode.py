@@ -196,9 +196,9 @@ def test_memory_stays_a_few_chunks_whatever_the_prompt(make_engine, monkeypatch)
     disk = engine.tier("disk")
     real_get, batches = disk.get, []
 
-    def get(keys, dests):
+    def get(keys, dests, *copies):
         batches.append(len(keys))
-        return real_get(keys, dests)
+        return real_get(keys, dests, *copies)
 
     monkeypatch.setattr(disk, "get", get)
     assert engine.compress(tokens, "cachegen-2", "disk") == CHUNKS

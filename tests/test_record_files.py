@@ -1,8 +1,11 @@
 """Tests for kvtier/record_files.py and kvtier/record_walk.py: the record-file store under the disk
-tier and kvtier_server's spill, on its own (numpy buffers, no tier, no index)."""
+tier and kvtier_server's spill, on its own (numpy buffers, no tier, no index). Every test runs with
+reads into padded buffers in one C call (`native_keys.read_record`, csrc/record_read.cpp) and with
+Python's five system calls; both must see the same files the same way."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import shutil
@@ -13,14 +16,26 @@ import time
 
 import numpy as np
 import pytest
+from record_opens import spy_record_opens
 
+from kvtier import native_keys
 from kvtier.errors import ConfigError, CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.record import encode_header
-from kvtier.record_files import BLOCK, SUFFIX, RecordDir, align_up, file_bytes, temp_name
+from kvtier.record_files import BLOCK, SUFFIX, RecordDir, align_up, file_bytes
+from kvtier.record_root import temp_name
 from kvtier.record_walk import LIVE_KEPT, STALE_DELETED, STALE_TEMP_S, Scan
 
 NS = b"\x5a" * 8
+
+
+@pytest.fixture(autouse=True, params=["C reads", "Python reads"])
+def read_path(request, monkeypatch) -> str:
+    if request.param == "Python reads":
+        monkeypatch.setattr(native_keys, "AVAILABLE", False)
+    else:
+        assert native_keys.AVAILABLE, native_keys.WHY_NOT  # (make test builds the extension)
+    return request.param
 
 
 def key(i: int) -> ChunkKey:
@@ -76,19 +91,12 @@ def test_o_direct_on_is_used_for_aligned_buffers_only(tmp_path, monkeypatch):
     files = RecordDir(tmp_path, NS, "auto")
     if not files.o_direct:
         pytest.skip("this file system refuses O_DIRECT")
-    opened, real_open = [], os.open
-
-    def spy(path, flags, *args, **kwargs):
-        if SUFFIX in str(path):
-            opened.append(bool(flags & os.O_DIRECT))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", spy)
+    opened = spy_record_opens(monkeypatch)
     k, _ = write(files, 1, offset=0)
     write(files, 2, offset=8)
     files.read(k, dest(3 * BLOCK, 8))
     files.read(k, dest(3 * BLOCK))
-    assert opened == [True, False, False, True]
+    assert [direct for _, direct in opened] == [True, False, False, True]
 
 
 def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_record(tmp_path, monkeypatch):
@@ -159,6 +167,41 @@ def test_a_missing_record_is_file_not_found_and_unlink_of_it_is_quiet(tmp_path):
     assert files.exists(k)
     files.unlink(k)
     assert not files.exists(k) and not os.path.exists(files.path(k))
+
+
+def test_a_missing_shard_or_record_a_symlink_or_a_fifo_at_a_record_name_fail_cleanly(tmp_path):
+    files = RecordDir(tmp_path / "d", NS, "auto")
+    with pytest.raises(FileNotFoundError):  # no shard directory yet
+        files.read(key(1), dest(3 * BLOCK))
+    k, data = write(files, 2)
+    target = files.path(k)
+    os.replace(target, target + ".real")
+    os.symlink(target + ".real", target)
+    with pytest.raises(OSError) as link:  # O_NOFOLLOW: a symlink at the record's name is refused
+        files.read(k, dest(3 * BLOCK))
+    assert link.value.errno == errno.ELOOP
+    os.unlink(target)
+    os.mkfifo(target)
+    for o_direct in ("auto", "off"):  # O_NONBLOCK: no wait for a writer; then EINVAL or ESPIPE
+        with pytest.raises(OSError):
+            RecordDir(tmp_path / "d", NS, o_direct).read(k, dest(3 * BLOCK))
+
+
+def test_read_record_refuses_bad_arguments_before_any_system_call(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    head, payload = bytearray(BLOCK), bytearray(BLOCK)
+    try:
+        with pytest.raises(ValueError, match="null"):
+            native_keys.read_record(fd, b"a\0b", b"x.kvr", 0, 0, head, payload)
+        with pytest.raises(TypeError):
+            native_keys.read_record(fd, "ab", b"x.kvr", 0, 0, head, payload)
+        with pytest.raises((BufferError, TypeError)):
+            native_keys.read_record(fd, b"ab", b"x.kvr", 0, 0, bytes(BLOCK), payload)
+        with pytest.raises(FileNotFoundError):
+            native_keys.read_record(fd, b"ab", b"x.kvr", os.O_RDONLY | os.O_DIRECTORY, os.O_RDONLY, head,
+                                    payload)
+    finally:
+        os.close(fd)
 
 
 def test_a_symlinked_shard_is_never_followed(tmp_path):

@@ -33,10 +33,10 @@ def test_a_retrieve_whose_copy_out_fails_frees_no_slab_a_read_below_still_writes
     disk, pool = manager.lower[0], manager.pool
     real_get, real_free, real_copy = disk.get, pool.free, pool.copy_chunks
 
-    def blocked_get(keys, dests):  # on a read thread: blocked until the slab is freed or waited for
+    def blocked_get(keys, dests, *copies):  # on a read thread: blocked until the slab is freed or waited for
         go.wait(10)
         seen.append(pool.used_slabs)
-        return real_get(keys, dests)
+        return real_get(keys, dests, *copies)
 
     def free(slab):
         real_free(slab)
@@ -94,7 +94,7 @@ def test_a_known_hit_over_a_tier_whose_reads_raise_serves_host_memory_and_leaks_
     engine.store(tokens[:CHUNK], kv[:, :, :CHUNK])  # chunk 0 in CPU, chunks 1-2 on disk only
     disk = engine.storage.lower[0]
 
-    def broken(keys, dests):
+    def broken(keys, dests, *copies):
         raise OSError("injected: the disk read fails")
 
     with monkeypatch.context() as patch:

@@ -1,7 +1,9 @@
-"""Tests for the copy out of a retrieve's lower-tier reads (kvtier/slab_io.py `_CopyOut`): while the
-first tier's reads run, the retrieving thread copies each chunk into `out` as it lands (the read
-threads go straight back to the disk); a chunk that a next tier serves is copied too; the bytes
-are the ones stored whatever order the reads land in."""
+"""Tests for the copy out of a retrieve's lower-tier reads (kvtier/slab_io.py): while the first
+tier's reads run, the retrieving thread copies each chunk into `out` as it lands (the read threads go
+straight back to the disk), checking its checksum as it copies where the disk tier left it to the
+copy (kvtier.checksum_copy: "fused"; without the extension, "two passes"); a chunk that a next tier
+serves is copied too; the bytes are the ones stored whatever order the reads land in. Every test
+runs both ways."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from conftest import CHUNK, NAMESPACE_MODEL, seeded_kv, seeded_tokens
 from waiting import wait_until
 
-from kvtier import transfers
+from kvtier import checksum_copy, transfers
 from kvtier.keys import Namespace
 from kvtier.memory import MemoryPool
 from kvtier.metrics import Metrics
@@ -23,17 +25,32 @@ from kvtier.tiers.disk import DiskTier
 CHUNKS = 6
 
 
+@pytest.fixture(autouse=True, params=["fused", "two passes"])
+def fused(request, monkeypatch) -> bool:
+    if request.param == "two passes":
+        monkeypatch.setattr(checksum_copy, "AVAILABLE", False)
+    else:
+        assert checksum_copy.AVAILABLE, checksum_copy.WHY_NOT  # (make test builds the extension)
+    return request.param == "fused"
+
+
 def record_copy_threads(manager: StorageManager, monkeypatch) -> list[int]:
-    """The thread of each copy out of slabs into `out` (the pool's copies the other way are not kept)."""
+    """The thread of each copy out of slabs into `out` (not of none, nor the pool's copies the other
+    way), checked (`checksum_copy.finish`) or not."""
     pool, threads = manager.pool, []
-    copy = pool.copy_chunks
+    copy, finish = pool.copy_chunks, checksum_copy.finish
 
     def recorded(chunks, kv, layout, into_slabs):
-        if not into_slabs:
+        if not into_slabs and chunks:
             threads.append(threading.get_ident())
         return copy(chunks, kv, layout, into_slabs)
 
+    def recorded_finish(piece_copy, payload):
+        threads.append(threading.get_ident())
+        return finish(piece_copy, payload)
+
     monkeypatch.setattr(pool, "copy_chunks", recorded)
+    monkeypatch.setattr(checksum_copy, "finish", recorded_finish)
     return threads
 
 
@@ -50,11 +67,11 @@ def test_the_retrieving_thread_copies_each_read_as_it_lands_while_later_reads_ru
     disk, held = manager.lower[0], []
     get = disk.get
 
-    def get_last_once_the_first_is_out(keys, dests):
+    def get_last_once_the_first_is_out(keys, dests, *copies):
         if spans[-1].key in keys:  # the last read waits for the first chunk to be in `out`
             held.append(wait_until(lambda: torch.equal(out[:, :, :CHUNK], kv[:, :, :CHUNK]),
                                    "the first chunk copied out while the last read was held", 10))
-        return get(keys, dests)
+        return get(keys, dests, *copies)
 
     monkeypatch.setattr(disk, "get", get_last_once_the_first_is_out)
     threads = record_copy_threads(manager, monkeypatch)

@@ -49,10 +49,10 @@ def on_each_read(tier, monkeypatch, note) -> None:
     """`note(keys)` before each of `tier`'s reads, one at a time (reads run on several threads)."""
     lock, get = threading.Lock(), tier.get
 
-    def noted(keys, dests):
+    def noted(keys, dests, *copies):
         with lock:
             note(keys)
-        return get(keys, dests)
+        return get(keys, dests, *copies)
 
     monkeypatch.setattr(tier, "get", noted)
 
@@ -102,10 +102,10 @@ def test_a_read_that_raises_ends_the_prefix_there_and_nothing_after_counts(on_di
     disk = manager.lower[0]
     get = disk.get
 
-    def raising(keys, dests):
+    def raising(keys, dests, *copies):
         if spans[bad].key in keys:
             raise OSError("the disk went away")  # a tier must not raise; the reader copes anyway
-        return get(keys, dests)
+        return get(keys, dests, *copies)
 
     monkeypatch.setattr(disk, "get", raising)
     out = torch.zeros_like(kv)
@@ -125,13 +125,13 @@ def test_an_interrupt_on_the_retrieving_thread_waits_for_the_reads_in_flight(on_
     held, release, done = spans[-1].key, threading.Event(), threading.Event()
     get, copy = disk.get, pool.copy_chunks
 
-    def held_read(keys, dests):
+    def held_read(keys, dests, *copies):
         if held in keys:
             assert release.wait(10), "the test never released the held read"
-            headers = get(keys, dests)
+            headers = get(keys, dests, *copies)
             done.set()
             return headers
-        return get(keys, dests)
+        return get(keys, dests, *copies)
 
     def interrupted(chunks, out, layout, into_slabs):  # the first copy out, on the retrieving thread
         if not into_slabs:

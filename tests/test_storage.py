@@ -286,9 +286,9 @@ class GatedDiskTier(DiskTier):
             if not held[1].wait(10):
                 raise TimeoutError(f"the test never opened the {op} gate")
 
-    def get(self, keys, dests):
+    def get(self, keys, dests, *copies):
         self._pass("get")
-        return super().get(keys, dests)
+        return super().get(keys, dests, *copies)
 
     def put(self, items):
         self._pass("put")

@@ -86,10 +86,10 @@ class GatedDisk(DiskTier):
         super().__init__(*args, **kwargs)
         self.reading, self.gate = threading.Event(), threading.Event()
 
-    def get(self, keys, dests):
+    def get(self, keys, dests, *copies):
         self.reading.set()
         assert self.gate.wait(timeout=20)
-        return super().get(keys, dests)
+        return super().get(keys, dests, *copies)
 
 
 def test_close_waits_for_calls_in_flight_and_refuses_later_ones(tmp_path, db, layout):

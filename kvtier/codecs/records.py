@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +28,11 @@ from kvtier.codecs.raw import RawCodec
 from kvtier.errors import CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
+from kvtier.metrics import Metrics
 from kvtier.record import RecordHeader, encode_header, tensor_bytes
+
+if TYPE_CHECKING:
+    from kvtier.tiers.base import Tier
 
 logger = logging.getLogger(__name__)
 _log = LogLimiter(logger)  # a model whose KV has infinities refuses every chunk: one line a minute
@@ -92,3 +97,21 @@ def decode_in_place(header: RecordHeader, buf: np.ndarray) -> bool:
     out = torch.from_numpy(buf[:nbytes]).view(header.dtype).view(header.shape)
     decode_chunk(header, coded, out)
     return True
+
+
+def decode_or_drop(tier: Tier, header: RecordHeader, buf: np.ndarray, metrics: Metrics,
+                   log: LogLimiter) -> bool | None:
+    """Decode the record of `header`, read into `buf`, in place (`decode_in_place`): True
+    once decoded, False for a raw record; None for one that does not decode, which is logged,
+    counted (the tier's `corrupt`, `decode_failures`) and removed from `tier`: a miss."""
+    try:
+        decoded = decode_in_place(header, buf)
+    except (CorruptRecord, ValueError) as exc:  # ValueError: a codec refusing the dtype (fp8 KV)
+        log.warning((tier.name, "decode"), "%s: record %s failed to decode (%s); dropping", tier.name,
+                    header.key, exc)
+        metrics.tier_inc(tier.name, "corrupt")
+        metrics.inc("decode_failures")
+        tier.remove([header.key])
+        return None
+    metrics.inc("decoded_chunks", int(decoded))
+    return decoded

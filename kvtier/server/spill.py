@@ -40,7 +40,8 @@ from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.policy import BoundedIndex, IndexListener
 from kvtier.record import encode_header
-from kvtier.record_files import BLOCK, RESOURCE_ERRNOS, RecordDir, file_bytes
+from kvtier.record_files import BLOCK, RecordDir, file_bytes
+from kvtier.record_root import RESOURCE_ERRNOS
 from kvtier.record_walk import Scan
 from kvtier.wire.decoder import fresh_buffer
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvtier.checksum_copy import PieceCopy
 from kvtier.dtypes import is_tensor
 from kvtier.errors import CorruptRecord
 from kvtier.keys import ChunkKey
@@ -41,7 +42,8 @@ from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.policy import BoundedIndex, IndexListener
 from kvtier.record import RecordHeader
-from kvtier.record_files import BLOCK, RESOURCE_ERRNOS, SUFFIX, RecordDir, file_bytes
+from kvtier.record_files import BLOCK, SUFFIX, RecordDir, file_bytes
+from kvtier.record_root import RESOURCE_ERRNOS
 from kvtier.record_walk import Scan
 from kvtier.tiers.base import PinPredicate, PutItem, TierUsage
 
@@ -72,6 +74,7 @@ def _as_array(buf: ByteBuffer) -> np.ndarray:
 
 class DiskTier:
     name, writable, fans_out, local = "disk", True, False, True
+    copies_out = True  # `get` takes `copies`: a raw record's checksum left to its copier (record.verify)
 
     def __init__(self, path: str | os.PathLike, namespace: bytes, capacity_bytes: int,
                  is_pinned: PinPredicate, metrics: Metrics, o_direct: str = "auto", fsync: bool = False):
@@ -175,16 +178,19 @@ class DiskTier:
             for key in keys:
                 self._index.touch(key)
 
-    def get(self, keys: Sequence[ChunkKey], dests: Sequence[ByteBuffer]) -> list:
+    def get(self, keys: Sequence[ChunkKey], dests: Sequence[ByteBuffer],
+            copies: Sequence[PieceCopy | None] | None = None) -> list:
+        """`copies[i]`: record i's checksum may be left to it (`record.verify`): unverified until then."""
         arrays = [_as_array(dest) for dest in dests]  # every buffer checked before any I/O
-        results = [self._read(key, dest) for key, dest in zip(keys, arrays, strict=True)]
+        results = [self._read(key, dest, copy) for key, dest, copy
+                   in zip(keys, arrays, copies or [None] * len(keys), strict=True)]
         self.touch([key for key, header in zip(keys, results, strict=True) if header is not None])
         self._metrics.tier_inc(self.name, "bytes_read", sum(h.payload_len for h in results if h is not None))
         return results
 
-    def _read(self, key: ChunkKey, dest: np.ndarray) -> RecordHeader | None:
+    def _read(self, key: ChunkKey, dest: np.ndarray, copy: PieceCopy | None) -> RecordHeader | None:
         try:
-            return self._files.read(key, dest)
+            return self._files.read(key, dest, copy)
         except FileNotFoundError:
             with self._lock:
                 # Deleted behind our back. Checked again under the lock: a write of this key that
@@ -234,7 +240,7 @@ class DiskTier:
         stored = False
         try:
             self._unlink_all(victims)
-            self._write_file(item.key, item.header, payload)
+            self._files.write(item.key, item.header, payload)
             stored = True
         except OSError as exc:
             self._failed("write", item.key, exc)
@@ -268,9 +274,6 @@ class DiskTier:
         if self._writing[key] <= 0:
             del self._writing[key]
             self._clobbered.discard(key)
-
-    def _write_file(self, key: ChunkKey, header: bytes, payload: np.ndarray) -> None:
-        self._files.write(key, header, payload)
 
     def remove(self, keys: Sequence[ChunkKey]) -> int:
         with self._lock:

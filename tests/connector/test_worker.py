@@ -442,7 +442,7 @@ def test_a_disk_tier_that_raises_on_get_means_recompute_not_a_crash(make_llm, ba
         first.generate(shared, GREEDY)
     second = make_llm("disk")
 
-    def broken_get(keys, dests):
+    def broken_get(keys, dests, *copies):
         raise OSError("injected: I/O error")
 
     monkeypatch.setattr(second.engine.kvtier.storage.lower[0], "get", broken_get)  # only the fault

@@ -132,8 +132,8 @@ def test_a_key_promoted_meanwhile_keeps_the_holds_own_copy(make_manager, db, lay
     tier = manager.lower[0]
     original_get = tier.get
 
-    def get_then_race(keys, dests):
-        result = original_get(keys, dests)
+    def get_then_race(keys, dests, *copies):
+        result = original_get(keys, dests, *copies)
         tier.get = original_get  # (the retrieve reads through the tier itself)
         assert manager.get(spans, None) == 1  # promotes it into the CPU tier
         return result

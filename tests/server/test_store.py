@@ -22,7 +22,8 @@ from kvtier.config import SpillConfig
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.record import HEADER_SIZE, encode_header
-from kvtier.record_files import BLOCK, temp_name
+from kvtier.record_files import BLOCK
+from kvtier.record_root import temp_name
 from kvtier.record_walk import STALE_TEMP_S
 from kvtier.server.store import RECORD_OVERHEAD, RecordStore
 from kvtier.wire.decoder import FrameDecoder

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CHUNK, seeded_kv, seeded_tokens, small_layout
+from record_opens import spy_record_opens
 
 from kvtier.dtypes import CODES_BY_NAME
 from kvtier.errors import ConfigError
@@ -27,7 +28,7 @@ from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.metrics import Metrics
 from kvtier.record import encode_header, tensor_bytes
-from kvtier.record_files import HOST_ID, probe_o_direct
+from kvtier.record_root import HOST_ID, probe_o_direct
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.disk import BLOCK, DiskTier
 
@@ -150,17 +151,8 @@ def padded(n: int) -> int:
 
 @pytest.fixture
 def direct_opens(monkeypatch) -> list[tuple[str, bool]]:
-    """(record file name, opened with O_DIRECT) for every record file opened during the test (the
-    disk tier's opens go through `os.open`). A pass-through wrapper: the real open runs."""
-    opened, real_open = [], os.open
-
-    def spy(path, flags, *args, **kwargs):
-        if ".kvr" in str(path):
-            opened.append((str(path), bool(flags & os.O_DIRECT)))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", spy)
-    return opened
+    """(record file name, opened with O_DIRECT) for every record file opened during the test."""
+    return spy_record_opens(monkeypatch)
 
 
 @pytest.mark.parametrize("o_direct", ["off", "auto"])
@@ -503,14 +495,14 @@ def test_concurrent_writes_of_one_key_reserve_its_bytes_once(tmp_path, layout):
     the tier evicted early and never returned to zero after a clear."""
     tier = make_tier(tmp_path)
     item = record(0, layout)
-    write_file = tier._write_file
+    write_file = tier._files.write
 
     def second_writer_lands_first(key: ChunkKey, header: bytes, payload) -> None:
-        tier._write_file = write_file  # interleave exactly once: the same put, mid-flight
+        tier._files.write = write_file  # interleave exactly once: the same put, mid-flight
         assert tier.put([PutItem(key, header, payload)]) == [True]
         write_file(key, header, payload)
 
-    tier._write_file = second_writer_lands_first
+    tier._files.write = second_writer_lands_first
 
     assert tier.put([item]) == [True]
     assert tier.usage().chunks == 1 and tier.usage().bytes == FILE_BYTES

@@ -23,7 +23,7 @@ from conftest import CHUNK, seeded_kv, small_layout
 from kvtier.keys import ChunkKey
 from kvtier.metrics import Metrics
 from kvtier.record import encode_header, tensor_bytes
-from kvtier.record_files import HOST_ID
+from kvtier.record_root import HOST_ID
 from kvtier.record_walk import LIVE_KEPT, STALE_DELETED, STALE_TEMP_S
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.disk import BLOCK, DiskTier
