@@ -18,6 +18,8 @@
 
 #include <dlfcn.h>
 
+#include "held_buffer.h"
+
 #include <algorithm>
 #include <cstring>
 
@@ -34,14 +36,7 @@ namespace {
 constexpr Py_ssize_t kBlockBytes = 16 * 1024;        // copied, then hashed from the L1 cache
 constexpr Py_ssize_t kReleaseGilBytes = 64 * 1024;  // below this the GIL is kept (see native_keys.cpp)
 
-struct Held {  // a Py_buffer released on every path out
-  Py_buffer view{};
-  bool held = false;
-  bool get(PyObject* obj, int flags) { return held = PyObject_GetBuffer(obj, &view, flags) == 0; }
-  ~Held() {
-    if (held) PyBuffer_Release(&view);
-  }
-};
+using Held = kvtier_native::HeldBuffer;
 
 struct Pieces {
   Py_ssize_t offset, piece, n_outer, s_outer, n_inner, s_inner;

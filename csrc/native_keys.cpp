@@ -26,6 +26,7 @@
 #include <Python.h>
 #include <dlfcn.h>
 
+#include "held_buffer.h"
 #include "record_read.h"
 #include "xxh3_stream.h"
 
@@ -58,16 +59,7 @@ constexpr Py_ssize_t kKeyBytes = kNamespaceBytes + kDigestBytes;
 // it can cost more than the hashing (the engine's block hashes are a few blocks per step).
 constexpr Py_ssize_t kReleaseGilBytes = 64 * 1024;
 
-// A held buffer, released on every path out.
-struct Buffer {
-  Py_buffer view{};
-  bool held = false;
-  bool get(PyObject* obj, int flags) { return held = PyObject_GetBuffer(obj, &view, flags) == 0; }
-  ~Buffer() {
-    if (held) PyBuffer_Release(&view);
-  }
-  const uint8_t* data() const { return static_cast<const uint8_t*>(view.buf); }
-};
+using Buffer = kvtier_native::HeldBuffer;
 
 void put_be64(uint8_t* out, uint64_t v) {
   for (int i = 7; i >= 0; --i, v >>= 8) out[i] = static_cast<uint8_t>(v);

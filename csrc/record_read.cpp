@@ -15,25 +15,21 @@
 // (exported, writable) while the GIL is released.
 #include "record_read.h"
 
+#include "held_buffer.h"
+
 #include <fcntl.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <climits>
 #include <cstring>
 
 namespace kvtier_io {
 
 namespace {
 
-struct Held {  // a Py_buffer released on every path out
-  Py_buffer view{};
-  bool held = false;
-  bool get(PyObject* obj, int flags) { return held = PyObject_GetBuffer(obj, &view, flags) == 0; }
-  ~Held() {
-    if (held) PyBuffer_Release(&view);
-  }
-};
+using Held = kvtier_native::HeldBuffer;
 
 struct Outcome {
   ssize_t got = -1;
@@ -41,15 +37,23 @@ struct Outcome {
   bool at_shard = false;  // the error was the shard directory's
 };
 
+int open_at(int dir_fd, const char* name, int flags) {  // retried on EINTR, as os.open is
+  int fd;
+  do {
+    fd = openat(dir_fd, name, flags);
+  } while (fd < 0 && errno == EINTR);
+  return fd;
+}
+
 Outcome read_file(int dir_fd, const char* shard, const char* name, int dir_flags, int file_flags,
                   iovec* iov) {
   Outcome out;
-  const int sfd = openat(dir_fd, shard, dir_flags);
+  const int sfd = open_at(dir_fd, shard, dir_flags);
   if (sfd < 0) {
     out.err = errno, out.at_shard = true;
     return out;
   }
-  const int fd = openat(sfd, name, file_flags);
+  const int fd = open_at(sfd, name, file_flags);
   const int open_err = errno;
   close(sfd);
   if (fd < 0) {
@@ -64,16 +68,30 @@ Outcome read_file(int dir_fd, const char* shard, const char* name, int dir_flags
   return out;
 }
 
+// An int argument in [low, INT_MAX]: TypeError or OverflowError (as os.open gives) otherwise.
+bool take_int(PyObject* obj, long low, int* out) {
+  const long v = PyLong_AsLong(obj);
+  if (v == -1 && PyErr_Occurred()) return false;
+  if (v < low || v > INT_MAX) {
+    PyErr_Format(PyExc_OverflowError, "%ld is out of range [%ld, %d]", v, low, INT_MAX);
+    return false;
+  }
+  *out = static_cast<int>(v);
+  return true;
+}
+
 }  // namespace
 
 PyObject* read_record(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 7) {
     return PyErr_Format(PyExc_TypeError, "read_record(dir_fd, shard, name, dir_flags, file_flags, head, payload)");
   }
-  const int dir_fd = PyLong_AsLong(args[0]);
-  const int dir_flags = PyLong_AsLong(args[3]);
-  const int file_flags = PyLong_AsLong(args[4]);
-  if (PyErr_Occurred()) return nullptr;
+  int dir_fd, dir_flags, file_flags;
+  if (!take_int(args[0], 0, &dir_fd) || !take_int(args[3], INT_MIN, &dir_flags) ||
+      !take_int(args[4], INT_MIN, &file_flags)) {
+    return nullptr;
+  }
+  if ((dir_flags | file_flags) & O_CREAT) return PyErr_Format(PyExc_ValueError, "read_record never creates");
   if (!PyBytes_Check(args[1]) || !PyBytes_Check(args[2])) {
     return PyErr_Format(PyExc_TypeError, "shard and name must be bytes");
   }

@@ -13,8 +13,9 @@ disk tier) checks the record's header, key and length as always, and for a raw r
 size leaves the checksum to the copy (`pending`) instead of computing it: the read thread goes back
 to the disk at once (on 2 vCPUs, four read threads checksumming in step left the disk idle between
 their reads), and whoever copies the chunk out runs `finish`, which checks the checksum as it
-copies. A chunk whose `finish` fails is not served (the caller drops the record, a miss); its bytes
-in `out` are in tokens the caller is not told it has. Where the extension is not built, `AVAILABLE`
+copies. A chunk whose `finish` fails (or never ran) is not found there: the reader drops the
+record and asks the next tier (kvtier.transfers); its bytes in `out` are overwritten by that tier's
+or are in tokens the caller is not told it has. Where the extension is not built, `AVAILABLE`
 is False, no PieceCopy is made, and the tier verifies and the retrieve copies as two passes.
 
 numpy only (no torch): record reading is shared with processes that never import torch.
@@ -53,8 +54,8 @@ class PieceCopy:
     s_outer: int
     n_inner: int
     s_inner: int
-    tier: object = None  # the tier asked to read it (set by the reader: a failed `finish` drops it there)
-    pending: Deferred | None = None  # set by that tier: the checksum is `finish`'s to check
+    pending: Deferred | None = None  # set by the tier that read it: the checksum is `finish`'s to check
+    passed: bool | None = None  # set by `finish`: whether it matched (None: not checked, not good)
 
     @property
     def nbytes(self) -> int:
@@ -72,7 +73,8 @@ def finish(copy: PieceCopy, payload: np.ndarray) -> bool:
     """Copy `payload` (the record read for `copy`, whose checksum is `pending`) into its pieces,
     checking the checksum in the same pass: True when it matches."""
     assert copy.pending is not None, "finish() of a copy whose tier verified it already"
-    return checksum_into(copy.pending.fields, payload, copy) == copy.pending.checksum
+    copy.passed = checksum_into(copy.pending.fields, payload, copy) == copy.pending.checksum
+    return copy.passed
 
 
 def _self_test() -> str:

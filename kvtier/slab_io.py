@@ -26,6 +26,7 @@ import torch
 
 from kvtier import checksum_copy
 from kvtier.checksum_copy import PieceCopy
+from kvtier.job_queue import TransferQueue
 from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool
@@ -33,7 +34,7 @@ from kvtier.metrics import Metrics
 from kvtier.record import encode_header, tensor_bytes
 from kvtier.tiers.base import PutItem, Tier
 from kvtier.tiers.cpu import CpuEntry
-from kvtier.transfers import ReadRequest, TierReader, TransferQueue
+from kvtier.transfers import ReadRequest, TierReader
 
 
 @dataclass(slots=True)
@@ -48,11 +49,12 @@ class ChunkRead:
 def _bytes_of(out: torch.Tensor | None) -> np.ndarray | None:
     """`out`'s bytes, for the disk tier to copy chunks into as it verifies them (kvtier.checksum_copy),
     or None where that does not apply: no extension, or an `out` not contiguous in host memory."""
-    if out is None or not checksum_copy.AVAILABLE or out.device.type != "cpu" or not out.is_contiguous():
+    if (out is None or not checksum_copy.AVAILABLE or out.device.type != "cpu" or not out.is_contiguous()
+            or out.requires_grad or out.is_inference()):  # (writes there must go through torch)
         return None
     try:
         return out.view(-1).view(torch.uint8).numpy()
-    except (RuntimeError, TypeError):  # (a tensor that requires grad, or has no numpy view)
+    except (RuntimeError, TypeError):  # (a tensor with no numpy view)
         return None
 
 
@@ -97,7 +99,7 @@ class _CopyOut:
     read limit end to end; handed over, 0.81-0.89x). Chunks that land later (from a next tier) are
     copied by their read thread. The hand-over (`_queue`, `_caller_copies`, `_jobs_left`) is
     under `_landed`. A chunk whose tier left its checksum to the copy (kvtier.checksum_copy) is
-    checked as it is copied; one that fails goes to `corrupt`, for the caller to drop. A chunk
+    checked as it is copied (the reader counts it found only if it passed). A chunk
     after a miss is copied too, into tokens the caller is not told it has (only the prefix before
     the first miss counts as served). A failed copy (an `out` that cannot be written) is kept for
     `check`, which raises it on the caller's thread once no read is in flight."""
@@ -106,7 +108,6 @@ class _CopyOut:
         self.requests, self.out = requests, out
         self.pool, self.layout, self.reads = requests.pool, requests.layout, requests.reads
         self.failure: BaseException | None = None
-        self.corrupt: list[int] = []  # whose checksum failed as they were copied out
         self._landed = threading.Condition()
         self._queue: list[int] = []  # landed, for the caller to copy (until `copy_while` is done)
         self._caller_copies = True
@@ -150,13 +151,12 @@ class _CopyOut:
             self.failure = self.failure or exc
 
     def _checked_copy(self, i: int) -> bool:
-        """Copy chunk `i` out checking its checksum, where its tier left that to the copy (False,
-        copying nothing, where it did not). A chunk that fails it goes to `corrupt`."""
+        """Copy chunk `i` out checking its checksum (`copy.passed` says how it went), where its tier
+        left that to the copy; False, copying nothing, where it did not."""
         copy = self.requests.copies[i]
         if copy is None or copy.pending is None:
             return False
-        if not checksum_copy.finish(copy, self.pool.tensor(self.reads[i].entry.slab, copy.nbytes).numpy()):
-            self.corrupt.append(i)
+        checksum_copy.finish(copy, self.pool.tensor(self.reads[i].entry.slab, copy.nbytes).numpy())
         return True
 
     def check(self) -> None:
@@ -189,13 +189,9 @@ class SlabIO:
             # The reads still write into slabs that the caller frees once this raises: wait first.
             wait([future for _, future in pending.jobs])
             raise
-        found = self.reader.finish(pending)
+        served = iter(self.reader.finish(pending))
         if copy_out is not None:
             copy_out.check()
-            for i in copy_out.corrupt:  # a checksum left to the copy out, which failed: a miss
-                found[i] = False
-                self.reader.drop(requests.copies[i].tier, lower[i].span.key, "checksum mismatch")
-        served = iter(found)
         ok = [r.from_cpu or next(served) for r in plan]
         return ok.index(False) if False in ok else len(plan)
 

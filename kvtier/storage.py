@@ -42,6 +42,7 @@ import torch
 from kvtier import storage_admin as admin
 from kvtier.call_gate import CallGate, guarded
 from kvtier.invariants import check_invariants, pool_stats, refresh_usage
+from kvtier.job_queue import TransferQueue
 from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
 from kvtier.log_limit import LogLimiter
@@ -52,7 +53,6 @@ from kvtier.pins import PinTable
 from kvtier.slab_io import ChunkRead, SlabIO
 from kvtier.tiers.base import Tier, writable_tiers
 from kvtier.tiers.cpu import CpuEntry, CpuTier
-from kvtier.transfers import TransferQueue
 from kvtier.write_behind import WriteBehind
 
 logger = logging.getLogger(__name__)

@@ -1,12 +1,9 @@
-"""Background I/O jobs: the only place kvtier runs work on other threads, and the reader that
-fans record reads out over them.
+"""The reader that fans record reads from the tiers below host memory out over the I/O threads
+(kvtier.job_queue's TransferQueue), lands each chunk as it is read, and settles which were found.
 
-Where it runs: in the CacheEngine's process; jobs run on a small thread pool (disk and socket
-calls release the GIL, so threads overlap real I/O). Lifecycle: `submit(fn, *args)` returns a
-`Future` at once and never blocks the caller on I/O; `drain()` waits for every job submitted so far
-(flush, clear, close); `close()` drains and stops the threads. Completion callbacks are the job's
-own business (a write calls back into the StorageManager under its lock: kvtier.write_behind). A
-job that raises is logged (at most a line a minute: kvtier.log_limit) and counted, never lost silently.
+Where it runs: `start` and `finish` on the retrieving thread; the reads on the I/O threads (disk and
+socket calls release the GIL, so threads overlap real I/O); a tier that fans out is read on the
+retrieving thread.
 """
 
 from __future__ import annotations
@@ -15,15 +12,15 @@ import dataclasses
 import itertools
 import logging
 import math
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
 
 import torch
 
 from kvtier.checksum_copy import PieceCopy
 from kvtier.codecs.records import decode_or_drop
+from kvtier.job_queue import TransferQueue
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
@@ -42,48 +39,6 @@ logger = logging.getLogger(__name__)
 READ_JOB_BYTES = 2 << 20
 
 Landed = Callable[[list[int]], None]  # indices of requests read and verified, called on the job's thread
-
-
-class TransferQueue:
-    def __init__(self, threads: int, name: str = "kvtier-io"):
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
-        self._lock = threading.Lock()
-        self._inflight: set[Future] = set()
-        self.failed = 0
-        self.threads = threads
-        self._log = LogLimiter(logger)  # a job failing for every batch must not log for every batch
-
-    def submit(self, fn: Callable, *args) -> Future:
-        future = self._pool.submit(fn, *args)
-        with self._lock:
-            self._inflight.add(future)
-        future.add_done_callback(self._done)
-        return future
-
-    def _done(self, future: Future) -> None:
-        with self._lock:
-            self._inflight.discard(future)
-        if future.exception() is not None:
-            self.failed += 1
-            self._log.error("job", "background transfer failed", exc_info=future.exception())
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._inflight)
-
-    def drain(self, timeout: float | None = None) -> bool:
-        """Wait for every job submitted so far. True when all finished within `timeout`."""
-        with self._lock:
-            jobs = list(self._inflight)
-        done, not_done = wait(jobs, timeout=timeout)
-        return not not_done
-
-    def close(self) -> None:
-        self.drain()
-        self._pool.shutdown(wait=True)
 
 
 def _run_here(fn: Callable, *args) -> Future:
@@ -111,6 +66,9 @@ class PendingReads:
     requests: Sequence[ReadRequest]  # indexed on the read threads (it may make each on demand)
     jobs: list[tuple[list[int], Future]]
     landed: Landed | None = None
+    # Requests read with their checksum left to the copy out (`copy.pending`), by index: `_collect`
+    # counts each only if its copy out checked it good.
+    deferred: dict[int, tuple[ChunkKey, PieceCopy]] = field(default_factory=dict)
 
 
 class TierReader:
@@ -125,13 +83,14 @@ class TierReader:
     tier, decoded, of the expected shape), as soon as they are: the caller copies them out while
     later reads run. A request's `copy` (kvtier.checksum_copy) is given to a tier that `copies_out`
     (the disk tier), which may leave the record's checksum to it (`copy.pending`): `landed` must
-    then check it as it copies the chunk out (`checksum_copy.finish`), and `drop` it if it fails.
-    Jobs land in any order; which leading requests form the prefix is the caller's
-    to decide from `finish`. A coded record (any tier may hold some: kvtier.tiers.coded) is decoded
-    in place into its buffer by the job that read it, on the thread that ran the tier's `get`, so a
-    chunk is decoded once, on its way up into host memory; one that fails to decode is a miss,
-    counted corrupt and removed. A record whose codec, dtype or shape is not what the caller
-    expects is dropped below and counted as corrupt; a tier that raises (it must not) costs its
+    then check it as it copies the chunk out (`checksum_copy.finish`); `finish` counts the chunk
+    found only if that check passed, and else asks the next tier. Jobs land in any order; which
+    leading requests form the prefix is the caller's to decide from `finish`. A coded record (any
+    tier may hold some: kvtier.tiers.coded) is decoded in place into its buffer by the job that
+    read it, on the thread that ran the tier's `get`, so a chunk is decoded once, on its way up
+    into host memory; one that fails to decode is a miss, counted corrupt and removed. A record
+    whose codec, dtype or shape is not what the caller expects is dropped below and counted as
+    corrupt; a tier that raises (it must not) costs its
     chunks, never the caller. `requests` may make each request when it is indexed (SlabIO's do): a
     job indexes its own, on its read thread, so the first reads need not wait for the whole batch.
     """
@@ -214,12 +173,14 @@ class TierReader:
         copies = [r.copy for r in requests] if getattr(tier, "copies_out", False) else []
         for copy in copies:
             if copy is not None:
-                copy.tier, copy.pending = tier, None
+                copy.pending, copy.passed = None, None
         headers = tier.get(keys, dests, copies) if any(copies) else tier.get(keys, dests)
         ok = []
-        for request, header in zip(requests, headers):
+        for i, request, header in zip(part, requests, headers):
             header = self._decoded(tier, header, request)
             ok.append(header is not None and self._fits(tier, header, request))
+            if ok[-1] and request.copy is not None and request.copy.pending is not None:
+                pending.deferred[i] = (request.key, request.copy)
         if pending.landed is not None and any(ok):
             pending.landed([i for i, good in zip(part, ok) if good])
         return ok
@@ -249,7 +210,7 @@ class TierReader:
                     break
                 jobs = self._submit(tier, pending, todo)
             try:
-                self._collect(tier, jobs, found)
+                self._collect(tier, jobs, found, pending.deferred)
             except BaseException:
                 # (an interrupt, or a job that raised one) The jobs still running write into the
                 # caller's buffers, which it frees once this raises: let them end first.
@@ -257,8 +218,13 @@ class TierReader:
                 raise
         return found
 
-    def _collect(self, tier: Tier, jobs: list[tuple[list[int], Future]], found: list[bool]) -> None:
-        """Wait for `tier`'s jobs; what each read into `found`, and the tier's hit and miss counts."""
+    def _collect(self, tier: Tier, jobs: list[tuple[list[int], Future]], found: list[bool],
+                 deferred: dict[int, tuple[ChunkKey, PieceCopy]]) -> None:
+        """Wait for `tier`'s jobs; what each read into `found`, and the tier's hit and miss counts.
+        A read whose checksum was left to its copy out counts once that check passed (it has run by
+        now: the caller copies the first tier's chunks before `finish`, the read threads a next
+        tier's within their jobs); one that failed, or never ran, is a miss, dropped from `tier`,
+        and the next tier is asked for it."""
         asked = hits = 0
         for part, future in jobs:
             asked += len(part)
@@ -269,6 +235,10 @@ class TierReader:
                 self.metrics.tier_inc(tier.name, "errors", len(part))  # per chunk, as tiers count
                 continue
             for i, good in zip(part, ok):
+                key, copy = deferred.pop(i, (None, None))
+                if copy is not None and not copy.passed:
+                    good = False
+                    self.drop(tier, key, "checksum mismatch" if copy.passed is False else "never checked")
                 found[i] = good
                 hits += good
         self.metrics.tier_inc(tier.name, "hits", hits)

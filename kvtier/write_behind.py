@@ -18,12 +18,12 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 
+from kvtier.job_queue import TransferQueue
 from kvtier.keys import ChunkKey
 from kvtier.memory import MemoryPool
 from kvtier.slab_io import SlabIO
 from kvtier.tiers.base import Tier
 from kvtier.tiers.cpu import CpuEntry
-from kvtier.transfers import TransferQueue
 
 Landed = Callable[[ChunkKey, CpuEntry, bool], None]
 

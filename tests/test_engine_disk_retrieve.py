@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from conftest import CHUNK, seeded_kv, seeded_tokens
+from native_paths import use_native
 
 from kvtier import checksum_copy, transfers
 from kvtier.record_files import BLOCK
@@ -20,10 +21,8 @@ CHUNKS = 12
 
 
 @pytest.fixture(autouse=True, params=["fused", "two passes"])
-def fused(request, monkeypatch) -> bool:
-    if request.param == "two passes":
-        monkeypatch.setattr(checksum_copy, "AVAILABLE", False)
-    return request.param == "fused"
+def fused(request, monkeypatch) -> None:
+    use_native(monkeypatch, checksum_copy, request.param == "fused")
 
 
 @pytest.fixture

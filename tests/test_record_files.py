@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from native_paths import use_native
 from record_opens import spy_record_opens
 
 from kvtier import native_keys
@@ -30,12 +31,8 @@ NS = b"\x5a" * 8
 
 
 @pytest.fixture(autouse=True, params=["C reads", "Python reads"])
-def read_path(request, monkeypatch) -> str:
-    if request.param == "Python reads":
-        monkeypatch.setattr(native_keys, "AVAILABLE", False)
-    else:
-        assert native_keys.AVAILABLE, native_keys.WHY_NOT  # (make test builds the extension)
-    return request.param
+def read_path(request, monkeypatch) -> None:
+    use_native(monkeypatch, native_keys, request.param == "C reads")
 
 
 def key(i: int) -> ChunkKey:
@@ -197,9 +194,17 @@ def test_read_record_refuses_bad_arguments_before_any_system_call(tmp_path):
             native_keys.read_record(fd, "ab", b"x.kvr", 0, 0, head, payload)
         with pytest.raises((BufferError, TypeError)):
             native_keys.read_record(fd, b"ab", b"x.kvr", 0, 0, bytes(BLOCK), payload)
+        for bad_fd in (fd + 2**32, -1, 2**70):  # (review: a huge fd was truncated to `fd` and read)
+            with pytest.raises(OverflowError):
+                native_keys.read_record(bad_fd, b"ab", b"x.kvr", 0, 0, head, payload)
+        with pytest.raises(TypeError):
+            native_keys.read_record(fd, b"ab", b"x.kvr", 1.5, "flags", head, payload)
+        with pytest.raises(ValueError, match="never creates"):
+            native_keys.read_record(fd, b"ab", b"x.kvr", 0, os.O_RDONLY | os.O_CREAT, head, payload)
         with pytest.raises(FileNotFoundError):
             native_keys.read_record(fd, b"ab", b"x.kvr", os.O_RDONLY | os.O_DIRECTORY, os.O_RDONLY, head,
                                     payload)
+        assert os.listdir(tmp_path) == []
     finally:
         os.close(fd)
 

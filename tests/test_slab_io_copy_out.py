@@ -12,6 +12,8 @@ import threading
 import pytest
 import torch
 from conftest import CHUNK, NAMESPACE_MODEL, seeded_kv, seeded_tokens
+from connector.conftest import flip_payload_byte
+from native_paths import use_native
 from waiting import wait_until
 
 from kvtier import checksum_copy, transfers
@@ -26,12 +28,8 @@ CHUNKS = 6
 
 
 @pytest.fixture(autouse=True, params=["fused", "two passes"])
-def fused(request, monkeypatch) -> bool:
-    if request.param == "two passes":
-        monkeypatch.setattr(checksum_copy, "AVAILABLE", False)
-    else:
-        assert checksum_copy.AVAILABLE, checksum_copy.WHY_NOT  # (make test builds the extension)
-    return request.param == "fused"
+def fused(request, monkeypatch) -> None:
+    use_native(monkeypatch, checksum_copy, request.param == "fused")
 
 
 def record_copy_threads(manager: StorageManager, monkeypatch) -> list[int]:
@@ -107,6 +105,54 @@ def test_a_chunk_the_first_tier_misses_is_copied_out_from_the_next(tmp_path, db,
                 metrics.value("kvtier_tier_hits_total", {"tier": "far"})) == (CHUNKS - 2, 2)
     finally:
         manager.close()
+
+
+def test_a_chunk_that_fails_its_checksum_in_the_first_tier_is_served_by_the_next(tmp_path, db, layout):
+    """Bug (review of the fused pass): a checksum left to the copy out failed after the reader had
+    settled the first tier's answer, so the next tier, which held a good copy, was never asked; and
+    the first tier counted a hit for it."""
+    metrics = Metrics(["cpu", "near", "far"])
+    pool = MemoryPool(2 * CHUNKS * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
+    pins = PinTable()
+    namespace = Namespace.for_layout(NAMESPACE_MODEL, layout).digest()
+    near, far = (DiskTier(tmp_path / name, namespace, 1 << 24, pins.__contains__, metrics)
+                 for name in ("near", "far"))
+    near.name, far.name = "near", "far"
+    manager = StorageManager(layout, pool, [near, far], metrics, pins=pins, io_threads=2)
+    try:
+        spans = db.spans(seeded_tokens(CHUNKS * CHUNK, 6))
+        kv = seeded_kv(layout, CHUNKS * CHUNK, 6)
+        manager.put(spans, kv)
+        assert manager.flush()
+        manager.clear(manager.cpu)
+        flip_payload_byte(near.path_for(spans[2].key))  # only its checksum can tell
+        out = torch.zeros_like(kv)
+
+        assert manager.get(spans, out) == CHUNKS
+
+        assert torch.equal(out, kv)
+        hits = {t: metrics.value("kvtier_tier_hits_total", {"tier": t}) for t in ("near", "far")}
+        assert hits == {"near": CHUNKS - 1, "far": 1}
+        assert metrics.value("kvtier_tier_corrupt_total", {"tier": "near"}) == 1
+        assert near.has([spans[2].key]) == [False]  # dropped from the tier that held it damaged
+        assert pool.owners() == {"cpu": CHUNKS}  # promoted, every read slab accounted for
+    finally:
+        manager.close()
+
+
+def test_an_out_that_requires_grad_is_copied_into_through_torch(make_manager, db, layout, monkeypatch):
+    """Review: the fused pass wrote through numpy into an `out` that requires grad, where torch's own
+    copy refuses; such an `out` takes the two-pass path and fails the same way from any tier."""
+    manager = make_manager()
+    spans = db.spans(seeded_tokens(CHUNKS * CHUNK, 8))
+    kv = seeded_kv(layout, CHUNKS * CHUNK, 8)
+    manager.put(spans, kv)
+    assert manager.flush()
+    manager.clear(manager.cpu)
+    out = torch.zeros_like(kv).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        manager.get(spans, out)
+    assert manager.pool.owners() == {}
 
 
 @pytest.mark.parametrize("job_bytes", [1, 1 << 30])

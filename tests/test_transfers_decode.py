@@ -19,6 +19,7 @@ from conftest import seeded_kv, seeded_tokens
 
 from kvtier.codecs.base import CACHEGEN_ID
 from kvtier.codecs.records import codec_named, encode_chunk
+from kvtier.job_queue import TransferQueue
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool
@@ -27,7 +28,7 @@ from kvtier.record import decode_header, encode_header
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.wrapped import WrappedTier
-from kvtier.transfers import ReadRequest, TierReader, TransferQueue
+from kvtier.transfers import ReadRequest, TierReader
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=32, dtype=torch.float16)
 TOKENS = 64

@@ -14,6 +14,7 @@ import torch
 from conftest import seeded_kv
 
 from kvtier import transfers
+from kvtier.job_queue import TransferQueue
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
 from kvtier.metrics import Metrics
@@ -22,7 +23,7 @@ from kvtier.record_files import BLOCK
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.wrapped import WrappedTier
-from kvtier.transfers import ReadRequest, TierReader, TransferQueue
+from kvtier.transfers import ReadRequest, TierReader
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, dtype=torch.float16)
 TOKENS = 32
