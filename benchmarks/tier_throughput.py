@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from harness import console_and_logging, machine_info, progress_bar, scratch_run, write_results
 from rich.progress import Progress
-from tier_report import TARGET_RATIO, Row, judge, plot, print_tables
+from tier_report import TARGET_RATIO, TWO_PASSES, Row, judge, plot, print_tables
 
+from kvtier import checksum_copy
 from kvtier.config import CpuConfig, DiskConfig, KvtierConfig
 from kvtier.engine import CacheEngine
 from kvtier.keys import ChunkKey, tokens_to_u32
@@ -213,6 +214,16 @@ def engine_phases(b: Bench, geo: Geometry, stack: ExitStack, threads: int | None
         if eng.retrieve(tokens, out=out)[1] != len(tokens):
             raise RuntimeError("retrieve missed chunks")
 
+    def retrieve_in_two_passes() -> None:
+        """The retrieve as before issue 15's fourth session, side by side: the disk tier checksums
+        each record and the copy out is a plain copy (kvtier.checksum_copy off)."""
+        checksum_copy.AVAILABLE = False
+        try:
+            retrieve()
+        finally:
+            checksum_copy.AVAILABLE = fused
+
+    fused = checksum_copy.AVAILABLE
     if disk is None:
         phases = [Phase(Row("cpu tier", "store", "tier", "memory", 1), store, eng.clear),
                   Phase(Row("cpu tier", "retrieve", "tier", "memory", 1), retrieve)]
@@ -221,11 +232,15 @@ def engine_phases(b: Bench, geo: Geometry, stack: ExitStack, threads: int | None
         phases = [Phase(Row("disk tier", "store", "end-to-end", mode, threads), store, eng.clear),
                   Phase(Row("disk tier", "retrieve", "end-to-end", mode, threads), retrieve,
                         lambda: eng.clear("cpu"))]
+        if fused:
+            phases.append(Phase(Row(TWO_PASSES, "retrieve", "end-to-end", mode, threads),
+                                retrieve_in_two_passes, lambda: eng.clear("cpu")))
 
     def check() -> None:  # runs before the engine closes (an ExitStack unwinds in reverse)
         if not torch.equal(out.view(-1).view(torch.uint8), kv.view(-1).view(torch.uint8)):
             raise RuntimeError("retrieved KV differs from what was stored")
-        hits, runs = eng.stats()["tiers"]["disk"]["hits"] if disk else 0, len(phases[1].row.seconds) + 1
+        hits = eng.stats()["tiers"]["disk"]["hits"] if disk else 0
+        runs = sum(len(p.row.seconds) + 1 for p in phases if p.row.op == "retrieve")
         if disk and hits != geo.chunks * runs:
             raise RuntimeError(f"expected every retrieve served by the disk tier: {hits} hits in {runs} runs")
 
