@@ -41,6 +41,18 @@ def seeded_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(layout.chunk_shape(num_tokens), generator=g).to(layout.dtype)
 
 
+def stored_below(manager: StorageManager, db: TokenDatabase, layout: KVLayout, chunks: int,
+                 seed: int) -> tuple[list, torch.Tensor]:
+    """A seeded `chunks`-chunk prompt stored through `manager`, flushed, and cleared from its CPU
+    tier, so that only the tiers below hold it: (its spans, its KV)."""
+    spans = db.spans(seeded_tokens(chunks * CHUNK, seed))
+    kv = seeded_kv(layout, chunks * CHUNK, seed)
+    manager.put(spans, kv)
+    assert manager.flush()
+    manager.clear(manager.cpu)
+    return spans, kv
+
+
 class FakeClock:
     """A monotonic clock the test moves by hand (`clock.now += 5`): time-based behaviour (back-off,
     log limits) tested without sleeping."""

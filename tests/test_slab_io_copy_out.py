@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import CHUNK, NAMESPACE_MODEL, seeded_kv, seeded_tokens
+from conftest import CHUNK, NAMESPACE_MODEL, seeded_kv, seeded_tokens, stored_below
 from connector.conftest import flip_payload_byte
 from native_paths import use_native
 from waiting import wait_until
@@ -80,7 +80,9 @@ def test_the_retrieving_thread_copies_each_read_as_it_lands_while_later_reads_ru
     assert threads and set(threads) == {threading.get_ident()}  # every copy on the retrieving thread
 
 
-def test_a_chunk_the_first_tier_misses_is_copied_out_from_the_next(tmp_path, db, layout):
+@pytest.fixture
+def two_disks(tmp_path, layout):
+    """A StorageManager over two disk tiers, "near" then "far" (both hold what is stored)."""
     metrics = Metrics(["cpu", "near", "far"])
     pool = MemoryPool(2 * CHUNKS * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
     pins = PinTable()
@@ -89,66 +91,47 @@ def test_a_chunk_the_first_tier_misses_is_copied_out_from_the_next(tmp_path, db,
                  for name in ("near", "far"))
     near.name, far.name = "near", "far"
     manager = StorageManager(layout, pool, [near, far], metrics, pins=pins, io_threads=2)
-    try:
-        spans = db.spans(seeded_tokens(CHUNKS * CHUNK, 4))
-        kv = seeded_kv(layout, CHUNKS * CHUNK, 4)
-        manager.put(spans, kv)
-        assert manager.flush()
-        manager.clear(manager.cpu)
-        near.remove([spans[i].key for i in (1, 4)])  # these two are read from `far`, after the rest
-        out = torch.zeros_like(kv)
-
-        assert manager.get(spans, out) == CHUNKS
-
-        assert torch.equal(out, kv)
-        assert (metrics.value("kvtier_tier_hits_total", {"tier": "near"}),
-                metrics.value("kvtier_tier_hits_total", {"tier": "far"})) == (CHUNKS - 2, 2)
-    finally:
-        manager.close()
+    yield manager, metrics, near
+    manager.close()
 
 
-def test_a_chunk_that_fails_its_checksum_in_the_first_tier_is_served_by_the_next(tmp_path, db, layout):
+def test_a_chunk_the_first_tier_misses_is_copied_out_from_the_next(two_disks, db, layout):
+    manager, metrics, near = two_disks
+    spans, kv = stored_below(manager, db, layout, CHUNKS, 4)
+    near.remove([spans[i].key for i in (1, 4)])  # these two are read from `far`, after the rest
+    out = torch.zeros_like(kv)
+
+    assert manager.get(spans, out) == CHUNKS
+
+    assert torch.equal(out, kv)
+    assert (metrics.value("kvtier_tier_hits_total", {"tier": "near"}),
+            metrics.value("kvtier_tier_hits_total", {"tier": "far"})) == (CHUNKS - 2, 2)
+
+
+def test_a_chunk_that_fails_its_checksum_in_the_first_tier_is_served_by_the_next(two_disks, db, layout):
     """Bug (review of the fused pass): a checksum left to the copy out failed after the reader had
     settled the first tier's answer, so the next tier, which held a good copy, was never asked; and
     the first tier counted a hit for it."""
-    metrics = Metrics(["cpu", "near", "far"])
-    pool = MemoryPool(2 * CHUNKS * layout.chunk_bytes(CHUNK), layout.chunk_bytes(CHUNK), pin=False)
-    pins = PinTable()
-    namespace = Namespace.for_layout(NAMESPACE_MODEL, layout).digest()
-    near, far = (DiskTier(tmp_path / name, namespace, 1 << 24, pins.__contains__, metrics)
-                 for name in ("near", "far"))
-    near.name, far.name = "near", "far"
-    manager = StorageManager(layout, pool, [near, far], metrics, pins=pins, io_threads=2)
-    try:
-        spans = db.spans(seeded_tokens(CHUNKS * CHUNK, 6))
-        kv = seeded_kv(layout, CHUNKS * CHUNK, 6)
-        manager.put(spans, kv)
-        assert manager.flush()
-        manager.clear(manager.cpu)
-        flip_payload_byte(near.path_for(spans[2].key))  # only its checksum can tell
-        out = torch.zeros_like(kv)
+    manager, metrics, near = two_disks
+    spans, kv = stored_below(manager, db, layout, CHUNKS, 6)
+    flip_payload_byte(near.path_for(spans[2].key))  # only its checksum can tell
+    out = torch.zeros_like(kv)
 
-        assert manager.get(spans, out) == CHUNKS
+    assert manager.get(spans, out) == CHUNKS
 
-        assert torch.equal(out, kv)
-        hits = {t: metrics.value("kvtier_tier_hits_total", {"tier": t}) for t in ("near", "far")}
-        assert hits == {"near": CHUNKS - 1, "far": 1}
-        assert metrics.value("kvtier_tier_corrupt_total", {"tier": "near"}) == 1
-        assert near.has([spans[2].key]) == [False]  # dropped from the tier that held it damaged
-        assert pool.owners() == {"cpu": CHUNKS}  # promoted, every read slab accounted for
-    finally:
-        manager.close()
+    assert torch.equal(out, kv)
+    hits = {t: metrics.value("kvtier_tier_hits_total", {"tier": t}) for t in ("near", "far")}
+    assert hits == {"near": CHUNKS - 1, "far": 1}
+    assert metrics.value("kvtier_tier_corrupt_total", {"tier": "near"}) == 1
+    assert near.has([spans[2].key]) == [False]  # dropped from the tier that held it damaged
+    assert manager.pool.owners() == {"cpu": CHUNKS}  # promoted, every read slab accounted for
 
 
-def test_an_out_that_requires_grad_is_copied_into_through_torch(make_manager, db, layout, monkeypatch):
+def test_an_out_that_requires_grad_is_copied_into_through_torch(make_manager, db, layout):
     """Review: the fused pass wrote through numpy into an `out` that requires grad, where torch's own
     copy refuses; such an `out` takes the two-pass path and fails the same way from any tier."""
     manager = make_manager()
-    spans = db.spans(seeded_tokens(CHUNKS * CHUNK, 8))
-    kv = seeded_kv(layout, CHUNKS * CHUNK, 8)
-    manager.put(spans, kv)
-    assert manager.flush()
-    manager.clear(manager.cpu)
+    spans, kv = stored_below(manager, db, layout, CHUNKS, 8)
     out = torch.zeros_like(kv).requires_grad_(True)
     with pytest.raises(RuntimeError, match="requires grad"):
         manager.get(spans, out)

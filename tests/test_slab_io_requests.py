@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import CHUNK, seeded_kv, seeded_tokens, tier_counter
+from conftest import CHUNK, stored_below, tier_counter
 
 from kvtier import slab_io, transfers
 
@@ -24,11 +24,7 @@ READ_THREADS = 2  # make_manager's io_threads
 def on_disk(make_manager, db, layout):
     """A StorageManager (2 read threads) whose disk tier alone holds a 12-chunk prompt."""
     manager = make_manager()
-    spans = db.spans(seeded_tokens(CHUNKS * CHUNK, 11))
-    kv = seeded_kv(layout, CHUNKS * CHUNK, 11)
-    manager.put(spans, kv)
-    assert manager.flush()
-    manager.clear(manager.cpu)
+    spans, kv = stored_below(manager, db, layout, CHUNKS, 11)
     return manager, spans, kv
 
 
