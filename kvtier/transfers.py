@@ -223,8 +223,8 @@ class TierReader:
         """Wait for `tier`'s jobs; what each read into `found`, and the tier's hit and miss counts.
         A read whose checksum was left to its copy out counts once that check passed (it has run by
         now: the caller copies the first tier's chunks before `finish`, the read threads a next
-        tier's within their jobs); one that failed, or never ran, is a miss, dropped from `tier`,
-        and the next tier is asked for it."""
+        tier's within their jobs); one that failed is a miss, dropped from `tier`, and the next tier
+        is asked for it; one never checked (its copy out raised) is a miss, kept in `tier`."""
         asked = hits = 0
         for part, future in jobs:
             asked += len(part)
@@ -238,7 +238,8 @@ class TierReader:
                 key, copy = deferred.pop(i, (None, None))
                 if copy is not None and not copy.passed:
                     good = False
-                    self.drop(tier, key, "checksum mismatch" if copy.passed is False else "never checked")
+                    if copy.passed is False:  # (never checked: its copy out failed, not the record)
+                        self.drop(tier, key, "checksum mismatch")
                 found[i] = good
                 hits += good
         self.metrics.tier_inc(tier.name, "hits", hits)

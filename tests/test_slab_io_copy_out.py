@@ -127,6 +127,34 @@ def test_a_chunk_that_fails_its_checksum_in_the_first_tier_is_served_by_the_next
     assert manager.pool.owners() == {"cpu": CHUNKS}  # promoted, every read slab accounted for
 
 
+def test_a_copy_out_that_raises_loses_no_record_below(make_manager, db, layout, monkeypatch):
+    """Review: a chunk whose checksum was left to a copy out that then raised (an `out` that cannot be
+    written) counted as a failed check, and its good record was deleted from the disk."""
+    manager = make_manager()
+    spans, kv = stored_below(manager, db, layout, CHUNKS, 9)
+    copy_chunks, finish = manager.pool.copy_chunks, checksum_copy.finish
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out cannot be written")
+
+    def failing_if_any(chunks, *args, **kwargs):
+        return failing() if chunks else copy_chunks(chunks, *args, **kwargs)
+
+    monkeypatch.setattr(manager.pool, "copy_chunks", failing_if_any)
+    monkeypatch.setattr(checksum_copy, "finish", failing)
+    with pytest.raises(RuntimeError, match="cannot be written"):
+        manager.get(spans, torch.zeros_like(kv))
+    monkeypatch.setattr(manager.pool, "copy_chunks", copy_chunks)
+    monkeypatch.setattr(checksum_copy, "finish", finish)
+
+    disk = manager.lower[0]
+    assert disk.has([s.key for s in spans]) == [True] * CHUNKS and disk.usage().chunks == CHUNKS
+    assert manager.metrics.value("kvtier_tier_corrupt_total", {"tier": "disk"}) == 0
+    assert manager.pool.owners() == {}
+    out = torch.zeros_like(kv)
+    assert manager.get(spans, out) == CHUNKS and torch.equal(out, kv)
+
+
 def test_an_out_that_requires_grad_is_copied_into_through_torch(make_manager, db, layout):
     """Review: the fused pass wrote through numpy into an `out` that requires grad, where torch's own
     copy refuses; such an `out` takes the two-pass path and fails the same way from any tier."""
