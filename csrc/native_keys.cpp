@@ -607,7 +607,7 @@ PyObject* load(PyObject*, PyObject* path_obj) {
   if (fn == nullptr) fn = dlsym(lib, name = "XXH3_128bits");
   if (fn == nullptr) return PyErr_Format(PyExc_OSError, "the xxhash library exports no XXH3_128bits");
   g_xxh3_128 = reinterpret_cast<Xxh3_128>(fn);  // (the handle stays open for the process's life)
-  kvtier_xxh3::take_stream(lib);  // (none: checksum_copy raises, and kvtier/checksum_copy.py uses Python)
+  kvtier_xxh3::take_stream(lib);  // (none: checksum_copy raises; kvtier/checksum_copy.py is then off)
   return PyUnicode_FromString(name);
 }
 

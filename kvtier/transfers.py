@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.checksum_copy import PieceCopy
-from kvtier.codecs.records import decode_or_drop
+from kvtier.codecs.records import decode_or_drop, drop_record
 from kvtier.job_queue import TransferQueue
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
@@ -239,7 +239,9 @@ class TierReader:
                 if copy is not None and not copy.passed:
                     good = False
                     if copy.passed is False:  # (never checked: its copy out failed, not the record)
-                        self.drop(tier, key, "checksum mismatch")
+                        self._log.warning((tier.name, "checksum"), "%s: record %s failed its checksum; "
+                                          "dropping", tier.name, key)
+                        drop_record(tier, key, self.metrics)
                 found[i] = good
                 hits += good
         self.metrics.tier_inc(tier.name, "hits", hits)
@@ -256,12 +258,5 @@ class TierReader:
                           "bytes; expected raw %s %s, %d bytes; dropping", tier.name, header.key,
                           header.codec, header.shape, header.dtype, header.payload_len, request.shape,
                           self.dtype, nbytes)
-        self.drop(tier, header.key)
+        drop_record(tier, header.key, self.metrics)
         return False
-
-    def drop(self, tier: Tier, key: ChunkKey, why: str = "") -> None:
-        """A record of `tier` found bad after it was read: counted corrupt and removed there."""
-        if why:
-            self._log.warning((tier.name, "corrupt"), "%s: dropping record %s: %s", tier.name, key, why)
-        self.metrics.tier_inc(tier.name, "corrupt")
-        tier.remove([key])

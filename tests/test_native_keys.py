@@ -19,6 +19,7 @@ import torch
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from native_paths import without_native
 
 from kvtier import keys as keys_module
 from kvtier import native_keys
@@ -29,15 +30,9 @@ SIZE = 16
 NS = Namespace("test/model", "layout")
 
 
-@contextlib.contextmanager
 def python_path():
-    """The Python path, as kvtier runs without the extension (no fixture: hypothesis reuses them)."""
-    saved = native_keys.AVAILABLE
-    native_keys.AVAILABLE = False
-    try:
-        yield
-    finally:
-        native_keys.AVAILABLE = saved
+    """The Python path, as kvtier runs without the extension."""
+    return without_native(native_keys)
 
 
 def both_paths(fn):

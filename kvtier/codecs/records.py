@@ -99,6 +99,13 @@ def decode_in_place(header: RecordHeader, buf: np.ndarray) -> bool:
     return True
 
 
+def drop_record(tier: Tier, key: ChunkKey, metrics: Metrics) -> None:
+    """A record of `tier` found bad after it was read (it does not decode, fit or pass its checksum):
+    counted as the tier's `corrupt` and removed there, so that lookups stop promising it."""
+    metrics.tier_inc(tier.name, "corrupt")
+    tier.remove([key])
+
+
 def decode_or_drop(tier: Tier, header: RecordHeader, buf: np.ndarray, metrics: Metrics,
                    log: LogLimiter) -> bool | None:
     """Decode the record of `header`, read into `buf`, in place (`decode_in_place`): True
@@ -109,9 +116,8 @@ def decode_or_drop(tier: Tier, header: RecordHeader, buf: np.ndarray, metrics: M
     except (CorruptRecord, ValueError) as exc:  # ValueError: a codec refusing the dtype (fp8 KV)
         log.warning((tier.name, "decode"), "%s: record %s failed to decode (%s); dropping", tier.name,
                     header.key, exc)
-        metrics.tier_inc(tier.name, "corrupt")
         metrics.inc("decode_failures")
-        tier.remove([header.key])
+        drop_record(tier, header.key, metrics)
         return None
     metrics.inc("decoded_chunks", int(decoded))
     return decoded
