@@ -58,6 +58,7 @@ class _Skip(enum.Enum):
 
     BLOCKED = "blocked"  # no blocks or no seat to park in now: admission stops here
     LOOKING_UP = "looking_up"  # kvtier's lookup has not landed: the requests behind go first
+    LOOKING_UP_FIRST = "looking_up_first"  # the same for one that waited for a seat: admission stops
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,16 +162,18 @@ class Scheduler:
         self._arrived = []
 
     def _admit(self, budget: int, scheduled: list[ScheduledRequest]) -> bool:
-        """Admit ready, then waiting requests into `scheduled`. True if some request was skipped
-        because its kvtier lookup has not landed (it keeps its place in the queue)."""
+        """Admit ready, then waiting requests into `scheduled`. True if some request was skipped or
+        stopped admission because its kvtier lookup has not landed (it keeps its place in the queue)."""
         skipped: list[Request] = []
+        stopped = False
         try:
             while (self.ready or self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
                 if self.ready:  # its KV loaded: no second lookup, no second allocation
                     request, loaded = self.ready.popleft(), 0
                 else:
                     request = self.waiting[0]
-                    if (loaded := self._allocate(request)) is _Skip.BLOCKED:
+                    if (loaded := self._allocate(request)) in (_Skip.BLOCKED, _Skip.LOOKING_UP_FIRST):
+                        stopped = loaded is _Skip.LOOKING_UP_FIRST
                         break
                     self.waiting.popleft()
                     if loaded is _Skip.LOOKING_UP:
@@ -188,12 +191,13 @@ class Scheduler:
                 budget -= n
         finally:
             self.waiting.extendleft(reversed(skipped))
-        return bool(skipped)
+        return bool(skipped) or stopped
 
     def _allocate(self, request: Request) -> int | _Skip:
         """Blocks for a waiting request, its device hit and the tokens kvtier loads in this step;
         BLOCKED when the blocks are not free now, or its load is asynchronous and no seat is left to
-        park in (`_may_park`); LOOKING_UP, with nothing allocated, while kvtier's lookup runs. A request
+        park in (`_may_park`); LOOKING_UP (LOOKING_UP_FIRST for one that waited for a seat: nothing
+        passes it), with nothing allocated, while kvtier's lookup runs. A request
         whose load is asynchronous is parked in `loading` (WAITING_FOR_KV, its device hit computed for
         now) and loads nothing in this step."""
         hits = self.pool.match(request.token_ids)  # once: the pool does not change until `allocate`
@@ -213,7 +217,7 @@ class Scheduler:
             loaded, asynchronous = self.connector.get_num_new_matched_tokens(
                 request, len(hits) * self.pool.block_size)
             if loaded is None:  # one that waited for a seat keeps its place: nothing passes it
-                return _Skip.BLOCKED if request.wants_seat_to_park else _Skip.LOOKING_UP
+                return _Skip.LOOKING_UP_FIRST if request.wants_seat_to_park else _Skip.LOOKING_UP
             asynchronous = asynchronous and loaded > 0
             request.wants_seat_to_park = asynchronous and not self._may_park()
             if request.wants_seat_to_park:

@@ -182,6 +182,9 @@ def test_a_request_waiting_for_a_seat_to_park_is_not_passed_while_it_is_looked_u
     stub.pending.add("a")  # a seat is free: a is looked up again, not landed yet
     out = scheduler.schedule()
     assert out.scheduled == [] and list(scheduler.waiting) == [a, b] and not scheduler.pool.holds("b")
+    # Review: with nothing to run, the step waits for a's lookup rather than coming back at once
+    # (the engine loop spun until it landed).
+    assert stub.waits == [LOOKUP_WAIT_S]
     stub.pending.clear()
     out = scheduler.schedule()
     assert list(scheduler.loading) == ["p", "a"] and ids(out) == [("b", 0, 6)]
