@@ -168,5 +168,8 @@ def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     its log-sum-exp [..., R]: each part weighs exp(lse_i - lse_total), exactly softmax's split."""
     if len(parts) == 1:
         return parts[0][0]
-    weights = torch.softmax(torch.stack([lse for _, lse in parts]), dim=0).unsqueeze(-1)
-    return (torch.stack([out for out, _ in parts]) * weights).sum(0)
+    weights = torch.softmax(torch.stack([lse for _, lse in parts]), dim=0).unsqueeze(-1)  # (small)
+    merged = parts[0][0] * weights[0]  # then each other part added in place: no stack of outputs
+    for (out, _), weight in zip(parts[1:], weights[1:]):
+        merged.addcmul_(out, weight)
+    return merged
