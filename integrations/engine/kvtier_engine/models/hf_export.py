@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from kvtier_engine.model_config import ModelConfig
 from kvtier_engine.models.loader import load_model
 
+# One per SUPPORTED_MODEL_TYPES (model_config.py; a test holds them equal).
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,7 +46,13 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     if config.sliding_window is not None:
         hf["sliding_window"], hf["use_sliding_window"] = config.sliding_window, True  # (Qwen2 asks both)
         if config.window_layers is not None:
-            hf["layer_types"] = ["sliding_attention" if i in config.window_layers else "full_attention"
+            # v4 readers (vLLM among them) take `max_window_layers`: the windowed layers from it on.
+            first = config.num_layers - len(config.window_layers)
+            if config.window_layers != tuple(range(first, config.num_layers)):
+                raise ValueError(f"windowed layers {config.window_layers} are not the last ones: a "
+                                 f"transformers v4 config (max_window_layers) cannot say which")
+            hf["max_window_layers"] = first
+            hf["layer_types"] = ["sliding_attention" if i >= first else "full_attention"
                                  for i in range(config.num_layers)]
     return hf
 

@@ -4,6 +4,7 @@ loading follow) runs to the same logits; SmolLM2's dequantized GGUF included."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from kvtier_engine.model_config import ModelConfig
-from kvtier_engine.models.hf_export import export, hf_config, main
+from kvtier_engine.model_config import SUPPORTED_MODEL_TYPES, ModelConfig
+from kvtier_engine.models.hf_export import ARCHITECTURES, export, hf_config, main
 from kvtier_engine.models.loader import load_model
 from kvtier_engine.models.presets import PRESETS
 
@@ -59,7 +60,16 @@ def test_config_keeps_windows_rope_scaling_and_bias(tmp_path):
                          sliding_window=16,
                          window_layers=(1, 2), eos_token_id=[5, 6],
                          rope_scaling={"rope_type": "linear", "factor": 2.0})
-    assert ModelConfig.from_hf(hf_config(config, torch.float32)) == config
+    hf = hf_config(config, torch.float32)
+    assert ModelConfig.from_hf(hf) == config
+    assert hf["max_window_layers"] == 1  # (what v4 readers, vLLM's among them, go by)
+    assert ModelConfig.from_hf({k: v for k, v in hf.items() if k != "layer_types"}) == config
+    with pytest.raises(ValueError, match="not the last ones"):
+        hf_config(dataclasses.replace(config, window_layers=(0, 2)), torch.float32)
+
+
+def test_every_supported_model_type_has_an_architecture():
+    assert set(ARCHITECTURES) == set(SUPPORTED_MODEL_TYPES)
 
 
 def test_the_command_line_writes_the_folder_and_refuses_an_unknown_model(tmp_path, capsys):
