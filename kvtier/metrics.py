@@ -187,8 +187,14 @@ class _Timed:
     def __init__(self, child) -> None:
         self._child = child
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _Timed:
         self._start = time.perf_counter()
+        return self
+
+    def discard(self) -> None:
+        """Observe nothing on exit: the operation did not happen after all (a probe with no answer)."""
+        self._child = None
 
     def __exit__(self, *exc_info: object) -> None:  # (returns None: an exception goes on)
-        self._child.observe(time.perf_counter() - self._start)
+        if self._child is not None:
+            self._child.observe(time.perf_counter() - self._start)

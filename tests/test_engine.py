@@ -588,3 +588,17 @@ def test_threads_storing_and_retrieving_overlapping_prompts_get_exact_kv(make_en
     assert set(pool_stats["owners"]) <= {"cpu"}  # every read slab was returned or promoted
     assert pool_stats["used_slabs"] == engine.stats()["tiers"]["cpu"]["chunks"]
     assert pool_stats["demoting_chunks"] == 0 and pool_stats["pending_writes"] == 0
+
+
+def test_a_local_probe_with_no_answer_is_not_timed_as_a_lookup(make_engine, layout):
+    """Review: the connector's local probe (`lookup(..., only=local tiers)`) that answers None was
+    timed as a lookup, and the full lookup that follows was timed again: two samples per request."""
+    engine = make_engine("cpu_disk")
+    tokens = seeded_tokens(4 * CHUNK, 21)
+    count = lambda: engine.metrics.value("kvtier_operation_seconds_count", {"op": "lookup"})  # noqa: E731
+    before = count()
+    assert engine.lookup(tokens, only=engine.storage.lower) is None  # nothing held: no answer
+    assert count() == before
+    engine.store(tokens, seeded_kv(layout, 4 * CHUNK, 21))
+    assert engine.lookup(tokens, only=engine.storage.lower) == 4 * CHUNK and count() == before + 1
+    assert engine.lookup(tokens) == 4 * CHUNK and count() == before + 2
