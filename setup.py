@@ -2,8 +2,9 @@
 
 - `kvtier.codecs._cachegen_native` (csrc/module.cpp, rans.cpp, quant.cpp: the cachegen codec's rANS
   coder and quantiser), with torch's C++ extension tooling;
-- `kvtier._native_keys` (csrc/native_keys.cpp: the lookup's chunk keys; csrc/checksum_copy.cpp: a
-  record's checksum fused with its copy out), plain CPython API with no
+- `kvtier._native_keys` (csrc/native_keys.cpp: the lookup's chunk keys; csrc/key_table.cpp: the CPU
+  tier's key set; csrc/checksum_copy.cpp: a record's checksum fused with its copy out;
+  csrc/record_read.cpp: a record file's read), plain CPython API with no
   torch (kvtier_server imports the keys and never torch), hashing with the xxhash package's XXH3.
 
 Each extension is optional: without a C++ compiler, or when its compile fails, this prints one
@@ -28,7 +29,7 @@ SOURCES = ["csrc/module.cpp", "csrc/rans.cpp", "csrc/quant.cpp"]
 FLAGS = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
 
 KEYS_EXTENSION = "kvtier._native_keys"
-KEYS_SOURCES = ["csrc/native_keys.cpp", "csrc/checksum_copy.cpp", "csrc/record_read.cpp"]
+KEYS_SOURCES = ["csrc/native_keys.cpp", "csrc/key_table.cpp", "csrc/checksum_copy.cpp", "csrc/record_read.cpp"]
 KEYS_FLAGS = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"]
 
 WITHOUT = {  # what kvtier does without each extension

@@ -38,6 +38,7 @@ from kvtier.keys import ChunkKey, ChunkSpan, Namespace, TokenDatabase, token_cou
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool
 from kvtier.metrics import Metrics
+from kvtier.packed_keys import packed_keys
 from kvtier.pins import PinTable
 from kvtier.storage import StorageManager
 from kvtier.tiers.base import Tier
@@ -117,7 +118,10 @@ class CacheEngine:
         With `only` (some of the tiers below: the local ones), host memory and those tiers are asked,
         and the answer is None (nothing counted) unless they hold every chunk of `tokens`."""
         with self.metrics.timed("lookup") as timing:
-            keys = self.db.keys(tokens)
+            # Only counted: packed (no object each, not remembered) where the extension takes them.
+            keys = packed_keys(tokens, self.db.namespace_digest, self.db.chunk_size, self.db.save_partial)
+            if keys is None:
+                keys = self.db.keys(tokens)
             hit = self.storage.contains_prefix(keys, True if only is None else only)
             if only is not None and hit < len(keys):
                 timing.discard()  # (the full lookup that follows is the one timed: not twice)

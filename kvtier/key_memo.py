@@ -1,8 +1,10 @@
 """The chunk keys of the last few prompts, so that a prompt seen again hashes only what is new.
 
-A scheduler asks for the same waiting request's hit every step, and a next turn of a chat is the
-last turn's prompt plus a few hundred tokens: without a memo, every such lookup hashes the whole
-prompt again (512 chunks for 128K tokens). An entry is found by its name, a 64-bit XXH3 of the
+A load follows the lookup of its prompt, its store follows the load, and a next turn of a chat is
+the last turn's prompt plus a few hundred tokens: without a memo, each of these hashes the whole
+prompt again (512 chunks for 128K tokens) and makes a key object per chunk. (The lookup itself
+does not use it where the extension is built: it only counts, and packed keys made in one pass
+cost less than the memo's comparison; kvtier.packed_keys.) An entry is found by its name, a 64-bit XXH3 of the
 prompt's first chunk (its u32 bytes) computed once per call (`reusable` hands it to `remember`),
 and reused only up to the first token where the two prompts differ, which is found by comparing
 every token (`bytes.startswith`, a memcmp; numpy where they differ): a prompt changed anywhere, in

@@ -145,7 +145,7 @@ def tokens_to_u32(tokens: Sequence[int] | torch.Tensor | np.ndarray) -> np.ndarr
     if is_tensor(tokens):
         if tokens.dim() != 1 or tokens.dtype.is_floating_point or str(tokens.dtype) == "torch.bool":
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
-        arr = tokens.detach().cpu().numpy()  # zero-copy for a CPU tensor
+        arr = tokens.detach().cpu().resolve_neg().numpy()  # zero-copy for a CPU tensor (not negated)
     else:
         arr = np.asarray(tokens)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):

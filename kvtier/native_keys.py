@@ -7,6 +7,8 @@ Either way the keys are the same bytes; kvtier.keys defines them, and its functi
                           big-endian array, any other type): errors are raised by kvtier.keys alone.
     digests(...)          kvtier.keys.chained_digests, or None for ends it does not take.
     chunk_keys(...)       a prompt's keys from a chunk boundary on, built as `key_type` objects in C.
+    packed_keys(...)      a prompt's keys as one bytes (24 per key), converted and hashed in one pass
+                          (kvtier.packed_keys, the lookup's keys); keys_of(...) makes objects of some.
     key_table()           a KeyTable: a set of 24-byte keys whose `prefix` / `present` probe a
                           prompt's keys with their cache misses overlapped (the CPU tier's mirror),
                           or a NoKeyTable whose probes answer None (then the caller's dict answers).
@@ -77,17 +79,26 @@ def self_test(ext) -> str:
     hashes_agree = list(map(hash, keys)) == list(map(hash, want))
     if [type(k) for k in keys] != [_ProbeKey] * 2 or keys != want or not hashes_agree:
         return "chunk keys differ from bytes built in Python"
+    names = ("KeyTable", "packed_keys", "checksum_copy", "read_record")
+    missing = [name for name in names if not hasattr(ext, name)]
+    if missing:
+        return f"the extension has no {', '.join(missing)} (built from an older source); reinstall"
+    every = ext.chunk_keys(raw, 0, ns, ns, 256, True, _ProbeKey)
+    packed = ext.packed_keys(ids, ns, 256, True)
+    if packed != b"".join(every) or ext.packed_keys(ids.tolist(), ns, 256, False) != packed[:48]:
+        return "packed keys differ from the chunk keys"
+    if ext.keys_of(packed, 1, 3, _ProbeKey) != every[1:] or ext.packed_keys([-1], ns, 256, True) is not None:
+        return "keys made of packed keys differ, or packed_keys took a bad id"
     return _table_test(ext, keys)
 
 
 def _table_test(ext, keys: list[bytes]) -> str:
-    missing = [name for name in ("KeyTable", "checksum_copy", "read_record") if not hasattr(ext, name)]
-    if missing:
-        return f"the extension has no {', '.join(missing)} (built from an older source); reinstall"
     table, other = ext.KeyTable(), bytes(24)
     added = [table.add(k) for k in keys + keys[:1]]
     if added != [True, True, False] or table.prefix(keys + [other]) != 2 or table.prefix([other]) != 0:
         return "the key table's prefix disagrees with a set"
+    if table.prefix_packed(b"".join(keys) + other) != 2 or table.prefix_packed(other + keys[0]) != 0:
+        return "the key table's prefix of packed keys disagrees with a set"
     if table.present([other, *keys]) != [False, True, True] or not table.discard(keys[0]) or len(table) != 1:
         return "the key table's present or discard disagrees with a set"
     return ""
@@ -119,6 +130,7 @@ class KeyProbe(Protocol):
     def add(self, key: bytes) -> bool: ...
     def discard(self, key: bytes) -> bool: ...
     def prefix(self, keys: list) -> int | None: ...
+    def prefix_packed(self, packed: bytes) -> int | None: ...
     def present(self, keys: list) -> list[bool] | None: ...
     def clear(self) -> None: ...
 
@@ -135,6 +147,9 @@ class NoKeyTable:
     def prefix(self, keys: list) -> None:
         return None
 
+    def prefix_packed(self, packed: bytes) -> None:
+        return None
+
     def present(self, keys: list) -> None:
         return None
 
@@ -144,22 +159,70 @@ class NoKeyTable:
 
 def key_table() -> KeyProbe:
     """A new KeyTable (see the C source), or a NoKeyTable where the extension is not used: the same
-    methods (add, discard, prefix, present, clear), whose probes then answer None."""
+    methods (add, discard, prefix, prefix_packed, present, clear), whose probes then answer None."""
     return _ext.KeyTable() if AVAILABLE else NoKeyTable()
+
+
+def _id_source(tokens: object) -> object | None:
+    """`tokens` as the extension reads them (a list, tuple or numpy array as they are, a CPU tensor's
+    own memory), or None for anything else: then kvtier.keys decides."""
+    kind = type(tokens)
+    if kind is list or kind is tuple or kind is np.ndarray:
+        return tokens
+    return _tensor_ids(tokens) if is_tensor(tokens) else None
+
+
+# torch's signed integer dtypes -> (struct code, bytes) of an id; filled at the first tensor (torch
+# is not imported by this module).
+_TENSOR_FORMATS: dict = {}
+
+
+def _tensor_formats(torch) -> dict:
+    names = {"int64": "q", "int32": "i", "int16": "h", "int8": "b"}  # (signed: see _tensor_ids)
+    _TENSOR_FORMATS.update({getattr(torch, name): (code, np.dtype(code).itemsize)
+                            for name, code in names.items()})
+    return _TENSOR_FORMATS
+
+
+def _tensor_ids(tokens) -> object | None:
+    """A 1-D contiguous CPU integer tensor's ids as a read-only view of its memory, read while the
+    caller holds it. Not `tokens.numpy()` (the fallback, for any other tensor): that detaches and
+    wraps the tensor, 0.6 us when warm but ~50 us in a lookup's cold state (measured in the
+    lookup benchmark), more than converting and hashing 32K ids; so does `is_neg()` (~30 us).
+    Signed dtypes only, and no `is_neg()`: a negated view (torch._neg_view; torch negates no
+    unsigned tensor) holds its ids negated in memory, so valid ids (>= 0) read as 0 (the same) or
+    as negative ids, which the extension refuses (kvtier.keys then resolves the view). One
+    difference is left: a negated view of negative (invalid) ids is keyed where kvtier.keys raises."""
+    torch = sys.modules["torch"]  # (loaded: `tokens` is one)
+    fmt = (_TENSOR_FORMATS or _tensor_formats(torch)).get(tokens.dtype)
+    if (fmt and type(tokens) is torch.Tensor and tokens.is_cpu and tokens.layout is torch.strided
+            and len(shape := tokens.shape) == 1 and (shape[0] < 2 or tokens.stride(0) == 1)):
+        if not shape[0]:
+            return ()
+        if address := tokens.data_ptr():  # (0: storage resized away under it; numpy's path judges)
+            return _ext.bytes_at(address, shape[0] * fmt[1]).cast(fmt[0])
+    try:
+        return tokens.numpy()  # a CPU tensor's own memory; integer tensors never require grad
+    except (TypeError, RuntimeError):  # on a GPU, bf16, a conjugate view ...: Python's path
+        return None
 
 
 def u32(tokens: object) -> bytes | None:
     """Little-endian u32 bytes of `tokens`, or None where kvtier.keys.tokens_to_u32 must decide."""
-    kind = type(tokens)
-    if kind is list or kind is tuple or kind is np.ndarray:
-        return _ext.u32(tokens)
-    if is_tensor(tokens):
-        try:
-            arr = tokens.numpy()  # a CPU tensor's own memory; integer tensors never require grad
-        except (TypeError, RuntimeError):  # on a GPU, bf16, a conjugate view ...: Python's path
-            return None
-        return _ext.u32(arr)
-    return None
+    ids = _id_source(tokens)
+    return None if ids is None else _ext.u32(ids)
+
+
+def packed_keys(tokens: object, ns: bytes, chunk_size: int, partial: bool) -> bytes | None:
+    """The bytes of `chunk_keys(u32(tokens), 0, ns, ns, chunk_size, partial, ...)` joined, made in one
+    pass over the ids without a key object each; None where kvtier.keys must decide."""
+    ids = _id_source(tokens)
+    return None if ids is None else _ext.packed_keys(ids, ns, chunk_size, partial)
+
+
+def keys_of(packed: bytes, start: int, stop: int, key_type: type) -> list:
+    """`key_type` objects of the packed keys `start:stop` (0 <= start <= stop <= len(packed) // 24)."""
+    return _ext.keys_of(packed, start, stop, key_type)
 
 
 def digests(raw: bytes | memoryview, seed: bytes, ends: list[int], start: int) -> list[bytes] | None:

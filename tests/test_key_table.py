@@ -1,6 +1,7 @@
-"""Tests for the KeyTable of kvtier/native_keys.py (csrc/native_keys.cpp): a set of 24-byte keys whose
-`prefix` / `present` answer as a Python set would, through growth and backward-shift deletions, and
-answer None (never a guess) once a key it cannot hold was added; NoKeyTable without the extension."""
+"""Tests for the KeyTable of kvtier/native_keys.py (csrc/key_table.cpp): a set of 24-byte keys whose
+`prefix` / `prefix_packed` / `present` answer as a Python set would, through growth and
+backward-shift deletions, and answer None (never a guess) once a key it cannot hold was added;
+NoKeyTable without the extension."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def test_random_adds_and_discards_answer_as_a_set():
             assert table.present(query) == [k in held for k in query]
             assert table.prefix(query) == leading(query, held)
             assert table.prefix(tuple(query)) == leading(query, held)
+            assert table.prefix_packed(b"".join(query)) == leading(query, held)
             assert len(table) == len(held)
     assert held and table.prefix(sorted(held, key=pool.index)) == len(held)
 
@@ -61,6 +63,7 @@ def test_any_sequence_of_changes_probes_as_a_set(ops, query):
     keys = [key(i) for i in query]
     assert table.present(keys) == [k in held for k in keys]
     assert table.prefix(keys) == leading(keys, held)
+    assert table.prefix_packed(b"".join(keys)) == leading(keys, held)
 
 
 @needs_native
@@ -80,6 +83,7 @@ def test_a_key_it_cannot_hold_turns_its_probes_to_none_until_cleared(odd):
     assert table.prefix([odd]) is None and table.prefix([key(1)]) == 1
     assert table.add(odd) is False
     assert table.prefix([key(1)]) is None and table.present([key(1)]) is None  # it may be held: no guess
+    assert table.prefix_packed(bytes(key(1))) is None
     table.clear()
     assert table.prefix([key(1)]) == 0 and len(table) == 0
     assert table.add(key(1)) and table.prefix([key(1)]) == 1
@@ -96,12 +100,26 @@ def test_probes_take_only_a_list_or_a_tuple():
     assert table.prefix([]) == 0 and table.present(()) == []
 
 
+@needs_native
+def test_packed_probes_take_whole_24_byte_keys_of_any_buffer():
+    table = native_keys.key_table()
+    table.add(key(1))
+    for form in (bytes, bytearray, memoryview):
+        assert table.prefix_packed(form(key(1) + key(2) + key(1))) == 1
+    assert table.prefix_packed(b"") == 0
+    with pytest.raises(ValueError, match="24 bytes"):
+        table.prefix_packed(bytes(key(1)) + b"x")
+    with pytest.raises(TypeError):
+        table.prefix_packed([key(1)])
+
+
 def test_without_the_extension_the_table_holds_nothing_and_answers_none(monkeypatch):
     monkeypatch.setattr(native_keys, "AVAILABLE", False)
     table = native_keys.key_table()
     assert isinstance(table, native_keys.NoKeyTable)
     assert table.add(key(1)) is False and table.discard(key(1)) is False
     assert table.prefix([key(1)]) is None and table.present([key(1)]) is None
+    assert table.prefix_packed(bytes(key(1))) is None
     table.clear()
 
 

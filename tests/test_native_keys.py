@@ -289,7 +289,8 @@ def test_setup_builds_the_keys_extension_without_torch_and_portable():
     setup = _setup_module()
     exts = {ext.name: ext for ext in setup.build_args()["ext_modules"]}
     keys = exts["kvtier._native_keys"]
-    assert keys.sources == ["csrc/native_keys.cpp", "csrc/checksum_copy.cpp", "csrc/record_read.cpp"]
+    assert keys.sources == ["csrc/native_keys.cpp", "csrc/key_table.cpp", "csrc/checksum_copy.cpp",
+                            "csrc/record_read.cpp"]
     assert all((Path(setup.__file__).parent / source).is_file() for source in keys.sources)
     assert not any("torch" in str(x) or "cuda" in str(x).lower() for x in keys.libraries + keys.include_dirs)
     assert not any(flag.startswith(("-march", "-mtune", "-mavx")) for flag in keys.extra_compile_args)

@@ -32,12 +32,13 @@ and `attach` keep the rule "a slab is freed once it is neither indexed nor read"
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from kvtier import native_keys
 from kvtier.keys import ChunkKey
 from kvtier.memory import MemoryPool, Slab
+from kvtier.packed_keys import PackedKeys
 from kvtier.policy import BoundedIndex, EvictionPolicy, IndexListener
 from kvtier.tiers.base import PinPredicate, TierUsage
 
@@ -115,18 +116,21 @@ class CpuTier:
             return [key in entries or key in demoting for key in keys]
         return [key in entries for key in keys]
 
-    def probe_prefix(self, keys: list[ChunkKey], below: bool) -> tuple[int, list[ChunkKey], list[bool]]:
+    def probe_prefix(self, keys: Sequence[ChunkKey], below: bool) -> tuple[int, list[ChunkKey], list[bool]]:
         """(how many leading `keys` host memory holds, as `present` says; the keys from the first it
         lacks on; which of those it holds), the last two empty when all are held or not `below` (no
         tier below is asked then): `kvtier.lookup.prefix_length`'s arguments for the rest."""
-        keys = keys if type(keys) is list else list(keys)
-        held = self._held.prefix(keys)
+        held = self._held.prefix_packed(keys.packed) if type(keys) is PackedKeys else None
+        if held is None:
+            keys = keys if type(keys) is list else list(keys)
+            held = self._held.prefix(keys)
         if held is None:
             e, d = self._entries, self._demoting
             held = next((i for i, key in enumerate(keys) if key not in e and key not in d), len(keys))
         if held == len(keys) or not below:
             return held, [], []
-        return held, keys[held:], self.present(keys[held:])
+        rest = keys[held:]  # (a list: of packed keys, the only objects made)
+        return held, rest, self.present(rest)
 
     def held(self, key: ChunkKey, touch: bool = True) -> CpuEntry | None:
         """The host-memory entry for `key`: indexed (marked recently used when `touch`), or still

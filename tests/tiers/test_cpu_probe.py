@@ -1,6 +1,7 @@
-"""Tests for the CPU tier's lookup probe (kvtier/tiers/cpu.py `present`, `probe_prefix`, and the
-KeyTable mirror behind them): after any sequence of inserts, pops, evictions, demotions and refusals
-it answers exactly as the tier's own maps do, with the C table and without it."""
+"""Tests for the CPU tier's lookup probe (kvtier/tiers/cpu.py `present`, `probe_prefix` of key
+lists and of packed keys, and the KeyTable mirror behind them): after any sequence of inserts,
+pops, evictions, demotions and refusals it answers exactly as the tier's own maps do, with the C
+table and without it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kvtier import native_keys
 from kvtier.keys import ChunkKey
 from kvtier.lookup import prefix_length
 from kvtier.memory import MemoryPool
+from kvtier.packed_keys import PackedKeys
 from kvtier.tiers.cpu import CpuEntry, CpuTier
 
 SLABS = 24
@@ -45,6 +47,8 @@ def check(tier: CpuTier, rng: random.Random) -> None:
     assert tier.probe_prefix(keys, below=False) == (lead, [], [])
     got = tier.probe_prefix(tuple(keys), below=True)
     assert got == ((lead, [], []) if lead == len(keys) else (lead, keys[lead:], want[lead:]))
+    if native_keys._ext is not None:  # (packed keys exist only where the extension is built)
+        assert tier.probe_prefix(PackedKeys(b"".join(keys)), below=True) == got
 
 
 def step(tier: CpuTier, rng: random.Random, demoting: dict) -> None:
