@@ -31,6 +31,7 @@ import contextlib
 import errno
 import mmap
 import os
+import stat
 import threading
 import weakref
 from pathlib import Path
@@ -140,17 +141,27 @@ class RecordDir:
             self.root_fd = fd
             self._close_root = weakref.finalize(self, os.close, fd)
 
-    def exists(self, key: ChunkKey) -> bool:
+    def _stat(self, key: ChunkKey) -> os.stat_result | None:
         digest = key.digest.hex()
         try:
             fd = self._shard_fd(digest)
             try:
-                os.stat(digest + SUFFIX, dir_fd=fd, follow_symlinks=False)
+                return os.stat(digest + SUFFIX, dir_fd=fd, follow_symlinks=False)
             finally:
                 os.close(fd)
         except OSError:
-            return False
-        return True
+            return None
+
+    def exists(self, key: ChunkKey) -> bool:
+        return self._stat(key) is not None
+
+    def indexable_size(self, key: ChunkKey) -> int | None:
+        """The size of `key`'s file when the start-up walk would index it (a regular file of whole
+        blocks, not a symlink), else None."""
+        st = self._stat(key)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size < BLOCK or st.st_size % BLOCK:
+            return None
+        return st.st_size
 
     def unlink(self, key: ChunkKey) -> None:
         """Delete `key`'s file, if any. OSError when it cannot go."""

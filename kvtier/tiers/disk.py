@@ -170,7 +170,29 @@ class DiskTier:
 
     def has(self, keys: Sequence[ChunkKey]) -> list[bool]:
         index = self._index
-        return [key in index for key in keys]
+        found = [key in index for key in keys]
+        if not all(found):
+            self._adopt(keys, found)
+        return found
+
+    def _adopt(self, keys: Sequence[ChunkKey], found: list[bool]) -> None:
+        """Index the records of `keys` another process wrote since the start-up walk (a vLLM
+        instance's scheduler and workers are separate processes; instances may share a directory),
+        up to the first key whose file is not there either: callers read a prefix, so a lookup that
+        misses costs one stat. The index then keeps to its capacity by forgetting its least recently
+        used entries, never deleting their files: they are another process's to evict, and found
+        again when asked for. A record adopted while its writer deletes it is a miss when read."""
+        for i, key in enumerate(keys):
+            if found[i]:
+                continue
+            size = self._files.indexable_size(key)
+            if size is None:
+                return
+            with self._lock:
+                if key not in self._index and not self._unlinking[key]:
+                    self._index.add(key, size)
+                    self._index.make_room(self._reserved, lambda k, new=key: k == new or self._is_pinned(k))
+            found[i] = True
 
     def touch(self, keys: Sequence[ChunkKey]) -> None:
         """Mark the held `keys` recently used, unread (a chunk served from another key's record)."""

@@ -379,6 +379,31 @@ def record(i: int, layout: KVLayout, num_tokens: int = CHUNK) -> PutItem:
     return PutItem(key, header, payload)
 
 
+def test_a_record_another_process_wrote_is_found_by_a_lookup_up_to_the_first_missing_file(tmp_path, layout):
+    """Two tiers on one directory, as a vLLM scheduler process and its worker: what the writer
+    stores after the reader started is found by the reader's lookup (adopted into its index) and
+    read back; adoption stops at the first key with no file (a prefix: one stat per miss)."""
+    writer, reader = make_tier(tmp_path), make_tier(tmp_path)
+    items = [record(i, layout) for i in range(4)]
+    assert writer.put([items[0], items[1], items[3]]) == [True, True, True]
+    keys = [item.key for item in items]
+    assert reader.has(keys) == [True, True, False, False]  # item 3 is on disk, past the gap
+    assert reader.usage().chunks == 2
+    dest = torch.empty(FILE_BYTES - BLOCK, dtype=torch.uint8)
+    assert reader.get([keys[1]], [dest])[0] is not None and torch.equal(dest, items[1].payload)
+    assert reader.has(keys[3:]) == [True] and reader.usage().chunks == 3
+
+
+def test_adopted_records_past_the_capacity_are_forgotten_never_deleted(tmp_path, layout):
+    writer, reader = make_tier(tmp_path), make_tier(tmp_path, capacity=2 * FILE_BYTES)
+    items = [record(i, layout) for i in range(4)]
+    assert writer.put(items) == [True] * 4
+    assert reader.has([item.key for item in items]) == [True] * 4
+    assert reader.usage().chunks == 2 and reader.usage().bytes == 2 * FILE_BYTES
+    assert all(writer.path_for(item.key).is_file() for item in items)  # the writer's files stay
+    assert reader.has([items[0].key]) == [True]  # forgotten, found again
+
+
 def test_capacity_evicts_oldest_files_but_never_pinned_ones(tmp_path, layout):
     items = [record(i, layout) for i in range(7)]
     metrics = Metrics(["cpu", "disk"])
@@ -601,9 +626,15 @@ def test_eviction_whose_unlink_fails_inside_a_write_returns_the_reservation(tmp_
     breakage(tier, items[0].key, immutable)  # the LRU file, evicted by the next write
 
     assert tier.put([items[2]]) == [True]  # the victim is forgotten even though its file stayed
-
-    assert tier.has([item.key for item in items[:3]]) == [False, True, True]
     assert tier.usage().chunks == 2 and tier.usage().bytes == 2 * FILE_BYTES  # what the index holds
+
+    # A file that stayed is a valid record: a lookup finds it again (adopted), and the index keeps
+    # to its capacity by forgetting its least recently used entry (item 1), whose file stays too.
+    # A directory where the record was is no record.
+    stayed = breakage.__name__ != "directory_where_the_record_was"
+    assert tier.has([items[2].key, items[0].key]) == [True, stayed]
+    assert tier.usage().chunks == 2 and tier.usage().bytes == 2 * FILE_BYTES
+    assert tier.has([items[1].key]) == [True]
     assert tier.put(items[3:]) == [True, True]  # and the tier keeps taking writes
     assert tier.usage().bytes == 2 * FILE_BYTES
     tier.clear()
