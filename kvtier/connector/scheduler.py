@@ -92,11 +92,14 @@ class ScheduledWork:
 
 class KvtierSchedulerConnector:
     def __init__(self, engine: CacheEngine, block_size: int, blend: BlendPlanner | None = None,
-                 loads: LoadsConfig | None = None):
+                 loads: LoadsConfig | None = None, lease: bool = True):
         chunk = engine.db.chunk_size
         if chunk % block_size:
             raise ValueError(f"kvtier chunk_size {chunk} must be a multiple of the block size {block_size}")
         self.engine, self.chunk_size, self.block_size, self.blend = engine, chunk, block_size, blend
+        # False where the worker runs in another process with its own CacheEngine (vLLM on CPU, or
+        # with several ranks): a lease taken here would hold nothing there; the worker leases instead.
+        self.lease_loads = lease
         self.save_partial = engine.db.save_partial
         self._states: dict[str, _RequestState] = {}
         self._finals: list[SaveSpec] = []
@@ -182,7 +185,7 @@ class KvtierSchedulerConnector:
         tokens = request.all_token_ids
         end = state.load_to
         start = end - num_external_tokens
-        state.lease = self.engine.lease(tokens, end)
+        state.lease = self.engine.lease(tokens, end) if self.lease_loads else []
         # The tokens up to the whole hit, not just `end`: a prompt that is all hits stops one token
         # short, and cutting there would turn its last chunk into a partial one kvtier never stored.
         state.load = LoadSpec(request.request_id, list(tokens[:state.hit_tokens]), list(block_ids), start,
