@@ -74,7 +74,7 @@ $(VLLM_STAMP): $(STAMP)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install --quiet --upgrade pip "setuptools>=64" wheel
 	$(VLLM_PIP) install --quiet $(TORCH)
-	$(VLLM_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -W ignore -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/constraints.txt
 	$(VLLM_PIP) install --quiet -c $(VLLM_VENV)/constraints.txt $(VLLM)
 	$(VLLM_PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_PIP) install --quiet --no-build-isolation -c $(VLLM_VENV)/constraints.txt -e .
