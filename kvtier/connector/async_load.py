@@ -83,6 +83,13 @@ class AsyncLoader:
         self._log.error("thread", "could not start the asynchronous load thread; loading in line")
         self._serve(job)
 
+    def drop(self, spec: LoadSpec, step: int) -> None:
+        """A load whose request was aborted before it was handed over: never read, its lease released,
+        reported by `pop_finished` at its start, as a cancelled load is."""
+        with self._lock:
+            self._counts["async_loads"] += 1
+            self._drop_locked(_Job(spec, step))
+
     def cancel(self, request_id: str) -> None:
         """A queued load of the request never starts (reported at its start); one being read lands."""
         with self._lock:

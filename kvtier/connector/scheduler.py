@@ -110,6 +110,7 @@ class KvtierSchedulerConnector:
             if self.loads.asynchronous != "off" and remote_tiers(engine.storage.lower) else None
         self._async_pending: list[str] = []  # requests whose asynchronous load is not handed over yet
         self._cancels: list[str] = []  # parked requests aborted since the last step
+        self._orphans: list[LoadSpec] = []  # loads of requests finished before they were handed over
 
     def request_arrived(self, request) -> None:
         """Start moving the chunks of the request's hit that sit below the CPU tier up into it, so
@@ -194,8 +195,8 @@ class KvtierSchedulerConnector:
             self._async_pending.append(request.request_id)
 
     def build_connector_meta(self, step: int, scheduled: Sequence[ScheduledWork]) -> ConnectorMetadata:
-        meta = ConnectorMetadata(step, saves=self._finals, cancel_loads=self._cancels)
-        self._finals, self._cancels = [], []
+        meta = ConnectorMetadata(step, saves=self._finals, cancel_loads=self._cancels, loads=self._orphans)
+        self._finals, self._cancels, self._orphans = [], [], []
         if self.lookups is not None and self.prefetcher is not None:
             for request_id, spans in self.lookups.landed_for_prefetch():
                 self.prefetcher.submit_below(request_id, spans)
@@ -252,6 +253,13 @@ class KvtierSchedulerConnector:
         state = self._states.pop(request.request_id, None)
         if state is None:
             return False
+        if state.load is not None and state.load.asynchronous:
+            # Aborted while its load waits to be handed over (vLLM finishes a request waiting for its
+            # KV at once, and holds its blocks until the worker reports the load): handed over with
+            # its cancel, so the worker drops it, releases its lease and reports it.
+            self._orphans.append(state.load)
+            self._cancels.append(request.request_id)
+            state.lease = []
         if state.lease:  # committed to a load that never reached a worker (aborted)
             self.engine.release(state.lease)
         if state.blend is not None:

@@ -150,12 +150,15 @@ class KvtierWorkerConnector:
             self._scatter_layers(*args)
 
     def _start_async(self, meta: ConnectorMetadata) -> list[LoadSpec]:
-        """Hand the step's asynchronous loads to the loader (after its cancels); the synchronous ones."""
-        for request_id in meta.cancel_loads:
+        """Hand the step's asynchronous loads to the loader and its cancels; the synchronous loads. A
+        load whose request was aborted before it was handed over (its cancel in the same step) is
+        never read, and is reported at its start like any cancelled load."""
+        cancelled = set(meta.cancel_loads)
+        for request_id in cancelled:
             self._async.cancel(request_id)
         for spec in meta.loads:
             if spec.asynchronous:
-                self._async.submit(spec, meta.step)
+                (self._async.drop if spec.request_id in cancelled else self._async.submit)(spec, meta.step)
         return [spec for spec in meta.loads if not spec.asynchronous]
 
     def get_blend_loads(self) -> dict[str, BlendLoad]:

@@ -135,6 +135,10 @@ class GGUFTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
 
+    def tokenizer_json(self) -> str:
+        """The vocabulary as a `tokenizers` JSON document (a folder's `tokenizer.json`)."""
+        return self._tok.to_str()
+
 
 def _byte_alphabet() -> dict[int, str]:
     """GPT-2's byte -> character map: printable bytes stand for themselves, the others (space,

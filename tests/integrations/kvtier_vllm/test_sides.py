@@ -53,13 +53,13 @@ def new_step(req, block_ids: list[int], computed: int, scheduled: int) -> Simple
 class Instance:
     """One vLLM instance's two sides around one engine: `lease` as where the sides share a process."""
 
-    def __init__(self, engine, one_process: bool = True):
+    def __init__(self, engine, one_process: bool = True, loads: LoadsConfig = SYNC):
         layout = engine.layout
         self.caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(NB, layout.num_kv_heads, BS,
                                                                       2 * layout.head_dim, dtype=layout.dtype)
                        for i in range(layout.num_layers)}
-        self.scheduler = SchedulerSide(engine, BS, SYNC, lease=one_process)
-        self.worker = WorkerSide(engine, SYNC, lease=not one_process)
+        self.scheduler = SchedulerSide(engine, BS, loads, lease=one_process)
+        self.worker = WorkerSide(engine, loads, lease=not one_process)
         self.worker.register_kv_caches(self.caches)
 
     def step(self, output, forward=None) -> dict:
@@ -77,7 +77,8 @@ class Instance:
         saved, received = self.worker.get_finished()
         loaded = self.worker.take_loaded()
         self.scheduler.update_connector_output(loaded)
-        return {"loaded": loaded, "errors": self.worker.take_load_errors(), "saved": saved}
+        errors = self.worker.take_load_errors()
+        return {"loaded": loaded, "errors": errors, "saved": saved, "received": received}
 
 
 def fill(paged: VllmPagedKV, block_ids: list[int], num_tokens: int, seed: int) -> torch.Tensor:
@@ -109,7 +110,7 @@ def test_a_prompt_computed_once_is_loaded_into_another_requests_blocks(make_engi
     assert inst.scheduler.get_num_new_matched_tokens(second, 0) == (3 * CHUNK, False)
     inst.scheduler.update_state_after_alloc(second, blocks([8, 9, 10, 11]), 3 * CHUNK)
     report = inst.step(new_step(second, [8, 9, 10, 11], 3 * CHUNK, len(tokens) + 2 - 3 * CHUNK))
-    assert report == {"loaded": {"b": 3 * CHUNK}, "errors": set(), "saved": None}
+    assert report == {"loaded": {"b": 3 * CHUNK}, "errors": set(), "saved": None, "received": None}
     assert torch.equal(inst.worker.paged.gather([8, 9, 10], 3 * CHUNK), kv[:, :, :3 * CHUNK])
     assert engine.storage.pins._leases == {}  # every lease taken (either side) was released
 
@@ -142,3 +143,28 @@ def test_unfilled_blocks_run_from_the_block_of_the_token_reached_to_the_last_pla
     assert unfilled_blocks(spec, 3 * BS + 1, BS) == set()
     assert unfilled_blocks(spec, BS, BS) == {11, 12, 13}
     assert unfilled_blocks(spec, 0, BS) == {10, 11, 12, 13}
+
+
+def test_a_request_aborted_before_its_asynchronous_load_starts_loads_nothing_and_is_reported(make_engine):
+    """vLLM holds the blocks of a request aborted while it waits for its KV until the worker reports
+    it received; kvtier cancels the load, so nothing is written into blocks about to be freed."""
+    engine = make_engine("cpu_disk")
+    inst = Instance(engine, one_process=False, loads=LoadsConfig(asynchronous="on", prefetch=False))
+    tokens = seeded_tokens(2 * CHUNK, 4).tolist()
+    first = request("a", tokens)
+    inst.scheduler.get_num_new_matched_tokens(first, 0)
+    inst.scheduler.update_state_after_alloc(first, blocks([0, 1]), 0)
+    inst.step(new_step(first, [0, 1], 0, len(tokens)),
+              lambda: fill(inst.worker.paged, [0, 1], len(tokens), seed=5))
+    assert inst.worker.kv.drain(10) and engine.flush(10)
+
+    second = request("b", tokens + [1])
+    assert inst.scheduler.get_num_new_matched_tokens(second, 0) == (2 * CHUNK, True)
+    inst.scheduler.update_state_after_alloc(second, blocks([6, 7, 8]), 2 * CHUNK)
+    assert inst.scheduler.request_finished(second, []) is False  # aborted, still waiting for its KV
+    nothing = SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set())
+    empty = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={}, scheduled_cached_reqs=nothing)
+    report = inst.step(empty)  # the load is handed over with its cancel: dropped before it starts
+    assert report["received"] == {"b"} and report["loaded"] == {"b": 0}
+    assert torch.count_nonzero(inst.worker.paged.gather([6, 7], 2 * CHUNK)) == 0  # nothing written
+    assert engine.storage.pins._leases == {}

