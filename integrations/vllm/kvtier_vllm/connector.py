@@ -28,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvtier.connector import ConnectorMetadata
 from kvtier.engine import CacheEngine
@@ -56,6 +57,26 @@ class KvtierWorkerMeta(KVConnectorWorkerMetadata):
         for request_id, reached in getattr(other, "loaded", {}).items():
             merged[request_id] = min(reached, merged.get(request_id, reached))
         return KvtierWorkerMeta(merged)
+
+
+@dataclass
+class KvtierStats(KVConnectorStats):
+    """kvtier's load and save counters gained over an interval, summed over workers (vLLM logs them
+    as "KV Transfer metrics")."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KvtierStats:
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
 
 
 def recompute_load_failures(kv_transfer_config) -> None:
@@ -122,6 +143,16 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()
+
+    def get_kv_connector_stats(self) -> KvtierStats | None:
+        if self._worker is None:
+            return None
+        gained = self._worker.take_stats()
+        return KvtierStats(data=gained) if gained else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvtierStats:
+        return KvtierStats(data=dict(data or {}))
 
     def build_connector_worker_meta(self) -> KvtierWorkerMeta | None:
         loaded = self._worker.take_loaded()

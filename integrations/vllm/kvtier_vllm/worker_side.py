@@ -47,6 +47,7 @@ class WorkerSide:
         self._async_loads: dict[str, LoadSpec] = {}  # handed over, not yet reported finished
         self._errors: set[int] = set()
         self._loaded: dict[str, int] = {}  # for the scheduler side, since the last report
+        self._reported: dict[str, int] = {}  # the connector's counters at the last stats report
 
     def register_kv_caches(self, kv_caches) -> None:
         layout = self.engine.layout
@@ -110,6 +111,15 @@ class WorkerSide:
     def take_loaded(self) -> dict[str, int]:
         loaded, self._loaded = self._loaded, {}
         return loaded
+
+    def take_stats(self) -> dict[str, int]:
+        """The connector's counters (loads, loaded and saved tokens, shortfalls, cancels, saves, save
+        failures) gained since the last call, the ones that moved only: vLLM sums them over workers
+        and logs them per interval (`KvtierStats`)."""
+        now = dict(self.kv.stats)
+        gained = {name: value - self._reported.get(name, 0) for name, value in now.items()}
+        self._reported = now
+        return {name: value for name, value in gained.items() if value}
 
     def close(self) -> None:
         self.kv.drain(timeout=30.0)

@@ -111,6 +111,9 @@ def test_a_prompt_computed_once_is_loaded_into_another_requests_blocks(make_engi
     inst.scheduler.update_state_after_alloc(second, blocks([8, 9, 10, 11]), 3 * CHUNK)
     report = inst.step(new_step(second, [8, 9, 10, 11], 3 * CHUNK, len(tokens) + 2 - 3 * CHUNK))
     assert report == {"loaded": {"b": 3 * CHUNK}, "errors": set(), "saved": None, "received": None}
+    stats = inst.worker.take_stats()  # what vLLM logs: the counters gained since the last report
+    assert stats["loads"] == 1 and stats["loaded_tokens"] == 3 * CHUNK and stats["saved_tokens"] == 3 * CHUNK
+    assert inst.worker.take_stats() == {}
     assert torch.equal(inst.worker.paged.gather([8, 9, 10], 3 * CHUNK), kv[:, :, :3 * CHUNK])
     assert engine.storage.pins._leases == {}  # every lease taken (either side) was released
 

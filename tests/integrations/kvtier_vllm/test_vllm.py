@@ -212,3 +212,14 @@ def test_vllm_serve_with_the_connector_answers_the_openai_client(model, tmp_path
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_the_stats_vllm_logs_sum_over_workers_and_an_interval_without_any_is_empty():
+    code = ("import json; from kvtier_vllm.connector import KvtierConnector as C, KvtierStats as S\n"
+            "a = C.build_kv_connector_stats({'loads': 1, 'loaded_tokens': 512})\n"
+            "a.aggregate(S(data={'loads': 2, 'saves': 1}))\n"
+            "print(json.dumps([a.reduce(), a.is_empty(), C.build_kv_connector_stats().is_empty()]))")
+    done = subprocess.run([str(VLLM_PYTHON), "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [{"loads": 3, "loaded_tokens": 512, "saves": 1}, False,
+                                                        True]
