@@ -171,3 +171,33 @@ def test_a_request_aborted_before_its_asynchronous_load_starts_loads_nothing_and
     assert report["received"] == {"b"} and report["loaded"] == {"b": 0}
     assert torch.count_nonzero(inst.worker.paged.gather([6, 7], 2 * CHUNK)) == 0  # nothing written
     assert engine.storage.pins._leases == {}
+
+
+def cached_step(req, new_block_ids: list[int], computed: int, scheduled: int, resumed: bool = False):
+    cached = SimpleNamespace(req_ids=[req.request_id], new_block_ids=[(list(new_block_ids),)],
+                             num_computed_tokens=[computed],
+                             resumed_req_ids={req.request_id} if resumed else set())
+    return SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached,
+                           num_scheduled_tokens={req.request_id: scheduled})
+
+
+def test_a_requests_blocks_follow_vllms_steps_new_cached_and_resumed(make_engine):
+    """Chunked prefill over three steps, then a preemption: each step's save names the blocks vLLM
+    gave the request by then, a resumed request's whole new list replacing the old one."""
+    engine = make_engine("cpu_disk")
+    inst = Instance(engine)
+    tokens = seeded_tokens(4 * CHUNK, 6).tolist()
+    req = request("a", tokens)
+    inst.scheduler.get_num_new_matched_tokens(req, 0)
+    inst.scheduler.update_state_after_alloc(req, blocks([3, 1]), 0)
+
+    first = inst.scheduler.build_connector_meta(new_step(req, [3, 1], 0, 2 * CHUNK))
+    second = inst.scheduler.build_connector_meta(cached_step(req, [7], 2 * CHUNK, CHUNK))
+    resumed = inst.scheduler.build_connector_meta(cached_step(req, [9, 8, 2, 0], 0, 4 * CHUNK, resumed=True))
+
+    assert [(s.block_ids, s.start, s.end) for s in first.saves] == [([3, 1], 0, 2 * CHUNK)]
+    assert [(s.block_ids, s.start, s.end) for s in second.saves] == [([3, 1, 7], 2 * CHUNK, 3 * CHUNK)]
+    # Recomputed from scratch after the preemption: only the chunk not saved yet is saved, from its
+    # new blocks.
+    assert [(s.block_ids, s.start, s.end) for s in resumed.saves] == [([9, 8, 2, 0], 3 * CHUNK, 4 * CHUNK)]
+    assert inst.scheduler.request_finished(req, [9, 8, 2, 0]) is False  # every whole chunk saved already
