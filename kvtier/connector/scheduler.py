@@ -75,6 +75,7 @@ class _RequestState:
     load: LoadSpec | None = None  # committed, not yet handed to the worker
     asynchronous: bool = False  # the load planned at the last lookup runs across steps
     loading_to: int = 0  # the end of the load last handed to the worker
+    awaited: bool = False  # an asynchronous load handed to the worker, not reported yet
     lease: list[ChunkKey] = field(default_factory=list)
     blend: BlendLoadSpec | None = None  # planned (passages leased), not yet handed to the worker
     blended: bool = False  # KV past `saved_upto` is approximate: no prefix saves
@@ -219,6 +220,7 @@ class KvtierSchedulerConnector:
         if state.load is not None:
             meta.loads.append(state.load)
             state.loading_to = state.load.end
+            state.awaited = state.load.asynchronous
             state.load, state.lease = None, []  # the worker releases the lease after loading
 
     def _blend_meta(self, work: ScheduledWork, state: _RequestState, meta: ConnectorMetadata) -> None:
@@ -260,6 +262,8 @@ class KvtierSchedulerConnector:
             self._orphans.append(state.load)
             self._cancels.append(request.request_id)
             state.lease = []
+        elif state.awaited:  # aborted while its load is queued or read: one not started never starts
+            self._cancels.append(request.request_id)
         if state.lease:  # committed to a load that never reached a worker (aborted)
             self.engine.release(state.lease)
         if state.blend is not None:
@@ -276,7 +280,8 @@ class KvtierSchedulerConnector:
 
     def cancel_load(self, request_id: str) -> None:
         """A parked request was aborted: its asynchronous load, if not started yet, never starts (the
-        worker still reports it finished, at its start). `request_finished` follows once it has."""
+        worker still reports it finished, at its start). `request_finished` follows, at once (it
+        cancels such a load itself: vLLM) or once the load has landed (the bundled engine)."""
         self._cancels.append(request_id)
 
     def wait_for_lookups(self, timeout: float) -> bool:
@@ -297,15 +302,22 @@ class KvtierSchedulerConnector:
         rest = None if end is None else max(0.0, end - time.monotonic())
         return (self.prefetcher.close(rest) if self.prefetcher is not None else True) and stopped
 
-    def update_connector_output(self, loaded: dict[str, int], not_blended: Collection[str] = ()) -> None:
+    def update_connector_output(self, loaded: dict[str, int], not_blended: Collection[str] = ()) -> set[str]:
         """The worker's report of how far this step's loads got (request id -> token reached). A
         load that fell short was recomputed; the chunks from there on are saved again, so a chunk
         kvtier lost (a corrupt record is dropped when found) is back for the next request.
-        `not_blended`: requests planned as a blend that were computed normally (exact KV: saved)."""
+        `not_blended`: requests planned as a blend that were computed normally (exact KV: saved).
+        Returns the requests whose load fell short."""
         for request_id in not_blended:
             if (state := self._states.get(request_id)) is not None:
                 state.blended = False
+        short = set()
         for request_id, reached in loaded.items():
             state = self._states.get(request_id)
-            if state is not None and reached < state.loading_to:
+            if state is None:
+                continue
+            state.awaited = False
+            if reached < state.loading_to:
                 state.saved_upto = min(state.saved_upto, reached - reached % self.chunk_size)
+                short.add(request_id)
+        return short

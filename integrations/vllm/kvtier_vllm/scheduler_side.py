@@ -51,9 +51,7 @@ class SchedulerSide:
         self.kv = KvtierSchedulerConnector(engine, block_size, None, loads, lease=lease)
         self._seen: dict[str, _Seen] = {}
         self._blocks: dict[str, list[int]] = {}
-        self._planned: dict[str, int] = {}  # request -> where its last load was to end
         self._short: set[str] = set()  # requests whose load fell short: recomputed, never loaded again
-        self._waiting: set[str] = set()  # requests whose asynchronous load has not been reported yet
         self._step = 0
 
     def _view(self, request) -> _Seen:
@@ -71,12 +69,7 @@ class SchedulerSide:
         not be loaded again and again."""
         if request.request_id in self._short:
             return 0, False
-        n, asynchronous = self.kv.get_num_new_matched_tokens(self._view(request), num_computed_tokens)
-        if n:
-            self._planned[request.request_id] = num_computed_tokens + n
-            if asynchronous:
-                self._waiting.add(request.request_id)
-        return n, asynchronous
+        return self.kv.get_num_new_matched_tokens(self._view(request), num_computed_tokens)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         block_ids = first_group(blocks.get_block_ids()) if blocks is not None else []
@@ -108,23 +101,15 @@ class SchedulerSide:
         return meta
 
     def update_connector_output(self, loaded: dict[str, int]) -> None:
-        for request_id, reached in loaded.items():
-            self._waiting.discard(request_id)
-            if reached < self._planned.pop(request_id, reached):
-                self._short.add(request_id)
         if loaded:
-            self.kv.update_connector_output(loaded)
+            self._short |= self.kv.update_connector_output(loaded)
 
     def request_finished(self, request, block_ids: list[int]) -> bool:
         """True: vLLM keeps the blocks until a worker reports the request's final save gathered.
-        A request aborted while its asynchronous load is queued or running: the load is cancelled if
-        it has not started (vLLM itself holds the blocks until the worker reports it received)."""
-        if request.request_id in self._waiting:
-            self._waiting.discard(request.request_id)
-            self.kv.cancel_load(request.request_id)
+        (A request aborted while it waits for its KV: kvtier cancels the load, and vLLM holds its
+        blocks until the worker reports it.)"""
         seen = self._seen.pop(request.request_id, None) or _Seen(request)
         self._blocks.pop(request.request_id, None)
-        self._planned.pop(request.request_id, None)
         self._short.discard(request.request_id)
         return self.kv.request_finished(seen, block_ids, request.num_computed_tokens)
 
