@@ -45,6 +45,7 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -69,6 +70,14 @@ void put_be64(uint8_t* out, uint64_t v) {
   for (int i = 7; i >= 0; --i, v >>= 8) out[i] = static_cast<uint8_t>(v);
 }
 
+// digest = XXH3-128(bytes[0:len]) in canonical form (high64 then low64, big-endian): one link of a
+// chain, whose `bytes` are the parent digest (or seed) followed by the chunk's u32 tokens.
+void digest_into(const uint8_t* bytes, size_t len, uint8_t* digest) {
+  const Hash128 h = g_xxh3_128(bytes, len);
+  put_be64(digest, h.high64);
+  put_be64(digest + 8, h.low64);
+}
+
 // out[16 i : 16 i + 16] = XXH3-128(parent || tokens [ends[i-1], ends[i])) in canonical form (high64
 // then low64, big-endian), parent = seed for i = 0, else digest i - 1. `data` holds the u32 tokens
 // from token `first` on, where ends[-1] is taken to be; scratch holds max(seed, 16) + the widest chunk.
@@ -81,10 +90,8 @@ void chain(const uint8_t* data, Py_ssize_t first, const std::vector<Py_ssize_t>&
     const size_t len = 4 * static_cast<size_t>(ends[i] - prev);
     std::memcpy(scratch, parent, parent_len);
     std::memcpy(scratch + parent_len, data + 4 * (prev - first), len);
-    const Hash128 h = g_xxh3_128(scratch, parent_len + len);
     uint8_t* digest = out + i * kDigestBytes;
-    put_be64(digest, h.high64);
-    put_be64(digest + 8, h.low64);
+    digest_into(scratch, parent_len + len, digest);
     parent = digest, parent_len = kDigestBytes, prev = ends[i];
   }
 }
@@ -228,6 +235,19 @@ PyObject* new_key(PyTypeObject* type, const uint8_t* ns, const uint8_t* digest) 
   return key;
 }
 
+// [type(ns_i + digest_i) for i in range(n)], `parts(i)` giving (ns_i, digest_i); null on an error.
+template <typename Parts>
+PyObject* key_list(PyTypeObject* type, Py_ssize_t n, Parts parts) {
+  PyObject* list = PyList_New(n);
+  for (Py_ssize_t i = 0; list != nullptr && i < n; ++i) {
+    const auto [ns, digest] = parts(i);
+    PyObject* key = new_key(type, ns, digest);
+    if (key == nullptr) Py_CLEAR(list);
+    else PyList_SET_ITEM(list, i, key);
+  }
+  return list;
+}
+
 struct KeyArgs {
   Buffer raw, seed, ns;
   Py_ssize_t start = 0, size = 0;
@@ -264,13 +284,10 @@ PyObject* chunk_keys(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (a.partial && n % a.size && n > a.start) ends.push_back(n);
   const std::vector<uint8_t> out = hashed(a.raw.data() + 4 * a.start, a.start, ends, a.seed.data(), a.seed.view.len);
   if (PyErr_Occurred()) return nullptr;
-  PyObject* list = PyList_New(static_cast<Py_ssize_t>(ends.size()));
-  for (size_t i = 0; list != nullptr && i < ends.size(); ++i) {
-    PyObject* key = new_key(a.type, a.ns.data(), out.data() + i * kDigestBytes);
-    if (key == nullptr) Py_CLEAR(list);
-    else PyList_SET_ITEM(list, i, key);
-  }
-  return list;
+  const uint8_t* ns = a.ns.data();
+  return key_list(a.type, static_cast<Py_ssize_t>(ends.size()), [&](Py_ssize_t i) {
+    return std::make_pair(ns, out.data() + i * kDigestBytes);
+  });
 }
 
 // -- packed keys -----------------------------------------------------------------------------------
@@ -289,11 +306,9 @@ bool pack_keys(const IdSource& ids, Py_ssize_t size, Py_ssize_t count, const uin
     const Py_ssize_t begin = i * size, len = std::min(size, ids.n - begin);
     std::memcpy(scratch, parent, parent_len);
     if (!ids.read(begin, len, reinterpret_cast<uint32_t*>(scratch + parent_len))) return false;
-    const Hash128 h = g_xxh3_128(scratch, parent_len + 4 * len);
     uint8_t* key = out + i * kKeyBytes;
     std::memcpy(key, ns, kNamespaceBytes);
-    put_be64(key + kNamespaceBytes, h.high64);
-    put_be64(key + kNamespaceBytes + 8, h.low64);
+    digest_into(scratch, parent_len + 4 * len, key + kNamespaceBytes);
     parent = key + kNamespaceBytes, parent_len = kDigestBytes;
   }
   // Ids past the last key (a tail when not `partial`, a prompt under a chunk) are judged too, as
@@ -349,14 +364,11 @@ PyObject* keys_of(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (packed.view.len % kKeyBytes || start < 0 || stop < start || stop > packed.view.len / kKeyBytes) {
     return PyErr_Format(PyExc_ValueError, "keys_of: packed must hold 24-byte keys, 0 <= start <= stop <= keys");
   }
-  PyObject* list = PyList_New(stop - start);
-  for (Py_ssize_t i = start; list != nullptr && i < stop; ++i) {
-    const uint8_t* key = packed.data() + i * kKeyBytes;
-    PyObject* obj = new_key(type, key, key + kNamespaceBytes);
-    if (obj == nullptr) Py_CLEAR(list);
-    else PyList_SET_ITEM(list, i - start, obj);
-  }
-  return list;
+  const uint8_t* first = packed.data() + start * kKeyBytes;
+  return key_list(type, stop - start, [first](Py_ssize_t i) {
+    const uint8_t* key = first + i * kKeyBytes;
+    return std::make_pair(key, key + kNamespaceBytes);
+  });
 }
 
 // -- loading XXH3 ----------------------------------------------------------------------------------
