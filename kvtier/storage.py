@@ -77,6 +77,7 @@ class StorageManager:
         self.pins = PinTable() if pins is None else pins
         self.cpu = CpuTier(pool, self.pins.is_pinned, is_leased=self.pins.is_leased)
         self._lock = threading.Lock()
+        self.key_listeners: tuple = ()  # storage_admin.add_key_listener: told of every local key change
         # Signalled whenever memory may have been given back: a write landed, a wave, store or move let go.
         self._progress = threading.Condition(self._lock)
         self._holders = 0  # read waves, stores and moves holding slabs or readers they will give back

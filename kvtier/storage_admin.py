@@ -1,5 +1,5 @@
 """Administrative calls of a StorageManager: pins and leases, moves and copies between tiers, clears,
-and the local tiers' keys for a fleet agent (a listener and a snapshot).
+and the local tiers' keys for a fleet agent or vLLM's KV events (listeners and a snapshot).
 
 Where it runs: these functions are the manager's methods (bound in kvtier.storage, `guarded` there
 where they use the tiers or the I/O queues) and take its lock like its own code does; they decide
@@ -18,6 +18,7 @@ go to writable tiers only (`StorageManager.writable`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -176,12 +177,44 @@ def local_tiers(manager: StorageManager) -> list[KeyedTier]:
     return [tier for tier in manager.writable if isinstance(tier, KeyedTier)]
 
 
-def set_key_listener(manager: StorageManager, listener: IndexListener | None) -> None:
-    """Report every key stored into or evicted from host memory or a local tier, from now on."""
+def add_key_listener(manager: StorageManager, listener: IndexListener) -> None:
+    """Report every key stored into or evicted from host memory or a local tier to `listener`, from
+    now on, beside the listeners already there (a fleet agent and vLLM's KV events may both listen)."""
     with manager._lock:
-        manager.cpu.set_key_listener(listener)
+        manager.key_listeners = (*manager.key_listeners, listener)
+        _install_listeners(manager)
+
+
+def remove_key_listener(manager: StorageManager, listener: IndexListener) -> None:
+    """Stop reporting to `listener` (added by `add_key_listener`); the others go on."""
+    with manager._lock:
+        kept = list(manager.key_listeners)
+        if listener in kept:
+            kept.remove(listener)
+        manager.key_listeners = tuple(kept)
+        _install_listeners(manager)
+
+
+def _install_listeners(manager: StorageManager) -> None:
+    """Each index has one listener slot: it gets the only listener, or one that calls them all."""
+    listeners = manager.key_listeners
+    slot = None if not listeners else listeners[0] if len(listeners) == 1 else functools.partial(
+        _fan_out, listeners)
+    manager.cpu.set_key_listener(slot)
     for tier in local_tiers(manager):
-        tier.set_key_listener(listener)
+        tier.set_key_listener(slot)
+
+
+def _fan_out(listeners: tuple[IndexListener, ...], op: str, tier: str, key: ChunkKey) -> None:
+    """Every listener hears the change, even after one of them raised (the index counts and logs that)."""
+    failed: Exception | None = None
+    for listener in listeners:
+        try:
+            listener(op, tier, key)
+        except Exception as error:
+            failed = error
+    if failed is not None:
+        raise failed
 
 
 def key_snapshot(manager: StorageManager) -> dict[str, list[ChunkKey]]:

@@ -60,3 +60,37 @@ def test_moves_and_clears_are_refused_after_close_and_pins_and_leases_still_bala
     manager.release(keys)
     assert manager.pins.num_leased == 0 and len(manager.cpu) == 2
     manager.check_invariants()
+
+
+def test_two_key_listeners_both_hear_every_change_and_one_that_raises_stops_neither(make_manager, db, layout):
+    # A fleet agent and vLLM's KV events may listen to one storage at once; the indexes have one slot.
+    from kvtier import storage_admin
+
+    manager = make_manager(slabs=4)
+    heard: dict[str, list] = {"first": [], "second": []}
+
+    def first(op, tier, key):
+        heard["first"].append((op, tier, key))
+        raise RuntimeError("a broken listener")
+
+    def second(op, tier, key):
+        heard["second"].append((op, tier, key))
+
+    storage_admin.add_key_listener(manager, first)
+    storage_admin.add_key_listener(manager, second)
+    spans = db.spans(seeded_tokens(2 * CHUNK, 4))
+    manager.put(spans, seeded_kv(layout, 2 * CHUNK, 4))
+    assert manager.flush(timeout=10)
+    keys = {s.key for s in spans}
+    for name in ("first", "second"):
+        assert {(tier, key) for op, tier, key in heard[name] if op == "stored"} == {
+            (tier, key) for tier in ("cpu", "disk") for key in keys}, name
+
+    storage_admin.remove_key_listener(manager, first)
+    heard["first"].clear()
+    manager.clear(manager.cpu)
+    assert heard["first"] == [] and {key for op, tier, key in heard["second"] if op == "evicted"} == keys
+    storage_admin.remove_key_listener(manager, second)
+    storage_admin.remove_key_listener(manager, second)  # twice: a no-op
+    assert manager.key_listeners == ()
+    manager.check_invariants()

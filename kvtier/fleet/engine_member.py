@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 class EngineMember:
     def __init__(self, engine: CacheEngine):
         self.engine = engine
+        self._listener: KeyListener | None = None
 
     def describe(self) -> MemberDescription:
         db = self.engine.db
@@ -49,7 +50,12 @@ class EngineMember:
         return storage_admin.key_snapshot(self.engine.storage)  # type: ignore[return-value]
 
     def set_key_listener(self, listener: KeyListener | None) -> None:
-        storage_admin.set_key_listener(self.engine.storage, listener)  # type: ignore[arg-type]
+        """The agent's one listener (None: none); other listeners of the storage are left alone."""
+        if self._listener is not None:
+            storage_admin.remove_key_listener(self.engine.storage, self._listener)  # type: ignore[arg-type]
+        self._listener = listener
+        if listener is not None:
+            storage_admin.add_key_listener(self.engine.storage, listener)  # type: ignore[arg-type]
 
     def run(self, command: Command) -> CommandReply:
         engine, keys = self.engine, [ChunkKey.from_hex(k) for k in command.keys]

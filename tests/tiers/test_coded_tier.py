@@ -146,7 +146,7 @@ def test_a_wrapped_disk_tier_still_reports_its_keys_to_the_fleet(make_engine):
         with lock:
             events.append((op, tier, key))
 
-    storage_admin.set_key_listener(engine.storage, listener)
+    storage_admin.add_key_listener(engine.storage, listener)
     tokens, _ = stored_below(engine, "disk")
     keys = engine.db.keys(tokens)
 
@@ -154,7 +154,7 @@ def test_a_wrapped_disk_tier_still_reports_its_keys_to_the_fleet(make_engine):
     with lock:
         on_disk = {key for op, tier, key in events if tier == "disk"}
     assert on_disk == set(keys)
-    storage_admin.set_key_listener(engine.storage, None)
+    storage_admin.remove_key_listener(engine.storage, listener)
 
 
 def test_an_adaptive_disk_tier_is_wired_in_and_read_through_the_decoder(make_engine):

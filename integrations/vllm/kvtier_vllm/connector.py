@@ -7,7 +7,8 @@
 vLLM builds it once per role: SCHEDULER in the engine core (`scheduler_side.SchedulerSide`) and WORKER
 in each worker (`worker_side.WorkerSide`); each holds its process's CacheEngine (`setup_engine`). The
 metadata vLLM carries between them each step is kvtier's own `ConnectorMetadata` (scheduler ->
-workers) and `KvtierWorkerMeta` (workers -> scheduler: how far each load got).
+workers) and `KvtierWorkerMeta` (workers -> scheduler: how far each load got). With vLLM's KV events
+on, what kvtier's local tiers gain and lose joins vLLM's own events (`kv_events`).
 
 Loads may be asynchronous (`loads.asynchronous` in the kvtier config, vLLM's `load_kv_async`): the
 request waits for its KV outside the batch and `get_finished` reports it. A load that falls short is
@@ -18,10 +19,19 @@ it finishes: `request_finished` holds its blocks until the worker has gathered t
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import vllm
+from vllm.distributed.kv_events import (
+    MEDIUM_CPU,
+    MEDIUM_STORAGE,
+    BlockRemoved,
+    BlockStored,
+    KVCacheEvent,
+    KVConnectorKVEvents,
+)
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -33,6 +43,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from kvtier.connector import ConnectorMetadata
 from kvtier.engine import CacheEngine
 from kvtier_vllm import setup_engine
+from kvtier_vllm.kv_events import MAX_PENDING, EventRecorder, TierChange
 from kvtier_vllm.scheduler_side import SchedulerSide
 from kvtier_vllm.worker_side import WorkerSide
 
@@ -79,6 +90,41 @@ class KvtierStats(KVConnectorStats):
         return not any(self.data.values())
 
 
+class KvtierKVEvents(KVConnectorKVEvents):
+    """A step's KV cache events from the workers, as vLLM carries them to the scheduler. Only rank 0
+    reports (every rank stores the same chunks, of its own heads), so there is nothing to reconcile."""
+
+    def __init__(self, events: list[KVCacheEvent] | None = None, workers: int = 1):
+        self.events, self.workers = list(events or ()), workers
+
+    def add_events(self, events: list[KVCacheEvent]) -> None:
+        self.events.extend(events)
+
+    def aggregate(self) -> KvtierKVEvents:
+        return self
+
+    def increment_workers(self, count: int = 1) -> None:
+        self.workers += count
+
+    def get_all_events(self) -> list[KVCacheEvent]:
+        return list(self.events)
+
+    def get_number_of_workers(self) -> int:
+        return self.workers
+
+    def clear_events(self) -> None:
+        self.events = []
+
+
+def vllm_event(change: TierChange, chunk_size: int) -> KVCacheEvent:
+    """A kvtier tier change as vLLM's event: host memory is medium CPU, a local disk STORAGE."""
+    medium = MEDIUM_CPU if change.tier == "cpu" else MEDIUM_STORAGE
+    if change.op == "evicted":
+        return BlockRemoved(block_hashes=[change.digest], medium=medium, ownership="kvtier")
+    return BlockStored(block_hashes=[change.digest], parent_block_hash=change.parent, token_ids=change.tokens,
+                       block_size=chunk_size, lora_id=None, medium=medium, lora_name=None, ownership="kvtier")
+
+
 def recompute_load_failures(kv_transfer_config) -> None:
     """A load that falls short is what a cache does (a chunk evicted, corrupt or unreachable): its
     blocks are recomputed, never the request failed, so vLLM's policy is set to "recompute" (its
@@ -111,6 +157,11 @@ class KvtierConnector(KVConnectorBase_V1):
         self._scheduler = None if worker else SchedulerSide(engine, layout.block_size, config.loads,
                                                             lease=one_process)
         self._worker = WorkerSide(engine, config.loads, not one_process) if worker else None
+        events_config = vllm_config.kv_events_config
+        events_on = events_config is not None and bool(events_config.enable_kv_cache_events)
+        # KV events: rank 0's worker hears its tiers; the scheduler passes them on to vLLM's publisher.
+        self._recorder = EventRecorder(engine) if worker and rank == 0 and events_on else None
+        self._events: deque = deque(maxlen=MAX_PENDING)
         logger.info("kvtier connector (%s): model %s, rank %d, %s", role.name, name, rank, layout.describe())
 
     # -- worker side ---------------------------------------------------------------------------
@@ -120,6 +171,8 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
+        if self._recorder is not None:
+            self._recorder.expect(connector_metadata.kvtier)
         self._worker.bind_connector_metadata(connector_metadata.kvtier)
 
     def clear_connector_metadata(self) -> None:
@@ -154,6 +207,12 @@ class KvtierConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvtierStats:
         return KvtierStats(data=dict(data or {}))
 
+    def get_kv_connector_kv_cache_events(self) -> KvtierKVEvents | None:
+        changes = [] if self._recorder is None else self._recorder.take()
+        if not changes:
+            return None
+        return KvtierKVEvents([vllm_event(change, self._recorder.chunk_size) for change in changes])
+
     def build_connector_worker_meta(self) -> KvtierWorkerMeta | None:
         loaded = self._worker.take_loaded()
         return KvtierWorkerMeta(loaded) if loaded else None
@@ -175,6 +234,12 @@ class KvtierConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output) -> None:
         worker_meta = connector_output.kv_connector_worker_meta
         self._scheduler.update_connector_output(getattr(worker_meta, "loaded", None) or {})
+        if connector_output.kv_cache_events is not None:
+            self._events.extend(connector_output.kv_cache_events.get_all_events())
+
+    def take_events(self):
+        while self._events:
+            yield self._events.popleft()
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler.request_finished(request, block_ids), None
@@ -182,6 +247,9 @@ class KvtierConnector(KVConnectorBase_V1):
     # -- both ----------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
         for side in (self._scheduler, self._worker):
             if side is not None:
                 side.close()

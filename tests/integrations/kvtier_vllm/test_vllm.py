@@ -43,15 +43,18 @@ pytestmark = [
 ]
 
 
-def run_vllm(model: Path, workdir: Path, kvtier_yaml: Path | None = None) -> dict:
-    """One vLLM process over PROMPTS: {"tokens": [...], "cached": [...]} (see vllm_run.py)."""
+def run_vllm(model: Path, workdir: Path, kvtier_yaml: Path | None = None, events_for: int = 0) -> dict:
+    """One vLLM process over PROMPTS: {"tokens": [...], "cached": [...]} (see vllm_run.py); with
+    `events_for` chunks, vLLM's KV events are on and "stored" holds kvtier's host-memory stores."""
     prompts = workdir / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
     cmd = [str(VLLM_PYTHON), str(RUNNER), str(model), str(prompts)]
     if kvtier_yaml is not None:
         cmd.append(str(kvtier_yaml))
-    done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=VLLM_RUN_S,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if events_for:
+        env["RUN_EVENTS_WANT"] = str(events_for)
+    done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=VLLM_RUN_S, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, f"vLLM failed ({done.returncode}):\n{done.stderr[-4000:]}"
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -105,7 +108,7 @@ def stored_everywhere(model, tmp_path_factory, _redis_session) -> Iterator[tuple
                  "kvtier_server": f"remote:\n  url: {server.url}\n"}
         config = root / "kvtier.yaml"
         config.write_text(BASE + "".join(tiers.values()))
-        yield tiers, run_vllm(model, root, config), root / "disk"
+        yield tiers, run_vllm(model, root, config, events_for=4), root / "disk"
     finally:
         server.stop()
 
@@ -116,6 +119,18 @@ def test_the_first_process_stores_every_whole_chunk_once_and_generates_as_vllm_a
     assert first["cached"][0] == 0  # nothing stored before it (prompt 1 may find prompt 0's chunks)
     assert first["tokens"] == without_kvtier["tokens"]
     assert len(records(disk)) == 4  # the 3 shared chunks once, and prompt 0's fourth
+
+
+def test_the_chunks_kvtier_stores_reach_vllms_kv_event_subscribers_with_parents_and_tokens(model,
+                                                                                          stored_everywhere):
+    # vLLM's KV events on (ZMQ): what kvtier put in host memory is published as BlockStored (medium
+    # CPU), one per chunk, named by its digest and chained to the chunk before it.
+    _, first, _ = stored_everywhere
+    keys = TokenDatabase(Namespace(str(model), "L30-H3-D64-float32"), CHUNK).keys(PROMPTS[0])[:4]
+    want = {key.digest.hex(): {"parent": keys[i - 1].digest.hex() if i else None,
+                               "tokens": PROMPTS[0][i * CHUNK:(i + 1) * CHUNK], "block_size": CHUNK}
+            for i, key in enumerate(keys)}
+    assert {event.pop("digest"): event for event in first["stored"]} == want
 
 
 @pytest.mark.parametrize("tier", ["disk", "redis", "kvtier_server"])

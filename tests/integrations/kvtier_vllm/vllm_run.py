@@ -2,11 +2,57 @@
 runs `vllm.LLM` on the prompts (lists of token ids; greedy, 12 tokens each), with kvtier's connector
 when a kvtier config is given, and prints one JSON line: each prompt's generated token ids and the
 prompt tokens vLLM did not compute (`num_cached_tokens`: kvtier's loads; vLLM's own prefix cache is
-off). Run as a script, in the venv that has vLLM (`make vllm-venv`)."""
+off). Run as a script, in the venv that has vLLM (`make vllm-venv`).
+
+With `$RUN_EVENTS_WANT` (a number of chunks), vLLM's KV cache events are on, published over ZMQ
+with a replay endpoint on a free loopback port; after generating, this process asks the replay for
+every batch from the first on, until that many distinct chunks were stored in host memory or a 30 s
+deadline passed, and the JSON also holds those `BlockStored` events (digest, parent, tokens; hex).
+(A plain subscriber can miss the first batches: the publisher drops what it sends before the
+subscription reached it.)"""
 
 import json
 import os
+import socket
 import sys
+import time
+
+EVENTS_DEADLINE_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stored_in_memory(replay_port: int, want: int) -> list[dict]:
+    """The CPU `BlockStored` events vLLM published, read through its replay endpoint until `want`
+    distinct chunks were seen (or the deadline)."""
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import MEDIUM_CPU, BlockStored, KVEventBatch, ZmqEventPublisher
+
+    decoder, seen, next_seq = msgspec.msgpack.Decoder(type=KVEventBatch), {}, 0
+    sock = zmq.Context().socket(zmq.DEALER)  # one request, many replies
+    sock.connect(f"tcp://127.0.0.1:{replay_port}")
+    deadline = time.monotonic() + EVENTS_DEADLINE_S
+    while len(seen) < want and time.monotonic() < deadline:
+        sock.send_multipart((b"", next_seq.to_bytes(8, "big")))
+        while sock.poll(int(max(deadline - time.monotonic(), 0) * 1000)):
+            _empty, _topic, seq, payload = sock.recv_multipart()
+            if seq == ZmqEventPublisher.END_SEQ:
+                break
+            next_seq = int.from_bytes(seq, "big") + 1
+            for event in decoder.decode(payload).events:
+                if isinstance(event, BlockStored) and event.medium == MEDIUM_CPU:
+                    parent = event.parent_block_hash and event.parent_block_hash.hex()
+                    for digest in event.block_hashes:
+                        seen[digest.hex()] = {"tokens": event.token_ids, "block_size": event.block_size,
+                                              "parent": parent}
+        else:
+            break  # no answer before the deadline
+    return [{"digest": digest, **info} for digest, info in seen.items()]
 
 
 def main() -> None:
@@ -14,7 +60,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ["HF_HUB_OFFLINE"] = "1"
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from vllm.config import KVEventsConfig, KVTransferConfig
 
     model, prompts = sys.argv[1], json.loads(open(sys.argv[2]).read())
     kwargs = {}
@@ -22,12 +68,20 @@ def main() -> None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvtierConnector", kv_connector_module_path="kvtier_vllm", kv_role="kv_both",
             kv_connector_extra_config={"kvtier_config": sys.argv[3]})
+    want, replay_port = int(os.environ.get("RUN_EVENTS_WANT", "0")), free_port()
+    if want:  # (a wildcard endpoint: the publisher binds it, on a port the OS picks)
+        kwargs["kv_events_config"] = KVEventsConfig(
+            enable_kv_cache_events=True, publisher="zmq", endpoint="tcp://127.0.0.1:*",
+            replay_endpoint=f"tcp://127.0.0.1:{replay_port}")
     llm = LLM(model=model, dtype="float32", skip_tokenizer_init=True, max_model_len=2048,
               enable_prefix_caching=False, enforce_eager=True, **kwargs)
     params = SamplingParams(max_tokens=12, temperature=0, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
-                                  "cached": [o.num_cached_tokens for o in outs]}), flush=True)
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+              "cached": [o.num_cached_tokens for o in outs]}
+    if want:
+        result["stored"] = stored_in_memory(replay_port, want)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
