@@ -84,6 +84,7 @@ class ConnectorMetadata:
     blend_loads: list[BlendLoadSpec] = field(default_factory=list)  # only with `blend:` configured
     segment_saves: list[SegmentSaveSpec] = field(default_factory=list)
     cancel_loads: list[str] = field(default_factory=list)  # aborted requests: drop their queued async loads
+    reset: bool = False  # the scheduler dropped every chunk: a worker with an engine of its own does too
 
 
 @dataclass(frozen=True, slots=True)

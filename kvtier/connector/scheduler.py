@@ -70,6 +70,7 @@ SYNCHRONOUS = LoadsConfig(asynchronous="off", prefetch=False)
 @dataclass(slots=True)
 class _RequestState:
     hit_tokens: int = 0  # kvtier's prefix hit at the last lookup (chunk aligned, uncapped)
+    hit_new: bool = False  # looked up since the last allocation: the hit not yet counted as saved
     load_to: int = 0  # where the prefix load ends: the hit, capped (a blend's head is block aligned)
     saved_upto: int = 0  # chunks before this token are in kvtier
     load: LoadSpec | None = None  # committed, not yet handed to the worker
@@ -112,6 +113,18 @@ class KvtierSchedulerConnector:
         self._async_pending: list[str] = []  # requests whose asynchronous load is not handed over yet
         self._cancels: list[str] = []  # parked requests aborted since the last step
         self._orphans: list[LoadSpec] = []  # loads of requests finished before they were handed over
+        self._reset = False  # `reset` ran since the last step: workers with engines of their own follow
+
+    def reset(self) -> None:
+        """Drop every chunk kvtier holds for this model (an engine's prefix-cache reset, e.g. after new
+        weights: nothing computed before may be served after). This engine's tiers are cleared now
+        (host memory, the local records it knows, the namespace in Redis / kvtier_server); a worker
+        with an engine of its own clears it when the next step's metadata reaches it. Live requests
+        save their chunks again."""
+        self.engine.clear()
+        for state in self._states.values():
+            state.saved_upto = 0
+        self._reset = not self.lease_loads
 
     def request_arrived(self, request) -> None:
         """Start moving the chunks of the request's hit that sit below the CPU tier up into it, so
@@ -135,7 +148,7 @@ class KvtierSchedulerConnector:
         if hit is None:
             return None, False
         state = self._states.setdefault(request.request_id, _RequestState())
-        state.hit_tokens = hit
+        state.hit_tokens, state.hit_new = hit, True
         state.load_to = min(hit, len(tokens) - 1)
         if self.blend is not None:
             self._plan_blend(request, state, num_computed_tokens)
@@ -177,7 +190,11 @@ class KvtierSchedulerConnector:
         state = self._states[request.request_id]
         # Committed now: the hit's chunks need no save. (Not at the lookup: a request that is not
         # allocated after it may find fewer chunks at its next lookup, and must save those again.)
-        state.saved_upto = max(state.saved_upto, state.hit_tokens - state.hit_tokens % self.chunk_size)
+        # Once per lookup: vLLM allocates again, with no lookup, when a request comes back from its
+        # asynchronous load, and a load that fell short has lowered `saved_upto` since.
+        if state.hit_new:
+            state.saved_upto = max(state.saved_upto, state.hit_tokens - state.hit_tokens % self.chunk_size)
+            state.hit_new = False
         if state.blend is not None and not state.blend.lease:
             lease = [s.key for passage in state.blend.passages for s in passage.spans]
             self.engine.storage.lease(lease)
@@ -196,8 +213,9 @@ class KvtierSchedulerConnector:
             self._async_pending.append(request.request_id)
 
     def build_connector_meta(self, step: int, scheduled: Sequence[ScheduledWork]) -> ConnectorMetadata:
-        meta = ConnectorMetadata(step, saves=self._finals, cancel_loads=self._cancels, loads=self._orphans)
-        self._finals, self._cancels, self._orphans = [], [], []
+        meta = ConnectorMetadata(step, saves=self._finals, cancel_loads=self._cancels, loads=self._orphans,
+                                 reset=self._reset)
+        self._finals, self._cancels, self._orphans, self._reset = [], [], [], False
         if self.lookups is not None and self.prefetcher is not None:
             for request_id, spans in self.lookups.landed_for_prefetch():
                 self.prefetcher.submit_below(request_id, spans)

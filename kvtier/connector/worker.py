@@ -60,6 +60,10 @@ logger = logging.getLogger(__name__)
 MAX_EVENTS = 10_000
 
 
+# How long a reset waits for the saves handed over before it (then clears what landed).
+RESET_DRAIN_S = 30.0
+
+
 class KvtierWorkerConnector:
     def __init__(self, engine: CacheEngine, layerwise: bool | None = None, loads: LoadsConfig | None = None):
         self.engine = engine
@@ -104,6 +108,9 @@ class KvtierWorkerConnector:
         self._async.bind(cache, self._on_cuda)
 
     def bind_connector_metadata(self, meta: ConnectorMetadata) -> None:
+        if meta.reset:  # the scheduler side reset the cache (its engine is another): this one follows
+            self._saver.drain(RESET_DRAIN_S)  # saves of KV computed before land first, then go too
+            self.engine.clear()
         self._meta = meta
 
     def clear_connector_metadata(self) -> None:

@@ -19,6 +19,7 @@ from held_reads import Gate
 from kvtier import KVLayout
 from kvtier.config import LoadsConfig
 from kvtier.connector import ConnectorMetadata, KvtierSchedulerConnector, KvtierWorkerConnector, LoadSpec
+from kvtier.connector.scheduler import ScheduledWork
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.models.presets import PRESETS
 
@@ -311,4 +312,47 @@ def test_a_load_whose_staging_buffer_cannot_be_had_is_reported_at_its_start_with
     assert landed(worker) == {"r": 0}
     assert worker.async_stats()["async_failures"] == 1 and not cache.kv.any()
     assert_nothing_held(engine, worker)
+    worker.close()
+
+
+def test_after_an_asynchronous_load_fell_short_the_chunks_from_there_are_saved_again(setup):
+    # Regression (found running vLLM's load-failure-recovery story against the vLLM connector): vLLM
+    # allocates a request again, with no lookup, when its asynchronous load has landed, and that
+    # second allocation counted the whole hit as saved again, so the chunks the load did not bring
+    # were recomputed and never saved (a lost one stayed lost).
+    engine, tokens, _, cache = setup
+    loads = LoadsConfig(asynchronous="on", async_max_bytes_in_flight=LAYOUT.chunk_bytes(2 * CHUNK + 5))
+    scheduler, worker = sides(engine, cache, loads)
+    request = SimpleNamespace(request_id="r", all_token_ids=tokens)
+    plan(scheduler, "r", tokens)
+    step(worker, scheduler.build_connector_meta(1, []))
+    reached = landed(worker)
+    assert reached == {"r": 2 * CHUNK}
+    assert scheduler.update_connector_output(reached) == {"r"}
+
+    scheduler.update_state_after_alloc(request, TABLE, 0)  # back from waiting for its KV
+    meta = scheduler.build_connector_meta(2, [ScheduledWork(request, TABLE, 48)])
+    assert [(s.start, s.end) for s in meta.saves] == [(2 * CHUNK, 48)]
+    worker.close()
+
+
+def test_a_reset_clears_the_schedulers_engine_now_and_a_workers_own_engine_next_step(setup, make_engine):
+    # Split processes (no leases from the scheduler side): the worker's engine is another one.
+    engine, tokens, kv, cache = setup
+    worker_engine = make_engine("cpu", LAYOUT)
+    worker_engine.store(tokens, kv)
+    scheduler = KvtierSchedulerConnector(engine, CHUNK, loads=LoadsConfig(asynchronous="off"), lease=False)
+    worker = KvtierWorkerConnector(worker_engine)
+    worker.register_kv_caches(cache)
+    request = SimpleNamespace(request_id="r", all_token_ids=tokens)
+    plan(scheduler, "r", tokens)  # a live request: its chunks are counted as in kvtier
+
+    scheduler.reset()
+    assert engine.lookup(tokens) == 0 and worker_engine.lookup(tokens) == 48
+    meta = scheduler.build_connector_meta(1, [ScheduledWork(request, TABLE, 48)])
+    assert meta.reset and [(s.start, s.end) for s in meta.saves] == [(0, 48)]  # saved again
+    worker.bind_connector_metadata(meta)
+    assert worker_engine.lookup(tokens) == 0
+    worker.clear_connector_metadata()
+    assert not scheduler.build_connector_meta(2, []).reset  # once
     worker.close()

@@ -244,6 +244,13 @@ class KvtierConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler.request_finished(request, block_ids), None
 
+    def reset_cache(self) -> bool:
+        """vLLM's `reset_prefix_cache(reset_connector=True)` (new weights, say): kvtier drops every
+        chunk of this model it holds, so nothing computed before is served after
+        (`KvtierSchedulerConnector.reset`; workers in other processes follow at the next step)."""
+        self._scheduler.reset()
+        return True
+
     # -- both ----------------------------------------------------------------------------------
 
     def shutdown(self) -> None:

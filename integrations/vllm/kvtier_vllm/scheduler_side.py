@@ -113,5 +113,8 @@ class SchedulerSide:
         self._short.discard(request.request_id)
         return self.kv.request_finished(seen, block_ids, request.num_computed_tokens)
 
+    def reset(self) -> None:
+        self.kv.reset()
+
     def close(self) -> None:
         self.kv.close(timeout=5.0)
