@@ -8,7 +8,8 @@ never branches on a tier's name or class: a lower tier is anything that follows 
 writes and demotions go to its `writable` ones only (a P2P tier serves reads only).
 
     put:    copy each new chunk into a slab (evicting LRU chunks to make room), index it in the CPU
-            tier, and (write-through) queue a background write to every lower tier.
+            tier, and (write-through) queue a background write to every lower tier. A store larger
+            than host memory streams in waves: the next wave's slabs are the last one's, written.
     evict:  a chunk with a copy below (or that the tiers below refused) is dropped; one without is
             demoted: it stays readable from its slab until the background write lands.
     get:    CPU hits copy straight out of their slabs; lower-tier hits are read into new slabs on
@@ -23,9 +24,11 @@ below confirms. Helpers: kvtier.write_behind, kvtier.storage_admin (pins, moves,
 
 Memory exhaustion is explicit: when no slab is free and nothing is evictable right now (all pinned or in
 flight), the rest of a store is rejected and counted, and a retrieve stops its prefix there. A store
-never waits; a retrieve that holds no memory yet waits (at most READ_WAIT_S) for memory others will give
-back, one that holds some only for background writes, which never wait on a retrieve: two retrieves
-never wait on each other. Nothing is dropped without a counter. close() refuses new calls and waits
+larger than host memory streams down in waves: a wave that holds nothing yet waits (at most
+STORE_WAIT_S) for background writes only; a retrieve that holds no memory yet waits (at most
+READ_WAIT_S) for memory others will give back, one that holds some only for background writes, which
+never wait on a store or a retrieve: no two calls wait on each other. Nothing is dropped without a
+counter. close() refuses new calls and waits
 (bounded) for those in flight before it stops the I/O threads and closes the tiers (kvtier.call_gate).
 """
 
@@ -59,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 # How long one wave of a retrieve waits for memory to be given back before serving a shorter prefix.
 READ_WAIT_S = 5.0
+# How long one wave of a store larger than free host memory waits for background writes to free a slab.
+STORE_WAIT_S = 5.0
 # How long close() waits for calls in flight to return before it releases the tiers under them.
 CLOSE_WAIT_S = 30.0
 
@@ -104,22 +109,53 @@ class StorageManager:
 
     @guarded
     def put(self, spans: Sequence[ChunkSpan], kv: torch.Tensor) -> int:
-        """Store the chunks of `kv` ([2, L, T, H*D]) named by `spans`. Returns chunks newly stored."""
+        """Store the chunks of `kv` ([2, L, T, H*D]) named by `spans`. Returns chunks newly stored.
+        A store larger than the free host memory streams down in waves (with a tier below to take
+        the writes): each wave is copied into the slabs there are and written through, and the next
+        waits for those writes to land and free slabs."""
         with self._lock:
             # (`held` marks held chunks recently used: a re-store refreshes recency.)
             new = [s for s in spans if self.cpu.held(s.key) is None]
-            slabs = []
-            while len(slabs) < len(new) and (slab := self._alloc_locked("store")) is not None:
-                slabs.append(slab)
-            slabs.sort(key=lambda slab: slab.index)  # consecutive chunks in consecutive slabs: one copy
-            self._holders += 1
-        rejected = len(new) - len(slabs)
         self.metrics.inc("deduplicated_chunks", len(spans) - len(new))
-        if rejected:
+        done = stored = 0
+        while done < len(new):
+            wave = new[done:]
+            with self._lock:
+                slabs = self._store_slabs_locked(len(wave), time.monotonic() + STORE_WAIT_S)
+                if not slabs:
+                    break
+                self._holders += 1
+            wave = wave[:len(slabs)]
+            stored += self._store_wave(wave, slabs, kv)
+            done += len(wave)
+            if not self.writable:  # a next wave would evict this one's chunks: a suffix is no use
+                break
+        if rejected := len(new) - done:
             self.metrics.tier_inc(self.cpu.name, "rejected", rejected)
             self._log.warning("full", "CPU tier full of pinned or in-flight chunks: %d not stored", rejected)
+        return stored
+
+    def _store_slabs_locked(self, count: int, deadline: float) -> list[Slab]:
+        """Up to `count` slabs for a store wave, taken as they are free or evictable. For the first,
+        the wave waits (until `deadline`) while background writes are in flight: one landing frees
+        a slab. Without a tier below nothing is in flight, and what does not fit is not stored."""
+        slabs: list[Slab] = []
+        while len(slabs) < count:
+            slab = self._alloc_locked("store")
+            if slab is not None:
+                slabs.append(slab)
+                continue
+            remaining = deadline - time.monotonic()
+            if slabs or self._gate.closed or not self._writes.in_flight or remaining <= 0:
+                break
+            self._progress.wait(remaining)
+        slabs.sort(key=lambda slab: slab.index)  # consecutive chunks in consecutive slabs: one copy
+        return slabs
+
+    def _store_wave(self, wave: Sequence[ChunkSpan], slabs: list[Slab], kv: torch.Tensor) -> int:
+        """Copy one wave into its slabs and index it (the store's hold ends). Chunks stored."""
         try:
-            self.pool.copy_chunks(list(zip(new, slabs)), kv, self.layout, into_slabs=True)
+            self.pool.copy_chunks(list(zip(wave, slabs)), kv, self.layout, into_slabs=True)
         except BaseException:  # a tensor that cannot be read (meta, a failed device): nothing stored
             with self._lock:
                 for slab in slabs:
@@ -127,10 +163,10 @@ class StorageManager:
                 self._let_go_locked()
             raise
         with self._lock:
-            stored = self._admit_locked(new, slabs)
+            stored = self._admit_locked(list(wave), slabs)
         self.metrics.inc("stored_chunks", stored)
         self.metrics.tier_inc(self.cpu.name, "bytes_written",
-                              self.layout.chunk_bytes(sum(s.num_tokens for s in new[:len(slabs)])))
+                              self.layout.chunk_bytes(sum(s.num_tokens for s in wave)))
         return stored
 
     def _admit_locked(self, new: list[ChunkSpan], slabs: list[Slab]) -> int:

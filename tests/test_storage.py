@@ -64,16 +64,31 @@ def test_put_deduplicates_and_a_re_store_refreshes_recency(make_manager, db, lay
     assert tier_counter(manager, "cpu", "evictions") == 2
 
 
-def test_a_store_larger_than_the_cpu_tier_keeps_its_prefix_and_rejects_the_rest(make_manager, db, layout):
-    # Every chunk of this store is still being written below when the pool runs out, so nothing is
-    # evictable: the tail is rejected and counted rather than waiting on the disk.
+def test_a_store_larger_than_the_cpu_tier_streams_down_to_the_tier_below(make_manager, db, layout):
+    # Regression: the chunks past host memory were rejected (a 4,096-token prompt through a 4-chunk
+    # CPU tier kept 1,024 tokens, the disk tier below notwithstanding). Now each wave is written through
+    # and the next waits for those writes to free slabs.
     manager = make_manager(slabs=4)
+    spans = db.spans(seeded_tokens(10 * CHUNK, 4))
+    kv = seeded_kv(layout, 10 * CHUNK, 4)
+
+    assert manager.put(spans, kv) == 10
+    assert tier_counter(manager, "cpu", "rejected") == 0
+    assert manager.flush(timeout=10)
+    assert len(manager.cpu) == 4 and manager.lower[0].usage().chunks == 10  # the last wave in memory
+    out, n = fetch(manager, spans, layout)
+    assert n == 10 * CHUNK and torch.equal(out, kv)
+    manager.check_invariants()
+
+
+def test_without_a_tier_below_a_store_larger_than_the_cpu_tier_keeps_its_prefix(make_manager, db, layout):
+    # Nothing below to write to: the store does not wait; the tail is rejected and counted.
+    manager = make_manager(slabs=4, disk=False)
     spans = db.spans(seeded_tokens(6 * CHUNK, 4))
     kv = seeded_kv(layout, 6 * CHUNK, 4)
 
     assert manager.put(spans, kv) == 4
     assert tier_counter(manager, "cpu", "rejected") == 2
-    assert manager.flush(timeout=10)
     assert manager.contains_prefix([s.key for s in spans]) == 4
     out, n = fetch(manager, spans[:4], layout)
     assert n == 4 * CHUNK and torch.equal(out, kv[:, :, : 4 * CHUNK])
@@ -133,11 +148,11 @@ def test_write_back_demotes_an_evicted_chunk_and_serves_it_from_disk(make_manage
     assert manager.put(a, kv) == 4
     assert manager.lower[0].usage().chunks == 0  # nothing written below yet
 
-    # Evicting a[0] starts its demotion; its slab is free only once the write lands, so this store
-    # is rejected (counted) rather than waiting on the disk.
-    assert manager.put(db.spans(seeded_tokens(CHUNK, 8)), seeded_kv(layout, CHUNK, 8)) == 0
-    assert tier_counter(manager, "cpu", "rejected") == 1
-    assert manager.contains_prefix([s.key for s in a]) == 4  # readable while being demoted
+    # Evicting a[0] starts its demotion; its slab is free only once the write lands, and the store
+    # waits for that (background writes never wait on a store).
+    assert manager.put(db.spans(seeded_tokens(CHUNK, 8)), seeded_kv(layout, CHUNK, 8)) == 1
+    assert tier_counter(manager, "cpu", "rejected") == 0
+    assert manager.contains_prefix([s.key for s in a]) == 4  # from host memory and the disk
     assert manager.flush(timeout=10)
 
     assert manager.metrics.value("kvtier_demotions_total") == 1
