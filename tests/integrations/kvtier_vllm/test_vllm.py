@@ -43,7 +43,8 @@ pytestmark = [
 ]
 
 
-def run_vllm(model: Path, workdir: Path, kvtier_yaml: Path | None = None, events_for: int = 0) -> dict:
+def run_vllm(model: Path, workdir: Path, kvtier_yaml: Path | None = None, events_for: int = 0,
+             tensor_parallel: int = 1) -> dict:
     """One vLLM process over PROMPTS: {"tokens": [...], "cached": [...]} (see vllm_run.py); with
     `events_for` chunks, vLLM's KV events are on and "stored" holds kvtier's host-memory stores."""
     prompts = workdir / "prompts.json"
@@ -54,6 +55,7 @@ def run_vllm(model: Path, workdir: Path, kvtier_yaml: Path | None = None, events
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if events_for:
         env["RUN_EVENTS_WANT"] = str(events_for)
+    env["RUN_TENSOR_PARALLEL"] = str(tensor_parallel)
     done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=VLLM_RUN_S, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, f"vLLM failed ({done.returncode}):\n{done.stderr[-4000:]}"
@@ -131,6 +133,26 @@ def test_the_chunks_kvtier_stores_reach_vllms_kv_event_subscribers_with_parents_
                                "tokens": PROMPTS[0][i * CHUNK:(i + 1) * CHUNK], "block_size": CHUNK}
             for i, key in enumerate(keys)}
     assert {event.pop("digest"): event for event in first["stored"]} == want
+
+
+@pytest.fixture
+def stored_by_three_ranks(model, tmp_path) -> tuple[Path, dict]:
+    """A first vLLM process with 3 tensor-parallel ranks ran PROMPTS with kvtier (cpu + disk)."""
+    config = disk_yaml(tmp_path / "kvtier.yaml", tmp_path / "disk")
+    return config, run_vllm(model, tmp_path, config, tensor_parallel=3)
+
+
+def test_three_tensor_parallel_ranks_each_store_and_load_their_own_heads(model, without_kvtier,
+                                                                         stored_by_three_ranks, tmp_path):
+    # SmolLM2's 3 KV heads over 3 ranks: each rank's worker keys its own namespace (one folder per
+    # rank on the shared disk) and a second 3-rank process loads every whole chunk, each rank its own
+    # head, generating what one rank without kvtier does.
+    config, first = stored_by_three_ranks
+    assert first["tokens"] == without_kvtier["tokens"]
+    assert len([d for d in (tmp_path / "disk").iterdir() if d.is_dir()]) == 3
+    second = run_vllm(model, tmp_path, config, tensor_parallel=3)
+    assert second["cached"] == [4 * CHUNK, 3 * CHUNK]
+    assert second["tokens"] == without_kvtier["tokens"]
 
 
 @pytest.mark.parametrize("tier", ["disk", "redis", "kvtier_server"])

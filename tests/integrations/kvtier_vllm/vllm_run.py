@@ -4,6 +4,8 @@ when a kvtier config is given, and prints one JSON line: each prompt's generated
 prompt tokens vLLM did not compute (`num_cached_tokens`: kvtier's loads; vLLM's own prefix cache is
 off). Run as a script, in the venv that has vLLM (`make vllm-venv`).
 
+`$RUN_TENSOR_PARALLEL` sets vLLM's tensor-parallel size (default 1).
+
 With `$RUN_EVENTS_WANT` (a number of chunks), vLLM's KV cache events are on, published over ZMQ
 with a replay endpoint on a free loopback port; after generating, this process asks the replay for
 every batch from the first on, until that many distinct chunks were stored in host memory or a 30 s
@@ -73,8 +75,9 @@ def main() -> None:
         kwargs["kv_events_config"] = KVEventsConfig(
             enable_kv_cache_events=True, publisher="zmq", endpoint="tcp://127.0.0.1:*",
             replay_endpoint=f"tcp://127.0.0.1:{replay_port}")
-    llm = LLM(model=model, dtype="float32", skip_tokenizer_init=True, max_model_len=2048,
-              enable_prefix_caching=False, enforce_eager=True, **kwargs)
+    tensor_parallel = int(os.environ.get("RUN_TENSOR_PARALLEL", "1"))
+    llm = LLM(model=model, tensor_parallel_size=tensor_parallel, dtype="float32", skip_tokenizer_init=True,
+              max_model_len=2048, enable_prefix_caching=False, enforce_eager=True, **kwargs)
     params = SamplingParams(max_tokens=12, temperature=0, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
