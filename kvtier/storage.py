@@ -28,8 +28,8 @@ larger than host memory streams down in waves: a wave that holds nothing yet wai
 STORE_WAIT_S) for background writes only; a retrieve that holds no memory yet waits (at most
 READ_WAIT_S) for memory others will give back, one that holds some only for background writes, which
 never wait on a store or a retrieve: no two calls wait on each other. Nothing is dropped without a
-counter. close() refuses new calls and waits
-(bounded) for those in flight before it stops the I/O threads and closes the tiers (kvtier.call_gate).
+counter. close() refuses new calls and waits (bounded) for those in flight (a store or retrieve stops at
+its current wave) before it stops the I/O threads and closes the tiers (kvtier.call_gate).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class StorageManager:
             new = [s for s in spans if self.cpu.held(s.key) is None]
         self.metrics.inc("deduplicated_chunks", len(spans) - len(new))
         done = stored = 0
-        while done < len(new):
+        while done < len(new) and not (done and self._gate.closed):  # close(): stop at this wave
             wave = new[done:]
             with self._lock:
                 slabs = self._store_slabs_locked(len(wave), time.monotonic() + STORE_WAIT_S)

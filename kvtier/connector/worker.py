@@ -58,8 +58,6 @@ from kvtier.log_limit import LogLimiter
 logger = logging.getLogger(__name__)
 
 MAX_EVENTS = 10_000
-
-
 # How long a reset waits for the saves handed over before it (then clears what landed).
 RESET_DRAIN_S = 30.0
 

@@ -61,7 +61,7 @@ def read_trace(path: str | Path, on_error: Literal["fail", "skip"] = "fail"
                 if len(raw) > MAX_LINE_BYTES:
                     raise ValueError(f"longer than {MAX_LINE_BYTES} bytes")
                 requests.append(parse_line(raw.decode("utf-8")))
-            except (ValueError, UnicodeDecodeError) as error:
+            except (ValueError, UnicodeDecodeError, RecursionError) as error:  # (deep nesting)
                 message = f"{path}:{number}: {error}"
                 if on_error == "fail":
                     raise TraceError(message) from None

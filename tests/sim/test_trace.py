@@ -34,6 +34,7 @@ def test_a_trace_is_read_into_requests_and_blank_lines_are_ignored(tmp_path):
     (json.dumps({**GOOD, "input_length": "700"}), "input_length"),
     (json.dumps({**GOOD, "output_length": -3}), "output_length"),
     (json.dumps({**GOOD, "timestamp": None}), "timestamp"),
+    ("[" * 100_000 + "]" * 100_000, "recursion"),
 ])
 def test_a_malformed_line_is_named_by_its_number_and_is_fatal_or_skipped(tmp_path, bad, why):
     path = write(tmp_path, [json.dumps(GOOD), bad, json.dumps(GOOD)])

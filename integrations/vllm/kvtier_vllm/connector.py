@@ -161,7 +161,8 @@ class KvtierConnector(KVConnectorBase_V1):
         events_on = events_config is not None and bool(events_config.enable_kv_cache_events)
         # KV events: rank 0's worker hears its tiers; the scheduler passes them on to vLLM's publisher.
         self._recorder = EventRecorder(engine) if worker and rank == 0 and events_on else None
-        self._events: deque = deque(maxlen=MAX_PENDING)
+        self._events: deque = deque(maxlen=MAX_PENDING)  # scheduler side: the workers' events, untaken
+        self.events_dropped = 0  # pushed out of `_events` before vLLM took them
         logger.info("kvtier connector (%s): model %s, rank %d, %s", role.name, name, rank, layout.describe())
 
     # -- worker side ---------------------------------------------------------------------------
@@ -235,7 +236,9 @@ class KvtierConnector(KVConnectorBase_V1):
         worker_meta = connector_output.kv_connector_worker_meta
         self._scheduler.update_connector_output(getattr(worker_meta, "loaded", None) or {})
         if connector_output.kv_cache_events is not None:
-            self._events.extend(connector_output.kv_cache_events.get_all_events())
+            events = connector_output.kv_cache_events.get_all_events()
+            self.events_dropped += max(0, len(self._events) + len(events) - MAX_PENDING)
+            self._events.extend(events)
 
     def take_events(self):
         while self._events:

@@ -29,8 +29,8 @@ from kvtier.connector import ConnectorMetadata
 from kvtier.engine import CacheEngine
 from kvtier.keys import ChunkKey
 
-# Chunks whose tokens the worker side remembers for the listener (1M tokens of 256-token chunks: the
-# list slices share the prompt's int objects, ~2 KB a chunk).
+# Chunks whose tokens the worker side remembers for the listener (1M tokens of 256-token chunks): ~2 KB
+# a chunk where the prompt is a list of ints (the slices share its int objects), ~9 KB from a tensor.
 MAX_EXPECTED = 4096
 MAX_PENDING = 16384  # events heard and not yet taken by a step
 
