@@ -6,12 +6,13 @@ off). Run as a script, in the venv that has vLLM (`make vllm-venv`).
 
 `$RUN_TENSOR_PARALLEL` sets vLLM's tensor-parallel size (default 1).
 
-With `$RUN_EVENTS_WANT` (a number of chunks), vLLM's KV cache events are on, published over ZMQ
-with a replay endpoint on a free loopback port; after generating, this process asks the replay for
-every batch from the first on, until that many distinct chunks were stored in host memory or a 30 s
-deadline passed, and the JSON also holds those `BlockStored` events (digest, parent, tokens; hex).
-(A plain subscriber can miss the first batches: the publisher drops what it sends before the
-subscription reached it.)"""
+With `$RUN_EVENTS_WANT` (a number of chunks), vLLM's KV cache events are on, published over ZMQ to
+a SUB socket this process binds first (vLLM's PUB connects to it) and kept for replay on a free
+loopback port. After generating, this process asks the replay for every batch from the first on, and
+again whenever a new batch reaches the SUB socket, until that many distinct chunks were stored in host
+memory or a 30 s deadline passed; the JSON also holds those `BlockStored` events (digest, parent,
+tokens; hex). (The SUB socket alone can miss the first batches: the publisher drops what it sends
+before the subscription reached it; it only says when to ask the replay again.)"""
 
 import json
 import os
@@ -28,21 +29,34 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def stored_in_memory(replay_port: int, want: int) -> list[dict]:
+def subscribe():
+    """(a SUB socket bound to a free loopback port, the port)."""
+    import zmq
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    return sub, sub.bind_to_random_port("tcp://127.0.0.1")
+
+
+def stored_in_memory(sub, replay_port: int, want: int) -> list[dict]:
     """The CPU `BlockStored` events vLLM published, read through its replay endpoint until `want`
-    distinct chunks were seen (or the deadline)."""
+    distinct chunks were seen (or the deadline); a batch arriving at `sub` starts the next read."""
     import msgspec
     import zmq
     from vllm.distributed.kv_events import MEDIUM_CPU, BlockStored, KVEventBatch, ZmqEventPublisher
 
     decoder, seen, next_seq = msgspec.msgpack.Decoder(type=KVEventBatch), {}, 0
-    sock = zmq.Context().socket(zmq.DEALER)  # one request, many replies
-    sock.connect(f"tcp://127.0.0.1:{replay_port}")
+    replay = zmq.Context.instance().socket(zmq.DEALER)  # one request, many replies
+    replay.connect(f"tcp://127.0.0.1:{replay_port}")
     deadline = time.monotonic() + EVENTS_DEADLINE_S
-    while len(seen) < want and time.monotonic() < deadline:
-        sock.send_multipart((b"", next_seq.to_bytes(8, "big")))
-        while sock.poll(int(max(deadline - time.monotonic(), 0) * 1000)):
-            _empty, _topic, seq, payload = sock.recv_multipart()
+
+    def left_ms() -> int:
+        return int(max(deadline - time.monotonic(), 0) * 1000)
+
+    while len(seen) < want:
+        replay.send_multipart((b"", next_seq.to_bytes(8, "big")))
+        while replay.poll(left_ms()):
+            _empty, _topic, seq, payload = replay.recv_multipart()
             if seq == ZmqEventPublisher.END_SEQ:
                 break
             next_seq = int.from_bytes(seq, "big") + 1
@@ -54,6 +68,11 @@ def stored_in_memory(replay_port: int, want: int) -> list[dict]:
                                               "parent": parent}
         else:
             break  # no answer before the deadline
+        if len(seen) < want:  # all replayed: wait for the publisher's next batch
+            if not sub.poll(left_ms()):
+                break
+            while sub.poll(0):
+                sub.recv_multipart()
     return [{"digest": digest, **info} for digest, info in seen.items()]
 
 
@@ -70,10 +89,11 @@ def main() -> None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvtierConnector", kv_connector_module_path="kvtier_vllm", kv_role="kv_both",
             kv_connector_extra_config={"kvtier_config": sys.argv[3]})
-    want, replay_port = int(os.environ.get("RUN_EVENTS_WANT", "0")), free_port()
-    if want:  # (a wildcard endpoint: the publisher binds it, on a port the OS picks)
+    want, replay_port, sub = int(os.environ.get("RUN_EVENTS_WANT", "0")), free_port(), None
+    if want:  # (a host endpoint, so the publisher connects to `sub`; the replay endpoint it binds)
+        sub, sub_port = subscribe()
         kwargs["kv_events_config"] = KVEventsConfig(
-            enable_kv_cache_events=True, publisher="zmq", endpoint="tcp://127.0.0.1:*",
+            enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://127.0.0.1:{sub_port}",
             replay_endpoint=f"tcp://127.0.0.1:{replay_port}")
     tensor_parallel = int(os.environ.get("RUN_TENSOR_PARALLEL", "1"))
     llm = LLM(model=model, tensor_parallel_size=tensor_parallel, dtype="float32", skip_tokenizer_init=True,
@@ -83,7 +103,7 @@ def main() -> None:
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
               "cached": [o.num_cached_tokens for o in outs]}
     if want:
-        result["stored"] = stored_in_memory(replay_port, want)
+        result["stored"] = stored_in_memory(sub, replay_port, want)
     print("RESULT " + json.dumps(result), flush=True)
 
 
