@@ -7,6 +7,9 @@
     kvtier compress --model M (...) --instance I --codec C --tier T
     kvtier decompress --model M (...) --instance I [--tier T]
     kvtier clear [--instance I] [--tier T]
+    kvtier plan TRACE [--policies A,B] [--capacities C,C] [--cpu SIZE] [--disk SIZE] [--remote] ...
+
+`plan` is local (kvtier.cli.plan): it replays a trace file and needs no controller.
 
 One command is one request to kvtier_controller (kvtier.fleet.http_client.JsonClient, one deadline
 per socket operation: --timeout). `--json` prints the controller's reply as it sent it (FastAPI's
@@ -31,6 +34,7 @@ from rich.console import Console
 from kvtier.cli.commands import Controller, Request, controller, request
 from kvtier.cli.exits import INTERRUPTED, OK, USAGE, UsageError, failure, one_line
 from kvtier.cli.parser import parse_arguments
+from kvtier.cli.plan import plan_command
 from kvtier.cli.render import render
 from kvtier.errors import KvtierError
 from kvtier.fleet.http_client import JsonClient
@@ -49,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(USAGE, str(exc))
     url = "?"
     try:
+        if args.command == "plan":
+            return plan_command(args, _console())
         target = controller(args, os.environ)
         url = target.url
         reply = _send(target, request(args), args.timeout)
@@ -87,10 +93,14 @@ def _print(args: Namespace, reply: Any) -> None:
         # The controller's own encoding (starlette's JSONResponse), so the bytes are the ones it sent.
         print(json.dumps(reply, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
         return
+    render(args, reply, _console())
+
+
+def _console() -> Console:
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPED_WIDTH
-    render(args, reply, console)
+    return console
 
 
 def _fail(status: int, message: str) -> int:

@@ -12,6 +12,7 @@ import math
 import sys
 
 from kvtier.cli.exits import MEANINGS, UsageError
+from kvtier.cli.plan import plan_options
 
 DEFAULT_URL = "http://127.0.0.1:7100"
 URL_ENV = "KVTIER_CONTROLLER_URL"
@@ -51,7 +52,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     if any(arg == "--token" or arg.startswith("--token=") for arg in argv):
         raise UsageError(f"there is no --token option (a command line is visible to every user): "
                          f"give the token with --token-file F or ${TOKEN_ENV}")
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "plan" and args.json:
+        raise UsageError("plan writes its JSON to a file: give --json PATH after the command")
+    return args
 
 
 def build_parser() -> Parser:
@@ -81,6 +85,9 @@ def build_parser() -> Parser:
     clear = command("clear", "remove cached chunks from instances")
     clear.add_argument("--instance", metavar="I", help="only this instance (default: every one that is up)")
     clear.add_argument("--tier", metavar="T", help="only this tier (default: every tier)")
+    # Local, no controller: none of the global options; its own --json takes a file name.
+    plan_help = "how big each tier should be for a trace's traffic, per eviction policy (local)"
+    plan_options(commands.add_parser("plan", help=plan_help, description=plan_help))
     return parser
 
 

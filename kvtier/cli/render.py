@@ -60,7 +60,7 @@ def _stats(args: Namespace, reply: StatsReply, console: Console) -> None:
     table.add_row("instances up", str(reply.instances_up))
     table.add_row("instances down", str(reply.instances_down))
     table.add_row("index entries (chunk, instance)", str(reply.index_chunks))
-    table.add_row("index memory", _bytes(reply.index_bytes))
+    table.add_row("index memory", size_text(reply.index_bytes))
     for endpoint, count in sorted(reply.requests.items()):
         table.add_row(f"requests {endpoint}", str(count))
     console.print(table)
@@ -86,7 +86,7 @@ def _route(args: Namespace, reply: RouteReply, console: Console) -> None:
         return
     table = _table("rank", "instance", "hit tokens", "free in fastest tier")
     for rank, entry in enumerate(reply.instances, 1):
-        table.add_row(str(rank), entry.instance_id, str(entry.hit_tokens), _bytes(entry.free_bytes))
+        table.add_row(str(rank), entry.instance_id, str(entry.hit_tokens), size_text(entry.free_bytes))
     console.print(table)
 
 
@@ -121,8 +121,8 @@ def _table(*columns: str) -> Table:
 
 
 def _tiers(tiers: list[TierUsage]) -> str:
-    shown = [f"{t.name} {_bytes(t.bytes_used)}/{_bytes(t.capacity_bytes)} ({_count(t.chunks, 'chunk')})"
-             for t in tiers]
+    shown = [f"{t.name} {size_text(t.bytes_used)}/{size_text(t.capacity_bytes)} "
+             f"({_count(t.chunks, 'chunk')})" for t in tiers]
     return ", ".join(shown) or "-"
 
 
@@ -131,7 +131,8 @@ def _runs(tiers: list[str]) -> str:
     return ", ".join(f"{name} x{len(list(run))}" for name, run in groupby(tiers)) or "-"
 
 
-def _bytes(n: int) -> str:
+def size_text(n: int) -> str:
+    """`n` bytes in binary units, one decimal: 1536 -> "1.5 KiB" (the plan command's sizes too)."""
     power = 0
     while power < len(_UNITS) - 1 and n >= 1024 ** (power + 1):
         power += 1
