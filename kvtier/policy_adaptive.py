@@ -38,7 +38,7 @@ touch or remove is O(1) plus an amortised O(log B) heap step, B (non-empty bucke
 QUANTUM x (the cache's age span in half-lives + log2 MAX_SCORE), a few hundred at most, not by the
 number of keys. Memory: a resident key costs one `_Entry` (3 slots) and a bucket slot, about 150
 bytes in CPython; a ghost about 100 bytes; ghosts are at most GHOST_FACTOR x the resident count; the
-shadows hold about SHADOW_KEYS keys each (hash-sampled), 5 of them, whatever the capacity.
+shadows hold about SHADOW_KEYS keys each (hash-sampled), 4 of them, whatever the capacity.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ CORRELATED_OPS = 512  # uses of a key closer than this (operations) are one use
 GHOST_FACTOR = 2  # evicted keys remembered, per resident key
 SHADOW_KEYS = 2048  # a shadow cache's size in keys: sets the sampling rate
 MIN_SAMPLE = 1 / 64  # but never sample fewer keys than this
+MAX_SAMPLE = 1 / 4  # nor more: the shadows together cost at most one more use per use
 # Candidates, (half-life in cache sizes worth of operations, alpha): LRU, then LRFU from short to
 # long half-lives, a factor of 2-4 apart (closer ones the shadows cannot tell apart).
 CANDIDATES = ((0.125, 0.0), (1.0, 1.0), (2.0, 1.0), (8.0, 1.0))
@@ -76,9 +77,10 @@ class Lrfu:
     """One LRFU cache order (no sizes, no capacity): scores, buckets, ghosts. The policy's own order
     and each shadow's."""
 
-    def __init__(self, half_life_ops: float, alpha: float, ghost_limit: int):
+    def __init__(self, half_life_ops: float, alpha: float, ghost_limit: int,
+                 correlated_ops: float = CORRELATED_OPS):
         self.tau = 0.0
-        self.ops = 0
+        self.correlated_ops = correlated_ops
         self.set_params(half_life_ops, alpha)
         self.ghost_limit = ghost_limit
         self.entries: dict[Hashable, _Entry] = {}
@@ -88,27 +90,27 @@ class Lrfu:
 
     def set_params(self, half_life_ops: float, alpha: float) -> None:
         self.rate, self.alpha = 1.0 / max(half_life_ops, 1.0), alpha
-        self.correlated = CORRELATED_OPS * self.rate  # the same window, in half-lives
+        self.correlated = self.correlated_ops * self.rate  # the same window, in half-lives
 
     def use(self, key: Hashable) -> None:
         """`key` was used (inserted or touched): its score grows and it moves to its new bucket."""
-        self.ops += 1
-        self.tau += self.rate
+        tau = self.tau = self.tau + self.rate
         entry = self.entries.get(key)
         if entry is None:
             score = 1.0
             if (ghost := self.ghosts.pop(key, None)) is not None:
-                score += ghost[0] * 2.0 ** (ghost[1] - self.tau)
-            entry = self.entries[key] = _Entry(score, self.tau, 0)
+                score = min(score + ghost[0] * 2.0 ** (ghost[1] - tau), MAX_SCORE)
+            entry = self.entries[key] = _Entry(score, tau, 0)
         else:
-            self.buckets[entry.bucket].pop(key)
-            self._drop_if_empty(entry.bucket)
-            if self.tau - entry.tau > self.correlated:
-                entry.score = entry.score * 2.0 ** (entry.tau - self.tau) + 1.0
-            entry.tau = self.tau
-        entry.score = min(entry.score, MAX_SCORE)
-        bucket = math.floor(QUANTUM * (entry.tau + self.alpha * math.log2(entry.score)))
-        entry.bucket = bucket
+            members = self.buckets[entry.bucket]
+            del members[key]
+            if not members:
+                self._drop_bucket(entry.bucket)
+            if tau - entry.tau > self.correlated:
+                entry.score = min(entry.score * 2.0 ** (entry.tau - tau) + 1.0, MAX_SCORE)
+            entry.tau = tau
+        priority = tau + self.alpha * math.log2(entry.score) if self.alpha else tau
+        bucket = entry.bucket = int(QUANTUM * priority)  # (priorities are >= 0: int() is floor)
         if (members := self.buckets.get(bucket)) is None:
             members = self.buckets[bucket] = {}
             heapq.heappush(self._heap, bucket)
@@ -119,19 +121,20 @@ class Lrfu:
         entry = self.entries.pop(key, None)
         if entry is None:
             return False
-        self.buckets[entry.bucket].pop(key)
-        self._drop_if_empty(entry.bucket)
+        members = self.buckets[entry.bucket]
+        del members[key]
+        if not members:
+            self._drop_bucket(entry.bucket)
         self.ghosts[key] = (entry.score, entry.tau)
         while len(self.ghosts) > self.ghost_limit:
             self.ghosts.popitem(last=False)
         return True
 
-    def _drop_if_empty(self, bucket: int) -> None:
-        if not self.buckets[bucket]:
-            del self.buckets[bucket]
-            if len(self._heap) > 2 * len(self.buckets) + 64:  # stale ids: rebuild, amortised O(1)
-                self._heap = list(self.buckets)
-                heapq.heapify(self._heap)
+    def _drop_bucket(self, bucket: int) -> None:
+        del self.buckets[bucket]
+        if len(self._heap) > 2 * len(self.buckets) + 64:  # stale ids: rebuild, amortised O(1)
+            self._heap = list(self.buckets)
+            heapq.heapify(self._heap)
 
     def lowest_bucket(self) -> int | None:
         heap = self._heap
@@ -161,9 +164,10 @@ def _sample_point(key: Hashable) -> int:
 class _Shadow:
     """A miniature cache of `capacity` keys: one candidate setting over the sampled keys."""
 
-    def __init__(self, capacity: int, half_life_ops: float, alpha: float):
+    def __init__(self, capacity: int, half_life_ops: float, alpha: float, rate: float):
         self.capacity = max(capacity, 1)
-        self.order = Lrfu(half_life_ops, alpha, GHOST_FACTOR * self.capacity)
+        # It sees `rate` of the uses: its windows in operations shrink by as much.
+        self.order = Lrfu(half_life_ops, alpha, GHOST_FACTOR * self.capacity, CORRELATED_OPS * rate)
         self.hits = 0.0
 
     def access(self, key: Hashable) -> None:
@@ -197,10 +201,10 @@ class AdaptivePolicy:
 
     def _start(self, nbytes: int) -> Lrfu:
         keys = self._keys = max(self.capacity / max(nbytes, 1), 1.0)
-        rate = min(max(SHADOW_KEYS / keys, MIN_SAMPLE), 1.0)
+        rate = min(max(SHADOW_KEYS / keys, MIN_SAMPLE), MAX_SAMPLE)
         self._threshold = int(rate * 2**64)
         small = keys * rate  # a shadow's size in keys
-        self._shadows = [_Shadow(round(small), mult * small, alpha) for mult, alpha in CANDIDATES]
+        self._shadows = [_Shadow(round(small), mult * small, alpha, rate) for mult, alpha in CANDIDATES]
         self._keep = 1.0 - min(DECIDE_EVERY / (MEMORY * small), 0.5)
         mult, alpha = CANDIDATES[self.choice]
         self._order = Lrfu(mult * keys, alpha, int(GHOST_FACTOR * keys))

@@ -39,8 +39,7 @@ def test_a_key_used_twice_outlives_keys_used_once_since():
     lrfu = Lrfu(half_life_ops=1000, alpha=1.0, ghost_limit=10)
     for key in ("a", "b"):
         lrfu.use(key)
-    lrfu.ops += adaptive.CORRELATED_OPS  # (uses this far apart are two uses)
-    lrfu.tau += adaptive.CORRELATED_OPS * lrfu.rate
+    lrfu.tau += adaptive.CORRELATED_OPS * lrfu.rate  # (uses this far apart are two uses)
     lrfu.use("a")
     for key in ("c", "d"):
         lrfu.use(key)
@@ -121,7 +120,7 @@ def test_the_shadows_keep_lru_where_recency_is_all_there_is():
     keys = [k for start in range(0, 40_000, 40) for k in range(start, start + 400, 4) for _ in (0,)]
     policy = AdaptivePolicy(300)
     drive(policy, 300, keys)
-    assert policy._sampled_uses >= 100 * adaptive.DECIDE_EVERY  # every key sampled: many decisions
+    assert policy._sampled_uses >= 20 * adaptive.DECIDE_EVERY  # many decisions
     assert CANDIDATES[policy.choice][1] == 0.0
 
 
@@ -187,4 +186,4 @@ def test_on_the_conversation_trace_at_5_percent_it_beats_lru_by_almost_2_points(
     rates = {name: replay_tiers(requests, [TierSpec("cpu", cap, name)], store_partial=False).hit_rate
              for name in ("lru", "adaptive")}
     assert rates["lru"] == pytest.approx(0.2067, abs=0.0005)
-    assert rates["adaptive"] == pytest.approx(0.2257, abs=0.0005)
+    assert rates["adaptive"] == pytest.approx(0.2267, abs=0.0005)
