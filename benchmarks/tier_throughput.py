@@ -8,7 +8,9 @@ tier measurement of a group once, in turn; a first, extra rep warms caches and i
 limit: single-thread `dst.copy_(src)`. Disk limit: os.pwrite / pread of the tier's files, O_DIRECT and
 buffered, 1 thread and the tier's I/O threads. Tiers: CacheEngine (cpu; disk end to end) and
 DiskTier.put / get on the I/O threads (disk, tier level). Lookup: a 128K-token prompt against 100K
-chunks. Everything runs with `torch.set_num_threads(1)`; benchmarks/README.md explains each number.
+chunks. Everything runs with `torch.set_num_threads(1)`; the tiers' eviction policy is `--policy` (the
+config default unless given: no measurement evicts, so what differs is each store's, read's and clear's
+insert / touch / remove calls on it). benchmarks/README.md explains each number.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from kvtier.keys import ChunkKey, tokens_to_u32
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool
 from kvtier.metrics import Metrics
+from kvtier.policy_registry import POLICIES, make_policy
 from kvtier.record import encode_header, tensor_bytes
 from kvtier.tiers.base import PutItem
 from kvtier.tiers.disk import BLOCK, DiskTier
@@ -198,8 +201,10 @@ def engine_phases(b: Bench, geo: Geometry, stack: ExitStack, threads: int | None
     (+ flush until on disk); retrieve = into a preallocated `out`, after clear("cpu") when there is
     a disk tier so that the disk serves every chunk."""
     disk = None if threads is None else DiskConfig(
-        path=str(b.root / f"engine-{geo.name}"), capacity=4 * geo.total_bytes, io_threads=threads)
-    cpu = CpuConfig(capacity=(geo.chunks + 1) * padded(geo.chunk_bytes), pin_memory="off")
+        path=str(b.root / f"engine-{geo.name}"), capacity=4 * geo.total_bytes, io_threads=threads,
+        policy=b.args.policy)
+    cpu = CpuConfig(capacity=(geo.chunks + 1) * padded(geo.chunk_bytes), pin_memory="off",
+                    policy=b.args.policy)
     eng = stack.enter_context(CacheEngine(KvtierConfig(cpu=cpu, disk=disk), geo.layout, model_id="bench"))
     tokens = prompt(geo.chunks * CHUNK, seed=2)
     kv = torch.empty(geo.layout.chunk_shape(len(tokens)), dtype=geo.layout.dtype)
@@ -307,7 +312,8 @@ def tier_phases(b: Bench, geo: Geometry, stack: ExitStack, direct: bool, threads
     rng = np.random.default_rng(1)
     namespace = rng.bytes(8)
     tier = DiskTier(b.root / f"tier-{geo.name}", namespace, 4 * geo.total_bytes, lambda key: False,
-                    Metrics(["disk"]), o_direct="on" if direct else "off")
+                    Metrics(["disk"]), o_direct="on" if direct else "off",
+                    policy=make_policy(b.args.policy, 4 * geo.total_bytes))
     pool = MemoryPool(2 * n * padded(geo.chunk_bytes), geo.chunk_bytes, pin=False)
     slabs = [pool.alloc("bench") for _ in range(2 * n)]
     src, dst = [pool.tensor(s) for s in slabs[:n]], [pool.tensor(s, pool.slab_stride) for s in slabs[n:]]
@@ -363,8 +369,10 @@ def bench_lookup(b: Bench, index_chunks: int, runs: int) -> list[dict]:
     layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float16)
     per_prompt = 512
     config = KvtierConfig(
-        write_through=False, disk=DiskConfig(path=str(b.root / "lookup"), capacity=1 << 30),
-        cpu=CpuConfig(capacity=(index_chunks + 8) * padded(layout.chunk_bytes(CHUNK)), pin_memory="off"))
+        write_through=False,
+        disk=DiskConfig(path=str(b.root / "lookup"), capacity=1 << 30, policy=b.args.policy),
+        cpu=CpuConfig(capacity=(index_chunks + 8) * padded(layout.chunk_bytes(CHUNK)), pin_memory="off",
+                      policy=b.args.policy))
     kv = torch.zeros(layout.chunk_shape(per_prompt * CHUNK), dtype=layout.dtype)
     with CacheEngine(config, layout, model_id="bench-lookup") as eng:
         task = b.progress.add_task(f"lookup: index {index_chunks} chunks", total=index_chunks)
@@ -486,6 +494,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results dir")
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median reported)")
     p.add_argument("--io-threads", type=int, default=DiskConfig().io_threads, help="disk tier I/O threads")
+    p.add_argument("--policy", choices=list(POLICIES), default=CpuConfig().policy,
+                   help="eviction policy of the CPU and disk tiers (default: the config's); another than "
+                        "the default writes its own results file")
     p.add_argument("--only", choices=["small", "llama-8b", "lookup"], action="append",
                    help="run only these groups (repeatable; default all); results go to a separate file")
     p.add_argument("-v", "--verbose", action="store_true", help="kvtier debug logging")
@@ -530,16 +541,19 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     console.print(f"targets: {sum(verdicts)} of {len(verdicts)} pass. Disk tier in {tier_mode} (its targets "
                   f"compare against raw {tier_mode}); torch threads 1; {args.io_threads} disk I/O threads; "
-                  f"{args.reps} timed runs each; {elapsed:.0f} s; load average at the end "
-                  f"{os.getloadavg()[0]:.2f}")
+                  f"{args.reps} timed runs each; policy {args.policy}; {elapsed:.0f} s; load average at "
+                  f"the end {os.getloadavg()[0]:.2f}")
     report = {"machine": {**info, "load_avg_1m_end": os.getloadavg()[0]},
               "settings": {"quick": args.quick, "reps": args.reps, "torch_threads": 1,
                            "io_threads": args.io_threads, "disk_tier_mode": tier_mode, "chunk_tokens": CHUNK,
+                           "policy": args.policy,
                            "target_ratio": TARGET_RATIO,
                            "lookup_targets_ms": {f"{n} {kind}": ms
                                                  for (n, kind), ms in LOOKUP_TARGETS_MS.items()}},
               "throughput": [asdict(r) for r in b.rows], "lookup": lookups, "elapsed_s": round(elapsed, 1)}
     name = "tier_throughput" + "".join(f"_{group}" for group in args.only or [])  # partial: its own file
+    if args.policy != CpuConfig().policy:
+        name += f"_{args.policy}"
     write_results(args.out, name, report, (lambda path: plot(b.rows, path)) if b.rows else None)
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from kvtier.codecs.base import BACKEND_ENV, CODEC_NAMES
 from kvtier.config_checks import ADAPTIVE, check_sections
-from kvtier.config_connector import MAX_SEPARATOR_IDS, BlendConfig, LoadsConfig
+from kvtier.config_connector import MAX_SEPARATOR_IDS, BlendConfig, LoadsConfig, TraceLogConfig
 from kvtier.config_fields import (
     MAX_SECONDS,
     MAX_TOKEN_BYTES,
@@ -48,6 +48,7 @@ from kvtier.config_fields import (
     at_least,
     choice_key,
     default_disk_path,
+    policy_key,
     repr_redacting_urls,
     seconds_key,
     secret_key,
@@ -74,7 +75,7 @@ from kvtier.errors import ConfigError
 __all__ = [
     # the configuration and its loaders
     "KvtierConfig", "CpuConfig", "DiskConfig", "RedisConfig", "RemoteConfig", "ServerConfig", "SpillConfig",
-    "FleetConfig", "ControllerConfig", "P2PConfig", "BlendConfig", "LoadsConfig",
+    "FleetConfig", "ControllerConfig", "P2PConfig", "BlendConfig", "LoadsConfig", "TraceLogConfig",
     "load_config", "load_server_config", "load_controller_config", "override", "parse_size", "ConfigError",
     "ENV_PREFIX", "ENV_CONFIG", "SERVER_ENV_PREFIX", "SERVER_ENV_CONFIG", "CONTROLLER_ENV_PREFIX",
     "CONTROLLER_ENV_CONFIG", "DEFAULT_SOURCE", "GiB", "MAX_SIZE", "MAX_SECONDS", "MAX_REDIS_CONNECTIONS",
@@ -101,6 +102,7 @@ _SLO = {"min": 0.001, "max": MAX_SECONDS}  # load_slo_s: seconds a load from the
 class CpuConfig:
     capacity: int = size_key(2 * GiB, memory=True)
     pin_memory: str = choice_key("auto", SWITCH)
+    policy: str = policy_key()  # eviction order (kvtier.policy_registry): built for `capacity` bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,7 @@ class DiskConfig:
     fsync: bool = False
     codec: str = choice_key("raw", CODECS)
     load_slo_s: float | None = field(default=None, metadata=_SLO)
+    policy: str = policy_key()  # eviction order (kvtier.policy_registry): built for `capacity` bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,7 @@ class KvtierConfig:
     p2p: P2PConfig | None = None  # None: no peer-to-peer reads or serving
     blend: BlendConfig | None = None  # None: no blending (prefix caching only)
     loads: LoadsConfig = field(default_factory=LoadsConfig)  # asynchronous loads and prefetch
+    trace_log: TraceLogConfig = field(default_factory=TraceLogConfig)  # off unless it names a file
     # Where the config came from, for messages; not a config key.
     source: str = field(default=DEFAULT_SOURCE, metadata={"internal": True})
 
@@ -212,6 +216,7 @@ class SpillConfig:
     path: str = field(default_factory=default_disk_path, metadata={"path": True})
     capacity: int = size_key(16 * GiB)
     o_direct: str = choice_key("auto", SWITCH)
+    policy: str = policy_key()  # the spill's eviction order (kvtier.policy_registry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +225,8 @@ class ServerConfig:
 
     host: str = field(default="127.0.0.1", metadata={"host": True})
     port: int = field(default=7000, metadata={"min": 0, "max": 65535})  # 0: any free port (logged)
-    capacity: int = size_key(4 * GiB, memory=True)  # bytes of records held in memory; LRU beyond
+    capacity: int = size_key(4 * GiB, memory=True)  # bytes of records held in memory; evicted beyond
+    policy: str = policy_key()  # memory's eviction order (kvtier.policy_registry)
     token: str | None = secret_key()  # shared secret every client must present; None = no auth
     max_frame_bytes: int = size_key(1 * GiB)  # largest frame accepted (header + payloads)
     max_connections: int = at_least(256, 1)  # authenticated connections; more get BUSY at HELLO

@@ -1,4 +1,4 @@
-"""The config sections the connector reads (not the tiers): `blend:` and `loads:`.
+"""The config sections the connector reads (not the tiers): `blend:`, `loads:` and `trace_log:`.
 
 Part of `kvtier.config` (which re-exports both); the loader (`kvtier.config_load`) walks these
 dataclasses' fields like every other section's, so every key is checked the same way, in a file or
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from kvtier.config_fields import SWITCH, at_least, choice_key, size_key
 from kvtier.config_values import GiB
 
+MAX_TRACE_PATH_BYTES = 4096  # trace_log.path: Linux's PATH_MAX
 MAX_SEPARATOR_IDS = 64  # blend.separator_ids: a separator is a few tokens; the bound keeps a list small
 MAX_LOOKUPS_IN_FLIGHT = 1 << 16  # loads.lookup_max_in_flight: far past any engine's waiting queue
 
@@ -52,3 +53,14 @@ class LoadsConfig:
     prefetch: bool = True
     prefetch_max_bytes_in_flight: int = size_key(512 << 20)
     lookup_max_in_flight: int = field(default=64, metadata={"min": 1, "max": MAX_LOOKUPS_IN_FLIGHT})
+
+
+@dataclass(frozen=True, slots=True)
+class TraceLogConfig:
+    """`trace_log:`: one Mooncake JSONL line per finished request, chunk hashes and lengths only
+    (`kvtier.connector.trace_log`), for replaying the traffic through kvtier's simulator. `path`: the
+    file, appended to (a relative path is resolved against the working directory when the engine
+    starts); empty = off. `max_bytes`: once the file would grow past it, logging stops (counted)."""
+
+    path: str = field(default="", metadata={"empty": True, "max_bytes": MAX_TRACE_PATH_BYTES})
+    max_bytes: int = size_key(1 * GiB)

@@ -1,7 +1,7 @@
 """How `kvtier.config` declares a key: a dataclass `field` whose metadata `kvtier.config_load` checks
-(`size`, `memory`, `choices`, `min`, `max`, `url`, `secret`, `max_bytes`), the bounds every section
-shares, and the repr that hides URL secrets. Pure: nothing here reads a file or the environment at
-import (the default disk path reads it when a DiskConfig is built).
+(`size`, `memory`, `choices` (a tuple, or a registry's map), `min`, `max`, `url`, `secret`, `max_bytes`),
+the bounds every section shares, and the repr that hides URL secrets. Pure: nothing here reads a file
+or the environment at import (the default disk path reads it when a DiskConfig is built).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from dataclasses import field
 from typing import Any
 
+from kvtier import policy_registry
 from kvtier.config_values import hide_url_secrets
 
 MAX_SECONDS = 365 * 86400  # a timeout, TTL or interval; a year is already "never"
@@ -28,6 +29,14 @@ def size_key(default: int, *, memory: bool = False) -> Any:
 
 def choice_key(default: str, choices: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": choices})
+
+
+def policy_key() -> Any:
+    """An eviction policy by name: checked against `kvtier.policy_registry.POLICIES` (the map itself,
+    so a policy registered after import counts) when the config loads; the default is the registry's
+    DEFAULT_POLICY, read when the section is built."""
+    return field(default_factory=lambda: policy_registry.DEFAULT_POLICY,
+                 metadata={"choices": policy_registry.POLICIES})
 
 
 def at_least(default: int, minimum: int) -> Any:

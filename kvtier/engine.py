@@ -42,7 +42,7 @@ from kvtier.packed_keys import packed_keys
 from kvtier.pins import PinTable
 from kvtier.storage import StorageManager
 from kvtier.tiers.base import Tier
-from kvtier.tiers.build import build_lower_tiers, tier_names
+from kvtier.tiers.build import build_lower_tiers, tier_names, tier_policies, tier_policy
 from kvtier.tiers.cpu import CpuTier
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class CacheEngine:
         pool = MemoryPool(config.cpu.capacity, layout.chunk_bytes(config.chunk_size),
                           pin=_PIN_MEMORY[config.cpu.pin_memory])
         pins = PinTable()
+        cpu_policy = tier_policy("cpu.policy", config.cpu.policy, pool.capacity_bytes)
         lower = build_lower_tiers(config, self.db.namespace_digest, pins.__contains__, self.metrics)
         threads = config.disk.io_threads if config.disk is not None else min(4, os.cpu_count() or 1)
         self._fleet, self._p2p = None, None
@@ -79,7 +80,8 @@ class CacheEngine:
                 self._p2p = PeerToPeer.build(config, pool, self.db.namespace_digest, self.metrics)
             self.storage = StorageManager(layout, pool, [*lower, *([self._p2p.tier] if self._p2p else [])],
                                           self.metrics, pins=pins, write_through=config.write_through,
-                                          promote_on_hit=config.promote_on_hit, io_threads=threads)
+                                          promote_on_hit=config.promote_on_hit, io_threads=threads,
+                                          cpu_policy=cpu_policy)
         except BaseException:  # nothing owns the tiers yet: close them here
             self._close_storage(None)
             for tier in lower:
@@ -263,9 +265,13 @@ class CacheEngine:
         return self.storage.flush(timeout)
 
     def stats(self) -> dict:
-        """Per-tier chunks, bytes, hits, misses, evictions (and more), engine counters, latencies."""
+        """Per-tier chunks, bytes, hits, misses, evictions (and more) and eviction `policy` (None for
+        a store that evicts by its own), engine counters, latencies."""
         self.storage.refresh_usage()
-        return {**self.metrics.snapshot(), "pool": dataclasses.asdict(self.storage.pool_stats())}
+        snapshot = self.metrics.snapshot()
+        for name, policy in tier_policies(self.config).items():
+            snapshot["tiers"][name]["policy"] = policy
+        return {**snapshot, "pool": dataclasses.asdict(self.storage.pool_stats())}
 
     def prometheus_text(self) -> str:
         self.storage.refresh_usage()

@@ -7,8 +7,9 @@ Tier order is the CPU tier, then the record tiers in `lower` (disk, remote ones,
 never branches on a tier's name or class: a lower tier is anything that follows `kvtier.tiers.base.Tier`;
 writes and demotions go to its `writable` ones only (a P2P tier serves reads only).
 
-    put:    copy each new chunk into a slab (evicting LRU chunks to make room), index it in the CPU
-            tier, and (write-through) queue a background write to every lower tier. A store larger
+    put:    copy each new chunk into a slab (evicting in the order of the CPU tier's policy,
+            `cpu_policy`, LRU by default, to make room), index it in the CPU tier, and
+            (write-through) queue a background write to every lower tier. A store larger
             than host memory streams in waves: the next wave's slabs are the last one's, written.
     evict:  a chunk with a copy below (or that the tiers below refused) is dropped; one without is
             demoted: it stays readable from its slab until the background write lands.
@@ -53,6 +54,7 @@ from kvtier.lookup import prefix_length
 from kvtier.memory import MemoryPool, Slab
 from kvtier.metrics import Metrics
 from kvtier.pins import PinTable
+from kvtier.policy import EvictionPolicy
 from kvtier.slab_io import ChunkRead, SlabIO
 from kvtier.tiers.base import Tier, writable_tiers
 from kvtier.tiers.cpu import CpuEntry, CpuTier
@@ -71,7 +73,8 @@ CLOSE_WAIT_S = 30.0
 class StorageManager:
     def __init__(self, layout: KVLayout, pool: MemoryPool, lower: Sequence[Tier], metrics: Metrics, *,
                  pins: PinTable | None = None, write_through: bool = True,
-                 promote_on_hit: bool = True, io_threads: int = 4, clean_ahead: int | None = None):
+                 promote_on_hit: bool = True, io_threads: int = 4, clean_ahead: int | None = None,
+                 cpu_policy: EvictionPolicy | None = None):
         self.layout, self.pool = layout, pool
         self.lower, self.writable = list(lower), writable_tiers(lower)  # writes: to `writable` only
         self.metrics = metrics
@@ -80,7 +83,7 @@ class StorageManager:
         self.promote_on_hit = promote_on_hit
         # One pin table shared with every tier (they read it through `is_pinned` when evicting).
         self.pins = PinTable() if pins is None else pins
-        self.cpu = CpuTier(pool, self.pins.is_pinned, is_leased=self.pins.is_leased)
+        self.cpu = CpuTier(pool, self.pins.is_pinned, cpu_policy, is_leased=self.pins.is_leased)
         self._lock = threading.Lock()
         self.key_listeners: tuple = ()  # storage_admin.add_key_listener: told of every local key change
         # Signalled whenever memory may have been given back: a write landed, a wave, store or move let go.

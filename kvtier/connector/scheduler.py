@@ -21,6 +21,10 @@ request calls `cancel_load` (a load not started yet is dropped) and `request_fin
 Lookups that are round trips (Redis, kvtier_server, a peer below; loads not "off") run in the
 background (`kvtier.connector.lookups`): until one lands the answer is (None, False), a skipped step.
 
+With a `trace_log:` file (kvtier.connector.trace_log), a request's first contact (`request_arrived` or
+`get_num_new_matched_tokens`, before it generated anything) notes its arrival time and its prompt's
+chunk ids (the lookup's only side effect then), and `request_finished` logs its line.
+
 A request is anything with `request_id` and `all_token_ids`. Saves follow the computation: every
 step, the whole chunks a request completed are saved (prompt chunks during prefill, generated ones
 during decode); at the end, the partial tail when the config stores partial chunks. Chunks kvtier
@@ -57,6 +61,7 @@ from kvtier.connector.metadata import (
     SegmentSaveSpec,
 )
 from kvtier.connector.prefetch import Prefetcher
+from kvtier.connector.trace_log import TraceLog
 from kvtier.engine import CacheEngine
 from kvtier.keys import ChunkKey
 
@@ -114,6 +119,7 @@ class KvtierSchedulerConnector:
         self._cancels: list[str] = []  # parked requests aborted since the last step
         self._orphans: list[LoadSpec] = []  # loads of requests finished before they were handed over
         self._reset = False  # `reset` ran since the last step: workers with engines of their own follow
+        self.trace = TraceLog.from_config(engine.config.trace_log, engine.db)  # None: off (the default)
 
     def reset(self) -> None:
         """Drop every chunk kvtier holds for this model (an engine's prefix-cache reset, e.g. after new
@@ -130,6 +136,8 @@ class KvtierSchedulerConnector:
         """Start moving the chunks of the request's hit that sit below the CPU tier up into it, so
         that they are in host memory by the time it is scheduled (no lease: LRU may evict them).
         With background lookups, its lookup starts (if not under way) and the prefetch follows it."""
+        if self.trace is not None:
+            self.trace.arrived(request)
         if self.lookups is not None:
             self.lookups.arrived(request.request_id, request.all_token_ids, self.prefetcher is not None)
         elif self.prefetcher is not None:
@@ -142,6 +150,8 @@ class KvtierSchedulerConnector:
         the load is asynchronous across steps (`loads.asynchronous`; a blend's head never is: it
         loads in the step that blends). At least one prompt token is always left to compute.
         (None, False) while a background lookup has not landed: ask again at the next step."""
+        if self.trace is not None:
+            self.trace.arrived(request)
         tokens = request.all_token_ids
         hit = self.engine.lookup(tokens) if self.lookups is None else \
             self.lookups.answer(request.request_id, tokens)
@@ -266,6 +276,8 @@ class KvtierSchedulerConnector:
     def request_finished(self, request, block_ids: Sequence[int], num_computed_tokens: int) -> bool:
         """The request is done (finished or aborted). Returns True when its blocks must stay
         allocated until the worker reports its final save in `get_finished`."""
+        if self.trace is not None:
+            self.trace.finished(request)
         if self.prefetcher is not None:
             self.prefetcher.cancel(request.request_id)
         if self.lookups is not None:
@@ -308,13 +320,18 @@ class KvtierSchedulerConnector:
         return self.lookups is not None and self.lookups.wait_landed(timeout)
 
     def stats(self) -> dict[str, int]:
-        """The prefetcher's counters and the background lookups' (`Lookups.stats`); empty with neither."""
+        """The prefetcher's counters, the background lookups' (`Lookups.stats`) and the trace log's
+        (`TraceLog.stats`); empty with none of them."""
         return {**(self.prefetcher.stats() if self.prefetcher is not None else {}),
-                **(self.lookups.stats() if self.lookups is not None else {})}
+                **(self.lookups.stats() if self.lookups is not None else {}),
+                **(self.trace.stats() if self.trace is not None else {})}
 
     def close(self, timeout: float | None = None) -> bool:
-        """Stop the lookups and the prefetcher (queued ones dropped). True if both stopped within one
-        `timeout` (a lookup and a read stuck at once must not take twice as long)."""
+        """Stop the lookups and the prefetcher (queued ones dropped), and write out the trace log. True
+        if both threads stopped within one `timeout` (a lookup and a read stuck at once must not take
+        twice as long)."""
+        if self.trace is not None:
+            self.trace.close()
         end = None if timeout is None else time.monotonic() + timeout
         stopped = self.lookups.close(timeout) if self.lookups is not None else True
         rest = None if end is None else max(0.0, end - time.monotonic())

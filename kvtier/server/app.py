@@ -51,6 +51,7 @@ from collections.abc import Callable
 
 from kvtier.config import ServerConfig
 from kvtier.log_limit import LogLimiter
+from kvtier.policy_registry import make_policy
 from kvtier.server.budget import ByteBudget
 from kvtier.server.connection import Connection
 from kvtier.server.handlers import Handlers
@@ -69,7 +70,9 @@ ACCEPT_RETRY_S = 0.5  # after a failed accept (EMFILE: out of file descriptors),
 class KvtierServer:
     def __init__(self, config: ServerConfig, store: RecordStore | None = None):
         self.config = config
-        self.store = store if store is not None else RecordStore(config.capacity, config.spill)
+        if store is None:
+            store = RecordStore(config.capacity, config.spill, make_policy(config.policy, config.capacity))
+        self.store = store
         self.stats = ServerStats()
         self.budget = ByteBudget(config.receive_bytes)  # payload bytes being received
         self.replies = ByteBudget(config.reply_bytes)  # reply bytes queued to send

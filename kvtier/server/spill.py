@@ -4,12 +4,12 @@ Where it runs: on the server's event-loop thread only, like the `RecordStore` th
 nothing here locks and the I/O is synchronous (see the store's docstring for what that costs).
 
 One root directory, one record directory per namespace below it (the disk tier's layout, so the
-files are the same), and ONE byte bound and LRU order over all of them (`kvtier.policy.BoundedIndex`,
-keyed by the wire key). The root is walked once at start (`kvtier.record_walk`): records a previous
-server left are adopted, oldest first, and served like any other; stale temporary files and damaged
-records are deleted. Nothing in the spill is pinned: a full spill evicts its least recently used.
-Clients choose namespaces, so at most OPEN_DIRS namespace directories are held open (a descriptor
-each); another is opened again when next used.
+files are the same), and ONE byte bound and eviction order over all of them (`spill.policy`, LRU by
+default; a `kvtier.policy.BoundedIndex` keyed by the wire key). The root is walked once at start
+(`kvtier.record_walk`): records a previous server left are adopted, oldest first, and served like
+any other; stale temporary files and damaged records are deleted. Nothing in the spill is pinned: a
+full spill evicts its policy's victims. Clients choose namespaces, so at most OPEN_DIRS namespace
+directories are held open (a descriptor each); another is opened again when next used.
 
 Failures are per key: a record that cannot be written is dropped, one that cannot be read is a
 miss, and either is forgotten (unless the process, not the record, failed: out of file descriptors
@@ -39,6 +39,7 @@ from kvtier.keys import NAMESPACE_BYTES, ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
 from kvtier.policy import BoundedIndex, IndexListener
+from kvtier.policy_registry import make_policy
 from kvtier.record import encode_header
 from kvtier.record_files import BLOCK, RecordDir, file_bytes
 from kvtier.record_root import RESOURCE_ERRNOS
@@ -80,7 +81,8 @@ class Spill:
         self.o_direct = config.o_direct
         self.metrics = Metrics(["disk"])  # corrupt records and I/O errors, as the disk tier counts them
         self._dirs: OrderedDict[bytes, RecordDir] = OrderedDict()  # LRU first, at most OPEN_DIRS
-        self._index: BoundedIndex[bytes] = BoundedIndex(config.capacity)
+        self._index: BoundedIndex[bytes] = BoundedIndex(config.capacity,
+                                                        make_policy(config.policy, config.capacity))
         self._log = LogLimiter(logger)
         # Keys forgotten whose files could not be deleted for want of fds or memory: deleted at the
         # next put (else they stay on disk, over the bound, and a restart serves them again).

@@ -1,10 +1,11 @@
-"""kvtier_server's record store: records in memory, bounded in bytes, LRU, optionally spilling to disk.
+"""kvtier_server's record store: records in memory, bounded in bytes, evicted in a policy's order (the
+config's `policy`, LRU by default), optionally spilling to disk.
 
 Where it runs: on the server's event-loop thread only, so nothing here locks. Records from every
 client and namespace share one store (a key carries its namespace) and one byte bound.
 
     put:    validate the record (header, key, length, checksum: garbage is never stored), then
-            evict least recently used records until it fits. A full store evicts; it never refuses
+            evict the policy's victims until it fits. A full store evicts; it never refuses
             a record that fits in its capacity.
     evict:  with a spill, the victim is written to disk (`Spill`), else it is dropped.
     get:    memory first (marks the record recently used), then the spill: a spill hit moves the
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from kvtier.config import SpillConfig
 from kvtier.errors import CorruptRecord
 from kvtier.keys import NAMESPACE_BYTES, ChunkKey
-from kvtier.policy import BoundedIndex, IndexListener
+from kvtier.policy import BoundedIndex, EvictionPolicy, IndexListener
 from kvtier.record import verify
 from kvtier.server.spill import Spill
 from kvtier.wire.frames import PutResult
@@ -88,12 +89,12 @@ def _never(_key: bytes) -> bool:
 
 
 class RecordStore:
-    def __init__(self, capacity: int, spill: SpillConfig | None = None):
+    def __init__(self, capacity: int, spill: SpillConfig | None = None, policy: EvictionPolicy | None = None):
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.counters = StoreCounters()
         self._records: dict[bytes, Record] = {}
-        self._index: BoundedIndex[bytes] = BoundedIndex(capacity)  # key -> Record.cost, LRU order
+        self._index: BoundedIndex[bytes] = BoundedIndex(capacity, policy)  # key -> Record.cost; None: LRU
         self.spill = Spill(spill, self.counters) if spill is not None else None
 
     @property

@@ -1,13 +1,18 @@
 """The tiers below host memory a config asks for, built in lookup order (an explicit list, no plugin
 scan): disk, Redis, kvtier_server, each wrapped as its section's `codec` asks. The P2P tier, last, is
 `kvtier.p2p.setup`'s. Called once per CacheEngine; imports a network tier's module only when configured.
+The CPU and disk tiers evict in the order of their section's `policy` (`tier_policy`); the others
+are stores with their own eviction (Redis's maxmemory-policy, kvtier_server's, a peer's).
 """
 
 from __future__ import annotations
 
 from kvtier.config import KvtierConfig
 from kvtier.config_checks import check_codecs
+from kvtier.errors import ConfigError
 from kvtier.metrics import Metrics
+from kvtier.policy import EvictionPolicy
+from kvtier.policy_registry import make_policy
 from kvtier.tiers.base import PinPredicate, Tier
 from kvtier.tiers.coded import with_codec
 from kvtier.tiers.disk import DiskTier
@@ -20,8 +25,9 @@ def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned: PinPred
     check_codecs(config)  # a config built in code has not been through load_config
     tiers: list[Tier] = []
     if config.disk is not None:
+        policy = tier_policy("disk.policy", config.disk.policy, config.disk.capacity)
         tiers.append(DiskTier(config.disk.path, namespace, config.disk.capacity, is_pinned, metrics,
-                              o_direct=config.disk.o_direct, fsync=config.disk.fsync))
+                              o_direct=config.disk.o_direct, fsync=config.disk.fsync, policy=policy))
     # Shared stores evict by their own policy, so they cannot honour this process's pins.
     if config.redis is not None:
         from kvtier.tiers.redis import RedisTier  # imported only when configured
@@ -34,6 +40,24 @@ def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned: PinPred
     sections = [s for s in (config.disk, config.redis, config.remote) if s is not None]
     return [with_codec(tier, s.codec, s.load_slo_s, namespace=namespace, metrics=metrics)
             for tier, s in zip(tiers, sections)]
+
+
+def tier_policy(key: str, name: str, capacity_bytes: int) -> EvictionPolicy:
+    """A new eviction policy `name` for a tier of `capacity_bytes`; ConfigError naming `key` and the
+    known policies when there is none of that name (a config built in code was never loaded)."""
+    try:
+        return make_policy(name, capacity_bytes)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def tier_policies(config: KvtierConfig) -> dict[str, str | None]:
+    """Every tier's eviction policy by name (as `tier_names`), None for a store that evicts by its own."""
+    policies = dict.fromkeys(tier_names(config))
+    policies["cpu"] = config.cpu.policy
+    if config.disk is not None:
+        policies["disk"] = config.disk.policy
+    return policies
 
 
 def tier_names(config: KvtierConfig) -> list[str]:

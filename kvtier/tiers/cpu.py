@@ -1,4 +1,5 @@
-"""The CPU tier: chunks held in memory-pool slabs, indexed by key, LRU over evictable entries.
+"""The CPU tier: chunks held in memory-pool slabs, indexed by key, a policy (LRU by default) over
+evictable entries.
 
 Where it runs: under the StorageManager's lock (this class has no lock of its own). It owns no I/O
 and decides nothing: `pop_victim` hands the chosen entry back to the StorageManager, which either
@@ -204,7 +205,7 @@ class CpuTier:
         return entry
 
     def pop_victim(self, leased: bool = False) -> tuple[ChunkKey, CpuEntry] | None:
-        """Remove and return the least recently used evictable entry, or None if there is none.
+        """Remove and return the policy's first evictable entry, or None if there is none.
         Unleased entries go first; leased ones only when `leased` (a copy can be kept below)."""
         victim = next(self._index.victims(self._evictable), None)
         if victim is None and leased:

@@ -1,10 +1,11 @@
-"""The disk tier: the `Tier` protocol over one namespace's record files, bounded in bytes, LRU.
+"""The disk tier: the `Tier` protocol over one namespace's record files, bounded in bytes, evicting in
+its policy's order (`disk.policy`, LRU by default).
 
 The files (`<path>/<namespace hex>/<2 hex>/<digest hex>.kvr`), O_DIRECT, atomic tmp + rename writes
 and never following a symlink are `kvtier.record_files`'; the start-up walk is `kvtier.record_walk`'s.
-Here: the index (`kvtier.policy.BoundedIndex`: key -> file bytes, LRU order), in memory, rebuilt from
-the directory at start, oldest modification time first, so a new process finds what an old one
-stored. The directory is shared (several processes, each with its own index and byte bound, write
+Here: the index (`kvtier.policy.BoundedIndex`: key -> file bytes, the policy's order), in memory,
+rebuilt from the directory at start, oldest modification time first, so a new process finds what an
+old one stored. The directory is shared (several processes, each with its own index and byte bound, write
 and evict in it); what the walk skipped or deleted is in `start_counts`, logged in one line.
 
 Buffers: a `get` destination or a `put` payload is a contiguous CPU uint8 torch tensor (a memory
@@ -40,7 +41,7 @@ from kvtier.errors import CorruptRecord
 from kvtier.keys import ChunkKey
 from kvtier.log_limit import LogLimiter
 from kvtier.metrics import Metrics
-from kvtier.policy import BoundedIndex, IndexListener
+from kvtier.policy import BoundedIndex, EvictionPolicy, IndexListener
 from kvtier.record import RecordHeader
 from kvtier.record_files import BLOCK, SUFFIX, RecordDir, file_bytes
 from kvtier.record_root import RESOURCE_ERRNOS
@@ -77,7 +78,8 @@ class DiskTier:
     copies_out = True  # `get` takes `copies`: a raw record's checksum left to its copier (record.verify)
 
     def __init__(self, path: str | os.PathLike, namespace: bytes, capacity_bytes: int,
-                 is_pinned: PinPredicate, metrics: Metrics, o_direct: str = "auto", fsync: bool = False):
+                 is_pinned: PinPredicate, metrics: Metrics, o_direct: str = "auto", fsync: bool = False,
+                 policy: EvictionPolicy | None = None):
         """Raises ConfigError (naming the path) when `path` is not a directory, cannot be created,
         or its namespace directory cannot be written or is a symlink."""
         # One directory per namespace: the index, the byte bound and clear() cover this engine's
@@ -89,7 +91,7 @@ class DiskTier:
         self._metrics = metrics
         self._log = LogLimiter(logger)  # a broken disk fails every I/O: one line a minute per kind
         self._lock = threading.Lock()
-        self._index: BoundedIndex[ChunkKey] = BoundedIndex(capacity_bytes)
+        self._index: BoundedIndex[ChunkKey] = BoundedIndex(capacity_bytes, policy)  # None: LRU
         self._reserved = 0  # bytes of writes in flight, not yet in the index
         # Keys forgotten whose files are being unlinked outside the lock, and writes in flight.
         # An unlink deletes whatever record is at the key's name when it runs: a new record of
@@ -132,9 +134,9 @@ class DiskTier:
         return scan.counts
 
     def _make_room_locked(self, incoming: int) -> list[ChunkKey] | None:
-        """Forget LRU unpinned files until `incoming` more bytes fit beside the writes in flight,
-        and return them for the caller to unlink outside the lock; None (evicting nothing) when
-        even that would not make room."""
+        """Forget unpinned files (the policy's victims) until `incoming` more bytes fit beside the
+        writes in flight, and return them for the caller to unlink outside the lock; None (evicting
+        nothing) when even that would not make room."""
         victims = self._index.make_room(incoming + self._reserved, self._is_pinned)
         if victims:
             self._unlinking_locked(victims)
@@ -179,8 +181,8 @@ class DiskTier:
         """Index the records of `keys` another process wrote since the start-up walk (a vLLM
         instance's scheduler and workers are separate processes; instances may share a directory),
         up to the first key whose file is not there either: callers read a prefix, so a lookup that
-        misses costs one stat. The index then keeps to its capacity by forgetting its least recently
-        used entries, never deleting their files: they are another process's to evict, and found
+        misses costs one stat. The index then keeps to its capacity by forgetting its policy's
+        victims, never deleting their files: they are another process's to evict, and found
         again when asked for. A record adopted while its writer deletes it is a miss when read."""
         for i, key in enumerate(keys):
             if found[i]:

@@ -13,6 +13,7 @@ import torch
 from conftest import CHUNK, seeded_tokens
 
 from kvtier.config import LoadsConfig
+from kvtier.sim.trace import read_trace
 from kvtier_vllm.paged_kv import VllmPagedKV
 from kvtier_vllm.scheduler_side import SchedulerSide
 from kvtier_vllm.worker_side import WorkerSide, unfilled_blocks
@@ -201,3 +202,23 @@ def test_a_requests_blocks_follow_vllms_steps_new_cached_and_resumed(make_engine
     # new blocks.
     assert [(s.block_ids, s.start, s.end) for s in resumed.saves] == [([9, 8, 2, 0], 3 * CHUNK, 4 * CHUNK)]
     assert inst.scheduler.request_finished(req, [9, 8, 2, 0]) is False  # every whole chunk saved already
+
+
+def test_the_scheduler_side_logs_a_trace_line_per_request_its_prompt_taken_when_vllm_adds_it(make_engine,
+                                                                                              tmp_path):
+    """`trace_log:` (kvtier.connector.trace_log) under vLLM: the prompt is the live token list when
+    `on_new_request` sees it; what vLLM appends to it after is the output."""
+    path = tmp_path / "trace.jsonl"
+    side = SchedulerSide(make_engine("cpu", trace_log__path=path), BS, SYNC, lease=True)
+    tokens = seeded_tokens(2 * CHUNK + 3, 7).tolist()
+    req = request("a", list(tokens))
+    side.on_new_request(req)
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+    req.all_token_ids._x.extend([1, 2, 3, 4])  # generated: vLLM appends to the list behind its view
+    req.num_computed_tokens = len(tokens) + 3
+    assert side.request_finished(req, []) is False
+    side.close()
+
+    (line,), _ = read_trace(path)
+    assert (line.input_length, line.output_length, len(line.hash_ids)) == (2 * CHUNK + 3, 4, 3)
+    assert side.kv.stats()["trace_lines"] == 1
