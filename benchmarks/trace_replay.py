@@ -40,7 +40,7 @@ from kvtier.engine import CacheEngine
 from kvtier.layout import KVLayout
 from kvtier.policy_registry import POLICIES
 from kvtier.record_files import file_bytes
-from kvtier.sim.tiers import TierSpec, replay_tiers, to_chunks
+from kvtier.sim.tiers import TierSpec, replay_tiers
 from kvtier.sim.trace import TraceRequest, read_trace
 
 logger = logging.getLogger("trace_replay")
@@ -48,6 +48,7 @@ logger = logging.getLogger("trace_replay")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT.parent / "shared" / "workloads" / "mooncake_conversation_trace.jsonl"
 BLOCK = 512  # tokens per trace hash block
+MODEL_ID = "trace-replay"
 CHUNK = 256  # tokens per kvtier chunk (the config default)
 VOCAB = 128_000
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float16)  # 32 B/token
@@ -140,6 +141,19 @@ class Prompts:
         return np.concatenate([self.block(h) for h in req.hash_ids])[:req.input_length]
 
 
+def engine_chunks(requests: list[TraceRequest], prompts: Prompts) -> list[TraceRequest]:
+    """The requests as the engine's whole 256-token chunks, each named by its key's last 8 bytes (as
+    an int): the trace `kvtier.sim.tiers.to_chunks` would give, but with the engine's own key values,
+    so that a policy that samples keys by value (adaptive's shadows) samples the same chunks in the
+    simulator as in the engine."""
+    with CacheEngine(KvtierConfig(cpu=CpuConfig(capacity=LAYOUT.chunk_bytes(CHUNK), pin_memory="off")),
+                     LAYOUT, model_id=MODEL_ID) as eng:
+        def ids(r: TraceRequest) -> tuple[int, ...]:
+            return tuple(int.from_bytes(key[-8:], "little") for key in eng.db.keys(prompts.tokens(r)))
+
+        return [TraceRequest(r.timestamp, r.input_length, r.output_length, ids(r)) for r in requests]
+
+
 def infinite_hits(requests: list[TraceRequest]) -> tuple[int, int]:
     """Straight from the trace: per request, the leading hash blocks seen before, in tokens, capped
     at input_length and cut to whole chunks (kvtier stores no partial chunk). Returns (hit tokens,
@@ -177,7 +191,7 @@ def replay(requests: list[TraceRequest], prompts: Prompts, result: Result, disk_
     label = f"{result.config} {result.policy}, CPU {result.cpu_capacity}"
     task = progress.add_task(label, total=len(requests)) if progress else None
     started = time.perf_counter()
-    with CacheEngine(config, LAYOUT, model_id="trace-replay") as eng:
+    with CacheEngine(config, LAYOUT, model_id=MODEL_ID) as eng:
         for i, req in enumerate(requests):
             tokens = prompts.tokens(req)
             hit = eng.lookup(tokens)
@@ -208,7 +222,8 @@ def replay(requests: list[TraceRequest], prompts: Prompts, result: Result, disk_
 
 
 def simulate(chunked: list[TraceRequest], result: Result) -> Result:
-    """The simulator on the same requests (in 256-token chunks, `to_chunks`), tiers and policy."""
+    """The simulator on the same requests (in the engine's 256-token chunks, `engine_chunks`), tiers
+    and policy."""
     tiers = [TierSpec("cpu", result.cpu_capacity_tokens // CHUNK, result.policy)]
     if result.disk_capacity_tokens:
         tiers.append(TierSpec("disk", result.disk_capacity_tokens // CHUNK, result.policy))
@@ -356,7 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, requests: list[TraceRequest], unique_chunks: int, root: Path,
             progress: Progress) -> list[Result]:
-    prompts, chunked = Prompts(), to_chunks(requests, CHUNK, BLOCK)
+    prompts = Prompts()
+    chunked = engine_chunks(requests, prompts)
     distinct = distinct_blocks(requests)
     infinite = unique_chunks * CHUNK + CHUNK  # every chunk the replay stores, and a spare slab
     sizes = sorted({(c.resolve(distinct), c.text) for c in args.capacities})

@@ -10,10 +10,12 @@ lookup / retrieve / store:
               ends up the most recently used); each block only a lower tier holds is read from the
               first tier that has it (marked used there), making room for it in host memory, and
               is kept there once all are read (promotion) unless `promote` is off.
-    store:    every block is looked up in host memory (marked used, first one first); the ones it
-              lacks are admitted (making room through the policy) and, with `write_through`,
-              written to every lower tier (which marks a block it holds already as used). Without
-              write-through a block evicted from host memory is written below then (demotion).
+    store:    every block is looked up in host memory (marked used, first one first); room is made
+              for the ones it lacks (a victim of the policy at a time), then they are admitted and,
+              with `write_through`, written to every lower tier (which marks a block it holds
+              already as used). Without write-through a block evicted from host memory is written
+              below then (demotion). A store larger than host memory streams in waves when there
+              is a tier below; without one, what does not fit is not stored.
 
 A block that does not fit (the tier's capacity is 0) is not admitted, and a store without room in
 host memory goes on below. Every block weighs 1, so capacities are numbers of blocks. `to_chunks`
@@ -90,6 +92,24 @@ class _Tier:
         self.counts.evictions += len(victims)
         return victims
 
+    def admit_together(self, blocks: Sequence[int]) -> tuple[int, list[int]]:
+        """Room for `blocks` first, one victim at a time, then all of them indexed: how host memory
+        takes a store or a retrieve's promotions (a slab per chunk, each freed by evicting the next
+        victim, before any of them is indexed). (How many were admitted, the blocks evicted.)"""
+        evicted: list[int] = []
+        room = 0
+        for k in range(1, len(blocks) + 1):
+            victims = self.index.make_room(k, _never)
+            if victims is None:
+                break
+            evicted += victims
+            room = k
+        for block in blocks[:room]:
+            self.index.add(block, 1)
+        self.counts.writes += room
+        self.counts.evictions += len(evicted)
+        return room, evicted
+
 
 class TierStack:
     """The tiers of one replay and the engine's calls on them (see the module docstring)."""
@@ -124,9 +144,7 @@ class TierStack:
             tier.index.touch(block)
             if self.promote:
                 promoted.append(block)
-        for block in promoted:
-            if block not in top.index:
-                self._into_top(block)
+        self._into_top(promoted)
 
     def store(self, ids: Sequence[int]) -> None:
         top = self.top
@@ -136,16 +154,19 @@ class TierStack:
                 top.index.touch(block)
             else:
                 new.append(block)
-        for block in new:
-            self._into_top(block)
+        while new:  # in waves when larger than host memory and there is a tier below to stream to
+            stored = self._into_top(new)
             if self.write_through:
-                self._write_below(block)
+                for block in new[:stored]:
+                    self._write_below(block)
+            new = new[stored:] if stored and self.lower else []
 
-    def _into_top(self, block: int) -> None:
-        victims = self.top.admit(block)
+    def _into_top(self, blocks: list[int]) -> int:
+        stored, victims = self.top.admit_together(blocks)
         if not self.write_through:
-            for victim in victims or ():
+            for victim in victims:
                 self._write_below(victim)
+        return stored
 
     def _write_below(self, block: int) -> None:
         for tier in self.lower:

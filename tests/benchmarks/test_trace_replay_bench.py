@@ -5,11 +5,11 @@ tokens within MAX_DIFF_POINTS, at capacities that evict most of what is stored, 
 registered eviction policy (the engine's tiers built from the config's `policy` keys); and the
 command line's capacity and policy forms.
 
-Exact for LRU on the CPU tier alone. Otherwise they may differ a little: when a store needs several
-slabs the engine's CPU tier evicts all its victims first and then indexes the new chunks, where the
-simulator evicts and admits one chunk at a time (LRU picks the same victims either way, a policy
-whose queues react to inserts may not); and the disk tier's writes land in the order its I/O
-threads finish them, so its policy sees a request's chunks in an order that can vary.
+The simulator runs on the engine's own key values (`engine_chunks`) and makes room for a store's
+or a retrieve's chunks before indexing them, as the CPU tier does, so the two count exactly the same
+tokens here (0.000 points under every policy, measured). Exact equality is asserted for the CPU tier
+alone; with a disk tier the order in which its I/O threads land a request's writes may vary, and so
+may its policy's order, so there the bound is MAX_DIFF_POINTS.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def capacity(requests, text: str) -> int:
 def test_the_engine_hits_what_the_simulator_hits(trace, tmp_path, policy, config):
     requests, prompts = trace
     requests = requests[:REQUESTS[config]]
-    chunked = bench.to_chunks(requests, bench.CHUNK, bench.BLOCK)
+    chunked = bench.engine_chunks(requests, prompts)
     if config == "cpu":  # 1,370 chunks: every prompt fits, and most of what is stored is evicted
         result = bench.Result("cpu", policy, "5%", capacity(requests, "5%"))
     else:  # 156 chunks of CPU (the longest prompts stream through in waves) over 780 on disk
@@ -62,7 +62,7 @@ def test_the_engine_hits_what_the_simulator_hits(trace, tmp_path, policy, config
     if config == "cpu+disk":
         assert result.disk_hits > 0 and result.sim_tiers["disk"]["evictions"] > 0
     assert abs(result.diff_points) <= MAX_DIFF_POINTS
-    if (config, policy) == ("cpu", "lru"):
+    if config == "cpu":
         assert result.hit_tokens == result.sim_hit_tokens  # token for token
     assert not (tmp_path / f"disk-{policy}").exists()  # each run's disk folder is removed after it
 
