@@ -71,6 +71,7 @@ from kvtier.config_values import (
 )
 from kvtier.config_yaml import parse_yaml, read_config_file
 from kvtier.errors import ConfigError
+from kvtier.policy_registry import DEFAULT_CPU_POLICY
 
 __all__ = [
     # the configuration and its loaders
@@ -102,7 +103,9 @@ _SLO = {"min": 0.001, "max": MAX_SECONDS}  # load_slo_s: seconds a load from the
 class CpuConfig:
     capacity: int = size_key(2 * GiB, memory=True)
     pin_memory: str = choice_key("auto", SWITCH)
-    policy: str = policy_key()  # eviction order (kvtier.policy_registry): built for `capacity` bytes
+    # Eviction order (kvtier.policy_registry), built for `capacity` bytes: kvtier's adaptive policy,
+    # the best measured for host memory (benchmarks/README.md, policy_replay.py).
+    policy: str = policy_key(DEFAULT_CPU_POLICY)
 
 
 @dataclass(frozen=True, slots=True)

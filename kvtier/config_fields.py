@@ -31,11 +31,11 @@ def choice_key(default: str, choices: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
-def policy_key() -> Any:
+def policy_key(default: str | None = None) -> Any:
     """An eviction policy by name: checked against `kvtier.policy_registry.POLICIES` (the map itself,
-    so a policy registered after import counts) when the config loads; the default is the registry's
-    DEFAULT_POLICY, read when the section is built."""
-    return field(default_factory=lambda: policy_registry.DEFAULT_POLICY,
+    so a policy registered after import counts) when the config loads; the default is `default`, or
+    the registry's DEFAULT_POLICY read when the section is built."""
+    return field(default_factory=lambda: default or policy_registry.DEFAULT_POLICY,
                  metadata={"choices": policy_registry.POLICIES})
 
 

@@ -22,7 +22,8 @@ POLICIES: dict[str, PolicyFactory] = {
     "s3fifo": S3FIFOPolicy,
     "adaptive": AdaptivePolicy,
 }
-DEFAULT_POLICY = "lru"
+DEFAULT_POLICY = "lru"  # disk tiers, kvtier_server: where adaptive was measured no better than LRU
+DEFAULT_CPU_POLICY = "adaptive"  # host memory: the best measured (benchmarks/README.md, policy_replay.py)
 
 
 def make_policy(name: str, capacity: int) -> EvictionPolicy:

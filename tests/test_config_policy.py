@@ -82,12 +82,13 @@ def write(tmp_path: Path, text: str) -> Path:
 # -- config --------------------------------------------------------------------------------------
 
 
-def test_the_default_is_the_registry_default_read_when_the_section_is_built(monkeypatch, mru):
+def test_host_memory_defaults_to_adaptive_the_rest_to_the_registry_default_read_when_built(monkeypatch, mru):
     config = load_config(env={})
-    assert config.cpu.policy == config.disk.policy == policy_registry.DEFAULT_POLICY == "lru"
+    assert config.cpu.policy == policy_registry.DEFAULT_CPU_POLICY == "adaptive"
+    assert config.disk.policy == policy_registry.DEFAULT_POLICY == "lru"
     assert load_server_config(env={}).policy == SpillConfig().policy == "lru"
     monkeypatch.setattr(policy_registry, "DEFAULT_POLICY", "mru")
-    assert (CpuConfig().policy, DiskConfig().policy, ServerConfig().policy) == ("mru", "mru", "mru")
+    assert (CpuConfig().policy, DiskConfig().policy, ServerConfig().policy) == ("adaptive", "mru", "mru")
 
 
 def test_a_registered_name_loads_from_a_file(tmp_path, mru):
