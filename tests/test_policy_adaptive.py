@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policy_contract import OPS, walks_lazily_and_refuses_changes_mid_walk
+from policy_contract import drive as keep_contract
 
 from kvtier import policy_adaptive as adaptive
 from kvtier.policy import BoundedIndex, LRUPolicy
@@ -89,6 +91,12 @@ def test_a_new_half_life_keeps_the_stored_order():
     assert order(lrfu) == before
 
 
+def test_evictable_is_asked_lazily_and_changing_the_policy_mid_walk_raises():
+    policy = AdaptivePolicy(3)
+    asked = walks_lazily_and_refuses_changes_mid_walk(BoundedIndex(3, policy), policy)
+    assert asked == ["a", "b"]  # it starts as LRU
+
+
 def test_an_old_protected_key_does_not_let_the_bucket_heap_grow():
     lrfu = Lrfu(half_life_ops=64, alpha=1.0, ghost_limit=64)
     lrfu.use("pinned")
@@ -136,47 +144,17 @@ def test_the_shadows_pick_frequency_where_a_hot_set_competes_with_a_scan():
     assert hits > drive(LRUPolicy(), 400, keys) + 5_000  # type: ignore[arg-type]
 
 
-_ops = st.lists(st.tuples(st.sampled_from(["add", "remove", "touch", "room", "walk"]),
-                          st.integers(0, 11), st.integers(0, 40)), max_size=80)
-
-
 @settings(max_examples=300, deadline=None)
-@given(capacity=st.integers(0, 100), ops=_ops, protected_keys=st.frozensets(st.integers(0, 11)))
+@given(capacity=st.integers(0, 100), ops=OPS, protected_keys=st.frozensets(st.integers(0, 11)))
 def test_victims_rooms_and_ghosts_keep_their_contract_with_any_sizes_and_pins(capacity, ops, protected_keys):
     policy = AdaptivePolicy(capacity)
-    idx: BoundedIndex[int] = BoundedIndex(capacity, policy)
 
-    def unprotected(key) -> bool:
-        return key not in protected_keys
-
-    for op, key, nbytes in ops:
-        before = {k: idx.size(k) for k in idx}
-        if op == "add" and key not in idx:
-            if idx.make_room(nbytes, protected_keys.__contains__) is not None:
-                idx.add(key, nbytes)
-        elif op == "remove":
-            idx.remove(key)
-        elif op == "touch":
-            idx.touch(key)
-        elif op == "room":
-            victims = idx.make_room(nbytes, protected_keys.__contains__)
-            if victims is None:
-                assert {k: idx.size(k) for k in idx} == before
-            else:
-                assert all(k in before and k not in idx and unprotected(k) for k in victims)
-                assert idx.used_bytes + nbytes <= capacity
-        elif op == "walk":
-            walked = [k for _, k in zip(range(nbytes % 4), idx.victims(unprotected))]
-            assert all(k in idx and unprotected(k) for k in walked)
-        offered = list(idx.victims(unprotected))
-        assert len(offered) == len(set(offered)) and set(offered) == {k for k in idx if unprotected(k)}
-        assert len(policy) == len(idx)
+    def bounded(_idx) -> None:
         if policy._order is not None:
             assert len(policy._order.ghosts) <= policy._order.ghost_limit
             assert all(len(s.order.entries) <= s.capacity for s in policy._shadows)
-    for key in list(idx):
-        idx.remove(key)
-    assert len(policy) == 0 and list(policy.victims(always)) == []
+
+    keep_contract(policy, capacity, ops, protected_keys, bounded)
 
 
 @pytest.mark.skipif(not TRACE.exists(), reason=f"no trace at {TRACE}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policy_contract import OPS, always, drive, never, use, walks_lazily_and_refuses_changes_mid_walk
 
 from kvtier.policy import BoundedIndex, LRUPolicy
 from kvtier.policy_arc import ARCPolicy
@@ -20,27 +21,9 @@ from kvtier.sim.trace import read_trace
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "workloads" / "mooncake_conversation_trace.jsonl"
 
 
-def always(_key) -> bool:
-    return True
-
-
-def never(_key) -> bool:
-    return False
-
-
 def cache(capacity: int) -> tuple[BoundedIndex, ARCPolicy]:
     policy = ARCPolicy(capacity)
     return BoundedIndex(capacity, policy), policy
-
-
-def use(idx: BoundedIndex, *keys: str) -> None:
-    """What the simulator does per block: a hit is a touch, a miss makes room and is admitted."""
-    for key in keys:
-        if key in idx:
-            idx.touch(key)
-        else:
-            assert idx.make_room(1, never) is not None
-            idx.add(key, 1)
 
 
 def test_arc_is_registered_and_satisfies_the_protocol():
@@ -145,17 +128,7 @@ def test_victims_skip_protected_keys_which_keep_their_place_and_each_is_offered_
 
 def test_evictable_is_asked_lazily_and_changing_the_policy_mid_walk_raises():
     idx, policy = cache(4)
-    use(idx, "a", "b", "c")
-    asked = []
-
-    def evictable(key):
-        asked.append(key)
-        return key == "b"
-
-    assert next(idx.victims(evictable)) == "b" and asked == ["a", "b"]
-    with pytest.raises(RuntimeError):
-        for key in policy.victims(always):
-            policy.remove(key)
+    assert walks_lazily_and_refuses_changes_mid_walk(idx, policy) == ["a", "b"]
 
 
 class _PaperARC:
@@ -216,58 +189,19 @@ def test_through_the_index_it_makes_the_papers_choices(capacity, keys):
         assert policy.target == paper.p
 
 
-_ops = st.lists(st.tuples(st.sampled_from(["add", "remove", "touch", "room", "walk"]),
-                          st.integers(0, 11), st.integers(0, 40)), max_size=80)
-
-
 @settings(max_examples=300, deadline=None)
-@given(capacity=st.integers(0, 100), ops=_ops, protected_keys=st.frozensets(st.integers(0, 11)))
+@given(capacity=st.integers(0, 100), ops=OPS, protected_keys=st.frozensets(st.integers(0, 11)))
 def test_victims_rooms_and_ghosts_keep_their_contract_with_any_sizes_and_pins(capacity, ops, protected_keys):
     policy = ARCPolicy(capacity)
-    idx: BoundedIndex[int] = BoundedIndex(capacity, policy)
-    protected = protected_keys.__contains__
 
-    def unprotected(key) -> bool:
-        return key not in protected_keys
-
-    for op, key, nbytes in ops:
-        before = {k: idx.size(k) for k in idx}
-        if op == "add" and key not in idx:
-            if idx.make_room(nbytes, protected) is not None:
-                idx.add(key, nbytes)
-        elif op == "remove":
-            idx.remove(key)
-        elif op == "touch":
-            idx.touch(key)
-        elif op == "room":
-            victims = idx.make_room(nbytes, protected)
-            excess = sum(before.values()) + nbytes - capacity
-            if victims is None:  # atomic, and only when it truly cannot
-                assert {k: idx.size(k) for k in idx} == before
-                assert nbytes > capacity or sum(s for k, s in before.items() if unprotected(k)) < excess
-            else:
-                assert len(set(victims)) == len(victims) and all(unprotected(k) for k in victims)
-                assert all(k in before and k not in idx for k in victims)
-                assert idx.used_bytes + nbytes <= capacity
-                assert not victims or sum(before[k] for k in victims[:-1]) < excess  # it stopped once enough
-        elif op == "walk":  # a caller that stops early leaves nothing behind
-            walked = []
-            for k in idx.victims(unprotected):
-                walked.append(k)
-                if len(walked) == nbytes % 4:
-                    break
-            assert all(k in idx and unprotected(k) for k in walked)
-        offered = list(idx.victims(unprotected))
-        assert len(offered) == len(set(offered)) and set(offered) == {k for k in idx if unprotected(k)}
-        assert len(policy) == len(idx)
+    def lists_and_ghosts(_idx) -> None:
         t1, b1 = sum(policy._t1.values()), sum(policy._b1.values())
         ghosts = b1 + sum(policy._b2.values())
         assert not b1 or t1 + b1 <= capacity  # the paper's |T1| + |B1| <= c
         assert not ghosts or t1 + sum(policy._t2.values()) + ghosts <= 2 * capacity
         assert policy.ghosts <= 2 * capacity and 0 <= policy.target <= capacity
-    for key in list(idx):
-        idx.remove(key)
-    assert len(policy) == 0 and list(policy.victims(always)) == []
+
+    drive(policy, capacity, ops, protected_keys, lists_and_ghosts)
 
 
 @pytest.mark.skipif(not TRACE.exists(), reason=f"no trace at {TRACE}")
