@@ -11,6 +11,8 @@ import math
 import os
 import resource
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,3 +263,19 @@ def test_a_write_that_fails_part_way_is_counted_and_the_next_line_starts_afresh(
     trace, skipped = read_trace(path, on_error="skip")
     assert [(r.input_length, len(r.hash_ids)) for r in trace] == [(300, 2)] and len(skipped) == 1
     assert log.stats() == {"trace_lines": 1, "trace_lines_dropped": 1, "trace_errors": 1}
+
+
+def test_kvtier_plan_replays_the_log_the_engine_wrote(tmp_path):
+    # The user's path end to end: serve with the log on, then `kvtier plan LOG` in a subprocess.
+    path, out = tmp_path / "trace.jsonl", tmp_path / "plan.json"
+    serve(config(tmp_path, path=path), [(BASE, 2), (SHARED, 2), (BASE, 2), (prompt(300, seed=4), 2)])
+    run = subprocess.run([sys.executable, "-m", "kvtier.cli", "plan", str(path), "--policies", "lru,adaptive",
+                          "--capacities", "50%,100%", "--quiet", "--json", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    # 4 requests of 600, 612, 600 and 300 tokens in whole 256-token chunks: BASE's 2 whole chunks
+    # (the third is partial, never stored) are hit by SHARED (2 chunks) and BASE again (2).
+    assert data["traffic"]["requests"] == 4 and data["traffic"]["input_tokens"] == 600 + 612 + 600 + 300
+    assert data["traffic"]["infinite_hit_rate"] == pytest.approx(4 * 256 / 2112)
+    assert set(data["policies"]) == {"lru", "adaptive"}
