@@ -156,8 +156,13 @@ class Lrfu:
 
 def _sample_point(key: Hashable) -> int:
     """Where `key` falls in [0, 2**64): stable across processes for kvtier's byte keys (their
-    digest's last 8 bytes), mixed so that sequential ids (the simulator's) spread evenly."""
-    raw = int.from_bytes(key[-8:], "little") if isinstance(key, bytes) else hash(key)
+    digest's last 8 bytes) and the simulator's int ids (the int itself, not `hash()`, which folds
+    ints modulo 2**61 - 1: a byte key and the int of its last 8 bytes must fall at the same point),
+    mixed so that sequential ids spread evenly."""
+    if isinstance(key, bytes):
+        raw = int.from_bytes(key[-8:], "little")
+    else:
+        raw = key if isinstance(key, int) else hash(key)
     return (raw * _MIX) & _MASK
 
 

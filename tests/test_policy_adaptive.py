@@ -97,6 +97,15 @@ def test_evictable_is_asked_lazily_and_changing_the_policy_mid_walk_raises():
     assert asked == ["a", "b"]  # it starts as LRU
 
 
+def test_a_byte_key_and_the_int_of_its_last_8_bytes_are_sampled_alike():
+    # What lets the simulator, on the engine's key values as ints, sample the engine's chunks; above
+    # 2**61 - 1, hash() of the int would fold it elsewhere.
+    for raw in (b"\x00" * 16 + b"\xff" * 8, bytes(range(24))):
+        number = int.from_bytes(raw[-8:], "little")
+        assert adaptive._sample_point(raw) == adaptive._sample_point(number)
+    assert int.from_bytes(b"\xff" * 8, "little") >= 2**61
+
+
 def test_an_old_protected_key_does_not_let_the_bucket_heap_grow():
     lrfu = Lrfu(half_life_ops=64, alpha=1.0, ghost_limit=64)
     lrfu.use("pinned")
