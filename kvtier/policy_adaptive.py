@@ -37,8 +37,9 @@ quantised priority (insertion-ordered dicts), with a heap of bucket ids for the 
 touch or remove is O(1) plus an amortised O(log B) heap step, B (non-empty buckets) bounded by
 QUANTUM x (the cache's age span in half-lives + log2 MAX_SCORE), a few hundred at most, not by the
 number of keys. Memory: a resident key costs one `_Entry` (3 slots) and a bucket slot, about 150
-bytes in CPython; a ghost about 100 bytes; ghosts are at most GHOST_FACTOR x the resident count; the
-shadows hold about SHADOW_KEYS keys each (hash-sampled), 4 of them, whatever the capacity.
+bytes in CPython; a ghost about 100 bytes; ghosts are at most GHOST_FACTOR x the keys the capacity
+holds (capacity / the largest key size seen: 200 B of ghosts per slab of the CPU tier); the shadows
+hold about SHADOW_KEYS keys each (hash-sampled), 4 of them, whatever the capacity.
 """
 
 from __future__ import annotations
@@ -170,10 +171,16 @@ class _Shadow:
     """A miniature cache of `capacity` keys: one candidate setting over the sampled keys."""
 
     def __init__(self, capacity: int, half_life_ops: float, alpha: float, rate: float):
+        self.order = Lrfu(half_life_ops, alpha, 1)
+        self.hits = 0.0
+        self.resize(capacity, half_life_ops, alpha, rate)
+
+    def resize(self, capacity: int, half_life_ops: float, alpha: float, rate: float) -> None:
         self.capacity = max(capacity, 1)
         # It sees `rate` of the uses: its windows in operations shrink by as much.
-        self.order = Lrfu(half_life_ops, alpha, GHOST_FACTOR * self.capacity, CORRELATED_OPS * rate)
-        self.hits = 0.0
+        self.order.correlated_ops = CORRELATED_OPS * rate
+        self.order.set_params(half_life_ops, alpha)
+        self.order.ghost_limit = GHOST_FACTOR * self.capacity
 
     def access(self, key: Hashable) -> None:
         order = self.order
@@ -181,10 +188,11 @@ class _Shadow:
         if entry is not None and order.tau - entry.tau > order.correlated:
             self.hits += 1
         order.use(key)
-        if len(order.entries) > self.capacity:
+        while len(order.entries) > self.capacity:
             victim = next(order.order(lambda k: k != key), None)
-            if victim is not None:
-                order.forget(victim)
+            if victim is None:
+                break
+            order.forget(victim)
 
 
 class AdaptivePolicy:
@@ -200,23 +208,37 @@ class AdaptivePolicy:
         self._order: Lrfu | None = None  # built on the first insert: its scale needs a key's size
         self._shadows: list[_Shadow] = []
         self._keys = 1.0
+        self._unit = 1
         self._threshold = 0
         self._keep = 0.0
         self._sampled_uses = 0
 
     def _start(self, nbytes: int) -> Lrfu:
-        keys = self._keys = max(self.capacity / max(nbytes, 1), 1.0)
+        self._shadows = [_Shadow(1, 1.0, alpha, 1.0) for _, alpha in CANDIDATES]
+        self._order = Lrfu(1.0, CANDIDATES[self.choice][1], 1)
+        self._scale(nbytes)
+        return self._order
+
+    def _scale(self, nbytes: int) -> None:
+        """Size the half-lives, ghost lists, sampling and shadows for keys of `nbytes`: the largest
+        seen, so that a small first key (a partial chunk, a compressed record) does not make the
+        policy count far more keys than the tier can hold (and keep that many ghosts)."""
+        self._unit = max(nbytes, 1)
+        keys = self._keys = max(self.capacity / self._unit, 1.0)
         rate = min(max(SHADOW_KEYS / keys, MIN_SAMPLE), MAX_SAMPLE)
         self._threshold = int(rate * 2**64)
         small = keys * rate  # a shadow's size in keys
-        self._shadows = [_Shadow(round(small), mult * small, alpha, rate) for mult, alpha in CANDIDATES]
+        for shadow, (mult, alpha) in zip(self._shadows, CANDIDATES):
+            shadow.resize(max(round(small), 1), mult * small, alpha, rate)
         self._keep = 1.0 - min(DECIDE_EVERY / (MEMORY * small), 0.5)
         mult, alpha = CANDIDATES[self.choice]
-        self._order = Lrfu(mult * keys, alpha, int(GHOST_FACTOR * keys))
-        return self._order
+        self._order.set_params(mult * keys, alpha)  # type: ignore[union-attr]
+        self._order.ghost_limit = int(GHOST_FACTOR * keys)  # type: ignore[union-attr]
 
     def _use(self, key: Hashable, nbytes: int) -> None:
         order = self._order or self._start(nbytes)
+        if nbytes > 2 * self._unit:
+            self._scale(nbytes)
         order.use(key)
         if _sample_point(key) < self._threshold:
             for shadow in self._shadows:

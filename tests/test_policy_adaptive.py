@@ -106,6 +106,19 @@ def test_a_byte_key_and_the_int_of_its_last_8_bytes_are_sampled_alike():
     assert int.from_bytes(b"\xff" * 8, "little") >= 2**61
 
 
+def test_a_small_first_key_does_not_set_the_scale_for_good():
+    # A 1-byte record first, then 1 KiB chunks into 64 KiB: 64 keys, not 65,536 (nor 131,072 ghosts).
+    policy = AdaptivePolicy(64 << 10)
+    idx = BoundedIndex(64 << 10, policy)
+    idx.add("tiny", 1)
+    for i in range(2_000):
+        assert idx.make_room(1024, lambda k: False) is not None
+        idx.add(i, 1024)
+    assert policy._keys == 64 and policy._order.ghost_limit == 2 * 64
+    assert len(policy._order.ghosts) <= 2 * 64
+    assert all(len(s.order.entries) <= s.capacity <= 16 for s in policy._shadows)  # a quarter sampled
+
+
 def test_an_old_protected_key_does_not_let_the_bucket_heap_grow():
     lrfu = Lrfu(half_life_ops=64, alpha=1.0, ghost_limit=64)
     lrfu.use("pinned")
