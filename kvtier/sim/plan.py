@@ -124,23 +124,12 @@ class Plan:
 
 
 def measure_traffic(trace: Sequence[TraceRequest], block_tokens: int, store_partial: bool = True) -> Traffic:
-    """Requests, input tokens, distinct blocks and the infinite cache's hits: per request the run
-    of leading blocks stored before (as replay_tiers counts a hit), then its blocks are stored (the
-    partial last one only with `store_partial`)."""
-    seen: set[int] = set()
-    distinct: set[int] = set()
-    tokens = hits = 0
-    for request in trace:
-        ids = request.hash_ids
-        held = 0
-        while held < len(ids) and ids[held] in seen:
-            held += 1
-        hits += min(held * block_tokens, request.input_length)
-        tokens += request.input_length
-        distinct.update(ids)
-        partial = not store_partial and request.input_length < len(ids) * block_tokens
-        seen.update(ids[:-1] if partial else ids)
-    return Traffic(len(trace), tokens, len(distinct), hits)
+    """Requests, input tokens, distinct blocks and the infinite cache's hits: `replay_tiers` through
+    one tier with room for every distinct block, so it never evicts."""
+    distinct = len({h for request in trace for h in request.hash_ids})
+    infinite = replay_tiers(trace, [TierSpec("cpu", distinct)], store_partial=store_partial,
+                            block_tokens=block_tokens)
+    return Traffic(len(trace), infinite.input_tokens, distinct, infinite.hit_tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvtier.config_values import parse_size
 from kvtier.dtypes import CODES_BY_NAME
+from kvtier.errors import ConfigError
 
 if TYPE_CHECKING:
     from kvtier.layout import KVLayout
@@ -32,9 +34,7 @@ MODELS: dict[str, tuple[int, int, int]] = {
 }
 DEFAULT_MODEL = "llama-3.1-8b"
 _LAYOUT_KEYS = {"layers": "num_layers", "kv_heads": "num_kv_heads", "head_dim": "head_dim"}
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
-_SIZE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]+)")
+_WITH_UNIT = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*[a-z]+")  # unsigned, a unit required
 
 
 def model_layout(name: str) -> KVLayout:
@@ -96,17 +96,22 @@ class Capacity:
 
 
 def parse_capacity(text: str) -> Capacity:
-    """`5%` (of the distinct blocks) or a size with a unit (`64GiB`, `500 GB`); > 0."""
+    """`5%` (of the distinct blocks) or a size with a unit (`64GiB`, `500 GB`: the config's sizes,
+    `kvtier.config_values.parse_size`); > 0."""
     clean = text.strip().lower()
     if clean.endswith("%"):
         value = _number(clean[:-1].strip(), text)
         return Capacity(text, fraction=value / 100)
-    match = _SIZE.fullmatch(clean)
-    if not match or match.group(2) not in _UNITS:
-        raise ValueError(f"capacity {text!r}: give a share of the distinct blocks (5%) or a size with a "
-                         f"unit (64GiB, 500GB)")
-    nbytes = _number(match.group(1), text) * _UNITS[match.group(2)]
-    return Capacity(text, nbytes=int(nbytes))
+    unit_required = ValueError(f"capacity {text!r}: give a share of the distinct blocks (5%) or a size "
+                               f"with a unit (64GiB, 500GB)")
+    if not _WITH_UNIT.fullmatch(clean):
+        raise unit_required
+    try:
+        return Capacity(text, nbytes=parse_size(clean, "capacity"))
+    except ConfigError as error:
+        if "positive" in str(error):
+            raise ValueError(f"capacity {text!r}: must be a positive number") from None
+        raise unit_required from None
 
 
 def _number(text: str, whole: str) -> float:
