@@ -7,14 +7,29 @@ loses nothing; the policy forgets every removed key."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import strategies as st
 
 from kvtier.policy import BoundedIndex, EvictionPolicy
+from kvtier.policy_registry import make_policy
+from kvtier.sim.replay import replay
+from kvtier.sim.trace import read_trace
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "workloads" / "mooncake_conversation_trace.jsonl"
+needs_trace = pytest.mark.skipif(not TRACE.exists(), reason=f"no trace at {TRACE}")
 
 OPS = st.lists(st.tuples(st.sampled_from(["add", "remove", "touch", "room", "walk"]),
                          st.integers(0, 11), st.integers(0, 40)), max_size=80)
+
+
+def rate_at_5_percent(name: str) -> float:
+    """Policy `name`'s token hit rate on the conversation trace with room for 5% of its distinct
+    blocks, every block stored (kvtier.sim.replay: the published figures' mode)."""
+    requests, _ = read_trace(TRACE)
+    cap = int(0.05 * len({h for r in requests for h in r.hash_ids}))
+    return replay(requests, cap, policy=lambda: make_policy(name, cap)).hit_rate
 
 
 def always(_key) -> bool:

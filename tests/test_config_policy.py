@@ -8,7 +8,6 @@ the tiers evicting in the configured policy's order (a most-recently-used stand-
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 
@@ -38,23 +37,9 @@ CHUNK_BYTES = LAYOUT.chunk_bytes(CHUNK)  # 4 KiB: one slab
 RECORD_BYTES = file_bytes(CHUNK_BYTES)  # one chunk's file on disk
 
 
-class MRUPolicy:
-    """The most recently used key first: the opposite of LRU, so that which chunks survive shows
-    which policy a tier uses."""
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
-
-    def insert(self, key: Hashable, nbytes: int = 0) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
-
-    def touch(self, key: Hashable) -> None:
-        if key in self._order:
-            self._order.move_to_end(key)
-
-    def remove(self, key: Hashable) -> None:
-        self._order.pop(key, None)
+class MRUPolicy(LRUPolicy):
+    """The most recently used key first: the opposite of LRU (its order, walked from the other end),
+    so that which chunks survive shows which policy a tier uses."""
 
     def victims(self, evictable: Callable[[Hashable], bool]) -> Iterator[Hashable]:
         return (key for key in reversed(self._order) if evictable(key))

@@ -5,12 +5,10 @@ Mooncake conversation trace against LRU."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy_contract import OPS, walks_lazily_and_refuses_changes_mid_walk
+from policy_contract import OPS, TRACE, needs_trace, walks_lazily_and_refuses_changes_mid_walk
 from policy_contract import drive as keep_contract
 
 from kvtier import policy_adaptive as adaptive
@@ -19,8 +17,6 @@ from kvtier.policy_adaptive import CANDIDATES, AdaptivePolicy, Lrfu
 from kvtier.policy_registry import make_policy
 from kvtier.sim.tiers import TierSpec, replay_tiers
 from kvtier.sim.trace import read_trace
-
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "workloads" / "mooncake_conversation_trace.jsonl"
 
 
 def always(_key) -> bool:
@@ -179,7 +175,7 @@ def test_victims_rooms_and_ghosts_keep_their_contract_with_any_sizes_and_pins(ca
     keep_contract(policy, capacity, ops, protected_keys, bounded)
 
 
-@pytest.mark.skipif(not TRACE.exists(), reason=f"no trace at {TRACE}")
+@needs_trace
 def test_on_the_conversation_trace_at_5_percent_it_beats_lru_by_almost_2_points():
     requests, _ = read_trace(TRACE)
     cap = int(0.05 * len({h for r in requests for h in r.hash_ids}))

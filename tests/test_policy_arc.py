@@ -5,20 +5,24 @@ Mooncake conversation trace at 5% of its distinct blocks."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy_contract import OPS, always, drive, never, use, walks_lazily_and_refuses_changes_mid_walk
+from policy_contract import (
+    OPS,
+    always,
+    drive,
+    needs_trace,
+    never,
+    rate_at_5_percent,
+    use,
+    walks_lazily_and_refuses_changes_mid_walk,
+)
 
 from kvtier.policy import BoundedIndex, LRUPolicy
 from kvtier.policy_arc import ARCPolicy
 from kvtier.policy_registry import make_policy
-from kvtier.sim.replay import replay
-from kvtier.sim.trace import read_trace
-
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "workloads" / "mooncake_conversation_trace.jsonl"
 
 
 def cache(capacity: int) -> tuple[BoundedIndex, ARCPolicy]:
@@ -204,10 +208,7 @@ def test_victims_rooms_and_ghosts_keep_their_contract_with_any_sizes_and_pins(ca
     drive(policy, capacity, ops, protected_keys, lists_and_ghosts)
 
 
-@pytest.mark.skipif(not TRACE.exists(), reason=f"no trace at {TRACE}")
+@needs_trace
 def test_arc_on_the_conversation_trace_at_5_percent_of_distinct_blocks_hits_21_4_percent():
-    requests, _ = read_trace(TRACE)
-    distinct = len({h for r in requests for h in r.hash_ids})
-    cap = int(0.05 * distinct)
-    result = replay(requests, cap, policy=lambda: make_policy("arc", cap))
-    assert result.hit_rate == pytest.approx(0.21344, abs=0.0001)  # issue 17: 21.4%; LRU 19.93%
+    hit_rate = rate_at_5_percent("arc")
+    assert hit_rate == pytest.approx(0.21344, abs=0.0001)  # issue 17: 21.4%; LRU 19.93%
