@@ -127,9 +127,14 @@ class Lrfu:
         if not members:
             self._drop_bucket(entry.bucket)
         self.ghosts[key] = (entry.score, entry.tau)
-        while len(self.ghosts) > self.ghost_limit:
-            self.ghosts.popitem(last=False)
+        self.limit_ghosts(self.ghost_limit)
         return True
+
+    def limit_ghosts(self, limit: int) -> None:
+        """Keep at most `limit` ghosts from now on (the latest ones)."""
+        self.ghost_limit = limit
+        while len(self.ghosts) > limit:
+            self.ghosts.popitem(last=False)
 
     def _drop_bucket(self, bucket: int) -> None:
         del self.buckets[bucket]
@@ -180,7 +185,8 @@ class _Shadow:
         # It sees `rate` of the uses: its windows in operations shrink by as much.
         self.order.correlated_ops = CORRELATED_OPS * rate
         self.order.set_params(half_life_ops, alpha)
-        self.order.ghost_limit = GHOST_FACTOR * self.capacity
+        self.order.limit_ghosts(GHOST_FACTOR * self.capacity)
+        self._trim()
 
     def access(self, key: Hashable) -> None:
         order = self.order
@@ -188,8 +194,13 @@ class _Shadow:
         if entry is not None and order.tau - entry.tau > order.correlated:
             self.hits += 1
         order.use(key)
+        self._trim(key)
+
+    def _trim(self, keep: Hashable = None) -> None:
+        """Evict until the shadow fits its capacity, never `keep` (the key just used)."""
+        order = self.order
         while len(order.entries) > self.capacity:
-            victim = next(order.order(lambda k: k != key), None)
+            victim = next(order.order(lambda k: k != keep), None)
             if victim is None:
                 break
             order.forget(victim)
@@ -233,7 +244,7 @@ class AdaptivePolicy:
         self._keep = 1.0 - min(DECIDE_EVERY / (MEMORY * small), 0.5)
         mult, alpha = CANDIDATES[self.choice]
         self._order.set_params(mult * keys, alpha)  # type: ignore[union-attr]
-        self._order.ghost_limit = int(GHOST_FACTOR * keys)  # type: ignore[union-attr]
+        self._order.limit_ghosts(int(GHOST_FACTOR * keys))  # type: ignore[union-attr]
 
     def _use(self, key: Hashable, nbytes: int) -> None:
         order = self._order or self._start(nbytes)
