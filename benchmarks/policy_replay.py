@@ -6,9 +6,11 @@ infinite cache.
     .venv/bin/python benchmarks/policy_replay.py --quick    # smoke run: first 1,000 requests, 2 capacities
 
 Every policy of `kvtier.policy_registry` runs through `kvtier.sim.tiers` (one tier, the storage path's
-order of calls) twice: storing every block of a prompt, as the published figures do ("all blocks"),
-and without a prompt's partial last block, as kvtier stores prompts (`save_partial_chunks: false`;
-"whole blocks"). benchmarks/README.md has the results and what they say.
+order of calls) three times: storing every block of a prompt, as the published figures do ("all
+blocks"); the same with the CPU tier's `whole` admission rule, which holds a prompt's partial last
+block only as the next victim (`kvtier.admission`, kvtier's default; "all blocks, whole admission");
+and without a prompt's partial last block, as kvtier stores prompts by default
+(`save_partial_chunks: false`; "whole blocks"). benchmarks/README.md has the results and what they say.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ logger = logging.getLogger("policy_replay")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = ROOT.parent / "shared" / "workloads" / "mooncake_conversation_trace.jsonl"
 FRACTIONS = (0.01, 0.02, 0.05, 0.10, 0.20, 0.40)
-MODES = {"all blocks": True, "whole blocks": False}  # label -> store_partial
+# label -> (store_partial, admission rule)
+MODES = {"all blocks": (True, "all"), "all blocks, whole admission": (True, "whole"),
+         "whole blocks": (False, "all")}
 
 
 def measure(requests: list, fractions: list[float], policies: list[str], console: Console) -> dict:
@@ -44,11 +48,11 @@ def measure(requests: list, fractions: list[float], policies: list[str], console
     with progress_bar(console) as progress:
         task = progress.add_task("replays", total=total)
         for name in policies:
-            for mode, partial in MODES.items():
+            for mode, (partial, admission) in MODES.items():
                 rates, seconds = [], []
                 for cap in caps:
                     started = time.perf_counter()
-                    rates.append(replay_tiers(requests, [TierSpec("cpu", cap, name)],
+                    rates.append(replay_tiers(requests, [TierSpec("cpu", cap, name, admission)],
                                               store_partial=partial).hit_rate)
                     seconds.append(time.perf_counter() - started)
                     progress.update(task, advance=1, refresh=True)

@@ -38,6 +38,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kvtier.admission import ADMISSIONS, DEFAULT_ADMISSION
 from kvtier.codecs.base import BACKEND_ENV, CODEC_NAMES
 from kvtier.config_checks import ADAPTIVE, check_sections
 from kvtier.config_connector import MAX_SEPARATOR_IDS, BlendConfig, LoadsConfig, TraceLogConfig
@@ -106,6 +107,9 @@ class CpuConfig:
     # Eviction order (kvtier.policy_registry), built for `capacity` bytes: kvtier's adaptive policy,
     # the best measured for host memory (benchmarks/README.md, policy_replay.py).
     policy: str = policy_key(DEFAULT_CPU_POLICY)
+    # Which stored chunks join that order (kvtier.admission); a declined one is only the next victim
+    # (and is written below all the same). "whole": a prompt's partial last chunk is declined.
+    admission: str = choice_key(DEFAULT_ADMISSION, tuple(ADMISSIONS))
 
 
 @dataclass(frozen=True, slots=True)

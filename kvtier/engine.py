@@ -42,7 +42,7 @@ from kvtier.packed_keys import packed_keys
 from kvtier.pins import PinTable
 from kvtier.storage import StorageManager
 from kvtier.tiers.base import Tier
-from kvtier.tiers.build import build_lower_tiers, tier_names, tier_policies, tier_policy
+from kvtier.tiers.build import build_lower_tiers, cpu_admission, tier_names, tier_policies, tier_policy
 from kvtier.tiers.cpu import CpuTier
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class CacheEngine:
             self.storage = StorageManager(layout, pool, [*lower, *([self._p2p.tier] if self._p2p else [])],
                                           self.metrics, pins=pins, write_through=config.write_through,
                                           promote_on_hit=config.promote_on_hit, io_threads=threads,
-                                          cpu_policy=cpu_policy)
+                                          cpu_policy=cpu_policy, cpu_admits=cpu_admission(config))
         except BaseException:  # nothing owns the tiers yet: close them here
             self._close_storage(None)
             for tier in lower:
@@ -271,6 +271,7 @@ class CacheEngine:
         snapshot = self.metrics.snapshot()
         for name, policy in tier_policies(self.config).items():
             snapshot["tiers"][name]["policy"] = policy
+        snapshot["tiers"]["cpu"]["admission"] = self.config.cpu.admission
         return {**snapshot, "pool": dataclasses.asdict(self.storage.pool_stats())}
 
     def prometheus_text(self) -> str:

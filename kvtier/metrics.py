@@ -17,6 +17,8 @@ style for every tier, so that a number means the same thing whichever tier it co
   the request (codec, shape, dtype): each is deleted from the tier and never served.
 - `rejected`: chunks a store did not take for want of room (everything evictable is pinned or in
   flight) or because the store refused them (kvtier_server's INVALID or TOO_LARGE); not failures.
+- `declined`: chunks a store put in the tier as its next victims instead of into its eviction order
+  (its admission rule, `kvtier.admission`); they are held, and written below, all the same.
 - `evictions`: chunks the tier itself evicted to make room (the CPU tier's include those demoted).
   Stores that evict on their own (Redis, kvtier_server) are not counted here.
 - `hits`, `misses`: counted by whoever asked, once per batch: the StorageManager for the CPU tier,
@@ -54,6 +56,7 @@ TIER_COUNTERS = {
     "bytes_read": "payload bytes read from this tier",
     "bytes_written": "payload bytes written to this tier",
     "rejected": "chunks this tier could not accept (full of pinned or in-flight chunks)",
+    "declined": "chunks stored as this tier's next victims by its admission rule",
 }
 ENGINE_COUNTERS = {
     "lookup_tokens": "tokens asked for by lookup and retrieve",

@@ -95,6 +95,9 @@ class BoundedIndex(Generic[K]):
         self.capacity_bytes = capacity_bytes
         self._policy = policy if policy is not None else LRUPolicy()
         self._sizes: dict[K, int] = {}
+        # Keys the owner declined to admit (`add(..., admit=False)`): held while there is room, the
+        # first victims, oldest first; the policy learns of one only when it is used again.
+        self._declined: dict[K, None] = {}
         self._used = 0
         self._listener: IndexListener | None = None
         self._tier = ""
@@ -130,8 +133,9 @@ class BoundedIndex(Generic[K]):
     def size(self, key: K) -> int | None:
         return self._sizes.get(key)
 
-    def add(self, key: K, nbytes: int) -> None:
-        """Index a new key as most recently used. KeyError if present (a store replacing a value
+    def add(self, key: K, nbytes: int, admit: bool = True) -> None:
+        """Index a new key as most recently used, or, not `admit`ted, as the next victim (before the
+        policy's; it joins the policy when touched). KeyError if present (a store replacing a value
         removes the old one first, so its bytes are never counted twice); ValueError if nbytes < 0."""
         if key in self._sizes:
             raise KeyError(f"{key!r} is already indexed")
@@ -139,7 +143,10 @@ class BoundedIndex(Generic[K]):
             raise ValueError(f"size of {key!r} must not be negative, got {nbytes}")
         self._sizes[key] = nbytes
         self._used += nbytes
-        self._policy.insert(key, nbytes)
+        if admit:
+            self._policy.insert(key, nbytes)
+        else:
+            self._declined[key] = None
         if self._listener is not None:
             self._notify("stored", key)
 
@@ -148,19 +155,27 @@ class BoundedIndex(Generic[K]):
         nbytes = self._sizes.pop(key, None)
         if nbytes is not None:
             self._used -= nbytes
-            self._policy.remove(key)
+            if key in self._declined:
+                del self._declined[key]
+            else:
+                self._policy.remove(key)
             if self._listener is not None:
                 self._notify("evicted", key)
         return nbytes
 
     def touch(self, key: K) -> None:
         """Mark `key` used (no effect when absent)."""
-        if key in self._sizes:
+        if key in self._declined:  # used again after all: the policy's from now on
+            del self._declined[key]
+            self._policy.insert(key, self._sizes[key])
+        elif key in self._sizes:
             self._policy.touch(key)
 
     def victims(self, evictable: Callable[[K], bool]) -> Iterator[K]:
         """Evictable keys in eviction order, lazily: do not add/remove/touch while iterating."""
-        return self._policy.victims(evictable)  # type: ignore[arg-type, return-value]
+        if self._declined:
+            yield from (key for key in self._declined if evictable(key))
+        yield from self._policy.victims(evictable)  # type: ignore[arg-type, misc]
 
     def make_room(self, nbytes: int, protected: Callable[[K], bool]) -> list[K] | None:
         """Make `nbytes` more fit under the capacity, atomically.
@@ -176,7 +191,7 @@ class BoundedIndex(Generic[K]):
         if excess <= 0:
             return []
         victims, freed = [], 0
-        for key in self._policy.victims(lambda k: not protected(k)):  # type: ignore[arg-type]
+        for key in self.victims(lambda k: not protected(k)):
             victims.append(key)
             freed += self._sizes[key]
             if freed >= excess:

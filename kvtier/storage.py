@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partialmethod
 
 import torch
@@ -74,13 +74,15 @@ class StorageManager:
     def __init__(self, layout: KVLayout, pool: MemoryPool, lower: Sequence[Tier], metrics: Metrics, *,
                  pins: PinTable | None = None, write_through: bool = True,
                  promote_on_hit: bool = True, io_threads: int = 4, clean_ahead: int | None = None,
-                 cpu_policy: EvictionPolicy | None = None):
+                 cpu_policy: EvictionPolicy | None = None, cpu_admits: Callable[[int], bool] | None = None):
         self.layout, self.pool = layout, pool
         self.lower, self.writable = list(lower), writable_tiers(lower)  # writes: to `writable` only
         self.metrics = metrics
         self._log = LogLimiter(logger)  # a full CPU tier refuses every store: one line a minute
         self.write_through = write_through
         self.promote_on_hit = promote_on_hit
+        # Whether a stored chunk of n tokens joins the CPU tier's policy (kvtier.admission); default all.
+        self._admits = cpu_admits or (lambda num_tokens: True)
         # One pin table shared with every tier (they read it through `is_pinned` when evicting).
         self.pins = PinTable() if pins is None else pins
         self.cpu = CpuTier(pool, self.pins.is_pinned, cpu_policy, is_leased=self.pins.is_leased)
@@ -175,17 +177,21 @@ class StorageManager:
     def _admit_locked(self, new: list[ChunkSpan], slabs: list[Slab]) -> int:
         """Index the copied chunks in the CPU tier (and write them through); a key a concurrent
         store won meanwhile gives its slab back. Ends the store's hold. Returns chunks stored."""
-        stored = 0
+        stored = declined = 0
         for s, slab in zip(new, slabs):
             if self.cpu.held(s.key) is not None:  # a concurrent store won
                 self.pool.free(slab)
                 continue
             entry = CpuEntry(slab, s.num_tokens, self.layout.chunk_bytes(s.num_tokens))
             slab.owner = "cpu"
-            self.cpu.insert(s.key, entry)
+            admit = self._admits(s.num_tokens)
+            self.cpu.insert(s.key, entry, admit)
             stored += 1
+            declined += not admit
             if self.write_through and self.writable:
                 self._writes.submit_locked(s.key, entry)
+        if declined:
+            self.metrics.tier_inc(self.cpu.name, "declined", declined)
         if not self.write_through and self.writable and self.pool.free_slabs < self._clean_ahead:
             self._writes.clean_ahead_locked(self.cpu.eviction_order(), self._clean_ahead)
         self._let_go_locked()

@@ -129,7 +129,8 @@ def test_parse_size_rejects(value, message):
 @pytest.mark.parametrize(
     ("text", "key", "message"),
     [
-        ("cpu:\n  capacty: 1GiB\n", "cpu.capacty", "unknown key (known: capacity, pin_memory, policy)"),
+        ("cpu:\n  capacty: 1GiB\n", "cpu.capacty",
+         "unknown key (known: capacity, pin_memory, policy, admission)"),
         ("chunk_sise: 5\n", "chunk_sise", "unknown key"),
         ("source: x\n", "source", "unknown key"),
         ("chunk_size: abc\n", "chunk_size", "expected int, got str 'abc'"),

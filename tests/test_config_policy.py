@@ -2,7 +2,8 @@
 server's `policy` and `spill.policy`, declared by kvtier/config_fields.py `policy_key`) and their wiring
 (kvtier/engine.py, kvtier/tiers/build.py `tier_policy`, kvtier/server/app.py): names checked against
 kvtier/policy_registry.py when the config loads, errors naming the key and where it came from, and
-the tiers evicting in the configured policy's order (a most-recently-used stand-in registered here).
+the tiers evicting in the configured policy's order (a most-recently-used stand-in registered here);
+and the CPU tier's `admission` rule (kvtier/admission.py) in the storage path.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def test_every_shipped_config_spells_out_cpu_and_disk_policy_at_its_default():
         assert config.cpu.policy == CpuConfig().policy, path.name
         sections = 2 if config.disk is not None else 1
         assert text.count("\n  policy: ") == sections, path.name  # written out, under a comment
+        assert text.count("\n  admission: ") == 1 and config.cpu.admission == "whole", path.name
     assert load_server_config(REPO / "configs" / "server.yaml", env={}).policy == ServerConfig().policy
 
 
@@ -139,11 +141,11 @@ def test_every_shipped_config_spells_out_cpu_and_disk_policy_at_its_default():
 
 
 def engine(tmp_path: Path, cpu_chunks: int, policy: str, disk_records: int | None = None,
-           disk_policy: str = "lru") -> CacheEngine:
+           disk_policy: str = "lru", admission: str = "whole", save_partial: bool = False) -> CacheEngine:
     disk = None if disk_records is None else DiskConfig(
         path=str(tmp_path / "disk"), capacity=disk_records * RECORD_BYTES, o_direct="off", policy=disk_policy)
-    config = KvtierConfig(chunk_size=CHUNK, cpu=CpuConfig(capacity=cpu_chunks * CHUNK_BYTES,
-                                                          pin_memory="off", policy=policy), disk=disk)
+    cpu = CpuConfig(capacity=cpu_chunks * CHUNK_BYTES, pin_memory="off", policy=policy, admission=admission)
+    config = KvtierConfig(chunk_size=CHUNK, cpu=cpu, disk=disk, save_partial_chunks=save_partial)
     return CacheEngine(config, LAYOUT, model_id="policy-test")
 
 
@@ -193,3 +195,43 @@ def test_a_config_built_in_code_with_an_unknown_policy_fails_naming_the_key(tmp_
         engine(tmp_path, cpu_chunks=2, policy="mru")
     with pytest.raises(ConfigError, match=r"disk\.policy: unknown eviction policy 'mru'"):
         engine(tmp_path, cpu_chunks=2, policy="lru", disk_records=2, disk_policy="mru")
+
+
+# -- admission (kvtier/admission.py): which stored chunks join the CPU tier's order ---------------
+
+
+@pytest.mark.parametrize(("admission", "declined", "cpu_keeps_a"), [("whole", 1, "whole chunks"),
+                                                                   ("all", 0, "its tail")])
+def test_whole_admission_holds_a_partial_tail_as_the_next_victim_and_still_writes_it_below(
+        tmp_path, admission, declined, cpu_keeps_a):
+    with engine(tmp_path, cpu_chunks=3, policy="lru", disk_records=8, admission=admission,
+                save_partial=True) as eng:
+        a = seeded_tokens(2 * CHUNK + 5, 1)  # two whole chunks and a partial one
+        eng.store(a, seeded_kv(LAYOUT, len(a), 1))
+        assert eng.flush(10)
+        eng.store(b := seeded_tokens(CHUNK, 2), seeded_kv(LAYOUT, CHUNK, 2))  # one slab: one eviction
+        assert eng.flush(10)
+        keys = eng.db.keys(a)
+        held = [eng.storage.cpu.holds(key) for key in keys]
+        # "whole": the tail went first; "all" (LRU): A's first chunk, the oldest, so A's prefix is gone.
+        assert held == ([True, True, False] if cpu_keeps_a == "whole chunks" else [False, True, True])
+        assert eng.lookup(a) == len(a) and eng.lookup(b) == CHUNK  # the disk has every chunk
+        cpu = eng.stats()["tiers"]["cpu"]
+        assert (cpu["admission"], cpu["declined"], cpu["evictions"]) == (admission, declined, 1)
+        got = eng.retrieve(a)  # an exact repeat reads the tail from disk: it is admitted this time
+        assert got is not None and eng.storage.cpu.holds(keys[-1])
+
+
+def test_an_unknown_admission_rule_names_the_key_the_file_and_the_rules(tmp_path):
+    path = write(tmp_path, "cpu:\n  admission: second-hit\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, env={})
+    message = str(error.value)
+    assert f"{path}: cpu.admission:" in message and "'second-hit'" in message
+    assert "expected one of all, whole" in message
+
+
+def test_a_config_built_in_code_with_an_unknown_admission_rule_fails_naming_the_key(tmp_path):
+    known = r"known: \['all', 'whole'\]"
+    with pytest.raises(ConfigError, match=r"cpu\.admission: unknown admission rule 'none'; " + known):
+        engine(tmp_path, cpu_chunks=2, policy="lru", admission="none")

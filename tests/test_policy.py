@@ -237,31 +237,45 @@ def test_a_custom_policy_is_told_sizes_and_removals():
 
 
 class _Model:
-    """The index's contract written the slow, obvious way: a list in LRU order."""
+    """The index's contract written the slow, obvious way: the declined keys (oldest first), then
+    the admitted ones in LRU order."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        self.declined: list[tuple[int, int]] = []  # (key, size), the next victims, oldest first
         self.order: list[tuple[int, int]] = []  # (key, size), least recently used first
 
+    def entries(self) -> list[tuple[int, int]]:
+        return self.declined + self.order
+
     def used(self) -> int:
-        return sum(size for _, size in self.order)
+        return sum(size for _, size in self.entries())
+
+    def drop(self, keys) -> None:
+        self.declined = [(k, s) for k, s in self.declined if k not in keys]
+        self.order = [(k, s) for k, s in self.order if k not in keys]
+
+    def touch(self, key: int) -> None:
+        entry = next(e for e in self.entries() if e[0] == key)
+        self.drop({key})
+        self.order.append(entry)
 
     def make_room(self, nbytes: int, protected) -> list[int] | None:
         if nbytes > self.capacity:
             return None
         victims = []
-        for key, _ in self.order:
-            if self.used() - sum(s for k, s in self.order if k in victims) + nbytes <= self.capacity:
+        for key, _ in self.entries():
+            if self.used() - sum(s for k, s in self.entries() if k in victims) + nbytes <= self.capacity:
                 break
             if not protected(key):
                 victims.append(key)
-        if self.used() - sum(s for k, s in self.order if k in victims) + nbytes > self.capacity:
+        if self.used() - sum(s for k, s in self.entries() if k in victims) + nbytes > self.capacity:
             return None
-        self.order = [(k, s) for k, s in self.order if k not in victims]
+        self.drop(set(victims))
         return victims
 
 
-_ops = st.lists(st.tuples(st.sampled_from(["add", "remove", "touch", "room"]),
+_ops = st.lists(st.tuples(st.sampled_from(["add", "decline", "remove", "touch", "room"]),
                           st.integers(0, 7), st.integers(0, 60)), max_size=60)
 
 
@@ -272,17 +286,17 @@ def test_index_matches_a_simple_model(capacity, ops, protected_keys):
     model = _Model(capacity)
     protected = protected_keys.__contains__
     for op, key, nbytes in ops:
-        present = any(k == key for k, _ in model.order)
-        if op == "add" and not present:
-            idx.add(key, nbytes)
-            model.order.append((key, nbytes))
+        present = any(k == key for k, _ in model.entries())
+        if op in ("add", "decline") and not present:
+            idx.add(key, nbytes, admit=op == "add")
+            (model.order if op == "add" else model.declined).append((key, nbytes))
         elif op == "remove":
-            size = next((s for k, s in model.order if k == key), None)
+            size = next((s for k, s in model.entries() if k == key), None)
             assert idx.remove(key) == size
-            model.order = [(k, s) for k, s in model.order if k != key]
+            model.drop({key})
         elif op == "touch" and present:
             idx.touch(key)
-            model.order = [e for e in model.order if e[0] != key] + [e for e in model.order if e[0] == key]
+            model.touch(key)
         elif op == "room":
             victims = idx.make_room(nbytes, protected)
             assert victims == model.make_room(nbytes, protected)
@@ -290,11 +304,23 @@ def test_index_matches_a_simple_model(capacity, ops, protected_keys):
             if victims is not None:
                 assert idx.used_bytes + nbytes <= capacity
         assert idx.used_bytes == model.used()
-        assert list(idx.victims(always)) == [k for k, _ in model.order]
-        assert {k: idx.size(k) for k in idx} == dict(model.order)
+        assert list(idx.victims(always)) == [k for k, _ in model.entries()]
+        assert {k: idx.size(k) for k in idx} == dict(model.entries())
     for key in list(idx):
         idx.remove(key)
     assert idx.used_bytes == 0 and len(idx) == 0
+
+
+def test_a_declined_key_is_the_policy_s_only_once_used_again():
+    policy = _SizeRecorder()
+    idx: BoundedIndex[str] = BoundedIndex(100, policy)
+    idx.add("a", 10)
+    idx.add("tail", 5, admit=False)
+    assert policy.sizes == {"a": 10} and idx.used_bytes == 15
+    assert list(idx.victims(always)) == ["tail", "a"]
+    idx.touch("tail")  # an exact repeat used it: it joins the order as most recently used
+    assert policy.sizes == {"a": 10, "tail": 5}
+    assert list(idx.victims(always)) == ["a", "tail"]
 
 
 # -- the key listener: every store reports its keys through its index ------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvtier.admission import admission_rule
 from kvtier.policy import BoundedIndex, EvictionPolicy
 from kvtier.policy_registry import make_policy
 from kvtier.sim.trace import TraceRequest
@@ -38,16 +39,18 @@ BLOCK_TOKENS = 512  # the Mooncake traces' block
 
 @dataclass(frozen=True, slots=True)
 class TierSpec:
-    """One tier: its name, how many blocks it holds, and its eviction policy (a registry name, or a
-    factory taking the capacity)."""
+    """One tier: its name, how many blocks it holds, its eviction policy (a registry name, or a
+    factory taking the capacity) and its admission rule (a `kvtier.admission` name)."""
 
     name: str
     capacity: int
     policy: str | Callable[[int], EvictionPolicy] = "lru"
+    admission: str = "all"
 
     def __post_init__(self) -> None:
         if self.capacity < 0:
             raise ValueError(f"tier {self.name!r}: capacity must be >= 0 blocks, got {self.capacity}")
+        admission_rule(self.admission)
 
 
 @dataclass(slots=True)
@@ -69,6 +72,11 @@ class TieredResult:
         return self.hit_tokens / self.input_tokens if self.input_tokens else 0.0
 
 
+# A store's partial last block, its tokens and a whole block's (None: no partial block), what
+# admission rules look at.
+Tail = tuple[int, int, int] | None
+
+
 def _never(_key: object) -> bool:
     return False
 
@@ -80,19 +88,24 @@ class _Tier:
         policy = spec.policy
         made = make_policy(policy, spec.capacity) if isinstance(policy, str) else policy(spec.capacity)
         self.index: BoundedIndex[int] = BoundedIndex(spec.capacity, made)
+        self.rule = admission_rule(spec.admission)
         self.counts = TierCounts()
 
-    def admit(self, block: int) -> list[int] | None:
-        """Make room for `block` and index it: the blocks evicted for it, or None (not admitted)."""
+    def admits(self, block: int, tail: Tail) -> bool:
+        """Whether a stored `block` joins the policy (else it is held as the next victim)."""
+        return tail is None or block != tail[0] or self.rule(tail[1], tail[2])
+
+    def admit(self, block: int, tail: Tail = None) -> list[int] | None:
+        """Make room for a stored `block` and index it: the blocks evicted for it, or None (no room)."""
         victims = self.index.make_room(1, _never)
         if victims is None:
             return None
-        self.index.add(block, 1)
+        self.index.add(block, 1, self.admits(block, tail))
         self.counts.writes += 1
         self.counts.evictions += len(victims)
         return victims
 
-    def admit_together(self, blocks: Sequence[int]) -> tuple[int, list[int]]:
+    def admit_together(self, blocks: Sequence[int], tail: Tail = None) -> tuple[int, list[int]]:
         """Room for `blocks` first, one victim at a time, then all of them indexed: how host memory
         takes a store or a retrieve's promotions (a slab per chunk, each freed by evicting the next
         victim, before any of them is indexed). (How many were admitted, the blocks evicted.)"""
@@ -105,7 +118,7 @@ class _Tier:
             evicted += victims
             room = k
         for block in blocks[:room]:
-            self.index.add(block, 1)
+            self.index.add(block, 1, self.admits(block, tail))
         self.counts.writes += room
         self.counts.evictions += len(evicted)
         return room, evicted
@@ -146,7 +159,7 @@ class TierStack:
                 promoted.append(block)
         self._into_top(promoted)
 
-    def store(self, ids: Sequence[int]) -> None:
+    def store(self, ids: Sequence[int], tail: Tail = None) -> None:
         top = self.top
         new = []
         for block in ids:
@@ -155,25 +168,25 @@ class TierStack:
             else:
                 new.append(block)
         while new:  # in waves when larger than host memory and there is a tier below to stream to
-            stored = self._into_top(new)
+            stored = self._into_top(new, tail)
             if self.write_through:
                 for block in new[:stored]:
-                    self._write_below(block)
+                    self._write_below(block, tail)
             new = new[stored:] if stored and self.lower else []
 
-    def _into_top(self, blocks: list[int]) -> int:
-        stored, victims = self.top.admit_together(blocks)
+    def _into_top(self, blocks: list[int], tail: Tail = None) -> int:
+        stored, victims = self.top.admit_together(blocks, tail)
         if not self.write_through:
             for victim in victims:
                 self._write_below(victim)
         return stored
 
-    def _write_below(self, block: int) -> None:
+    def _write_below(self, block: int, tail: Tail = None) -> None:
         for tier in self.lower:
             if block in tier.index:
                 tier.index.touch(block)
             else:
-                tier.admit(block)
+                tier.admit(block, tail)
 
     def counts(self) -> dict[str, TierCounts]:
         return dict(zip(self.names, [self.top.counts, *(t.counts for t in self.lower)]))
@@ -194,8 +207,11 @@ def replay_tiers(trace: Iterable[TraceRequest], tiers: Sequence[TierSpec], *, wr
         result.hit_tokens += min(held * block_tokens, request.input_length)
         if held:
             stack.retrieve(ids[:held])
-        partial = not store_partial and request.input_length < len(ids) * block_tokens
-        stack.store(ids[:-1] if partial else ids)
+        tail_tokens = request.input_length - (len(ids) - 1) * block_tokens
+        tail = (ids[-1], tail_tokens, block_tokens) if ids and 0 < tail_tokens < block_tokens else None
+        if tail and not store_partial:  # the prompt ends inside its last block, which is not stored
+            ids, tail = ids[:-1], None
+        stack.store(ids, tail)
     result.tiers = stack.counts()
     return result
 

@@ -7,6 +7,10 @@ are stores with their own eviction (Redis's maxmemory-policy, kvtier_server's, a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
+from kvtier.admission import admission_rule
 from kvtier.config import KvtierConfig
 from kvtier.config_checks import check_codecs
 from kvtier.errors import ConfigError
@@ -49,6 +53,16 @@ def tier_policy(key: str, name: str, capacity_bytes: int) -> EvictionPolicy:
         return make_policy(name, capacity_bytes)
     except ValueError as error:
         raise ConfigError(f"{key}: {error}") from None
+
+
+def cpu_admission(config: KvtierConfig) -> Callable[[int], bool]:
+    """Whether a stored chunk of n tokens joins the CPU tier's eviction order (`cpu.admission`);
+    ConfigError naming the key and the known rules for a config built in code with another name."""
+    try:
+        rule = admission_rule(config.cpu.admission)
+    except ValueError as error:
+        raise ConfigError(f"cpu.admission: {error}") from None
+    return partial(rule, chunk_tokens=config.chunk_size)
 
 
 def tier_policies(config: KvtierConfig) -> dict[str, str | None]:

@@ -189,10 +189,11 @@ class CpuTier:
         """The entry for `key`, recency unchanged."""
         return self._entries.get(key)
 
-    def insert(self, key: ChunkKey, entry: CpuEntry) -> None:
+    def insert(self, key: ChunkKey, entry: CpuEntry, admit: bool = True) -> None:
+        """Index `entry`; not `admit`ted, as the next victim until it is used (kvtier.admission)."""
         if key in self._entries:
             raise KeyError(f"{key} is already in the CPU tier")
-        self._index.add(key, entry.nbytes)
+        self._index.add(key, entry.nbytes, admit)
         self._entries[key] = entry
         self._held.add(key)
 
