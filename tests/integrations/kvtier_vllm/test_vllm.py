@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -82,14 +83,6 @@ BASE = f"chunk_size: {CHUNK}\ncpu:\n  capacity: 256MiB\n  pin_memory: 'off'\n"
 def disk_yaml(path: Path, disk: Path) -> Path:
     path.write_text(BASE + f"disk:\n  path: {disk}\n  capacity: 2GiB\n")
     return path
-
-
-@pytest.fixture
-def stored_on_disk(model, tmp_path) -> tuple[Path, dict]:
-    """A first vLLM process with kvtier (cpu + disk) ran PROMPTS: (its kvtier config, its results)."""
-    config = disk_yaml(tmp_path / "kvtier.yaml", tmp_path / "disk")
-    first = run_vllm(model, tmp_path, config)
-    return config, first
 
 
 def records(disk: Path) -> list[Path]:
@@ -166,9 +159,11 @@ def test_a_second_process_loads_the_prefixes_from_a_shared_tier_and_generates_th
     assert second["tokens"] == without_kvtier["tokens"]
 
 
-def test_a_corrupt_chunk_on_disk_is_recomputed_with_the_same_tokens(model, without_kvtier, stored_on_disk,
+def test_a_corrupt_chunk_on_disk_is_recomputed_with_the_same_tokens(model, without_kvtier, stored_everywhere,
                                                                    tmp_path):
-    config, _ = stored_on_disk
+    # A copy of what the first process wrote to disk (the other tests share the original).
+    shutil.copytree(stored_everywhere[2], tmp_path / "disk")
+    config = disk_yaml(tmp_path / "kvtier.yaml", tmp_path / "disk")
     # Prompt 0's fourth chunk (the one record prompt 1 does not need), named as the connector names it.
     db = TokenDatabase(Namespace(str(model), "L30-H3-D64-float32"), CHUNK)
     victim = next(f for f in records(tmp_path / "disk") if f.stem == db.keys(PROMPTS[0])[3].digest.hex())

@@ -43,11 +43,11 @@ def written_out_attention(q, k, v, start, window):
     out = torch.empty(t, hq, d, dtype=torch.float64)
     for i in range(t):
         pos = start + i
-        keys = [j for j in range(k.shape[0]) if j <= pos and (window is None or j > pos - window)]
+        first = 0 if window is None else max(0, pos - window + 1)  # keys j: pos - window < j <= pos
+        keys, values = k[first:pos + 1].double(), v[first:pos + 1].double()
         for h in range(hq):
-            kh, vh = k[keys, h // group].double(), v[keys, h // group].double()
-            probs = torch.softmax(kh @ q[i, h].double() / d ** 0.5, dim=0)
-            out[i, h] = probs @ vh
+            probs = torch.softmax(keys[:, h // group] @ q[i, h].double() / d ** 0.5, dim=0)
+            out[i, h] = probs @ values[:, h // group]
     return out
 
 
