@@ -1,16 +1,19 @@
-"""Builds kvtier's two C++ extensions; everything else is in pyproject.toml.
+"""Builds kvtier's three C++ extensions; everything else is in pyproject.toml.
 
 - `kvtier.codecs._cachegen_native` (csrc/module.cpp, rans.cpp, quant.cpp: the cachegen codec's rANS
   coder and quantiser), with torch's C++ extension tooling;
+- `kvtier.platforms._paged_copy` (csrc/paged_copy.cpp: the CPU platform's multi-threaded paged block
+  copies), the same way;
 - `kvtier._native_keys` (csrc/native_keys.cpp: the lookup's chunk keys; csrc/key_table.cpp: the CPU
   tier's key set; csrc/checksum_copy.cpp: a record's checksum fused with its copy out;
   csrc/record_read.cpp: a record file's read), plain CPython API with no
   torch (kvtier_server imports the keys and never torch), hashing with the xxhash package's XXH3.
 
 Each extension is optional: without a C++ compiler, or when its compile fails, this prints one
-warning for it and installs kvtier without it (the other one still builds); `kvtier.codecs.native`
-then falls back to the numpy reference and `kvtier.native_keys` to Python (same bytes, slower).
-Without torch in the build environment only the cachegen coder is left out. Both are CPU code only
+warning for it and installs kvtier without it (the others still build); `kvtier.codecs.native`
+then falls back to the numpy reference, `kvtier.native_keys` to Python and
+`kvtier.platforms.cpu_ops` to torch (same bytes, slower). Without torch in the build environment the
+cachegen coder and the paged copies are left out. Both are CPU code only
 (never CUDA) with portable flags (no -march=native: the wheel or editable build must run on any CPU
 of the architecture). `pip install --no-build-isolation -e .` builds them in place.
 """
@@ -28,6 +31,10 @@ SOURCES = ["csrc/module.cpp", "csrc/rans.cpp", "csrc/quant.cpp"]
 # -ffp-contract=off: no fused multiply-add, so float results match numpy's bit for bit on any CPU.
 FLAGS = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
 
+# The CPU platform's paged block copies: all layers of a request's blocks in one multi-threaded call.
+PAGED_EXTENSION = "kvtier.platforms._paged_copy"
+PAGED_SOURCES = ["csrc/paged_copy.cpp"]
+
 KEYS_EXTENSION = "kvtier._native_keys"
 KEYS_SOURCES = ["csrc/native_keys.cpp", "csrc/key_table.cpp", "csrc/checksum_copy.cpp", "csrc/record_read.cpp"]
 KEYS_FLAGS = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"]
@@ -35,6 +42,8 @@ KEYS_FLAGS = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"]
 WITHOUT = {  # what kvtier does without each extension
     EXTENSION: ("the C++ cachegen coder", "codes cachegen records with the numpy reference (same bytes, "
                 "several times slower)"),
+    PAGED_EXTENSION: ("the C++ paged block copies", "copies KV between chunks and an engine's blocks "
+                      "with torch on one thread"),
     KEYS_EXTENSION: ("the C++ chunk key builder", "computes chunk keys in Python (same keys, slower "
                      "lookups) and checksums disk reads and copies them out in two passes"),
 }
@@ -87,10 +96,11 @@ def extension_args() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as exc:  # torch absent from the build environment (an isolated build)
-        warn_without_extension(f"torch is not importable at build time ({exc})")
+        warn_without_extension(f"torch is not importable at build time ({exc})", [EXTENSION, PAGED_EXTENSION])
         return {}
-    ext = CppExtension(EXTENSION, SOURCES, extra_compile_args=FLAGS)
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": optional_build(BuildExtension)}}
+    exts = [CppExtension(EXTENSION, SOURCES, extra_compile_args=FLAGS),
+            CppExtension(PAGED_EXTENSION, PAGED_SOURCES, extra_compile_args=FLAGS)]
+    return {"ext_modules": exts, "cmdclass": {"build_ext": optional_build(BuildExtension)}}
 
 
 def keys_extension() -> Extension:

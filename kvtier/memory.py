@@ -7,9 +7,10 @@ holding the lock costs nothing worth a second lock).
 Lifecycle: `alloc(owner)` hands out a `Slab` lease or returns None when the pool is exhausted (the
 caller decides: evict and retry, or reject the store; the pool never waits and never drops
 silently); `tensor(slab)` views its bytes, `copy_chunks` moves chunks between a KV tensor and
-slabs; `free(slab)` returns it; freeing twice raises. The arena
-is pinned only when CUDA is available (pinning needs a CUDA driver, and pinned pages speed up
-host<->device copies only). Slabs are aligned to 4 KiB so the disk tier can O_DIRECT into them.
+slabs; `free(slab)` returns it; freeing twice raises. The arena is pinned by default only where the
+platform says it helps (`kvtier.platforms`: with CUDA available; pinning needs the driver, and
+pinned pages speed up host<->device copies only). Slabs are aligned to 4 KiB so the disk tier can
+O_DIRECT into them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvtier.platforms import current_platform
 from kvtier.record_files import BLOCK, align_up
 
 if TYPE_CHECKING:
@@ -52,9 +54,9 @@ class MemoryPool:
         if self.num_slabs < 1:
             raise ValueError(
                 f"memory pool of {capacity_bytes} bytes cannot hold one chunk of {self.slab_stride} bytes")
-        self.pinned = torch.cuda.is_available() if pin is None else pin
-        raw = torch.empty(self.num_slabs * self.slab_stride + ALIGNMENT, dtype=torch.uint8,
-                          pin_memory=self.pinned)
+        platform = current_platform()
+        self.pinned = platform.pin_by_default() if pin is None else pin
+        raw = platform.host_buffer(self.num_slabs * self.slab_stride + ALIGNMENT, self.pinned)
         skew = (-raw.data_ptr()) % ALIGNMENT
         self._arena = raw[skew: skew + self.num_slabs * self.slab_stride]
         self._free = list(range(self.num_slabs - 1, -1, -1))  # pop() takes slab 0 first

@@ -20,18 +20,16 @@ loads in flight are back to zero once every load is reported.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
 
 from kvtier.connector.job_thread import JobThread
 from kvtier.connector.load_read import PagedKV, StagingBuffer, first_token, read_load
 from kvtier.connector.metadata import LoadSpec
 from kvtier.engine import CacheEngine
 from kvtier.log_limit import LogLimiter
+from kvtier.platforms.base import CopyStream, Platform, SyncStream
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ class AsyncLoader:
         self._log = LogLimiter(logger)
         self._cache: PagedKV | None = None  # `bind`
         self._staging: StagingBuffer | None = None
-        self._stream = None  # on CUDA, the loader's own stream for its scatters (`bind`)
+        self._stream: CopyStream = SyncStream()  # the loader's own copy stream for its scatters (`bind`)
         # The queue and the load being read (`JobThread`); its lock also guards what finished, the
         # counters and the staging bytes, and its `changed` wakes `wait` when a load finished.
         self._jobs: JobThread[_Job] = JobThread("kvtier-async-load", self._serve)
@@ -63,11 +61,11 @@ class AsyncLoader:
         self._finished: dict[str, int] = {}
         self._counts = dict.fromkeys(COUNTERS, 0)
 
-    def bind(self, cache: PagedKV, on_cuda: bool) -> None:
+    def bind(self, cache: PagedKV, platform: Platform) -> None:
         """The paged cache to scatter into; before the first `submit`."""
         self._cache = cache
-        self._staging = StagingBuffer(self.engine, on_cuda)
-        self._stream = torch.cuda.Stream() if on_cuda else None  # one for every load, not one each
+        self._staging = StagingBuffer(self.engine, platform.pin_by_default())
+        self._stream = platform.copy_stream()  # one for every load, not one each
 
     def submit(self, spec: LoadSpec, step: int) -> None:
         """Queue `spec` (its lease taken); it is reported by `pop_finished` whatever happens."""
@@ -165,13 +163,11 @@ class AsyncLoader:
             self._staging_bytes = self.engine.layout.chunk_bytes(upto - first)
         kv, reached = read_load(self.engine, spec, first, out, self._log, upto)
         if reached > spec.start:
-            stream = self._stream
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            with self._stream.active():
                 bs = self._cache.block_size
                 self._cache.scatter(list(spec.block_ids[spec.start // bs:]), kv[:, :, spec.start - first:
                                                                                    reached - first])
-            if stream is not None:
-                stream.synchronize()  # the staging buffer is reused, and the request may run next
+            self._stream.synchronize()  # the staging buffer is reused, and the request may run next
         return reached
 
     def _fit(self, spec: LoadSpec, first: int) -> int:

@@ -36,7 +36,6 @@ and is reported by a later step's `get_finished`; `wait_for_async_loads` blocks 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import threading
@@ -54,6 +53,8 @@ from kvtier.connector.metadata import ConnectorMetadata, KVEvent, LoadSpec
 from kvtier.connector.save_queue import SaveQueue
 from kvtier.engine import CacheEngine
 from kvtier.log_limit import LogLimiter
+from kvtier.platforms import Platform, platform_for
+from kvtier.platforms.cpu import CpuPlatform
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +77,11 @@ class KvtierWorkerConnector:
         self.stats = {"loads": 0, "load_shortfalls": 0, "load_cancels": 0, "loaded_tokens": 0, "saves": 0,
                       "save_failures": 0, "saved_tokens": 0}
         self._meta: ConnectorMetadata | None = None
-        self._on_cuda = False
-        self._staging = StagingBuffer(engine, pin=False)  # pinned on a GPU (register_kv_caches)
+        self._platform: Platform = CpuPlatform()  # the KV cache's device's (register_kv_caches)
+        self._staging = StagingBuffer(engine, pin=False)  # pinned where that helps (register_kv_caches)
         self._loaded: dict[str, int] = {}
         self._layer_ready: list[threading.Event] = []
-        self._layer_copied: dict[int, torch.cuda.Event] = {}  # GPU only: layer -> its copy is done
+        self._layer_copied: dict[int, object | None] = {}  # layer -> its copy's event (None: synchronous)
         self._load_error: BaseException | None = None
         self._loader = LoadThread()
         self._finished_sending: set[str] = set()
@@ -99,11 +100,12 @@ class KvtierWorkerConnector:
     def register_kv_caches(self, cache: PagedKV) -> None:
         self.cache = cache
         kv = getattr(cache, "kv", None)
-        self._on_cuda = bool(kv is not None and kv.is_cuda)
-        if self.layerwise is None:
-            self.layerwise = self._on_cuda
-        self._staging = StagingBuffer(self.engine, pin=self._on_cuda)
-        self._async.bind(cache, self._on_cuda)
+        self._platform = platform_for(kv.device) if kv is not None else CpuPlatform()
+        pinned = self._platform.pin_by_default()
+        if self.layerwise is None:  # worth it where copies overlap compute
+            self.layerwise = self._platform.capabilities()["async_copies"]
+        self._staging = StagingBuffer(self.engine, pin=pinned)
+        self._async.bind(cache, self._platform)
 
     def bind_connector_metadata(self, meta: ConnectorMetadata) -> None:
         if meta.reset:  # the scheduler side reset the cache (its engine is another): this one follows
@@ -118,7 +120,7 @@ class KvtierWorkerConnector:
 
     def start_load_kv(self) -> None:
         for copied in self._layer_copied.values():  # the last step's copies still read the staging buffer
-            copied.synchronize()
+            self._platform.synchronize(copied)
         self._loaded, self._layer_ready, self._load_error = {}, [], None
         self._layer_copied, self._blend_loads = {}, {}
         if self._meta is None:
@@ -186,20 +188,18 @@ class KvtierWorkerConnector:
         return list(spec.block_ids[spec.start // bs:]), kv[:, :, spec.start - first:reached - first]
 
     def _scatter_layers(self, jobs: list[tuple[list[int], torch.Tensor]], layer_ready: list[threading.Event],
-                        layer_copied: dict[int, torch.cuda.Event]) -> None:
+                        layer_copied: dict[int, object | None]) -> None:
         # Its own step's events, not `self._layer_ready`: the forward pass may finish and the next
         # step start before this thread reaches `finally`, which must not signal that step's layers.
-        # On a GPU the copies go on a stream of their own, and each layer's completion is a CUDA
+        # On a GPU the copies go on the platform's copy stream, and each layer's completion is an
         # event the forward's stream waits on: the copy of layer l+1 overlaps layer l's compute.
-        stream = torch.cuda.Stream() if self._on_cuda else None
+        stream = self._platform.copy_stream()
         try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            with stream.active():
                 for layer, ready in enumerate(layer_ready):
                     for block_ids, kv in jobs:
                         self.cache.scatter(block_ids, kv[:, layer:layer + 1], layers=slice(layer, layer + 1))
-                    if stream is not None:
-                        layer_copied[layer] = torch.cuda.Event()
-                        layer_copied[layer].record(stream)
+                    layer_copied[layer] = stream.record()
                     ready.set()
         except BaseException as exc:  # surfaced to the forward pass by wait_for_layer_load
             self._load_error = exc
@@ -231,9 +231,7 @@ class KvtierWorkerConnector:
             self._layer_ready[layer].wait()
             if self._load_error is not None:
                 raise RuntimeError("copying loaded KV into the paged cache failed") from self._load_error
-            copied = self._layer_copied.get(layer)
-            if copied is not None:
-                torch.cuda.current_stream().wait_event(copied)
+            self._platform.wait(self._layer_copied.get(layer))
 
     # -- saves ---------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kvtier.platforms import platform_for
 from kvtier_engine.model_config import ModelConfig
 
 
@@ -26,6 +27,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.kv = torch.zeros((2, config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                config.head_dim), dtype=dtype, device=device)
+        self._platform = platform_for(self.kv.device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens' K/V of one layer at `slots` (block_id * block_size + offset)."""
@@ -38,29 +40,11 @@ class PagedKVCache:
         return self.kv[0, layer], self.kv[1, layer]
 
     def gather(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        """The first `num_tokens` tokens held by `block_ids`, as a new `[2, L, T, H*D]` tensor."""
-        self._check(block_ids, num_tokens)
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.kv.device)
-        picked = self.kv.index_select(2, index)  # [2, L, n, bs, H, D], one copy for all layers
-        return picked.flatten(2, 3).flatten(3)[:, :, :num_tokens]
+        """The first `num_tokens` tokens held by `block_ids`, as a new `[2, L, T, H*D]` tensor (one
+        copy for all layers, by the device's platform: `kvtier.platforms`)."""
+        return self._platform.gather_blocks(self.kv, block_ids, num_tokens)
 
     def scatter(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None:
         """Write `kv` ([2, L', T, H*D]) into `block_ids` in token order (inverse of `gather`), for the
         `layers` it holds (all by default; one layer at a time for a layer-wise load)."""
-        num_tokens = kv.shape[2]
-        self._check(block_ids, num_tokens)
-        kv = kv.to(self.kv.device, self.kv.dtype, non_blocking=True)  # host chunks onto the device
-        full, tail = divmod(num_tokens, self.block_size)
-        c = self.config
-        target = self.kv[:, layers]
-        shape = (2, kv.shape[1], -1, self.block_size, c.num_kv_heads, c.head_dim)
-        if full:
-            index = torch.tensor(block_ids[:full], dtype=torch.long, device=self.kv.device)
-            target.index_copy_(2, index, kv[:, :, :full * self.block_size].reshape(shape))
-        if tail:
-            last = kv[:, :, full * self.block_size:].reshape(*shape[:2], tail, *shape[4:])
-            target[:, :, block_ids[full], :tail] = last
-
-    def _check(self, block_ids: list[int], num_tokens: int) -> None:
-        if num_tokens > len(block_ids) * self.block_size or num_tokens < 0:
-            raise ValueError(f"{num_tokens} tokens do not fit {len(block_ids)} blocks of {self.block_size}")
+        self._platform.scatter_blocks(self.kv, block_ids, kv, layers)
