@@ -58,6 +58,8 @@ class PoolStats:
     pending_writes: int  # background writes queued or running
     failed_writes: int  # background write jobs that raised
     pinned_memory: bool  # the arena is page-locked
+    platform: str  # the device platform whose host memory it is (kvtier.platforms)
+    capabilities: dict[str, bool]  # what that platform can do (pinned memory, async copies, GDS)
 
 
 def pool_stats(manager: StorageManager) -> PoolStats:
@@ -66,7 +68,7 @@ def pool_stats(manager: StorageManager) -> PoolStats:
         pool, pins, writes = manager.pool, manager.pins, manager._writes
         return PoolStats(pool.slab_stride, pool.num_slabs, pool.used_slabs, pool.used_bytes, pool.owners(),
                          pins.num_pinned, pins.num_leased, manager.cpu.num_demoting, writes.queued,
-                         writes.failed, pool.pinned)
+                         writes.failed, pool.pinned, pool.platform.name, pool.platform.capabilities())
 
 
 def refresh_usage(manager: StorageManager) -> None:

@@ -54,7 +54,7 @@ class MemoryPool:
         if self.num_slabs < 1:
             raise ValueError(
                 f"memory pool of {capacity_bytes} bytes cannot hold one chunk of {self.slab_stride} bytes")
-        platform = current_platform()
+        self.platform = platform = current_platform()
         self.pinned = platform.pin_by_default() if pin is None else pin
         raw = platform.host_buffer(self.num_slabs * self.slab_stride + ALIGNMENT, self.pinned)
         skew = (-raw.data_ptr()) % ALIGNMENT

@@ -351,8 +351,9 @@ def test_pool_stats_are_typed_inside_and_the_same_plain_map_in_stats(make_engine
     pool = engine.stats()["pool"]
     assert list(pool) == ["slab_bytes", "slabs", "used_slabs", "used_bytes", "owners", "pinned_chunks",
                           "leased_chunks", "demoting_chunks", "pending_writes", "failed_writes",
-                          "pinned_memory"]
+                          "pinned_memory", "platform", "capabilities"]
     assert (pool["used_slabs"], pool["owners"], pool["pinned_memory"]) == (1, {"cpu": 1}, False)
+    assert (pool["platform"], pool["capabilities"]["gds"]) == ("cpu", False)  # (no GPU here)
 
 
 def test_tier_names_are_resolved_by_the_engine(make_engine):

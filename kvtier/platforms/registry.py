@@ -69,13 +69,22 @@ def current_platform(env: Mapping[str, str] = os.environ) -> Platform:
         platform = known.get(name)
         if platform is None:
             raise ValueError(f"{ENV}={name!r}: no such platform; known: {sorted(known)}")
-        if not platform.available():
+        if not _available(name, platform):
             raise ValueError(f"{ENV}={name!r}: that platform is not available in this process")
         return platform
-    for platform in plugins().values():
-        if platform.available():
+    for name, platform in plugins().items():
+        if _available(name, platform):
             return platform
     return known["cuda"] if known["cuda"].available() else known["cpu"]
+
+
+def _available(name: str, platform: Platform) -> bool:
+    """A plugin's `available()`, False (logged) when it raises: its driver is broken, not kvtier."""
+    try:
+        return bool(platform.available())
+    except Exception:
+        logger.exception("platform plugin %r: available() failed; not used", name)
+        return False
 
 
 def platform_for(device: torch.device | str) -> Platform:

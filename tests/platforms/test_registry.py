@@ -76,12 +76,14 @@ def probe(site: Path, **env: str) -> tuple[dict, str]:
 
 def test_an_installed_platform_package_is_discovered_and_picked(installed):
     found, log = probe(installed)
-    assert found["known"] == ["cpu", "cuda", "fake"] and found["current"] == "fake"
+    assert found["known"] == ["a-driverless", "cpu", "cuda", "fake"] and found["current"] == "fake"
     assert found["for_meta"] == "fake" and found["cpu"] == "CpuPlatform"  # a plugin cannot take "cpu"
     assert found["asked"] == [["host_buffer", 65536 + 4096, False]] and found["pinned"] is False
     assert found["gather"] == [8, 9, 10, 11, 0, 1] + [20, 21, 22, 23, 12, 13]  # blocks 2, 0: 3 tokens
     assert "'broken' (kvtier_fake_platform:fails) failed to load" in log
     assert "'cpu' (kvtier_fake_platform:make) skipped: the name is taken" in log
+    # First by name, but its available() raised: logged, and the next plugin is taken.
+    assert "platform plugin 'a-driverless': available() failed; not used" in log
 
 
 def test_kvtier_platform_still_chooses_a_built_in_one_over_an_installed_plugin(installed):

@@ -45,5 +45,17 @@ def make():
     return FakePlatform()
 
 
+class DriverlessPlatform(FakePlatform):
+    name = "driverless"
+    device_type = "xpu-fake"
+
+    def available(self):
+        raise OSError("libdriver.so: cannot open shared object file")
+
+
+def driverless():
+    return DriverlessPlatform()
+
+
 def fails():
     raise RuntimeError("this accelerator's driver is missing")
