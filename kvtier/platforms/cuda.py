@@ -1,14 +1,14 @@
 """The CUDA platform: page-locked host memory, a copy stream of its own with one event per layer,
-and the paged block operations as torch index copies (plain DMA of block-contiguous pieces)."""
+and the paged block operations as torch index copies on the device (a chunk then crosses PCIe as one
+contiguous piece per run of slabs: `kvtier.memory.MemoryPool.copy_chunks`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 import torch
 
-from kvtier.platforms.base import torch_gather_blocks, torch_scatter_blocks
+from kvtier.platforms.generic import TorchPlatform
 
 
 class CudaStream:
@@ -27,9 +27,9 @@ class CudaStream:
         self._stream.synchronize()
 
 
-class CudaPlatform:
-    name = "cuda"
-    device_type = "cuda"
+class CudaPlatform(TorchPlatform):
+    def __init__(self) -> None:
+        super().__init__("cuda")
 
     def available(self) -> bool:
         return torch.cuda.is_available()
@@ -37,10 +37,7 @@ class CudaPlatform:
     def pin_by_default(self) -> bool:
         return self.available()  # page-locking needs the driver, and only speeds up device copies
 
-    def host_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-
-    def copy_stream(self) -> CudaStream:
+    def copy_stream(self) -> CudaStream:  # type: ignore[override]
         return CudaStream()
 
     def wait(self, event: object | None) -> None:
@@ -50,13 +47,6 @@ class CudaPlatform:
     def synchronize(self, event: object | None) -> None:
         if event is not None:
             event.synchronize()  # type: ignore[attr-defined]
-
-    def gather_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> torch.Tensor:
-        return torch_gather_blocks(cache, block_ids, num_tokens)
-
-    def scatter_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], kv: torch.Tensor,
-                       layers: slice = slice(None)) -> None:
-        torch_scatter_blocks(cache, block_ids, kv, layers)
 
     def capabilities(self) -> dict[str, bool]:
         gds = False

@@ -24,6 +24,7 @@ import torch
 from kvtier.platforms.base import Platform
 from kvtier.platforms.cpu import CpuPlatform
 from kvtier.platforms.cuda import CudaPlatform
+from kvtier.platforms.generic import TorchPlatform
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +89,10 @@ def _available(name: str, platform: Platform) -> bool:
 
 
 def platform_for(device: torch.device | str) -> Platform:
-    """The platform whose device type is `device`'s; ValueError when none is installed for it."""
+    """The platform whose device type is `device`'s; for a device none claims, torch alone
+    (`TorchPlatform`: synchronous copies, as before platforms existed)."""
     device_type = torch.device(device).type
     for platform in all_platforms().values():
         if platform.device_type == device_type:
             return platform
-    raise ValueError(f"no kvtier platform for device type {device_type!r}; "
-                     f"installed: {sorted(all_platforms())}")
+    return TorchPlatform(device_type)

@@ -36,10 +36,11 @@ def test_kvtier_platform_names_one_and_a_bad_name_is_an_error_naming_the_known_o
             current_platform(env={"KVTIER_PLATFORM": "cuda"})
 
 
-def test_a_tensor_s_device_type_chooses_its_platform():
+def test_a_tensor_s_device_type_chooses_its_platform_and_torch_serves_the_unclaimed_ones():
     assert platform_for("cpu").name == "cpu" and platform_for("cuda:1").name == "cuda"
-    with pytest.raises(ValueError, match="no kvtier platform for device type 'meta'"):
-        platform_for("meta")
+    meta = platform_for("meta")  # a device no platform claims: torch alone, copies synchronous
+    assert (type(meta).__name__, meta.name) == ("TorchPlatform", "meta")
+    assert meta.capabilities()["async_copies"] is False
 
 
 _PROBE = """

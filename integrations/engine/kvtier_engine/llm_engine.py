@@ -35,6 +35,7 @@ from kvtier.config import KvtierConfig
 from kvtier.connector import KvtierSchedulerConnector, KvtierWorkerConnector
 from kvtier.connector.blend_plan import BlendPlanner
 from kvtier.log_limit import LogLimiter
+from kvtier.platforms import current_platform
 from kvtier_engine.blend_step import prepare_blend, record_blend
 from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.detokenize import append_token, stream_delta
@@ -59,7 +60,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class EngineOptions:
     model: str
     kvtier_config: str | KvtierConfig | None = None  # None: no kvtier (the baseline)
-    device: str = "auto"  # cuda when present, else cpu
+    device: str = "auto"  # kvtier's platform's (kvtier.platforms): cuda when present, else cpu
     dtype: str = "auto"  # bfloat16 on cuda, float32 on cpu
     seed: int = 0  # random presets' weights
     kv_cache_bytes: int = 1 << 30  # the paged cache
@@ -99,8 +100,8 @@ class LLMEngine:
     def __init__(self, options: EngineOptions):
         self.options = options
         self._log = LogLimiter(logger)  # a broken model fails every request: one line a minute
-        device = torch.device(options.device if options.device != "auto" else
-                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        # auto: the device of kvtier's platform (kvtier.platforms: cuda with a GPU, a plugin's, or cpu).
+        device = torch.device(options.device if options.device != "auto" else current_platform().device_type)
         dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if options.dtype == "auto" \
             else _dtype(options.dtype)
         self.model = load_model(options.model, dtype, device, options.seed)

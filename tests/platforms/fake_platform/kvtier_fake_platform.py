@@ -1,44 +1,19 @@
 """A fake accelerator for kvtier's platform tests: the "meta" device type, host memory that records
-what was asked of it, and the CPU's paged block copies (so a platform chosen by name is observable)."""
+what was asked of it (so a platform chosen by name is observable), and torch's paged block copies."""
 
-from kvtier.platforms.base import SyncStream, torch_gather_blocks, torch_scatter_blocks
+from kvtier.platforms.generic import TorchPlatform
 
 ASKED = []
 
 
-class FakePlatform:
-    name = "fake"
-    device_type = "meta"
-
-    def available(self):
-        return True
-
-    def pin_by_default(self):
-        return False
+class FakePlatform(TorchPlatform):
+    def __init__(self):
+        super().__init__("meta")
+        self.name = "fake"
 
     def host_buffer(self, nbytes, pinned):
-        import torch
-
         ASKED.append(("host_buffer", nbytes, pinned))
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def copy_stream(self):
-        return SyncStream()
-
-    def wait(self, event):
-        return None
-
-    def synchronize(self, event):
-        return None
-
-    def gather_blocks(self, cache, block_ids, num_tokens):
-        return torch_gather_blocks(cache, block_ids, num_tokens)
-
-    def scatter_blocks(self, cache, block_ids, kv, layers=slice(None)):
-        torch_scatter_blocks(cache, block_ids, kv, layers)
-
-    def capabilities(self):
-        return {"pinned_memory": False, "async_copies": False, "gds": False}
+        return super().host_buffer(nbytes, pinned)
 
 
 def make():
@@ -46,9 +21,6 @@ def make():
 
 
 class DriverlessPlatform(FakePlatform):
-    name = "driverless"
-    device_type = "xpu-fake"
-
     def available(self):
         raise OSError("libdriver.so: cannot open shared object file")
 
