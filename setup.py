@@ -3,7 +3,7 @@
 - `kvtier.codecs._cachegen_native` (csrc/module.cpp, rans.cpp, quant.cpp: the cachegen codec's rANS
   coder and quantiser), with torch's C++ extension tooling;
 - `kvtier.platforms._paged_copy` (csrc/paged_copy.cpp: the CPU platform's multi-threaded paged block
-  copies), the same way;
+  copies), plain CPython API like the next one;
 - `kvtier._native_keys` (csrc/native_keys.cpp: the lookup's chunk keys; csrc/key_table.cpp: the CPU
   tier's key set; csrc/checksum_copy.cpp: a record's checksum fused with its copy out;
   csrc/record_read.cpp: a record file's read), plain CPython API with no
@@ -12,8 +12,8 @@
 Each extension is optional: without a C++ compiler, or when its compile fails, this prints one
 warning for it and installs kvtier without it (the others still build); `kvtier.codecs.native`
 then falls back to the numpy reference, `kvtier.native_keys` to Python and
-`kvtier.platforms.cpu_ops` to torch (same bytes, slower). Without torch in the build environment the
-cachegen coder and the paged copies are left out. Both are CPU code only
+`kvtier.platforms.cpu_ops` to torch (same bytes, slower). Without torch in the build environment only
+the cachegen coder is left out. Both are CPU code only
 (never CUDA) with portable flags (no -march=native: the wheel or editable build must run on any CPU
 of the architecture). `pip install --no-build-isolation -e .` builds them in place.
 """
@@ -96,11 +96,10 @@ def extension_args() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as exc:  # torch absent from the build environment (an isolated build)
-        warn_without_extension(f"torch is not importable at build time ({exc})", [EXTENSION, PAGED_EXTENSION])
+        warn_without_extension(f"torch is not importable at build time ({exc})")
         return {}
-    exts = [CppExtension(EXTENSION, SOURCES, extra_compile_args=FLAGS),
-            CppExtension(PAGED_EXTENSION, PAGED_SOURCES, extra_compile_args=FLAGS)]
-    return {"ext_modules": exts, "cmdclass": {"build_ext": optional_build(BuildExtension)}}
+    ext = CppExtension(EXTENSION, SOURCES, extra_compile_args=FLAGS)
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": optional_build(BuildExtension)}}
 
 
 def keys_extension() -> Extension:
@@ -111,11 +110,12 @@ def keys_extension() -> Extension:
 
 
 def build_args() -> dict:
-    """extension_args() (the cachegen coder, with torch) plus the chunk keys, which build without
-    torch (setuptools' own build_ext, made lenient the same way)."""
+    """extension_args() (the cachegen coder, with torch) plus the chunk keys and the paged copies,
+    which build without torch (setuptools' own build_ext, made lenient the same way)."""
     args = extension_args()
     cmdclass = args.get("cmdclass") or {"build_ext": optional_build(build_ext)}
-    return {"ext_modules": [*args.get("ext_modules", []), keys_extension()], "cmdclass": cmdclass}
+    paged = Extension(PAGED_EXTENSION, PAGED_SOURCES, extra_compile_args=KEYS_FLAGS, language="c++")
+    return {"ext_modules": [*args.get("ext_modules", []), keys_extension(), paged], "cmdclass": cmdclass}
 
 
 if __name__ == "__main__":

@@ -292,9 +292,9 @@ def test_setup_installs_without_the_extension_when_its_build_fails(capsys):
 
 def test_setup_builds_portable_cpu_only_extensions():
     setup = _setup_module()
-    args = setup.extension_args()
-    assert [ext.name for ext in args["ext_modules"]] == ["kvtier.codecs._cachegen_native",
-                                                        "kvtier.platforms._paged_copy"]
+    args = setup.build_args()
+    assert [ext.name for ext in args["ext_modules"]] == [
+        "kvtier.codecs._cachegen_native", "kvtier._native_keys", "kvtier.platforms._paged_copy"]
     for ext in args["ext_modules"]:
         assert not any("cuda" in str(x).lower() for x in ext.libraries + ext.include_dirs + ext.sources)
         assert not any(flag.startswith(("-march", "-mtune", "-mavx")) for flag in ext.extra_compile_args)

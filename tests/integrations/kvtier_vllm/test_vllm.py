@@ -148,7 +148,10 @@ def test_three_tensor_parallel_ranks_each_store_and_load_their_own_heads(model, 
     assert second["tokens"] == without_kvtier["tokens"]
 
 
-@pytest.mark.parametrize("tier", ["disk", "redis", "kvtier_server"])
+# Redis stands for the network stores through the first process (it writes there too) and in
+# tests/connector/test_shared_stores.py (engine processes sharing a Redis and a Redis Cluster); a vLLM
+# process each costs half a minute, so the second process reads the disk and kvtier_server.
+@pytest.mark.parametrize("tier", ["disk", "kvtier_server"])
 def test_a_second_process_loads_the_prefixes_from_a_shared_tier_and_generates_the_same_tokens(
         model, without_kvtier, stored_everywhere, tmp_path, tier):
     tiers, _, _ = stored_everywhere
