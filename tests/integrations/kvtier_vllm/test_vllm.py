@@ -7,7 +7,8 @@ generates exactly the tokens vLLM does without kvtier. A corrupt chunk is recomp
 server with the connector answers the OpenAI client.
 
 Each vLLM process is a subprocess with a deadline (VLLM_RUN_S). The first of two processes runs in
-a fixture, so each test's own body starts one process (20-35 s on 2 cores). Without the vLLM venv
+a fixture, so each test's own body starts one process (15-20 s on 2 cores with one rank: vllm_run.py
+keeps vLLM's engine core in its own process; about a minute with three). Without the vLLM venv
 (`$TEST_VLLM_PYTHON`, else `.venv-vllm/bin/python`) these tests are skipped, saying so."""
 
 from __future__ import annotations
