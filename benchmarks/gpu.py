@@ -261,8 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="kvtier-gpu-bench-") as scratch:
         for name in sections:
             console.print(f"[bold]{name}[/bold] ...")
-            results[name] = (ttft(device, args.quick, Path(scratch)) if name == "ttft" else
-                             globals()[name](device, args.quick))
+            run = {"transfers": lambda: transfers(device, args.quick),
+                   "attention": lambda: attention(device, args.quick),
+                   "ttft": lambda: ttft(device, args.quick, Path(scratch))}[name]
+            results[name] = run()
     targets = report(console, device, results)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     out = {"machine": {**machine_info(ROOT), "gpu": gpu, "load_avg_1m_end": os.getloadavg()[0]},

@@ -13,7 +13,7 @@ A platform owns one torch device type (`device_type`: "cpu", "cuda", "npu", ...)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -75,8 +75,6 @@ class SyncStream:
     """The copy stream of a platform whose copies complete before they return (the CPU)."""
 
     def active(self) -> AbstractContextManager:
-        from contextlib import nullcontext
-
         return nullcontext()
 
     def record(self) -> None:
