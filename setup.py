@@ -1,4 +1,5 @@
-"""Builds kvtier's three C++ extensions; everything else is in pyproject.toml.
+"""Builds kvtier's three C++ extensions, and a CUDA one on CUDA machines; everything else is in
+pyproject.toml.
 
 - `kvtier.codecs._cachegen_native` (csrc/module.cpp, rans.cpp, quant.cpp: the cachegen codec's rANS
   coder and quantiser), with torch's C++ extension tooling;
@@ -7,7 +8,10 @@
 - `kvtier._native_keys` (csrc/native_keys.cpp: the lookup's chunk keys; csrc/key_table.cpp: the CPU
   tier's key set; csrc/checksum_copy.cpp: a record's checksum fused with its copy out;
   csrc/record_read.cpp: a record file's read), plain CPython API with no
-  torch (kvtier_server imports the keys and never torch), hashing with the xxhash package's XXH3.
+  torch (kvtier_server imports the keys and never torch), hashing with the xxhash package's XXH3;
+- `kvtier.platforms._paged_copy_cuda` (csrc/paged_copy_cuda.cu: the CUDA platform's paged block copies
+  in one kernel launch), only where torch is a CUDA build and a CUDA toolkit (nvcc) is found: a CPU
+  machine never compiles it, and never needs a CUDA package for it.
 
 Each extension is optional: without a C++ compiler, or when its compile fails, this prints one
 warning for it and installs kvtier without it (the others still build); `kvtier.codecs.native`
@@ -34,6 +38,8 @@ FLAGS = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
 # The CPU platform's paged block copies: all layers of a request's blocks in one multi-threaded call.
 PAGED_EXTENSION = "kvtier.platforms._paged_copy"
 PAGED_SOURCES = ["csrc/paged_copy.cpp"]
+CUDA_EXTENSION = "kvtier.platforms._paged_copy_cuda"
+CUDA_SOURCES = ["csrc/paged_copy_cuda.cu"]
 
 KEYS_EXTENSION = "kvtier._native_keys"
 KEYS_SOURCES = ["csrc/native_keys.cpp", "csrc/key_table.cpp", "csrc/checksum_copy.cpp", "csrc/record_read.cpp"]
@@ -44,6 +50,8 @@ WITHOUT = {  # what kvtier does without each extension
                 "several times slower)"),
     PAGED_EXTENSION: ("the C++ paged block copies", "copies KV between chunks and an engine's blocks "
                       "with torch on one thread"),
+    CUDA_EXTENSION: ("the CUDA paged copy kernel", "moves KV between chunks and the GPU's blocks with torch "
+                     "index copies"),
     KEYS_EXTENSION: ("the C++ chunk key builder", "computes chunk keys in Python (same keys, slower "
                      "lookups) and checksums disk reads and copies them out in two passes"),
 }
@@ -53,10 +61,11 @@ def warn_without_extension(reason: str, names: Sequence[str] = (EXTENSION,)) -> 
     it = "it" if len(names) == 1 else "them"
     what = " and ".join(f"{WITHOUT[name][0]} ({name})" for name in names)
     reason = reason.rstrip(".")
+    toolkit = " and the CUDA toolkit" if CUDA_EXTENSION in names else ""
     print(
         f"WARNING: kvtier: {what} {'was' if len(names) == 1 else 'were'} not built: {reason}. kvtier is "
         f"installed without {it} and {' and '.join(WITHOUT[name][1] for name in names)}. Install a C++ "
-        f"compiler (g++ or clang++) and reinstall to build {it}.",
+        f"compiler (g++ or clang++){toolkit} and reinstall to build {it}.",
         file=sys.stderr,
         flush=True,
     )
@@ -99,7 +108,23 @@ def extension_args() -> dict:
         warn_without_extension(f"torch is not importable at build time ({exc})")
         return {}
     ext = CppExtension(EXTENSION, SOURCES, extra_compile_args=FLAGS)
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": optional_build(BuildExtension)}}
+    cmdclass = {"build_ext": optional_build(BuildExtension)}
+    return {"ext_modules": [ext, *cuda_extension()], "cmdclass": cmdclass}
+
+
+def cuda_extension() -> list:
+    """The CUDA paged copies, where torch is a CUDA build and nvcc is found; nothing on a CPU torch."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+
+    if torch.version.cuda is None:
+        return []
+    if CUDA_HOME is None:
+        warn_without_extension("torch is a CUDA build but no CUDA toolkit (nvcc, CUDA_HOME) was found",
+                               [CUDA_EXTENSION])
+        return []
+    return [CUDAExtension(CUDA_EXTENSION, CUDA_SOURCES,
+                          extra_compile_args={"cxx": KEYS_FLAGS, "nvcc": ["-O3", "-std=c++17"]})]
 
 
 def keys_extension() -> Extension:

@@ -21,3 +21,6 @@ class CpuPlatform(TorchPlatform):
     def scatter_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], kv: torch.Tensor,
                        layers: slice = slice(None)) -> None:
         cpu_ops.scatter_blocks(cache, block_ids, kv, layers)
+
+    def capabilities(self) -> dict[str, bool]:
+        return {**super().capabilities(), "paged_copy_kernel": cpu_ops.native is not None}

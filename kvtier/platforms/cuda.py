@@ -1,13 +1,17 @@
 """The CUDA platform: page-locked host memory, a copy stream of its own with one event per layer,
-and the paged block operations as torch index copies on the device (a chunk then crosses PCIe as one
-contiguous piece per run of slabs: `kvtier.memory.MemoryPool.copy_chunks`)."""
+and the paged block operations by `kvtier.platforms.cuda_ops` (a kernel that moves every row of a
+request in one launch, reading or writing page-locked host chunks across PCIe itself, where it was
+built; else torch index copies on the device, after which a chunk crosses PCIe as one contiguous
+piece per run of slabs: `kvtier.memory.MemoryPool.copy_chunks`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 import torch
 
+from kvtier.platforms import cuda_ops
 from kvtier.platforms.generic import TorchPlatform
 
 
@@ -48,6 +52,13 @@ class CudaPlatform(TorchPlatform):
         if event is not None:
             event.synchronize()  # type: ignore[attr-defined]
 
+    def gather_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> torch.Tensor:
+        return cuda_ops.gather_blocks(cache, block_ids, num_tokens)
+
+    def scatter_blocks(self, cache: torch.Tensor, block_ids: Sequence[int], kv: torch.Tensor,
+                       layers: slice = slice(None)) -> None:
+        cuda_ops.scatter_blocks(cache, block_ids, kv, layers)
+
     def capabilities(self) -> dict[str, bool]:
         gds = False
         try:
@@ -56,4 +67,6 @@ class CudaPlatform(TorchPlatform):
             gds = self.available()
         except ImportError:
             pass
-        return {"pinned_memory": self.available(), "async_copies": self.available(), "gds": gds}
+        kernel = self.available() and cuda_ops.kernel_ready(torch.device("cuda", torch.cuda.current_device()))
+        return {"pinned_memory": self.available(), "async_copies": self.available(), "gds": gds,
+                "paged_copy_kernel": kernel}

@@ -41,4 +41,4 @@ class TorchPlatform:
         torch_scatter_blocks(cache, block_ids, kv, layers)
 
     def capabilities(self) -> dict[str, bool]:
-        return {"pinned_memory": False, "async_copies": False, "gds": False}
+        return {"pinned_memory": False, "async_copies": False, "gds": False, "paged_copy_kernel": False}

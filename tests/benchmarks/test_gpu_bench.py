@@ -20,14 +20,14 @@ import paged_copy  # noqa: E402
 def test_the_cpu_smoke_run_measures_every_section_and_writes_json_and_a_plot(tmp_path):
     out = gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
     transfers, ttft = out["results"]["transfers"], out["results"]["ttft"]
-    assert [r["copy"].split(",")[0] for r in transfers] == ["save"] * 3 + ["load"] * 3
+    assert [r["copy"].split(",")[0] for r in transfers] == ["save"] * 4 + ["load"] * 4
     assert all(r["gb_per_s"] > 0 and r["bytes"] == 4 * 2 * 512 * 8 * 128 * 2 for r in transfers)
     assert out["results"]["attention"] == []  # Triton runs on CUDA only: skipped, and said so
     assert [r["tokens"] for r in ttft] == [512, 1024]
     for row in ttft:  # every warm prompt but its last token came from kvtier
         assert row["tokens_loaded"] == row["tokens"] - 1
         assert all(row[k] > 0 for k in ("cold_s", "warm_cpu_layerwise_on_s", "warm_disk_s"))
-    assert len(out["targets"]) == 5 and "warm TTFT at the longest prompt >= 25x faster" in out["targets"]
+    assert len(out["targets"]) == 7 and "warm TTFT at the longest prompt >= 25x faster" in out["targets"]
     assert "load, kvtier -> paged blocks (H2D + scatter) >= 0.9x pinned copy" in out["targets"]
     assert json.loads((tmp_path / "gpu_quick.json").read_text())["settings"]["device"] == "cpu"
     assert (tmp_path / "gpu_quick.png").stat().st_size > 0

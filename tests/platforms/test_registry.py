@@ -24,7 +24,8 @@ def test_cpu_and_cuda_are_built_in_and_a_machine_without_a_gpu_uses_the_cpu():
     assert isinstance(known["cpu"], CpuPlatform) and isinstance(known["cuda"], CudaPlatform)
     if not known["cuda"].available():  # (this test machine has no GPU)
         assert current_platform(env={}).name == "cpu"
-        assert known["cuda"].capabilities() == {"pinned_memory": False, "async_copies": False, "gds": False}
+        assert known["cuda"].capabilities() == {"pinned_memory": False, "async_copies": False, "gds": False,
+                                                "paged_copy_kernel": False}
 
 
 def test_kvtier_platform_names_one_and_a_bad_name_is_an_error_naming_the_known_ones():
