@@ -11,13 +11,15 @@
   page-locked host memory). On CUDA the paged rows run twice: with torch's index copies (gathered on
   the device, every layer in one call, so a chunk crosses PCIe as one 32 MiB piece) and with kvtier's
   copy kernel (csrc/paged_copy_cuda.cu: every row in one launch, host memory read or written across
-  PCIe by the kernel), where it was built.
+  PCIe by the kernel), where it was built. And the record checksum a GPUDirect Storage read is
+  verified with, computed on the device (kvtier.device_checksum), beside xxhash on the host.
 - attention: the Triton paged-attention kernel against the torch path (SDPA over gathered blocks) on
   one mixed batch of the 8B shape (decodes over 4K contexts and a 512-token prefill chunk): tokens/s
   and the largest difference (target 1e-2 in bf16). Needs CUDA and triton; skipped, saying so, else.
 - ttft: time to first token of `random:llama-8b` (quick: llama-small) at 8K and 32K tokens: cold,
   warm from the CPU tier with the layer-wise load on and off (the copy of layer l+1 overlapping
-  layer l), and warm from the disk tier. The device prefix cache is off, so a warm prompt is kvtier's.
+  layer l), and warm from the disk tier (by GPUDirect Storage where kvikio finds it: `disk_gds`). The
+  device prefix cache is off, so a warm prompt is kvtier's.
   Target: warm from the CPU tier >= 25x faster than cold at 32K.
 
 Writes gpu.json (gpu_quick.json) and a PNG of the TTFTs; prints a table per section and the targets.
@@ -37,9 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 from harness import console_and_logging, machine_info, write_results
 from rich.table import Table
 
+from kvtier import device_checksum
 from kvtier.config import CpuConfig, DiskConfig, KvtierConfig
 from kvtier.engine import CacheEngine
 from kvtier.layout import KVLayout
@@ -143,6 +147,15 @@ def transfers(device: torch.device, quick: bool) -> list[dict]:
         assert torch.equal(paged.gather(blocks, tokens), kv), "the paged load did not give back the KV"
         sync(device)
         assert torch.equal(host_chunk.to(device), kv), "the gather into host memory did not give the KV"
+    # What a GPUDirect read adds: the record's checksum computed where the bytes are
+    # (kvtier.device_checksum), beside xxhash over the same bytes on the host.
+    fields = bytes(60)
+    want = xxhash.xxh3_64_intdigest(fields + host.numpy().tobytes())
+    assert device_checksum.xxh3_64(fields, flat) == want, "the device checksum differs from xxhash"
+    results += [row("verify, record checksum on the device (GDS reads)",
+                    lambda: device_checksum.xxh3_64(fields, flat)),
+                row("verify, record checksum on the host (xxhash)",
+                    lambda: xxhash.xxh3_64_intdigest(host.numpy()))]
     return results
 
 
@@ -229,6 +242,7 @@ def ttft(device: torch.device, quick: bool, scratch: Path) -> list[dict]:
             llm.engine.connector.layerwise = device.type == "cuda"
             llm.engine.kvtier.clear("cpu")  # what is left is on disk
             row["warm_disk_s"] = one(tokens).ttft_s
+            row["disk_gds"] = llm.engine.kvtier.stats()["tiers"]["disk"]["gds"]["enabled"]  # read by GDS?
             warm = min(row["warm_cpu_layerwise_on_s"], row["warm_cpu_layerwise_off_s"])
             row["speedup_cpu"] = row["cold_s"] / warm
             results.append(row)

@@ -174,3 +174,45 @@ PyObject* checksum_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 }  // namespace kvtier_xxh3
+
+namespace kvtier_xxh3 {
+
+// xxh3_chain(acc, sums, key): XXH3-64's block loop over block sums computed elsewhere
+// (kvtier/device_checksum.py: on the device that holds the payload). Within a block XXH3 only adds
+// into its 8 accumulators, so a block's additions can be summed in parallel; between blocks it
+// scrambles them, which is the sequential part done here: for each block b,
+//   acc[i] = ((acc[i] + sums[b][i]) ^ ... >> 47 ^ key[i]) * PRIME32_1.
+// acc: 64 writable bytes (8 little-endian u64), updated in place; sums: a multiple of 64 bytes;
+// key: 64 bytes (the default secret's scramble key).
+PyObject* xxh3_chain(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3) return PyErr_Format(PyExc_TypeError, "xxh3_chain(acc, sums, key)");
+  Held acc, sums, key;
+  if (!acc.get(args[0], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) || !sums.get(args[1], PyBUF_C_CONTIGUOUS) ||
+      !key.get(args[2], PyBUF_C_CONTIGUOUS)) {
+    return nullptr;
+  }
+  if (acc.view.len != 64 || key.view.len != 64 || sums.view.len % 64 != 0) {
+    return PyErr_Format(PyExc_ValueError, "acc and key are 64 bytes, sums a multiple of 64");
+  }
+  uint64_t a[8], k[8];
+  std::memcpy(a, acc.view.buf, 64);
+  std::memcpy(k, key.view.buf, 64);
+  const uint8_t* s = sums.data();
+  const Py_ssize_t blocks = sums.view.len / 64;
+  Py_BEGIN_ALLOW_THREADS
+  for (Py_ssize_t b = 0; b < blocks; ++b) {
+    for (int i = 0; i < 8; ++i) {
+      uint64_t x;
+      std::memcpy(&x, s + b * 64 + i * 8, 8);
+      uint64_t v = a[i] + x;
+      v ^= v >> 47;
+      v ^= k[i];
+      a[i] = v * 0x9E3779B1ULL;
+    }
+  }
+  Py_END_ALLOW_THREADS
+  std::memcpy(acc.view.buf, a, 64);
+  Py_RETURN_NONE;
+}
+
+}  // namespace kvtier_xxh3

@@ -421,6 +421,8 @@ PyMethodDef kMethods[] = {
      METH_FASTCALL,
      "checksum_copy(fields, src, dst, offset, piece, n_outer, s_outer, n_inner, s_inner) -> XXH3-64 of "
      "fields || src, src copied into dst's pieces"},
+    {"xxh3_chain", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(kvtier_xxh3::xxh3_chain)),
+     METH_FASTCALL, "xxh3_chain(acc, sums, key): XXH3-64's block scrambles over precomputed block sums"},
     {"read_record", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(kvtier_io::read_record)),
      METH_FASTCALL, "read_record(dir_fd, shard, name, dir_flags, file_flags, head, payload) -> bytes read"},
     {nullptr, nullptr, 0, nullptr},

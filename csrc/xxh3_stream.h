@@ -29,4 +29,8 @@ bool take_stream(void* lib);
 // checksum_copy.cpp.
 PyObject* checksum_copy(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 
+// xxh3_chain(acc, sums, key) -> None: XXH3-64's scrambles between blocks, over block sums computed
+// elsewhere (kvtier/device_checksum.py); see checksum_copy.cpp.
+PyObject* xxh3_chain(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+
 }  // namespace kvtier_xxh3

@@ -122,6 +122,7 @@ class DiskConfig:
     codec: str = choice_key("raw", CODECS)
     load_slo_s: float | None = field(default=None, metadata=_SLO)
     policy: str = policy_key()  # eviction order (kvtier.policy_registry): built for `capacity` bytes
+    gds: str = choice_key("auto", SWITCH)  # GPUDirect Storage reads into GPU memory (kvtier.tiers.gds)
 
 
 @dataclass(frozen=True, slots=True)

@@ -272,7 +272,17 @@ class CacheEngine:
         for name, policy in tier_policies(self.config).items():
             snapshot["tiers"][name]["policy"] = policy
         snapshot["tiers"]["cpu"]["admission"] = self.config.cpu.admission
+        if self.config.disk is not None:
+            snapshot["tiers"]["disk"]["gds"] = self._gds_status()
         return {**snapshot, "pool": dataclasses.asdict(self.storage.pool_stats())}
+
+    def _gds_status(self) -> dict:
+        """Whether the disk tier reads straight into GPU memory, and why (kvtier.tiers.gds)."""
+        status = getattr(self.tier("disk"), "gds_status", None)  # (a coded disk tier hides it)
+        if status is None:
+            codec = self.config.disk.codec
+            return {"enabled": False, "detail": f"disk.codec is {codec!r}: records are decoded on the host"}
+        return dataclasses.asdict(status)
 
     def prometheus_text(self) -> str:
         self.storage.refresh_usage()

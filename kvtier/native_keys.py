@@ -246,6 +246,12 @@ def checksum_copy(fields, src, dst, offset: int, piece: int, n_outer: int, s_out
     return _ext.checksum_copy(fields, src, dst, offset, piece, n_outer, s_outer, n_inner, s_inner)
 
 
+def xxh3_chain(acc, sums, key) -> None:
+    """XXH3-64's block scrambles over block sums computed elsewhere: kvtier.device_checksum, its only
+    caller, and csrc/checksum_copy.cpp."""
+    _ext.xxh3_chain(acc, sums, key)
+
+
 def read_record(dir_fd: int, shard: bytes, name: bytes, dir_flags: int, file_flags: int, head,
                 payload) -> int:
     """Open `shard/name` below `dir_fd` (with these flags), preadv it into `head` then `payload` from

@@ -43,7 +43,8 @@ VERSION = 1
 CODEC_RAW = 0
 _FIELDS = struct.Struct("<4sHHHH4I24sQ")  # everything the checksum covers before the payload
 _CHECKSUM = struct.Struct("<Q")
-HEADER_SIZE = _FIELDS.size + _CHECKSUM.size  # 68
+FIELDS_SIZE = _FIELDS.size  # 60: the header bytes the checksum covers, before the payload
+HEADER_SIZE = FIELDS_SIZE + _CHECKSUM.size  # 68
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,16 +186,22 @@ class RecordDir:
             shard, name = digest[:2].encode(), f"{digest}{SUFFIX}".encode()
             got = native_keys.read_record(self.root_fd, shard, name, DIR_FLAGS, flags, head, payload)
             return self._checked(key, payload, got, -1, copy)
-        sfd = self._shard_fd(digest)
-        try:
-            fd = os.open(digest + SUFFIX, flags, dir_fd=sfd)
-        finally:
-            os.close(sfd)
+        fd = self.open_record(key, flags)
         try:
             got = os.preadv(fd, [head, payload[:room]] if room else [head], 0)
             return self._checked(key, payload, got, fd, copy)
         finally:
             os.close(fd)
+
+    def open_record(self, key: ChunkKey, flags: int = READ_FLAGS) -> int:
+        """A file descriptor of `key`'s record, opened below the namespace directory's fd, never
+        through a symlink (`flags` hold O_NOFOLLOW). FileNotFoundError: no record."""
+        digest = key.digest.hex()
+        sfd = self._shard_fd(digest)
+        try:
+            return os.open(digest + SUFFIX, flags, dir_fd=sfd)
+        finally:
+            os.close(sfd)
 
     def _checked(self, key: ChunkKey, payload: memoryview, got: int, fd: int,
                  copy: PieceCopy | None) -> RecordHeader:

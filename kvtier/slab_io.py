@@ -16,6 +16,7 @@ bytes, once, never through Python bytes objects.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
@@ -26,6 +27,7 @@ import torch
 
 from kvtier import checksum_copy
 from kvtier.checksum_copy import PieceCopy
+from kvtier.codecs.records import drop_record
 from kvtier.job_queue import TransferQueue
 from kvtier.keys import ChunkKey, ChunkSpan
 from kvtier.layout import KVLayout
@@ -36,14 +38,19 @@ from kvtier.tiers.base import PutItem, Tier
 from kvtier.tiers.cpu import CpuEntry
 from kvtier.transfers import ReadRequest, TierReader
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class ChunkRead:
     """One chunk of a retrieve: where it comes from and the slab it is in (or is read into)."""
 
     span: ChunkSpan
-    entry: CpuEntry  # held (a reader) by the read: a CPU entry, or a fresh slab for a lower-tier read
+    # Held (a reader) by the read: a CPU entry, or a fresh slab for a lower-tier read; None for a
+    # `device` read (GPUDirect Storage from the disk tier straight into `out`: kvtier.tiers.gds).
+    entry: CpuEntry | None
     from_cpu: bool
+    device: bool = False
 
 
 def _bytes_of(out: torch.Tensor | None) -> np.ndarray | None:
@@ -174,15 +181,18 @@ class SlabIO:
     def read(self, plan: list[ChunkRead], out: torch.Tensor | None) -> int:
         """Read the planned lower-tier chunks into their slabs and copy them into `out` (every good one,
         as it lands: what lies past the first miss is written but not served). Returns chunks served."""
-        lower = [r for r in plan if not r.from_cpu]
+        lower = [r for r in plan if not r.from_cpu and not r.device]
         requests = _SlabRequests(self.pool, self.layout, lower, out)
         copy_out = _CopyOut(requests, out) if out is not None and lower else None
-        # Start the lower-tier reads, copy the CPU hits meanwhile, then each read as it lands.
+        # Start the lower-tier reads, copy the CPU hits and read the device ones meanwhile, then
+        # copy each lower-tier read as it lands.
         pending = self.reader.start(requests, copy_out)
+        direct: dict[int, bool] = {}
         try:
             if out is not None:
                 hits = [(r.span, r.entry.slab) for r in plan if r.from_cpu]
                 self.pool.copy_chunks(hits, out, self.layout, into_slabs=False)
+                direct = self._read_direct([r for r in plan if r.device], out)
             if copy_out is not None:
                 copy_out.copy_while([future for _, future in pending.jobs])
         except BaseException:
@@ -192,8 +202,43 @@ class SlabIO:
         served = iter(self.reader.finish(pending))
         if copy_out is not None:
             copy_out.check()
-        ok = [r.from_cpu or next(served) for r in plan]
+        ok = [r.from_cpu or (direct.get(id(r), False) if r.device else next(served)) for r in plan]
         return ok.index(False) if False in ok else len(plan)
+
+    def _read_direct(self, reads: list[ChunkRead], out: torch.Tensor) -> dict[int, bool]:
+        """GPUDirect Storage reads of the disk tier's chunks into `out` (on its device), in order,
+        through one staging buffer there; each read's id -> served. Stops at the first miss: what
+        lies past it would not be served anyway."""
+        if not reads:
+            return {}
+        disk = next(t for t in self.reader.tiers if getattr(t, "gds", None) is not None)
+        largest = max(self.layout.chunk_bytes(r.span.num_tokens) for r in reads)
+        try:
+            staging = torch.empty(largest, dtype=torch.uint8, device=out.device)
+        except RuntimeError:  # out of device memory: these chunks are misses, recomputed
+            logger.warning("no %d bytes of %s memory to stage GPUDirect reads in", largest, out.device)
+            return {}
+        served: dict[int, bool] = {}
+        for r in reads:
+            span = r.span
+            # GDS writes outside the stream's order: whatever the stream still does with this memory
+            # (the last chunk's copy out, an earlier tensor's kernels before the allocator reused it)
+            # must be done before the read lands.
+            if staging.device.type == "cuda":
+                torch.cuda.current_stream(staging.device).synchronize()
+            header = disk.get_to_device(span.key, staging)
+            shape = self.layout.chunk_shape(span.num_tokens)
+            good = header is not None and (header.dtype == self.layout.dtype and header.shape == shape
+                                           and header.payload_len == self.layout.chunk_bytes(span.num_tokens))
+            if header is not None and not good:  # a valid record of another geometry: dropped, as below
+                drop_record(disk, span.key, self.reader.metrics)
+            self.reader.metrics.tier_inc(disk.name, "hits" if good else "misses")
+            served[id(r)] = good
+            if not good:
+                break
+            payload = staging[:header.payload_len].view(self.layout.dtype).view(shape)
+            out[:, :, span.start:span.start + span.num_tokens].copy_(payload)
+        return served
 
     def write(self, key: ChunkKey, entry: CpuEntry, tiers: Sequence[Tier], confirm: bool = False) -> bool:
         """Write one entry's chunk to `tiers` (blocking); True if any of them holds it now.

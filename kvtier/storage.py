@@ -56,6 +56,7 @@ from kvtier.metrics import Metrics
 from kvtier.pins import PinTable
 from kvtier.policy import EvictionPolicy
 from kvtier.slab_io import ChunkRead, SlabIO
+from kvtier.tiers import gds
 from kvtier.tiers.base import Tier, writable_tiers
 from kvtier.tiers.cpu import CpuEntry, CpuTier
 from kvtier.write_behind import WriteBehind
@@ -97,6 +98,8 @@ class StorageManager:
         self._clean_ahead = max(1, pool.num_slabs // 16) if clean_ahead is None else clean_ahead
         self._reads = TransferQueue(io_threads, "kvtier-read")
         self._io = SlabIO(pool, layout, self.lower, metrics, self._reads)
+        # The disk tier that reads straight into GPU memory (GPUDirect Storage), if one does.
+        self._direct_disk = next((t for t in self.lower if getattr(t, "gds", None) is not None), None)
         self._writes = WriteBehind(self._progress, self._io, pool, self.writable, io_threads,
                                    landed=self._demoted_locked)
 
@@ -253,6 +256,10 @@ class StorageManager:
 
     # -- retrieve ------------------------------------------------------------------------------
 
+    def reads_into(self, device: torch.device) -> bool:
+        """Whether a retrieve into a tensor on `device` reads disk chunks straight into it (GDS)."""
+        return self._direct_disk is not None and device.type in gds.DEVICE_TYPES
+
     @guarded
     def get(self, spans: Sequence[ChunkSpan], out: torch.Tensor | None, promote: bool | None = None) -> int:
         """Copy the stored chunks for `spans` into `out[:, :, start:end]` (no copy when `out` is
@@ -261,8 +268,9 @@ class StorageManager:
         (the earlier ones' slabs are what the next wave reads into)."""
         promote = self.promote_on_hit if promote is None else promote
         done = cpu_hits = cpu_bytes = 0
+        direct = out is not None and self.reads_into(out.device)
         while done < len(spans):
-            plan = self._plan_wave(spans[done:])
+            plan = self._plan_wave(spans[done:], direct)
             if not plan:
                 break
             n = 0
@@ -279,11 +287,14 @@ class StorageManager:
         self.metrics.tier_inc(self.cpu.name, "misses", len(spans) - cpu_hits)
         return done
 
-    def _plan_wave(self, spans: Sequence[ChunkSpan]) -> list[ChunkRead]:
+    def _plan_wave(self, spans: Sequence[ChunkSpan], direct: bool = False) -> list[ChunkRead]:
         """Hold the host copies of the leading chunks of `spans` and allocate slabs for the lower-tier
-        ones, in order, until memory runs out: one wave. Everything in it is held (readers)."""
+        ones, in order, until memory runs out: one wave. Everything in it is held (readers). With
+        `direct`, chunks the CPU tier lacks and the GPUDirect disk tier has take no slab: they are
+        read straight into the retrieve's device tensor (`ChunkRead.device`)."""
         deadline = time.monotonic() + READ_WAIT_S
         plan: list[ChunkRead] = []
+        on_disk = self._direct_disk.has([s.key for s in spans]) if direct else [False] * len(spans)
         with self._lock:
             if self._gate.closed:  # close() is waiting for this retrieve: serve what it has
                 return plan
@@ -291,9 +302,12 @@ class StorageManager:
             # making room for an earlier chunk must evict one of them, it takes the one needed last.
             for s in reversed(spans):
                 self.cpu.get(s.key)
-            for s in spans:
+            for s, disk_only in zip(spans, on_disk):
                 entry = self.cpu.held(s.key, touch=False)
                 from_cpu = entry is not None
+                if not from_cpu and disk_only:
+                    plan.append(ChunkRead(s, None, False, device=True))
+                    continue
                 if not from_cpu:
                     slab = self._alloc_for_read_locked(bool(plan), deadline) if self.lower else None
                     if slab is None:
@@ -312,6 +326,8 @@ class StorageManager:
         with self._lock:
             for i, r in enumerate(plan):
                 key = r.span.key
+                if r.entry is None:  # read straight into device memory: nothing held, nothing to keep
+                    continue
                 if r.from_cpu or i >= n or not promote or self.cpu.holds(key):
                     r.entry.release(self.pool)
                     continue

@@ -41,6 +41,20 @@ def seeded_kv(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(layout.chunk_shape(num_tokens), generator=g).to(layout.dtype)
 
 
+def on_disk_only(engine: CacheEngine, num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded prompt stored through `engine` (whole chunks), flushed, and cleared from its CPU
+    tier: (tokens, kv), held by the tiers below only."""
+    tokens, kv = seeded_tokens(num_tokens, seed), seeded_kv(engine.layout, num_tokens, seed)
+    assert engine.store(tokens, kv) == num_tokens // CHUNK and engine.flush()
+    engine.clear("cpu")
+    return tokens, kv
+
+
+def record_path(engine: CacheEngine, tokens, chunk: int) -> str:
+    """The disk tier's file for chunk `chunk` of `tokens` (the first lower tier is the disk)."""
+    return str(engine.storage.lower[0].path_for(engine.db.keys(tokens)[chunk]))
+
+
 def stored_below(manager: StorageManager, db: TokenDatabase, layout: KVLayout, chunks: int,
                  seed: int) -> tuple[list, torch.Tensor]:
     """A seeded `chunks`-chunk prompt stored through `manager`, flushed, and cleared from its CPU

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import CHUNK, seeded_kv, seeded_tokens
+from conftest import CHUNK, on_disk_only, record_path
 from native_paths import use_native
 
 from kvtier import checksum_copy, transfers
@@ -26,17 +26,10 @@ def fused(request, monkeypatch) -> None:
 
 
 @pytest.fixture
-def on_disk(make_engine, layout):
+def on_disk(make_engine):
     """An engine whose disk tier alone holds a 12-chunk prompt (the CPU tier cleared)."""
     engine = make_engine("cpu_disk", write_through="true")
-    tokens, kv = seeded_tokens(CHUNKS * CHUNK, 7), seeded_kv(layout, CHUNKS * CHUNK, 7)
-    assert engine.store(tokens, kv) == CHUNKS and engine.flush()
-    engine.clear("cpu")
-    return engine, tokens, kv
-
-
-def disk_file(engine, tokens, chunk: int) -> str:
-    return str(engine.storage.lower[0].path_for(engine.db.keys(tokens)[chunk]))
+    return engine, *on_disk_only(engine, CHUNKS * CHUNK, 7)
 
 
 def sentinel_out(engine, n: int) -> torch.Tensor:
@@ -69,7 +62,7 @@ def test_a_bad_chunk_in_the_middle_ends_the_prefix_and_nothing_after_counts(on_d
     monkeypatch.setattr(transfers, "READ_JOB_BYTES", 1)  # chunks after the bad one land, and are copied
     engine, tokens, kv = on_disk
     bad = 5
-    damage(disk_file(engine, tokens, bad))
+    damage(record_path(engine, tokens, bad))
 
     got, n = engine.retrieve(tokens, out=sentinel_out(engine, len(tokens)))
 
@@ -79,13 +72,13 @@ def test_a_bad_chunk_in_the_middle_ends_the_prefix_and_nothing_after_counts(on_d
     assert engine.storage.contains_prefix(engine.db.keys(tokens)) == bad
     assert engine.stats()["tiers"]["cpu"]["chunks"] == bad
     assert engine.stats()["tiers"]["disk"]["corrupt"] == 1
-    assert not os.path.exists(disk_file(engine, tokens, bad))
+    assert not os.path.exists(record_path(engine, tokens, bad))
     assert engine.lookup(tokens) == bad * CHUNK
 
 
 def test_a_bad_first_chunk_serves_nothing(on_disk):
     engine, tokens, _ = on_disk
-    corrupt_payload(disk_file(engine, tokens, 0))
+    corrupt_payload(record_path(engine, tokens, 0))
     out = sentinel_out(engine, len(tokens))
     got, n = engine.retrieve(tokens, out=out)
     assert n == 0 and got.shape[2] == 0

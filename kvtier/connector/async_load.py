@@ -64,7 +64,11 @@ class AsyncLoader:
     def bind(self, cache: PagedKV, platform: Platform) -> None:
         """The paged cache to scatter into; before the first `submit`."""
         self._cache = cache
-        self._staging = StagingBuffer(self.engine, platform.pin_by_default())
+        # Where the disk tier reads straight into GPU memory (kvtier.tiers.gds), these loads (the ones
+        # that reach below the CPU tier) stage there: disk chunks never cross host memory.
+        kv = getattr(cache, "kv", None)
+        device = kv.device if kv is not None and self.engine.storage.reads_into(kv.device) else None
+        self._staging = StagingBuffer(self.engine, platform.pin_by_default(), device)
         self._stream = platform.copy_stream()  # one for every load, not one each
 
     def submit(self, spec: LoadSpec, step: int) -> None:

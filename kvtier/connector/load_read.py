@@ -31,16 +31,17 @@ class StagingBuffer:
     memory for every load would cost its page faults each time (about 0.3 s a GiB). Pinned on a GPU
     machine, so the copies into the paged cache are true asynchronous DMA."""
 
-    def __init__(self, engine: CacheEngine, pin: bool):
-        self.engine, self.pin = engine, pin
+    def __init__(self, engine: CacheEngine, pin: bool, device: torch.device | None = None):
+        self.engine, self.pin, self.device = engine, pin, device  # device: on it instead of the host
         self.tensor: torch.Tensor | None = None
 
     def get(self, num_tokens: int) -> torch.Tensor:
         if self.tensor is None or self.tensor.shape[2] < num_tokens:
             layout = self.engine.layout
             self.tensor = None  # the old buffer goes first: never two at once
-            self.tensor = torch.empty(layout.chunk_shape(max(num_tokens, 2 * self.engine.db.chunk_size)),
-                                      dtype=layout.dtype, pin_memory=self.pin)
+            shape = layout.chunk_shape(max(num_tokens, 2 * self.engine.db.chunk_size))
+            self.tensor = (torch.empty(shape, dtype=layout.dtype, pin_memory=self.pin) if self.device is None
+                           else torch.empty(shape, dtype=layout.dtype, device=self.device))
         return self.tensor
 
 

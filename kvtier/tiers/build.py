@@ -17,9 +17,11 @@ from kvtier.errors import ConfigError
 from kvtier.metrics import Metrics
 from kvtier.policy import EvictionPolicy
 from kvtier.policy_registry import make_policy
+from kvtier.tiers import gds
 from kvtier.tiers.base import PinPredicate, Tier
 from kvtier.tiers.coded import with_codec
 from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.gds import GdsReader, GdsStatus
 
 
 def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned: PinPredicate,
@@ -30,8 +32,10 @@ def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned: PinPred
     tiers: list[Tier] = []
     if config.disk is not None:
         policy = tier_policy("disk.policy", config.disk.policy, config.disk.capacity)
+        status, reader = gds_reader(config.disk.gds, config.disk.codec)
         tiers.append(DiskTier(config.disk.path, namespace, config.disk.capacity, is_pinned, metrics,
-                              o_direct=config.disk.o_direct, fsync=config.disk.fsync, policy=policy))
+                              o_direct=config.disk.o_direct, fsync=config.disk.fsync, policy=policy,
+                              gds=reader, gds_status=status))
     # Shared stores evict by their own policy, so they cannot honour this process's pins.
     if config.redis is not None:
         from kvtier.tiers.redis import RedisTier  # imported only when configured
@@ -44,6 +48,19 @@ def build_lower_tiers(config: KvtierConfig, namespace: bytes, is_pinned: PinPred
     sections = [s for s in (config.disk, config.redis, config.remote) if s is not None]
     return [with_codec(tier, s.codec, s.load_slo_s, namespace=namespace, metrics=metrics)
             for tier, s in zip(tiers, sections)]
+
+
+def gds_reader(mode: str, codec: str) -> tuple[GdsStatus, GdsReader | None]:
+    """The disk tier's GPUDirect Storage reader where `disk.gds` selects it and it is usable here
+    (kvtier.tiers.gds.probe), and why not where not; only for raw records (a coded one is decoded on
+    the host)."""
+    if codec != "raw":
+        if mode == "on":
+            raise ConfigError(f"disk.gds: 'on' needs disk.codec 'raw' (records of {codec!r} are decoded on "
+                              "the host)")
+        return GdsStatus(False, f"disk.codec is {codec!r}: records are decoded on the host"), None
+    status, kvikio = gds.probe(mode)
+    return status, GdsReader(kvikio, status) if status.enabled else None
 
 
 def tier_policy(key: str, name: str, capacity_bytes: int) -> EvictionPolicy:

@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     import torch
+
+    from kvtier.tiers.gds import GdsReader, GdsStatus
 
     ByteBuffer: TypeAlias = torch.Tensor | np.ndarray  # get()'s dests, put()'s payloads: see "Buffers"
 
@@ -79,7 +81,8 @@ class DiskTier:
 
     def __init__(self, path: str | os.PathLike, namespace: bytes, capacity_bytes: int,
                  is_pinned: PinPredicate, metrics: Metrics, o_direct: str = "auto", fsync: bool = False,
-                 policy: EvictionPolicy | None = None):
+                 policy: EvictionPolicy | None = None, gds: GdsReader | None = None,
+                 gds_status: GdsStatus | None = None):
         """Raises ConfigError (naming the path) when `path` is not a directory, cannot be created,
         or its namespace directory cannot be written or is a symlink."""
         # One directory per namespace: the index, the byte bound and clear() cover this engine's
@@ -87,6 +90,8 @@ class DiskTier:
         self.namespace = namespace
         self._files = RecordDir(path, namespace, o_direct, fsync)
         self.root, self.o_direct, self.fsync = self._files.root, self._files.o_direct, fsync
+        self.gds = gds  # GPUDirect Storage reads (`get_to_device`), where selected: kvtier.tiers.gds
+        self.gds_status = gds_status  # why it is used or not, for stats
         self._is_pinned = is_pinned
         self._metrics = metrics
         self._log = LogLimiter(logger)  # a broken disk fails every I/O: one line a minute per kind
@@ -212,9 +217,25 @@ class DiskTier:
         self._metrics.tier_inc(self.name, "bytes_read", sum(h.payload_len for h in results if h is not None))
         return results
 
+    def get_to_device(self, key: ChunkKey, dest: torch.Tensor) -> RecordHeader | None:
+        """`key`'s payload read by GPUDirect Storage straight into `dest` (a 1-D uint8 device tensor)
+        and verified there; None for a miss, which is handled as `get` handles one."""
+        if self.gds is None:
+            raise RuntimeError("this disk tier has no GPUDirect Storage reader")
+        header = self._guarded(key, lambda: self.gds.read(self._files, key, dest))
+        if header is not None:
+            self.touch([key])
+            self._metrics.tier_inc(self.name, "bytes_read", header.payload_len)
+        return header
+
     def _read(self, key: ChunkKey, dest: np.ndarray, copy: PieceCopy | None) -> RecordHeader | None:
+        return self._guarded(key, lambda: self._files.read(key, dest, copy))
+
+    def _guarded(self, key: ChunkKey, read: Callable[[], RecordHeader]) -> RecordHeader | None:
+        """`read()`'s header, or None for a miss: no file (forgotten), a corrupt record (counted and
+        deleted) or a failed read (`_unreadable`)."""
         try:
-            return self._files.read(key, dest, copy)
+            return read()
         except FileNotFoundError:
             with self._lock:
                 # Deleted behind our back. Checked again under the lock: a write of this key that

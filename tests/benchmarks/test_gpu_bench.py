@@ -20,7 +20,7 @@ import paged_copy  # noqa: E402
 def test_the_cpu_smoke_run_measures_every_section_and_writes_json_and_a_plot(tmp_path):
     out = gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
     transfers, ttft = out["results"]["transfers"], out["results"]["ttft"]
-    assert [r["copy"].split(",")[0] for r in transfers] == ["save"] * 4 + ["load"] * 4
+    assert [r["copy"].split(",")[0] for r in transfers] == ["save"] * 4 + ["load"] * 4 + ["verify"] * 2
     assert all(r["gb_per_s"] > 0 and r["bytes"] == 4 * 2 * 512 * 8 * 128 * 2 for r in transfers)
     assert out["results"]["attention"] == []  # Triton runs on CUDA only: skipped, and said so
     assert [r["tokens"] for r in ttft] == [512, 1024]

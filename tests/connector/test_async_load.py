@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import CHUNK, seeded_kv, seeded_tokens
+from fake_kvikio import FakeCuFile, use_fake_gds
 from held_reads import Gate
 
 from kvtier import KVLayout
@@ -150,6 +151,24 @@ def test_an_asynchronous_load_reaches_the_worker_unscheduled_and_lands_in_its_bl
     assert_nothing_held(engine, worker)
     assert scheduler.build_connector_meta(2, []).loads == []  # handed over once
     worker.close()
+
+
+def test_with_gds_an_asynchronous_load_stages_on_the_device_and_its_disk_chunks_skip_host_memory(
+        make_engine, monkeypatch):
+    use_fake_gds(monkeypatch)  # (GDS stood in: tests/fake_kvikio.py; the CPU plays the GPU)
+    engine = make_engine("cpu_disk", LAYOUT)
+    tokens, kv = seeded_tokens(48, 3).tolist(), seeded_kv(LAYOUT, 48, 3)
+    engine.store(tokens, kv)
+    assert engine.flush(timeout=WAIT_S)
+    engine.clear("cpu")
+    cache = PagedKVCache(CONFIG, 8, CHUNK)
+    scheduler, worker = sides(engine, cache)
+    assert worker._async._staging.device == cache.kv.device  # staged on the cache's device, not the host
+    assert plan(scheduler, "r", tokens) == (47, True)
+    step(worker, scheduler.build_connector_meta(1, []))
+    assert landed(worker) == {"r": 47}
+    assert torch.equal(cache.gather(TABLE, 47), kv[:, :, :47])
+    assert len(FakeCuFile.opened) == 3 and engine.stats()["tiers"]["cpu"]["chunks"] == 0
 
 
 def test_while_a_load_is_held_other_steps_run_and_it_holds_its_lease(setup, gate):
