@@ -24,12 +24,12 @@ Where the config comes from, in order (later wins):
 Validation is strict and fails closed (`kvtier.config_load` walks these dataclasses' fields, type
 hints and metadata (`kvtier.config_fields` declares them), so a new section is just a new dataclass
 here; `kvtier.config_values` checks each value, `kvtier.config_yaml` reads YAML with bounded size and
-nesting and no aliases, `kvtier.config_checks` what spans keys and sections: P2P needs a controller,
-blend exactly one separator). Any problem raises one `ConfigError` naming the dotted key and where it
-came from (the file, or the environment variable), and never showing the value of a `secret` key
-(tokens, the salt) or the credentials or query of a URL, wherever the URL was written. YAML 1.1's
-surprises are refused rather than read: `07000` (octal), `1:20` (base 60). Loading is side-effect free
-apart from reading the file and stat-ing the paths; nothing is created on disk here.
+nesting and no aliases, `kvtier.config_checks` what spans keys and sections: P2P beyond loopback
+needs a token, blend exactly one separator). Any problem raises one `ConfigError` naming the dotted
+key and where it came from (the file, or the environment variable), and never showing the value of
+a `secret` key (tokens, the salt) or the credentials or query of a URL, wherever the URL was written.
+YAML 1.1's surprises are refused rather than read: `07000` (octal), `1:20` (base 60). Loading is
+side-effect free apart from reading the file and stat-ing the paths; nothing is created on disk here.
 """
 
 from __future__ import annotations

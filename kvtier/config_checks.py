@@ -21,16 +21,14 @@ ADAPTIVE = "cachegen-adaptive"  # a codec name (kvtier.tiers.coded): several lev
 
 def check_sections(config: KvtierConfig) -> None:
     """Each tier's codec and load SLO go together (`check_codecs`); blend names one separator
-    (`check_blend`); P2P needs a controller (it says which peer holds what), and a token wherever
-    peers beyond this machine can reach the endpoint (it serves this instance's KV)."""
+    (`check_blend`); P2P needs a token wherever peers beyond this machine can reach the endpoint
+    (it serves this instance's KV). Without a controller: section a P2P instance reads only from
+    peers a request names (disaggregated prefill: kvtier.p2p.directory's hints)."""
     check_codecs(config)
     check_blend(config)
     p2p = config.p2p
     if p2p is None:
         return
-    if config.controller is None:
-        raise ConfigError(f"{config.source}: p2p: P2P needs a controller: section: the controller says "
-                          f"which peer holds what")
     try:
         require_token_beyond_loopback(p2p.host, p2p.token, "set p2p.token (KVTIER_P2P__TOKEN)")
     except ConfigError as exc:

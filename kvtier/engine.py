@@ -33,7 +33,7 @@ import torch
 
 from kvtier import recode
 from kvtier.config import KvtierConfig
-from kvtier.errors import UnknownTier
+from kvtier.errors import KvtierError, UnknownTier
 from kvtier.keys import ChunkKey, ChunkSpan, Namespace, TokenDatabase, token_count
 from kvtier.layout import KVLayout
 from kvtier.memory import MemoryPool
@@ -203,6 +203,16 @@ class CacheEngine:
     def p2p_url(self) -> str | None:
         """Where peers read this engine's chunks (kvtier://host:port), when it has a `p2p:` section."""
         return None if self._p2p is None else self._p2p.url
+
+    def expect_from_peer(self, tokens: Tokens, p2p_url: str, ttl_s: float) -> int:
+        """A peer (a prefill instance, through a request's kv_transfer_params) holds the chunks of
+        `tokens`: for the next `ttl_s` they are read from `p2p_url` whatever the controller says
+        (kvtier.p2p.directory's hints). Returns the chunks named. KvtierError without a p2p: section."""
+        if self._p2p is None:
+            raise KvtierError("loading KV from a peer needs a p2p: section in the kvtier config")
+        keys = self.db.keys(tokens)
+        self._p2p.directory.hint(keys, p2p_url, ttl_s)
+        return len(keys)
 
     def tier(self, name: str) -> Tier | CpuTier:
         """The tier called `name` ("cpu", "disk", ...); UnknownTier (a ValueError) if there is none."""

@@ -1,5 +1,6 @@
 """The `p2p:` section (kvtier/config.py P2PConfig) and its cross-section checks
-(kvtier/config_checks.py): P2P needs a controller, a P2P endpoint beyond loopback needs a token;
+(kvtier/config_checks.py): P2P without a controller reads only hinted peers, a P2P endpoint beyond
+loopback needs a token;
 checked on the final config (after the environment), so overrides may add sections in any order."""
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ def test_configs_p2p_yaml_loads_as_documented():
     assert config.p2p.token is None and config.redis is None and config.remote is None  # P2P alone
 
 
-def test_p2p_without_a_controller_is_refused_naming_p2p(tmp_path):
+def test_p2p_without_a_controller_loads_for_disaggregated_prefill(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("p2p:\n  transport: tcp\n")
-    with pytest.raises(ConfigError, match=r"p\.yaml: p2p: P2P needs a controller: section: the controller"):
-        load_config(path, env={})
-    with pytest.raises(ConfigError, match="P2P needs a controller"):
-        load_config(env={"KVTIER_P2P__TRANSPORT": "tcp"})
-    with pytest.raises(ConfigError, match="P2P needs a controller"):  # the controller switched off
-        load_config(REPO / "configs" / "p2p.yaml", env={"KVTIER_CONTROLLER": "null"})
+    config = load_config(path, env={})
+    assert config.p2p is not None and config.controller is None  # peers only as requests name them
+    assert load_config(REPO / "configs" / "p2p.yaml", env={"KVTIER_CONTROLLER": "null"}).controller is None
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "peer.example"])
@@ -79,8 +77,9 @@ def test_the_section_can_be_switched_off_from_the_environment():
 
 
 def test_a_config_built_in_code_is_checked_too():
-    with pytest.raises(ConfigError, match="P2P needs a controller"):
-        check_sections(KvtierConfig(p2p=P2PConfig()))
+    with pytest.raises(ConfigError, match="set p2p.token"):
+        check_sections(KvtierConfig(p2p=P2PConfig(host="10.1.2.3")))
+    check_sections(KvtierConfig(p2p=P2PConfig()))  # loopback, no controller: fine
     check_sections(KvtierConfig())  # no p2p: nothing to check
 
 

@@ -85,6 +85,9 @@ class ConnectorMetadata:
     segment_saves: list[SegmentSaveSpec] = field(default_factory=list)
     cancel_loads: list[str] = field(default_factory=list)  # aborted requests: drop their queued async loads
     reset: bool = False  # the scheduler dropped every chunk: a worker with an engine of its own does too
+    # Finished requests to report in `pop_kv_stored` once the saves handed over so far are stored
+    # (a prefill's reply waits for its KV: kvtier.connector.handoffs).
+    notify_stored: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

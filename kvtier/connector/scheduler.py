@@ -9,8 +9,10 @@ index lookups and leases. Per request, in order:
     update_state_after_alloc(req, blocks, n)   the scheduler committed to loading n tokens: lease them
     build_connector_meta(step, scheduled)      once per step: the loads and saves for the worker
     update_connector_output(loaded)            after the step: how far each load really got
-    request_finished(req, blocks) -> bool      True: hold the blocks until the worker reports the
-                                               final save gathered (`get_finished`)
+    request_finished(req, blocks, n)           (hold, kv_transfer_params): hold the blocks until the
+                                               worker reports the final save gathered (`get_finished`);
+                                               the parameters a decode instance needs, for a request
+                                               that asked for a remote decode (kvtier.connector.handoffs)
 
 Asynchronous loads (`loads.asynchronous`, as vLLM's): a load is asynchronous when some chunk of it is
 not in the CPU tier, or it is at least `async_min_bytes` (auto), always (on) or never (off). Its
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 
 from kvtier.config import LoadsConfig
 from kvtier.connector.blend_plan import BlendPlanner
+from kvtier.connector.handoffs import Handoffs, wants_remote_decode
 from kvtier.connector.lookups import Lookups, remote_tiers
 from kvtier.connector.metadata import (
     BlendLoadSpec,
@@ -119,6 +122,8 @@ class KvtierSchedulerConnector:
         self._cancels: list[str] = []  # parked requests aborted since the last step
         self._orphans: list[LoadSpec] = []  # loads of requests finished before they were handed over
         self._reset = False  # `reset` ran since the last step: workers with engines of their own follow
+        self.handoffs = Handoffs(engine)  # KV held for decode instances (disaggregated prefill)
+        self._notify: list[str] = []  # finished requests whose saves the worker reports stored
         self.trace = TraceLog.from_config(engine.config.trace_log, engine.db)  # None: off (the default)
 
     def reset(self) -> None:
@@ -224,8 +229,9 @@ class KvtierSchedulerConnector:
 
     def build_connector_meta(self, step: int, scheduled: Sequence[ScheduledWork]) -> ConnectorMetadata:
         meta = ConnectorMetadata(step, saves=self._finals, cancel_loads=self._cancels, loads=self._orphans,
-                                 reset=self._reset)
-        self._finals, self._cancels, self._orphans, self._reset = [], [], [], False
+                                 reset=self._reset, notify_stored=self._notify)
+        self._finals, self._cancels, self._orphans, self._reset, self._notify = [], [], [], False, []
+        self.handoffs.sweep()
         if self.lookups is not None and self.prefetcher is not None:
             for request_id, spans in self.lookups.landed_for_prefetch():
                 self.prefetcher.submit_below(request_id, spans)
@@ -273,9 +279,22 @@ class KvtierSchedulerConnector:
         return SaveSpec(request.request_id, list(request.all_token_ids[:end]), list(block_ids), start, end,
                         final)
 
-    def request_finished(self, request, block_ids: Sequence[int], num_computed_tokens: int) -> bool:
-        """The request is done (finished or aborted). Returns True when its blocks must stay
-        allocated until the worker reports its final save in `get_finished`."""
+    def request_finished(self, request, block_ids: Sequence[int],
+                         num_computed_tokens: int) -> tuple[bool, dict | None]:
+        """The request is done (finished or aborted). Returns (hold, kv_transfer_params): hold is True
+        when its blocks must stay allocated until the worker reports its final save in
+        `get_finished`; kv_transfer_params, for a request that asked for a remote decode, is what the
+        decode instance needs (kvtier.connector.handoffs), and the worker reports the request in
+        `pop_kv_stored` once every save of it is in kvtier."""
+        hold = self._finish(request, block_ids, num_computed_tokens)
+        params = None
+        if wants_remote_decode(request) and num_computed_tokens > 0:
+            params = self.handoffs.hold(request.all_token_ids, num_computed_tokens)
+            if params is not None:
+                self._notify.append(request.request_id)
+        return hold, params
+
+    def _finish(self, request, block_ids: Sequence[int], num_computed_tokens: int) -> bool:
         if self.trace is not None:
             self.trace.finished(request)
         if self.prefetcher is not None:
@@ -332,6 +351,7 @@ class KvtierSchedulerConnector:
         twice as long)."""
         if self.trace is not None:
             self.trace.close()
+        self.handoffs.close()
         end = None if timeout is None else time.monotonic() + timeout
         stopped = self.lookups.close(timeout) if self.lookups is not None else True
         rest = None if end is None else max(0.0, end - time.monotonic())

@@ -85,6 +85,8 @@ class KvtierWorkerConnector:
         self._load_error: BaseException | None = None
         self._loader = LoadThread()
         self._finished_sending: set[str] = set()
+        self._kv_stored: set[str] = set()  # `notify_stored` requests whose saves are all stored
+        self._stored_changed = threading.Condition()
         self.segments: SegmentIO | None = None
         self._blend_loads: dict[str, BlendLoad] = {}
         # Counters are updated from the forward thread, the saver's and the asynchronous loader's.
@@ -264,6 +266,24 @@ class KvtierWorkerConnector:
         if self._meta.segment_saves:  # planned only when blending is enabled
             self.segments.save_all([s for s in self._meta.segment_saves if s.request_id not in discard],
                                    self.cache, self._saver.submit)
+        for request_id in self._meta.notify_stored:  # the saver runs in order: after their saves
+            self._saver.submit(self._stored, request_id)
+
+    def _stored(self, request_id: str) -> None:
+        with self._stored_changed:
+            self._kv_stored.add(request_id)
+            self._stored_changed.notify_all()
+
+    def pop_kv_stored(self) -> set[str]:
+        """Requests of `notify_stored` whose saves have all been stored (or failed) since the last call."""
+        with self._stored_changed:
+            stored, self._kv_stored = self._kv_stored, set()
+        return stored
+
+    def wait_for_kv_stored(self, timeout: float) -> bool:
+        """Block (at most `timeout` s) until some `notify_stored` request is reported; True if one is."""
+        with self._stored_changed:
+            return self._stored_changed.wait_for(lambda: bool(self._kv_stored), timeout)
 
     def _wait_for_copies(self) -> None:
         # A forward that failed part-way leaves the layer-wise copy running; its blocks are about

@@ -3,7 +3,14 @@
     directory = PeerDirectory(config.controller, config.p2p.directory_ttl_s, metrics)
     directory.instance_id = handle.instance_id    # once joined: the controller leaves us out
     directory.locate(keys) -> [PeerHolding]       # held / in_memory per key, most leading keys first
+    directory.hint(keys, p2p_url, ttl_s)          # a peer said it holds these (disaggregated prefill)
     directory.close()
+
+Hints: a decode instance is told by a request (kv_transfer_params) which prefill instance holds its
+prompt's chunks. A hinted key is answered from the hint until it expires, before any cached answer
+and without asking the controller, so a key the controller has not heard of yet (its index lags a
+store by an event interval) or that it said nobody held a moment ago is still found. Without a
+controller (`fleet` None) hints are the only answers.
 
 Where it runs: the P2P tier's `has` (the lookup path) and `get` (the read threads), so thread-safe.
 One round trip per call at most, in chunks of MAX_PEER_KEYS keys; each key's answer (its holders,
@@ -65,18 +72,19 @@ def _classify(exc: Exception) -> Failure:
 
 
 class PeerDirectory:
-    def __init__(self, fleet: FleetConfig, ttl_s: float, metrics: Metrics,
+    def __init__(self, fleet: FleetConfig | None, ttl_s: float, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic):
         self.instance_id: str | None = None
-        self._fleet = fleet
+        self._fleet = fleet  # None: no controller; only hinted keys have holders
         self._ttl_s = ttl_s
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: OrderedDict[ChunkKey, tuple[float, tuple[_Holder, ...]]] = OrderedDict()
+        self._hints: OrderedDict[ChunkKey, tuple[float, tuple[_Holder, ...]]] = OrderedDict()
         self._idle: list[JsonClient] = []
         self._closed = False
         self._log = LogLimiter(logger)
-        self._guard = FailureGuard(f"p2p directory {hide_url_secrets(fleet.url)}",
+        self._guard = FailureGuard(f"p2p directory {hide_url_secrets(fleet.url) if fleet else 'hints'}",
                                    Backoff(RETRY_AFTER_S, RETRY_MAX_S, clock),
                                    lambda n: metrics.tier_inc("p2p", "errors", n), self._log,
                                    _classify, meanwhile="peers are not asked")
@@ -87,7 +95,7 @@ class PeerDirectory:
         controller could not be asked about count as held by nobody. Never raises."""
         keys = list(keys)
         known = self._cached(keys)
-        missing = [i for i, holders in enumerate(known) if holders is None]
+        missing = [i for i, holders in enumerate(known) if holders is None] if self._fleet is not None else []
         for start in range(0, len(missing), MAX_PEER_KEYS):
             part = missing[start:start + MAX_PEER_KEYS]
             asked = [keys[i] for i in part]
@@ -99,12 +107,25 @@ class PeerDirectory:
             self._remember(asked, answer)
         return _holdings(known)
 
+    def hint(self, keys: Sequence[ChunkKey], p2p_url: str, ttl_s: float) -> None:
+        """`p2p_url` (a kvtier:// URL, checked by the caller) holds `keys` for the next `ttl_s`."""
+        holder = (_Holder(p2p_url, p2p_url, True),)
+        expires = self._clock() + ttl_s
+        with self._lock:
+            for key in keys:
+                self._hints[key] = (expires, holder)
+                self._hints.move_to_end(key)
+            while len(self._hints) > MAX_CACHED_KEYS:
+                self._hints.popitem(last=False)
+
     def _cached(self, keys: list[ChunkKey]) -> list[tuple[_Holder, ...] | None]:
         now = self._clock()
         found: list[tuple[_Holder, ...] | None] = []
         with self._lock:
             for key in keys:
-                entry = self._cache.get(key)
+                entry = self._hints.get(key)
+                if entry is None or entry[0] <= now:
+                    entry = self._cache.get(key)
                 found.append(entry[1] if entry is not None and entry[0] > now else None)
         return found
 
@@ -174,6 +195,7 @@ class PeerDirectory:
             self._closed = True
             idle, self._idle = self._idle, []
             self._cache.clear()
+            self._hints.clear()
         for client in idle:
             client.close()
 

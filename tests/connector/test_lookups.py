@@ -157,7 +157,7 @@ def test_a_request_finished_while_its_lookup_runs_leaves_nothing_behind(held):
     scheduler, r = connector(engine), req("r", tokens)
     assert scheduler.get_num_new_matched_tokens(r, 0) == (None, False)
     assert lookups.entered.wait(WAIT_S)
-    assert scheduler.request_finished(r, [], 0) is False
+    assert scheduler.request_finished(r, [], 0) == (False, None)
     assert scheduler.stats()["lookups_kept"] == 0
     lookups.open()
     assert not scheduler.wait_for_lookups(WAIT_S)  # idle, and its answer thrown away

@@ -96,7 +96,7 @@ def test_a_request_aborted_before_its_load_was_handed_over_releases_its_lease(ma
     connector.update_state_after_alloc(request, BLOCKS, n)
     assert leased(engine) == 2
 
-    assert connector.request_finished(request, BLOCKS, 0) is False
+    assert connector.request_finished(request, BLOCKS, 0) == (False, None)
 
     assert leased(engine) == 0
     assert connector.build_connector_meta(1, [ScheduledWork(request, BLOCKS, 0)]).loads == []
@@ -145,7 +145,7 @@ def test_with_partial_chunks_a_finished_request_gets_a_final_save_in_the_next_me
     connector.get_num_new_matched_tokens(request, 0)
     connector.build_connector_meta(1, [ScheduledWork(request, BLOCKS, 40)])  # saves [0, 32)
 
-    assert connector.request_finished(request, BLOCKS, 40) is True
+    assert connector.request_finished(request, BLOCKS, 40) == (True, None)
 
     meta = connector.build_connector_meta(2, [])
     assert meta.saves == [SaveSpec("r", request.all_token_ids[:40], BLOCKS, 32, 40, final=True)]
@@ -157,13 +157,13 @@ def test_no_final_save_without_partial_chunks_or_a_partial_tail(make_engine, sav
     _, connector, request = stored(make_engine, 0, 40, save_partial_chunks=save_partial)
     connector.get_num_new_matched_tokens(request, 0)
     connector.build_connector_meta(1, [ScheduledWork(request, BLOCKS, computed)])
-    assert connector.request_finished(request, BLOCKS, computed) is False
+    assert connector.request_finished(request, BLOCKS, computed) == (False, None)
     assert connector.build_connector_meta(2, []).saves == []
 
 
 def test_finishing_an_unknown_request_asks_for_nothing(make_engine):
     _, connector, request = stored(make_engine, 0, 8)
-    assert connector.request_finished(request, BLOCKS, 8) is False
+    assert connector.request_finished(request, BLOCKS, 8) == (False, None)
 
 
 def test_chunk_size_must_be_a_multiple_of_the_block_size(make_engine):

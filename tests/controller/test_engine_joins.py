@@ -6,22 +6,13 @@ the prefix is.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
-from pathlib import Path
-
 import pytest
-import yaml
-from fleet_processes import free_port, instances, route, running_fleet, wait_up
+from engine_server import EngineServer
+from fleet_processes import instances, route, running_fleet, wait_up
 from waiting import wait_until
 
 MODEL = "random:llama-tiny"  # vocabulary of 512 token ids
 ENGINE_ID = "engine-1"
-START_DEADLINE_S = 60.0
 CHUNK = 32
 
 
@@ -29,49 +20,6 @@ CHUNK = 32
 def fleet(tmp_path):
     with running_fleet(tmp_path) as fleet:
         yield fleet
-
-
-class EngineServer:
-    """`kvtier_engine serve MODEL --kvtier-config F` on a free port; stopped with SIGTERM."""
-
-    def __init__(self, folder: Path, kvtier_config: dict):
-        config = folder / "kvtier.yaml"
-        config.write_text(yaml.safe_dump(kvtier_config))
-        self.port, self.log = free_port(), folder / "engine.log"
-        cmd = [sys.executable, "-m", "kvtier_engine", "serve", MODEL, "--port", str(self.port),
-               "--kv-cache-bytes", "64MiB", "--log-level", "warning", "--kvtier-config", str(config)]
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-    def request(self, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                pytest.fail(f"kvtier_engine exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                return self.request("/health")[0] == 200
-            except OSError:  # not listening yet
-                return False
-
-        if not wait_until(ready, "kvtier_engine ready", START_DEADLINE_S, required=False):
-            pytest.fail(f"kvtier_engine not ready in {START_DEADLINE_S} s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                pytest.fail(f"kvtier_engine ignored SIGTERM:\n{self.log.read_text()}")
 
 
 @pytest.fixture

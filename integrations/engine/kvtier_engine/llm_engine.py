@@ -39,6 +39,7 @@ from kvtier.platforms import current_platform
 from kvtier_engine.blend_step import prepare_blend, record_blend
 from kvtier_engine.block_pool import BlockPool
 from kvtier_engine.detokenize import append_token, stream_delta
+from kvtier_engine.disagg import KV_ROLES, Disaggregation, check_role
 from kvtier_engine.engine_metrics import STEP_LOG, EngineMetrics, StepRecord
 from kvtier_engine.kv_cache import PagedKVCache
 from kvtier_engine.layers.rotary import inverse_frequencies
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 ASYNC_WAIT_S = 0.05  # a step with nothing to run waits at most this long for a kvtier load to land
 CLOSE_WAIT_S = 30.0  # close waits at most this long for a prefetch read in flight
+__all__ = ["KV_ROLES", "EngineOptions", "LLMEngine", "RequestOutput", "StepFailed"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -69,6 +71,8 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True  # the device prefix cache (independent of kvtier)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    kv_role: str = "both"  # disaggregated prefill (KV_ROLES): kvtier_engine.disagg
+    kv_peers: tuple[str, ...] = ()  # P2P URLs of prefill instances a decode may load from
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,8 @@ class RequestOutput:
     # Only when the request's params ask for `logprobs`: one per generated token, and those new.
     logprobs: tuple[TokenLogprobs, ...] = ()
     new_logprobs: tuple[TokenLogprobs, ...] = ()
+    # A prefill's last output: what a decode instance needs to load its KV (kvtier_engine.disagg).
+    kv_transfer_params: dict | None = None
 
 
 class StepFailed(RuntimeError):
@@ -100,6 +106,11 @@ class LLMEngine:
     def __init__(self, options: EngineOptions):
         self.options = options
         self._log = LogLimiter(logger)  # a broken model fails every request: one line a minute
+        kv_config = None
+        if options.kvtier_config is not None:
+            kv_config = options.kvtier_config if isinstance(options.kvtier_config, KvtierConfig) \
+                else load_config(options.kvtier_config)
+        check_role(options.kv_role, kv_config)  # before the model loads: a wrong setup fails at once
         # auto: the device of kvtier's platform (kvtier.platforms: cuda with a GPU, a plugin's, or cpu).
         device = torch.device(options.device if options.device != "auto" else current_platform().device_type)
         dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if options.dtype == "auto" \
@@ -115,12 +126,11 @@ class LLMEngine:
         self.cache = PagedKVCache(config, num_blocks, options.block_size, dtype, device)
         self.kvtier: CacheEngine | None = None
         scheduler_side = worker_side = blend = None
-        if options.kvtier_config is not None:
-            kv_config = options.kvtier_config if isinstance(options.kvtier_config, KvtierConfig) \
-                else load_config(options.kvtier_config)
+        if kv_config is not None:
             blend = kv_config.blend
             scheduler_side, worker_side = self._connectors(kv_config, dtype)
         self.connector = worker_side
+        self.disagg = Disaggregation(options.kv_role, options.kv_peers, self.kvtier)
         pool = BlockPool(num_blocks, options.block_size, options.enable_prefix_caching)
         self.scheduler = Scheduler(pool, options.max_num_seqs, options.max_num_batched_tokens, scheduler_side)
         self.runner = ModelRunner(self.model, self.cache, worker_side, blend)
@@ -149,7 +159,9 @@ class LLMEngine:
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, kv_transfer_params: dict | None = None) -> str:
+        """Queue a request; its id. ValueError for a prompt, id or `kv_transfer_params` (disaggregated
+        prefill: kvtier_engine.disagg) this engine cannot take."""
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
@@ -165,7 +177,8 @@ class LLMEngine:
         # A retired request can still hold its blocks (its load lands, or its final save is gathered).
         if request_id in self._requests or self.scheduler.pool.holds(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, ids, params, generator_for(params), text)
+        transfer = self.disagg.admit(ids, kv_transfer_params)
+        request = Request(request_id, ids, params, generator_for(params), text, kv_transfer_params=transfer)
         self.scheduler.add(request)
         self._requests[request_id] = request
         return request_id
@@ -174,10 +187,12 @@ class LLMEngine:
         request = self._requests.get(request_id)
         if request is not None:
             self._retire(request, RequestStatus.FINISHED_ABORTED)
+        self.disagg.drop(request_id)
 
     def has_unfinished(self) -> bool:
-        """Whether `step` has work: requests to run, or finished ones whose final save is due."""
-        return self.scheduler.has_work()
+        """Whether `step` has work: requests to run, finished ones whose final save is due, or a
+        prefill's last outputs waiting for their KV to be stored."""
+        return self.scheduler.has_work() or self.disagg.waiting
 
     def has_requests(self) -> bool:
         """Whether any request has not finished (a finished one waiting for its save does not count)."""
@@ -220,7 +235,12 @@ class LLMEngine:
                                         time.perf_counter() - started))
         if not plan.scheduled and self.scheduler.loading and not result.async_loaded:
             self.runner.wait_for_async_loads(ASYNC_WAIT_S)  # nothing to run until a load lands
-        return outputs
+        if not self.disagg.waiting and not any(o.kv_transfer_params for o in outputs):
+            return outputs
+        outputs = self.disagg.hold_back(outputs)
+        if not self.scheduler.has_work():  # nothing else to do until a prefill's KV is stored
+            self.connector.wait_for_kv_stored(ASYNC_WAIT_S)
+        return outputs + self.disagg.ready(self.connector.pop_kv_stored())
 
     def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         if request.metrics.first_token_time is None:
@@ -290,4 +310,5 @@ def _output(request: Request, new_tokens: tuple[int, ...],
     return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, request.output_text,
                          request.output_token_ids, status.finished,
                          status.value if status.finished else None, request.metrics, stream_delta(request),
-                         new_tokens, tuple(request.output_logprobs), new_logprobs)
+                         new_tokens, tuple(request.output_logprobs), new_logprobs,
+                         request.transfer_reply if status.finished else None)

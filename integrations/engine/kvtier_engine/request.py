@@ -86,6 +86,10 @@ class Request:
     num_text_sent: int = 0  # characters of output_text already streamed
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # when params.logprobs is set
     wants_seat_to_park: bool = False  # its last lookup found an asynchronous load and no seat to park in
+    # Disaggregated prefill (kvtier_engine.disagg): what the client's request asked (vLLM's name, read
+    # by kvtier's connector), and what this instance answers once it finished (a prefill's reply).
+    kv_transfer_params: dict | None = None
+    transfer_reply: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

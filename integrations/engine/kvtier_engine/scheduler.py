@@ -334,10 +334,13 @@ class Scheduler:
         computed = 0 if request.status is RequestStatus.FINISHED_ERROR else request.num_computed_tokens
         if not self.pool.holds(request.request_id):
             if self.connector is not None:
-                self.connector.request_finished(request, [], computed)
+                request.transfer_reply = self.connector.request_finished(request, [], computed)[1]
             return
         blocks = self.pool.block_table(request.request_id)
-        if self.connector is not None and self.connector.request_finished(request, blocks, computed):
+        hold = False
+        if self.connector is not None:
+            hold, request.transfer_reply = self.connector.request_finished(request, blocks, computed)
+        if hold:
             self.held[request.request_id] = request
         else:
             self.pool.free(request.request_id)

@@ -245,7 +245,7 @@ class KvtierConnector(KVConnectorBase_V1):
             yield self._events.popleft()
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return self._scheduler.request_finished(request, block_ids), None
+        return self._scheduler.request_finished(request, block_ids)
 
     def reset_cache(self) -> bool:
         """vLLM's `reset_prefix_cache(reset_connector=True)` (new weights, say): kvtier drops every

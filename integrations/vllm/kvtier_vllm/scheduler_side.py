@@ -104,10 +104,10 @@ class SchedulerSide:
         if loaded:
             self._short |= self.kv.update_connector_output(loaded)
 
-    def request_finished(self, request, block_ids: list[int]) -> bool:
-        """True: vLLM keeps the blocks until a worker reports the request's final save gathered.
-        (A request aborted while it waits for its KV: kvtier cancels the load, and vLLM holds its
-        blocks until the worker reports it.)"""
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        """(hold, kv_transfer_params), vLLM's shape. hold: vLLM keeps the blocks until a worker
+        reports the request's final save gathered. (A request aborted while it waits for its KV:
+        kvtier cancels the load, and vLLM holds its blocks until the worker reports it.)"""
         seen = self._seen.pop(request.request_id, None) or _Seen(request)
         self._blocks.pop(request.request_id, None)
         self._short.discard(request.request_id)

@@ -49,9 +49,9 @@ class Stub:
     def cancel_load(self, request_id: str) -> None:
         self.cancelled.append(request_id)
 
-    def request_finished(self, request, block_ids, num_computed_tokens: int) -> bool:
+    def request_finished(self, request, block_ids, num_computed_tokens: int) -> tuple[bool, None]:
         self.finished.append(request.request_id)
-        return False
+        return False, None
 
 
 def make_request(request_id: str, num_tokens: int) -> Request:

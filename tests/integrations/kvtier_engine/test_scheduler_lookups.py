@@ -56,8 +56,8 @@ class Stub:
     def cancel_load(self, request_id: str) -> None:
         pass
 
-    def request_finished(self, request, block_ids, num_computed_tokens: int) -> bool:
-        return False
+    def request_finished(self, request, block_ids, num_computed_tokens: int) -> tuple[bool, None]:
+        return False, None
 
 
 def make_request(request_id: str, num_tokens: int) -> Request:

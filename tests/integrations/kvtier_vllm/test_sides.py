@@ -165,7 +165,7 @@ def test_a_request_aborted_before_its_asynchronous_load_starts_loads_nothing_and
     second = request("b", tokens + [1])
     assert inst.scheduler.get_num_new_matched_tokens(second, 0) == (2 * CHUNK, True)
     inst.scheduler.update_state_after_alloc(second, blocks([6, 7, 8]), 2 * CHUNK)
-    assert inst.scheduler.request_finished(second, []) is False  # aborted, still waiting for its KV
+    assert inst.scheduler.request_finished(second, []) == (False, None)  # aborted, waiting for its KV
     nothing = SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set())
     empty = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={}, scheduled_cached_reqs=nothing)
     report = inst.step(empty)  # the load is handed over with its cancel: dropped before it starts
@@ -201,7 +201,7 @@ def test_a_requests_blocks_follow_vllms_steps_new_cached_and_resumed(make_engine
     # Recomputed from scratch after the preemption: only the chunk not saved yet is saved, from its
     # new blocks.
     assert [(s.block_ids, s.start, s.end) for s in resumed.saves] == [([9, 8, 2, 0], 3 * CHUNK, 4 * CHUNK)]
-    assert inst.scheduler.request_finished(req, [9, 8, 2, 0]) is False  # every whole chunk saved already
+    assert inst.scheduler.request_finished(req, [9, 8, 2, 0]) == (False, None)  # every whole chunk saved
 
 
 def test_the_scheduler_side_logs_a_trace_line_per_request_its_prompt_taken_when_vllm_adds_it(make_engine,
@@ -216,7 +216,7 @@ def test_the_scheduler_side_logs_a_trace_line_per_request_its_prompt_taken_when_
     assert side.get_num_new_matched_tokens(req, 0) == (0, False)
     req.all_token_ids._x.extend([1, 2, 3, 4])  # generated: vLLM appends to the list behind its view
     req.num_computed_tokens = len(tokens) + 3
-    assert side.request_finished(req, []) is False
+    assert side.request_finished(req, []) == (False, None)
     side.close()
 
     (line,), _ = read_trace(path)

@@ -26,15 +26,17 @@ from kvtier_engine.serving.engine_loop import EngineLoop, RequestStream
 
 
 def submit_choices(engine_loop: EngineLoop, prompts: Sequence[list[int]], params: SamplingParams, n: int,
-                   request_id: str) -> list[RequestStream]:
-    """Submit every choice; if one is refused (EngineUnavailable), those already in are aborted."""
+                   request_id: str, kv_transfer_params: dict | None = None) -> list[RequestStream]:
+    """Submit every choice; if one is refused (EngineUnavailable), those already in are aborted.
+    `kv_transfer_params` only for a single choice (the parsers see to it)."""
     streams: list[RequestStream] = []
     several = len(prompts) * n > 1
     try:
         for prompt in prompts:
             for i in range(n):
                 choice_id = f"{request_id}-{len(streams)}" if several else request_id
-                streams.append(engine_loop.submit(prompt, _choice_params(params, i), choice_id))
+                streams.append(engine_loop.submit(prompt, _choice_params(params, i), choice_id,
+                                                  kv_transfer_params))
     except BaseException:
         abort_all(streams)
         raise

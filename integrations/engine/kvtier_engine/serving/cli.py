@@ -19,7 +19,10 @@ from collections.abc import Sequence
 
 from kvtier.config import load_config, parse_size
 from kvtier.errors import ConfigError
-from kvtier_engine.llm_engine import EngineOptions
+from kvtier_engine.llm_engine import KV_ROLES, EngineOptions
+from kvtier_engine.serving.proxy import DEFAULT_TIMEOUT_S as DEFAULT_PROXY_TIMEOUT_S
+from kvtier_engine.serving.proxy import ProxyConfig, run_proxy
+from kvtier_engine.serving.proxy_backends import BackendAddress, parse_backend_url
 from kvtier_engine.serving.server import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_REQUESTS,
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("model", metavar="MODEL", help="a Hugging Face model folder or random:<preset>")
     command.add_argument("--kvtier-config", metavar="FILE", default=None,
                        help="kvtier YAML configuration; without it kvtier is off")
-    command.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    command.add_argument("--host", default="127.0.0.1", type=_bind_host,
+                         help="address to bind (default: loopback only)")
     command.add_argument("--port", type=int, default=8000)
     command.add_argument("--served-model-name", metavar="NAME", default=None,
                        help="the name clients pass as `model` (default: MODEL)")
@@ -65,21 +69,51 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     command.add_argument("--chat-template", metavar="FILE", default=None,
                          help="a jinja2 chat template for /v1/chat/completions, replacing the model's own")
+    command.add_argument("--kv-role", default=defaults.kv_role, choices=KV_ROLES,
+                         help="disaggregated prefill: 'prefill' runs requests to their first token and "
+                         "holds their KV for a decode instance, 'decode' loads a prefill instance's KV "
+                         "named in a request's kv_transfer_params, 'both' does either (default: %(default)s)")
+    command.add_argument("--kv-peer", metavar="URL", action="append", default=[],
+                         help="a prefill instance's kvtier P2P URL (kvtier://host:port) this instance may "
+                         "load from; repeat for several (decode and both roles; none: any is refused)")
     command.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    _add_proxy_command(commands)
     return parser
+
+
+def _add_proxy_command(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "proxy", help="a disaggregated-prefill router in front of serve instances",
+        description="Serve the OpenAI API by running each request's prefill on a --prefill instance and "
+        "its decode on a --decode instance (`kvtier_engine serve --kv-role prefill|decode`).")
+    command.add_argument("--prefill", metavar="URL", action="append", required=True, type=_backend_url,
+                         help="a prefill instance, http://host:port; repeat for several")
+    command.add_argument("--decode", metavar="URL", action="append", required=True, type=_backend_url,
+                         help="a decode instance, http://host:port; repeat for several")
+    command.add_argument("--host", default="127.0.0.1", type=_bind_host,
+                         help="address to bind (default: loopback only)")
+    command.add_argument("--port", type=int, default=8000)
+    command.add_argument("--timeout", type=_seconds, default=DEFAULT_PROXY_TIMEOUT_S, metavar="S",
+                         help="seconds each read from an instance may take, and a prefill call in all "
+                         "(default: %(default)s)")
+    command.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "proxy":
+        config = ProxyConfig(tuple(args.prefill), tuple(args.decode), args.timeout)
+        sys.exit(run_proxy(config, args.host, args.port, args.log_level))
     try:
         # Loaded here, before the model: a wrong file fails in a moment, not after the load.
         kvtier_config = load_config(args.kvtier_config) if args.kvtier_config is not None else None
         options = EngineOptions(model=args.model, kvtier_config=kvtier_config, device=args.device,
                                 dtype=args.dtype, seed=args.seed, kv_cache_bytes=args.kv_cache_bytes,
                                 max_num_seqs=args.max_num_seqs,
-                                max_num_batched_tokens=args.max_num_batched_tokens)
+                                max_num_batched_tokens=args.max_num_batched_tokens, kv_role=args.kv_role,
+                                kv_peers=tuple(args.kv_peer))
         limits = ServerLimits(args.max_body_bytes, args.read_timeout, args.max_requests)
         template = _read_template(args.chat_template)
         status = serve(options, args.host, args.port, args.served_model_name, args.log_level, limits,
@@ -98,6 +132,20 @@ def _read_template(path: str | None) -> str | None:
             return f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--chat-template {path}: {exc}") from None
+
+
+def _backend_url(text: str) -> BackendAddress:
+    try:
+        return parse_backend_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bind_host(text: str) -> str:
+    # uvicorn takes "" for every interface: an empty value (an unset variable) must not open the server.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (0.0.0.0 binds every interface)")
+    return text
 
 
 def _size(flag: str):

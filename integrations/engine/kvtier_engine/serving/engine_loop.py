@@ -77,6 +77,7 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     deliver: Deliver
+    kv_transfer_params: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,8 @@ class EngineLoop:
         self._accepting = True
         self._thread.start()
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> RequestStream:
+    def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+               kv_transfer_params: dict | None = None) -> RequestStream:
         """Queue a request; its outputs arrive on the calling event loop. Raises EngineUnavailable."""
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, self.abort, self._request_ended)
@@ -204,7 +206,7 @@ class EngineLoop:
                 raise EngineUnavailable(f"the server is busy: {self._max_requests} requests are running "
                                         "or waiting; retry later")
             self._open_requests += 1
-            self._inbox.put(_Add(request_id, prompt, params, deliver))
+            self._inbox.put(_Add(request_id, prompt, params, deliver, kv_transfer_params))
         return stream
 
     def _request_ended(self) -> None:
@@ -287,7 +289,9 @@ class EngineLoop:
                 self.engine.abort(command.request_id)
             return
         try:
-            self.engine.add_request(command.prompt, command.params, command.request_id)
+            transfer = command.kv_transfer_params
+            extra = {} if transfer is None else {"kv_transfer_params": transfer}
+            self.engine.add_request(command.prompt, command.params, command.request_id, **extra)
         except ValueError as exc:
             command.deliver(RequestFailed(str(exc), 400))
             return

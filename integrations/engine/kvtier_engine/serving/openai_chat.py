@@ -33,13 +33,15 @@ from kvtier_engine.serving.openai_protocol import (
     kvtier_info,
     request_head,
     sampling_params,
+    transfer_params,
     usage,
     usage_chunk,
+    with_transfer,
 )
 
 _FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                      "top_k", "seed", "stop", "stream", "stream_options", "ignore_eos", "user", "logprobs",
-                     "top_logprobs", "n"})
+                     "top_logprobs", "n", "kv_transfer_params"})
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0,),
     "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
@@ -56,6 +58,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     n: int = 1  # choices
+    kv_transfer_params: dict[str, Any] | None = None  # disaggregated prefill (kvtier_engine.disagg)
 
     @property
     def prompts(self) -> tuple[list[dict[str, str]]]:
@@ -78,7 +81,8 @@ def parse_chat_request(body: object, max_model_len: int) -> ChatRequest:
         messages = check_messages(body.get("messages"))
     except ValueError as exc:  # InvalidChat, with the field at fault
         raise InvalidRequest(str(exc), getattr(exc, "param", "messages")) from None
-    return ChatRequest(model, messages, params, stream, include_usage, choices_per_prompt(body))
+    n = choices_per_prompt(body)
+    return ChatRequest(model, messages, params, stream, include_usage, n, transfer_params(body, n))
 
 
 def _logprobs_asked(body: dict[str, Any]) -> int | None:
@@ -102,9 +106,9 @@ def chat_body(head: CompletionHead, outputs: list[RequestOutput]) -> dict[str, A
     choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
                 "finish_reason": out.finish_reason, "logprobs": _logprobs(head, out.logprobs)}
                for i, out in enumerate(outputs)]
-    return {"id": head.id, "object": "chat.completion", "created": head.created, "model": head.model,
-            "choices": choices, "usage": chat_usage(outputs, head.n),
-            "kvtier": kvtier_info(outputs[0].metrics)}
+    return with_transfer({"id": head.id, "object": "chat.completion", "created": head.created,
+                          "model": head.model, "choices": choices, "usage": chat_usage(outputs, head.n),
+                          "kvtier": kvtier_info(outputs[0].metrics)}, outputs[0])
 
 
 def chat_role_chunks(head: CompletionHead, num_choices: int) -> list[dict[str, Any]]:
@@ -118,6 +122,7 @@ def chat_chunk(head: CompletionHead, output: RequestOutput, index: int = 0) -> d
                    _logprobs(head, output.new_logprobs), index)
     if output.finished:
         chunk["kvtier"] = kvtier_info(output.metrics)
+        with_transfer(chunk, output)
     return chunk
 
 

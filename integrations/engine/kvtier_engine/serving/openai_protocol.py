@@ -32,7 +32,7 @@ from kvtier_engine.sampling import InvalidSamplingParams, SamplingParams, TokenL
 # Choices one call may ask for (prompts times `n`): each is a request in the engine.
 MAX_CHOICES = 64
 _FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                     "stream", "stream_options", "ignore_eos", "user", "logprobs", "n"})
+                     "stream", "stream_options", "ignore_eos", "user", "logprobs", "n", "kv_transfer_params"})
 # Fields we do not implement, with the values that ask for nothing beyond what we do.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (1,), "echo": (False,), "suffix": ("",),
@@ -58,6 +58,7 @@ class CompletionRequest:
     include_usage: bool = False  # streaming: a last chunk with `usage` and no choices
     n: int = 1  # choices per prompt
     more_prompts: tuple[str | tuple[int, ...], ...] = ()  # a batch's prompts after the first
+    kv_transfer_params: dict[str, Any] | None = None  # disaggregated prefill (kvtier_engine.disagg)
 
     @property
     def prompts(self) -> tuple[str | tuple[int, ...], ...]:
@@ -83,7 +84,22 @@ def parse_completion_request(body: object, max_model_len: int | None = None) -> 
     prompts = _prompts(body.get("prompt"), max_model_len)
     params = sampling_params(body, logprobs=_int(body, "logprobs", None))
     n = choices_per_prompt(body, len(prompts))
-    return CompletionRequest(model, prompts[0], params, stream, include_usage, n, prompts[1:])
+    return CompletionRequest(model, prompts[0], params, stream, include_usage, n, prompts[1:],
+                             transfer_params(body, n * len(prompts)))
+
+
+def transfer_params(body: dict[str, Any], num_choices: int) -> dict[str, Any] | None:
+    """`kv_transfer_params`: an object, for a request of one choice (the engine checks its fields
+    against this instance's --kv-role: kvtier_engine.disagg)."""
+    params = body.get("kv_transfer_params")
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise InvalidRequest("'kv_transfer_params' must be an object", "kv_transfer_params")
+    if num_choices != 1:
+        raise InvalidRequest("'kv_transfer_params' needs a request of one prompt and n=1",
+                             "kv_transfer_params")
+    return params
 
 
 def choices_per_prompt(body: dict[str, Any], num_prompts: int = 1) -> int:
@@ -145,8 +161,16 @@ def completion_body(head: CompletionHead, outputs: list[RequestOutput]) -> dict[
     the first choice)."""
     choices = [_choice(out.text, out.finish_reason, _logprobs(head, out, out.logprobs), i)
                for i, out in enumerate(outputs)]
-    return {"id": head.id, "object": "text_completion", "created": head.created, "model": head.model,
-            "choices": choices, "usage": usage(outputs, head.n), "kvtier": kvtier_info(outputs[0].metrics)}
+    return with_transfer({"id": head.id, "object": "text_completion", "created": head.created,
+                          "model": head.model, "choices": choices, "usage": usage(outputs, head.n),
+                          "kvtier": kvtier_info(outputs[0].metrics)}, outputs[0])
+
+
+def with_transfer(body: dict[str, Any], output: RequestOutput) -> dict[str, Any]:
+    """`body` with a prefill's `kv_transfer_params` (vLLM's top-level field), where it has some."""
+    if output.kv_transfer_params is not None:
+        body["kv_transfer_params"] = output.kv_transfer_params
+    return body
 
 
 def completion_chunk(head: CompletionHead, output: RequestOutput, index: int = 0) -> dict[str, Any]:
@@ -157,6 +181,7 @@ def completion_chunk(head: CompletionHead, output: RequestOutput, index: int = 0
                                  _logprobs(head, output, output.new_logprobs), index)]}
     if output.finished:
         chunk["kvtier"] = kvtier_info(output.metrics)
+        with_transfer(chunk, output)
     return chunk
 
 

@@ -43,9 +43,9 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -58,6 +58,8 @@ from kvtier.body_limit import BodyLimit, BodyTooLarge
 from kvtier_engine.chat_template import InvalidChat, render_chat, without_double_bos
 from kvtier_engine.llm_engine import EngineOptions, LLMEngine, RequestOutput
 from kvtier_engine.serving.choices import abort_all, all_finished, first_outputs, merged, submit_choices
+from kvtier_engine.serving.disagg_routes import add_transfer_routes
+from kvtier_engine.serving.disconnect import ClientGone, unless_disconnected
 from kvtier_engine.serving.engine_loop import EngineLoop, RequestFailed, RequestStream
 from kvtier_engine.serving.http_protocol import HeadDeadlineProtocol
 from kvtier_engine.serving.openai_chat import (
@@ -98,7 +100,6 @@ DEFAULT_READ_TIMEOUT_S = 30.0
 # prompt and output in memory, so a flood of requests must not queue without end.
 DEFAULT_MAX_REQUESTS = 512
 EXIT_ENGINE_FAILED = 1  # serve's return value when the engine became unusable
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +137,6 @@ class _ModelNotFound(Exception):
     pass
 
 
-class _ClientGone(Exception):
-    pass
-
-
 def build_app(engine_loop: EngineLoop, model: ServedModel, limits: ServerLimits = ServerLimits()) -> FastAPI:
     """The ASGI app. The caller owns `engine_loop`: it starts it before serving and closes it after."""
     app = FastAPI(title="kvtier_engine", docs_url=None, redoc_url=None, openapi_url=None)
@@ -148,6 +145,7 @@ def build_app(engine_loop: EngineLoop, model: ServedModel, limits: ServerLimits 
     _add_info_routes(app, engine_loop, model)
     _add_completions_route(app, engine_loop, model, limits.read_timeout_s)
     _add_chat_route(app, engine_loop, model, limits.read_timeout_s)
+    add_transfer_routes(app, engine_loop.engine)
     return app
 
 
@@ -186,7 +184,7 @@ def _add_completions_route(app: FastAPI, engine_loop: EngineLoop, model: ServedM
             return Response(status_code=499)
         body, head = read
         prompts = [await _token_ids(prompt, tokenizer, model.max_model_len) for prompt in body.prompts]
-        streams = submit_choices(engine_loop, prompts, body.params, body.n, head.id)
+        streams = submit_choices(engine_loop, prompts, body.params, body.n, head.id, body.kv_transfer_params)
         return await _respond(request, streams, head, body, _COMPLETIONS)
 
 
@@ -210,7 +208,7 @@ def _add_chat_route(app: FastAPI, engine_loop: EngineLoop, model: ServedModel, r
             raise InvalidRequest(exc.message, exc.param) from None
         prompt = without_double_bos(await _token_ids(text, tokenizer, model.max_model_len, "messages"),
                                     getattr(tokenizer, "bos_token_id", None))
-        streams = submit_choices(engine_loop, [prompt], body.params, body.n, head.id)
+        streams = submit_choices(engine_loop, [prompt], body.params, body.n, head.id, body.kv_transfer_params)
         return await _respond(request, streams, head, body, _CHAT)
 
 
@@ -251,16 +249,16 @@ async def _respond(request: Request, streams: list[RequestStream], head: Complet
     streaming = False
     try:
         if body.stream:
-            firsts = await _unless_disconnected(request, first_outputs(streams))
+            firsts = await unless_disconnected(request, first_outputs(streams))
             # From here the response's iterator, and its background task should the iterator
             # never start, abort the requests if the client leaves.
             streaming = True
             return StreamingResponse(_sse(streams, firsts, head, body, wire), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(abort_all, streams))
-        finals = await _unless_disconnected(request, all_finished(streams))
+        finals = await unless_disconnected(request, all_finished(streams))
         return JSONResponse(wire.body(head, finals))
-    except _ClientGone:
+    except ClientGone:
         logger.info("%s: client disconnected; request aborted", head.id)
         return Response(status_code=499)  # nobody reads it; the status is nginx's "client closed"
     finally:
@@ -299,7 +297,7 @@ def run_server(engine: LLMEngine, model: ServedModel, host: str, port: int, log_
                             http=functools.partial(HeadDeadlineProtocol,
                                                    head_timeout_s=limits.read_timeout_s))
     server = _Server(config, engine_loop)
-    with _exit_on_signals(server):
+    with exit_on_signals(server):
         engine_loop.start()
         try:
             server.run()
@@ -331,7 +329,7 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def _exit_on_signals(server: uvicorn.Server) -> Iterator[None]:
+def exit_on_signals(server: uvicorn.Server) -> Iterator[None]:
     """While uvicorn serves, SIGINT/SIGTERM start its graceful shutdown; once it is done it restores
     the handlers it found and raises the signal again, which under Python's defaults kills the
     process (-15, or KeyboardInterrupt) before the engine is closed and kvtier's queued writes land.
@@ -389,28 +387,6 @@ async def _sse(streams: list[RequestStream], firsts: list[RequestOutput], head: 
 
 def _event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """`await work`, unless the client disconnects first: then cancel it and raise _ClientGone."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done():
-        raise _ClientGone()
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    # The body has been read, so the next ASGI message is the disconnect (as Starlette's own
-    # StreamingResponse listens for it).
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _decode_json(raw: bytes) -> object:
