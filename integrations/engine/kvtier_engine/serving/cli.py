@@ -1,4 +1,5 @@
-"""The `kvtier_engine` command: `kvtier_engine serve MODEL [options]` (also `python -m kvtier_engine`).
+"""The `kvtier_engine` command: `kvtier_engine serve MODEL [options]` (also `python -m kvtier_engine`),
+and `kvtier_engine proxy --prefill URL --decode URL` (disaggregated prefill: serving/proxy.py).
 
     kvtier_engine serve random:llama-small --kvtier-config configs/cpu_disk.yaml --port 8000
 

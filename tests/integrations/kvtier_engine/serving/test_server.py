@@ -622,6 +622,11 @@ def test_cli_parses_serve_options():
             build_parser().parse_args(["serve", MODEL, "--read-timeout", bad])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", MODEL, "--kv-cache-bytes", "lots"])
+    with pytest.raises(SystemExit):  # uvicorn would bind every interface: fail closed
+        build_parser().parse_args(["serve", MODEL, "--host", " "])
+    assert (args.kv_role, args.kv_peer) == ("both", [])
+    roles = build_parser().parse_args(["serve", MODEL, "--kv-role", "decode", "--kv-peer", "kvtier://h:1"])
+    assert (roles.kv_role, roles.kv_peer) == ("decode", ["kvtier://h:1"])
 
 
 class FakeEngine:
