@@ -204,6 +204,12 @@ class CacheEngine:
         """Where peers read this engine's chunks (kvtier://host:port), when it has a `p2p:` section."""
         return None if self._p2p is None else self._p2p.url
 
+    @property
+    def instance_id(self) -> str | None:
+        """This engine's id in its fleet, as the controller's /v1/route names it; None without a
+        `controller:` section (or once closed)."""
+        return None if self._fleet is None else self._fleet.instance_id
+
     def expect_from_peer(self, tokens: Tokens, p2p_url: str, ttl_s: float) -> int:
         """A peer (a prefill instance, through a request's kv_transfer_params) holds the chunks of
         `tokens`: for the next `ttl_s` they are read from `p2p_url` whatever the controller says

@@ -40,7 +40,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -87,6 +87,7 @@ class KvtierWorkerConnector:
         self._finished_sending: set[str] = set()
         self._kv_stored: set[str] = set()  # `notify_stored` requests whose saves are all stored
         self._stored_changed = threading.Condition()
+        self.on_stored: Callable[[str], None] | None = None  # also told, on the saver thread
         self.segments: SegmentIO | None = None
         self._blend_loads: dict[str, BlendLoad] = {}
         # Counters are updated from the forward thread, the saver's and the asynchronous loader's.
@@ -273,6 +274,11 @@ class KvtierWorkerConnector:
         with self._stored_changed:
             self._kv_stored.add(request_id)
             self._stored_changed.notify_all()
+        if self.on_stored is not None:  # (on the saver thread: the engine may be mid-step)
+            try:
+                self.on_stored(request_id)
+            except Exception:
+                self._log.error("stored", "reporting request %s stored failed", request_id, exc_info=True)
 
     def pop_kv_stored(self) -> set[str]:
         """Requests of `notify_stored` whose saves have all been stored (or failed) since the last call."""

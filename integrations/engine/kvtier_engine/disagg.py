@@ -4,9 +4,10 @@ A request's `kv_transfer_params` (vLLM's name and shape) say what it wants of th
 
 - `{"do_remote_decode": true}` (roles prefill, both): run it to its first token, save its whole
   prompt's KV and hold it for a decode instance (kvtier.connector.handoffs). Its last output waits
-  here until every save of it is stored (the worker reports it: `pop_kv_stored`), at most
-  STORE_WAIT_S, and carries the parameters the decode instance needs (`RequestOutput.
-  kv_transfer_params`; None if they could not be made, or the wait ran out: decode colocated then).
+  here until every save of it is stored (the worker reports it on its saver thread: `stored`, which
+  hands it straight to the server's `sink`; else the next step's end), at most STORE_WAIT_S, and
+  carries the parameters the decode instance needs (`RequestOutput.kv_transfer_params`; None if
+  they could not be made, or the wait ran out: decode colocated then).
 - `{"do_remote_prefill": true, "remote_p2p_url", "namespace", "num_tokens", ...}` (roles decode,
   both): the prompt's chunks are read from that prefill instance over P2P (CacheEngine.
   expect_from_peer: the P2P directory's hints), by the connector's asynchronous load: the request
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pydantic import TypeAdapter
@@ -77,6 +79,10 @@ class Disaggregation:
         except ValueError as exc:
             raise ConfigError(f"--kv-peer: {exc}") from None
         self._awaiting: dict[str, tuple[float, RequestOutput]] = {}  # id -> (give up at, last output)
+        self._lock = threading.Lock()  # `stored` runs on the saver thread, the rest on the engine's
+        # Where `stored` hands a held output at once (the serving loop's delivery); None: `ready` does,
+        # at the end of the engine's next step, which may be seconds away while a long prompt runs.
+        self.sink: Callable[[RequestOutput], None] | None = None
 
     def admit(self, token_ids: list[int], params: object) -> dict | None:
         """The `kv_transfer_params` of a new request with prompt `token_ids`, checked (ValueError: a
@@ -120,13 +126,24 @@ class Disaggregation:
     def waiting(self) -> bool:
         return bool(self._awaiting)
 
+    def stored(self, request_id: str) -> None:
+        """On the saver thread: `request_id`'s KV is stored. With a `sink`, its held output goes out
+        now, not after the step the engine is running."""
+        if self.sink is None:
+            return
+        with self._lock:
+            entry = self._awaiting.pop(request_id, None)
+        if entry is not None:
+            self.sink(entry[1])
+
     def hold_back(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """`outputs` less the last ones of requests whose KV is going to a decode instance (kept
         until `ready` says their KV is stored)."""
         kept = []
         for out in outputs:
             if out.finished and out.kv_transfer_params is not None:
-                self._awaiting[out.request_id] = (time.monotonic() + STORE_WAIT_S, out)
+                with self._lock:
+                    self._awaiting[out.request_id] = (time.monotonic() + STORE_WAIT_S, out)
             else:
                 kept.append(out)
         return kept
@@ -135,18 +152,20 @@ class Disaggregation:
         """The held outputs whose KV is stored (`stored`: the worker's `pop_kv_stored`), and those
         past STORE_WAIT_S without their parameters (the decode instance computes the prompt)."""
         now, out = time.monotonic(), []
-        for request_id, (give_up_at, output) in list(self._awaiting.items()):
-            if request_id in stored:
-                out.append(output)
-            elif give_up_at <= now:
-                logger.warning("request %s: its KV was not stored within %g s; answered without "
-                               "kv_transfer_params", request_id, STORE_WAIT_S)
-                out.append(dataclasses.replace(output, kv_transfer_params=None))
-            else:
-                continue
-            del self._awaiting[request_id]
+        with self._lock:
+            for request_id, (give_up_at, output) in list(self._awaiting.items()):
+                if request_id in stored:
+                    out.append(output)
+                elif give_up_at <= now:
+                    logger.warning("request %s: its KV was not stored within %g s; answered without "
+                                   "kv_transfer_params", request_id, STORE_WAIT_S)
+                    out.append(dataclasses.replace(output, kv_transfer_params=None))
+                else:
+                    continue
+                del self._awaiting[request_id]
         return out
 
     def drop(self, request_id: str) -> None:
         """The client went away: its held output is not delivered (the KV's lease runs out)."""
-        self._awaiting.pop(request_id, None)
+        with self._lock:
+            self._awaiting.pop(request_id, None)

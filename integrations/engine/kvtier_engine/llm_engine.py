@@ -131,6 +131,8 @@ class LLMEngine:
             scheduler_side, worker_side = self._connectors(kv_config, dtype)
         self.connector = worker_side
         self.disagg = Disaggregation(options.kv_role, options.kv_peers, self.kvtier)
+        if worker_side is not None:
+            worker_side.on_stored = self.disagg.stored
         pool = BlockPool(num_blocks, options.block_size, options.enable_prefix_caching)
         self.scheduler = Scheduler(pool, options.max_num_seqs, options.max_num_batched_tokens, scheduler_side)
         self.runner = ModelRunner(self.model, self.cache, worker_side, blend)

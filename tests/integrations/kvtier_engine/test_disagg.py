@@ -92,3 +92,18 @@ def test_a_prefills_last_output_waits_for_its_kv_and_goes_without_params_past_th
     prefill.hold_back([output("d", {"transfer_id": "3"})])
     prefill.drop("d")  # the client left
     assert not prefill.waiting
+
+
+def test_with_a_sink_a_held_output_goes_out_as_its_kv_lands_and_only_once(kvtier):
+    prefill = Disaggregation("prefill", [], kvtier)
+    held = output("b", {"transfer_id": "1"})
+    prefill.hold_back([held])
+    prefill.stored("b")  # without a sink: left for the step's end
+    assert prefill.waiting
+    sent: list[RequestOutput] = []
+    prefill.sink = sent.append
+    prefill.stored("b")  # (on the saver thread, while the engine may be mid-step)
+    assert sent == [held] and not prefill.waiting
+    assert prefill.ready({"b"}) == []  # the step's end does not send it again
+    prefill.stored("unknown")
+    assert sent == [held]

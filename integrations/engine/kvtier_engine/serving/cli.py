@@ -1,5 +1,6 @@
 """The `kvtier_engine` command: `kvtier_engine serve MODEL [options]` (also `python -m kvtier_engine`),
-and `kvtier_engine proxy --prefill URL --decode URL` (disaggregated prefill: serving/proxy.py).
+and `kvtier_engine proxy --prefill URL --decode URL [--controller URL]` (disaggregated prefill:
+serving/proxy.py).
 
     kvtier_engine serve random:llama-small --kvtier-config configs/cpu_disk.yaml --port 8000
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +26,7 @@ from kvtier_engine.llm_engine import KV_ROLES, EngineOptions
 from kvtier_engine.serving.proxy import DEFAULT_TIMEOUT_S as DEFAULT_PROXY_TIMEOUT_S
 from kvtier_engine.serving.proxy import ProxyConfig, run_proxy
 from kvtier_engine.serving.proxy_backends import BackendAddress, parse_backend_url
+from kvtier_engine.serving.proxy_prefix import TOKEN_ENV, controller_link
 from kvtier_engine.serving.server import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_REQUESTS,
@@ -97,6 +100,10 @@ def _add_proxy_command(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--timeout", type=_seconds, default=DEFAULT_PROXY_TIMEOUT_S, metavar="S",
                          help="seconds each read from an instance may take, and a prefill call in all "
                          "(default: %(default)s)")
+    command.add_argument("--controller", metavar="URL", type=_backend_url, default=None,
+                         help="a kvtier_controller, http://host:port: send each request to the decode "
+                         f"instance holding its longest cached prefix (its /v1/route); the token from "
+                         f"${TOKEN_ENV}, needed unless the controller is on loopback")
     command.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
 
@@ -105,8 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "proxy":
-        config = ProxyConfig(tuple(args.prefill), tuple(args.decode), args.timeout)
-        sys.exit(run_proxy(config, args.host, args.port, args.log_level))
+        sys.exit(_proxy(args))
     try:
         # Loaded here, before the model: a wrong file fails in a moment, not after the load.
         kvtier_config = load_config(args.kvtier_config) if args.kvtier_config is not None else None
@@ -123,6 +129,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"kvtier_engine: configuration error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     sys.exit(status)
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    try:
+        # The token only from the environment: a command line is visible to every user of the host.
+        controller = None if args.controller is None else controller_link(args.controller, os.environ)
+    except ConfigError as exc:
+        print(f"kvtier_engine: configuration error: --controller {args.controller.url}: {exc}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    config = ProxyConfig(tuple(args.prefill), tuple(args.decode), args.timeout, controller=controller)
+    return run_proxy(config, args.host, args.port, args.log_level)
 
 
 def _read_template(path: str | None) -> str | None:

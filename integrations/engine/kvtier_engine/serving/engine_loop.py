@@ -185,7 +185,18 @@ class EngineLoop:
 
     def start(self) -> None:
         self._accepting = True
+        disagg = getattr(self.engine, "disagg", None)
+        if disagg is not None:  # a prefill's last output goes out as its KV lands, not after a step
+            disagg.sink = self._deliver_held
         self._thread.start()
+
+    def _deliver_held(self, output: RequestOutput) -> None:
+        # On kvtier's saver thread. `_streams` belongs to the engine thread: only read here (one dict
+        # lookup), and the entry is dropped there by the abort queued after (the request is done).
+        deliver = self._streams.get(output.request_id)
+        if deliver is not None:
+            deliver(output)
+            self.abort(output.request_id)
 
     def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                kv_transfer_params: dict | None = None) -> RequestStream:

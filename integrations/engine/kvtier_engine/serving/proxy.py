@@ -2,13 +2,18 @@
 
     POST /v1/completions, /v1/chat/completions  OpenAI-compatible, split as below
     GET  /v1/models   forwarded to a decode instance
-    GET  /health      200 {"status": "ok", "prefill": [{"url", "in_flight"}], "decode": [...]}
+    GET  /health      200 {"status": "ok", "prefill": [{"url", "in_flight"}], "decode": [...]}, and
+                      with --controller, "controller": {"url", "backing_off", "decode_ids": {id: url}}
 
 The flow of one request (`proxy_flow.py`; instances are picked by fewest calls in flight, ties
 round robin: `proxy_backends.py`):
   1. A body over `max_body_bytes` gets 413; one that is not a JSON object, 400 (OpenAI's error body).
      A body that already has `kv_transfer_params`, asks for `n` > 1 or is a batch of prompts goes to
      a decode instance whole and unchanged (one transfer holds one sequence's KV).
+  1b. With a controller (`proxy_prefix.py`): the decode instances holding the prompt's longest
+     cached prefix are the only candidates for step 3; when that prefix covers the prompt but for
+     its last chunk, the request goes to one of them as it is, without a prefill (`cached`). Any
+     failure of that lookup: decode instances are chosen by load, as without a controller.
   2. Prefill: the body with `stream: false`, `max_tokens: 1` (and `max_completion_tokens: 1` when
      given), no `stream_options`, and `kv_transfer_params: {"do_remote_decode": true}`, to a prefill
      instance, whose 200 carries the `kv_transfer_params` (with a `transfer_id`) of the KV it holds.
@@ -17,7 +22,7 @@ round robin: `proxy_backends.py`):
      arrives (`proxy_relay.py`), a JSON body once read whole.
   4. Release: once the decode call has ended, whichever way, or was never made, a background
      `POST {prefill}/v1/kv/release {"transfer_id": ...}` (best effort, logged when it fails).
-Every response the proxy relays has `x-kvtier-disagg: disaggregated` or `colocated`.
+Every response the proxy relays has `x-kvtier-disagg: disaggregated`, `colocated` or `cached`.
 
 Failures; nothing waits without a deadline (`proxy_upstream.py`: connect, send and each read; a
 prefill call within --timeout in all):
@@ -55,6 +60,7 @@ from kvtier_engine.serving.http_protocol import HeadDeadlineProtocol
 from kvtier_engine.serving.proxy_backends import BackendAddress, BackendPool
 from kvtier_engine.serving.proxy_bodies import CHAT, COMPLETIONS, BadBody, parse_body
 from kvtier_engine.serving.proxy_flow import Router, error_response
+from kvtier_engine.serving.proxy_prefix import ControllerLink, PrefixRouter
 from kvtier_engine.serving.server import exit_on_signals
 
 logger = logging.getLogger(__name__)
@@ -73,11 +79,14 @@ class ProxyConfig:
     decode: tuple[BackendAddress, ...]
     timeout_s: float = DEFAULT_TIMEOUT_S  # each upstream read, and a prefill call in all
     max_body_bytes: int = MAX_BODY_BYTES
+    controller: ControllerLink | None = None  # None: decode instances are chosen by load only
 
 
 def build_proxy_app(config: ProxyConfig) -> Starlette:
-    router = Router(BackendPool("prefill", config.prefill), BackendPool("decode", config.decode),
-                    config.timeout_s)
+    decode = BackendPool("decode", config.decode)
+    prefix = None if config.controller is None else \
+        PrefixRouter(config.controller, decode.backends, config.timeout_s)
+    router = Router(BackendPool("prefill", config.prefill), decode, config.timeout_s, prefix)
 
     async def completions(request: Request) -> Response:
         return await _proxied(request, router, COMPLETIONS, config.timeout_s)
@@ -86,8 +95,10 @@ def build_proxy_app(config: ProxyConfig) -> Starlette:
         return await _proxied(request, router, CHAT, config.timeout_s)
 
     async def health(_: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "prefill": router.prefill.snapshot(),
-                             "decode": router.decode.snapshot()})
+        body = {"status": "ok", "prefill": router.prefill.snapshot(), "decode": router.decode.snapshot()}
+        if prefix is not None:
+            body["controller"] = prefix.snapshot()
+        return JSONResponse(body)
 
     async def models(_: Request) -> Response:
         return await router.models()
@@ -107,8 +118,9 @@ def build_proxy_app(config: ProxyConfig) -> Starlette:
 
 def run_proxy(config: ProxyConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
     """Serve until SIGINT/SIGTERM. Blocking; call it from the main thread (uvicorn's signals)."""
-    logger.info("prefill instances: %s; decode instances: %s", " ".join(a.url for a in config.prefill),
-                " ".join(a.url for a in config.decode))
+    logger.info("prefill instances: %s; decode instances: %s; controller: %s",
+                " ".join(a.url for a in config.prefill), " ".join(a.url for a in config.decode),
+                config.controller.address.url if config.controller is not None else "none (load only)")
     server = uvicorn.Server(uvicorn.Config(
         build_proxy_app(config), host=host, port=port, log_level=log_level,
         timeout_graceful_shutdown=SHUTDOWN_S,

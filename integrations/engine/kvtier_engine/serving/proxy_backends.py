@@ -1,8 +1,9 @@
 """The proxy's engine instances of one role (prefill or decode), and which one gets the next call.
 
 `BackendPool.lease()` picks the instance with the fewest calls in flight (ties: round robin, so idle
-instances share the work) and counts the call until `Lease.end()`, which is idempotent: the paths
-that can end one call (its reply read, its stream closed, its response abandoned, its handler
+instances share the work), among all or among those it is given (the ones holding a prompt's longest
+cached prefix: `proxy_prefix.py`), and counts the call until `Lease.end()`, which is idempotent: the
+paths that can end one call (its reply read, its stream closed, its response abandoned, its handler
 cancelled) may all end it, and the count goes back down exactly once.
 
 Runs on the proxy's event loop only: the counts are plain integers, no locks.
@@ -79,9 +80,11 @@ class BackendPool:
         self.backends = [Backend(role, address) for address in addresses]
         self._turn = 0
 
-    def lease(self, avoid: Backend | None = None) -> Lease:
-        """A lease on the least loaded instance, other than `avoid` when there is another."""
-        candidates = [b for b in self.backends if b is not avoid] or self.backends
+    def lease(self, avoid: Backend | None = None, among: Sequence[Backend] | None = None) -> Lease:
+        """A lease on the least loaded instance (of `among`, when given: those holding a prompt's
+        longest cached prefix), other than `avoid` when there is another."""
+        pool = among or self.backends
+        candidates = [b for b in pool if b is not avoid] or pool
         start = self._turn % len(candidates)
         self._turn += 1
         # min() keeps the first of equals: rotating the start is what makes ties round robin.

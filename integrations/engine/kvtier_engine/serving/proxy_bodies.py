@@ -2,8 +2,9 @@
 
 The proxy checks as little as it can: a body must be a JSON object, and the rest is the engine's to
 judge (a prefill instance's 400 reaches the client unchanged). It only decides whether a request
-can be split (`colocated_reason`), writes the prefill's and the decode's bodies, and takes the
-prefill's `kv_transfer_params` from its reply, which it never looks into beyond `transfer_id`.
+can be split (`colocated_reason`), what of it the prefix lookup needs (`prompt_query`), writes the
+prefill's and the decode's bodies, and takes the prefill's `kv_transfer_params` from its reply,
+which it never looks into beyond `transfer_id`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,24 @@ def colocated_reason(body: dict[str, Any], path: str) -> str | None:
     if path == COMPLETIONS and isinstance(prompt, list) and len(prompt) > 1 \
             and any(isinstance(p, (str, list)) for p in prompt):
         return "a batch of prompts"
+    return None
+
+
+def prompt_query(body: dict[str, Any], path: str) -> list[int] | dict[str, Any] | None:
+    """What the prefix lookup needs of a request that can be split: its token ids when the body gives
+    them, else the body of a `POST /tokenize` that gives them (the `prompt` or the `messages` as
+    sent); None when there is nothing to look up (the engine judges such a body)."""
+    if path == CHAT:
+        messages = body.get("messages")
+        return {"messages": messages} if isinstance(messages, list) and messages else None
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and prompt:
+        return {"prompt": prompt}
+    # bool is an int to Python, not to JSON; the controller takes ids below 2**32.
+    if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t < 1 << 32 for t in prompt):
+        return prompt
     return None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -25,6 +25,7 @@ from kvtier_engine.serving.proxy_bodies import (
     prefill_body,
     transfer_params,
 )
+from kvtier_engine.serving.proxy_prefix import PrefixRouter
 from kvtier_engine.serving.proxy_relay import Relay, Releaser, Transfer
 from kvtier_engine.serving.proxy_upstream import Timeouts, Upstream, UpstreamError, fetch, open_call
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 DISAGG_HEADER = "x-kvtier-disagg"
 DISAGGREGATED, COLOCATED = "disaggregated", "colocated"
+CACHED = "cached"  # straight to the decode instance that holds the prompt's KV: no prefill
 # A decode's JSON reply is held whole before it goes out (so a failure half-way can still be retried):
 # n choices with logprobs stay far below this.
 MAX_REPLY_BYTES = 64 << 20
@@ -40,10 +42,12 @@ MAX_CONNECT_S = 10.0  # a connect on a LAN takes milliseconds; a lost host need 
 
 
 class Router:
-    def __init__(self, prefill: BackendPool, decode: BackendPool, timeout_s: float):
+    def __init__(self, prefill: BackendPool, decode: BackendPool, timeout_s: float,
+                 prefix: PrefixRouter | None = None):
         self.prefill, self.decode = prefill, decode
         self.timeouts = Timeouts(min(MAX_CONNECT_S, timeout_s), timeout_s)
         self.releaser = Releaser()
+        self.prefix = prefix  # None: decode instances are chosen by load only
 
     async def dispatch(self, path: str, raw: bytes, body: dict[str, Any]) -> Response:
         """The response to a parsed request; `raw` is its body as the client sent it."""
@@ -51,14 +55,21 @@ class Router:
         if reason is not None:
             logger.debug("%s to a decode instance whole: %s", path, reason)
             return await self._decode(path, raw, raw, COLOCATED, _nothing)
+        hit = await self.prefix.best(path, body) if self.prefix is not None else None
+        among = hit.backends if hit is not None else None
+        if hit is not None and hit.whole:
+            logger.debug("%s: %d of %d prompt tokens cached on a decode instance; no prefill", path,
+                         hit.hit_tokens, hit.num_tokens)
+            return await self._decode(path, raw, raw, CACHED, _nothing, among)
         outcome = await self._prefill(path, body)
         if isinstance(outcome, Response):
             return outcome
         if outcome is None:
-            return await self._decode(path, raw, raw, COLOCATED, _nothing)
+            return await self._decode(path, raw, raw, COLOCATED, _nothing, among)
         release = self.releaser.once(outcome)
         try:
-            return await self._decode(path, decode_body(body, outcome.params), raw, DISAGGREGATED, release)
+            return await self._decode(path, decode_body(body, outcome.params), raw, DISAGGREGATED, release,
+                                      among)
         except BaseException:  # cancelled before the decode was sent: the KV is still held
             release()
             raise
@@ -91,10 +102,11 @@ class Router:
         return Transfer(lease.backend.address, params)
 
     async def _decode(self, path: str, body: bytes, retry_body: bytes, mode: str,
-                      on_end: Callable[[], None]) -> Response:
-        """A decode instance's response; once more, colocated, on another when the first fails before
-        answering; a 502 naming the instance when that fails too."""
-        first = self.decode.lease()
+                      on_end: Callable[[], None], among: Sequence[Backend] | None = None) -> Response:
+        """A decode instance's response (the first try on one of `among`, when given); once more,
+        colocated, on another when the first fails before answering; a 502 naming the instance when
+        that fails too."""
+        first = self.decode.lease(among=among)
         try:
             return await self._attempt(first, path, body, mode, on_end)
         except UpstreamError as exc:

@@ -1,4 +1,5 @@
-"""The proxy's HTTP/1.1 client to engine instances: h11 (sans-IO) over asyncio streams.
+"""The proxy's HTTP/1.1 client to engine instances (and to the controller): h11 (sans-IO) over asyncio
+streams.
 
 One connection per call (`Connection: close`): a call is cancelled by closing its connection, which
 is how the engine learns that its client left and aborts the request. No pool: on the loopback or a
@@ -16,7 +17,10 @@ Runs on the proxy's event loop; an `Upstream` belongs to one task at a time. Its
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 
@@ -26,12 +30,14 @@ CHUNK_BYTES = 64 << 10  # one socket read, and so at most one piece of a relayed
 
 
 class UpstreamError(Exception):
-    """No usable answer from an instance: refused, reset, timed out, not HTTP, or over a size bound."""
+    """No usable answer from an instance: refused, reset, timed out, not HTTP, or over a size bound
+    (and from `fetch_json`: another status than 200, or a body that is not JSON)."""
 
-    def __init__(self, url: str, reason: str):
+    def __init__(self, url: str, reason: str, status: int | None = None):
         super().__init__(f"{url}: {reason}")
         self.url = url
         self.reason = reason
+        self.status = status  # the reply's status, for a reply that came with an unusable one
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +84,9 @@ class Upstream:
     def close(self) -> None:
         self._writer.close()
 
-    async def _send(self, method: str, path: str, body: bytes) -> None:
+    async def _send(self, method: str, path: str, body: bytes, extra: Sequence[tuple[str, str]]) -> None:
         host = self.url.removeprefix("http://")
-        headers = [("Host", host), ("Connection", "close"), ("Accept", "*/*")]
+        headers = [("Host", host), ("Connection", "close"), ("Accept", "*/*"), *extra]
         if method == "POST":
             headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         self._writer.write(self._conn.send(h11.Request(method=method, target=path, headers=headers)))
@@ -124,8 +130,9 @@ class Upstream:
 
 
 async def open_call(address: BackendAddress, method: str, path: str, body: bytes,
-                    timeouts: Timeouts) -> Upstream:
-    """Send `method path` with a JSON `body` and read the reply's head; the body is left to read."""
+                    timeouts: Timeouts, headers: Sequence[tuple[str, str]] = ()) -> Upstream:
+    """Send `method path` with a JSON `body` (and `headers` besides the framing ones) and read the
+    reply's head; the body is left to read."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port),
                                                 timeouts.connect_s)
@@ -135,7 +142,7 @@ async def open_call(address: BackendAddress, method: str, path: str, body: bytes
         raise UpstreamError(address.url, f"unreachable: {exc.strerror or exc}") from None
     call = Upstream(address, reader, writer, timeouts.read_s)
     try:
-        await call._send(method, path, body)
+        await call._send(method, path, body, headers)
         await call._read_head()
     except BaseException:  # cancelled too: the connection must not outlive the call
         call.close()
@@ -144,10 +151,28 @@ async def open_call(address: BackendAddress, method: str, path: str, body: bytes
 
 
 async def fetch(address: BackendAddress, method: str, path: str, body: bytes, timeouts: Timeouts,
-                limit: int) -> tuple[int, str, bytes]:
+                limit: int, headers: Sequence[tuple[str, str]] = ()) -> tuple[int, str, bytes]:
     """A whole call: the reply's status, content type and body (at most `limit` bytes)."""
-    call = await open_call(address, method, path, body, timeouts)
+    call = await open_call(address, method, path, body, timeouts, headers)
     try:
         return call.status, call.content_type, await call.read_all(limit)
     finally:
         call.close()
+
+
+async def fetch_json(address: BackendAddress, method: str, path: str, payload: Any, timeout_s: float,
+                     limit: int, headers: Sequence[tuple[str, str]] = ()) -> Any:
+    """A small JSON call within `timeout_s` in all: the decoded body of its 200 reply. UpstreamError
+    for anything else (another status included, with `status` set)."""
+    body = b"" if payload is None else json.dumps(payload).encode()
+    try:
+        status, _, reply = await asyncio.wait_for(
+            fetch(address, method, path, body, Timeouts(timeout_s, timeout_s), limit, headers), timeout_s)
+    except asyncio.TimeoutError:
+        raise UpstreamError(address.url, f"no whole reply within {timeout_s} s") from None
+    if status != 200:
+        raise UpstreamError(address.url, f"HTTP {status}: {reply[:200].decode('utf-8', 'replace')}", status)
+    try:
+        return json.loads(reply)
+    except (ValueError, RecursionError):
+        raise UpstreamError(address.url, "the reply is not JSON") from None

@@ -8,6 +8,10 @@
     GET  /v1/models       the served model, in OpenAI's list shape
     GET  /health          200 {"status": "ok"} while the engine loop runs, else 503
     GET  /metrics         Prometheus text: the engine's metrics, and kvtier's when it is on
+    POST /tokenize        a prompt's or chat's token ids, as the routes above would run them
+                          (`tokenize_route.py`: for `kvtier_engine proxy --controller`)
+    POST /v1/kv/release   a prefill's KV held for a decode instance let go; GET /v1/kvtier/instance
+                          this instance's fleet id, model id and --kv-role (`disagg_routes.py`)
 
 Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for a body that is not
 JSON or not a valid request (wire format and parameter ranges in `openai_protocol.py`) or a prompt
@@ -81,6 +85,7 @@ from kvtier_engine.serving.openai_protocol import (
     parse_completion_request,
     usage_chunk,
 )
+from kvtier_engine.serving.tokenize_route import add_tokenize_route
 from kvtier_engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -146,6 +151,7 @@ def build_app(engine_loop: EngineLoop, model: ServedModel, limits: ServerLimits 
     _add_completions_route(app, engine_loop, model, limits.read_timeout_s)
     _add_chat_route(app, engine_loop, model, limits.read_timeout_s)
     add_transfer_routes(app, engine_loop.engine)
+    add_tokenize_route(app, engine_loop.engine, model, lambda r: _read_body(r, limits.read_timeout_s))
     return app
 
 

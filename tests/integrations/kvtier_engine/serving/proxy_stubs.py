@@ -12,6 +12,11 @@ its `script` says:
     "sse"            200, SSE_EVENTS, the last cut across two writes
     "die_mid_stream" 200, the first SSE event and half of the next, then the connection is cut
     "one_then_hold"  200, the first SSE event, then nothing until the client leaves (`stream_closed`)
+Every stub also answers the routes the proxy reads with --controller: `GET /v1/kvtier/instance`
+(its `instance_id`, MODEL_ID; counted in `cards`) and `POST /tokenize` (`stub_ids`, recorded in
+`tokenized`). `StubController` stands for kvtier_controller's /v1/route: it records each body and
+Authorization header, and answers its `hits` (instance id -> hit_tokens), or as its script says
+("route", "status:<code>", "hang", "garbage").
 `Proxy` runs `build_proxy_app` the same way, and reads its /health. `Fleet` holds one test's servers.
 """
 
@@ -35,11 +40,13 @@ from waiting import wait_until
 
 from kvtier_engine.serving.proxy import ProxyConfig, build_proxy_app
 from kvtier_engine.serving.proxy_backends import parse_backend_url
+from kvtier_engine.serving.proxy_prefix import ControllerLink
 
 HOLD_S = 20.0  # the longest a "hang" or "one_then_hold" stub waits: far beyond any test, bounded still
 SSE_EVENTS = [b'data: {"choices": [{"index": 0, "text": "' + text + b'"}]}\n\n'
               for text in (b"a", b"b", b"c")]
 SSE_BODY = b"".join(SSE_EVENTS) + b"data: [DONE]\n\n"
+MODEL_ID = "m@seed0"  # the model id every stub's card names
 DECODED = {"object": "text_completion",
            "choices": [{"index": 0, "text": " decoded", "finish_reason": "length"}]}
 _transfer_ids = itertools.count(1)
@@ -49,10 +56,18 @@ class StubCut(Exception):
     """Raised in a stub's stream: uvicorn then closes the connection mid-body."""
 
 
+def stub_ids(query: dict[str, Any]) -> list[int]:
+    """A stub's token ids for a /tokenize body: the bytes of the prompt, or of the messages' JSON."""
+    text = query["prompt"] if "prompt" in query else json.dumps(query["messages"])
+    return list(text.encode())
+
+
 class Stub:
-    def __init__(self, name: str, script: str):
-        self.name, self.script = name, script
+    def __init__(self, name: str, script: str, instance_id: str | None = None):
+        self.name, self.script, self.instance_id = name, script, instance_id
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.tokenized: list[dict[str, Any]] = []
+        self.cards = 0
         self.releases: list[dict[str, Any]] = []
         self.transfers: list[dict[str, Any]] = []  # the kv_transfer_params it handed out
         self.hold = threading.Event()
@@ -61,7 +76,9 @@ class Stub:
         routes = [Route(path, self._complete, methods=["POST"])
                   for path in ("/v1/completions", "/v1/chat/completions")]
         routes += [Route("/v1/kv/release", self._release, methods=["POST"]),
-                   Route("/v1/models", self._models, methods=["GET"])]
+                   Route("/v1/models", self._models, methods=["GET"]),
+                   Route("/v1/kvtier/instance", self._card, methods=["GET"]),
+                   Route("/tokenize", self._tokenize, methods=["POST"])]
         self.app = Starlette(routes=routes)
 
     def bodies(self) -> list[dict[str, Any]]:
@@ -109,12 +126,54 @@ class Stub:
     async def _models(self, _: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model"}]})
 
+    async def _card(self, _: Request) -> JSONResponse:
+        self.cards += 1
+        return JSONResponse({"instance_id": self.instance_id, "model_id": MODEL_ID, "role": "decode"})
+
+    async def _tokenize(self, request: Request) -> JSONResponse:
+        query = json.loads(await request.body())
+        self.tokenized.append(query)
+        ids = stub_ids(query)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": 4096})
+
+
+class StubController:
+    def __init__(self, script: str, hits: dict[str, int]):
+        self.script, self.hits = script, hits
+        self.routes: list[tuple[str | None, dict[str, Any]]] = []  # (Authorization, body)
+        self.hold = threading.Event()
+        self.url = ""
+        self.app = Starlette(routes=[Route("/v1/route", self._route, methods=["POST"])])
+
+    async def _route(self, request: Request) -> Response:
+        self.routes.append((request.headers.get("authorization"), json.loads(await request.body())))
+        if self.script == "hang":
+            await asyncio.to_thread(self.hold.wait, HOLD_S)
+        if self.script.startswith("status:"):
+            return JSONResponse({"detail": "scripted"}, status_code=int(self.script.split(":")[1]))
+        if self.script == "garbage":
+            return Response(b"<html>not a route</html>", media_type="text/html")
+        ranked = sorted(self.hits.items(), key=lambda item: -item[1])
+        return JSONResponse({"instances": [{"instance_id": i, "hit_tokens": hit, "free_bytes": 1 << 30}
+                                           for i, hit in ranked]})
+
+
+# Every test server started, so that a test's teardown tells them all to stop before waiting for
+# any: each takes a few tenths of a second to wind down, one after the other they added up.
+_SERVERS: list[uvicorn.Server] = []
+
+
+def stop_all_servers() -> None:
+    for server in _SERVERS:
+        server.should_exit = True
+
 
 @contextmanager
 def serving(app: Any) -> Iterator[str]:
     """`app` on uvicorn in a daemon thread; yields its URL, and stops it on the way out."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical",
                                            timeout_graceful_shutdown=1))
+    _SERVERS.append(server)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, "a test server listens")
@@ -123,6 +182,7 @@ def serving(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+        _SERVERS.remove(server)
 
 
 class Proxy:
@@ -145,9 +205,10 @@ class Proxy:
 
 
 @contextmanager
-def running_proxy(prefill: list[str], decode: list[str], timeout_s: float = 5.0) -> Iterator[Proxy]:
+def running_proxy(prefill: list[str], decode: list[str], timeout_s: float = 5.0,
+                  controller: ControllerLink | None = None) -> Iterator[Proxy]:
     config = ProxyConfig(tuple(map(parse_backend_url, prefill)), tuple(map(parse_backend_url, decode)),
-                         timeout_s=timeout_s)
+                         timeout_s=timeout_s, controller=controller)
     with serving(build_proxy_app(config)) as url:
         yield Proxy(url)
 
@@ -170,18 +231,27 @@ class Fleet:
 
     def __init__(self) -> None:
         self._stack = ExitStack()
-        self._stubs: list[Stub] = []
+        self._stubs: list[Stub | StubController] = []
 
-    def stub(self, name: str, script: str) -> Stub:
-        stub = Stub(name, script)
+    def stub(self, name: str, script: str, instance_id: str | None = None) -> Stub:
+        stub = Stub(name, script, instance_id)
         self._stubs.append(stub)
         stub.url = self._stack.enter_context(serving(stub.app))
         return stub
 
-    def proxy(self, prefill: list[str], decode: list[str], timeout_s: float = 5.0) -> Proxy:
-        return self._stack.enter_context(running_proxy(prefill, decode, timeout_s))
+    def controller(self, script: str, hits: dict[str, int] | None = None) -> StubController:
+        controller = StubController(script, hits or {})
+        self._stubs.append(controller)
+        controller.url = self._stack.enter_context(serving(controller.app))
+        return controller
+
+    def proxy(self, prefill: list[str], decode: list[str], timeout_s: float = 5.0,
+              controller: str | None = None, token: str | None = None) -> Proxy:
+        link = None if controller is None else ControllerLink(parse_backend_url(controller), token)
+        return self._stack.enter_context(running_proxy(prefill, decode, timeout_s, link))
 
     def close(self) -> None:
         for stub in self._stubs:
             stub.hold.set()  # a handler still waiting would hold its server's shutdown
+        stop_all_servers()
         self._stack.close()

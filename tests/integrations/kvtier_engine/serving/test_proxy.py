@@ -1,6 +1,7 @@
 """kvtier_engine proxy: the disaggregated-prefill router against stub prefill and decode instances
 (`proxy_stubs.py`), all in-process on uvicorn threads, spoken to over HTTP; its command line
-in-process (usage errors), and once as a process.
+in-process (usage errors), and once as a process. The choice by cached prefix (--controller) is
+test_proxy_prefix.py's.
 
 Every test ends with the proxy's in-flight counts back to 0 (`wait_idle`): a path that leaks a count
 would skew every later choice of instance.
@@ -25,25 +26,17 @@ from waiting import wait_until
 from kvtier_engine.serving.cli import main
 from kvtier_engine.serving.proxy_backends import BackendAddress, BackendPool, parse_backend_url
 from kvtier_engine.serving.proxy_bodies import error_event
+from kvtier_engine.serving.proxy_prefix import TOKEN_ENV
 from kvtier_engine.serving.proxy_relay import Relay
 from kvtier_engine.serving.proxy_upstream import UpstreamError
 
-from .proxy_stubs import DECODED, SSE_BODY, SSE_EVENTS, Fleet, request
+from .proxy_stubs import DECODED, SSE_BODY, SSE_EVENTS, request
 
 BODY = {"model": "m", "prompt": "hello world", "max_tokens": 8, "temperature": 0}
 STREAM_BODY = dict(BODY, stream=True, stream_options={"include_usage": True})
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5,
              "stream": True, "stream_options": {"include_usage": True}}
 HEADER = "x-kvtier-disagg"
-
-
-@pytest.fixture
-def fleet():
-    fleet = Fleet()
-    try:
-        yield fleet
-    finally:
-        fleet.close()
 
 
 def post(proxy, body, path="/v1/completions", timeout_s=10):
@@ -305,6 +298,8 @@ def test_pool_breaks_ties_round_robin_and_leases_end_once():
     assert [b["in_flight"] for b in pool.snapshot()] == [1, 0, 1]
     assert pool.lease().backend.address.port == 2
     assert pool.lease(avoid=pool.backends[1]).backend.address.port != 2
+    # Narrowed to some (a prefix hit): the least loaded of those, however idle the others are.
+    assert pool.lease(among=pool.backends[1:]).backend.address.port == 3
 
 
 class FakeCall:
@@ -381,6 +376,16 @@ def test_cli_usage_errors(capsys, argv, complaint):
         main(["proxy", *argv])
     assert exited.value.code == 2
     assert complaint in capsys.readouterr().err
+
+
+def test_cli_refuses_a_controller_beyond_loopback_without_a_token(capsys, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["proxy", "--prefill", "http://h:1", "--decode", "http://h:2",
+              "--controller", "http://10.1.2.3:7100"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--controller http://10.1.2.3:7100" in err and f"set {TOKEN_ENV}" in err
 
 
 def test_cli_proxy_process_serves_and_exits_0_on_sigterm(fleet):
