@@ -238,6 +238,8 @@ class LLMEngine:
         if not plan.scheduled and self.scheduler.loading and not result.async_loaded:
             self.runner.wait_for_async_loads(ASYNC_WAIT_S)  # nothing to run until a load lands
         if not self.disagg.waiting and not any(o.kv_transfer_params for o in outputs):
+            if self.connector is not None:
+                self.connector.pop_kv_stored()  # (sent by the serving loop's sink already: forget them)
             return outputs
         outputs = self.disagg.hold_back(outputs)
         if not self.scheduler.has_work():  # nothing else to do until a prefill's KV is stored
