@@ -59,7 +59,9 @@ class Handoffs:
                            "serve its KV from; it is answered as a colocated one")
             return None
         transfer_id = secrets.token_hex(16)
-        keys = self.engine.lease(token_ids, num_tokens)
+        # The prompt's own keys: a partial last chunk's key depends on every token in it, so the
+        # tokens generated after the prompt must not be in the list.
+        keys = self.engine.lease(list(token_ids[:num_tokens]), num_tokens)
         with self._lock:
             self._held[transfer_id] = (self._clock() + self.ttl_s, keys)
         self.sweep()

@@ -75,6 +75,10 @@ def test_the_connector_hands_a_remote_decode_requests_prompt_over_and_asks_to_he
     connector.update_state_after_alloc(request, [0, 1, 2], 0)
     hold, params = connector.request_finished(request, [0, 1, 2], 40)
     assert hold is True and params["num_tokens"] == 40  # the prompt, its partial chunk too
+    # The prompt's keys are leased, its partial chunk's too (not the key of the prompt + the token
+    # generated after it): none of them can be evicted before the decode instance reads them.
+    assert engine.storage.pins.is_leased(engine.db.keys(TOKENS)[-1])
+    assert not engine.storage.pins.is_leased(engine.db.keys(TOKENS + [7])[-1])
     meta = connector.build_connector_meta(1, [])
     assert meta.notify_stored == ["r"] and [(s.start, s.end, s.final) for s in meta.saves] == [(0, 40, True)]
     plain = SimpleNamespace(request_id="p", all_token_ids=TOKENS, kv_transfer_params=None)
