@@ -177,6 +177,8 @@ class SlabIO:
         self.pool = pool
         self.layout = layout
         self.reader = TierReader(lower, layout.dtype, metrics, reads)
+        # The disk tier that reads straight into GPU memory (GPUDirect Storage), if one does.
+        self.direct_disk = next((t for t in lower if getattr(t, "gds", None) is not None), None)
 
     def read(self, plan: list[ChunkRead], out: torch.Tensor | None) -> int:
         """Read the planned lower-tier chunks into their slabs and copy them into `out` (every good one,
@@ -211,7 +213,7 @@ class SlabIO:
         lies past it would not be served anyway."""
         if not reads:
             return {}
-        disk = next(t for t in self.reader.tiers if getattr(t, "gds", None) is not None)
+        disk = self.direct_disk
         largest = max(self.layout.chunk_bytes(r.span.num_tokens) for r in reads)
         try:
             staging = torch.empty(largest, dtype=torch.uint8, device=out.device)

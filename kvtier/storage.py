@@ -98,8 +98,6 @@ class StorageManager:
         self._clean_ahead = max(1, pool.num_slabs // 16) if clean_ahead is None else clean_ahead
         self._reads = TransferQueue(io_threads, "kvtier-read")
         self._io = SlabIO(pool, layout, self.lower, metrics, self._reads)
-        # The disk tier that reads straight into GPU memory (GPUDirect Storage), if one does.
-        self._direct_disk = next((t for t in self.lower if getattr(t, "gds", None) is not None), None)
         self._writes = WriteBehind(self._progress, self._io, pool, self.writable, io_threads,
                                    landed=self._demoted_locked)
 
@@ -258,7 +256,7 @@ class StorageManager:
 
     def reads_into(self, device: torch.device) -> bool:
         """Whether a retrieve into a tensor on `device` reads disk chunks straight into it (GDS)."""
-        return self._direct_disk is not None and device.type in gds.DEVICE_TYPES
+        return self._io.direct_disk is not None and device.type in gds.DEVICE_TYPES
 
     @guarded
     def get(self, spans: Sequence[ChunkSpan], out: torch.Tensor | None, promote: bool | None = None) -> int:
@@ -294,7 +292,7 @@ class StorageManager:
         read straight into the retrieve's device tensor (`ChunkRead.device`)."""
         deadline = time.monotonic() + READ_WAIT_S
         plan: list[ChunkRead] = []
-        on_disk = self._direct_disk.has([s.key for s in spans]) if direct else [False] * len(spans)
+        on_disk = self._io.direct_disk.has([s.key for s in spans]) if direct else [False] * len(spans)
         with self._lock:
             if self._gate.closed:  # close() is waiting for this retrieve: serve what it has
                 return plan

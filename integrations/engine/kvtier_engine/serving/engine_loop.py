@@ -300,9 +300,8 @@ class EngineLoop:
                 self.engine.abort(command.request_id)
             return
         try:
-            transfer = command.kv_transfer_params
-            extra = {} if transfer is None else {"kv_transfer_params": transfer}
-            self.engine.add_request(command.prompt, command.params, command.request_id, **extra)
+            self.engine.add_request(command.prompt, command.params, command.request_id,
+                                    kv_transfer_params=command.kv_transfer_params)
         except ValueError as exc:
             command.deliver(RequestFailed(str(exc), 400))
             return

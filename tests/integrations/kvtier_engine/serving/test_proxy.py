@@ -212,11 +212,17 @@ def test_decode_dying_mid_stream_ends_the_stream_with_an_error(fleet):
     proxy.wait_idle()
 
 
+def sent(proxy, body: dict) -> http.client.HTTPConnection:
+    """A connection to `proxy` that has sent `body` to /v1/completions, its answer not read yet."""
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    conn.request("POST", "/v1/completions", body=json.dumps(body))
+    return conn
+
+
 def test_client_leaving_mid_stream_closes_the_decode_call(fleet):
     prefill, decode = fleet.stub("prefill", "transfer"), fleet.stub("decode", "one_then_hold")
     proxy = fleet.proxy([prefill.url], [decode.url])
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-    conn.request("POST", "/v1/completions", body=json.dumps(STREAM_BODY))
+    conn = sent(proxy, STREAM_BODY)
     resp = conn.getresponse()
     # The first event arrives while the decode still holds its stream open: relayed, not buffered.
     assert resp.read1(65536) == SSE_EVENTS[0]
@@ -232,8 +238,7 @@ def test_client_leaving_mid_stream_closes_the_decode_call(fleet):
 def test_client_leaving_during_prefill_closes_the_prefill_call(fleet):
     prefill, decode = fleet.stub("prefill", "hang"), fleet.stub("decode", "json")
     proxy = fleet.proxy([prefill.url], [decode.url])
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-    conn.request("POST", "/v1/completions", body=json.dumps(BODY))
+    conn = sent(proxy, BODY)
     wait_until(lambda: prefill.calls, "the prefill instance has the request", timeout_s=5)
     assert proxy.in_flight() == [1, 0]
     conn.close()

@@ -637,7 +637,7 @@ class FakeEngine:
         self.pending: dict[str, list[int]] = {}
         self.closed = False
 
-    def add_request(self, prompt, params, request_id):
+    def add_request(self, prompt, params, request_id, kv_transfer_params=None):
         if not prompt:
             raise ValueError("empty prompt")
         self.pending[request_id] = list(prompt)
@@ -757,7 +757,7 @@ class CountingEngine(FakeEngine):
         super().__init__()
         self.lengths: dict[str, int] = {}
 
-    def add_request(self, prompt, params, request_id):
+    def add_request(self, prompt, params, request_id, kv_transfer_params=None):
         self.pending[request_id], self.lengths[request_id] = [], prompt[0]
 
     def step(self):
@@ -814,7 +814,7 @@ class RecordingEngine(FakeEngine):
         super().__init__()
         self.added: list = []
 
-    def add_request(self, prompt, params, request_id):
+    def add_request(self, prompt, params, request_id, kv_transfer_params=None):
         self.added.append(prompt)
         super().add_request(prompt, params, request_id)
 
